@@ -1,0 +1,94 @@
+"""`dtrain` command line: train, compare, sweep-world-sizes, sample.
+
+Bad input ends with one line on stderr and a non-zero exit, never a traceback:
+exit 2 for a bad recipe, override or launch environment; 1 when training fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import dtrain
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(format="dtrain: %(message)s" if rank == 0 else f"dtrain[rank {rank}]: %(message)s",
+                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
+
+
+def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
+    """One line, from rank 0 only when every rank hits the same (deterministic) problem."""
+    if rank == 0 or every_rank:
+        prefix = "dtrain: error: " if rank == 0 else f"dtrain[rank {rank}]: error: "
+        print(prefix + msg, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dtrain import data, distributed
+    from dtrain.checkpoint import CheckpointError
+    from dtrain.config import ConfigError, load_config
+
+    try:
+        env = distributed.read_env()
+    except distributed.LaunchError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    _setup_logging(env.rank)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
+            # torchrun restarted the workers after a failure: continue, do not start over.
+            cfg.resume = "auto"
+        data.plan_batches(cfg, env.world_size)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT, env.rank)
+
+    from dtrain.trainer import TrainingError, fit
+
+    try:
+        device = distributed.init(env, cfg.train.collective_timeout_s)
+    except Exception as e:  # rendezvous failures: name the endpoint, not a stack
+        _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
+              f"of {env.world_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              EXIT_FAILED, env.rank, every_rank=True)
+    try:
+        fit(cfg, env, device)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT, env.rank)
+    except CheckpointError as e:
+        _fail(str(e), EXIT_BAD_INPUT, env.rank)
+    except TrainingError as e:
+        _fail(str(e), EXIT_FAILED, env.rank)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, env.rank)
+    finally:
+        distributed.shutdown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtrain", description=dtrain.__doc__)
+    p.add_argument("--version", action="version", version=f"dtrain {dtrain.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe (1 process, or under torchrun / deepspeed / accelerate / srun)")
+    t.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.05")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    args = build_parser().parse_args(argv)
+    # @record writes an unexpected exception of this rank to torchrun's error file, so the
+    # agent's failure summary shows the failing rank's traceback rather than "exitcode 1".
+    record(args.func)(args)

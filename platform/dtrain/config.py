@@ -1,0 +1,395 @@
+"""Typed config: a tree of dataclasses, loaded from a YAML recipe plus `a.b=c` overrides.
+
+Every key a recipe may set is a field below, with its type and a docstring. Loading
+checks names (with a did-you-mean), converts values to the field's type, and validates
+ranges, so that bad input fails with one line naming the key before any rank trains.
+A task (see `dtrain.tasks`) extends `Config` with its own `model` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad input. `str()` is the one line the user sees."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r}: {expected}" if key else expected)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset file or folder. Empty: the task's built-in data (nothing is downloaded)."""
+    global_batch_size: int = 64
+    """Samples per optimizer step, summed over every rank and micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step; per-rank batch = global / (world size x this)."""
+    eval_batch_size: int = 256
+    """Per-rank batch size for evaluation (no gradients, so it can be large)."""
+    val_fraction: float = 0.2
+    """Share held out for evaluation when the dataset has no split of its own."""
+    augment: bool = False
+    """Task-defined light augmentation of training samples."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    """Optimizer steps to run. 0: run `train.epochs` full passes over the data."""
+    epochs: int = 1
+    """Passes over the training set (used when `train.max_steps` is 0)."""
+    eval_every_steps: int = 0
+    """Evaluate every N optimizer steps. 0: at the end of every epoch."""
+    max_nonfinite_steps: int = 20
+    """Consecutive optimizer steps skipped for a non-finite gradient before the run aborts."""
+    collective_timeout_s: float = 600.0
+    """A collective (all-reduce, barrier) that waits longer than this ends the job with an
+    error naming the rank, instead of hanging forever."""
+
+
+@dataclass
+class ModelConfig:
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics across ranks (torch SyncBatchNorm on CUDA,
+    dtrain's differentiable all-reduce version on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor"] = "sgd"
+    """Optimizer from torch.optim."""
+    lr: float = 0.1
+    """Peak learning rate for a global batch of `optim.base_batch_size`."""
+    base_batch_size: int = 256
+    """Reference batch of `optim.lr`; the optimizer's LR is scaled by global/base."""
+    scale_rule: Literal["linear", "sqrt", "none"] = "linear"
+    """LR scaling with the global batch: linear (SGD), sqrt (Adam-type), none."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from ~0 to the scaled peak LR."""
+    schedule: Literal["cosine", "step", "multistep", "exponential", "linear", "constant"] = "cosine"
+    """LR schedule after warmup, stepped once per optimizer step."""
+    min_lr: float = 0.0
+    """Final LR of the cosine and linear schedules (absolute, not scaled)."""
+    step_size: int = 1000
+    """`step` schedule: multiply by `optim.gamma` every this many steps after warmup."""
+    milestones: list[int] = field(default_factory=list)
+    """`multistep` schedule: steps after warmup at which the LR is multiplied by gamma."""
+    gamma: float = 0.1
+    """Decay factor of the step, multistep and exponential (per step) schedules."""
+    momentum: float = 0.9
+    """SGD and RMSprop momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam / AdamW betas."""
+    eps: float = 1e-8
+    """Adam / AdamW / RMSprop / Adagrad epsilon."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for AdamW)."""
+    decay_norm_and_bias: bool = False
+    """Also decay 1-D parameters (norm weights, biases); off as usual."""
+    clip_grad_norm: float = 0.0
+    """Clip the all-reduced gradient to this global L2 norm. 0: off."""
+    clip_grad_value: float = 0.0
+    """Clamp every gradient element to [-v, v]. 0: off."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Track the run in MLflow (rank 0 only)."""
+    uri: str = ""
+    """MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the launch directory."""
+    experiment: str = "dtrain"
+    """MLflow experiment; put runs you want to compare in the same one."""
+    run_name: str = ""
+    """MLflow run name. Empty: <recipe>-<world size>x."""
+    log_every: int = 10
+    """Log (console and MLflow) every N optimizer steps; values are reduced across ranks."""
+    system_metrics: bool = False
+    """Also log CPU / memory / GPU utilisation (MLflow system metrics)."""
+    log_model: bool = False
+    """Upload model.pt as an MLflow artifact (off: large models fill stores)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (and always at the end). 0: only at the end."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage 0-3 when `engine=deepspeed`."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged over the ones dtrain derives from the recipe."""
+
+
+@dataclass
+class Config:
+    task: str = "cnn"
+    """What to train: cnn, transformer, gan, or a user task as `package.module:Class`."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation; equal across world sizes."""
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """Distributed engine: PyTorch DDP or DeepSpeed."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype: fp32 (off), bf16, or fp16 with a GradScaler."""
+    output_dir: str = ""
+    """Where checkpoints, config.yaml, summary.json and model.pt go. Empty: runs/<recipe>."""
+    resume: str = ""
+    """Empty: fresh start. `auto`: newest checkpoint in output_dir. Or a checkpoint path."""
+    recipe: str = ""
+    """Recipe name (the YAML file's stem); set by the loader."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> None:
+        """Range checks that types alone do not express. Raises ConfigError."""
+        _positive(self.data, "data", "global_batch_size", "grad_accum_steps", "eval_batch_size")
+        _non_negative(self.data, "data", "num_workers")
+        _check("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
+        if self.data.path and not Path(self.data.path).exists():
+            raise ConfigError("data.path", self.data.path, "no such file or folder")
+        _non_negative(self.train, "train", "max_steps", "eval_every_steps")
+        _positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
+        validate_optim(self.optim, "optim")
+        _positive(self.tracking, "tracking", "log_every")
+        _non_negative(self.checkpoint, "checkpoint", "every_steps")
+        _positive(self.checkpoint, "checkpoint", "keep")
+        _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
+        if self.resume not in ("", "auto") and not Path(self.resume).exists():
+            raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")
+
+
+def validate_optim(o: OptimConfig, prefix: str) -> None:
+    """Checks shared by every optimizer section (a GAN has two)."""
+    _check(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
+    _positive(o, prefix, "base_batch_size", "step_size")
+    _non_negative(o, prefix, "warmup_steps", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
+    _check(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
+    _check(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
+    _check(f"{prefix}.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "each beta must be in [0, 1)")
+    _check(f"{prefix}.eps", o.eps, o.eps > 0, "must be > 0")
+    _check(f"{prefix}.milestones", o.milestones, o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
+           "must be increasing positive step counts")
+    _check(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+           "needs optim.name=sgd with momentum > 0")
+
+
+def _check(key: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected)
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        _check(f"{prefix}.{n}", getattr(section, n), getattr(section, n) > 0, "must be > 0")
+
+
+def _non_negative(section: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        _check(f"{prefix}.{n}", getattr(section, n), getattr(section, n) >= 0, "must be >= 0")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(recipe: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Recipe YAML + `a.b=c` overrides -> validated Config of the recipe's task."""
+    raw = read_recipe(recipe)
+    for item in overrides:
+        apply_override(raw, item)
+    raw.setdefault("recipe", Path(recipe).stem)
+    from dtrain.tasks import get_task  # tasks import config; import here to avoid a cycle
+
+    task = get_task(str(raw.get("task", Config.task)))
+    cfg = from_dict(task.config_class, raw)
+    if not cfg.output_dir:
+        cfg.output_dir = str(Path("runs") / cfg.recipe)
+    cfg.validate()
+    return cfg
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("recipe", str(path), "no such file (pass a YAML recipe, e.g. recipes/cnn_digits.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError("recipe", str(path), f"malformed YAML at{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("recipe", str(path), "must be a YAML mapping of keys to values")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b=c` in a nested dict; the value is parsed as YAML (so 3, 1e-3, true, [1,2])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("", item, f"override {item!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), child, f"is a value, not a section, so {key} cannot be set")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, converting and checking every value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip("."), raw, "must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{key}", raw[key], f"unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, raw[name], key + ".")
+        else:
+            kwargs[name] = convert(raw[name], tp, key)
+    return cls(**kwargs)
+
+
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to type `tp`, or raise ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(value, inner[0], key)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(key, value, f"must be one of {'|'.join(map(str, args))}{hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"must be a list, e.g. {key}=[1,2]")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(key, value, f"must be a list of {len(args)} values")
+            return tuple(convert(v, a, key) for v, a in zip(value, args))
+        return origin(convert(v, args[0], key) for v in value) if args else origin(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "must be true or false")
+    if tp is int:
+        number = _number(value)
+        if number is None or float(number) != int(number):
+            raise ConfigError(key, value, "must be an integer")
+        return int(number)
+    if tp is float:
+        number = _number(value)
+        if number is None:
+            raise ConfigError(key, value, "must be a number")
+        return float(number)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(key, value, "must be a string")
+        return "" if value is None else str(value)
+    raise TypeError(f"config field {key} has unsupported type {tp}")
+
+
+def _number(value: Any) -> float | int | None:
+    # PyYAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`); accept it as users write it.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Config -> plain nested dict (tuples as lists) for YAML and MLflow."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; the form MLflow params and overrides use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

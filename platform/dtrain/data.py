@@ -1,0 +1,98 @@
+"""The data-sharded loaders: training (DistributedSampler, resumable mid-epoch) and exact eval.
+
+Training: torch's DistributedSampler gives rank r the positions r, r+W, r+2W, ... of one
+seeded permutation, so the union of the ranks' step-t batches is the single process's
+step-t batch: the world size changes who computes, not what is computed.
+
+Evaluation: DistributedSampler pads the last round with repeated samples, which biases
+accuracy when len(dataset) % world_size != 0. `ExactShardSampler` splits the indices
+without padding (shards may differ by one) and the metric sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from dtrain.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    per_rank: int
+    accum: int
+    world_size: int
+
+
+def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
+    """per-rank batch = global / (world x accumulation), or a ConfigError if it does not divide."""
+    g, a = cfg.data.global_batch_size, cfg.data.grad_accum_steps
+    if g % (world_size * a):
+        ok = [b for b in range(world_size * a, 2 * g + 1, world_size * a)][:3]
+        raise ConfigError("data.global_batch_size", g,
+                          f"must be divisible by world size x data.grad_accum_steps = {world_size} x {a} "
+                          f"(e.g. {', '.join(map(str, ok))})")
+    return BatchPlan(g, g // (world_size * a), a, world_size)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (exact mid-epoch resume)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ExactShardSampler(Sampler[int]):
+    """Rank r of W gets indices r, r+W, ...: every sample exactly once over all ranks."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int):
+        self.indices = range(rank, n, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(ds: Dataset, plan: BatchPlan, rank: int, seed: int, num_workers: int,
+                 pin_memory: bool) -> DataLoader:
+    sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed)
+    # drop_last: every rank runs the same number of equal micro-batches, so no rank waits
+    # in an all-reduce the others never enter, and batch statistics stay world-size invariant.
+    return DataLoader(ds, batch_size=plan.per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+
+def eval_loader(ds: Dataset, batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(ds), world_size, rank),
+                      num_workers=num_workers)
+
+
+def steps_per_epoch(loader: DataLoader, accum: int) -> int:
+    """Optimizer steps in one full epoch (the sampler's own length, not a resumed remainder)."""
+    sampler = loader.sampler
+    return (sampler.num_samples // loader.batch_size) // accum
+
+
+def move(batch, device: torch.device):
+    """Tensors (or a tuple/list/dict of them) to `device`, asynchronously when pinned."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(v, device) for v in batch)
+    return batch

@@ -1,0 +1,174 @@
+"""Rank bootstrap from any launcher's environment, device choice, small collectives.
+
+Launchers agree on little. torchrun, `accelerate launch` and the `deepspeed` launcher set
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` sets SLURM_* only;
+a Kubeflow PyTorchJob pod run without torchrun gets the *node* rank in RANK and PET_*.
+`read_env` turns each into one `DistEnv`; `init` starts the process group (NCCL on CUDA,
+gloo otherwise) and `shutdown` always tears it down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+    """single, torchrun, accelerate, deepspeed, slurm or kubeflow."""
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment is inconsistent; str() is the one line to show."""
+
+
+def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
+    """Normalise the launcher's environment variables into a DistEnv."""
+    env = os.environ if env is None else env
+    get = env.get
+
+    if "RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env or "TORCHELASTIC_RUN_ID" in env:
+        if "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env:
+            launcher = "accelerate"
+        elif "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+            launcher = "deepspeed"
+        elif "SLURM_PROCID" in env:
+            launcher = "slurm"  # srun with the sbatch script exporting RANK etc.
+        else:
+            launcher = "env"
+        world = int(get("WORLD_SIZE", 1))
+        local_world = int(get("LOCAL_WORLD_SIZE") or get("LOCAL_SIZE") or get("SLURM_NTASKS_PER_NODE") or world)
+        nodes = int(get("GROUP_WORLD_SIZE") or get("CROSS_SIZE") or get("SLURM_NNODES") or max(1, world // local_world))
+        return DistEnv(int(get("RANK", 0)), world, int(get("LOCAL_RANK", 0)), local_world, nodes,
+                       get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", 29500)), launcher)
+
+    if "PET_NNODES" in env:
+        # A PyTorchJob pod started without torchrun: RANK is the pod (node) index and
+        # WORLD_SIZE is pods x nprocPerNode, so one process per pod is all that can run.
+        nproc = get("PET_NPROC_PER_NODE", "1")
+        if nproc not in ("1", "auto"):
+            raise LaunchError(f"PET_NPROC_PER_NODE={nproc}: a PyTorchJob with nprocPerNode > 1 must run "
+                              "`torchrun ... -m dtrain train ...` as its command (torchrun reads PET_*)")
+        nodes = int(str(get("PET_NNODES")).split(":")[-1])
+        rank = int(get("PET_NODE_RANK") or get("RANK", 0))
+        return DistEnv(rank, nodes, 0, 1, nodes, get("MASTER_ADDR") or get("PET_MASTER_ADDR", "127.0.0.1"),
+                       int(get("MASTER_PORT") or get("PET_MASTER_PORT", 23456)), "kubeflow")
+
+    if "SLURM_PROCID" in env and int(get("SLURM_NTASKS", 1)) > 1:
+        # `srun python -m dtrain train ...`: one task per rank, rendezvous on the first node.
+        job = int(get("SLURM_JOB_ID", 0))
+        return DistEnv(int(get("SLURM_PROCID")), int(get("SLURM_NTASKS")), int(get("SLURM_LOCALID", 0)),
+                       int(get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]), int(get("SLURM_NNODES", 1)),
+                       get("MASTER_ADDR") or _slurm_head_node(env), int(get("MASTER_PORT") or 20000 + job % 20000),
+                       "slurm")
+
+    return DistEnv()
+
+
+def _slurm_head_node(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    if shutil.which("scontrol") and nodelist:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    if env.get("SLURM_LAUNCH_NODE_IPADDR"):
+        return env["SLURM_LAUNCH_NODE_IPADDR"]
+    raise LaunchError("SLURM: cannot find the head node; export MASTER_ADDR in the batch script")
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
+    """Start the process group for `env` (no-op for one process) and return this rank's device."""
+    device = pick_device(env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.world_size == 1 or dist.is_initialized():
+        return device
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def backend() -> str:
+    return dist.get_backend() if dist.is_initialized() else "none"
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; identity for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t).div_(world_size())
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank (e.g. the MLflow run id)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,87 @@
+"""Synchronised BatchNorm on any backend, and the norm-layer factory of the recipes.
+
+`torch.nn.SyncBatchNorm` only accepts CUDA tensors. `DistributedBatchNorm` is the same
+math for CPU/gloo: per-channel sum, sum of squares and count are all-reduced with the
+*differentiable* `torch.distributed.nn.functional.all_reduce`, so the backward pass
+also flows through the global statistics, exactly as BatchNorm on the concatenated
+batch would. Running statistics use the unbiased global variance, as BatchNorm does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce
+
+
+class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm{1,2,3}d whose batch statistics span all ranks of the process group."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()  # statistics in fp32 also under autocast, as cuDNN BatchNorm does
+        count = torch.tensor([x.numel() / x.size(1)], dtype=torch.float32, device=x.device)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        c = x.size(1)
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = stats[c:2 * c] / total - mean * mean  # biased, for normalisation
+
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * (total / (total - 1).clamp(min=1))
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(unbiased.detach(), momentum)
+
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm in `module` made synchronised: torch's own on CUDA, ours elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
+        out = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+        if module.track_running_stats:
+            out.running_mean.copy_(module.running_mean)
+            out.running_var.copy_(module.running_var)
+            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device))
+    return out
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The `model.norm` switch of the Transformer: LayerNorm, or scale-only RMSNorm."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    raise ValueError(f"unknown norm {kind!r}")

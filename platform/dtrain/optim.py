@@ -1,0 +1,94 @@
+"""Optimizers from torch.optim, the LR scaling rule, and warmup + schedule.
+
+`optim.lr` is stated for a global batch of `optim.base_batch_size`. The optimizer gets
+    linear: lr * global / base      (Goyal et al. 2017, for SGD)
+    sqrt:   lr * sqrt(global / base) (the usual rule for Adam-type optimizers)
+    none:   lr
+The schedule is a pure function of the optimizer step (`lr_factor`), wrapped in a
+LambdaLR, so the DDP and DeepSpeed engines step the very same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from dtrain.config import OptimConfig
+
+
+def scaled_lr(o: OptimConfig, global_batch: int) -> float:
+    ratio = global_batch / o.base_batch_size
+    return {"linear": o.lr * ratio, "sqrt": o.lr * math.sqrt(ratio), "none": o.lr}[o.scale_rule]
+
+
+def lr_factor(o: OptimConfig, step: int, total_steps: int, peak_lr: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based).
+
+    Warmup rises linearly to 1 over `warmup_steps` (step 0 gets 1/warmup, not 0, so the
+    first step already moves); the schedule then runs over the remaining steps.
+    """
+    w = o.warmup_steps
+    if step < w:
+        return (step + 1) / w
+    t = step - w
+    span = max(1, total_steps - w)
+    floor = o.min_lr / peak_lr if peak_lr > 0 else 0.0
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "cosine":
+        progress = min(t / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if o.schedule == "linear":
+        progress = min(t / span, 1.0)
+        return 1 - (1 - floor) * progress
+    if o.schedule == "step":
+        return o.gamma ** (t // o.step_size)
+    if o.schedule == "multistep":
+        return o.gamma ** sum(t >= m for m in o.milestones)
+    if o.schedule == "exponential":
+        return o.gamma ** t
+    raise ValueError(f"unknown schedule {o.schedule!r}")
+
+
+def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
+    """Weight decay on matrices and conv kernels; none on norm weights and biases (1-D) unless asked."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 or o.decay_norm_and_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(params: Iterable, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    name = o.name
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=o.betas, eps=o.eps)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=o.momentum, eps=o.eps)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, eps=o.eps)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int,
+                    peak_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(o, step, total_steps, peak_lr))
+
+
+def build(model: nn.Module, o: OptimConfig, global_batch: int, total_steps: int):
+    """(optimizer, scheduler, peak_lr) for `model` under section `o`."""
+    peak = scaled_lr(o, global_batch)
+    opt = build_optimizer(param_groups(model, o), o, peak)
+    return opt, build_scheduler(opt, o, total_steps, peak), peak

@@ -1,0 +1,74 @@
+"""What a recipe trains. A task supplies its config class, data, model, loss and eval.
+
+Built-ins: `cnn`, `transformer`, `gan`. A user task is any class with the `Task`
+interface, named in a recipe as `task: mypackage.mymodule:MyTask`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from dtrain.config import Config, ConfigError
+
+BUILTIN = {"cnn": "dtrain.tasks.cnn:CNNTask", "transformer": "dtrain.tasks.transformer:TransformerTask",
+           "gan": "dtrain.tasks.gan:GANTask"}
+
+
+class Task:
+    """Supervised-task interface used by the trainer's loop (`dtrain.engine.train_step`)."""
+
+    config_class: type[Config] = Config
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, eval) datasets; every rank builds the same ones."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss of one micro-batch (already on the device)."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-batch *sums* (e.g. loss_sum, correct, count); the trainer adds them over
+        batches and ranks, then calls `eval_metrics`."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in a micro-batch (throughput counts samples, tokens for LMs)."""
+        return len(batch[0])
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state saved with the checkpoint (e.g. a vocabulary)."""
+        return {}
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Extra numbers for summary.json."""
+        return {}
+
+
+def get_task(name: str) -> type[Task]:
+    target = BUILTIN.get(name, name)
+    if ":" not in target:
+        close = difflib.get_close_matches(name, list(BUILTIN), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError("task", name, f"must be one of {'|'.join(BUILTIN)} or package.module:Class{hint}")
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError("task", name, f"cannot import {target}: {e}") from None
+    return cls

@@ -1,0 +1,120 @@
+"""Image classification with a small ResNet-style CNN (BatchNorm, residual blocks).
+
+Data: scikit-learn's 8x8 digits by default; `data.path` may point at a CIFAR-10 python
+folder or an image folder. See `dtrain.datasets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dtrain import datasets
+from dtrain.config import Config, ModelConfig
+from dtrain.tasks import Task
+
+
+@dataclass
+class CNNModelConfig(ModelConfig):
+    widths: list[int] = field(default_factory=lambda: [32, 64])
+    """Channels of each stage; every stage after the first halves the resolution."""
+    blocks_per_stage: int = 2
+    """Residual blocks per stage."""
+    image_size: int = 32
+    """Image folders are resized to this (digits are 8x8, CIFAR-10 32x32)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+
+
+@dataclass
+class CNNConfig(Config):
+    model: CNNModelConfig = field(default_factory=CNNModelConfig)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], blocks: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Zero-init the last BN of each residual branch: every block starts as identity,
+        # which makes large-batch training with the linear rule stable (Goyal et al. 2017).
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by up to `max_shift` pixels (zero padding), on the batch's device."""
+    n, c, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s))
+    dy = torch.randint(0, 2 * s + 1, (n, 1, 1, 1), device=x.device)
+    dx = torch.randint(0, 2 * s + 1, (n, 1, 1, 1), device=x.device)
+    rows = (dy + torch.arange(h, device=x.device).view(1, 1, h, 1)).expand(n, c, h, w)
+    cols = (dx + torch.arange(w, device=x.device).view(1, 1, 1, w)).expand(n, c, h, w)
+    flat = padded.flatten(2)
+    return flat.gather(2, (rows * (w + 2 * s) + cols).flatten(2)).view(n, c, h, w)
+
+
+class CNNTask(Task):
+    config_class = CNNConfig
+
+    def datasets(self):
+        train, test = datasets.load_images(self.cfg.data.path, self.cfg.model.image_size, self.cfg.data.val_fraction)
+        x, y = train.tensors
+        self.in_channels, self.num_classes = x.shape[1], int(y.max()) + 1
+        return train, test
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
+
+    def loss(self, model, batch):
+        x, y = batch
+        if self.cfg.data.augment:
+            x = random_shift(x, 1)
+        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.model.label_smoothing)
+
+    def eval_sums(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return {"loss_sum": F.cross_entropy(logits.float(), y, reduction="sum"),
+                "correct": (logits.argmax(1) == y).sum(),
+                "count": torch.tensor(len(y), device=y.device)}
+
+    def eval_metrics(self, sums):
+        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
+                "samples": sums["count"]}

@@ -1,0 +1,178 @@
+"""MLflow tracking: one run per job, written by rank 0 only, asynchronously, never fatal.
+
+The training loop only enqueues; a daemon thread talks to the store. If the store is
+unreachable or fails mid-run, one warning is printed and training carries on (later
+failures stay quiet). `finish` waits a bounded time for the queue to drain, then marks
+the run FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("dtrain")
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: one store in the launch directory
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
+MAX_METRICS_PER_BATCH = 1000
+
+
+def resolve_uri(uri: str) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _bound_http_retries() -> None:
+    # MLflow's HTTP client retries for minutes by default; an outage should cost seconds.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def git_commit() -> str | None:
+    for where in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+class NullTracker:
+    """What every rank but 0 (and rank 0 with tracking off or broken at start) gets."""
+
+    run_id: str | None = None
+    uri: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
+                 tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
+        """Create (or, with `run_id`, reopen) the run synchronously: its id goes into checkpoints."""
+        import mlflow
+        from mlflow.entities import Param
+
+        _bound_http_retries()
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            self.client.set_tag(run_id, "dtrain.resumed", "true")
+        else:
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self._create_experiment(experiment)
+            run = self.client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=100_000)
+        self._warned = False
+        self._thread = threading.Thread(target=self._work, name="dtrain-mlflow", daemon=True)
+        self._thread.start()
+        self._monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=bool(run_id),
+                                                     tracking_uri=uri)
+                self._monitor.start()
+            except Exception as e:  # optional extra: never fatal
+                self._warn(f"system metrics off: {e}")
+
+    def _create_experiment(self, name: str) -> str:
+        artifact_location = None
+        if self.uri.startswith("sqlite:///"):
+            # Keep artifacts beside the database instead of in whatever directory we run from.
+            db = Path(self.uri[len("sqlite:///"):]).resolve()
+            artifact_location = (db.parent / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            exp = self.client.get_experiment_by_name(name)  # created meanwhile by a concurrent job
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow tracking at %s failed (training continues, later errors are not shown): %s",
+                        self.uri, str(msg).splitlines()[0][:300] if str(msg) else type(msg).__name__)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            try:
+                job()
+            except Exception as e:
+                self._warn(e)
+            finally:
+                self._queue.task_done()
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:  # the store is far behind: drop rather than block training
+            self._warn("tracking queue full; dropping metrics")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._submit(lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._submit(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = str(path)
+        self._submit(lambda: self.client.log_artifact(self.run_id, p, artifact_path))
+
+    def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:
+                self._warn(e)
+        self._submit(lambda: self.client.set_terminated(self.run_id, status=status))
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._warn(f"gave up flushing after {timeout_s:.0f}s; the run may show RUNNING")
+
+
+def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:
+    """Rank 0: an MlflowTracker, or a NullTracker with one warning if the store is unusable."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    uri = resolve_uri(cfg.tracking.uri)
+    try:
+        return MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or tags.get("dtrain.run_label", ""),
+                             params, tags, run_id=run_id, system_metrics=cfg.tracking.system_metrics)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, first)
+        return NullTracker()
