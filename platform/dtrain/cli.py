@@ -45,9 +45,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
             # torchrun restarted the workers after a failure: continue, do not start over.
             cfg.resume = "auto"
-        data.plan_batches(cfg, env.world_size)
+        data.plan_batches(cfg, args.nproc_per_node or env.world_size)
     except ConfigError as e:
         _fail(str(e), EXIT_BAD_INPUT, env.rank)
+    if args.nproc_per_node and env.launcher == "single":
+        _exec_torchrun(args)
 
     from dtrain.trainer import TrainingError, fit
 
@@ -71,6 +73,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
+def _exec_torchrun(args: argparse.Namespace) -> None:
+    """`dtrain train --nproc-per-node N`: the recipe was validated above, in one process, so
+    bad input never reaches torchrun (whose agent would add its own failure report)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
+           "-m", "dtrain", "train", args.recipe, *args.overrides]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description=dtrain.__doc__)
     p.add_argument("--version", action="version", version=f"dtrain {dtrain.__version__}")
@@ -79,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe (1 process, or under torchrun / deepspeed / accelerate / srun)")
     t.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.05")
+    t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N",
+                   help="validate, then run N ranks on this machine via torchrun --standalone")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
@@ -88,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train r.yaml --nproc-per-node 2 optim.lr=0.1`).
+    unknown = [x for x in extra if "=" not in x or x.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     # @record writes an unexpected exception of this rank to torchrun's error file, so the
     # agent's failure summary shows the failing rank's traceback rather than "exitcode 1".
     record(args.func)(args)

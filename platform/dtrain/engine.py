@@ -19,6 +19,7 @@ between PyTorch DDP and DeepSpeed lives behind the small engine interface it cal
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float
     return norm
 
 
+def _buffer_sync_kwarg(sync: bool) -> dict[str, bool]:
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (same per-forward meaning).
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": sync}
+    return {"broadcast_buffers": sync}
+
+
 class DDPEngine:
     """PyTorch DistributedDataParallel + torch.optim + torch.amp."""
 
@@ -93,7 +101,7 @@ class DDPEngine:
             # broadcast_buffers copies rank 0's buffers (e.g. BN running stats) to all ranks
             # before each forward; with synchronised BN they are already equal, so it is skipped.
             self.model = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
-                             broadcast_buffers=broadcast_buffers, find_unused_parameters=False)
+                             find_unused_parameters=False, **_buffer_sync_kwarg(broadcast_buffers))
         else:
             self.model = self.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]

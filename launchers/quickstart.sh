@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: set up .venv/, then train the CNN recipe on 2 ranks with torchrun.
+#
+#   bash launchers/quickstart.sh [dotted.key=value ...]
+#
+# Runs go to runs/cnn_digits/ and the MLflow store ./mlflow.db (see README: MLflow UI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launchers/setup.sh
+NPROC=${NPROC:-2}
+# gloo ranks on a CPU share its cores: one intra-op thread each avoids oversubscription.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train recipes/cnn_digits.yaml "$@"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repository root and install dtrain into it (editable, with test tools).
+#
+#   bash launchers/setup.sh
+#
+# PyTorch: a torch already importable in .venv (or, for a new .venv, in the Python that
+# runs this script, e.g. an NGC / pytorch image) is kept. Otherwise a GPU machine
+# (nvidia-smi lists a GPU) gets pip's default CUDA build, and a CPU-only machine gets the
+# CPU build (torch==$DTRAIN_TORCH_CPU+cpu: a local wheel when pip has one, else PyTorch's
+# CPU index), never the multi-GB CUDA build. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_CPU=${DTRAIN_TORCH_CPU:-2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping the torch of $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
+fi
+VPY=.venv/bin/python
+pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored" >&2); }
+
+if "$VPY" -c "import torch" 2>/dev/null; then
+  echo "setup: torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed, kept"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: GPU found, installing pip's default (CUDA) torch"
+  pip_install "torch>=2.6"
+else
+  echo "setup: no GPU, installing the CPU build torch==${TORCH_CPU}+cpu"
+  pip_install "torch==${TORCH_CPU}+cpu" 2>/dev/null \
+    || pip_install "torch==${TORCH_CPU}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+
+pip_install -e ".[test]"
+echo "setup: $("$VPY" -m dtrain --version), torch $("$VPY" -c 'import torch; print(torch.__version__)'), in .venv/"

@@ -1,0 +1,99 @@
+"""Shared test helpers: real multi-process runs (gloo), the dtrain CLI, a BN-free user task."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from dtrain.config import Config
+from dtrain.tasks.cnn import CNNModelConfig, CNNTask
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fn(rank, world, *args)
+    dist.barrier()  # no rank tears down gloo while another still has work in flight
+    dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, *args) in `world` real processes joined by a gloo process group.
+    An assertion failing in any rank fails the caller."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def env_for_cli(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                     "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """`dtrain ARGS` as one process, or under torchrun with `nproc` ranks on loopback."""
+    if nproc:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dtrain", *args]
+    else:
+        cmd = [PY, "-m", "dtrain", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env_for_cli(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def load_params(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], buffers: bool = False) -> float:
+    keys = [k for k in a if a[k].is_floating_point() and (buffers or "running" not in k)]
+    assert keys and set(a) == set(b)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+
+
+# ------------------------------------------------------------------ a user task (import path)
+
+
+@dataclass
+class MLPModelConfig(CNNModelConfig):
+    hidden: int = 64
+
+
+@dataclass
+class MLPConfig(Config):
+    model: MLPModelConfig = field(default_factory=MLPModelConfig)
+
+
+class MLPTask(CNNTask):
+    """Digits with a BatchNorm-free MLP: accumulation must equal a large batch exactly."""
+
+    config_class = MLPConfig
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, self.cfg.model.hidden), nn.Tanh(),
+                             nn.Linear(self.cfg.model.hidden, 10))

@@ -1,0 +1,103 @@
+"""Recipes, overrides and bad input: one line naming the key, non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtrain import cli
+from dtrain.config import ConfigError, load_config
+from dtrain.tasks.cnn import CNNConfig
+from helpers import ROOT, dtrain
+
+RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
+
+
+def test_recipe_and_overrides_are_typed():
+    cfg = load_config(RECIPE, ["optim.lr=1e-3", "data.global_batch_size=128", "model.sync_bn=false",
+                               "optim.betas=[0.5, 0.99]", "optim.milestones=[10,20]", "precision=bf16"])
+    assert isinstance(cfg, CNNConfig)
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # PyYAML reads 1e-3 as a string
+    assert cfg.data.global_batch_size == 128 and cfg.model.sync_bn is False
+    assert cfg.optim.betas == (0.5, 0.99) and cfg.optim.milestones == [10, 20]
+    assert cfg.precision == "bf16" and cfg.recipe == "cnn_digits" and cfg.output_dir == "runs/cnn_digits"
+
+
+def test_required_keys_exist():
+    cfg = load_config(RECIPE)
+    for key in ["task", "seed", "engine", "precision", "output_dir", "resume", "data.global_batch_size",
+                "data.path", "train.max_steps", "train.epochs", "model.sync_bn", "optim.name", "optim.lr",
+                "optim.base_batch_size", "optim.scale_rule", "optim.warmup_steps", "optim.schedule",
+                "optim.weight_decay", "optim.clip_grad_norm", "optim.clip_grad_value", "tracking.uri",
+                "tracking.experiment", "checkpoint.every_steps"]:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+
+
+BAD = [
+    (["optim.lrr=0.1"], "optim.lrr=0.1: unknown key; did you mean optim.lr?"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1: must be > 0"),
+    (["optim.lr=fast"], "optim.lr='fast': must be a number"),
+    (["data.global_batch_size=0"], "data.global_batch_size=0: must be > 0"),
+    (["data.global_batch_size=6.5"], "data.global_batch_size=6.5: must be an integer"),
+    (["optim.name=adamm"], "optim.name='adamm': must be one of sgd|adam|adamw|rmsprop|adagrad|adafactor (did you mean adam?)"),
+    (["precision=fp8"], "precision='fp8': must be one of fp32|bf16|fp16"),
+    (["model.sync_bn=maybe"], "model.sync_bn='maybe': must be true or false"),
+    (["data.path=/no/such/dir"], "data.path='/no/such/dir': no such file or folder"),
+    (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': no such checkpoint"),
+    (["data.global_batch_size=63"], "data.global_batch_size=63: must be divisible by world size x data.grad_accum_steps = 1 x 2"),
+    (["task=cnnn"], "task='cnnn': must be one of cnn|transformer|gan or package.module:Class (did you mean cnn?)"),
+    (["optim"], "override 'optim' is not of the form key.sub=value"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_input_one_line(overrides, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if "divisible" in message:
+        overrides = overrides + ["data.grad_accum_steps=2"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", RECIPE, *overrides])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dtrain: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing half-written
+
+
+def test_missing_and_malformed_recipe(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("dtrain: error: recipe=") and err.endswith(
+        "no such file (pass a YAML recipe, e.g. recipes/cnn_digits.yaml)")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: cnn\noptim:\n  lr: [0.1\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "malformed YAML at line" in err
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(scalar)
+
+
+def test_bad_input_multi_rank_launch_is_one_line(tmp_path):
+    """`dtrain train --nproc-per-node 2` validates before torchrun starts any rank."""
+    proc = dtrain(["train", RECIPE, "--nproc-per-node", "2", "data.global_batch_size=63"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("dtrain: error: data.global_batch_size=63: must be divisible by world size x "
+                                   "data.grad_accum_steps = 2 x 1 (e.g. 2, 4, 6)"), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_under_raw_torchrun(tmp_path):
+    """Under a bare torchrun every rank refuses before training; only rank 0 prints our line
+    (torchrun's agent then adds its own failure report, which is torchrun's, not ours)."""
+    proc = dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
+    assert proc.returncode != 0
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("dtrain:") or l.startswith("dtrain[")]
+    assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr
+    assert "exitcode  : 2" in proc.stderr and not (tmp_path / "runs").exists()

@@ -1,0 +1,76 @@
+"""The LR the optimizer sees: scaling rule x warmup x schedule, at chosen steps."""
+
+import math
+
+import pytest
+import torch
+
+from dtrain.config import OptimConfig
+from dtrain.optim import build, lr_factor, scaled_lr
+
+
+@pytest.mark.parametrize("rule,expected", [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
+def test_scale_rules(rule, expected):
+    o = OptimConfig(lr=0.1, base_batch_size=256, scale_rule=rule)
+    assert scaled_lr(o, 1024) == pytest.approx(expected)
+    assert scaled_lr(o, 256) == pytest.approx(0.1)
+
+
+def lrs(o: OptimConfig, global_batch: int, total: int) -> list[float]:
+    """The LR the optimizer actually holds at each step, by stepping a real scheduler."""
+    opt, sched, _ = build(torch.nn.Linear(2, 2), o, global_batch, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine():
+    o = OptimConfig(lr=0.1, base_batch_size=64, warmup_steps=10, schedule="cosine", min_lr=0.02)
+    got = lrs(o, 128, 110)  # peak 0.2 by the linear rule
+    assert got[0] == pytest.approx(0.2 / 10) and got[4] == pytest.approx(0.2 * 5 / 10) and got[9] == pytest.approx(0.2)
+    assert got[10] == pytest.approx(0.2)  # schedule starts at the peak
+    assert got[60] == pytest.approx(0.02 + (0.2 - 0.02) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert got[109] == pytest.approx(0.02 + 0.18 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lr_factor(o, 110, 110, 0.2) * 0.2 == pytest.approx(0.02)  # ends at min_lr
+
+
+@pytest.mark.parametrize("schedule,extra,checks", [
+    ("step", {"step_size": 30, "gamma": 0.5}, {5: 0.1, 34: 0.1, 35: 0.05, 65: 0.025}),
+    ("multistep", {"milestones": [10, 40], "gamma": 0.1}, {14: 0.1, 15: 0.01, 44: 0.01, 45: 0.001}),
+    ("exponential", {"gamma": 0.9}, {5: 0.1, 7: 0.1 * 0.81}),
+    ("linear", {"min_lr": 0.0}, {5: 0.1, 55: 0.05}),
+    ("constant", {}, {5: 0.1, 99: 0.1}),
+])
+def test_schedules_after_warmup(schedule, extra, checks):
+    o = OptimConfig(lr=0.1, base_batch_size=100, scale_rule="sqrt", warmup_steps=5, schedule=schedule, **extra)
+    got = lrs(o, 100, 105)
+    assert got[2] == pytest.approx(0.1 * 3 / 5)
+    for step, value in checks.items():
+        assert got[step] == pytest.approx(value), (step, got[step])
+
+
+def test_no_warmup_first_step_at_peak():
+    o = OptimConfig(lr=0.5, base_batch_size=32, scale_rule="linear", warmup_steps=0, schedule="constant")
+    assert lrs(o, 16, 3) == pytest.approx([0.25] * 3)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt, _, _ = build(m, OptimConfig(weight_decay=0.1), 256, 10)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(m[0].weight)}
+    opt, _, _ = build(m, OptimConfig(weight_decay=0.1, decay_norm_and_bias=True), 256, 10)
+    assert len(opt.param_groups[0]["params"]) == 4
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor"])
+def test_every_optimizer_steps(name):
+    m = torch.nn.Linear(3, 1)
+    opt, sched, _ = build(m, OptimConfig(name=name, lr=0.01, weight_decay=0.01), 256, 10)
+    before = m.weight.detach().clone()
+    m(torch.randn(8, 3)).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(before, m.weight)
