@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import dtrain
@@ -53,24 +54,36 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from dtrain.trainer import TrainingError, fit
 
+    # torchrun stops the surviving workers with SIGTERM when one fails; turning it into an
+    # exception lets `finally` blocks run, so the MLflow run is marked KILLED, not left RUNNING.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
     try:
         device = distributed.init(env, cfg.train.collective_timeout_s)
     except Exception as e:  # rendezvous failures: name the endpoint, not a stack
         _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
               f"of {env.world_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               EXIT_FAILED, env.rank, every_rank=True)
+    # Errors below are raised by every rank alike (config, checkpoint, the global gradient
+    # norm), so the ranks can still meet at the teardown barrier; anything else cannot.
+    clean = False
     try:
         fit(cfg, env, device)
-    except ConfigError as e:
-        _fail(str(e), EXIT_BAD_INPUT, env.rank)
-    except CheckpointError as e:
+        clean = True
+    except (ConfigError, CheckpointError) as e:
+        clean = True
         _fail(str(e), EXIT_BAD_INPUT, env.rank)
     except TrainingError as e:
+        clean = True
         _fail(str(e), EXIT_FAILED, env.rank)
     except KeyboardInterrupt:
         _fail("interrupted", 130, env.rank)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _exec_torchrun(args: argparse.Namespace) -> None:

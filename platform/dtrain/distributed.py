@@ -115,8 +115,13 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down. After a clean finish, ranks first wait for each other:
+    a gloo rank whose peer closes its connections while it still talks aborts (SIGABRT).
+    After an error the peers may be gone, so no barrier is attempted."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

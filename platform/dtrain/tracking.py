@@ -66,6 +66,8 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Param
 
         _bound_http_retries()
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its schema-migration chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
         if run_id:

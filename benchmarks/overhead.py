@@ -1,0 +1,85 @@
+"""Platform overhead, measured side by side: dtrain vs a plain PyTorch loop (same model, data,
+optimizer, schedule, clipping), 1 process and 2 DDP ranks, with MLflow tracking off and on.
+
+    python benchmarks/overhead.py [--steps 300] [--rounds 5] [--nprocs 1,2]
+
+Runs alternate (plain, dtrain, dtrain+tracking) for --rounds rounds so that drift of a
+shared machine hits all three alike; the medians of steady-state samples/s are compared.
+Prints a Markdown table for the README.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def launch(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [PY, *args]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def plain(nproc: int, steps: int, cwd: Path) -> float:
+    out = run(launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]), cwd)
+    return json.loads(out.strip().splitlines()[-1])["throughput"]
+
+
+def dtrain(nproc: int, steps: int, cwd: Path, tracking: bool) -> float:
+    out_dir = cwd / f"dtrain-{nproc}-{tracking}"
+    overrides = [f"train.max_steps={steps}", "data.global_batch_size=64", "data.augment=false", "model.sync_bn=false",
+                 "train.eval_every_steps=1000000", "checkpoint.every_steps=0", f"output_dir={out_dir}",
+                 f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{cwd}/mlflow.db",
+                 "tracking.experiment=overhead"]
+    run(launch(nproc, ["-m", "dtrain", "train", str(ROOT / "recipes" / "cnn_digits.yaml"), *overrides]), cwd)
+    return json.loads((out_dir / "summary.json").read_text())["throughput"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--nprocs", default="1,2")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        for nproc in map(int, args.nprocs.split(",")):
+            got = {"plain": [], "dtrain": [], "dtrain+mlflow": []}
+            for r in range(args.rounds):
+                got["plain"].append(plain(nproc, args.steps, cwd))
+                got["dtrain"].append(dtrain(nproc, args.steps, cwd, tracking=False))
+                got["dtrain+mlflow"].append(dtrain(nproc, args.steps, cwd, tracking=True))
+                print(f"nproc {nproc} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items()),
+                      file=sys.stderr)
+            med = {k: statistics.median(v) for k, v in got.items()}
+            rows.append((nproc, med))
+    print(f"\nCNN digits, global batch 64, {args.steps} steps, median of {args.rounds} alternating rounds; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
+    print("| ranks | plain loop samples/s | dtrain samples/s | dtrain / plain | dtrain + MLflow samples/s | MLflow on / off |")
+    print("|---|---|---|---|---|---|")
+    for nproc, m in rows:
+        print(f"| {nproc} | {m['plain']:.0f} | {m['dtrain']:.0f} | {m['dtrain'] / m['plain']:.3f} | "
+              f"{m['dtrain+mlflow']:.0f} | {m['dtrain+mlflow'] / m['dtrain']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
