@@ -3,9 +3,11 @@ optimizer, schedule, clipping), 1 process and 2 DDP ranks, with MLflow tracking 
 
     python benchmarks/overhead.py [--steps 300] [--rounds 5] [--nprocs 1,2]
 
-Runs alternate (plain, dtrain, dtrain+tracking) for --rounds rounds so that drift of a
-shared machine hits all three alike; the medians of steady-state samples/s are compared.
-Prints a Markdown table for the README.
+Runs alternate (plain, plain with dtrain's malloc thresholds, dtrain, dtrain+tracking) for
+--rounds rounds so that drift of a shared machine hits all alike; the medians of
+steady-state samples/s are compared. dtrain fixes glibc's malloc thresholds on start
+(dtrain/allocator.py); the second plain column gives the plain loop the same setting, so
+"dtrain / plain (same malloc)" is the platform's own cost. Prints a Markdown table.
 """
 
 import argparse
@@ -30,16 +32,20 @@ def launch(nproc: int, args: list[str]) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def run(cmd: list[str], cwd: Path, **extra: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **extra}
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return out.stdout
 
 
-def plain(nproc: int, steps: int, cwd: Path) -> float:
-    out = run(launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]), cwd)
+def plain(nproc: int, steps: int, cwd: Path, same_malloc: bool = False) -> float:
+    from dtrain.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    out = run(launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]), cwd,
+              **(env if same_malloc else {}))
     return json.loads(out.strip().splitlines()[-1])["throughput"]
 
 
@@ -63,22 +69,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         for nproc in map(int, args.nprocs.split(",")):
-            got = {"plain": [], "dtrain": [], "dtrain+mlflow": []}
+            got = {"plain": [], "plain+malloc": [], "dtrain": [], "dtrain+mlflow": []}
             for r in range(args.rounds):
                 got["plain"].append(plain(nproc, args.steps, cwd))
+                got["plain+malloc"].append(plain(nproc, args.steps, cwd, same_malloc=True))
                 got["dtrain"].append(dtrain(nproc, args.steps, cwd, tracking=False))
                 got["dtrain+mlflow"].append(dtrain(nproc, args.steps, cwd, tracking=True))
                 print(f"nproc {nproc} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items()),
                       file=sys.stderr)
             med = {k: statistics.median(v) for k, v in got.items()}
             rows.append((nproc, med))
-    print(f"\nCNN digits, global batch 64, {args.steps} steps, median of {args.rounds} alternating rounds; "
+    print(f"\nSteady-state samples/s, CNN digits, global batch 64, {args.steps} steps, median of {args.rounds} rounds; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| ranks | plain loop samples/s | dtrain samples/s | dtrain / plain | dtrain + MLflow samples/s | MLflow on / off |")
-    print("|---|---|---|---|---|---|")
+    print("| ranks | plain loop | plain loop, same malloc | dtrain | dtrain + MLflow | dtrain / plain | "
+          "dtrain / plain (same malloc) | MLflow on / off |")
+    print("|---|---|---|---|---|---|---|---|")
     for nproc, m in rows:
-        print(f"| {nproc} | {m['plain']:.0f} | {m['dtrain']:.0f} | {m['dtrain'] / m['plain']:.3f} | "
-              f"{m['dtrain+mlflow']:.0f} | {m['dtrain+mlflow'] / m['dtrain']:.3f} |")
+        print(f"| {nproc} | {m['plain']:.0f} | {m['plain+malloc']:.0f} | {m['dtrain']:.0f} | {m['dtrain+mlflow']:.0f} | "
+              f"{m['dtrain'] / m['plain']:.3f} | {m['dtrain'] / m['plain+malloc']:.3f} | "
+              f"{m['dtrain+mlflow'] / m['dtrain']:.3f} |")
 
 
 if __name__ == "__main__":

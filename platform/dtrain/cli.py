@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import dtrain
 
@@ -32,7 +33,7 @@ def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dtrain import data, distributed
+    from dtrain import allocator, data, distributed
     from dtrain.checkpoint import CheckpointError
     from dtrain.config import ConfigError, load_config
 
@@ -54,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from dtrain.trainer import TrainingError, fit
 
+    allocator.tune()
     # torchrun stops the surviving workers with SIGTERM when one fails; turning it into an
     # exception lets `finally` blocks run, so the MLflow run is marked KILLED, not left RUNNING.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -82,6 +84,60 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.shutdown(clean)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dtrain import compare, tracking
+
+    if not args.experiment and not args.runs:
+        _fail("compare: give --experiment NAME or --runs ID [ID ...]", EXIT_BAD_INPUT)
+    try:
+        report = compare.compare(tracking.resolve_uri(args.uri), args.experiment, args.runs or [], args.metric,
+                                 Path(args.output), args.tolerance, args.target)
+    except compare.CompareError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    print(report["table"])
+    print("\n".join(compare.verdict_lines(report["verdict"])))
+    print(f"wrote {Path(args.output) / 'comparison.png'} and comparison.json"
+          + (f"; MLflow comparison run {report['comparison_run_id']}" if report.get("comparison_run_id") else ""))
+    if args.fail_on_gap and not report["verdict"]["ok"]:
+        sys.exit(EXIT_FAILED)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Train the recipe at each world size via torchrun into one experiment, then compare."""
+    import json
+    import subprocess
+
+    from dtrain import compare, data, tracking
+    from dtrain.config import ConfigError, load_config
+
+    try:
+        sizes = [int(x) for x in args.world_sizes.split(",") if x.strip()]
+        assert sizes and all(n > 0 for n in sizes)
+    except (ValueError, AssertionError):
+        _fail(f"--world-sizes={args.world_sizes!r}: expected positive integers like 1,2,4", EXIT_BAD_INPUT)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        for n in sizes:
+            data.plan_batches(cfg, n)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    base = Path(cfg.output_dir)
+    run_ids = []
+    for n in sizes:
+        out = base / f"ws{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dtrain",
+               "train", args.recipe, *args.overrides, f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"]
+        print(f"sweep: {n} rank(s) -> {out}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            _fail(f"sweep: the {n}-rank run failed (see above)", EXIT_FAILED)
+        run_ids.append(json.loads((out / "summary.json").read_text()).get("run_id"))
+    if not all(run_ids):
+        _fail("sweep: tracking was off, nothing to compare (tracking.enabled=true)", EXIT_BAD_INPUT)
+    args.experiment, args.runs, args.uri = cfg.tracking.experiment, run_ids, tracking.resolve_uri(cfg.tracking.uri)
+    args.output = args.output or str(base / "comparison")
+    cmd_compare(args)
+
+
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -108,6 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
+
+    def compare_options(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--metric", default="eval/accuracy", help="eval metric to compare (default eval/accuracy)")
+        c.add_argument("--tolerance", type=float, default=0.01,
+                       help="how much worse than the baseline a final metric may be (default 0.01 = 1 point)")
+        c.add_argument("--target", type=float, default=None,
+                       help="metric value for 'time to target' (default: baseline final minus the tolerance)")
+        c.add_argument("--fail-on-gap", action="store_true", help="exit 1 when a run is outside the tolerance")
+
+    c = sub.add_parser("compare", help="single- vs multi-GPU convergence, read back from MLflow")
+    c.add_argument("--experiment", help="MLflow experiment whose runs to compare")
+    c.add_argument("--runs", nargs="+", help="compare exactly these run ids")
+    c.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    c.add_argument("--output", required=True, help="folder for comparison.png and comparison.json")
+    compare_options(c)
+    c.set_defaults(func=cmd_compare)
+
+    w = sub.add_parser("sweep-world-sizes", help="train a recipe at several world sizes via torchrun, then compare")
+    w.add_argument("recipe")
+    w.add_argument("overrides", nargs="*")
+    w.add_argument("--world-sizes", default="1,2", help="comma-separated rank counts (default 1,2)")
+    w.add_argument("--output", default="", help="comparison folder (default OUTPUT_DIR/comparison)")
+    compare_options(w)
+    w.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -57,6 +57,9 @@ class TrainConfig:
     """Passes over the training set (used when `train.max_steps` is 0)."""
     eval_every_steps: int = 0
     """Evaluate every N optimizer steps. 0: at the end of every epoch."""
+    stop_at_step: int = 0
+    """End this invocation after step N with a checkpoint, as a preempted job would; the LR
+    schedule still spans the whole run and `resume=auto` continues it. 0: run to the end."""
     max_nonfinite_steps: int = 20
     """Consecutive optimizer steps skipped for a non-finite gradient before the run aborts."""
     collective_timeout_s: float = 600.0
@@ -83,6 +86,9 @@ class OptimConfig:
     """LR scaling with the global batch: linear (SGD), sqrt (Adam-type), none."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from ~0 to the scaled peak LR."""
+    warmup_epochs: float = 0.0
+    """Warmup stated in epochs (Goyal et al. use 5); when > 0 it sets warmup_steps from the
+    run's steps per epoch, so runs of different global batch warm up over the same data."""
     schedule: Literal["cosine", "step", "multistep", "exponential", "linear", "constant"] = "cosine"
     """LR schedule after warmup, stepped once per optimizer step."""
     min_lr: float = 0.0
@@ -176,7 +182,7 @@ class Config:
         _check("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
         if self.data.path and not Path(self.data.path).exists():
             raise ConfigError("data.path", self.data.path, "no such file or folder")
-        _non_negative(self.train, "train", "max_steps", "eval_every_steps")
+        _non_negative(self.train, "train", "max_steps", "eval_every_steps", "stop_at_step")
         _positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
         validate_optim(self.optim, "optim")
         _positive(self.tracking, "tracking", "log_every")
@@ -191,7 +197,7 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
     """Checks shared by every optimizer section (a GAN has two)."""
     _check(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
     _positive(o, prefix, "base_batch_size", "step_size")
-    _non_negative(o, prefix, "warmup_steps", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
+    _non_negative(o, prefix, "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
     _check(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
     _check(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
     _check(f"{prefix}.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "each beta must be in [0, 1)")

@@ -72,8 +72,11 @@ def train_loader(ds: Dataset, plan: BatchPlan, rank: int, seed: int, num_workers
     sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed)
     # drop_last: every rank runs the same number of equal micro-batches, so no rank waits
     # in an all-reduce the others never enter, and batch statistics stay world-size invariant.
+    # The loader's own generator (for worker seeds) keeps iter(loader) from drawing on the
+    # global RNG, whose state the checkpoint restores mid-epoch for exact resume.
     return DataLoader(ds, batch_size=plan.per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed + rank))
 
 
 def eval_loader(ds: Dataset, batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader:

@@ -1,9 +1,11 @@
 """MLflow tracking: one run per job, written by rank 0 only, asynchronously, never fatal.
 
 The training loop only enqueues; a daemon thread talks to the store. If the store is
-unreachable or fails mid-run, one warning is printed and training carries on (later
-failures stay quiet). `finish` waits a bounded time for the queue to drain, then marks
-the run FINISHED, FAILED or KILLED.
+unreachable or fails mid-run, one warning is printed and training carries on. While the
+store is down, what is queued is dropped rather than retried one slow call at a time (so a
+dead store never delays the end of training); every `RETRY_AFTER_S` one call probes it
+again. `finish` waits a bounded time for the queue to drain, then marks the run
+FINISHED, FAILED or KILLED.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger("dtrain")
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: one store in the launch directory
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
+RETRY_AFTER_S = 30.0
 
 
 def resolve_uri(uri: str) -> str:
@@ -84,6 +87,8 @@ class MlflowTracker(NullTracker):
                 self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=100_000)
         self._warned = False
+        self._down_until = 0.0  # monotonic time before which the store is treated as down
+        self.dropped = 0
         self._thread = threading.Thread(target=self._work, name="dtrain-mlflow", daemon=True)
         self._thread.start()
         self._monitor = None
@@ -121,14 +126,19 @@ class MlflowTracker(NullTracker):
         while True:
             job = self._queue.get()
             if job is None:
-                self._queue.task_done()
                 return
-            try:
-                job()
-            except Exception as e:
-                self._warn(e)
-            finally:
-                self._queue.task_done()
+            self._run(job)
+
+    def _run(self, job: Callable[[], None], force: bool = False) -> None:
+        if not force and time.monotonic() < self._down_until:
+            self.dropped += 1
+            return
+        try:
+            job()
+        except Exception as e:
+            self._warn(e)
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+            self.dropped += 1
 
     def _submit(self, job: Callable[[], None]) -> None:
         try:
@@ -159,11 +169,13 @@ class MlflowTracker(NullTracker):
                 self._monitor.finish()
             except Exception as e:
                 self._warn(e)
-        self._submit(lambda: self.client.set_terminated(self.run_id, status=status))
         self._queue.put(None)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             self._warn(f"gave up flushing after {timeout_s:.0f}s; the run may show RUNNING")
+            return
+        # The final status is always attempted, even after an outage: it may be back.
+        self._run(lambda: self.client.set_terminated(self.run_id, status=status), force=True)
 
 
 def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:

@@ -160,6 +160,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         raise ConfigError("data.global_batch_size", plan.global_batch,
                           f"larger than the training set ({len(train_ds)} samples); lower it")
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    if cfg.optim.warmup_epochs > 0:
+        cfg.optim.warmup_steps = round(cfg.optim.warmup_epochs * per_epoch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and world size
     model = task.build_model()
@@ -204,6 +206,12 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     try:
         summary = _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_steps, state,
                         ckpt_root, tracker, progress)
+        if summary is None:  # train.stop_at_step: checkpointed, to be resumed
+            progress.write(f"stopped after step {state.step} of {total_steps} (train.stop_at_step); "
+                           f"resume=auto continues from {ckpt_root}")
+            tracker.set_tags({"dtrain.stopped_at_step": state.step})
+            status = "KILLED"
+            return {}
         if main:
             summary["run_id"] = state.run_id
             _write_outputs(cfg, engine, summary, out_dir, tracker)
@@ -220,8 +228,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
 
 
 def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_steps, state: TrainState,
-          ckpt_root, tracker, progress) -> dict[str, Any]:
-    main = distributed.is_main()
+          ckpt_root, tracker, progress) -> dict[str, Any] | None:
     log_every = cfg.tracking.log_every
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
     window_steps = 0
@@ -250,8 +257,11 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
         checkpoint.save(ckpt_root, state.step, engine, client, cfg.checkpoint.keep)
         t_window += time.perf_counter() - t0
 
+    def finished() -> bool:
+        return state.step >= total_steps or 0 < cfg.train.stop_at_step <= state.step
+
     sampler = loader.sampler
-    while state.step < total_steps:
+    while not finished():
         sampler.set_epoch(state.epoch)
         sampler.start_index = state.batch_in_epoch * plan.per_rank
         batches = iter(loader)
@@ -280,7 +290,7 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
                 metrics = {"train/loss": mean_loss, "train/lr": engine.lr, "train/grad_norm": float(out.grad_norm),
                            "train/samples_per_s": rate, "train/samples_seen": state.samples_seen,
                            "train/epoch": state.epoch + state.batch_in_epoch / (per_epoch * plan.accum)}
-                metrics.update(getattr(task, "train_metrics", lambda m: {})(metrics))
+                metrics.update(task.train_metrics(metrics))
                 tracker.log_metrics(metrics, state.step)
                 progress.update(state.step, total_steps, metrics,
                                 (total_steps - state.step) * plan.global_batch / max(rate, 1e-9))
@@ -294,7 +304,7 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
                 run_eval()
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0 and state.step < total_steps:
                 save_checkpoint()
-            if state.step >= total_steps:
+            if finished():
                 break
         else:
             state.epoch += 1
@@ -302,6 +312,9 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
             if not cfg.train.eval_every_steps and state.step < total_steps:
                 run_eval()
 
+    if state.step < total_steps:  # stopped early on purpose
+        save_checkpoint()
+        return None
     if last_eval_step != state.step:
         run_eval()
     save_checkpoint()

@@ -47,9 +47,9 @@ class Task:
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
-    def batch_size(self, batch: Any) -> int:
-        """Samples in a micro-batch (throughput counts samples, tokens for LMs)."""
-        return len(batch[0])
+    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
+        """Extra metrics derived from the logged ones (e.g. bits per char, tokens/s)."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         """Task state saved with the checkpoint (e.g. a vocabulary)."""

@@ -1,0 +1,187 @@
+"""`dtrain compare`: do the N-rank runs converge like the 1-rank run? Read back from MLflow.
+
+For the runs of an experiment (or given run ids) it prints a table, writes `comparison.png`
+(train loss and the eval metric against samples seen and against wall time, one line per
+run labelled by world size) and `comparison.json` (the same numbers and a verdict: is each
+multi-rank run's final metric within the tolerance of the baseline's), and logs both as
+artifacts of a comparison run in the same experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+KIND_TAG = "dtrain.kind"
+
+
+class CompareError(RuntimeError):
+    """Nothing to compare; str() is the line to show."""
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_name: str
+    status: str
+    world_size: int
+    global_batch: int
+    scaled_lr: float
+    scale_rule: str
+    steps: int
+    samples: int
+    wall_time_s: float
+    samples_per_s: float
+    final_train_loss: float
+    final_metric: float
+    time_to_target_s: float | None = None
+    curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict, repr=False)
+    """metric -> [(samples seen, seconds since start, value)]"""
+
+
+def _history(client, run, key: str, global_batch: int) -> list[tuple[int, float, float]]:
+    start = run.info.start_time
+    hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+    latest: dict[int, Any] = {}
+    for m in hist:  # a resumed run may re-log a step it logged before the interruption: keep the last
+        latest[m.step] = m
+    return [(step * global_batch, (m.timestamp - start) / 1000.0, m.value) for step, m in sorted(latest.items())]
+
+
+def load_runs(client, experiment: str | None, run_ids: list[str], metric: str) -> list[RunInfo]:
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise CompareError(f"--experiment={experiment!r}: no such experiment in the tracking store")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(KIND_TAG) == "comparison" or "dtrain.world_size" not in tags:
+            continue
+        gb = int(tags["dtrain.global_batch"])
+        loss = _history(client, run, "train/loss", gb)
+        evals = _history(client, run, metric, gb)
+        metrics = run.data.metrics
+        steps = max((s // gb for s, _, _ in loss + evals), default=0)
+        end = run.info.end_time or (max((t for _, t, _ in loss + evals), default=0) * 1000 + run.info.start_time)
+        wall = (end - run.info.start_time) / 1000.0
+        out.append(RunInfo(
+            run_id=run.info.run_id, run_name=run.info.run_name or "", status=run.info.status,
+            world_size=int(tags["dtrain.world_size"]), global_batch=gb, scaled_lr=float(tags["dtrain.scaled_lr"]),
+            scale_rule=tags.get("dtrain.scale_rule", "?"), steps=steps, samples=steps * gb, wall_time_s=wall,
+            samples_per_s=metrics.get("throughput", steps * gb / wall if wall > 0 else math.nan),
+            final_train_loss=loss[-1][2] if loss else math.nan, final_metric=evals[-1][2] if evals else math.nan,
+            curves={"train/loss": loss, metric: evals}))
+    if not out:
+        raise CompareError(f"no dtrain runs with metric {metric!r} found"
+                           + (f" in experiment {experiment!r}" if not run_ids else ""))
+    return sorted(out, key=lambda r: (r.world_size, r.global_batch, r.run_id))
+
+
+def verdict(runs: list[RunInfo], metric: str, tolerance: float, higher_is_better: bool,
+            target: float | None) -> dict[str, Any]:
+    finished = [r for r in runs if r.status == "FINISHED" and not math.isnan(r.final_metric)]
+    if not finished:
+        raise CompareError("no FINISHED run with a final value of the metric to compare")
+    smallest = min(r.world_size for r in finished)
+    # The baseline: the newest finished run at the smallest world size (1 rank when there is one).
+    base = [r for r in finished if r.world_size == smallest][-1]
+    if target is None:
+        target = base.final_metric - tolerance if higher_is_better else base.final_metric + tolerance
+    for r in runs:
+        reached = [t for _, t, v in r.curves.get(metric, []) if (v >= target if higher_is_better else v <= target)]
+        r.time_to_target_s = reached[0] if reached else None
+    checks = []
+    for r in finished:
+        if r is base:
+            continue
+        gap = r.final_metric - base.final_metric
+        worse_by = -gap if higher_is_better else gap
+        checks.append({"run_id": r.run_id, "world_size": r.world_size, "global_batch": r.global_batch,
+                       "scale_rule": r.scale_rule, "final": r.final_metric, "gap": gap,
+                       "within_tolerance": worse_by <= tolerance})
+    return {"metric": metric, "higher_is_better": higher_is_better, "tolerance": tolerance, "target": target,
+            "baseline": {"run_id": base.run_id, "world_size": base.world_size, "final": base.final_metric},
+            "checks": checks, "ok": all(c["within_tolerance"] for c in checks)}
+
+
+def table(runs: list[RunInfo], metric: str) -> str:
+    cols = ["run", "world", "global batch", "scaled lr", "steps", "samples", "wall s", "samples/s",
+            "final loss", f"final {metric}", "to target s"]
+    rows = [[r.run_name or r.run_id[:8], r.world_size, r.global_batch, f"{r.scaled_lr:.4g}", r.steps, r.samples,
+             f"{r.wall_time_s:.1f}", f"{r.samples_per_s:.0f}", f"{r.final_train_loss:.4f}", f"{r.final_metric:.4f}",
+             "-" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f}"] for r in runs]
+    widths = [max(len(str(x)) for x in [c] + [row[i] for row in rows]) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot(runs: list[RunInfo], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for r in runs:
+        label = f"{r.world_size}x (batch {r.global_batch}, lr {r.scaled_lr:.3g}, {r.scale_rule})"
+        for col, key in enumerate(["train/loss", metric]):
+            pts = r.curves.get(key, [])
+            if pts:
+                axes[0][col].plot([p[0] for p in pts], [p[2] for p in pts], label=label)
+                axes[1][col].plot([p[1] for p in pts], [p[2] for p in pts], label=label)
+    for col, key in enumerate(["train/loss", metric]):
+        axes[0][col].set(xlabel="samples seen", ylabel=key, title=f"{key} vs samples seen")
+        axes[1][col].set(xlabel="wall time (s)", ylabel=key, title=f"{key} vs wall time")
+        if key.endswith("loss"):
+            axes[0][col].set_yscale("log")
+            axes[1][col].set_yscale("log")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(uri: str, experiment: str | None, run_ids: list[str], metric: str, output: Path,
+            tolerance: float, target: float | None, log_run: bool = True) -> dict[str, Any]:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = load_runs(client, experiment, run_ids, metric)
+    higher = not metric.split("/")[-1].startswith(("loss", "bpc", "perplexity", "fid", "frechet"))
+    result = verdict(runs, metric, tolerance, higher, target)
+    output.mkdir(parents=True, exist_ok=True)
+    plot(runs, metric, output / "comparison.png")
+    report = {"experiment": experiment, "verdict": result,
+              "runs": [{k: v for k, v in asdict(r).items() if k != "curves"} for r in runs]}
+    (output / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    if log_run:
+        exp_id = client.get_run(runs[0].run_id).info.experiment_id
+        run = client.create_run(exp_id, run_name=f"compare {metric}", tags={
+            KIND_TAG: "comparison", "dtrain.compared_runs": ",".join(r.run_id for r in runs),
+            "dtrain.verdict": "ok" if result["ok"] else "gap"})
+        client.log_artifact(run.info.run_id, str(output / "comparison.png"))
+        client.log_artifact(run.info.run_id, str(output / "comparison.json"))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        report["comparison_run_id"] = run.info.run_id
+    report["table"] = table(runs, metric)
+    return report
+
+
+def verdict_lines(result: dict[str, Any]) -> list[str]:
+    b = result["baseline"]
+    lines = [f"baseline: {b['world_size']} rank(s), run {b['run_id'][:8]}, final {result['metric']} {b['final']:.4f}; "
+             f"tolerance {result['tolerance']:g}"]
+    for c in result["checks"]:
+        lines.append(f"  {c['world_size']} ranks (batch {c['global_batch']}, {c['scale_rule']}): final {c['final']:.4f}, "
+                     f"gap {c['gap']:+.4f} -> {'within tolerance' if c['within_tolerance'] else 'OUTSIDE tolerance'}")
+    lines.append("verdict: " + ("converges like the baseline" if result["ok"] else "does NOT converge like the baseline"))
+    return lines
