@@ -97,3 +97,45 @@ class MLPTask(CNNTask):
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Linear(64, self.cfg.model.hidden), nn.Tanh(),
                              nn.Linear(self.cfg.model.hidden, 10))
+
+
+# ------------------------------------------------------------------ a real MLflow server
+
+
+class MlflowServer:
+    """`mlflow server` on loopback (1 web worker, no job runners: light on 2 cores)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        import time
+        import urllib.request
+
+        cmd = [PY, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--artifacts-destination", (self.root / "artifacts").as_uri()]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.log = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return self
+            except OSError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the web worker is a child: take the group
+            self.proc.wait()
+        self.log.close()

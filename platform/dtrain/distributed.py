@@ -115,6 +115,17 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     return device
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A 1-rank group on a free loopback port, for libraries that insist on one (DeepSpeed)."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
 def shutdown(clean: bool = True) -> None:
     """Tear the process group down. After a clean finish, ranks first wait for each other:
     a gloo rank whose peer closes its connections while it still talks aborts (SIGABRT).

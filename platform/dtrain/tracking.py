@@ -25,6 +25,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: one store in the la
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 RETRY_AFTER_S = 30.0
+FLUSH_EVERY_S = 5.0  # metrics are sent in one batch per interval: one store transaction, not one per log
 
 
 def resolve_uri(uri: str) -> str:
@@ -47,6 +48,14 @@ def git_commit() -> str | None:
         if out.returncode == 0:
             return out.stdout.strip()
     return None
+
+
+def _lower_thread_priority() -> None:
+    """Linux nice values are per thread: let the training threads win the CPU."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class NullTracker:
@@ -85,7 +94,7 @@ class MlflowTracker(NullTracker):
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=100_000)
+        self._queue: queue.Queue[list | Callable[[], None] | None] = queue.Queue(maxsize=100_000)
         self._warned = False
         self._down_until = 0.0  # monotonic time before which the store is treated as down
         self.dropped = 0
@@ -123,11 +132,26 @@ class MlflowTracker(NullTracker):
                         self.uri, str(msg).splitlines()[0][:300] if str(msg) else type(msg).__name__)
 
     def _work(self) -> None:
+        _lower_thread_priority()
+        pending: list = []
+        last_flush = time.monotonic()
         while True:
-            job = self._queue.get()
-            if job is None:
+            wait = max(0.0, FLUSH_EVERY_S - (time.monotonic() - last_flush)) if pending else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = []  # the interval is up: flush
+            if isinstance(item, list):
+                pending.extend(item)
+            due = time.monotonic() - last_flush >= FLUSH_EVERY_S or len(pending) >= MAX_METRICS_PER_BATCH - 100
+            if pending and (due or not isinstance(item, list)):  # flush before any other call: keeps order
+                batch, pending = pending, []
+                self._run(lambda: self.client.log_batch(self.run_id, metrics=batch))
+                last_flush = time.monotonic()
+            if item is None:
                 return
-            self._run(job)
+            if callable(item):
+                self._run(item)
 
     def _run(self, job: Callable[[], None], force: bool = False) -> None:
         if not force and time.monotonic() < self._down_until:
@@ -140,7 +164,7 @@ class MlflowTracker(NullTracker):
             self._down_until = time.monotonic() + RETRY_AFTER_S
             self.dropped += 1
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: list | Callable[[], None]) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:  # the store is far behind: drop rather than block training
@@ -150,8 +174,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        self._submit(lambda: self.client.log_batch(self.run_id, metrics=items))
+        self._submit([Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

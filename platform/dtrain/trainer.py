@@ -214,7 +214,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             return {}
         if main:
             summary["run_id"] = state.run_id
-            _write_outputs(cfg, engine, summary, out_dir, tracker)
+            _write_outputs(cfg, task, engine, summary, out_dir, tracker)
         elif engine.name == "deepspeed":
             engine.consolidated_state_dict()  # ZeRO-3 gathers are collective
         status = "FINISHED"
@@ -329,7 +329,7 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
     } | task.summary_extras()
 
 
-def _write_outputs(cfg: Config, engine, summary: dict[str, Any], out_dir: Path, tracker) -> None:
+def _write_outputs(cfg: Config, task: Task, engine, summary: dict[str, Any], out_dir: Path, tracker) -> None:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(engine.consolidated_state_dict(), model_path)
     summary_path = out_dir / "summary.json"
@@ -338,7 +338,7 @@ def _write_outputs(cfg: Config, engine, summary: dict[str, Any], out_dir: Path, 
     os.replace(tmp, summary_path)
     tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
                          and k in ("throughput", "train_time_s", "initial_loss", "final_loss")}, summary["steps"])
-    tracker.log_artifact(out_dir / "config.yaml")
-    tracker.log_artifact(summary_path)
+    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir)]:
+        tracker.log_artifact(path)
     if cfg.tracking.log_model:
         tracker.log_artifact(model_path)

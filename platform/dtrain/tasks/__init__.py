@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +59,10 @@ class Task:
     def summary_extras(self) -> dict[str, Any]:
         """Extra numbers for summary.json."""
         return {}
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """Files written beside model.pt at the end (rank 0), also logged to MLflow."""
+        return []
 
 
 def get_task(name: str) -> type[Task]:

@@ -1,0 +1,94 @@
+"""Single- vs multi-rank convergence, compared from MLflow by `dtrain compare`.
+
+Parity: the digits CNN at global batch 32 on 1 rank against global batch 256 on 2 ranks
+with the linear rule and warmup ends within 1 point of test accuracy; the same 256 run
+without LR scaling shows a larger gap, and compare says so.
+"""
+
+import json
+
+import mlflow
+import pytest
+
+from helpers import ROOT, check, dtrain
+
+RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
+# LR tuned for batch 32; the same number of epochs (= samples) for every run; warmup in epochs.
+COMMON = ["optim.lr=0.025", "optim.base_batch_size=32", "optim.warmup_epochs=2", "optim.warmup_steps=0",
+          "train.epochs=30", "checkpoint.every_steps=0", "tracking.log_every=5", "tracking.experiment=parity"]
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    uri = f"sqlite:///{root}/mlflow.db"
+    ids = {}
+    for name, nproc, extra in [("1x32", 0, ["data.global_batch_size=32"]),
+                               ("2x256-linear", 2, ["data.global_batch_size=256"]),
+                               ("2x256-none", 2, ["data.global_batch_size=256", "optim.scale_rule=none"])]:
+        check(dtrain(["train", RECIPE, *COMMON, *extra, f"tracking.uri={uri}", f"tracking.run_name={name}",
+                      f"output_dir={root / name}"], cwd=root, nproc=nproc))
+        ids[name] = json.loads((root / name / "summary.json").read_text())["run_id"]
+    return root, uri, ids
+
+
+def compare(root, uri, *args):
+    return dtrain(["compare", "--uri", uri, "--output", str(root / "cmp"), *args], cwd=root)
+
+
+def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
+    root, uri, ids = parity
+    proc = compare(root, uri, "--experiment", "parity")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((root / "cmp" / "comparison.json").read_text())
+    v = report["verdict"]
+    assert v["baseline"]["run_id"] == ids["1x32"] and v["baseline"]["world_size"] == 1
+    checks = {c["run_id"]: c for c in v["checks"]}
+    linear, none = checks[ids["2x256-linear"]], checks[ids["2x256-none"]]
+    assert linear["within_tolerance"] and abs(linear["gap"]) <= 0.01, v
+    assert -none["gap"] > max(0.01, abs(linear["gap"])) and not none["within_tolerance"], v  # a larger gap
+    assert not v["ok"] and "does NOT converge like the baseline" in proc.stdout
+
+    runs = {r["run_id"]: r for r in report["runs"]}
+    assert runs[ids["2x256-linear"]]["scaled_lr"] == pytest.approx(0.2)  # 0.025 x 256 / 32
+    assert runs[ids["2x256-none"]]["scaled_lr"] == pytest.approx(0.025)
+    assert runs[ids["1x32"]]["samples"] == 30 * (1437 // 32) * 32
+    for r in runs.values():
+        assert r["wall_time_s"] > 0 and r["samples_per_s"] > 0 and r["final_train_loss"] > 0
+    # The stdout table names every run with its world size, batch and LR.
+    for name in ids:
+        assert name in proc.stdout
+    assert (root / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Plot and JSON are also in MLflow, on a comparison run that compare itself ignores.
+    client = mlflow.MlflowClient(uri)
+    comp = client.get_run(report["comparison_run_id"])
+    assert comp.data.tags["dtrain.kind"] == "comparison"
+    assert {a.path for a in client.list_artifacts(comp.info.run_id)} == {"comparison.png", "comparison.json"}
+
+
+def test_compare_given_runs_only(parity):
+    root, uri, ids = parity
+    proc = compare(root, uri, "--runs", ids["1x32"], ids["2x256-linear"], "--fail-on-gap")
+    assert proc.returncode == 0 and "converges like the baseline" in proc.stdout, proc.stdout + proc.stderr
+    proc = compare(root, uri, "--runs", ids["1x32"], ids["2x256-none"], "--fail-on-gap")
+    assert proc.returncode == 1
+
+
+def test_compare_bad_input_is_one_line(parity):
+    root, uri, _ = parity
+    proc = compare(root, uri, "--experiment", "nope")
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "dtrain: error: --experiment='nope': no such experiment in the tracking store"
+
+
+def test_sweep_world_sizes_one_two_four(tmp_path):
+    """4 ranks on a 2-core machine: slow, but it must work."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = check(dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10",
+                         "tracking.log_every=5", "train.eval_every_steps=10", f"tracking.uri={uri}",
+                         "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"], cwd=tmp_path))
+    report = json.loads((tmp_path / "sweep" / "comparison" / "comparison.json").read_text())
+    assert sorted(r["world_size"] for r in report["runs"]) == [1, 2, 4]
+    assert {r["global_batch"] for r in report["runs"]} == {64}
+    assert "cnn_digits-4x" in proc.stdout

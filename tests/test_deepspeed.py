@@ -1,0 +1,88 @@
+"""The DeepSpeed engine on 2 CPU ranks (DS_ACCELERATOR=cpu, gloo) against the DDP engine."""
+
+import json
+
+import pytest
+import torch
+
+from dtrain.config import load_config
+from dtrain.data import BatchPlan
+from dtrain.deepspeed_engine import ds_config
+from dtrain.tasks.transformer import CharTransformer
+from helpers import ROOT, check, dtrain, load_params, max_param_diff
+
+LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
+CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
+# A small LM so that 20 steps take seconds; fp32, clipping on (the recipe's 1.0).
+TINY = ["train.max_steps=20", "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+        "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000", "train.eval_every_steps=0",
+        "checkpoint.every_steps=0", "optim.clip_grad_norm=0.5"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+
+    def run(name: str, *overrides: str, recipe: str = LM, base=TINY):
+        out = root / name
+        if not (out / "model.pt").exists() or "resume=auto" in overrides:
+            check(dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=2))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_match_ddp(lm, stage):
+    ddp = load_params(lm("ddp") / "model.pt")
+    zero = lm(f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
+    assert max_param_diff(ddp, load_params(zero / "model.pt")) < 1e-4
+    s = json.loads((zero / "summary.json").read_text())
+    assert s["engine"] == "deepspeed" and s["lr"] == pytest.approx(2e-3 * (16 / 32) ** 0.5)  # sqrt rule, as DDP
+
+
+def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
+    z3 = ["engine=deepspeed", "deepspeed.zero_stage=3"]
+    straight = lm("zero3", *z3)
+    resumed = lm("zero3-resumed", *z3, "train.stop_at_step=10")
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000010"]
+    lm("zero3-resumed", *z3, "resume=auto")
+    a, b = load_params(straight / "model.pt"), load_params(resumed / "model.pt")
+    assert max_param_diff(a, b) < 1e-6
+    assert max_param_diff(a, load_params(lm("ddp") / "model.pt")) < 1e-4
+    # model.pt is a consolidated plain state_dict: it loads into the plain model.
+    cfg = load_config(straight / "config.yaml")
+    vocab = json.loads((straight / "vocab.json").read_text())
+    CharTransformer(cfg.model, len(vocab)).load_state_dict(a)
+
+
+def test_bf16_runs(lm):
+    out = lm("zero2-bf16", "engine=deepspeed", "deepspeed.zero_stage=2", "precision=bf16")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["precision"] == "bf16" and s["final_loss"] < s["initial_loss"] and s["eval"]["loss"] < 4.0
+
+
+def test_cnn_recipe_on_both_engines(lm):
+    cnn = ["tracking.enabled=false", "train.max_steps=20", "data.augment=false", "checkpoint.every_steps=0",
+           "train.eval_every_steps=0"]
+    ddp = lm("cnn-ddp", recipe=CNN, base=cnn)
+    zero = lm("cnn-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", recipe=CNN, base=cnn)
+    assert max_param_diff(load_params(ddp / "model.pt"), load_params(zero / "model.pt"), buffers=True) < 1e-4
+    acc = [json.loads((d / "summary.json").read_text())["eval"]["accuracy"] for d in (ddp, zero)]
+    assert acc[0] == acc[1]
+
+
+def test_config_is_derived_from_the_recipe():
+    cfg = load_config(LM, ["precision=bf16", "deepspeed.zero_stage=2", "optim.clip_grad_norm=0.7",
+                           "deepspeed.config={zero_optimization: {overlap_comm: true}, steps_per_print: 5}"])
+    c = ds_config(cfg, BatchPlan(global_batch=64, per_rank=16, accum=2, world_size=2))
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (64, 16, 2)
+    assert c["gradient_clipping"] == 0.7 and c["bf16"] == {"enabled": True} and "fp16" not in c
+    assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True} and c["steps_per_print"] == 5
+
+
+def test_value_clipping_is_refused_with_deepspeed(tmp_path):
+    proc = dtrain(["train", LM, *TINY, "engine=deepspeed", "optim.clip_grad_value=1.0"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("dtrain: error: optim.clip_grad_value=1.0: not supported with "
+                                                    "engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")

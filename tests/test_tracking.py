@@ -1,0 +1,101 @@
+"""MLflow tracking against real stores: a real `mlflow server` over HTTP, an unreachable
+store, a store that dies mid-run, and the run status on failure and on Ctrl-C."""
+
+import json
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+
+from helpers import PY, ROOT, MlflowServer, check, dtrain, env_for_cli
+
+RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
+
+
+def warnings_in(stderr: str) -> list[str]:
+    return [l for l in stderr.splitlines() if "MLflow tracking" in l]
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = MlflowServer(tmp_path).start()
+    yield s
+    s.stop()
+
+
+def test_two_ranks_into_a_real_mlflow_server(server, tmp_path):
+    check(dtrain(["train", RECIPE, "train.max_steps=30", "tracking.log_every=10", f"tracking.uri={server.uri}",
+                  "tracking.experiment=http", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    client = mlflow.MlflowClient(server.uri)  # read back over HTTP, as the UI does
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dtrain.world_size"] == "2"
+    assert run.data.params["data.global_batch_size"] == "64"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [10, 20, 30]
+    assert "eval/accuracy" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "summary.json"}
+    assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
+
+
+def test_unreachable_store_warns_once_and_trains(tmp_path):
+    proc = check(dtrain(["train", RECIPE, "train.max_steps=20", "tracking.uri=http://127.0.0.1:9",
+                         f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    assert len(warnings_in(proc.stderr)) == 1, proc.stderr
+    assert "unavailable, training without it" in warnings_in(proc.stderr)[0]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
+
+
+def _wait_for_running_run(uri: str, experiment: str, timeout: float = 120):
+    client = mlflow.MlflowClient(uri)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and runs[0].info.status == "RUNNING" and "train/loss" in runs[0].data.metrics:
+            return runs[0].info.run_id
+        time.sleep(0.3)
+    raise AssertionError("the run never showed up as RUNNING with metrics")
+
+
+def _start(args, cwd):
+    return subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *args], cwd=cwd, env=env_for_cli(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_store_dying_mid_run_warns_once_and_training_finishes(server, tmp_path):
+    proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={server.uri}",
+                   "tracking.experiment=dies", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    _wait_for_running_run(server.uri, "dies")
+    server.stop()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert len(warnings_in(err)) == 1 and "failed (training continues" in warnings_in(err)[0], err
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 600
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = _start(["train.max_steps=100000", "tracking.log_every=5", f"tracking.uri={uri}",
+                   "tracking.experiment=ctrlc", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    run_id = _wait_for_running_run(uri, "ctrlc")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "dtrain: error: interrupted", err
+    assert "Traceback" not in err
+    assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_training_failure_marks_the_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # An absurd LR with no clipping blows the weights up: the gradient becomes non-finite.
+    proc = dtrain(["train", RECIPE, "optim.lr=1e12", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3",
+                   "train.max_steps=200", f"tracking.uri={uri}", "tracking.experiment=fails",
+                   f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "non-finite for 3 consecutive steps" in proc.stderr.strip().splitlines()[-1]
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "out" / "summary.json").exists()
