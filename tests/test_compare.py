@@ -13,8 +13,9 @@ import pytest
 from helpers import ROOT, check, dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
-# LR tuned for batch 32; the same number of epochs (= samples) for every run; warmup in epochs.
-COMMON = ["optim.lr=0.025", "optim.base_batch_size=32", "optim.warmup_epochs=2", "optim.warmup_steps=0",
+# LR tuned for batch 32; the same number of epochs (= samples) for every run; 5 warmup epochs
+# (Goyal et al.) for every run, whatever its steps per epoch.
+COMMON = ["optim.lr=0.025", "optim.base_batch_size=32", "optim.warmup_epochs=5", "optim.warmup_steps=0",
           "train.epochs=30", "checkpoint.every_steps=0", "tracking.log_every=5", "tracking.experiment=parity"]
 
 

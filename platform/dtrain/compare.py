@@ -162,16 +162,18 @@ def compare(uri: str, experiment: str | None, run_ids: list[str], metric: str, o
     plot(runs, metric, output / "comparison.png")
     report = {"experiment": experiment, "verdict": result,
               "runs": [{k: v for k, v in asdict(r).items() if k != "curves"} for r in runs]}
-    (output / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    run = None
     if log_run:
         exp_id = client.get_run(runs[0].run_id).info.experiment_id
         run = client.create_run(exp_id, run_name=f"compare {metric}", tags={
             KIND_TAG: "comparison", "dtrain.compared_runs": ",".join(r.run_id for r in runs),
             "dtrain.verdict": "ok" if result["ok"] else "gap"})
+        report["comparison_run_id"] = run.info.run_id
+    (output / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    if run is not None:
         client.log_artifact(run.info.run_id, str(output / "comparison.png"))
         client.log_artifact(run.info.run_id, str(output / "comparison.json"))
         client.set_terminated(run.info.run_id, "FINISHED")
-        report["comparison_run_id"] = run.info.run_id
     report["table"] = table(runs, metric)
     return report
 
