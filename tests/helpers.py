@@ -28,10 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _entry(rank: int, world: int, store: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP port: no port to race for between tests.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     fn(rank, world, *args)
     dist.barrier()  # no rank tears down gloo while another still has work in flight
     dist.destroy_process_group()
@@ -40,7 +41,10 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 def spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` real processes joined by a gloo process group.
     An assertion failing in any rank fails the caller."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True)
 
 
 def env_for_cli(**extra: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from dtrain.data import ExactShardSampler, eval_loader
-from dtrain.trainer import evaluate
+from dtrain.engine import evaluate
 from helpers import spawn
 
 N = 11  # not divisible by 2 or 3

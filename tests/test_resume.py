@@ -1,6 +1,7 @@
 """Exact resume on 2 ranks: 40 steps straight == 20 steps, stop, resume to 40; one MLflow run."""
 
 import json
+import shutil
 
 import mlflow
 import pytest
@@ -57,11 +58,11 @@ def test_replaying_data_on_resume_would_be_caught(store):
     """Break the mid-epoch position (resume from the epoch's start) and the test's check fails."""
     root, uri, run = store
     src = root / "resumed" / "checkpoints" / "step_00000020"
-    state = torch.load(src / "state.pt", weights_only=True)
-    state["client"]["trainer"]["batch_in_epoch"] = 0  # "forget" the 20 batches already seen
     broken = root / "broken" / "checkpoints" / "step_00000020"
-    broken.mkdir(parents=True)
-    torch.save(state, broken / "state.pt")
+    shutil.copytree(src, broken)
+    state = torch.load(src / "trainer.pt", weights_only=True)
+    state["trainer"]["batch_in_epoch"] = 0  # "forget" the 20 batches already seen
+    torch.save(state, broken / "trainer.pt")
     run("broken", f"resume={broken}")
     a, b = load_params(root / "straight" / "model.pt"), load_params(root / "broken" / "model.pt")
     assert max_param_diff(a, b) > 1e-4
@@ -69,13 +70,13 @@ def test_replaying_data_on_resume_would_be_caught(store):
 
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "checkpoints" / "step_00000005"
-    bad.mkdir(parents=True)
-    (bad / "state.pt").write_bytes(b"not a checkpoint")
+    (bad / "model").mkdir(parents=True)
+    (bad / "trainer.pt").write_bytes(b"not a checkpoint")
     proc = dtrain(["train", RECIPE, "tracking.enabled=false", f"resume={bad}", f"output_dir={tmp_path / 'out'}"],
                   cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"dtrain: error: resume: cannot load {bad / 'state.pt'}"), proc.stderr
+    assert line.startswith(f"dtrain: error: resume: cannot load {bad / 'trainer.pt'}"), proc.stderr
 
 
 def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
@@ -88,8 +89,8 @@ def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
     (root / ".tmp-step_00000015").mkdir()
     (root / "latest").unlink()
     assert checkpoint.latest(root).name == "step_00000012"
-    sd = torch.load(root / "step_00000012" / "state.pt", weights_only=True)
-    client = sd["client"]
-    assert set(sd["engine"]) == {"model", "optimizer", "scheduler", "scaler"}
+    sd = torch.load(root / "step_00000012" / "model" / "state.pt", weights_only=True)
+    client = torch.load(root / "step_00000012" / "trainer.pt", weights_only=True)
+    assert set(sd) == {"model", "optimizer", "scheduler", "scaler"}
     assert client["trainer"]["step"] == 12 and len(client["rng"]) == 1
     assert set(client["rng"][0]) >= {"python", "numpy", "torch"}

@@ -2,7 +2,10 @@
 
 Layout under `output_dir/checkpoints/`:
 
-    step_00000020/        one complete checkpoint (engine files + trainer state)
+    step_00000020/        one complete checkpoint:
+        trainer.pt          loop position, every rank's RNG state, task state, MLflow run id
+        model/              each engine's files (DDP: state.pt; DeepSpeed: its own layout);
+        g/ d/               a GAN has two engines
     step_00000040/
     latest                name of the newest complete one
 
@@ -25,6 +28,7 @@ import torch
 from dtrain import distributed
 
 LATEST = "latest"
+TRAINER = "trainer.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -48,7 +52,7 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
         raise CheckpointError(f"resume: cannot load {path}: {first[:200]}") from None
 
 
-def save(root: Path, step: int, engine, client_state: dict[str, Any], keep: int) -> Path:
+def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -56,7 +60,10 @@ def save(root: Path, step: int, engine, client_state: dict[str, Any], keep: int)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    engine.save(tmp, client_state)
+    for name, engine in engines.items():
+        engine.save(tmp / name)
+    if distributed.is_main():
+        atomic_save(client_state, tmp / TRAINER)
     distributed.barrier()
     if distributed.is_main():
         if final.exists():
@@ -69,6 +76,16 @@ def save(root: Path, step: int, engine, client_state: dict[str, Any], keep: int)
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def load(folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
+    """Restore every engine from `folder`; returns the trainer's client state."""
+    client = load_file(folder / TRAINER)
+    for name, engine in engines.items():
+        if not (folder / name).is_dir():
+            raise CheckpointError(f"resume: {folder} has no {name}/ (a checkpoint of another task?)")
+        engine.load(folder / name)
+    return client
 
 
 def latest(root: Path) -> Path | None:

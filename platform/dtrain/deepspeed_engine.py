@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from dtrain import distributed, optim
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config, ConfigError, OptimConfig
 from dtrain.data import BatchPlan
 from dtrain.engine import DTYPES
 
@@ -34,13 +34,14 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def ds_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed JSON config a recipe implies."""
+def ds_config(cfg: Config, plan: BatchPlan, o: OptimConfig | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config a recipe implies (`o`: the model's optimizer section)."""
+    o = o or cfg.optim
     c: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.per_rank,
         "gradient_accumulation_steps": plan.accum,
-        "gradient_clipping": cfg.optim.clip_grad_norm,
+        "gradient_clipping": o.clip_grad_norm,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "steps_per_print": 10**9,  # dtrain logs; DeepSpeed's own step prints would interleave
         "wall_clock_breakdown": False,
@@ -80,11 +81,12 @@ def prepare_cpu_ops(device: torch.device) -> None:
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, module: nn.Module, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int):
-        if cfg.optim.clip_grad_value > 0:
-            raise ConfigError("optim.clip_grad_value", cfg.optim.clip_grad_value,
+    def __init__(self, module: nn.Module, cfg: Config, o: OptimConfig, *, device: torch.device, plan: BatchPlan,
+                 total_steps: int):
+        if o.clip_grad_value > 0:
+            raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
                               "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
-        if cfg.optim.name == "adafactor" and cfg.deepspeed.zero_stage > 0:
+        if o.name == "adafactor" and cfg.deepspeed.zero_stage > 0:
             raise ConfigError("optim.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
                               "parameters, which silently turns Adafactor's factored moments into full ones")
         prepare_cpu_ops(device)
@@ -93,8 +95,10 @@ class DeepSpeedEngine:
         distributed.init_single_process_group(device)  # DeepSpeed needs a group even for one rank
         self.device, self.precision, self.zero_stage = device, cfg.precision, cfg.deepspeed.zero_stage
         module = module.to(device)
-        optimizer, scheduler, self.peak_lr = optim.build(module, cfg.optim, plan.global_batch, total_steps)
-        self.config = ds_config(cfg, plan)
+        optimizer, scheduler, self.peak_lr = optim.build(module, o, plan.global_batch, total_steps)
+        self.scale_rule, self.base_lr, self.base_batch, self.warmup_steps = (o.scale_rule, o.lr, o.base_batch_size,
+                                                                              o.warmup_steps)
+        self.config = ds_config(cfg, plan, o)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
             dist_init_required=False)
@@ -122,18 +126,21 @@ class DeepSpeedEngine:
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         return norm, self.ds.skipped_steps == skipped and bool(torch.isfinite(norm))
 
-    def save(self, folder: Path, client_state: dict[str, Any]) -> None:
+    def save(self, folder: Path) -> None:
         """Collective: every rank writes its ZeRO partition."""
-        self.ds.save_checkpoint(str(folder), tag=TAG, client_state={"dtrain": client_state})
+        self.ds.save_checkpoint(str(folder), tag=TAG)
 
-    def load(self, folder: Path) -> dict[str, Any]:
+    def load(self, folder: Path) -> None:
         from dtrain.checkpoint import CheckpointError
 
-        path, client = self.ds.load_checkpoint(str(folder), tag=TAG)
+        try:
+            path, _ = self.ds.load_checkpoint(str(folder), tag=TAG)
+        except Exception as e:  # a missing or foreign file: one line, not DeepSpeed's stack
+            raise CheckpointError(f"resume: cannot load the DeepSpeed checkpoint in {folder}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
         if path is None:
             raise CheckpointError(f"resume: {folder} holds no DeepSpeed checkpoint")
         self.lr = self.scheduler.get_last_lr()[0]
-        return client["dtrain"]
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """A plain fp32 state_dict of the whole model (collective under ZeRO-3)."""

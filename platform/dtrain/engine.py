@@ -10,7 +10,7 @@ between PyTorch DDP and DeepSpeed lives behind the small engine interface it cal
     engine.backward(loss, n)  backward of one of n micro-steps
     engine.step()             unscale, measure the global norm, clip, check, step, schedule
     engine.lr                 the LR the optimizer used for the last step
-    engine.save(dir, state) / engine.load(dir)   checkpoint files
+    engine.save(dir) / engine.load(dir)           checkpoint files
     engine.consolidated_state_dict()             plain state_dict for model.pt
 
 `DDPEngine` is below; `dtrain.deepspeed_engine.DeepSpeedEngine` is the other one.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint, distributed, optim
+from dtrain.data import move
 from dtrain.config import OptimConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +43,8 @@ class StepOutput:
     """Global L2 norm of the all-reduced, unscaled gradient before clipping (same on every rank)."""
     stepped: bool
     """False when the step was skipped for a non-finite gradient."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """More per-rank values to average over the log window and the ranks (e.g. a GAN's G loss)."""
 
 
 def train_step(engine, task, micro_batches: list) -> StepOutput:
@@ -58,6 +61,24 @@ def train_step(engine, task, micro_batches: list) -> StepOutput:
         loss_sum += loss.detach().float()
     grad_norm, stepped = engine.step()
     return StepOutput(loss_sum / n, grad_norm, stepped)
+
+
+@torch.no_grad()
+def evaluate(task, engine, loader, device: torch.device) -> dict[str, float]:
+    """Exact sharded evaluation: per-rank sums over disjoint shards, all-reduced, then metrics."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in loader:
+        with engine.autocast():
+            out = task.eval_sums(model, move(batch, device))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    keys = sorted(sums)
+    reduced = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+    model.train(was_training)
+    return {k: float(v) for k, v in task.eval_metrics(dict(zip(keys, reduced.tolist()))).items()}
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
@@ -110,6 +131,8 @@ class DDPEngine:
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
         self.lr = self.optimizer.param_groups[0]["lr"]
+        self.scale_rule, self.base_lr, self.base_batch, self.warmup_steps = (o.scale_rule, o.lr, o.base_batch_size,
+                                                                              o.warmup_steps)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")
@@ -149,15 +172,14 @@ class DDPEngine:
             self.scaler.load_state_dict(sd["scaler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
 
-    def save(self, folder: Path, client_state: dict[str, Any]) -> None:
+    def save(self, folder: Path) -> None:
         """Rank 0 writes one file; DDP ranks hold identical replicas."""
         if distributed.is_main():
-            checkpoint.atomic_save({"engine": self.state_dict(), "client": client_state}, folder / "state.pt")
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_save(self.state_dict(), folder / "state.pt")
 
-    def load(self, folder: Path) -> dict[str, Any]:
-        sd = checkpoint.load_file(folder / "state.pt", self.device)
-        self.load_state_dict(sd["engine"])
-        return sd["client"]
+    def load(self, folder: Path) -> None:
+        self.load_state_dict(checkpoint.load_file(folder / "state.pt", self.device))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -1,7 +1,8 @@
 """`fit`: build everything a recipe names, run the loop, evaluate, checkpoint, report.
 
-The per-step data path is `dtrain.engine.train_step`; this file is the loop around it,
-in the shape of torchvision's reference `main()`: set up, resume, train, evaluate, save.
+The per-step data path lives in the task's `train_step` (for supervised tasks
+`dtrain.engine.train_step`); this file is the loop around it, in the shape of
+torchvision's reference `main()`: set up, resume, train, evaluate, save.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +25,10 @@ import torch
 import dtrain
 from dtrain import checkpoint, config, data, distributed, tracking
 from dtrain.config import Config, ConfigError
-from dtrain.engine import DDPEngine, train_step
+from dtrain.engine import DDPEngine
 from dtrain.norm import convert_sync_batchnorm
-from dtrain.tasks import Task, get_task
+from dtrain.progress import Progress
+from dtrain.tasks import ModelSpec, Task, get_task
 
 log = logging.getLogger("dtrain")
 
@@ -55,89 +56,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device, plan: data.BatchPlan,
-                 total_steps: int):
-    if cfg.engine == "deepspeed":
-        from dtrain.deepspeed_engine import DeepSpeedEngine
+def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: data.BatchPlan,
+                  total_steps: int) -> dict[str, Any]:
+    """One engine per model; under fp16 the DDP engines share one GradScaler (one update per step)."""
+    world = distributed.world_size()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    engines = {}
+    for name, spec in specs.items():
+        module = spec.module
+        if cfg.model.sync_bn and world > 1:
+            module = convert_sync_batchnorm(module, device)
+        steps = total_steps * spec.steps_per_step
+        if cfg.engine == "deepspeed":
+            from dtrain.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, device=device, plan=plan, total_steps=total_steps)
-    return DDPEngine(model, cfg.optim, precision=cfg.precision, device=device, global_batch=plan.global_batch,
-                     total_steps=total_steps, broadcast_buffers=not cfg.model.sync_bn)
-
-
-@torch.no_grad()
-def evaluate(task: Task, engine, loader, device: torch.device) -> dict[str, float]:
-    """Exact sharded evaluation: per-rank sums over disjoint shards, all-reduced."""
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    for batch in loader:
-        with engine.autocast():
-            out = task.eval_sums(model, data.move(batch, device))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.detach().double()
-    keys = sorted(sums)
-    reduced = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
-    model.train(was_training)
-    return {k: float(v) for k, v in task.eval_metrics(dict(zip(keys, reduced.tolist()))).items()}
+            engines[name] = DeepSpeedEngine(module, cfg, spec.optim, device=device, plan=plan, total_steps=steps)
+        else:
+            engines[name] = DDPEngine(module, spec.optim, precision=cfg.precision, device=device,
+                                      global_batch=plan.global_batch, total_steps=steps,
+                                      broadcast_buffers=spec.broadcast_buffers, scaler=scaler)
+    return engines
 
 
-def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, peak_lr: float, engine) -> dict[str, Any]:
+def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Any]) -> dict[str, Any]:
     try:  # the version only: importing deepspeed costs seconds and probes accelerators
         ds_version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         ds_version = "not installed"
+    first = next(iter(engines.values()))
     tags = {
         "dtrain.world_size": plan.world_size, "dtrain.nodes": env.num_nodes, "dtrain.backend": distributed.backend(),
-        "dtrain.launcher": env.launcher, "dtrain.engine": engine.name, "dtrain.precision": cfg.precision,
+        "dtrain.launcher": env.launcher, "dtrain.engine": first.name, "dtrain.precision": cfg.precision,
         "dtrain.global_batch": plan.global_batch, "dtrain.per_rank_batch": plan.per_rank,
-        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{peak_lr:.6g}", "dtrain.scale_rule": cfg.optim.scale_rule,
-        "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe, "dtrain.task": cfg.task,
-        "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__, "dtrain.deepspeed": ds_version,
-        "dtrain.python": platform.python_version(), "dtrain.device": str(engine.device.type),
-        "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
+        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.peak_lr:.6g}",
+        "dtrain.scale_rule": first.scale_rule, "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe,
+        "dtrain.task": cfg.task, "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__,
+        "dtrain.deepspeed": ds_version, "dtrain.python": platform.python_version(),
+        "dtrain.device": str(first.device.type), "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
     }
+    if len(engines) > 1:
+        tags.update({f"dtrain.scaled_lr_{n}": f"{e.peak_lr:.6g}" for n, e in engines.items()})
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
 
 
-class Progress:
-    """Rank 0: a tqdm bar on a terminal, plain log lines otherwise; other ranks: silent."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
-        if not self.enabled:
-            return
-        short = {"loss": metrics["train/loss"], "lr": metrics["train/lr"], "samples/s": metrics["train/samples_per_s"]}
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=True)
-        else:
-            print(f"step {step}/{total} loss {short['loss']:.4f} lr {short['lr']:.4g} "
-                  f"grad_norm {metrics['train/grad_norm']:.3g} samples/s {short['samples/s']:.1f} "
-                  f"eta {eta_s:.0f}s", flush=True)
-
-    def write(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Any], total_steps: int) -> str:
+    """The start line: world, batch split and the LR each optimizer really gets."""
+    first = next(iter(engines.values()))
+    lrs = " | ".join(
+        f"{'' if n == 'model' else n + ' '}peak lr {e.peak_lr:.6g} ({e.scale_rule} rule from {e.base_lr:g} @ "
+        f"{e.base_batch}, {e.warmup_steps} warmup steps)" for n, e in engines.items())
+    return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
+            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
+            f"{plan.accum} accum | {lrs} | {total_steps} steps")
 
 
 def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
@@ -149,31 +122,31 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     ckpt_root = out_dir / "checkpoints"
     resume_from = checkpoint.resolve(cfg.resume, ckpt_root)
 
-    # ---------------------------------------------------------------- data, model, engine
+    # ---------------------------------------------------------------- data, models, engines
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
-    pin = device.type == "cuda"
-    loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, pin)
+    loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, device.type == "cuda")
     eval_dl = data.eval_loader(eval_ds, cfg.data.eval_batch_size, world, rank, cfg.data.num_workers)
-    per_epoch = data.steps_per_epoch(loader, plan.accum)
+    micro = task.micro_batches_per_step(plan.accum)
+    per_epoch = data.steps_per_epoch(loader, micro)
     if per_epoch == 0:
         raise ConfigError("data.global_batch_size", plan.global_batch,
                           f"larger than the training set ({len(train_ds)} samples); lower it")
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
-    if cfg.optim.warmup_epochs > 0:
-        cfg.optim.warmup_steps = round(cfg.optim.warmup_epochs * per_epoch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and world size
-    model = task.build_model()
-    if cfg.model.sync_bn and world > 1:
-        model = convert_sync_batchnorm(model, device)
-    engine = build_engine(cfg, model, device, plan, total_steps)
-    seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation
+    specs = task.models()
+    for spec in specs.values():
+        if spec.optim.warmup_epochs > 0:
+            spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.steps_per_step)
+    engines = build_engines(cfg, specs, device, plan, total_steps)
+    seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
 
     state = TrainState()
     if resume_from is not None:
-        client = engine.load(resume_from)
+        client = checkpoint.load(resume_from, engines)
         state = TrainState(**client["trainer"])
+        task.load_extra_state(client.get("task", {}))
         checkpoint.set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
     elif main and ckpt_root.exists():
         removed = checkpoint.clear(ckpt_root)
@@ -185,26 +158,22 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         config.dump_yaml(cfg, out_dir / "config.yaml")
 
     # ---------------------------------------------------------------- tracking
-    tags = run_tags(cfg, env, plan, engine.peak_lr, engine)
     tracker: tracking.NullTracker = tracking.NullTracker()
     if main:
         params = config.flatten(config.to_dict(cfg))
-        tracker = tracking.start(cfg, params, tags, run_id=state.run_id or None)
+        tracker = tracking.start(cfg, params, run_tags(cfg, env, plan, engines), run_id=state.run_id or None)
         if tracker.run_id:
             state.run_id = tracker.run_id
     state.run_id = distributed.broadcast_object(state.run_id)
 
     progress = Progress(total_steps, state.step, main)
-    progress.write(f"dtrain: {cfg.recipe} | task {cfg.task} | {engine.name} x{world} ({distributed.backend()}, "
-                   f"{device.type}) | global batch {plan.global_batch} = {world} ranks x {plan.per_rank} x "
-                   f"{plan.accum} accum | peak lr {engine.peak_lr:.6g} ({cfg.optim.scale_rule} rule from "
-                   f"{cfg.optim.lr:g} @ {cfg.optim.base_batch_size}, {cfg.optim.warmup_steps} warmup steps) | "
-                   f"{total_steps} steps" + (f" | resumed at step {state.step}" if resume_from else "")
+    progress.write(describe(cfg, plan, engines, total_steps)
+                   + (f" | resumed at step {state.step}" if resume_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
 
     status = "FAILED"
     try:
-        summary = _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_steps, state,
+        summary = _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state,
                         ckpt_root, tracker, progress)
         if summary is None:  # train.stop_at_step: checkpointed, to be resumed
             progress.write(f"stopped after step {state.step} of {total_steps} (train.stop_at_step); "
@@ -212,11 +181,10 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             tracker.set_tags({"dtrain.stopped_at_step": state.step})
             status = "KILLED"
             return {}
+        weights = task.final_state_dict(engines)  # collective under ZeRO-3
         if main:
             summary["run_id"] = state.run_id
-            _write_outputs(cfg, task, engine, summary, out_dir, tracker)
-        elif engine.name == "deepspeed":
-            engine.consolidated_state_dict()  # ZeRO-3 gathers are collective
+            _write_outputs(cfg, task, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -227,10 +195,13 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         tracker.finish(status)
 
 
-def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_steps, state: TrainState,
+def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state: TrainState,
           ckpt_root, tracker, progress) -> dict[str, Any] | None:
+    """The training loop. Returns the summary, or None when stopped early by train.stop_at_step."""
     log_every = cfg.tracking.log_every
-    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    samples_per_step = plan.per_rank * plan.world_size * micro
+    first = next(iter(engines.values()))
+    window: dict[str, torch.Tensor] = {}
     window_steps = 0
     bad_steps = 0
     last_eval: dict[str, float] = {}
@@ -243,7 +214,7 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
     def run_eval() -> None:
         nonlocal last_eval, last_eval_step, t_window
         t0 = time.perf_counter()
-        last_eval = evaluate(task, engine, eval_dl, device)
+        last_eval = task.evaluate(engines, eval_dl, device)
         last_eval_step = state.step
         tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()} | {"train/samples_seen": state.samples_seen},
                             state.step)
@@ -254,7 +225,7 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
         nonlocal t_window
         t0 = time.perf_counter()
         client = {"trainer": asdict(state), "rng": checkpoint.gather_rng_states(), "task": task.extra_state()}
-        checkpoint.save(ckpt_root, state.step, engine, client, cfg.checkpoint.keep)
+        checkpoint.save(ckpt_root, state.step, engines, client, cfg.checkpoint.keep)
         t_window += time.perf_counter() - t0
 
     def finished() -> bool:
@@ -265,15 +236,15 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
         sampler.set_epoch(state.epoch)
         sampler.start_index = state.batch_in_epoch * plan.per_rank
         batches = iter(loader)
-        for _ in range(state.batch_in_epoch // plan.accum, per_epoch):
-            micro = [data.move(next(batches), device) for _ in range(plan.accum)]
-            out = train_step(engine, task, micro)
+        for _ in range(state.batch_in_epoch // micro, per_epoch):
+            out = task.train_step(engines, [data.move(next(batches), device) for _ in range(micro)])
 
             state.step += 1
-            state.batch_in_epoch += plan.accum
-            state.samples_seen += plan.global_batch
-            samples_window += plan.global_batch
-            window_loss += out.loss
+            state.batch_in_epoch += micro
+            state.samples_seen += samples_per_step
+            samples_window += samples_per_step
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                window[k] = window.get(k, 0) + v.detach().double()
             window_steps += 1
             if math.isnan(state.initial_loss):
                 state.initial_loss = float(distributed.all_reduce_mean(out.loss.detach().clone().double()))
@@ -283,20 +254,22 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
                                     "(lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)")
 
             if state.step % log_every == 0 or state.step == total_steps:
-                mean_loss = float(distributed.all_reduce_mean(window_loss) / window_steps)
+                # One all-reduce for every windowed value: the logged numbers are the ranks' mean.
+                keys = sorted(window)
+                means = (distributed.all_reduce_mean(torch.stack([window[k] for k in keys])) / window_steps).tolist()
                 now = time.perf_counter()
                 rate = samples_window / max(now - t_window, 1e-9)
                 state.train_time_s += now - t_window
-                metrics = {"train/loss": mean_loss, "train/lr": engine.lr, "train/grad_norm": float(out.grad_norm),
-                           "train/samples_per_s": rate, "train/samples_seen": state.samples_seen,
-                           "train/epoch": state.epoch + state.batch_in_epoch / (per_epoch * plan.accum)}
+                metrics = {f"train/{k}": v for k, v in zip(keys, means)}
+                metrics.update({"train/lr": first.lr, "train/grad_norm": float(out.grad_norm),
+                                "train/samples_per_s": rate, "train/samples_seen": state.samples_seen,
+                                "train/epoch": state.epoch + state.batch_in_epoch / (per_epoch * micro)})
                 metrics.update(task.train_metrics(metrics))
                 tracker.log_metrics(metrics, state.step)
                 progress.update(state.step, total_steps, metrics,
-                                (total_steps - state.step) * plan.global_batch / max(rate, 1e-9))
-                final_loss = mean_loss
-                window_loss.zero_()
-                window_steps, samples_window, t_window = 0, 0, time.perf_counter()
+                                (total_steps - state.step) * samples_per_step / max(rate, 1e-9))
+                final_loss = metrics["train/loss"]
+                window, window_steps, samples_window, t_window = {}, 0, 0, time.perf_counter()
             if state.step == steady_from:
                 steady_t, steady_samples = state.train_time_s + (time.perf_counter() - t_window), state.samples_seen
 
@@ -322,22 +295,23 @@ def _loop(cfg, task, engine, loader, eval_dl, device, plan, per_epoch, total_ste
     return {
         "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
         "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank, "grad_accum_steps": plan.accum,
-        "lr": engine.peak_lr, "scale_rule": cfg.optim.scale_rule, "engine": engine.name, "precision": cfg.precision,
+        "lr": first.peak_lr, "scale_rule": first.scale_rule, "engine": first.name, "precision": cfg.precision,
         "initial_loss": state.initial_loss, "final_loss": final_loss, "eval": last_eval,
         "throughput": (state.samples_seen - steady_samples) / elapsed if elapsed > 0 else None,
-        "train_time_s": state.train_time_s, "epochs": state.epoch + state.batch_in_epoch / (per_epoch * plan.accum),
+        "train_time_s": state.train_time_s, "epochs": state.epoch + state.batch_in_epoch / (per_epoch * micro),
     } | task.summary_extras()
 
 
-def _write_outputs(cfg: Config, task: Task, engine, summary: dict[str, Any], out_dir: Path, tracker) -> None:
+def _write_outputs(cfg: Config, task: Task, weights: dict[str, torch.Tensor], summary: dict[str, Any],
+                   out_dir: Path, tracker) -> None:
     model_path = out_dir / "model.pt"
-    checkpoint.atomic_save(engine.consolidated_state_dict(), model_path)
+    checkpoint.atomic_save(weights, model_path)
     summary_path = out_dir / "summary.json"
     tmp = summary_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     os.replace(tmp, summary_path)
-    tracker.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None
-                         and k in ("throughput", "train_time_s", "initial_loss", "final_loss")}, summary["steps"])
+    tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
+                         if isinstance(summary.get(k), (int, float))}, summary["steps"])
     for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir)]:
         tracker.log_artifact(path)
     if cfg.tracking.log_model:

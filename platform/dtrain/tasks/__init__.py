@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,30 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config, ConfigError, OptimConfig
+
+
+@dataclass
+class ModelSpec:
+    """One trained model of a task: it gets its own engine (optimizer, schedule, clipping)."""
+
+    module: nn.Module
+    optim: OptimConfig
+    steps_per_step: int = 1
+    """Optimizer steps this model takes per training step (a GAN critic: n_critic)."""
+    broadcast_buffers: bool = True
+    """Let DDP copy rank 0's buffers before each forward (off when buffers stay equal anyway)."""
+
 
 BUILTIN = {"cnn": "dtrain.tasks.cnn:CNNTask", "transformer": "dtrain.tasks.transformer:TransformerTask",
            "gan": "dtrain.tasks.gan:GANTask"}
 
 
 class Task:
-    """Supervised-task interface used by the trainer's loop (`dtrain.engine.train_step`)."""
+    """What the trainer asks of a task. The defaults are the supervised case: one model
+    called `model`, stepped by `dtrain.engine.train_step`, evaluated by `dtrain.engine.evaluate`.
+    A task with several models (the GAN) overrides `models`, `train_step`, `evaluate` and
+    `final_state_dict`."""
 
     config_class: type[Config] = Config
 
@@ -48,6 +65,28 @@ class Task:
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
+    def models(self) -> dict[str, ModelSpec]:
+        return {"model": ModelSpec(self.build_model(), self.cfg.optim,
+                                   broadcast_buffers=not self.cfg.model.sync_bn)}
+
+    def micro_batches_per_step(self, accum: int) -> int:
+        """Loader batches one training step consumes."""
+        return accum
+
+    def train_step(self, engines: dict, micro_batches: list):
+        from dtrain.engine import train_step
+
+        return train_step(engines["model"], self, micro_batches)
+
+    def evaluate(self, engines: dict, loader, device: torch.device) -> dict[str, float]:
+        from dtrain.engine import evaluate
+
+        return evaluate(self, engines["model"], loader, device)
+
+    def final_state_dict(self, engines: dict) -> dict[str, torch.Tensor]:
+        """model.pt: a plain state_dict (collective: every rank calls it)."""
+        return engines["model"].consolidated_state_dict()
+
     def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
         """Extra metrics derived from the logged ones (e.g. bits per char, tokens/s)."""
         return {}
@@ -55,6 +94,9 @@ class Task:
     def extra_state(self) -> dict[str, Any]:
         """Task state saved with the checkpoint (e.g. a vocabulary)."""
         return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved (on resume)."""
 
     def summary_extras(self) -> dict[str, Any]:
         """Extra numbers for summary.json."""
