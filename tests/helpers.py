@@ -51,6 +51,8 @@ def env_for_cli(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # Console scripts (torchrun, accelerate, deepspeed, dtrain) of the interpreter running the tests.
+    env["PATH"] = os.pathsep.join([str(Path(PY).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env

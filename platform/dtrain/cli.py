@@ -80,6 +80,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         _fail(str(e), EXIT_FAILED, env.rank)
     except KeyboardInterrupt:
         _fail("interrupted", 130, env.rank)
+    except Exception as e:
+        if not distributed.is_timeout(e):
+            raise  # a bug: let @record carry the traceback to torchrun's summary
+        stuck = distributed.stuck_ranks()
+        who = (f"rank(s) {', '.join(map(str, stuck))} never joined it (hung or dead)" if stuck
+               else "the rank that stalled could not be determined")
+        _fail(f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}s: "
+              f"{who}", EXIT_FAILED, env.rank)
     finally:
         distributed.shutdown(clean)
 

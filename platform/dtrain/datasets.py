@@ -36,13 +36,18 @@ def _to_datasets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
             TensorDataset((xte - mean) / std, torch.as_tensor(yte, dtype=torch.int64)))
 
 
-def digits(test_fraction: float) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), scaled to [0, 1]."""
+def digits(test_fraction: float, normalize: bool = True) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): standardised per channel,
+    or (normalize=False) scaled to [-1, 1] as GANs with a tanh output want them."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
-    return _to_datasets(*_split(x, d.target, test_fraction))
+    x = (d.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
+    xtr, ytr, xte, yte = _split(x, d.target, test_fraction)
+    if normalize:
+        return _to_datasets(xtr, ytr, xte, yte)
+    return (TensorDataset(torch.as_tensor(xtr * 2 - 1), torch.as_tensor(ytr, dtype=torch.int64)),
+            TensorDataset(torch.as_tensor(xte * 2 - 1), torch.as_tensor(yte, dtype=torch.int64)))
 
 
 def cifar10(folder: Path) -> tuple[TensorDataset, TensorDataset]:

@@ -118,7 +118,8 @@ class DeepSpeedEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # DeepSpeed counts micro-steps in step(); off the boundary it does not update
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self, update_scaler: bool = True) -> tuple[torch.Tensor, bool]:
+        """`update_scaler` is the DDP engine's shared-GradScaler switch; DeepSpeed scales per engine."""
         self.lr = self.scheduler.get_last_lr()[0]
         skipped = self.ds.skipped_steps
         self.ds.step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -112,7 +113,31 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    global _monitor
+    # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
+    _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+_monitor = None
+
+
+def is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def stuck_ranks(wait_s: float = 10.0) -> list[int] | None:
+    """After a collective timed out: the ranks that do not reach a monitored barrier within
+    `wait_s` (gloo's monitored_barrier names them). None when that cannot be found out."""
+    if _monitor is None:
+        return None
+    try:
+        dist.monitored_barrier(group=_monitor, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+        return []
+    except RuntimeError as e:
+        match = re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(e))
+        return [int(r) for r in match.group(1).replace(" ", "").split(",") if r] if match else None
 
 
 def init_single_process_group(device: torch.device) -> None:

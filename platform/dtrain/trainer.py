@@ -66,7 +66,7 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
         module = spec.module
         if cfg.model.sync_bn and world > 1:
             module = convert_sync_batchnorm(module, device)
-        steps = total_steps * spec.steps_per_step
+        steps = math.ceil(total_steps * spec.steps_per_step)
         if cfg.engine == "deepspeed":
             from dtrain.deepspeed_engine import DeepSpeedEngine
 
@@ -184,7 +184,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         weights = task.final_state_dict(engines)  # collective under ZeRO-3
         if main:
             summary["run_id"] = state.run_id
-            _write_outputs(cfg, task, weights, summary, out_dir, tracker)
+            _write_outputs(cfg, task, engines, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -237,6 +237,7 @@ def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, t
         sampler.start_index = state.batch_in_epoch * plan.per_rank
         batches = iter(loader)
         for _ in range(state.batch_in_epoch // micro, per_epoch):
+            _fault_drill(state.step)
             out = task.train_step(engines, [data.move(next(batches), device) for _ in range(micro)])
 
             state.step += 1
@@ -302,8 +303,20 @@ def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, t
     } | task.summary_extras()
 
 
-def _write_outputs(cfg: Config, task: Task, weights: dict[str, torch.Tensor], summary: dict[str, Any],
-                   out_dir: Path, tracker) -> None:
+def _fault_drill(step: int) -> None:
+    """DTRAIN_FAULT=hang:<rank>:<step> makes that rank stall before that step, to rehearse
+    (and test) the collective timeout. Unset in normal runs."""
+    spec = os.environ.get("DTRAIN_FAULT")
+    if spec:
+        kind, rank, at = spec.split(":")
+        if kind == "hang" and int(rank) == distributed.rank() and int(at) == step:
+            log.warning("DTRAIN_FAULT: rank %s hangs at step %s", rank, step)
+            while True:
+                time.sleep(1)
+
+
+def _write_outputs(cfg: Config, task: Task, engines: dict[str, Any], weights: dict[str, torch.Tensor],
+                   summary: dict[str, Any], out_dir: Path, tracker) -> None:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)
     summary_path = out_dir / "summary.json"
@@ -312,7 +325,7 @@ def _write_outputs(cfg: Config, task: Task, weights: dict[str, torch.Tensor], su
     os.replace(tmp, summary_path)
     tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
                          if isinstance(summary.get(k), (int, float))}, summary["steps"])
-    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir)]:
+    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
         tracker.log_artifact(path)
     if cfg.tracking.log_model:
         tracker.log_artifact(model_path)

@@ -25,8 +25,8 @@ class ModelSpec:
 
     module: nn.Module
     optim: OptimConfig
-    steps_per_step: int = 1
-    """Optimizer steps this model takes per training step (a GAN critic: n_critic)."""
+    steps_per_step: float = 1.0
+    """Optimizer steps this model takes per training step (a GAN critic: about n_critic)."""
     broadcast_buffers: bool = True
     """Let DDP copy rank 0's buffers before each forward (off when buffers stay equal anyway)."""
 
@@ -102,7 +102,7 @@ class Task:
         """Extra numbers for summary.json."""
         return {}
 
-    def write_artifacts(self, out_dir: Path) -> list[Path]:
+    def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:
         """Files written beside model.pt at the end (rank 0), also logged to MLflow."""
         return []
 

@@ -320,7 +320,7 @@ class TransformerTask(Task):
         return {"vocab_size": len(self.vocab), "corpus_chars": self.chars,
                 "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
 
-    def write_artifacts(self, out_dir: Path) -> list[Path]:
+    def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:
         """vocab.json beside model.pt, so `dtrain sample` needs nothing else."""
         path = out_dir / "vocab.json"
         path.write_text(json.dumps(self.vocab.chars))

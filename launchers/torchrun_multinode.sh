@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Several nodes with torchrun's c10d rendezvous (elastic: a lost worker restarts the group,
+# which resumes from the last checkpoint). Run the same command on every node:
+#
+#   NNODES=2 RDZV_ENDPOINT=head-node:29400 launchers/torchrun_multinode.sh recipes/cnn_digits.yaml
+#
+# NNODES may be a range (1:4) for elastic membership; MAX_RESTARTS bounds the restarts.
+# Every node must see output_dir (shared file system or PVC) for checkpoints to resume.
+set -euo pipefail
+recipe=${1:?usage: $0 RECIPE [key=value ...]}; shift
+: "${NNODES:?set NNODES (e.g. 2 or 1:4)}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous}"
+exec torchrun --nnodes "$NNODES" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
+  --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-dtrain}" \
+  --max_restarts "${MAX_RESTARTS:-3}" \
+  -m dtrain train "$recipe" "$@"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One node, N ranks (default: every GPU, or 2 on a CPU-only machine), any recipe and overrides.
+#
+#   launchers/torchrun_single.sh recipes/cnn_digits.yaml [key=value ...]
+#   NPROC=4 launchers/torchrun_single.sh recipes/transformer_charlm.yaml engine=deepspeed
+set -euo pipefail
+recipe=${1:?usage: $0 RECIPE [key=value ...]}; shift
+gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+NPROC=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train "$recipe" "$@"

@@ -1,0 +1,382 @@
+"""GANs across ranks: two models, two engines, one step that reads top to bottom.
+
+Recipes: 2-D mixtures (8 Gaussians on a ring, 25 on a grid) with MLPs, and a DCGAN-style
+pair on scikit-learn's 8x8 digits. Losses wgan | hinge | nonsaturating, n_critic, TTUR
+(optim_g / optim_d, each with the platform's LR scaling and warmup), spectral norm on D
+(optionally G), gradient penalty wgan_gp (interpolates) or r1 (reals), optionally lazy,
+and an EMA of G used for evaluation and samples.
+
+Distributed choices (tested in tests/test_gan.py):
+- G and D are separate DDP/DeepSpeed engines. In the G step D runs *unwrapped* with
+  requires_grad off, so no all-reduce is spent on D. In the D step G runs unwrapped under
+  no_grad (its output is detached).
+- D sees real, fake (and interpolates) in one concatenated forward: DDP wants one forward
+  per backward.
+- Noise (and WGAN-GP's mixing weights) are drawn for the *global* batch from a generator
+  seeded by (seed, step), and each rank takes its slice: the run is world-size invariant
+  and resumes exactly, like the supervised tasks.
+- Spectral norm's u/v buffers are updated by power iteration from the weights alone, so
+  ranks with equal weights keep equal u/v without any broadcast (broadcast_buffers off
+  for D). G's BatchNorm statistics are synchronised (model.sync_bn) or broadcast.
+- A lazy R1 step is a penalty-only backward; the R1 term does not reach D's last bias,
+  so a zero-weighted term over D's output is added and DDP reduces every parameter.
+- fp16: penalty gradients follow the AMP recipe (scaled autograd.grad, unscale, penalty
+  under autocast); one GradScaler.update() per iteration shared by both optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.data import TensorDataset
+
+from dtrain import datasets, distributed, gan_eval
+from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, validate_optim
+from dtrain.engine import StepOutput
+from dtrain.tasks import ModelSpec, Task
+
+
+@dataclass
+class GanDataConfig(DataConfig):
+    dataset: Literal["ring", "grid", "digits"] = "ring"
+    """ring: 8 Gaussians on a circle; grid: 25 on a 5x5 grid; digits: scikit-learn's 8x8 digits."""
+    num_samples: int = 100_000
+    """2-D points generated from the seed (one epoch)."""
+    global_batch_size: int = 256
+
+
+@dataclass
+class GanModelConfig(ModelConfig):
+    z_dim: int = 16
+    hidden_g: int = 256
+    hidden_d: int = 256
+    layers_g: int = 3
+    layers_d: int = 3
+    channels: int = 64
+    """DCGAN base width (digits)."""
+    spectral_norm_d: bool = True
+    spectral_norm_g: bool = False
+
+
+@dataclass
+class GanSection:
+    loss: Literal["wgan", "hinge", "nonsaturating"] = "hinge"
+    n_critic: int = 1
+    """Critic updates per generator update."""
+    penalty: Literal["none", "wgan_gp", "r1"] = "none"
+    penalty_weight: float = 10.0
+    """lambda of wgan_gp, gamma of r1."""
+    penalty_every: int = 1
+    """Lazy regularisation: a separate penalty-only critic step every k critic steps, weighted
+    by k (StyleGAN2). 1: the penalty is part of every critic loss."""
+    ema_decay: float = 0.999
+    """EMA of G's weights, used for evaluation and samples. 0: evaluate G itself."""
+    eval_samples: int = 2500
+
+
+def _adam(lr: float) -> OptimConfig:
+    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), base_batch_size=256, scale_rule="sqrt",
+                       schedule="constant", warmup_steps=0)
+
+
+@dataclass
+class GANConfig(Config):
+    task: str = "gan"
+    data: GanDataConfig = field(default_factory=GanDataConfig)
+    model: GanModelConfig = field(default_factory=GanModelConfig)
+    gan: GanSection = field(default_factory=GanSection)
+    optim_g: OptimConfig = field(default_factory=lambda: _adam(1e-4))
+    """The generator's optimizer (TTUR: G slower than D by default)."""
+    optim_d: OptimConfig = field(default_factory=lambda: _adam(4e-4))
+    """The critic's optimizer."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.optim != OptimConfig():
+            raise ConfigError("optim", "...", "a GAN recipe sets optim_g and optim_d (two optimizers), not optim")
+        validate_optim(self.optim_g, "optim_g")
+        validate_optim(self.optim_d, "optim_d")
+        if self.data.grad_accum_steps != 1:
+            raise ConfigError("data.grad_accum_steps", self.data.grad_accum_steps, "must be 1 for a GAN")
+        for key in ("n_critic", "penalty_every", "eval_samples"):
+            if getattr(self.gan, key) < 1:
+                raise ConfigError(f"gan.{key}", getattr(self.gan, key), "must be >= 1")
+        if not 0 <= self.gan.ema_decay < 1:
+            raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
+        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
+            raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _sn(layer: nn.Module, on: bool) -> nn.Module:
+    return spectral_norm(layer) if on else layer
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_out: int, hidden: int, layers: int, act: nn.Module, sn: bool):
+        super().__init__()
+        dims = [d_in] + [hidden] * layers
+        body = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            body += [_sn(nn.Linear(a, b), sn), copy.deepcopy(act)]
+        self.net = nn.Sequential(*body, _sn(nn.Linear(dims[-1], d_out), sn))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class DCGenerator(nn.Module):
+    """z -> 2x2 -> 4x4 -> 8x8 with transposed convolutions, BatchNorm, tanh output."""
+
+    def __init__(self, z_dim: int, ch: int, sn: bool):
+        super().__init__()
+        self.fc = _sn(nn.Linear(z_dim, 4 * ch * 2 * 2), sn)
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(4 * ch), nn.ReLU(),
+            _sn(nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1), sn), nn.BatchNorm2d(2 * ch), nn.ReLU(),
+            _sn(nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), sn), nn.BatchNorm2d(ch), nn.ReLU(),
+            _sn(nn.Conv2d(ch, 1, 3, 1, 1), sn), nn.Tanh())
+        self.ch = ch
+
+    def forward(self, z):
+        return self.net(self.fc(z).view(-1, 4 * self.ch, 2, 2))
+
+
+class DCDiscriminator(nn.Module):
+    """8x8 -> 4x4 -> 2x2 with strided convolutions (no pooling) and LeakyReLU, no BatchNorm."""
+
+    def __init__(self, ch: int, sn: bool):
+        super().__init__()
+        act = nn.LeakyReLU(0.2)
+        self.net = nn.Sequential(
+            _sn(nn.Conv2d(1, ch, 3, 1, 1), sn), act,
+            _sn(nn.Conv2d(ch, 2 * ch, 4, 2, 1), sn), act,
+            _sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), sn), act,
+            nn.Flatten(), _sn(nn.Linear(4 * ch * 2 * 2, 1), sn))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind == "wgan":
+        return fake.mean() - real.mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()  # nonsaturating: -log D(x) - log(1 - D(G(z)))
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    if kind in ("hinge", "wgan"):
+        return -fake.mean()
+    return F.softplus(-fake).mean()  # nonsaturating: -log D(G(z))
+
+
+def input_gradients(out: torch.Tensor, x: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """d sum(out) / dx with create_graph, for penalties. Under fp16 the AMP recipe: take the
+    gradient of the *scaled* output (no underflow), then unscale it."""
+    if scaler is not None and scaler.is_enabled():
+        (g,) = torch.autograd.grad(scaler.scale(out.sum()), x, create_graph=True)
+        return g / scaler.get_scale()
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return g
+
+
+def grad_penalty_wgan_gp(grads: torch.Tensor) -> torch.Tensor:
+    """Gulrajani et al. 2017: (||grad D(x_hat)||_2 - 1)^2 on interpolates x_hat."""
+    return (grads.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def grad_penalty_r1(grads: torch.Tensor) -> torch.Tensor:
+    """Mescheder et al. 2018: ||grad D(x)||_2^2 on reals (the task applies gamma / 2)."""
+    return grads.flatten(1).pow(2).sum(1).mean()
+
+
+# --------------------------------------------------------------------------- task
+
+
+class GANTask(Task):
+    config_class = GANConfig
+
+    def datasets(self):
+        d = self.cfg.data
+        if d.dataset == "digits":
+            train, test = datasets.digits(d.val_fraction, normalize=False)
+            self.data_shape = (1, 8, 8)
+            self.classifier = gan_eval.digits_classifier(*train.tensors)
+            self.real_reference = train.tensors[0]  # what G should reproduce
+            return TensorDataset(train.tensors[0]), test
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        points = gan_eval.sample_mixture(d.dataset, d.num_samples, g)
+        self.data_shape = (2,)
+        return TensorDataset(points), TensorDataset(gan_eval.sample_mixture(d.dataset, 1000, g))
+
+    def models(self) -> dict[str, ModelSpec]:
+        m, g = self.cfg.model, self.cfg.gan
+        if self.cfg.data.dataset == "digits":
+            gen, disc = DCGenerator(m.z_dim, m.channels, m.spectral_norm_g), DCDiscriminator(m.channels, m.spectral_norm_d)
+        else:
+            gen = MLP(m.z_dim, 2, m.hidden_g, m.layers_g, nn.ReLU(), m.spectral_norm_g)
+            disc = MLP(2, 1, m.hidden_d, m.layers_d, nn.LeakyReLU(0.2), m.spectral_norm_d)
+        self.ema = copy.deepcopy(gen).eval().requires_grad_(False) if g.ema_decay > 0 else None
+        self.d_steps = self.g_steps = 0
+        lazy = g.penalty != "none" and g.penalty_every > 1
+        return {
+            # G's BatchNorm buffers differ per rank unless synchronised: then DDP broadcasts them.
+            "g": ModelSpec(gen, self.cfg.optim_g, 1, broadcast_buffers=not m.sync_bn),
+            # D's only buffers are spectral norm's u/v: deterministic from equal weights.
+            "d": ModelSpec(disc, self.cfg.optim_d, g.n_critic * (1 + (1 / g.penalty_every if lazy else 0)),
+                           broadcast_buffers=False),
+        }
+
+    def micro_batches_per_step(self, accum: int) -> int:
+        return self.cfg.gan.n_critic  # each critic update takes a fresh batch of reals
+
+    def _noise(self, stream: int, step: int, n_local: int, device: torch.device, *shape: int,
+               uniform: bool = False) -> torch.Tensor:
+        """This rank's slice of a global-batch draw seeded by (seed, stream, step)."""
+        world, rank = distributed.world_size(), distributed.rank()
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + stream * 7_919 + step)
+        draw = torch.rand if uniform else torch.randn
+        return draw(n_local * world, *shape, generator=g)[rank::world].to(device)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, engines, micro_batches):
+        G, D = engines["g"], engines["d"]
+        c = self.cfg.gan
+        scaler = getattr(G, "scaler", None)
+        z_dim = self.cfg.model.z_dim
+        stats: dict[str, torch.Tensor] = {}
+        d_ok = True
+
+        # ---- critic: n_critic updates, each on a new batch of reals
+        for i, (real,) in enumerate(micro_batches):
+            n = len(real)
+            self.d_steps += 1
+            with torch.no_grad(), G.autocast():
+                fake = G.module(self._noise(0, self.d_steps, n, real.device, z_dim)).float()  # G not trained here
+            eager_penalty = c.penalty != "none" and c.penalty_every == 1
+            parts = [real.requires_grad_(c.penalty == "r1" and eager_penalty), fake]
+            if c.penalty == "wgan_gp" and eager_penalty:
+                eps = self._noise(1, self.d_steps, n, real.device, *([1] * len(self.data_shape)), uniform=True)
+                parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
+            with D.autocast():
+                out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
+                loss = d_loss(c.loss, out[:n], out[n:2 * n])
+            stats["loss_d"] = loss.detach()
+            if eager_penalty:
+                x, o = (parts[0], out[:n]) if c.penalty == "r1" else (parts[2], out[2 * n:])
+                with D.autocast():
+                    grads = input_gradients(o, x, scaler)
+                    pen = grad_penalty_r1(grads) * c.penalty_weight / 2 if c.penalty == "r1" else \
+                        grad_penalty_wgan_gp(grads) * c.penalty_weight
+                loss = loss + pen
+                stats["penalty"] = pen.detach()
+            D.backward(loss, 1)
+            norm_d, ok = D.step(update_scaler=i < len(micro_batches) - 1)  # the last update is shared with G's
+            d_ok &= ok
+
+            if c.penalty != "none" and c.penalty_every > 1 and self.d_steps % c.penalty_every == 0:
+                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats)
+
+        # ---- generator: D frozen and unwrapped, so no gradient or all-reduce for D's weights
+        D.module.requires_grad_(False)
+        self.g_steps += 1
+        n = len(micro_batches[-1][0])
+        with G.autocast():
+            fake = G.model(self._noise(2, self.g_steps, n, micro_batches[-1][0].device, z_dim))
+            loss_g = g_loss(c.loss, D.module(fake).float().flatten())
+        G.backward(loss_g, 1)
+        D.module.requires_grad_(True)
+        norm_g, g_ok = G.step(update_scaler=True)  # the one GradScaler.update() of this iteration
+        self._update_ema(G.module)
+
+        stats["loss_g"] = loss_g.detach()
+        stats["grad_norm_g"] = norm_g.detach().to(stats["loss_g"].device)
+        return StepOutput(loss=stats.pop("loss_d"), grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
+
+    def _lazy_penalty_step(self, D, real: torch.Tensor, scaler, stats) -> bool:
+        """A penalty-only critic update (StyleGAN2's lazy R1), weighted by the interval."""
+        c = self.cfg.gan
+        x = real.requires_grad_(True)
+        with D.autocast():
+            out = D.model(x).float().flatten()
+            pen = grad_penalty_r1(input_gradients(out, x, scaler)) * c.penalty_weight / 2 * c.penalty_every
+            # R1 never reaches D's last bias; without this zero-weighted term that parameter gets
+            # no gradient, and DDP (find_unused_parameters=False) would not reduce it in step.
+            loss = pen + 0.0 * out.sum()
+        D.backward(loss, 1)
+        stats["penalty"] = pen.detach()
+        return D.step(update_scaler=True)[1]
+
+    @torch.no_grad()
+    def _update_ema(self, g: nn.Module) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.gan.ema_decay
+        self.ema.to(next(g.parameters()).device)  # created on the CPU, before the engines moved G
+        for e, p in zip(self.ema.parameters(), g.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        for e, b in zip(self.ema.buffers(), g.buffers()):
+            e.copy_(b)
+
+    # ------------------------------------------------------------------ evaluation and outputs
+
+    def sampler(self, engines) -> nn.Module:
+        return self.ema if self.ema is not None else engines["g"].module
+
+    @torch.no_grad()
+    def samples(self, engines, n: int) -> torch.Tensor:
+        g = self.sampler(engines)
+        device = next(engines["g"].module.parameters()).device
+        g.to(device)
+        was = g.training
+        g.eval()
+        z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(12345)).to(device)
+        out = g(z).float().cpu()
+        g.train(was)
+        return out
+
+    def evaluate(self, engines, loader, device):
+        # Every rank holds the same G-EMA and uses the same noise: the same numbers, no collective.
+        fake = self.samples(engines, self.cfg.gan.eval_samples)
+        if self.cfg.data.dataset == "digits":
+            return gan_eval.image_metrics(self.classifier, self.real_reference, fake)
+        return gan_eval.mode_metrics(fake, self.cfg.data.dataset)
+
+    def final_state_dict(self, engines):
+        """model.pt: the generator used for samples (the EMA when on), as a plain state_dict."""
+        return {k: v.detach().cpu().clone() for k, v in self.sampler(engines).state_dict().items()}
+
+    def extra_state(self):
+        state = {"d_steps": self.d_steps, "g_steps": self.g_steps}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_extra_state(self, state):
+        self.d_steps, self.g_steps = state["d_steps"], state["g_steps"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def write_artifacts(self, out_dir: Path, engines) -> list[Path]:
+        """samples.png: a grid of digits, or the 2-D samples over the modes' 3-sigma circles."""
+        fake, path = self.samples(engines, self.cfg.gan.eval_samples), out_dir / "samples.png"
+        if self.cfg.data.dataset == "digits":
+            gan_eval.image_grid(fake, path)
+        else:
+            gan_eval.scatter_plot(fake, self.cfg.data.dataset, path)
+        return [path]

@@ -1,0 +1,64 @@
+"""Fault tolerance under torchrun: a SIGKILLed worker is restarted and resumes from the last
+checkpoint into the same MLflow run; a hung rank ends the job within the collective timeout
+with a line naming it."""
+
+import json
+import signal
+import subprocess
+import time
+
+import mlflow
+import psutil
+
+from helpers import PY, ROOT, env_for_cli
+
+RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
+
+
+def torchrun(args: list[str], cwd, restarts: int = 1, **env) -> subprocess.Popen:
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
+           "-m", "dtrain", "train", RECIPE, *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env_for_cli(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def workers(agent: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(agent.pid).children(recursive=True) if "dtrain" in " ".join(p.cmdline())]
+
+
+def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    agent = torchrun(["train.max_steps=80", "checkpoint.every_steps=10", "tracking.log_every=10",
+                      f"tracking.uri={uri}", "tracking.experiment=elastic", f"output_dir={out}"], tmp_path)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000020"):
+        time.sleep(0.2)
+    assert latest.exists(), agent.communicate()[1][-3000:]
+    victims = workers(agent)
+    assert len(victims) == 2
+    victims[1].send_signal(signal.SIGKILL)  # a real, unclean death of one worker
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "resumed at step" in stdout  # the restarted workers continued from a checkpoint
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 80 and s["samples_seen"] == 80 * 64
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("elastic").experiment_id])
+    assert run.info.run_id == s["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["dtrain.resumed"] == "true"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps == list(range(10, 81, 10))  # one history, every step logged (some twice, after the restart)
+
+
+def test_hung_rank_ends_the_job_with_its_name(tmp_path):
+    t0 = time.time()
+    agent = torchrun(["train.max_steps=40", "train.collective_timeout_s=8", "tracking.enabled=false",
+                      f"output_dir={tmp_path / 'out'}"], tmp_path, restarts=0, DTRAIN_FAULT="hang:1:5")
+    stdout, stderr = agent.communicate(timeout=240)
+    assert agent.returncode != 0
+    ours = [l for l in stderr.splitlines() if l.startswith("dtrain: error:")]
+    assert ours == ["dtrain: error: a collective waited longer than train.collective_timeout_s=8s: "
+                    "rank(s) 1 never joined it (hung or dead)"], stderr[-3000:]
+    assert time.time() - t0 < 120
