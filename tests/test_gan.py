@@ -130,7 +130,8 @@ def test_mode_metrics_on_real_and_collapsed_samples():
     g = torch.Generator().manual_seed(0)
     for kind, k in (("ring", 8), ("grid", 25)):
         real = gan_eval.mode_metrics(gan_eval.sample_mixture(kind, 2500, g), kind)
-        assert real["modes"] == k and real["high_quality"] > 0.99 and real["kl_uniform"] < 0.02
+        # In 2-D, P(|x - mode| <= 3 std) = 1 - exp(-9/2) = 0.989 for real samples.
+        assert real["modes"] == k and abs(real["high_quality"] - 0.989) < 0.01 and real["kl_uniform"] < 0.02
     modes, std = gan_eval.mixture_modes("ring")
     collapsed = gan_eval.mode_metrics(modes[3] + std * torch.randn(2500, 2, generator=g), "ring")
     assert collapsed["modes"] == 1 and collapsed["kl_uniform"] == pytest.approx(math.log(8))
@@ -144,10 +145,11 @@ def test_image_metrics_separate_real_from_degenerate():
     clf = gan_eval.digits_classifier(*train.tensors)
     real_train, held_out = train.tensors[0], test.tensors[0]
     real = gan_eval.image_metrics(clf, real_train, held_out)
-    assert real["frechet"] < 1.0 and real["precision"] > 0.8 and real["recall"] > 0.8
-    assert real["coverage"] > 0.8 and real["class_coverage"] == 1.0
+    assert real["frechet"] < 0.2 and real["precision"] > 0.8 and real["recall"] > 0.8 and real["density"] > 0.8
+    # 360 held-out images cannot cover all 1,437 reference balls; with equal counts coverage is ~1.
+    assert real["coverage"] > 0.5 and real["class_coverage"] == 1.0
     g = torch.Generator().manual_seed(0)
     noise = gan_eval.image_metrics(clf, real_train, torch.rand(held_out.shape, generator=g) * 2 - 1)
     one = gan_eval.image_metrics(clf, real_train, held_out[:1].expand(len(held_out), -1, -1, -1))
-    assert noise["frechet"] > 10 * max(real["frechet"], 0.1) and noise["precision"] < 0.2
+    assert noise["frechet"] > 20 * real["frechet"] and noise["precision"] < 0.2 and noise["coverage"] < 0.05
     assert one["recall"] < 0.05 and one["coverage"] < 0.05 and one["class_coverage"] == 0.1

@@ -191,6 +191,8 @@ def _exec_torchrun(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description=dtrain.__doc__)
     p.add_argument("--version", action="version", version=f"dtrain {dtrain.__version__}")
+    # The deepspeed launcher puts --local_rank=N before the subcommand (`-m dtrain --local_rank=0 train`).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe (1 process, or under torchrun / deepspeed / accelerate / srun)")
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.05")
     t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N",
                    help="validate, then run N ranks on this machine via torchrun --standalone")
-    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    # ... or after it, for a script launched without --module; the rank comes from the env anyway.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 

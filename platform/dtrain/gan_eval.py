@@ -88,17 +88,20 @@ def scatter_plot(samples: torch.Tensor, kind: str, path: Path, title: str = "") 
 
 
 class DigitsClassifier(nn.Module):
-    """The feature extractor: a small CNN on 8x8 digits in [-1, 1]; features are the 64-d
-    penultimate activations."""
+    """The feature extractor: a small CNN on 8x8 digits in [-1, 1]; features are the 32-d
+    penultimate activations, divided by their standard deviation over the real training
+    images (`scale`), so distances do not depend on how this network happened to scale them."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
-                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 32),
+                                  nn.ReLU())
+        self.head = nn.Linear(32, 10)
+        self.register_buffer("scale", torch.ones(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -110,7 +113,7 @@ def cache_dir() -> Path:
 
 def digits_classifier(train_x: torch.Tensor, train_y: torch.Tensor) -> DigitsClassifier:
     """Train once (seeded, ~2 s on a CPU) and cache by the training split's fingerprint."""
-    key = f"{int(train_x.abs().sum().item() * 1000) % 10**9}-{len(train_x)}"
+    key = f"v2-{int(train_x.abs().sum().item() * 1000) % 10**9}-{len(train_x)}"
     path = cache_dir() / f"digits_classifier-{key}.pt"
     model = DigitsClassifier()
     if path.exists():
@@ -122,11 +125,14 @@ def digits_classifier(train_x: torch.Tensor, train_y: torch.Tensor) -> DigitsCla
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(15):
+    for _ in range(30):
         for idx in torch.randperm(len(train_x), generator=g).split(64):
             opt.zero_grad()
             F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
             opt.step()
+    model.eval()
+    with torch.no_grad():
+        model.scale.copy_(model.body(train_x).std())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
@@ -139,10 +145,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as the FID code does
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    eps = np.eye(len(s1)) * 1e-6  # ReLU features can leave a covariance singular: regularise, as FID code does
+    covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
