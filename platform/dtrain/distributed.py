@@ -144,6 +144,8 @@ def init_single_process_group(device: torch.device) -> None:
     """A 1-rank group on a free loopback port, for libraries that insist on one (DeepSpeed)."""
     if dist.is_initialized():
         return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed reads LOCAL_RANK itself
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

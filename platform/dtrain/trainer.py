@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import random
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,6 +266,9 @@ def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, t
                 metrics.update({"train/lr": first.lr, "train/grad_norm": float(out.grad_norm),
                                 "train/samples_per_s": rate, "train/samples_seen": state.samples_seen,
                                 "train/epoch": state.epoch + state.batch_in_epoch / (per_epoch * micro)})
+                scaler = getattr(first, "scaler", None)
+                if scaler is not None and scaler.is_enabled():  # fp16: the loss scale GradScaler settled on
+                    metrics["train/loss_scale"] = scaler.get_scale()
                 metrics.update(task.train_metrics(metrics))
                 tracker.log_metrics(metrics, state.step)
                 progress.update(state.step, total_steps, metrics,
@@ -293,14 +297,25 @@ def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, t
         run_eval()
     save_checkpoint()
     elapsed = state.train_time_s - steady_t
-    return {
+    summary = {
         "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
         "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank, "grad_accum_steps": plan.accum,
         "lr": first.peak_lr, "scale_rule": first.scale_rule, "engine": first.name, "precision": cfg.precision,
         "initial_loss": state.initial_loss, "final_loss": final_loss, "eval": last_eval,
         "throughput": (state.samples_seen - steady_samples) / elapsed if elapsed > 0 else None,
         "train_time_s": state.train_time_s, "epochs": state.epoch + state.batch_in_epoch / (per_epoch * micro),
-    } | task.summary_extras()
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    return summary | task.summary_extras(summary)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The largest rank's peak: CUDA memory allocated by tensors, or on a CPU the process's peak RSS."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
 
 
 def _fault_drill(step: int) -> None:

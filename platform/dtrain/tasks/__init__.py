@@ -98,8 +98,8 @@ class Task:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` saved (on resume)."""
 
-    def summary_extras(self) -> dict[str, Any]:
-        """Extra numbers for summary.json."""
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Extra numbers for summary.json, given the trainer's."""
         return {}
 
     def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:

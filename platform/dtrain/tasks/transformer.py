@@ -316,9 +316,14 @@ class TransformerTask(Task):
     def extra_state(self):
         return {"vocab": self.vocab.chars}
 
-    def summary_extras(self):
-        return {"vocab_size": len(self.vocab), "corpus_chars": self.chars,
-                "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
+    def summary_extras(self, summary):
+        tokens_per_s = (summary["throughput"] or 0.0) * self.cfg.model.block_size
+        out = {"vocab_size": len(self.vocab), "corpus_chars": self.chars, "tokens_per_s": tokens_per_s,
+               "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
+        mfu = self.mfu(tokens_per_s)
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
 
     def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:
         """vocab.json beside model.pt, so `dtrain sample` needs nothing else."""
