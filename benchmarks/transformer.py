@@ -64,6 +64,18 @@ def plain_loop(steps: int) -> float:
     return (steps - 5) * 32 * 128 / (time.perf_counter() - t0)
 
 
+def plain(cwd: Path, steps: int) -> float:
+    """The plain loop in its own process, with dtrain's malloc thresholds, like the dtrain runs."""
+    from dtrain.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+           "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "PYTHONPATH": str(ROOT / "platform")}
+    out = subprocess.run([PY, __file__, "--plain", f"--steps={steps}"], cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
 def dtrain(nproc: int, steps: int, cwd: Path, *overrides: str) -> dict:
     out = cwd / f"run-{nproc}-{'-'.join(overrides) or 'ddp'}"
     args = ["-m", "dtrain", "train", str(RECIPE), *COMMON, f"train.max_steps={steps}", f"output_dir={out}", *overrides]
@@ -80,22 +92,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plain:
+        print(json.dumps({"tokens_per_s": plain_loop(args.steps)}))
+        return
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
-        os.environ["OMP_NUM_THREADS"] = "2"
-        import torch
-
-        from dtrain.allocator import tune
-
-        tune()  # the malloc setting dtrain applies to itself, so the loops differ only in code
-        torch.set_num_threads(2)
-        plain, ours = [], []
+        plain_runs, ours = [], []
         for _ in range(args.rounds):
-            plain.append(plain_loop(args.steps))
+            plain_runs.append(plain(cwd, args.steps))
             ours.append(dtrain(1, args.steps, cwd)["tokens_per_s"])
         engines = {}
-        for name, extra in [("DDP", []), ("ZeRO-1", ["engine=deepspeed", "deepspeed.zero_stage=1"]),
+        for name, extra in [] if os.environ.get("SKIP_ENGINES") else [("DDP", []), ("ZeRO-1", ["engine=deepspeed", "deepspeed.zero_stage=1"]),
                             ("ZeRO-2", ["engine=deepspeed", "deepspeed.zero_stage=2"]),
                             ("ZeRO-3", ["engine=deepspeed", "deepspeed.zero_stage=3"])]:
             runs = [dtrain(2, args.steps, cwd, *extra) for _ in range(args.rounds)]
@@ -103,9 +114,11 @@ def main() -> None:
                              runs[-1]["final_loss"])
     print(f"\nTransformer recipe (817k parameters, batch 32 x 128 tokens, fp32), {args.steps} steps, median of "
           f"{args.rounds}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-    mp, mo = statistics.median(plain), statistics.median(ours)
+    mp, mo = statistics.median(plain_runs), statistics.median(ours)
     print("| 1 process | tokens/s |\n|---|---|")
     print(f"| plain PyTorch loop | {mp:.0f} |\n| dtrain | {mo:.0f} |\n| dtrain / plain | {mo / mp:.3f} |\n")
+    if not engines:
+        return
     print("| 2 CPU ranks | tokens/s (global) | peak memory per rank (MB, RSS) | loss at the last step |")
     print("|---|---|---|---|")
     for name, (tps, mem, loss) in engines.items():
