@@ -46,7 +46,7 @@ def closed(schema: dict) -> dict:
     return schema
 
 
-def pytorchjob_validator() -> jsonschema.Validator:
+def pytorchjob_validator() -> jsonschema.Draft7Validator:
     crd = yaml.safe_load(CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(closed(version["schema"]["openAPIV3Schema"]))
