@@ -10,4 +10,7 @@ bash launchers/setup.sh
 NPROC=${NPROC:-2}
 # gloo ranks on a CPU share its cores: one intra-op thread each avoids oversubscription.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torchrun restarts: give each attempt a fresh store (the agent's shared one keeps a dead
+# attempt's keys, pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train recipes/cnn_digits.yaml "$@"

@@ -9,6 +9,9 @@
 set -euo pipefail
 recipe=${1:?usage: $0 RECIPE [key=value ...]}; shift
 : "${NNODES:?set NNODES (e.g. 2 or 1:4)}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous}"
+# torchrun restarts: give each attempt a fresh store (the agent's shared one keeps a dead
+# attempt's keys, pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
   --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-dtrain}" \
   --max_restarts "${MAX_RESTARTS:-3}" \

@@ -8,4 +8,7 @@ recipe=${1:?usage: $0 RECIPE [key=value ...]}; shift
 gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NPROC=${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torchrun restarts: give each attempt a fresh store (the agent's shared one keeps a dead
+# attempt's keys, pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train "$recipe" "$@"

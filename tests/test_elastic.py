@@ -18,6 +18,9 @@ RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 def torchrun(args: list[str], cwd, restarts: int = 1, **env) -> subprocess.Popen:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
            "-m", "dtrain", "train", RECIPE, *args]
+    # torchrun's agent otherwise lends its own store to every attempt and a restarted group can
+    # read the dead attempt's addresses (pytorch#135712); dtrain's launchers set this too.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return subprocess.Popen(cmd, cwd=cwd, env=env_for_cli(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 

@@ -2,6 +2,7 @@
 store, a store that dies mid-run, and the run status on failure and on Ctrl-C."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -99,3 +100,34 @@ def test_training_failure_marks_the_run_failed(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
     assert run.info.status == "FAILED"
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_sigterm_during_the_last_flush_does_not_lose_it(tmp_path):
+    """torchrun SIGTERMs the survivors of a dead rank just as rank 0, failed in a collective,
+    flushes its last metrics: the flush and the final status still land, then the signal."""
+    from dtrain.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri, "sigterm", "r", params={}, tags={})
+    real = tracker.client.log_batch
+
+    def slow_log_batch(run_id, metrics=(), **kw):
+        if metrics:  # the final flush: the launcher's SIGTERM arrives in the middle of it
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        return real(run_id, metrics=metrics, **kw)
+
+    def interrupt(signum, frame):  # what the CLI installs
+        raise KeyboardInterrupt
+
+    tracker.client.log_batch = slow_log_batch
+    tracker.log_metrics({"train/loss": 1.5}, step=20)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # delivered, after the flush
+            tracker.finish("FAILED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    client = mlflow.MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [20]
+    assert client.get_run(tracker.run_id).info.status == "FAILED"

@@ -136,7 +136,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dtrain",
                "train", args.recipe, *args.overrides, f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"]
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, env=torchrun_env()).returncode != 0:
             _fail(f"sweep: the {n}-rank run failed (see above)", EXIT_FAILED)
         run_ids.append(json.loads((out / "summary.json").read_text()).get("run_id"))
     if not all(run_ids):
@@ -179,13 +179,19 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def torchrun_env() -> dict[str, str]:
+    """This environment for a torchrun agent, with restarts made safe: the agent's own store,
+    lent to the workers by default, keeps a dead attempt's keys (pytorch#135712)."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+
+
 def _exec_torchrun(args: argparse.Namespace) -> None:
     """`dtrain train --nproc-per-node N`: the recipe was validated above, in one process, so
     bad input never reaches torchrun (whose agent would add its own failure report)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
            "-m", "dtrain", "train", args.recipe, *args.overrides]
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, torchrun_env())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ gloo otherwise) and `shutdown` always tears it down.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -110,6 +112,12 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
         return device
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.rank == 0
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        # torchrun lends its agent's store to every attempt without clearing it, so a restarted
+        # group can read the dead attempt's addresses and fail to connect (pytorch#135712).
+        log.warning("torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment "
+                    "(dtrain's launchers and images set it); without it a restarted group may fail to connect")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)

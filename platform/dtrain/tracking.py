@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -187,6 +189,13 @@ class MlflowTracker(NullTracker):
         self._submit(lambda: self.client.log_artifact(self.run_id, p, artifact_path))
 
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        # When one rank dies, the others fail in a collective and come here while torchrun's
+        # SIGTERM to them is on its way; it must not cut the last flush short (the agent's
+        # SIGKILL after its grace period still bounds this).
+        with _sigterm_deferred():
+            self._finish(status, timeout_s)
+
+    def _finish(self, status: str, timeout_s: float) -> None:
         if self._monitor is not None:
             try:
                 self._monitor.finish()
@@ -199,6 +208,22 @@ class MlflowTracker(NullTracker):
             return
         # The final status is always attempted, even after an outage: it may be back.
         self._run(lambda: self.client.set_terminated(self.run_id, status=status), force=True)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """Hold SIGTERM back for the duration; deliver it (to the handler restored) afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:
