@@ -4,6 +4,7 @@ offline metrics score real data well and degenerate data badly."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,3 +154,21 @@ def test_image_metrics_separate_real_from_degenerate():
     one = gan_eval.image_metrics(clf, real_train, held_out[:1].expand(len(held_out), -1, -1, -1))
     assert noise["frechet"] > 20 * real["frechet"] and noise["precision"] < 0.2 and noise["coverage"] < 0.05
     assert one["recall"] < 0.05 and one["coverage"] < 0.05 and one["class_coverage"] == 0.1
+
+
+def test_ema_generator_samples_with_standing_batchnorm_statistics():
+    # G's running statistics, copied into the EMA every step, belong to other weights: before
+    # sampling, the EMA's are re-estimated over batches of its own activations.
+    cfg = load_config(DIGITS, ["tracking.enabled=false", "model.channels=8"])
+    task = gan.GANTask(cfg)
+    g = task.models()["g"].module
+    with torch.no_grad():
+        for p in task.ema.parameters():
+            p.mul_(1.5)  # the average has drifted from G
+    bn = next(m for m in task.ema.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]) if m.training else None)
+    task.samples({"g": SimpleNamespace(module=g)}, 10)
+    assert len(seen) == cfg.gan.standing_stats_batches > 0
+    assert torch.allclose(bn.running_mean, torch.cat(seen).mean((0, 2, 3)), atol=1e-5)
+    assert not task.ema.training

@@ -78,6 +78,10 @@ class GanSection:
     by k (StyleGAN2). 1: the penalty is part of every critic loss."""
     ema_decay: float = 0.999
     """EMA of G's weights, used for evaluation and samples. 0: evaluate G itself."""
+    standing_stats_batches: int = 16
+    """Before sampling, the EMA G's BatchNorm statistics are re-estimated over this many
+    batches of its own activations ("standing statistics", BigGAN): G's running statistics,
+    gathered with other weights, do not fit the averaged ones. 0: copy G's."""
     eval_samples: int = 2500
 
 
@@ -110,6 +114,8 @@ class GANConfig(Config):
                 raise ConfigError(f"gan.{key}", getattr(self.gan, key), "must be >= 1")
         if not 0 <= self.gan.ema_decay < 1:
             raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
+        if self.gan.standing_stats_batches < 0:
+            raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
         if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
 
@@ -339,11 +345,26 @@ class GANTask(Task):
         return self.ema if self.ema is not None else engines["g"].module
 
     @torch.no_grad()
+    def _standing_stats(self, g: nn.Module, device: torch.device, batch: int = 256) -> None:
+        norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.cfg.gan.standing_stats_batches <= 0:
+            return
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        noise = torch.Generator().manual_seed(54321)  # the same on every rank: same statistics
+        g.train()
+        for _ in range(self.cfg.gan.standing_stats_batches):
+            g(torch.randn(batch, self.cfg.model.z_dim, generator=noise).to(device))
+
+    @torch.no_grad()
     def samples(self, engines, n: int) -> torch.Tensor:
         g = self.sampler(engines)
         device = next(engines["g"].module.parameters()).device
         g.to(device)
         was = g.training
+        if g is self.ema:
+            self._standing_stats(g, device)
         g.eval()
         z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(12345)).to(device)
         out = g(z).float().cpu()
