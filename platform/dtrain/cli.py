@@ -133,8 +133,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     run_ids = []
     for n in sizes:
         out = base / f"ws{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "dtrain",
-               "train", args.recipe, *args.overrides, f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"]
+        cmd = torchrun_cmd(n, args.recipe,
+                           [*args.overrides, f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"])
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
         if subprocess.run(cmd, env=torchrun_env()).returncode != 0:
             _fail(f"sweep: the {n}-rank run failed (see above)", EXIT_FAILED)
@@ -179,6 +179,12 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def torchrun_cmd(nproc: int, recipe: str, overrides: list[str]) -> list[str]:
+    """`dtrain train` on `nproc` ranks of this machine under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dtrain", "train", recipe, *overrides]
+
+
 def torchrun_env() -> dict[str, str]:
     """This environment for a torchrun agent, with restarts made safe: the agent's own store,
     lent to the workers by default, keeps a dead attempt's keys (pytorch#135712)."""
@@ -188,10 +194,8 @@ def torchrun_env() -> dict[str, str]:
 def _exec_torchrun(args: argparse.Namespace) -> None:
     """`dtrain train --nproc-per-node N`: the recipe was validated above, in one process, so
     bad input never reaches torchrun (whose agent would add its own failure report)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}",
-           "-m", "dtrain", "train", args.recipe, *args.overrides]
     sys.stdout.flush()
-    os.execve(sys.executable, cmd, torchrun_env())
+    os.execve(sys.executable, torchrun_cmd(args.nproc_per_node, args.recipe, args.overrides), torchrun_env())
 
 
 def build_parser() -> argparse.ArgumentParser:

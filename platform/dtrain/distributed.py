@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int = 0

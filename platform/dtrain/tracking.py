@@ -10,9 +10,9 @@ FINISHED, FAILED or KILLED.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import contextlib
 import queue
 import signal
 import subprocess
