@@ -1,4 +1,4 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic checkpoints, exact resume, and what happens when either goes wrong.
 
 Layout under `output_dir/checkpoints/`:
 
@@ -10,22 +10,28 @@ Layout under `output_dir/checkpoints/`:
     latest                name of the newest complete one
 
 A checkpoint is written into `.tmp-step_XXXXXXXX/` and renamed into place only when every
-rank has finished writing, then `latest` is replaced (write + rename). A crash mid-write
-leaves a `.tmp-*` folder that is never read, never a half checkpoint named as latest.
+rank has written its part, then `latest` is replaced (write + rename). A crash or a full
+disk mid-write leaves (or, on an error, removes) a `.tmp-*` folder that is never read: the
+previous checkpoint stays `latest`. `resume=auto` takes the newest checkpoint that loads and
+falls back past broken ones with a warning. Nothing here deletes a checkpoint except the
+`checkpoint.keep` rotation of the run that wrote them (and `checkpoint.overwrite=true`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dtrain import distributed
+
+log = logging.getLogger("dtrain")
 
 LATEST = "latest"
 TRAINER = "trainer.pt"
@@ -35,10 +41,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; str() is the one line to show."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+class ResumeRefused(CheckpointError):
+    """The checkpoint loads but cannot continue this job (another world size under ZeRO,
+    another global batch, another vocabulary): no fallback to an older one helps."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, I/O error); str() is the one line to show."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line (its message's first line, else its type)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename over `path`: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
@@ -46,65 +76,123 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"resume: {path} is missing (not a dtrain checkpoint?)") from None
+        raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # unpickling errors come in many types; all mean the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"resume: cannot load {path}: {first[:200]}") from None
+        raise CheckpointError(f"cannot load {path}: {first_line(e)}") from None
 
 
 def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    An I/O error on any rank (disk full, read-only file system, quota) ends in a
+    `CheckpointWriteError` on every rank, the temporary folder removed and `latest`
+    untouched: the ranks agree on success with one all-reduce instead of a barrier, so a
+    rank that failed never leaves the others waiting.
+    """
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    error = ""
+    try:
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = f"{tmp}: {e.strerror or first_line(e)}"
+    if distributed.agree(not error):
+        for name, engine in engines.items():
+            try:
+                engine.save(tmp / name)
+            except OSError as e:
+                error = error or f"{e.filename or tmp / name}: {e.strerror or first_line(e)}"
+            except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError of its writer
+                error = error or f"{tmp / name}: {first_line(e)}"
+        try:
+            if distributed.is_main() and not error:
+                atomic_save(client_state, tmp / TRAINER)
+        except (OSError, RuntimeError) as e:
+            error = f"{tmp / TRAINER}: {getattr(e, 'strerror', None) or first_line(e)}"
+    ok = distributed.agree(not error)
     if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    for name, engine in engines.items():
-        engine.save(tmp / name)
-    if distributed.is_main():
-        atomic_save(client_state, tmp / TRAINER)
-    distributed.barrier()
-    if distributed.is_main():
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a directory rename is atomic on POSIX file systems
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            try:
+                _publish(root, tmp, final, keep)
+            except OSError as e:
+                error = f"{root}: {e.strerror or first_line(e)}"
+    if not distributed.agree(not error):
+        raise CheckpointWriteError(f"checkpoint at step {step} not written: {error or 'failed on another rank'}; "
+                                   f"the previous checkpoint stays the latest")
     return final
 
 
-def load(folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
-    """Restore every engine from `folder`; returns the trainer's client state."""
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rank 0: rename the complete folder into place, point `latest` at it, rotate old ones."""
+    if final.exists():  # the same step written again (a resumed run re-saving): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # a directory rename is atomic on POSIX file systems
+    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(folder: Path, engines: dict[str, Any],
+         validate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Restore every engine from `folder` (after `validate(client state)`); returns the
+    trainer's client state."""
     client = load_file(folder / TRAINER)
+    if validate is not None:
+        validate(client)
     for name, engine in engines.items():
         if not (folder / name).is_dir():
-            raise CheckpointError(f"resume: {folder} has no {name}/ (a checkpoint of another task?)")
+            raise CheckpointError(f"{folder} has no {name}/ (incomplete, or a checkpoint of another task)")
         engine.load(folder / name)
     return client
 
 
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict]:
+    """`resume=auto`: the newest checkpoint under `root` that loads on every rank.
+
+    A broken one (truncated file, missing engine folder, another model) is skipped with a
+    warning naming it; when none loads, the newest one's error is raised. Collective.
+    """
+    found = candidates(root)
+    first_error = ""
+    for folder in found:
+        try:
+            client = load(folder, engines, validate)
+            error = ""
+        except ResumeRefused:
+            raise
+        except CheckpointError as e:
+            error = str(e)
+        if distributed.agree(not error):
+            return folder, client
+        first_error = first_error or error or f"{folder}: failed to load on another rank"
+        log.warning("resume: skipping %s: %s", folder.name, error or "failed to load on another rank")
+    raise CheckpointError(f"resume=auto: no checkpoint in {root} loads; the newest: {first_error}")
+
+
+def candidates(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, newest first (the one `latest` names leads)."""
+    done = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     pointer = root / LATEST
     if pointer.exists():
-        candidate = root / pointer.read_text().strip()
-        if candidate.is_dir():
-            return candidate
-    done = sorted(root.glob("step_*"))
-    return done[-1] if done else None
+        named = root / pointer.read_text().strip()
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+    return done
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = candidates(root)
+    return found[0] if found else None
 
 
 def resolve(resume: str, root: Path) -> Path | None:
-    """`resume` setting -> checkpoint folder (None: fresh start)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return latest(root)
+    """An explicit `resume` path -> checkpoint folder (a checkpoints/ folder: its newest)."""
     p = Path(resume)
     if p.is_file():
         p = p.parent
@@ -116,7 +204,7 @@ def resolve(resume: str, root: Path) -> Path | None:
 
 
 def clear(root: Path) -> int:
-    """Remove an earlier run's checkpoints before a fresh start (rank 0). Returns how many."""
+    """Remove an earlier run's checkpoints (`checkpoint.overwrite=true` only; rank 0). Returns how many."""
     found = list(root.glob("step_*")) + list(root.glob(".tmp-step_*"))
     for p in found:
         shutil.rmtree(p, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -33,8 +32,7 @@ def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dtrain import allocator, data, distributed
-    from dtrain.checkpoint import CheckpointError
+    from dtrain import allocator, data, distributed, preemption
     from dtrain.config import ConfigError, load_config
 
     try:
@@ -53,12 +51,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc_per_node and env.launcher == "single":
         _exec_torchrun(args)
 
-    from dtrain.trainer import TrainingError, fit
+    from dtrain.trainer import Preempted, fit
 
     allocator.tune()
-    # torchrun stops the surviving workers with SIGTERM when one fails; turning it into an
-    # exception lets `finally` blocks run, so the MLflow run is marked KILLED, not left RUNNING.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM / SIGUSR1 (preemption, torchrun stopping its workers) end in a checkpoint at the
+    # next step boundary inside the loop, and in an exception elsewhere, so `finally` blocks
+    # still mark the MLflow run KILLED instead of leaving it RUNNING.
+    preemption.install()
 
     try:
         device = distributed.init(env, cfg.train.collective_timeout_s)
@@ -66,30 +65,62 @@ def cmd_train(args: argparse.Namespace) -> None:
         _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
               f"of {env.world_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               EXIT_FAILED, env.rank, every_rank=True)
-    # Errors below are raised by every rank alike (config, checkpoint, the global gradient
-    # norm), so the ranks can still meet at the teardown barrier; anything else cannot.
     clean = False
     try:
         fit(cfg, env, device)
         clean = True
-    except (ConfigError, CheckpointError) as e:
+    except Preempted as p:  # every rank agreed to stop after the same step and has checkpointed
         clean = True
-        _fail(str(e), EXIT_BAD_INPUT, env.rank)
-    except TrainingError as e:
-        clean = True
-        _fail(str(e), EXIT_FAILED, env.rank)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130, env.rank)
-    except Exception as e:
-        if not distributed.is_timeout(e):
+        sys.exit(128 + p.signum)  # non-zero: the job is not done, so Kubernetes / SLURM run it again
+    except BaseException as e:
+        # No barrier after an error: the other ranks may be inside a collective this rank will
+        # never join. Exiting closes this rank's connections, which ends theirs promptly.
+        line, code = _explain(e, cfg, env.rank)
+        if line is None:
             raise  # a bug: let @record carry the traceback to torchrun's summary
+        _report(line, code, env.rank)
+    finally:
+        distributed.shutdown(clean)
+
+
+def _explain(e: BaseException, cfg, rank: int) -> tuple[str | None, int]:
+    """An exception of `fit` as (the one line to show, exit code); (None, 1) for a bug."""
+    from dtrain import distributed
+    from dtrain.checkpoint import CheckpointError, CheckpointWriteError
+    from dtrain.config import ConfigError
+    from dtrain.trainer import TrainingError
+
+    if isinstance(e, (ConfigError, CheckpointError)):
+        return str(e), EXIT_BAD_INPUT
+    if isinstance(e, (TrainingError, CheckpointWriteError)):
+        return str(e), EXIT_FAILED
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or a stop signal before or after the loop
+        signum = getattr(e, "signum", None)
+        return ("interrupted", 130) if signum is None else (f"stopped by signal {signum}", 128 + signum)
+    if isinstance(e, SystemExit):
+        return None, int(e.code or 0)
+    if distributed.is_timeout(e):
         stuck = distributed.stuck_ranks()
         who = (f"rank(s) {', '.join(map(str, stuck))} never joined it (hung or dead)" if stuck
                else "the rank that stalled could not be determined")
-        _fail(f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}s: "
-              f"{who}", EXIT_FAILED, env.rank)
-    finally:
-        distributed.shutdown(clean)
+        return f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}s: " \
+               f"{who}", EXIT_FAILED
+    if distributed.is_peer_gone(e):
+        return "", EXIT_FAILED  # another rank failed first and said why (or died: torchrun names it)
+    if isinstance(e, OSError):  # an unreadable file, a full disk: the path and the cause
+        return f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", EXIT_FAILED
+    return None, EXIT_FAILED
+
+
+def _report(line: str, code: int, rank: int) -> None:
+    """Print this rank's error unless rank 0 reports the same one (deterministic errors hit
+    every rank alike: one line, not one per rank), then exit with `code`."""
+    from dtrain import distributed
+
+    if line and distributed.first_to_report(line):
+        prefix = "dtrain: error: " if rank == 0 else f"dtrain[rank {rank}]: error: "
+        print(prefix + line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -173,10 +204,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
     idx = vocab.encode(args.prompt or "\n").unsqueeze(0)
     text = vocab.decode(model.generate(idx, args.tokens, args.temperature, args.top_k)[0].tolist())
     print(text)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def torchrun_cmd(nproc: int, recipe: str, overrides: list[str]) -> list[str]:

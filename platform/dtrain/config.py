@@ -141,6 +141,9 @@ class CheckpointConfig:
     """Save every N optimizer steps (and always at the end). 0: only at the end."""
     keep: int = 2
     """How many of the newest checkpoints to keep."""
+    overwrite: bool = False
+    """Start over (resume empty) in an output_dir that holds an earlier run's checkpoints,
+    deleting them. Off: such a start stops and says how to continue or start over."""
 
 
 @dataclass

@@ -6,7 +6,10 @@ step-t batch: the world size changes who computes, not what is computed.
 
 Evaluation: DistributedSampler pads the last round with repeated samples, which biases
 accuracy when len(dataset) % world_size != 0. `ExactShardSampler` splits the indices
-without padding (shards may differ by one) and the metric sums are all-reduced.
+(shards may differ by one) and pads the shorter shards with one repeated index, so that
+every rank runs the same number of forwards of the same batch sizes (under ZeRO-3 or FSDP a
+forward is a collective); `evaluate` leaves the padding out of the sums, which are then
+all-reduced: every sample counted exactly once.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 class ExactShardSampler(Sampler[int]):
-    """Rank r of W gets indices r, r+W, ...: every sample exactly once over all ranks."""
+    """Rank r of W gets indices r, r+W, ... (`num_real` of them), then repeats of its first
+    index up to ceil(n / W): every rank the same length, every sample once among the real ones."""
 
     def __init__(self, n: int, num_replicas: int, rank: int):
-        self.indices = range(rank, n, num_replicas)
+        real = list(range(rank, n, num_replicas))
+        self.num_real = len(real)
+        length = -(-n // num_replicas)
+        self.indices = real + [real[0] if real else 0] * (length - len(real))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -88,6 +95,25 @@ def steps_per_epoch(loader: DataLoader, accum: int) -> int:
     """Optimizer steps in one full epoch (the sampler's own length, not a resumed remainder)."""
     sampler = loader.sampler
     return (sampler.num_samples // loader.batch_size) // accum
+
+
+def batch_len(batch) -> int:
+    """Samples in a batch: the length of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch
+    return next(batch_len(v) for v in items if isinstance(v, (torch.Tensor, list, tuple, dict)))
+
+
+def head(batch, n: int):
+    """The first `n` samples of a batch (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: head(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(head(v, n) for v in batch)
+    return batch
 
 
 def move(batch, device: torch.device):

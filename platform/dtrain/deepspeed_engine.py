@@ -22,7 +22,7 @@ import torch.nn as nn
 from dtrain import distributed, optim
 from dtrain.config import Config, ConfigError, OptimConfig
 from dtrain.data import BatchPlan
-from dtrain.engine import DTYPES
+from dtrain.engine import DTYPES, mismatch_line
 
 TAG = "state"
 
@@ -78,6 +78,12 @@ def prepare_cpu_ops(device: torch.device) -> None:
     builder.load(verbose=False)
 
 
+def grad_norm_of(module: nn.Module) -> torch.Tensor:
+    """The global L2 norm of `module`'s gradients (already all-reduced)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False) if grads else torch.zeros(())
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -104,6 +110,7 @@ class DeepSpeedEngine:
             dist_init_required=False)
         self.model = self.ds
         self.module = self.ds.module
+        self._plain_optimizer = self.zero_stage == 0 and self.precision == "fp32"
         self.lr = self.scheduler.get_last_lr()[0]
 
     def autocast(self):
@@ -122,10 +129,21 @@ class DeepSpeedEngine:
         """`update_scaler` is the DDP engine's shared-GradScaler switch; DeepSpeed scales per engine."""
         self.lr = self.scheduler.get_last_lr()[0]
         skipped = self.ds.skipped_steps
+        # ZeRO stage 0 in fp32 steps the client optimizer directly and records no norm: measure
+        # it here, on the gradients DeepSpeed all-reduced during the boundary's backward.
+        measured = grad_norm_of(self.module) if self._plain_optimizer else None
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
+        norm = measured if measured is not None else self.ds.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         return norm, self.ds.skipped_steps == skipped and bool(torch.isfinite(norm))
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers everywhere (DeepSpeed broadcasts them only at start)."""
+        distributed.sync_buffers(self.module)
+
+    def loss_scale(self) -> float | None:
+        scale = getattr(self.ds.optimizer, "cur_scale", None)  # DeepSpeed's fp16 optimizers keep it here
+        return float(scale) if self.precision == "fp16" and scale is not None else None
 
     def save(self, folder: Path) -> None:
         """Collective: every rank writes its ZeRO partition."""
@@ -137,10 +155,9 @@ class DeepSpeedEngine:
         try:
             path, _ = self.ds.load_checkpoint(str(folder), tag=TAG)
         except Exception as e:  # a missing or foreign file: one line, not DeepSpeed's stack
-            raise CheckpointError(f"resume: cannot load the DeepSpeed checkpoint in {folder}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            raise CheckpointError(f"cannot load the DeepSpeed checkpoint in {folder}: {mismatch_line(e)}") from None
         if path is None:
-            raise CheckpointError(f"resume: {folder} holds no DeepSpeed checkpoint")
+            raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint")
         self.lr = self.scheduler.get_last_lr()[0]
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:

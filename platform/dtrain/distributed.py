@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -136,6 +137,35 @@ def is_timeout(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def is_peer_gone(e: BaseException) -> bool:
+    """A collective failed because another rank's process went away (it failed or died)."""
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, ConnectionError)) and any(
+        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                            "remote process exited", "communicator was aborted", "socket closed"))
+
+
+def first_to_report(line: str, wait_s: float = 2.0) -> bool:
+    """Whether this rank should print its error `line`: rank 0 always does; another rank does
+    unless rank 0 reports the same line within `wait_s` (or has already gone, having said its
+    own). The job's store carries the lines, so no collective is needed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"dtrain/error/{dist.get_rank()}", line)
+        if dist.get_rank() == 0:
+            return True
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if store.check(["dtrain/error/0"]):
+                return store.get("dtrain/error/0").decode() != line
+            time.sleep(0.05)
+        return True
+    except Exception:  # the store lives in rank 0: gone means rank 0 ended and spoke for itself
+        return dist.get_rank() == 0
+
+
 def stuck_ranks(wait_s: float = 10.0) -> list[int] | None:
     """After a collective timed out: the ranks that do not reach a monitored barrier within
     `wait_s` (gloo's monitored_barrier names them). None when that cannot be found out."""
@@ -166,10 +196,19 @@ def shutdown(clean: bool = True) -> None:
     """Tear the process group down. After a clean finish, ranks first wait for each other:
     a gloo rank whose peer closes its connections while it still talks aborts (SIGABRT).
     After an error the peers may be gone, so no barrier is attempted."""
+    global _monitor
     if dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+    _monitor = None
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -207,10 +246,23 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t).div_(world_size())
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
+
+
+def side_group() -> Any:
+    """The side gloo group (CPU tensors, never a GPU stream), or the default group where
+    there is none (a gloo-only test group)."""
+    return _monitor
+
+
+def agree(ok: bool) -> bool:
+    """Collective: True on every rank when `ok` is True on every rank. Used where one rank
+    may fail alone (a write, a load) and the others must not wait for it at a barrier."""
+    failed = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    return not bool(all_reduce_max(failed, group=side_group()).item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint, distributed, optim
-from dtrain.data import move
+from dtrain.data import batch_len, head, move
 from dtrain.config import OptimConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,19 +65,30 @@ def train_step(engine, task, micro_batches: list) -> StepOutput:
 
 @torch.no_grad()
 def evaluate(task, engine, loader, device: torch.device) -> dict[str, float]:
-    """Exact sharded evaluation: per-rank sums over disjoint shards, all-reduced, then metrics."""
+    """Exact sharded evaluation: per-rank sums over disjoint shards, all-reduced, then metrics.
+
+    Every rank runs one forward per loader batch, and the loader gives every rank the same
+    number of batches (padded shards, see `data.ExactShardSampler`); the padding is cut off
+    before the sums, or, for a batch of padding only, its sums are weighted by zero.
+    """
     model = engine.module
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
+    real_left = getattr(loader.sampler, "num_real", len(loader.sampler))
     for batch in loader:
+        n = batch_len(batch)
+        keep = min(n, real_left)
+        real_left -= keep
         with engine.autocast():
-            out = task.eval_sums(model, move(batch, device))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.detach().double()
-    keys = sorted(sums)
-    reduced = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+            out = task.eval_sums(model, move(head(batch, keep) if 0 < keep < n else batch, device))
+        for k, v in out.items():  # a batch of padding only still names the keys, with zeros
+            sums[k] = sums.get(k, 0) + (v.detach().double() if keep else torch.zeros_like(v, dtype=torch.float64))
     model.train(was_training)
+    if not sums:  # an empty evaluation set
+        return {}
+    keys = sorted(sums)
+    reduced = distributed.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device) for k in keys]))
     return {k: float(v) for k, v in task.eval_metrics(dict(zip(keys, reduced.tolist()))).items()}
 
 
@@ -99,6 +110,13 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float
         else:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def mismatch_line(e: BaseException) -> str:
+    """load_state_dict's report in one line: its first specific complaint, not its header."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [repr(e)])[0]
+    return detail[:300]
 
 
 def _buffer_sync_kwarg(sync: bool) -> dict[str, bool]:
@@ -165,9 +183,12 @@ class DDPEngine:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.module.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scheduler.load_state_dict(sd["scheduler"])
+        try:
+            self.module.load_state_dict(sd["model"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:  # another model: name the first mismatch
+            raise checkpoint.CheckpointError(f"holds a different model or optimizer: {mismatch_line(e)}") from None
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
@@ -179,7 +200,18 @@ class DDPEngine:
             checkpoint.atomic_save(self.state_dict(), folder / "state.pt")
 
     def load(self, folder: Path) -> None:
-        self.load_state_dict(checkpoint.load_file(folder / "state.pt", self.device))
+        try:
+            self.load_state_dict(checkpoint.load_file(folder / "state.pt", self.device))
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"{folder}: {e}" if str(folder) not in str(e) else str(e)) from None
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers everywhere: without synchronised BatchNorm each rank's running
+        statistics drift apart, and evaluation must see exactly what model.pt holds."""
+        distributed.sync_buffers(self.module)
+
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -1,10 +1,12 @@
 """Synchronised BatchNorm on any backend, and the norm-layer factory of the recipes.
 
 `torch.nn.SyncBatchNorm` only accepts CUDA tensors. `DistributedBatchNorm` is the same
-math for CPU/gloo: per-channel sum, sum of squares and count are all-reduced with the
-*differentiable* `torch.distributed.nn.functional.all_reduce`, so the backward pass
-also flows through the global statistics, exactly as BatchNorm on the concatenated
-batch would. Running statistics use the unbiased global variance, as BatchNorm does.
+math for CPU/gloo: the per-channel sum and count are all-reduced to the global mean, then
+the sum of squared deviations from it to the global variance (two passes: E[x^2] - E[x]^2
+in fp32 cancels catastrophically when the mean is large against the spread). Both
+all-reduces are differentiable (`AllReduceSum`), so the backward pass also flows through
+the global statistics, exactly as BatchNorm on the concatenated batch would. Running
+statistics use the unbiased global variance, as BatchNorm does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_reduce
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients: each
+    rank's output feeds that rank's loss, and the total loss is their sum."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -35,13 +53,14 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()  # statistics in fp32 also under autocast, as cuDNN BatchNorm does
-        count = torch.tensor([x.numel() / x.size(1)], dtype=torch.float32, device=x.device)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
         c = x.size(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
+        stats = AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
         total = stats[-1]
         mean = stats[:c] / total
-        var = stats[c:2 * c] / total - mean * mean  # biased, for normalisation
+        centered = xf - mean.view(shape)
+        var = AllReduceSum.apply((centered * centered).sum(dims)) / total  # biased, for normalisation
 
         if self.training and self.track_running_stats:
             with torch.no_grad():
@@ -49,8 +68,7 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
 
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

@@ -2,7 +2,9 @@
 
 The per-step data path lives in the task's `train_step` (for supervised tasks
 `dtrain.engine.train_step`); this file is the loop around it, in the shape of
-torchvision's reference `main()`: set up, resume, train, evaluate, save.
+torchvision's reference `main()`: set up, resume, train, evaluate, save. The loop's parts
+decide when they act (`Checkpointer.due`, `Evaluator.due_*`, `MetricsWindow.due`), so the
+loop itself reads on one screen.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import platform
 import random
 import resource
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 import dtrain
-from dtrain import checkpoint, config, data, distributed, tracking
+from dtrain import checkpoint, config, data, distributed, preemption, tracking
+from dtrain.checkpoint import CheckpointError
 from dtrain.config import Config, ConfigError
 from dtrain.engine import DDPEngine
 from dtrain.norm import convert_sync_batchnorm
@@ -38,6 +40,14 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. gradients stay non-finite); str() is the line to show."""
 
 
+class Preempted(Exception):
+    """The job was asked to stop (SIGTERM / SIGUSR1) and has checkpointed; exit 128 + signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+
+
 @dataclass
 class TrainState:
     """Where the loop is: saved in every checkpoint, restored on resume."""
@@ -45,10 +55,16 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    """Loader batches of this epoch consumed per rank. Since per-rank batch x world size is
+    the global batch / accumulation, this count means the same samples at any world size."""
     samples_seen: int = 0
     initial_loss: float = float("nan")
     run_id: str = ""
     train_time_s: float = 0.0
+    world_size: int = 0
+    """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
+    global_batch: int = 0
+    grad_accum: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -114,6 +130,102 @@ def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Any], total_s
             f"{plan.accum} accum | {lrs} | {total_steps} steps")
 
 
+# --------------------------------------------------------------------------- the loop's parts
+
+
+class Checkpointer:
+    """Knows where checkpoints live and when to write one; every rank calls it alike."""
+
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], state: TrainState, progress: Progress):
+        self.root = Path(cfg.output_dir) / "checkpoints"
+        self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
+        self.task, self.engines, self.state, self.progress = task, engines, state, progress
+
+    def due(self, total_steps: int) -> bool:
+        step = self.state.step
+        return bool(self.every) and step % self.every == 0 and step < total_steps
+
+    def save(self) -> float:
+        """Write one checkpoint of the current state; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for engine in self.engines.values():
+            engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
+        client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
+                  "task": self.task.extra_state()}
+        checkpoint.save(self.root, self.state.step, self.engines, client, self.keep)
+        return time.perf_counter() - t0
+
+
+class Evaluator:
+    """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""
+
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], loader, device: torch.device,
+                 tracker: tracking.NullTracker, progress: Progress):
+        self.every = cfg.train.eval_every_steps
+        self.task, self.engines, self.loader, self.device = task, engines, loader, device
+        self.tracker, self.progress = tracker, progress
+        self.last: dict[str, float] = {}
+        self.last_step = -1
+
+    def due_after_step(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def due_at_epoch_end(self, step: int, total_steps: int) -> bool:
+        return not self.every and step < total_steps  # the final evaluation follows the last step anyway
+
+    def run(self, state: TrainState) -> float:
+        """Evaluate, log and print; returns the seconds it took (not training time)."""
+        t0 = time.perf_counter()
+        for engine in self.engines.values():
+            engine.sync_buffers()  # the metric is of exactly the weights and buffers model.pt holds
+        self.last = self.task.evaluate(self.engines, self.loader, self.device)
+        self.last_step = state.step
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
+                                 | {"train/samples_seen": state.samples_seen}, state.step)
+        self.progress.write(f"eval @ step {state.step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in self.last.items()))
+        return time.perf_counter() - t0
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) >= 1 else f"{v:.4f}"
+
+
+class MetricsWindow:
+    """Per-rank sums of the step outputs since the last log; reduced across ranks when logged."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out, samples: int) -> None:
+        for k, v in {"loss": out.loss, **out.metrics}.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().double()
+        self.steps += 1
+        self.samples += samples
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.log_every == 0 or step == total_steps
+
+    def pause(self, seconds: float) -> None:
+        """Time spent on evaluation or checkpoints is not training time."""
+        self.t0 += seconds
+
+    def reduce(self) -> tuple[dict[str, float], float, float]:
+        """(ranks' mean of each windowed value, samples/s, seconds); one all-reduce for all."""
+        keys = sorted(self.sums)
+        means = (distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys])) / self.steps).tolist()
+        seconds = time.perf_counter() - self.t0
+        return dict(zip(keys, means)), self.samples / max(seconds, 1e-9), seconds
+
+
+# --------------------------------------------------------------------------- fit
+
+
 def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
     """Train `cfg` on this rank (the process group is already up). Returns the summary (rank 0)."""
     world, rank = distributed.world_size(), distributed.rank()
@@ -121,7 +233,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     plan = data.plan_batches(cfg, world)
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    resume_from = checkpoint.resolve(cfg.resume, ckpt_root)
+    _refuse_to_overwrite(cfg, ckpt_root)
 
     # ---------------------------------------------------------------- data, models, engines
     task = get_task(cfg.task)(cfg)
@@ -143,17 +255,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     engines = build_engines(cfg, specs, device, plan, total_steps)
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
 
-    state = TrainState()
-    if resume_from is not None:
-        client = checkpoint.load(resume_from, engines)
-        state = TrainState(**client["trainer"])
-        task.load_extra_state(client.get("task", {}))
-        checkpoint.set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
-    elif main and ckpt_root.exists():
-        removed = checkpoint.clear(ckpt_root)
-        if removed:
-            log.warning("fresh start: removed %d checkpoint(s) of an earlier run in %s (resume=auto continues one)",
-                        removed, ckpt_root)
+    state = TrainState(world_size=world, global_batch=plan.global_batch, grad_accum=plan.accum)
+    resumed_from = _resume(cfg, task, engines, state, ckpt_root)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.dump_yaml(cfg, out_dir / "config.yaml")
@@ -169,25 +272,31 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
 
     progress = Progress(total_steps, state.step, main)
     progress.write(describe(cfg, plan, engines, total_steps)
-                   + (f" | resumed at step {state.step}" if resume_from else "")
+                   + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
 
     status = "FAILED"
+    loop = Loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state,
+                tracker, progress)
     try:
-        summary = _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state,
-                        ckpt_root, tracker, progress)
-        if summary is None:  # train.stop_at_step: checkpointed, to be resumed
-            progress.write(f"stopped after step {state.step} of {total_steps} (train.stop_at_step); "
-                           f"resume=auto continues from {ckpt_root}")
-            tracker.set_tags({"dtrain.stopped_at_step": state.step})
-            status = "KILLED"
-            return {}
+        with preemption.at_step_boundaries():
+            summary = loop.run()
         weights = task.final_state_dict(engines)  # collective under ZeRO-3
         if main:
             summary["run_id"] = state.run_id
             _write_outputs(cfg, task, engines, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
+    except EarlyStop:  # train.stop_at_step: checkpointed, to be resumed
+        progress.write(f"stopped after step {state.step} of {total_steps} (train.stop_at_step); "
+                       f"resume=auto continues from {ckpt_root}")
+        tracker.set_tags({"dtrain.stopped_at_step": state.step})
+        status = "KILLED"
+        return {}
+    except Preempted as p:
+        tracker.set_tags({"dtrain.preempted_at_step": p.step, "dtrain.preempted_by": p.signum})
+        status = "KILLED"
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -196,117 +305,183 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         tracker.finish(status)
 
 
-def _loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state: TrainState,
-          ckpt_root, tracker, progress) -> dict[str, Any] | None:
-    """The training loop. Returns the summary, or None when stopped early by train.stop_at_step."""
-    log_every = cfg.tracking.log_every
-    samples_per_step = plan.per_rank * plan.world_size * micro
-    first = next(iter(engines.values()))
-    window: dict[str, torch.Tensor] = {}
-    window_steps = 0
-    bad_steps = 0
-    last_eval: dict[str, float] = {}
-    last_eval_step = -1
-    final_loss = float("nan")
-    steady_t, steady_samples, steady_from = 0.0, 0, state.step + min(5, max(0, total_steps - state.step - 1))
-    t_window = time.perf_counter()
-    samples_window = 0
+class EarlyStop(Exception):
+    """train.stop_at_step reached (after its checkpoint)."""
 
-    def run_eval() -> None:
-        nonlocal last_eval, last_eval_step, t_window
-        t0 = time.perf_counter()
-        last_eval = task.evaluate(engines, eval_dl, device)
-        last_eval_step = state.step
-        tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()} | {"train/samples_seen": state.samples_seen},
-                            state.step)
-        progress.write(f"eval @ step {state.step}: " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        t_window += time.perf_counter() - t0  # evaluation is not training time
 
-    def save_checkpoint() -> None:
-        nonlocal t_window
-        t0 = time.perf_counter()
-        client = {"trainer": asdict(state), "rng": checkpoint.gather_rng_states(), "task": task.extra_state()}
-        checkpoint.save(ckpt_root, state.step, engines, client, cfg.checkpoint.keep)
-        t_window += time.perf_counter() - t0
+class Loop:
+    """The training loop and its parts. `run` returns the summary or raises EarlyStop / Preempted."""
 
-    def finished() -> bool:
-        return state.step >= total_steps or 0 < cfg.train.stop_at_step <= state.step
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], loader, eval_dl, device: torch.device,
+                 plan: data.BatchPlan, micro: int, per_epoch: int, total_steps: int, state: TrainState,
+                 tracker: tracking.NullTracker, progress: Progress):
+        self.cfg, self.task, self.engines, self.loader, self.device = cfg, task, engines, loader, device
+        self.plan, self.micro, self.per_epoch, self.total_steps, self.state = plan, micro, per_epoch, total_steps, state
+        self.tracker, self.progress = tracker, progress
+        self.checkpointer = Checkpointer(cfg, task, engines, state, progress)
+        self.evaluator = Evaluator(cfg, task, engines, eval_dl, device, tracker, progress)
+        self.window = MetricsWindow(cfg.tracking.log_every)
+        self.samples_per_step = plan.per_rank * plan.world_size * micro
+        self.bad_steps = 0
+        self.final_loss = float("nan")
+        self.steady_from = state.step + min(5, max(0, total_steps - state.step - 1))
+        self.steady_t, self.steady_samples = 0.0, 0
 
-    sampler = loader.sampler
-    while not finished():
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
+
+    def run(self) -> dict[str, Any]:
+        state = self.state
+        while not self.done():
+            for batches in self._epoch():
+                out = self.task.train_step(self.engines, [data.move(b, self.device) for b in batches])
+                self._after_step(out)
+                if self.done():
+                    break
+                if preemption.requested():  # collective: every rank stops after the same step
+                    self._checkpoint(f"preempted by signal {preemption.signal_number()} at step {state.step}")
+                    raise Preempted(preemption.signal_number(), state.step)
+            if state.batch_in_epoch == self.per_epoch * self.micro:  # the epoch ran out
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if self.evaluator.due_at_epoch_end(state.step, self.total_steps):
+                    self.window.pause(self.evaluator.run(state))
+        if state.step < self.total_steps:
+            self._checkpoint("")
+            raise EarlyStop
+        if self.evaluator.last_step != state.step:
+            self.evaluator.run(state)
+        self._checkpoint("")
+        return self._summary()
+
+    def _epoch(self):
+        """This epoch's remaining steps, each a list of `micro` loader batches."""
+        state, sampler = self.state, self.loader.sampler
         sampler.set_epoch(state.epoch)
-        sampler.start_index = state.batch_in_epoch * plan.per_rank
-        batches = iter(loader)
-        for _ in range(state.batch_in_epoch // micro, per_epoch):
-            _fault_drill(state.step)
-            out = task.train_step(engines, [data.move(next(batches), device) for _ in range(micro)])
+        sampler.start_index = state.batch_in_epoch * self.plan.per_rank
+        batches = iter(self.loader)
+        for _ in range(state.batch_in_epoch // self.micro, self.per_epoch):
+            yield [next(batches) for _ in range(self.micro)]
 
-            state.step += 1
-            state.batch_in_epoch += micro
-            state.samples_seen += samples_per_step
-            samples_window += samples_per_step
-            for k, v in {"loss": out.loss, **out.metrics}.items():
-                window[k] = window.get(k, 0) + v.detach().double()
-            window_steps += 1
-            if math.isnan(state.initial_loss):
-                state.initial_loss = float(distributed.all_reduce_mean(out.loss.detach().clone().double()))
-            bad_steps = 0 if out.stepped else bad_steps + 1
-            if bad_steps >= cfg.train.max_nonfinite_steps:
-                raise TrainingError(f"gradient norm non-finite for {bad_steps} consecutive steps at step {state.step} "
-                                    "(lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)")
+    def _after_step(self, out) -> None:
+        state = self.state
+        state.step += 1
+        state.batch_in_epoch += self.micro
+        state.samples_seen += self.samples_per_step
+        self.window.add(out, self.samples_per_step)
+        if math.isnan(state.initial_loss):
+            state.initial_loss = float(distributed.all_reduce_mean(out.loss.detach().clone().double()))
+        self.bad_steps = 0 if out.stepped else self.bad_steps + 1
+        if self.bad_steps >= self.cfg.train.max_nonfinite_steps:
+            raise TrainingError(f"gradient norm non-finite for {self.bad_steps} consecutive steps at step "
+                                f"{state.step} (lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)")
+        if self.window.due(state.step, self.total_steps):
+            self._log(out)
+        if state.step == self.steady_from:
+            self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
+            self.steady_samples = state.samples_seen
+        if self.evaluator.due_after_step(state.step):
+            self.window.pause(self.evaluator.run(state))
+        if self.checkpointer.due(self.total_steps):
+            self._checkpoint("")
 
-            if state.step % log_every == 0 or state.step == total_steps:
-                # One all-reduce for every windowed value: the logged numbers are the ranks' mean.
-                keys = sorted(window)
-                means = (distributed.all_reduce_mean(torch.stack([window[k] for k in keys])) / window_steps).tolist()
-                now = time.perf_counter()
-                rate = samples_window / max(now - t_window, 1e-9)
-                state.train_time_s += now - t_window
-                metrics = {f"train/{k}": v for k, v in zip(keys, means)}
-                metrics.update({"train/lr": first.lr, "train/grad_norm": float(out.grad_norm),
-                                "train/samples_per_s": rate, "train/samples_seen": state.samples_seen,
-                                "train/epoch": state.epoch + state.batch_in_epoch / (per_epoch * micro)})
-                scaler = getattr(first, "scaler", None)
-                if scaler is not None and scaler.is_enabled():  # fp16: the loss scale GradScaler settled on
-                    metrics["train/loss_scale"] = scaler.get_scale()
-                metrics.update(task.train_metrics(metrics))
-                tracker.log_metrics(metrics, state.step)
-                progress.update(state.step, total_steps, metrics,
-                                (total_steps - state.step) * samples_per_step / max(rate, 1e-9))
-                final_loss = metrics["train/loss"]
-                window, window_steps, samples_window, t_window = {}, 0, 0, time.perf_counter()
-            if state.step == steady_from:
-                steady_t, steady_samples = state.train_time_s + (time.perf_counter() - t_window), state.samples_seen
+    def _checkpoint(self, reason: str) -> None:
+        seconds = self.checkpointer.save()
+        self.window.pause(seconds)
+        if reason:
+            self.progress.write(f"{reason}: checkpoint written in {seconds:.2f}s to {self.checkpointer.root}; "
+                                f"resume=auto continues from step {self.state.step}")
 
-            if cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0:
-                run_eval()
-            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0 and state.step < total_steps:
-                save_checkpoint()
-            if finished():
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if not cfg.train.eval_every_steps and state.step < total_steps:
-                run_eval()
+    def _log(self, out) -> None:
+        state, first = self.state, next(iter(self.engines.values()))
+        means, rate, seconds = self.window.reduce()
+        state.train_time_s += seconds
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        metrics.update({"train/lr": first.lr, "train/grad_norm": float(out.grad_norm), "train/samples_per_s": rate,
+                        "train/samples_seen": state.samples_seen,
+                        "train/epoch": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro)})
+        scale = first.loss_scale()
+        if scale is not None:  # fp16: the loss scale the scaler settled on
+            metrics["train/loss_scale"] = scale
+        metrics.update(self.task.train_metrics(metrics))
+        self.tracker.log_metrics(metrics, state.step)
+        self.progress.update(state.step, self.total_steps, metrics,
+                             (self.total_steps - state.step) * self.samples_per_step / max(rate, 1e-9))
+        self.final_loss = metrics["train/loss"]
+        self.window.reset()
 
-    if state.step < total_steps:  # stopped early on purpose
-        save_checkpoint()
+    def _summary(self) -> dict[str, Any]:
+        state, plan, first = self.state, self.plan, next(iter(self.engines.values()))
+        elapsed = state.train_time_s - self.steady_t
+        summary = {
+            "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
+            "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank,
+            "grad_accum_steps": plan.accum, "lr": first.peak_lr, "scale_rule": first.scale_rule,
+            "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
+            "final_loss": self.final_loss, "eval": self.evaluator.last,
+            "throughput": (state.samples_seen - self.steady_samples) / elapsed if elapsed > 0 else None,
+            "train_time_s": state.train_time_s,
+            "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        return summary | self.task.summary_extras(summary)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
+    """A fresh start never deletes an earlier run's checkpoints unless told to."""
+    if cfg.resume or not checkpoint.candidates(ckpt_root):
+        return
+    if not cfg.checkpoint.overwrite:
+        raise ConfigError("output_dir", cfg.output_dir,
+                          f"holds checkpoints of an earlier run (newest {checkpoint.latest(ckpt_root).name}); "
+                          "continue it with resume=auto, or start over with another output_dir or "
+                          "checkpoint.overwrite=true")
+    distributed.barrier()  # every rank has looked before rank 0 removes them
+    if distributed.is_main():
+        removed = checkpoint.clear(ckpt_root)
+        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, ckpt_root)
+    distributed.barrier()
+
+
+def _resume(cfg: Config, task: Task, engines: dict[str, Any], state: TrainState, ckpt_root: Path) -> Path | None:
+    """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
+    if not cfg.resume or (cfg.resume == "auto" and not checkpoint.candidates(ckpt_root)):
         return None
-    if last_eval_step != state.step:
-        run_eval()
-    save_checkpoint()
-    elapsed = state.train_time_s - steady_t
-    summary = {
-        "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
-        "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank, "grad_accum_steps": plan.accum,
-        "lr": first.peak_lr, "scale_rule": first.scale_rule, "engine": first.name, "precision": cfg.precision,
-        "initial_loss": state.initial_loss, "final_loss": final_loss, "eval": last_eval,
-        "throughput": (state.samples_seen - steady_samples) / elapsed if elapsed > 0 else None,
-        "train_time_s": state.train_time_s, "epochs": state.epoch + state.batch_in_epoch / (per_epoch * micro),
-        "peak_memory_mb": peak_memory_mb(device),
-    }
-    return summary | task.summary_extras(summary)
+    world, rank = distributed.world_size(), distributed.rank()
+
+    def validate(client: dict[str, Any]) -> None:
+        saved = TrainState(**client["trainer"])
+        saved_world = saved.world_size or len(client["rng"])
+        if saved.global_batch and (saved.global_batch, saved.grad_accum) != (state.global_batch, state.grad_accum):
+            raise checkpoint.ResumeRefused(
+                f"data.global_batch_size={state.global_batch}, data.grad_accum_steps={state.grad_accum}: the "
+                f"checkpoint was trained with {saved.global_batch} and {saved.grad_accum}; resume with those")
+        if saved_world != world and cfg.engine == "deepspeed":
+            raise checkpoint.ResumeRefused(
+                f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: ZeRO state "
+                f"is partitioned per rank, so resume on {saved_world} rank(s)")
+        task.load_extra_state(client.get("task", {}))
+
+    try:
+        if cfg.resume == "auto":
+            folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
+        else:
+            folder = checkpoint.resolve(cfg.resume, ckpt_root)
+            client = checkpoint.load(folder, engines, validate)
+    except CheckpointError as e:
+        raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
+    saved = TrainState(**client["trainer"])
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s"):
+        setattr(state, key, getattr(saved, key))
+    if len(client["rng"]) == world:
+        checkpoint.set_rng_state(client["rng"][rank])
+    else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
+        log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
+                    "are re-derived", len(client["rng"]), world)
+        seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
+    return folder
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -318,26 +493,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
 
 
-def _fault_drill(step: int) -> None:
-    """DTRAIN_FAULT=hang:<rank>:<step> makes that rank stall before that step, to rehearse
-    (and test) the collective timeout. Unset in normal runs."""
-    spec = os.environ.get("DTRAIN_FAULT")
-    if spec:
-        kind, rank, at = spec.split(":")
-        if kind == "hang" and int(rank) == distributed.rank() and int(at) == step:
-            log.warning("DTRAIN_FAULT: rank %s hangs at step %s", rank, step)
-            while True:
-                time.sleep(1)
-
-
 def _write_outputs(cfg: Config, task: Task, engines: dict[str, Any], weights: dict[str, torch.Tensor],
-                   summary: dict[str, Any], out_dir: Path, tracker) -> None:
+                   summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)
     summary_path = out_dir / "summary.json"
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    os.replace(tmp, summary_path)
+    checkpoint.atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
                          if isinstance(summary.get(k), (int, float))}, summary["steps"])
     for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
