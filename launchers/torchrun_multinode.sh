@@ -12,6 +12,9 @@ recipe=${1:?usage: $0 RECIPE [key=value ...]}; shift
 # torchrun restarts: give each attempt a fresh store (the agent's shared one keeps a dead
 # attempt's keys, pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# Preemption: torchrun forwards SIGUSR1 (SLURM's --signal) to the workers too, which then
+# checkpoint after the current step and exit.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
   --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-dtrain}" \
   --max_restarts "${MAX_RESTARTS:-3}" \

@@ -11,4 +11,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # torchrun restarts: give each attempt a fresh store (the agent's shared one keeps a dead
 # attempt's keys, pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# Preemption: torchrun forwards SIGUSR1 (SLURM's --signal) to the workers too, which then
+# checkpoint after the current step and exit.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 exec torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train "$recipe" "$@"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from dtrain.cli import torchrun_cmd, torchrun_env
 from dtrain.config import Config
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 
@@ -59,12 +60,14 @@ def env_for_cli(**extra: str) -> dict[str, str]:
 
 
 def dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`dtrain ARGS` as one process, or under torchrun with `nproc` ranks on loopback."""
+    """`dtrain ARGS` as one process, or `dtrain train` under torchrun with `nproc` ranks on
+    loopback, built by the same function as `dtrain train --nproc-per-node` (same environment)."""
     if nproc:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dtrain", *args]
+        assert args[0] == "train", args
+        cmd, run_env = torchrun_cmd(nproc, args[1], args[2:]), torchrun_env(env_for_cli(**env))
     else:
-        cmd = [PY, "-m", "dtrain", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env_for_cli(**env), capture_output=True, text=True, timeout=timeout)
+        cmd, run_env = [PY, "-m", "dtrain", *args], env_for_cli(**env)
+    return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -93,3 +93,20 @@ def test_sweep_world_sizes_one_two_four(tmp_path):
     assert sorted(r["world_size"] for r in report["runs"]) == [1, 2, 4]
     assert {r["global_batch"] for r in report["runs"]} == {64}
     assert "cnn_digits-4x" in proc.stdout
+
+
+def test_baseline_is_the_newest_one_rank_run():
+    """Two finished 1-rank runs: the one started last is the baseline, whatever its batch or id
+    (choosing by largest global batch, then run id, would take the older one here)."""
+    from dtrain.compare import RunInfo, verdict
+
+    def run(run_id: str, world: int, batch: int, start: int, final: float) -> RunInfo:
+        return RunInfo(run_id, run_id, "FINISHED", world, batch, 0.1, "linear", 10, 10 * batch, 1.0, 1.0, 0.1,
+                       final, start_time_ms=start)
+
+    older = run("ffff", 1, 64, start=1_000, final=0.90)
+    newer = run("0000", 1, 32, start=2_000, final=0.95)
+    v = verdict([older, newer, run("aaaa", 2, 64, start=3_000, final=0.94)], "eval/accuracy", 0.02, True, None)
+    assert v["baseline"]["run_id"] == "0000" and "newest" in v["baseline"]["chosen_as"]
+    gaps = {c["run_id"]: c["gap"] for c in v["checks"]}
+    assert gaps["aaaa"] == pytest.approx(-0.01) and gaps["ffff"] == pytest.approx(-0.05)

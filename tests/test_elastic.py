@@ -10,18 +10,15 @@ import time
 import mlflow
 import psutil
 
-from helpers import PY, ROOT, env_for_cli
+from helpers import ROOT, env_for_cli, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
-def torchrun(args: list[str], cwd, restarts: int = 1, **env) -> subprocess.Popen:
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
-           "-m", "dtrain", "train", RECIPE, *args]
-    # torchrun's agent otherwise lends its own store to every attempt and a restarted group can
-    # read the dead attempt's addresses (pytorch#135712); dtrain's launchers set this too.
-    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    return subprocess.Popen(cmd, cwd=cwd, env=env_for_cli(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def torchrun(args: list[str], cwd, restarts: int = 1) -> subprocess.Popen:
+    """The command and environment `dtrain train --nproc-per-node 2` runs, with restarts."""
+    return subprocess.Popen(torchrun_cmd(2, RECIPE, args, max_restarts=restarts), cwd=cwd,
+                            env=torchrun_env(env_for_cli()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
@@ -57,8 +54,9 @@ def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
 
 def test_hung_rank_ends_the_job_with_its_name(tmp_path):
     t0 = time.time()
-    agent = torchrun(["train.max_steps=40", "train.collective_timeout_s=8", "tracking.enabled=false",
-                      f"output_dir={tmp_path / 'out'}"], tmp_path, restarts=0, DTRAIN_FAULT="hang:1:5")
+    agent = torchrun(["task=faulty:FaultyTask", "model.fault=hang:1:5", "train.max_steps=40",
+                      "train.collective_timeout_s=8", "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"],
+                     tmp_path, restarts=0)
     stdout, stderr = agent.communicate(timeout=240)
     assert agent.returncode != 0
     ours = [l for l in stderr.splitlines() if l.startswith("dtrain: error:")]

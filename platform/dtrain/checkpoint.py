@@ -68,7 +68,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically and durably (fsync before the rename)."""
+    def write(tmp: Path) -> None:
+        # Unbuffered: a full disk surfaces in torch's writer as the OSError that caused it
+        # (torch reports it as a RuntimeError "unexpected pos", with the OSError as context).
+        with open(tmp, "wb", buffering=0) as f:
+            torch.save(obj, f)
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def io_error_line(e: BaseException, where: Path) -> str:
+    """An I/O failure as "path: cause", looking through torch's wrapping for the OSError."""
+    cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+    if cause is None:
+        return f"{where}: {first_line(e)}"
+    return f"{cause.filename or where}: {cause.strerror or first_line(cause)}"
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
@@ -97,32 +113,28 @@ def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
     except OSError as e:
-        error = f"{tmp}: {e.strerror or first_line(e)}"
+        error = io_error_line(e, tmp)
     if distributed.agree(not error):
-        for name, engine in engines.items():
-            try:
-                engine.save(tmp / name)
-            except OSError as e:
-                error = error or f"{e.filename or tmp / name}: {e.strerror or first_line(e)}"
-            except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError of its writer
-                error = error or f"{tmp / name}: {first_line(e)}"
         try:
-            if distributed.is_main() and not error:
+            for name, engine in engines.items():
+                engine.save(tmp / name)
+            if distributed.is_main():
                 atomic_save(client_state, tmp / TRAINER)
-        except (OSError, RuntimeError) as e:
-            error = f"{tmp / TRAINER}: {getattr(e, 'strerror', None) or first_line(e)}"
-    ok = distributed.agree(not error)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            error = io_error_line(e, tmp)
+    error = distributed.first_error(error)  # the same words on every rank
     if distributed.is_main():
-        if not ok:
+        if error:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             try:
                 _publish(root, tmp, final, keep)
             except OSError as e:
-                error = f"{root}: {e.strerror or first_line(e)}"
-    if not distributed.agree(not error):
-        raise CheckpointWriteError(f"checkpoint at step {step} not written: {error or 'failed on another rank'}; "
-                                   f"the previous checkpoint stays the latest")
+                error = io_error_line(e, root)
+    error = distributed.first_error(error)
+    if error:
+        raise CheckpointWriteError(f"checkpoint at step {step} not written: {error}; "
+                                   "the previous checkpoint stays the latest")
     return final
 
 
@@ -166,10 +178,11 @@ def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[st
             raise
         except CheckpointError as e:
             error = str(e)
-        if distributed.agree(not error):
+        error = distributed.first_error(error)
+        if not error:
             return folder, client
-        first_error = first_error or error or f"{folder}: failed to load on another rank"
-        log.warning("resume: skipping %s: %s", folder.name, error or "failed to load on another rank")
+        first_error = first_error or error
+        log.warning("resume: skipping %s: %s", folder.name, error)
     raise CheckpointError(f"resume=auto: no checkpoint in {root} loads; the newest: {first_error}")
 
 

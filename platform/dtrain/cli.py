@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         clean = True
         sys.exit(128 + p.signum)  # non-zero: the job is not done, so Kubernetes / SLURM run it again
     except BaseException as e:
+        preemption.hold()  # torchrun's SIGTERM, sent once another rank has exited, must not cut this short
         # No barrier after an error: the other ranks may be inside a collective this rank will
         # never join. Exiting closes this rank's connections, which ends theirs promptly.
         line, code = _explain(e, cfg, env.rank)
@@ -206,16 +207,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(text)
 
 
-def torchrun_cmd(nproc: int, recipe: str, overrides: list[str]) -> list[str]:
+def torchrun_cmd(nproc: int, recipe: str, overrides: list[str], max_restarts: int = 0) -> list[str]:
     """`dtrain train` on `nproc` ranks of this machine under torchrun."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "dtrain", "train", recipe, *overrides]
+            f"--max-restarts={max_restarts}", "-m", "dtrain", "train", recipe, *overrides]
 
 
-def torchrun_env() -> dict[str, str]:
-    """This environment for a torchrun agent, with restarts made safe: the agent's own store,
-    lent to the workers by default, keeps a dead attempt's keys (pytorch#135712)."""
-    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (this environment) for a torchrun agent, with restarts made safe (the agent's
+    own store, lent to the workers by default, keeps a dead attempt's keys: pytorch#135712)
+    and SIGUSR1, SLURM's preemption notice, forwarded to the workers like SIGTERM."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", **(os.environ if base is None else base)}
 
 
 def _exec_torchrun(args: argparse.Namespace) -> None:

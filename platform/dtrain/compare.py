@@ -37,6 +37,7 @@ class RunInfo:
     samples_per_s: float
     final_train_loss: float
     final_metric: float
+    start_time_ms: int = 0
     time_to_target_s: float | None = None
     curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict, repr=False)
     """metric -> [(samples seen, seconds since start, value)]"""
@@ -77,6 +78,7 @@ def load_runs(client, experiment: str | None, run_ids: list[str], metric: str) -
             scale_rule=tags.get("dtrain.scale_rule", "?"), steps=steps, samples=steps * gb, wall_time_s=wall,
             samples_per_s=metrics.get("throughput", steps * gb / wall if wall > 0 else math.nan),
             final_train_loss=loss[-1][2] if loss else math.nan, final_metric=evals[-1][2] if evals else math.nan,
+            start_time_ms=run.info.start_time,
             curves={"train/loss": loss, metric: evals}))
     if not out:
         raise CompareError(f"no dtrain runs with metric {metric!r} found"
@@ -90,8 +92,8 @@ def verdict(runs: list[RunInfo], metric: str, tolerance: float, higher_is_better
     if not finished:
         raise CompareError("no FINISHED run with a final value of the metric to compare")
     smallest = min(r.world_size for r in finished)
-    # The baseline: the newest finished run at the smallest world size (1 rank when there is one).
-    base = [r for r in finished if r.world_size == smallest][-1]
+    # The baseline: the newest (latest started) finished run at the smallest world size.
+    base = max((r for r in finished if r.world_size == smallest), key=lambda r: (r.start_time_ms, r.run_id))
     if target is None:
         target = base.final_metric - tolerance if higher_is_better else base.final_metric + tolerance
     for r in runs:
@@ -107,7 +109,8 @@ def verdict(runs: list[RunInfo], metric: str, tolerance: float, higher_is_better
                        "scale_rule": r.scale_rule, "final": r.final_metric, "gap": gap,
                        "within_tolerance": worse_by <= tolerance})
     return {"metric": metric, "higher_is_better": higher_is_better, "tolerance": tolerance, "target": target,
-            "baseline": {"run_id": base.run_id, "world_size": base.world_size, "final": base.final_metric},
+            "baseline": {"run_id": base.run_id, "world_size": base.world_size, "final": base.final_metric,
+                         "chosen_as": f"the newest FINISHED run at the smallest world size ({smallest})"},
             "checks": checks, "ok": all(c["within_tolerance"] for c in checks)}
 
 
@@ -180,8 +183,8 @@ def compare(uri: str, experiment: str | None, run_ids: list[str], metric: str, o
 
 def verdict_lines(result: dict[str, Any]) -> list[str]:
     b = result["baseline"]
-    lines = [f"baseline: {b['world_size']} rank(s), run {b['run_id'][:8]}, final {result['metric']} {b['final']:.4f}; "
-             f"tolerance {result['tolerance']:g}"]
+    lines = [f"baseline: {b['world_size']} rank(s), run {b['run_id'][:8]} ({b['chosen_as']}), final "
+             f"{result['metric']} {b['final']:.4f}; tolerance {result['tolerance']:g}"]
     for c in result["checks"]:
         lines.append(f"  {c['world_size']} ranks (batch {c['global_batch']}, {c['scale_rule']}): final {c['final']:.4f}, "
                      f"gap {c['gap']:+.4f} -> {'within tolerance' if c['within_tolerance'] else 'OUTSIDE tolerance'}")

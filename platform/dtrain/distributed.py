@@ -137,6 +137,19 @@ def is_timeout(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def first_error(error: str) -> str:
+    """Collective: the first rank's non-empty error message, on every rank ("" if none).
+    Where one rank may fail alone (a write, a load), the others learn it here instead of
+    waiting for it at a barrier, and every rank reports the same words."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    if agree(not error):
+        return ""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=side_group())
+    return next(e for e in errors if e)
+
+
 def is_peer_gone(e: BaseException) -> bool:
     """A collective failed because another rank's process went away (it failed or died)."""
     text = str(e).lower()

@@ -22,6 +22,7 @@ from dtrain import distributed
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
 _in_loop = False
+_holding = False
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -34,8 +35,15 @@ class SignalInterrupt(KeyboardInterrupt):
 
 def _handle(signum: int, frame: object) -> None:
     _received.append(signum)
-    if not _in_loop:
+    if not _in_loop and not _holding:
         raise SignalInterrupt(signum)
+
+
+def hold() -> None:
+    """From now on only record stop signals: the job is already ending (an error, or its last
+    MLflow flush), and the launcher's SIGTERM must not cut that short or change its outcome."""
+    global _holding
+    _holding = True
 
 
 def install() -> None:
@@ -54,6 +62,7 @@ def at_step_boundaries() -> Iterator[None]:
         yield
     finally:
         _in_loop = False
+_holding = False
 
 
 def requested() -> bool:

@@ -226,11 +226,37 @@ def _sigterm_deferred():
             signal.raise_signal(signal.SIGTERM)
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """For a tracking server (http/https): None when it answers within `timeout_s`, else why
+    not. The other ranks wait for rank 0 at start, so an unreachable or silent host must cost
+    seconds, not MLflow's retries of ten-second requests."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable (a proxy may not serve /health)
+    except Exception as e:
+        reason = getattr(e, "reason", e)
+        return f"no answer within {timeout_s:g}s ({reason})" if "timed out" in str(reason) else str(reason)
+    return None
+
+
 def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:
     """Rank 0: an MlflowTracker, or a NullTracker with one warning if the store is unusable."""
     if not cfg.tracking.enabled:
         return NullTracker()
     uri = resolve_uri(cfg.tracking.uri)
+    down = probe(uri)
+    if down:
+        log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, down)
+        return NullTracker()
     try:
         return MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or tags.get("dtrain.run_label", ""),
                              params, tags, run_id=run_id, system_metrics=cfg.tracking.system_metrics)

@@ -301,6 +301,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         status = "KILLED"
         raise
     finally:
+        preemption.hold()
         progress.close()
         tracker.finish(status)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -213,6 +214,14 @@ def grad_penalty_r1(grads: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- task
 
 
+def noise_seed(seed: int, stream: int, step: int) -> int:
+    """A seed for (seed, stream, step) that no other triple shares in practice: NumPy's
+    SeedSequence hashes the whole entropy tuple, so streams never overlap the way a linear
+    mix (seed * a + stream * b + step) does once step reaches b."""
+    return int(np.random.SeedSequence([seed, stream, step]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+
 class GANTask(Task):
     config_class = GANConfig
 
@@ -222,7 +231,10 @@ class GANTask(Task):
             train, test = datasets.digits(d.val_fraction, normalize=False)
             self.data_shape = (1, 8, 8)
             self.classifier = gan_eval.digits_classifier(*train.tensors)
-            self.real_reference = train.tensors[0]  # what G should reproduce
+            # Scored against held-out images: a generator that memorised the training set would
+            # score perfectly against those. The train-set scores are reported too (train_*), so
+            # memorisation shows as train scores well above the held-out ones.
+            self.real_reference, self.train_reference = test.tensors[0], train.tensors[0]
             return TensorDataset(train.tensors[0]), test
         g = torch.Generator().manual_seed(self.cfg.seed)
         points = gan_eval.sample_mixture(d.dataset, d.num_samples, g)
@@ -254,7 +266,7 @@ class GANTask(Task):
                uniform: bool = False) -> torch.Tensor:
         """This rank's slice of a global-batch draw seeded by (seed, stream, step)."""
         world, rank = distributed.world_size(), distributed.rank()
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + stream * 7_919 + step)
+        g = torch.Generator().manual_seed(noise_seed(self.cfg.seed, stream, step))
         draw = torch.rand if uniform else torch.randn
         return draw(n_local * world, *shape, generator=g)[rank::world].to(device)
 
@@ -292,11 +304,14 @@ class GANTask(Task):
                 loss = loss + pen
                 stats["penalty"] = pen.detach()
             D.backward(loss, 1)
-            norm_d, ok = D.step(update_scaler=i < len(micro_batches) - 1)  # the last update is shared with G's
+            last = i == len(micro_batches) - 1
+            lazy_now = c.penalty != "none" and c.penalty_every > 1 and self.d_steps % c.penalty_every == 0
+            # GradScaler unscales an optimizer once per update(): a penalty step right after this
+            # one needs the update in between. The iteration's last update is shared with G's.
+            norm_d, ok = D.step(update_scaler=not last or lazy_now)
             d_ok &= ok
-
-            if c.penalty != "none" and c.penalty_every > 1 and self.d_steps % c.penalty_every == 0:
-                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats)
+            if lazy_now:
+                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats, update_scaler=not last)
 
         # ---- generator: D frozen and unwrapped, so no gradient or all-reduce for D's weights
         D.module.requires_grad_(False)
@@ -314,7 +329,7 @@ class GANTask(Task):
         stats["grad_norm_g"] = norm_g.detach().to(stats["loss_g"].device)
         return StepOutput(loss=stats.pop("loss_d"), grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
 
-    def _lazy_penalty_step(self, D, real: torch.Tensor, scaler, stats) -> bool:
+    def _lazy_penalty_step(self, D, real: torch.Tensor, scaler, stats, update_scaler: bool) -> bool:
         """A penalty-only critic update (StyleGAN2's lazy R1), weighted by the interval."""
         c = self.cfg.gan
         x = real.requires_grad_(True)
@@ -326,7 +341,7 @@ class GANTask(Task):
             loss = pen + 0.0 * out.sum()
         D.backward(loss, 1)
         stats["penalty"] = pen.detach()
-        return D.step(update_scaler=True)[1]
+        return D.step(update_scaler=update_scaler)[1]
 
     @torch.no_grad()
     def _update_ema(self, g: nn.Module) -> None:
@@ -375,7 +390,9 @@ class GANTask(Task):
         # Every rank holds the same G-EMA and uses the same noise: the same numbers, no collective.
         fake = self.samples(engines, self.cfg.gan.eval_samples)
         if self.cfg.data.dataset == "digits":
-            return gan_eval.image_metrics(self.classifier, self.real_reference, fake)
+            held_out = gan_eval.image_metrics(self.classifier, self.real_reference, fake)
+            train = gan_eval.image_metrics(self.classifier, self.train_reference, fake)
+            return held_out | {f"train_{k}": v for k, v in train.items() if k != "class_coverage"}
         return gan_eval.mode_metrics(fake, self.cfg.data.dataset)
 
     def final_state_dict(self, engines):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dtrain.checkpoint import ResumeRefused
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig
 from dtrain.norm import make_norm
 from dtrain.tasks import Task
@@ -315,6 +316,15 @@ class TransformerTask(Task):
 
     def extra_state(self):
         return {"vocab": self.vocab.chars}
+
+    def load_extra_state(self, state):
+        """The model's embedding rows index the checkpoint's vocabulary: a corpus whose
+        vocabulary differs would silently map characters to other rows."""
+        saved = state.get("vocab")
+        if saved is not None and list(saved) != list(self.vocab.chars):
+            raise ResumeRefused(f"data.path={self.cfg.data.path or str(default_corpus())!r}: its vocabulary "
+                                f"({len(self.vocab.chars)} characters) differs from the checkpoint's ({len(saved)}); "
+                                "resume on the text the run was trained on")
 
     def summary_extras(self, summary):
         tokens_per_s = (summary["throughput"] or 0.0) * self.cfg.model.block_size

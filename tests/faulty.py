@@ -1,0 +1,103 @@
+"""A user task that misbehaves on purpose, for the fault tests (test-only fault injection:
+nothing of this reaches a production run). Named in recipes as `faulty:FaultyTask`.
+
+`model.fault` is `KIND:RANK:STEP`:
+    hang        that rank stalls before that step (a collective then times out)
+    raise       that rank's task code raises at that step (a bug in user code)
+    unreadable  that rank fails to open its data file while building datasets (STEP unused)
+    fill_disk   that rank fills the file system of output_dir at that step (real ENOSPC later)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Subset
+
+from helpers import MLPConfig, MLPModelConfig, MLPTask
+
+
+@dataclass
+class FaultyModelConfig(MLPModelConfig):
+    fault: str = ""
+    """KIND:RANK:STEP (see the module docstring); empty: behave."""
+    eval_size: int = 0
+    """Keep only the first N evaluation samples (0: all), e.g. an odd count for unequal shards."""
+
+
+@dataclass
+class FaultyConfig(MLPConfig):
+    task: str = "faulty:FaultyTask"
+    model: FaultyModelConfig = field(default_factory=FaultyModelConfig)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class FaultyTask(MLPTask):
+    config_class = FaultyConfig
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        kind, rank, step = (cfg.model.fault.split(":") + ["", "", ""])[:3] if cfg.model.fault else ("", "", "")
+        self.kind, self.rank, self.at = kind, int(rank or -1), int(step or -1)
+        self.steps = 0
+
+    def datasets(self):
+        if self.kind == "unreadable" and self.rank == _rank():
+            open(Path(self.cfg.output_dir) / "shard-only-on-the-other-node.bin", "rb")  # a real FileNotFoundError
+        train, test = super().datasets()
+        if self.cfg.model.eval_size:
+            test = Subset(test, range(self.cfg.model.eval_size))
+        return train, test
+
+    def train_step(self, engines, micro_batches):
+        self.steps += 1
+        if self.rank == _rank() and self.at == self.steps:
+            if self.kind == "hang":
+                while True:
+                    time.sleep(1)
+            if self.kind == "raise":
+                raise RuntimeError(f"boom in user code on rank {self.rank} at step {self.steps}")
+            if self.kind == "fill_disk":
+                _fill(Path(self.cfg.output_dir) / "filler")
+        return super().train_step(engines, micro_batches)
+
+    def eval_sums(self, model, batch):
+        self.forwards = getattr(self, "forwards", 0) + 1
+        return super().eval_sums(model, batch)
+
+    def evaluate(self, engines, loader, device):
+        """The metrics plus the evaluation forwards each rank ran (ZeRO-3 needs them equal)."""
+        self.forwards = 0
+        metrics = super().evaluate(engines, loader, device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        counts = [torch.zeros(1) for _ in range(world)]
+        if world > 1:
+            dist.all_gather(counts, torch.tensor([float(self.forwards)]))
+        else:
+            counts = [torch.tensor([float(self.forwards)])]
+        return metrics | {f"forwards_rank{r}": float(c) for r, c in enumerate(counts)}
+
+
+def _fill(path: Path) -> None:
+    """Write until the file system is full (a real ENOSPC), keeping the file."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]
+        os.fsync(f.fileno())
