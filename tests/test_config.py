@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtrain import cli
+from dtrain import cli, config
 from dtrain.config import ConfigError, load_config
 from dtrain.tasks.cnn import CNNConfig
 from helpers import ROOT, dtrain
@@ -31,7 +31,10 @@ def test_required_keys_exist():
                 "tracking.experiment", "checkpoint.every_steps"]:
         node = cfg
         for part in key.split("."):
+            assert hasattr(node, part), key  # a key renamed or dropped fails here
             node = getattr(node, part)
+        flat = config.flatten(config.to_dict(cfg))
+        assert key in flat or any(k.startswith(key + ".") for k in flat), key  # and reaches MLflow's params
 
 
 BAD = [

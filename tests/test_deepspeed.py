@@ -59,7 +59,10 @@ def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
 def test_bf16_runs(lm):
     out = lm("zero2-bf16", "engine=deepspeed", "deepspeed.zero_stage=2", "precision=bf16")
     s = json.loads((out / "summary.json").read_text())
-    assert s["precision"] == "bf16" and s["final_loss"] < s["initial_loss"] and s["eval"]["loss"] < 4.0
+    fp32 = json.loads((lm("ddp") / "summary.json").read_text())
+    assert s["precision"] == "bf16" and s["final_loss"] < s["initial_loss"]
+    # bf16 keeps 8 bits of mantissa: the same run ends where fp32 ends, not merely "lower".
+    assert s["eval"]["loss"] == pytest.approx(fp32["eval"]["loss"], rel=0.02), (s["eval"], fp32["eval"])
 
 
 def test_cnn_recipe_on_both_engines(lm):

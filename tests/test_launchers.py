@@ -45,16 +45,22 @@ def test_two_nodes_on_loopback_equal_one_node(single_node, tmp_path):
     assert max_param_diff(single_node, load_params(tmp_path / "out" / "model.pt"), buffers=True) < 1e-6
 
 
-def _netns_available() -> bool:
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        return False
+def _netns_unavailable() -> str:
+    """Why network namespaces cannot be made here ("" when they can)."""
+    if os.geteuid() != 0:
+        return f"network namespaces need root (running as uid {os.geteuid()})"
+    if not shutil.which("ip"):
+        return "the `ip` command (iproute2) is not installed"
     name = f"dtprobe{os.getpid()}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
+    return "" if made.returncode == 0 else f"`ip netns add` failed: {made.stderr.strip()[:200]}"
 
 
-@pytest.mark.skipif(not _netns_available(), reason="needs root and ip netns")
+NETNS_UNAVAILABLE = _netns_unavailable()
+
+
+@pytest.mark.skipif(bool(NETNS_UNAVAILABLE), reason=NETNS_UNAVAILABLE or "available")
 def test_two_nodes_in_network_namespaces(single_node, tmp_path):
     """Two 'hosts' joined by a veth pair: MASTER_ADDR is 10.231.0.1, not localhost."""
     tag = uuid.uuid4().hex[:6]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtrain.config import OptimConfig
-from dtrain.optim import build, lr_factor, scaled_lr
+from dtrain.optim import build, scaled_lr
 
 
 @pytest.mark.parametrize("rule,expected", [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
@@ -34,7 +34,9 @@ def test_warmup_then_cosine():
     assert got[10] == pytest.approx(0.2)  # schedule starts at the peak
     assert got[60] == pytest.approx(0.02 + (0.2 - 0.02) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert got[109] == pytest.approx(0.02 + 0.18 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
-    assert lr_factor(o, 110, 110, 0.2) * 0.2 == pytest.approx(0.02)  # ends at min_lr
+    after = got[10:]
+    assert all(a >= b for a, b in zip(after, after[1:]))  # cosine only decreases after warmup ...
+    assert 0.02 < got[109] < 0.02 + 1e-3  # ... and the last step taken is just above min_lr
 
 
 @pytest.mark.parametrize("schedule,extra,checks", [

@@ -48,6 +48,23 @@ def test_unreachable_store_warns_once_and_trains(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
 
 
+def test_silent_store_host_costs_seconds_not_retries(tmp_path):
+    """A host that accepts the connection and never answers (a hung proxy, a dead server
+    behind a live load balancer): MLflow's client would retry 10 s requests while the other
+    ranks wait for rank 0; a bounded probe warns once and training goes on."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes handshakes; nobody ever reads or replies
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = check(dtrain(["train", RECIPE, "train.max_steps=10", f"tracking.uri={uri}",
+                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
+    (warning,) = warnings_in(proc.stderr)
+    assert "unavailable, training without it: no answer within 5s" in warning, proc.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
+
+
 def _wait_for_running_run(uri: str, experiment: str, timeout: float = 120):
     client = mlflow.MlflowClient(uri)
     deadline = time.time() + timeout

@@ -1,12 +1,12 @@
 """Synchronised BatchNorm on any backend, and the norm-layer factory of the recipes.
 
 `torch.nn.SyncBatchNorm` only accepts CUDA tensors. `DistributedBatchNorm` is the same
-math for CPU/gloo: the per-channel sum and count are all-reduced to the global mean, then
-the sum of squared deviations from it to the global variance (two passes: E[x^2] - E[x]^2
-in fp32 cancels catastrophically when the mean is large against the spread). Both
-all-reduces are differentiable (`AllReduceSum`), so the backward pass also flows through
-the global statistics, exactly as BatchNorm on the concatenated batch would. Running
-statistics use the unbiased global variance, as BatchNorm does.
+math for CPU/gloo: each rank's (count, mean, sum of squared deviations) per channel are
+gathered in one differentiable all-gather (`AllGather`) and combined with Chan et al.'s
+parallel formula, as torch's SyncBatchNorm combines per-rank means and variances
+(E[x^2] - E[x]^2 in fp32 cancels catastrophically when the mean is large against the
+spread). The backward pass flows through the global statistics, exactly as BatchNorm on the
+concatenated batch would. Running statistics use the unbiased global variance, as BatchNorm does.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients: each
-    rank's output feeds that rank's loss, and the total loss is their sum."""
+class AllGather(torch.autograd.Function):
+    """Every rank's `x`, stacked (world, *x.shape). Each rank's copy feeds that rank's loss and
+    the total loss is their sum, so the gradient of rank r's input is the sum over ranks of
+    the gradients reaching row r: one all-reduce, then this rank's row."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.stack(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return grad[dist.get_rank()]
 
 
 class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -55,12 +56,15 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = x.float()  # statistics in fp32 also under autocast, as cuDNN BatchNorm does
         c = x.size(1)
         shape = [1, c] + [1] * (x.dim() - 2)
-        count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
-        stats = AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
-        total = stats[-1]
-        mean = stats[:c] / total
+        n = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
+        local_mean = xf.mean(dims)
+        local_m2 = ((xf - local_mean.view(shape)) ** 2).sum(dims)
+        stats = AllGather.apply(torch.cat([n, local_mean, local_m2]))  # (world, 1 + 2c)
+        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        var = (m2s + counts * (means - mean) ** 2).sum(0) / total  # biased, for normalisation
         centered = xf - mean.view(shape)
-        var = AllReduceSum.apply((centered * centered).sum(dims)) / total  # biased, for normalisation
 
         if self.training and self.track_running_stats:
             with torch.no_grad():
