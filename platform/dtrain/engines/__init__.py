@@ -1,0 +1,48 @@
+"""Engines: one implementation of the `dtrain.protocols.Engine` protocol per backend.
+
+| engine | module | sharding | precision |
+|---|---|---|---|
+| `ddp` | `engines/ddp.py` | none (replicas) | torch.amp, one GradScaler per job |
+| `deepspeed` | `engines/deepspeed.py` | ZeRO 0-3 | DeepSpeed's own (autocast for inputs) |
+
+A new engine implements the protocol and gets a branch in `build_engines`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dtrain import distributed
+from dtrain.config import Config
+from dtrain.data import BatchPlan
+from dtrain.engines.ddp import DDPEngine
+from dtrain.engines.precision import AmpPrecision
+from dtrain.norm import convert_sync_batchnorm
+from dtrain.protocols import Engine, ModelSpec
+
+ENGINES = ("ddp", "deepspeed")
+
+
+def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: BatchPlan,
+                  total_steps: int) -> dict[str, Engine]:
+    """One engine per model; the DDP engines share one precision object (one GradScaler,
+    updated once per iteration)."""
+    precision = AmpPrecision(cfg.precision, device)
+    engines: dict[str, Engine] = {}
+    for name, spec in specs.items():
+        module = spec.module
+        if cfg.model.sync_bn and distributed.world_size() > 1:
+            module = convert_sync_batchnorm(module, device)
+        steps = math.ceil(total_steps * spec.optimizer_steps_per_step)
+        if cfg.engine == "deepspeed":
+            # Imported on use: importing deepspeed takes seconds and probes accelerators.
+            from dtrain.engines.deepspeed import DeepSpeedEngine
+
+            engines[name] = DeepSpeedEngine(module, cfg, spec.optim, device=device, plan=plan, total_steps=steps)
+        else:
+            engines[name] = DDPEngine(module, spec.optim, precision=precision, device=device,
+                                      global_batch=plan.global_batch, total_steps=steps,
+                                      broadcast_buffers=spec.broadcast_buffers)
+    return engines

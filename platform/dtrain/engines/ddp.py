@@ -1,0 +1,129 @@
+"""The DDP engine: PyTorch DistributedDataParallel + torch.optim + torch.amp."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain import checkpoint, distributed, optim
+from dtrain.config import OptimConfig
+from dtrain.engines.precision import AmpPrecision
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
+    """Measure the global gradient norm, then clip by value and/or by norm. Returns the pre-clip norm.
+
+    Called after the all-reduce (and after unscaling under fp16), so the norm is the true
+    global norm and identical on every rank: clipping keeps the ranks' parameters equal.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+    if max_value > 0:
+        torch.nn.utils.clip_grad_value_(params, max_value)
+    if max_norm > 0:
+        if max_value > 0:  # value clipping changed the gradient: clip what is there now
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def mismatch_line(e: BaseException) -> str:
+    """load_state_dict's report in one line: its first specific complaint, not its header."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [repr(e)])[0]
+    return detail[:300]
+
+
+def _buffer_sync_kwarg(sync: bool) -> dict[str, bool]:
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (same per-forward meaning).
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": sync}
+    return {"broadcast_buffers": sync}
+
+
+class DDPEngine:
+    name = "ddp"
+
+    def __init__(self, module: nn.Module, o: OptimConfig, *, precision: AmpPrecision, device: torch.device,
+                 global_batch: int, total_steps: int, broadcast_buffers: bool = True):
+        self.device, self.precision = device, precision
+        self.module = module.to(device)
+        self.model: nn.Module = self.module
+        if distributed.world_size() > 1:
+            # broadcast_buffers copies rank 0's buffers (e.g. BN running stats) to all ranks
+            # before each forward; with synchronised BN they are already equal, so it is skipped.
+            self.model = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
+                             find_unused_parameters=False, **_buffer_sync_kwarg(broadcast_buffers))
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler, self.lr_info = optim.build(self.module, o, global_batch, total_steps)
+        self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def no_sync(self, skip: bool) -> ContextManager[Any]:
+        return self.model.no_sync() if skip and isinstance(self.model, DDP) else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, micro_steps: int) -> None:
+        self.precision.scaler.scale(loss / micro_steps).backward()
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        scaler = self.precision.scaler
+        scaler.unscale_(self.optimizer)
+        norm = clip_gradients(self.params, self.clip_norm, self.clip_value)
+        finite = bool(torch.isfinite(norm))  # the norm is global: every rank decides alike
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            scaler.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:  # as DeepSpeed does: a skipped step does not advance the schedule
+            self.scheduler.step()
+        return norm, finite
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers everywhere: without synchronised BatchNorm each rank's running
+        statistics drift apart, and evaluation must see exactly what model.pt holds."""
+        distributed.sync_buffers(self.module)
+
+    def loss_scale(self) -> float | None:
+        scaler = self.precision.scaler
+        return scaler.get_scale() if scaler.is_enabled() else None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        try:
+            self.module.load_state_dict(sd["model"])
+            self.optimizer.load_state_dict(sd["optimizer"])
+            self.scheduler.load_state_dict(sd["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:  # another model: name the first mismatch
+            raise checkpoint.CheckpointError(f"holds a different model or optimizer: {mismatch_line(e)}") from None
+        if sd.get("scaler"):
+            self.precision.scaler.load_state_dict(sd["scaler"])
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def save(self, folder: Path) -> None:
+        """Rank 0 writes one file; DDP ranks hold identical replicas."""
+        if distributed.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_save(self.state_dict(), folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        try:
+            self.load_state_dict(checkpoint.load_file(folder / "state.pt", self.device))
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(str(e) if str(folder) in str(e) else f"{folder}: {e}") from None
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()

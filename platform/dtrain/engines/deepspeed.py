@@ -1,0 +1,167 @@
+"""The DeepSpeed engine: the `Engine` protocol on DeepSpeed, ZeRO stages 0-3.
+
+The DeepSpeed config is derived from the recipe (batch sizes, accumulation, clipping,
+precision, ZeRO stage), then `deepspeed.config` is merged over it. The optimizer and the
+LR schedule are the very objects the DDP engine uses (torch.optim + the LambdaLR of
+`dtrain.optim`), handed to `deepspeed.initialize` as client optimizer and scheduler, so
+the scaling rule, warmup and schedule are identical across engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+
+from dtrain import distributed, optim
+from dtrain.checkpoint import CheckpointError
+from dtrain.config import Config, ConfigError, OptimConfig
+from dtrain.data import BatchPlan
+from dtrain.engines.ddp import mismatch_line
+from dtrain.engines.precision import AmpPrecision
+
+TAG = "state"
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(cfg: Config, plan: BatchPlan, o: OptimConfig | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config a recipe implies (`o`: the model's optimizer section)."""
+    o = o or cfg.optim
+    c: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.per_rank,
+        "gradient_accumulation_steps": plan.accum,
+        "gradient_clipping": o.clip_grad_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "steps_per_print": 10**9,  # dtrain logs; DeepSpeed's own step prints would interleave
+        "wall_clock_breakdown": False,
+        # ZeRO partitions flat parameter shards, which is exact for the elementwise torch.optim
+        # optimizers dtrain offers (Adafactor, the exception, is refused below).
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.precision == "bf16":
+        c["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        c["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                     "min_loss_scale": 1}
+    return deep_merge(c, cfg.deepspeed.config)
+
+
+def prepare_cpu_ops(device: torch.device) -> None:
+    """Select the CPU accelerator before deepspeed is imported, and build its comm op once
+    per machine: two ranks JIT-compiling the same extension at once can abort."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed still calls the c10d names torch 2.13 deprecated; the warning is not the user's to fix.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    import deepspeed  # noqa: F401  (import after DS_ACCELERATOR is set)
+
+    if device.type != "cpu":
+        return
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        builder.load(verbose=False)
+    distributed.barrier()
+    builder.load(verbose=False)
+
+
+def grad_norm_of(module: nn.Module) -> torch.Tensor:
+    """The global L2 norm of `module`'s gradients (already all-reduced)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False) if grads else torch.zeros(())
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, module: nn.Module, cfg: Config, o: OptimConfig, *, device: torch.device, plan: BatchPlan,
+                 total_steps: int):
+        """`precision` here only autocasts: DeepSpeed holds bf16/fp16 weights and scales fp16
+        losses itself, and autocast casts the fp32 inputs to match."""
+        if o.clip_grad_value > 0:
+            raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
+                              "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
+        if o.name == "adafactor" and cfg.deepspeed.zero_stage > 0:
+            raise ConfigError("optim.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
+                              "parameters, which silently turns Adafactor's factored moments into full ones")
+        prepare_cpu_ops(device)
+        import deepspeed
+
+        distributed.init_single_process_group(device)  # DeepSpeed needs a group even for one rank
+        self.device, self.zero_stage = device, cfg.deepspeed.zero_stage
+        self.precision = AmpPrecision(cfg.precision, device, loss_scaling=False)
+        module = module.to(device)
+        optimizer, scheduler, self.lr_info = optim.build(module, o, plan.global_batch, total_steps)
+        self.config = ds_config(cfg, plan, o)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            dist_init_required=False)
+        self.model = self.ds
+        self.module = self.ds.module
+        self._plain_optimizer = self.zero_stage == 0 and cfg.precision == "fp32"
+        self.lr = self.scheduler.get_last_lr()[0]
+
+    def no_sync(self, skip: bool) -> ContextManager[Any]:
+        return contextlib.nullcontext()  # DeepSpeed reduces at accumulation boundaries on its own
+
+    def backward(self, loss: torch.Tensor, micro_steps: int) -> None:
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); off the boundary it does not update
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        self.lr = self.scheduler.get_last_lr()[0]
+        skipped = self.ds.skipped_steps
+        # ZeRO stage 0 in fp32 steps the client optimizer directly and records no norm: measure
+        # it here, on the gradients DeepSpeed all-reduced during the boundary's backward.
+        measured = grad_norm_of(self.module) if self._plain_optimizer else None
+        self.ds.step()
+        norm = measured if measured is not None else self.ds.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        return norm, self.ds.skipped_steps == skipped and bool(torch.isfinite(norm))
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers everywhere (DeepSpeed broadcasts them only at start)."""
+        distributed.sync_buffers(self.module)
+
+    def loss_scale(self) -> float | None:
+        scale = getattr(self.ds.optimizer, "cur_scale", None)  # DeepSpeed's fp16 optimizers keep it here
+        return float(scale) if self.precision.name == "fp16" and scale is not None else None
+
+    def save(self, folder: Path) -> None:
+        """Collective: every rank writes its ZeRO partition."""
+        self.ds.save_checkpoint(str(folder), tag=TAG)
+
+    def load(self, folder: Path) -> None:
+        try:
+            path, _ = self.ds.load_checkpoint(str(folder), tag=TAG)
+        except Exception as e:  # a missing or foreign file: one line, not DeepSpeed's stack
+            raise CheckpointError(f"cannot load the DeepSpeed checkpoint in {folder}: {mismatch_line(e)}") from None
+        if path is None:
+            raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint")
+        self.lr = self.scheduler.get_last_lr()[0]
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """A plain fp32 state_dict of the whole model (collective under ZeRO-3)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                for k, v in self.module.state_dict().items()}

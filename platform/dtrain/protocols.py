@@ -1,0 +1,161 @@
+"""The interfaces the rest of dtrain is written against, and nothing else.
+
+- `Engine`: how one model is wrapped, stepped and saved (DDP, DeepSpeed, ...). The step
+  (`dtrain.steps.train_step`) and the trainer only ever call what is declared here.
+- `Precision`: the autocast context of forward and, under fp16, the loss scaler: one object
+  per job, shared by the engines it scales (Lightning Fabric's precision plugin).
+- `Task`: what a recipe trains (data, models, loss, evaluation), with `ModelSpec` (one
+  trained model) and `StepOutput` (what one training step reports).
+
+This module imports nothing of dtrain and no heavy library at run time (torchtitan's
+`protocols/`): an engine or a task can be read, type-checked and written against it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass(frozen=True)
+class LRInfo:
+    """The learning rate an optimizer really gets, as printed at start and logged."""
+
+    peak: float
+    """The scaled LR: `base` for `base_batch`, scaled to the global batch by `rule`."""
+    base: float
+    base_batch: int
+    rule: str
+    """linear, sqrt or none."""
+    warmup_steps: int
+
+
+@dataclass
+class StepOutput:
+    """What one training step reports (device tensors: no host sync inside the step)."""
+
+    loss: torch.Tensor
+    """Mean loss over the step's micro-batches on this rank."""
+    grad_norm: torch.Tensor
+    """Global L2 norm of the all-reduced, unscaled gradient before clipping (same on every rank)."""
+    stepped: bool
+    """False when the step was skipped for a non-finite gradient."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """More per-rank values to average over the log window and the ranks (e.g. a GAN's g_loss)."""
+
+
+@dataclass
+class ModelSpec:
+    """One trained model of a task: it gets its own engine (optimizer, schedule, clipping)."""
+
+    module: nn.Module
+    optim: Any
+    """Its `OptimConfig` section."""
+    optimizer_steps_per_step: float = 1.0
+    """Optimizer steps this model takes per training step (a GAN critic: about n_critic);
+    sizes the LR schedule."""
+    broadcast_buffers: bool = True
+    """Let DDP copy rank 0's buffers before each forward (off when buffers stay equal anyway)."""
+
+
+class Precision(Protocol):
+    name: str
+    """fp32, bf16 or fp16."""
+    scaler: torch.amp.GradScaler
+    """Enabled under fp16 for engines that scale with torch.amp; disabled otherwise."""
+
+    def autocast(self) -> ContextManager[Any]: ...
+    def update(self) -> None:
+        """Once per training iteration, after every optimizer it scales has stepped."""
+
+
+class Engine(Protocol):
+    name: str
+    device: torch.device
+    model: nn.Module
+    """The wrapped model to call forward on in training (DDP, DeepSpeed)."""
+    module: nn.Module
+    """The plain model: evaluation, state_dict, model.pt."""
+    precision: Precision
+    lr_info: LRInfo
+    lr: float
+    """The LR the optimizer used for the last step."""
+
+    def no_sync(self, skip: bool) -> ContextManager[Any]:
+        """Suppress the gradient all-reduce on a non-final micro-step when `skip`."""
+
+    def backward(self, loss: torch.Tensor, micro_steps: int) -> None:
+        """Backward of one of `micro_steps` micro-steps (the engine scales and divides)."""
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """Unscale, measure the global norm, clip, check, step, schedule -> (norm, stepped).
+        Never updates the loss scaler: `precision.update()` does, once per iteration."""
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers on every rank (before evaluation and checkpoints)."""
+
+    def loss_scale(self) -> float | None: ...
+    def save(self, folder: Path) -> None: ...
+    def load(self, folder: Path) -> None: ...
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """A plain state_dict of the whole model (a collective under sharding)."""
+
+
+class Task:
+    """What the trainer asks of a task. Every rank builds the same task. `dtrain.tasks.Task`
+    implements the supervised case (one model called `model`, `loss` and `eval_sums`); a
+    task with several models (the GAN) implements `models`, `train_step`, `evaluate` and
+    `final_state_dict` itself."""
+
+    config_class: type = object
+    """The dataclass of this task's recipe (a subclass of `dtrain.config.Config`)."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, eval) datasets; every rank builds the same ones."""
+        raise NotImplementedError
+
+    def models(self) -> dict[str, ModelSpec]:
+        raise NotImplementedError
+
+    def micro_batches_per_step(self, accum: int) -> int:
+        """Loader batches one training step consumes."""
+        return accum
+
+    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
+        raise NotImplementedError
+
+    def evaluate(self, engines: dict[str, Engine], loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """Metrics of the whole evaluation set, the same on every rank."""
+        raise NotImplementedError
+
+    def final_state_dict(self, engines: dict[str, Engine]) -> dict[str, torch.Tensor]:
+        """model.pt: a plain state_dict (collective: every rank calls it)."""
+        return engines["model"].consolidated_state_dict()
+
+    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
+        """Extra metrics derived from the logged ones (e.g. bits per char, tokens/s)."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state saved with the checkpoint (e.g. a vocabulary)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved (on resume); raise `ResumeRefused` if it cannot fit."""
+
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Extra numbers for summary.json, given the trainer's."""
+        return {}
+
+    def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
+        """Files written beside model.pt at the end (rank 0), also logged to MLflow."""
+        return []

@@ -1,0 +1,63 @@
+"""The training step and the evaluation pass, written once against the `Engine` protocol.
+
+`train_step` is the whole data path of one optimizer step, top to bottom, the way nanoGPT's
+loop or torchvision's `train_one_epoch` reads; what differs between DDP and DeepSpeed lives
+behind the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dtrain import distributed
+from dtrain.data import batch_len, head, move
+from dtrain.protocols import Engine, StepOutput
+
+
+def train_step(engine: Engine, task: Any, micro_batches: list[Any]) -> StepOutput:
+    """One optimizer step over `len(micro_batches)` micro-batches of this rank."""
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), device=engine.device)
+    for i, batch in enumerate(micro_batches):
+        # DDP all-reduces gradients bucket by bucket during the last micro-step's backward;
+        # the earlier micro-steps only accumulate locally, so one step costs one all-reduce.
+        with engine.no_sync(skip=i < n - 1):
+            with engine.precision.autocast():
+                loss = task.loss(engine.model, batch)
+            engine.backward(loss, n)
+        loss_sum += loss.detach().float()
+    grad_norm, stepped = engine.step()
+    engine.precision.update()
+    return StepOutput(loss_sum / n, grad_norm, stepped)
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, task: Any, loader: Any, device: torch.device) -> dict[str, float]:
+    """Exact sharded evaluation: per-rank sums over disjoint shards, all-reduced, then metrics.
+
+    Every rank runs one forward per loader batch, and the loader gives every rank the same
+    number of batches (padded shards, see `data.ExactShardSampler`); the padding is cut off
+    before the sums, or, for a batch of padding only, its sums are weighted by zero.
+    """
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    real_left = getattr(loader.sampler, "num_real", len(loader.sampler))
+    for batch in loader:
+        n = batch_len(batch)
+        keep = min(n, real_left)
+        real_left -= keep
+        with engine.precision.autocast():
+            out = task.eval_sums(model, move(head(batch, keep) if 0 < keep < n else batch, device))
+        for k, v in out.items():  # a batch of padding only still names the keys, with zeros
+            part = v.detach().double() if keep else torch.zeros_like(v, dtype=torch.float64)
+            sums[k] = sums[k] + part if k in sums else part
+    model.train(was_training)
+    if not sums:  # an empty evaluation set
+        return {}
+    keys = sorted(sums)
+    reduced = distributed.all_reduce_sum(torch.stack([sums[k].to(device) for k in keys]))
+    return {k: float(v) for k, v in task.eval_metrics(dict(zip(keys, reduced.tolist()))).items()}
