@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dtrain import cli, config
-from dtrain.config import ConfigError, load_config
+from dtrain.config import ConfigError
+from dtrain.tasks import load_config
 from dtrain.tasks.cnn import CNNConfig
 from helpers import ROOT, dtrain
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dtrain.config import OptimConfig
-from dtrain.engine import DDPEngine, train_step
+from dtrain.engines.ddp import DDPEngine
+from dtrain.engines.precision import AmpPrecision
+from dtrain.steps import train_step
 from helpers import spawn
 
 CPU = torch.device("cpu")
@@ -49,13 +51,13 @@ def _allreduce_and_clip(rank: int, world: int) -> None:
     ref = copy.deepcopy(model)
     max_norm, lr = 0.05, 0.1
     o = OptimConfig(name="sgd", lr=lr, base_batch_size=8 * world, momentum=0.0, clip_grad_norm=max_norm)
-    engine = DDPEngine(model, o, precision="fp32", device=CPU, global_batch=8 * world, total_steps=10)
+    engine = DDPEngine(model, o, precision=AmpPrecision("fp32", CPU), device=CPU, global_batch=8 * world, total_steps=10)
     x, y = _rank_batch(rank)
 
     F.mse_loss(ref(x), y).backward()  # this rank's own gradient, no communication
     expected = _gather(_flat_grads(ref)).mean(0)
 
-    with engine.autocast():
+    with engine.precision.autocast():
         loss = F.mse_loss(engine.model(x), y)
     engine.backward(loss, 1)
     assert torch.allclose(_flat_grads(engine.module), expected, atol=1e-6)  # DDP averaged them
@@ -79,7 +81,7 @@ def test_allreduced_gradient_is_the_average_and_clipping_is_global():
 
 def _count_allreduces(rank: int, world: int, break_no_sync: bool) -> None:
     o = OptimConfig(name="sgd", lr=0.1, base_batch_size=32)
-    engine = DDPEngine(_model(), o, precision="fp32", device=CPU, global_batch=32, total_steps=10)
+    engine = DDPEngine(_model(), o, precision=AmpPrecision("fp32", CPU), device=CPU, global_batch=32, total_steps=10)
     calls = []
 
     def counting_hook(state, bucket):
@@ -110,7 +112,7 @@ def test_without_no_sync_every_micro_step_all_reduces():
 
 def _nonfinite_skips(rank: int, world: int) -> None:
     o = OptimConfig(name="sgd", lr=0.1, base_batch_size=16)
-    engine = DDPEngine(_model(), o, precision="fp32", device=CPU, global_batch=16, total_steps=10)
+    engine = DDPEngine(_model(), o, precision=AmpPrecision("fp32", CPU), device=CPU, global_batch=16, total_steps=10)
     x, y = _rank_batch(rank)
     if rank == 1:
         x = x.clone()

@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import torch
 
-from dtrain.config import load_config
+from dtrain.tasks import load_config
 from dtrain.data import BatchPlan
-from dtrain.deepspeed_engine import ds_config
+from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer
 from helpers import ROOT, check, dtrain, load_params, max_param_diff
 

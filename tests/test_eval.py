@@ -1,13 +1,12 @@
 """Sharded evaluation counts every sample exactly once, also when N % world_size != 0."""
 
-import contextlib
-
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from dtrain.engines.precision import AmpPrecision
 from dtrain.data import ExactShardSampler, eval_loader
-from dtrain.engine import evaluate
+from dtrain.steps import evaluate
 from helpers import spawn
 
 N = 11  # not divisible by 2 or 3
@@ -29,9 +28,7 @@ class AccuracyTask:
 
 class FakeEngine:
     module = Threshold()
-
-    def autocast(self):
-        return contextlib.nullcontext()
+    precision = AmpPrecision("fp32", torch.device("cpu"))
 
 
 def dataset() -> TensorDataset:
@@ -42,12 +39,12 @@ def dataset() -> TensorDataset:
 
 
 def _exact(rank: int, world: int) -> None:
-    got = evaluate(AccuracyTask(), FakeEngine(), eval_loader(dataset(), 2, world, rank, 0), torch.device("cpu"))
+    got = evaluate(FakeEngine(), AccuracyTask(), eval_loader(dataset(), 2, world, rank, 0), torch.device("cpu"))
     # x = -3..7 and class 1 iff x > 0: x = 1..6 right, x = 7 (label 0) wrong, x <= 0 wrong.
     assert got == {"accuracy": 6 / N, "count": N}, got
     # What torch's DistributedSampler would have done: pad with repeats, and count more than N.
     padded = DataLoader(dataset(), batch_size=2, sampler=DistributedSampler(dataset(), world, rank, shuffle=False))
-    assert evaluate(AccuracyTask(), FakeEngine(), padded, torch.device("cpu"))["count"] > N
+    assert evaluate(FakeEngine(), AccuracyTask(), padded, torch.device("cpu"))["count"] > N
 
 
 def test_exact_eval_two_ranks():

@@ -6,13 +6,11 @@ The user task `faulty:FaultyTask` (tests/faulty.py) misbehaves on purpose where 
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,8 +19,9 @@ import pytest
 import torch
 
 from dtrain import checkpoint, data
-from dtrain.config import load_config
-from dtrain.engine import evaluate
+from dtrain.tasks import load_config
+from dtrain.engines.precision import AmpPrecision
+from dtrain.steps import evaluate
 from dtrain.tasks.cnn import CNNTask
 from helpers import PY, ROOT, check, dtrain, env_for_cli, load_params, max_param_diff, torchrun_cmd, torchrun_env
 
@@ -289,8 +288,8 @@ def test_without_syncbn_the_metric_is_of_the_saved_model(tmp_path):
     _, test = task.datasets()
     model = task.build_model()
     model.load_state_dict(load_params(out / "model.pt"))
-    engine = SimpleNamespace(module=model, autocast=nullcontext)
-    mine = evaluate(task, engine, data.eval_loader(test, 256, 1, 0, 0), torch.device("cpu"))
+    engine = SimpleNamespace(module=model, precision=AmpPrecision("fp32", torch.device("cpu")))
+    mine = evaluate(engine, task, data.eval_loader(test, 256, 1, 0, 0), torch.device("cpu"))
     assert mine["accuracy"] == pytest.approx(reported["accuracy"], abs=1e-9)
     assert mine["loss"] == pytest.approx(reported["loss"], abs=1e-6)
 

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from dtrain import data, gan_eval
-from dtrain.config import load_config
+from dtrain.tasks import load_config
 from dtrain.tasks import gan
-from dtrain.trainer import build_engines
+from dtrain.engines import build_engines
 from helpers import ROOT, check, dtrain, load_params, max_param_diff, spawn
 
 RING = str(ROOT / "recipes" / "gan_ring.yaml")

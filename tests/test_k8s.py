@@ -7,7 +7,6 @@ object closed, so a misspelt field fails, plus the operator's webhook rules.
 
 import copy
 import json
-import os
 import subprocess
 from pathlib import Path
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -229,16 +229,19 @@ def _non_negative(section: Any, prefix: str, *names: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(recipe: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Recipe YAML + `a.b=c` overrides -> validated Config of the recipe's task."""
+def read_raw(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Recipe YAML with `a.b=c` overrides applied, still untyped (the task it names picks the
+    config class: `dtrain.tasks.load_config`)."""
     raw = read_recipe(recipe)
     for item in overrides:
         apply_override(raw, item)
     raw.setdefault("recipe", Path(recipe).stem)
-    from dtrain.tasks import get_task  # tasks import config; import here to avoid a cycle
+    return raw
 
-    task = get_task(str(raw.get("task", Config.task)))
-    cfg = from_dict(task.config_class, raw)
+
+def build(cls: type[Config], raw: dict[str, Any]) -> Config:
+    """The validated config of class `cls` (a task's `config_class`) from a raw recipe."""
+    cfg = from_dict(cls, raw)
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.recipe)
     cfg.validate()

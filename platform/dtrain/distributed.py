@@ -1,10 +1,8 @@
-"""Rank bootstrap from any launcher's environment, device choice, small collectives.
+"""The process group: start it from the launcher's environment (`dtrain.environments`
+detects which launcher), pick the device, small collectives, and always tear it down.
 
-Launchers agree on little. torchrun, `accelerate launch` and the `deepspeed` launcher set
-RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` sets SLURM_* only;
-a Kubeflow PyTorchJob pod run without torchrun gets the *node* rank in RANK and PET_*.
-`read_env` turns each into one `DistEnv`; `init` starts the process group (NCCL on CUDA,
-gloo otherwise) and `shutdown` always tears it down.
+`init` starts the group (NCCL on CUDA, gloo otherwise) plus a side gloo group for
+host-side agreement (preemption, failed writes) and for naming stuck ranks after a timeout.
 """
 
 from __future__ import annotations
@@ -13,90 +11,22 @@ import datetime
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
+from dtrain import environments
+from dtrain.environments import DistEnv as DistEnv, LaunchError as LaunchError  # re-exported
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    num_nodes: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    launcher: str = "single"
-    """single, torchrun, accelerate, deepspeed, slurm or kubeflow."""
-
-
-class LaunchError(RuntimeError):
-    """The launcher's environment is inconsistent; str() is the one line to show."""
-
-
 def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
-    """Normalise the launcher's environment variables into a DistEnv."""
-    env = os.environ if env is None else env
-    get = env.get
-
-    if "RANK" in env and "WORLD_SIZE" in env and "PET_NNODES" not in env or "TORCHELASTIC_RUN_ID" in env:
-        if "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env:
-            launcher = "accelerate"
-        elif "TORCHELASTIC_RUN_ID" in env:
-            launcher = "torchrun"
-        elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
-            launcher = "deepspeed"
-        elif "SLURM_PROCID" in env:
-            launcher = "slurm"  # srun with the sbatch script exporting RANK etc.
-        else:
-            launcher = "env"
-        world = int(get("WORLD_SIZE", 1))
-        local_world = int(get("LOCAL_WORLD_SIZE") or get("LOCAL_SIZE") or get("SLURM_NTASKS_PER_NODE") or world)
-        nodes = int(get("GROUP_WORLD_SIZE") or get("CROSS_SIZE") or get("SLURM_NNODES") or max(1, world // local_world))
-        return DistEnv(int(get("RANK", 0)), world, int(get("LOCAL_RANK", 0)), local_world, nodes,
-                       get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", 29500)), launcher)
-
-    if "PET_NNODES" in env:
-        # A PyTorchJob pod started without torchrun: RANK is the pod (node) index and
-        # WORLD_SIZE is pods x nprocPerNode, so one process per pod is all that can run.
-        nproc = get("PET_NPROC_PER_NODE", "1")
-        if nproc not in ("1", "auto"):
-            raise LaunchError(f"PET_NPROC_PER_NODE={nproc}: a PyTorchJob with nprocPerNode > 1 must run "
-                              "`torchrun ... -m dtrain train ...` as its command (torchrun reads PET_*)")
-        nodes = int(str(get("PET_NNODES")).split(":")[-1])
-        rank = int(get("PET_NODE_RANK") or get("RANK", 0))
-        return DistEnv(rank, nodes, 0, 1, nodes, get("MASTER_ADDR") or get("PET_MASTER_ADDR", "127.0.0.1"),
-                       int(get("MASTER_PORT") or get("PET_MASTER_PORT", 23456)), "kubeflow")
-
-    if "SLURM_PROCID" in env and int(get("SLURM_NTASKS", 1)) > 1:
-        # `srun python -m dtrain train ...`: one task per rank, rendezvous on the first node.
-        job = int(get("SLURM_JOB_ID", 0))
-        return DistEnv(int(get("SLURM_PROCID")), int(get("SLURM_NTASKS")), int(get("SLURM_LOCALID", 0)),
-                       int(get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]), int(get("SLURM_NNODES", 1)),
-                       get("MASTER_ADDR") or _slurm_head_node(env), int(get("MASTER_PORT") or 20000 + job % 20000),
-                       "slurm")
-
-    return DistEnv()
-
-
-def _slurm_head_node(env: Mapping[str, str]) -> str:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    if shutil.which("scontrol") and nodelist:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    if env.get("SLURM_LAUNCH_NODE_IPADDR"):
-        return env["SLURM_LAUNCH_NODE_IPADDR"]
-    raise LaunchError("SLURM: cannot find the head node; export MASTER_ADDR in the batch script")
+    """This process's launcher environment (`os.environ` by default) as a DistEnv."""
+    return environments.read_env(os.environ if env is None else env)
 
 
 def pick_device(local_rank: int) -> torch.device:

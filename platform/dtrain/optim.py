@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import OptimConfig
+from dtrain.protocols import LRInfo
 
 
 def scaled_lr(o: OptimConfig, global_batch: int) -> float:
@@ -87,8 +88,10 @@ def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(o, step, total_steps, peak_lr))
 
 
-def build(model: nn.Module, o: OptimConfig, global_batch: int, total_steps: int):
-    """(optimizer, scheduler, peak_lr) for `model` under section `o`."""
+def build(model: nn.Module, o: OptimConfig, global_batch: int,
+          total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, LRInfo]:
+    """(optimizer, scheduler, the LR it gets) for `model` under section `o`."""
     peak = scaled_lr(o, global_batch)
     opt = build_optimizer(param_groups(model, o), o, peak)
-    return opt, build_scheduler(opt, o, total_steps, peak), peak
+    info = LRInfo(peak=peak, base=o.lr, base_batch=o.base_batch_size, rule=o.scale_rule, warmup_steps=o.warmup_steps)
+    return opt, build_scheduler(opt, o, total_steps, peak), info

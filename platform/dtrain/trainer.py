@@ -28,10 +28,10 @@ import dtrain
 from dtrain import checkpoint, config, data, distributed, preemption, tracking
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import Config, ConfigError
-from dtrain.engine import DDPEngine
-from dtrain.norm import convert_sync_batchnorm
+from dtrain.engines import build_engines
 from dtrain.progress import Progress
-from dtrain.tasks import ModelSpec, Task, get_task
+from dtrain.protocols import Engine, Task
+from dtrain.tasks import get_task
 
 log = logging.getLogger("dtrain")
 
@@ -73,29 +73,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: data.BatchPlan,
-                  total_steps: int) -> dict[str, Any]:
-    """One engine per model; under fp16 the DDP engines share one GradScaler (one update per step)."""
-    world = distributed.world_size()
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    engines = {}
-    for name, spec in specs.items():
-        module = spec.module
-        if cfg.model.sync_bn and world > 1:
-            module = convert_sync_batchnorm(module, device)
-        steps = math.ceil(total_steps * spec.steps_per_step)
-        if cfg.engine == "deepspeed":
-            from dtrain.deepspeed_engine import DeepSpeedEngine
-
-            engines[name] = DeepSpeedEngine(module, cfg, spec.optim, device=device, plan=plan, total_steps=steps)
-        else:
-            engines[name] = DDPEngine(module, spec.optim, precision=cfg.precision, device=device,
-                                      global_batch=plan.global_batch, total_steps=steps,
-                                      broadcast_buffers=spec.broadcast_buffers, scaler=scaler)
-    return engines
-
-
-def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Any]) -> dict[str, Any]:
+def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
     try:  # the version only: importing deepspeed costs seconds and probes accelerators
         ds_version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
@@ -105,26 +83,27 @@ def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engine
         "dtrain.world_size": plan.world_size, "dtrain.nodes": env.num_nodes, "dtrain.backend": distributed.backend(),
         "dtrain.launcher": env.launcher, "dtrain.engine": first.name, "dtrain.precision": cfg.precision,
         "dtrain.global_batch": plan.global_batch, "dtrain.per_rank_batch": plan.per_rank,
-        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.peak_lr:.6g}",
-        "dtrain.scale_rule": first.scale_rule, "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe,
+        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.lr_info.peak:.6g}",
+        "dtrain.scale_rule": first.lr_info.rule, "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe,
         "dtrain.task": cfg.task, "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__,
         "dtrain.deepspeed": ds_version, "dtrain.python": platform.python_version(),
         "dtrain.device": str(first.device.type), "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
     }
     if len(engines) > 1:
-        tags.update({f"dtrain.scaled_lr_{n}": f"{e.peak_lr:.6g}" for n, e in engines.items()})
+        tags.update({f"dtrain.scaled_lr_{n}": f"{e.lr_info.peak:.6g}" for n, e in engines.items()})
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
 
 
-def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Any], total_steps: int) -> str:
+def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int) -> str:
     """The start line: world, batch split and the LR each optimizer really gets."""
     first = next(iter(engines.values()))
     lrs = " | ".join(
-        f"{'' if n == 'model' else n + ' '}peak lr {e.peak_lr:.6g} ({e.scale_rule} rule from {e.base_lr:g} @ "
-        f"{e.base_batch}, {e.warmup_steps} warmup steps)" for n, e in engines.items())
+        f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({e.lr_info.rule} rule from "
+        f"{e.lr_info.base:g} @ {e.lr_info.base_batch}, {e.lr_info.warmup_steps} warmup steps)"
+        for n, e in engines.items())
     return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
             f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
             f"{plan.accum} accum | {lrs} | {total_steps} steps")
@@ -136,7 +115,7 @@ def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Any], total_s
 class Checkpointer:
     """Knows where checkpoints live and when to write one; every rank calls it alike."""
 
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], state: TrainState, progress: Progress):
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, progress: Progress):
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
@@ -159,7 +138,7 @@ class Checkpointer:
 class Evaluator:
     """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""
 
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], loader, device: torch.device,
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader, device: torch.device,
                  tracker: tracking.NullTracker, progress: Progress):
         self.every = cfg.train.eval_every_steps
         self.task, self.engines, self.loader, self.device = task, engines, loader, device
@@ -251,7 +230,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     specs = task.models()
     for spec in specs.values():
         if spec.optim.warmup_epochs > 0:
-            spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.steps_per_step)
+            spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.optimizer_steps_per_step)
     engines = build_engines(cfg, specs, device, plan, total_steps)
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
 
@@ -313,7 +292,7 @@ class EarlyStop(Exception):
 class Loop:
     """The training loop and its parts. `run` returns the summary or raises EarlyStop / Preempted."""
 
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Any], loader, eval_dl, device: torch.device,
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader, eval_dl, device: torch.device,
                  plan: data.BatchPlan, micro: int, per_epoch: int, total_steps: int, state: TrainState,
                  tracker: tracking.NullTracker, progress: Progress):
         self.cfg, self.task, self.engines, self.loader, self.device = cfg, task, engines, loader, device
@@ -416,7 +395,7 @@ class Loop:
         summary = {
             "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
             "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank,
-            "grad_accum_steps": plan.accum, "lr": first.peak_lr, "scale_rule": first.scale_rule,
+            "grad_accum_steps": plan.accum, "lr": first.lr_info.peak, "scale_rule": first.lr_info.rule,
             "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
             "final_loss": self.final_loss, "eval": self.evaluator.last,
             "throughput": (state.samples_seen - self.steady_samples) / elapsed if elapsed > 0 else None,
@@ -446,7 +425,7 @@ def _refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
     distributed.barrier()
 
 
-def _resume(cfg: Config, task: Task, engines: dict[str, Any], state: TrainState, ckpt_root: Path) -> Path | None:
+def _resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
     """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
     if not cfg.resume or (cfg.resume == "auto" and not checkpoint.candidates(ckpt_root)):
         return None
@@ -494,7 +473,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
 
 
-def _write_outputs(cfg: Config, task: Task, engines: dict[str, Any], weights: dict[str, torch.Tensor],
+def _write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: dict[str, torch.Tensor],
                    summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)

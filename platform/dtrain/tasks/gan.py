@@ -21,7 +21,9 @@ Distributed choices (tested in tests/test_gan.py):
 - A lazy R1 step is a penalty-only backward; the R1 term does not reach D's last bias,
   so a zero-weighted term over D's output is added and DDP reduces every parameter.
 - fp16: penalty gradients follow the AMP recipe (scaled autograd.grad, unscale, penalty
-  under autocast); one GradScaler.update() per iteration shared by both optimizers.
+  under autocast); G and D share one precision object, whose GradScaler is updated once
+  per iteration after G's step, and between a critic step and the next use of the critic's
+  optimizer (GradScaler unscales an optimizer once per update).
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ from torch.utils.data import TensorDataset
 
 from dtrain import datasets, distributed, gan_eval
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, validate_optim
-from dtrain.engine import StepOutput
-from dtrain.tasks import ModelSpec, Task
+from dtrain.protocols import Engine, ModelSpec, StepOutput, Task
 
 
 @dataclass
@@ -272,10 +273,10 @@ class GANTask(Task):
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, engines, micro_batches):
+    def train_step(self, engines: dict[str, Engine], micro_batches: list) -> StepOutput:
         G, D = engines["g"], engines["d"]
         c = self.cfg.gan
-        scaler = getattr(G, "scaler", None)
+        scaler = G.precision.scaler
         z_dim = self.cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         d_ok = True
@@ -284,20 +285,20 @@ class GANTask(Task):
         for i, (real,) in enumerate(micro_batches):
             n = len(real)
             self.d_steps += 1
-            with torch.no_grad(), G.autocast():
+            with torch.no_grad(), G.precision.autocast():
                 fake = G.module(self._noise(0, self.d_steps, n, real.device, z_dim)).float()  # G not trained here
             eager_penalty = c.penalty != "none" and c.penalty_every == 1
             parts = [real.requires_grad_(c.penalty == "r1" and eager_penalty), fake]
             if c.penalty == "wgan_gp" and eager_penalty:
                 eps = self._noise(1, self.d_steps, n, real.device, *([1] * len(self.data_shape)), uniform=True)
                 parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
-            with D.autocast():
+            with D.precision.autocast():
                 out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
                 loss = d_loss(c.loss, out[:n], out[n:2 * n])
-            stats["loss_d"] = loss.detach()
+            stats["d_loss"] = loss.detach()
             if eager_penalty:
                 x, o = (parts[0], out[:n]) if c.penalty == "r1" else (parts[2], out[2 * n:])
-                with D.autocast():
+                with D.precision.autocast():
                     grads = input_gradients(o, x, scaler)
                     pen = grad_penalty_r1(grads) * c.penalty_weight / 2 if c.penalty == "r1" else \
                         grad_penalty_wgan_gp(grads) * c.penalty_weight
@@ -306,34 +307,42 @@ class GANTask(Task):
             D.backward(loss, 1)
             last = i == len(micro_batches) - 1
             lazy_now = c.penalty != "none" and c.penalty_every > 1 and self.d_steps % c.penalty_every == 0
-            # GradScaler unscales an optimizer once per update(): a penalty step right after this
-            # one needs the update in between. The iteration's last update is shared with G's.
-            norm_d, ok = D.step(update_scaler=not last or lazy_now)
+            norm_d, ok = D.step()
             d_ok &= ok
+            # GradScaler unscales an optimizer once per update(): the critic's next step (its
+            # penalty step, or the next critic update) needs one in between. The iteration's
+            # last update comes after G's step.
+            if not last or lazy_now:
+                D.precision.update()
             if lazy_now:
-                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats, update_scaler=not last)
+                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats)
+                if not last:
+                    D.precision.update()
 
         # ---- generator: D frozen and unwrapped, so no gradient or all-reduce for D's weights
         D.module.requires_grad_(False)
         self.g_steps += 1
         n = len(micro_batches[-1][0])
-        with G.autocast():
+        with G.precision.autocast():
             fake = G.model(self._noise(2, self.g_steps, n, micro_batches[-1][0].device, z_dim))
             loss_g = g_loss(c.loss, D.module(fake).float().flatten())
         G.backward(loss_g, 1)
         D.module.requires_grad_(True)
-        norm_g, g_ok = G.step(update_scaler=True)  # the one GradScaler.update() of this iteration
+        norm_g, g_ok = G.step()
+        G.precision.update()  # the iteration's last scaler update, shared by G and D
         self._update_ema(G.module)
 
-        stats["loss_g"] = loss_g.detach()
-        stats["grad_norm_g"] = norm_g.detach().to(stats["loss_g"].device)
-        return StepOutput(loss=stats.pop("loss_d"), grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
+        stats["g_loss"] = loss_g.detach()
+        stats["grad_norm_g"] = norm_g.detach().to(stats["g_loss"].device)
+        # train/loss is the critic's (the loop's loss); train/d_loss and train/g_loss name both.
+        return StepOutput(loss=stats["d_loss"], grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
 
-    def _lazy_penalty_step(self, D, real: torch.Tensor, scaler, stats, update_scaler: bool) -> bool:
+    def _lazy_penalty_step(self, D: Engine, real: torch.Tensor, scaler: torch.amp.GradScaler,
+                           stats: dict[str, torch.Tensor]) -> bool:
         """A penalty-only critic update (StyleGAN2's lazy R1), weighted by the interval."""
         c = self.cfg.gan
         x = real.requires_grad_(True)
-        with D.autocast():
+        with D.precision.autocast():
             out = D.model(x).float().flatten()
             pen = grad_penalty_r1(input_gradients(out, x, scaler)) * c.penalty_weight / 2 * c.penalty_every
             # R1 never reaches D's last bias; without this zero-weighted term that parameter gets
@@ -341,7 +350,7 @@ class GANTask(Task):
             loss = pen + 0.0 * out.sum()
         D.backward(loss, 1)
         stats["penalty"] = pen.detach()
-        return D.step(update_scaler=update_scaler)[1]
+        return D.step()[1]
 
     @torch.no_grad()
     def _update_ema(self, g: nn.Module) -> None:

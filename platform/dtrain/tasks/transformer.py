@@ -335,6 +335,20 @@ class TransformerTask(Task):
             out["mfu"] = mfu
         return out
 
+    def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
+                      seed: int) -> str:
+        """`dtrain sample`: continue `prompt` with the run's model.pt and vocab.json."""
+        for name in ("model.pt", "vocab.json"):
+            if not (run_dir / name).exists():
+                raise ConfigError("run", str(run_dir), f"has no {name} (is the run finished?)")
+        vocab = Vocab(json.loads((run_dir / "vocab.json").read_text())[1:])
+        model = CharTransformer(self.cfg.model, len(vocab))
+        model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+        model.eval()
+        torch.manual_seed(seed)
+        idx = vocab.encode(prompt or "\n").unsqueeze(0)
+        return vocab.decode(model.generate(idx, tokens, temperature, top_k)[0].tolist())
+
     def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:
         """vocab.json beside model.pt, so `dtrain sample` needs nothing else."""
         path = out_dir / "vocab.json"
