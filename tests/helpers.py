@@ -48,6 +48,20 @@ def spawn(fn, world: int, *args) -> None:
         mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True)
 
 
+def _dtrain_modules() -> list[str]:
+    import pkgutil
+
+    import dtrain as package
+
+    return ["dtrain", *(m.name for m in pkgutil.walk_packages(package.__path__, "dtrain."))]
+
+
+# -W's module field is matched literally, so every module of dtrain is named: a deprecation
+# raised from dtrain's own code is an error in the ranks the tests start, as in pytest itself.
+STRICT_WARNINGS = ",".join(f"error::{kind}:{m}" for m in _dtrain_modules()
+                           for kind in ("FutureWarning", "DeprecationWarning"))
+
+
 def env_for_cli(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))}
@@ -55,11 +69,12 @@ def env_for_cli(**extra: str) -> dict[str, str]:
     # Console scripts (torchrun, accelerate, deepspeed, dtrain) of the interpreter running the tests.
     env["PATH"] = os.pathsep.join([str(Path(PY).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = STRICT_WARNINGS
     env.update(extra)
     return env
 
 
-def dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+def run_dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     """`dtrain ARGS` as one process, or `dtrain train` under torchrun with `nproc` ranks on
     loopback, built by the same function as `dtrain train --nproc-per-node` (same environment)."""
     if nproc:
@@ -118,6 +133,7 @@ class MlflowServer:
         self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.log = None
 
     def start(self, timeout: float = 90) -> "MlflowServer":
         import time
@@ -147,4 +163,5 @@ class MlflowServer:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the web worker is a child: take the group
             self.proc.wait()
-        self.log.close()
+        if self.log is not None:
+            self.log.close()

@@ -7,12 +7,12 @@ import torch
 
 from dtrain.datasets import digits
 from dtrain.tasks.cnn import ResNet
-from helpers import ROOT, check, dtrain
+from helpers import ROOT, check, run_dtrain
 
 
 def test_default_recipe_two_ranks(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"],
+    proc = check(run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"],
                         cwd=tmp_path, nproc=2))
     out = tmp_path / "runs" / "cnn_digits"
     s = json.loads((out / "summary.json").read_text())

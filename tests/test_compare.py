@@ -10,7 +10,7 @@ import json
 import mlflow
 import pytest
 
-from helpers import ROOT, check, dtrain
+from helpers import ROOT, check, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # LR tuned for batch 32; the same number of epochs (= samples) for every run; 5 warmup epochs
@@ -27,14 +27,14 @@ def parity(tmp_path_factory):
     for name, nproc, extra in [("1x32", 0, ["data.global_batch_size=32"]),
                                ("2x256-linear", 2, ["data.global_batch_size=256"]),
                                ("2x256-none", 2, ["data.global_batch_size=256", "optim.scale_rule=none"])]:
-        check(dtrain(["train", RECIPE, *COMMON, *extra, f"tracking.uri={uri}", f"tracking.run_name={name}",
+        check(run_dtrain(["train", RECIPE, *COMMON, *extra, f"tracking.uri={uri}", f"tracking.run_name={name}",
                       f"output_dir={root / name}"], cwd=root, nproc=nproc))
         ids[name] = json.loads((root / name / "summary.json").read_text())["run_id"]
     return root, uri, ids
 
 
 def compare(root, uri, *args):
-    return dtrain(["compare", "--uri", uri, "--output", str(root / "cmp"), *args], cwd=root)
+    return run_dtrain(["compare", "--uri", uri, "--output", str(root / "cmp"), *args], cwd=root)
 
 
 def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
@@ -86,7 +86,7 @@ def test_compare_bad_input_is_one_line(parity):
 def test_sweep_world_sizes_one_two_four(tmp_path):
     """4 ranks on a 2-core machine: slow, but it must work."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10",
+    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10",
                          "tracking.log_every=5", "train.eval_every_steps=10", f"tracking.uri={uri}",
                          "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"], cwd=tmp_path))
     report = json.loads((tmp_path / "sweep" / "comparison" / "comparison.json").read_text())

@@ -8,7 +8,7 @@ from dtrain import cli, config
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.cnn import CNNConfig
-from helpers import ROOT, dtrain
+from helpers import ROOT, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
@@ -90,7 +90,7 @@ def test_missing_and_malformed_recipe(tmp_path, capsys):
 
 def test_bad_input_multi_rank_launch_is_one_line(tmp_path):
     """`dtrain train --nproc-per-node 2` validates before torchrun starts any rank."""
-    proc = dtrain(["train", RECIPE, "--nproc-per-node", "2", "data.global_batch_size=63"], cwd=tmp_path)
+    proc = run_dtrain(["train", RECIPE, "--nproc-per-node", "2", "data.global_batch_size=63"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("dtrain: error: data.global_batch_size=63: must be divisible by world size x "
                                    "data.grad_accum_steps = 2 x 1 (e.g. 2, 4, 6)"), proc.stderr
@@ -100,7 +100,7 @@ def test_bad_input_multi_rank_launch_is_one_line(tmp_path):
 def test_bad_input_under_raw_torchrun(tmp_path):
     """Under a bare torchrun every rank refuses before training; only rank 0 prints our line
     (torchrun's agent then adds its own failure report, which is torchrun's, not ours)."""
-    proc = dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
+    proc = run_dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
     assert proc.returncode != 0
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dtrain:") or l.startswith("dtrain[")]
     assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr

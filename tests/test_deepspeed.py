@@ -8,7 +8,7 @@ from dtrain.tasks import load_config
 from dtrain.data import BatchPlan
 from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import ROOT, check, dtrain, load_params, max_param_diff
+from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
 
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -25,7 +25,7 @@ def lm(tmp_path_factory):
     def run(name: str, *overrides: str, recipe: str = LM, base=TINY):
         out = root / name
         if not (out / "model.pt").exists() or "resume=auto" in overrides:
-            check(dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=2))
+            check(run_dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=2))
         return out
 
     return run
@@ -84,7 +84,7 @@ def test_config_is_derived_from_the_recipe():
 
 
 def test_value_clipping_is_refused_with_deepspeed(tmp_path):
-    proc = dtrain(["train", LM, *TINY, "engine=deepspeed", "optim.clip_grad_value=1.0"], cwd=tmp_path)
+    proc = run_dtrain(["train", LM, *TINY, "engine=deepspeed", "optim.clip_grad_value=1.0"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("dtrain: error: optim.clip_grad_value=1.0: not supported with "
                                                     "engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")

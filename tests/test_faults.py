@@ -23,7 +23,7 @@ from dtrain.tasks import load_config
 from dtrain.engines.precision import AmpPrecision
 from dtrain.steps import evaluate
 from dtrain.tasks.cnn import CNNTask
-from helpers import PY, ROOT, check, dtrain, env_for_cli, load_params, max_param_diff, torchrun_cmd, torchrun_env
+from helpers import PY, ROOT, check, run_dtrain, env_for_cli, load_params, max_param_diff, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # The BN-free MLP on digits, without augmentation (its shifts come from each rank's own RNG):
@@ -51,17 +51,17 @@ def test_rerun_never_deletes_checkpoints(tmp_path):
     out = tmp_path / "out"
     args = ["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=6", "checkpoint.every_steps=3",
             f"output_dir={out}"]
-    check(dtrain(args, cwd=tmp_path))
+    check(run_dtrain(args, cwd=tmp_path))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    again = dtrain(args, cwd=tmp_path)  # the same command twice: the most common thing a user does
+    again = run_dtrain(args, cwd=tmp_path)  # the same command twice: the most common thing a user does
     assert again.returncode == 2
     assert one_line(again) == (f"dtrain: error: output_dir={str(out)!r}: holds checkpoints of an earlier run (newest "
                                "step_00000006); continue it with resume=auto, or start over with another output_dir "
                                "or checkpoint.overwrite=true")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    proc = check(dtrain([*args, "resume=auto", "train.max_steps=9"], cwd=tmp_path))
+    proc = check(run_dtrain([*args, "resume=auto", "train.max_steps=9"], cwd=tmp_path))
     assert "resumed at step 6" in proc.stdout
-    proc = check(dtrain([*args, "checkpoint.overwrite=true"], cwd=tmp_path))  # starting over, on purpose
+    proc = check(run_dtrain([*args, "checkpoint.overwrite=true"], cwd=tmp_path))  # starting over, on purpose
     assert "resumed" not in proc.stdout and "removed 2 checkpoint(s)" in proc.stderr
 
 
@@ -105,7 +105,7 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["dtrain.preempted_at_step"] == str(step)
 
-    proc = check(dtrain(["train", *args, "resume=auto"], cwd=tmp_path, nproc=2))
+    proc = check(run_dtrain(["train", *args, "resume=auto"], cwd=tmp_path, nproc=2))
     assert f"resumed at step {step} from step_{step:08d}" in proc.stdout
     run = client.get_run(run.info.run_id)  # the same run, continued and finished
     assert run.info.status == "FINISHED"
@@ -132,7 +132,7 @@ def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
 def three_checkpoints(tmp_path_factory):
     """One short run with checkpoints at steps 4, 8 and 12, copied fresh for each test."""
     root = tmp_path_factory.mktemp("ckpts")
-    check(dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=12",
+    check(run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=12",
                   "checkpoint.every_steps=4", "checkpoint.keep=3", f"output_dir={root / 'out'}"], cwd=root))
     return root / "out"
 
@@ -148,7 +148,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpo
     state = ckpts / "step_00000012" / "model" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a crash
     shutil.rmtree(ckpts / "step_00000008" / "model")  # an engine folder missing
-    proc = check(dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=14",
+    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=14",
                          "resume=auto", f"output_dir={out}"], cwd=tmp_path))
     warned = [line for line in proc.stderr.splitlines() if "resume: skipping" in line]
     assert len(warned) == 2 and "step_00000012" in warned[0] and "step_00000008" in warned[1], proc.stderr
@@ -159,7 +159,7 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, t
     out = _copy(three_checkpoints, tmp_path / "out")
     for folder in (out / "checkpoints").glob("step_*"):
         (folder / "trainer.pt").write_bytes(b"truncated")
-    proc = dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"],
+    proc = run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"],
                   cwd=tmp_path)
     assert proc.returncode == 2
     line = one_line(proc)
@@ -171,7 +171,7 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, t
                                              (["task=cnn"], "holds a different model")], ids=["width", "task"])
 def test_checkpoint_of_another_model_is_one_line(three_checkpoints, tmp_path, overrides, names):
     out = _copy(three_checkpoints, tmp_path / "out")
-    proc = dtrain(["train", RECIPE, *overrides, "tracking.enabled=false", f"resume={out / 'checkpoints'}",
+    proc = run_dtrain(["train", RECIPE, *overrides, "tracking.enabled=false", f"resume={out / 'checkpoints'}",
                    f"output_dir={out}"], cwd=tmp_path)
     assert proc.returncode == 2
     assert names in one_line(proc)
@@ -194,7 +194,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
     out = small_disk / "out"
     args = ["train", RECIPE, *FAULTY, "train.max_steps=12", "checkpoint.every_steps=4", f"tracking.uri={uri}",
             "tracking.experiment=full", f"output_dir={out}"]
-    proc = dtrain([*args, "model.fault=fill_disk:0:6"], cwd=tmp_path, nproc=2, timeout=240)
+    proc = run_dtrain([*args, "model.fault=fill_disk:0:6"], cwd=tmp_path, nproc=2, timeout=240)
     assert proc.returncode == 1
     line = one_line(proc)
     assert line.startswith("dtrain: error: checkpoint at step 8 not written: ") and "No space left on device" in line
@@ -205,7 +205,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
     (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id])
     assert run.info.status == "FAILED"
     (out / "filler").unlink()  # space again: the job continues from the last good checkpoint
-    proc = check(dtrain([*args, "resume=auto"], cwd=tmp_path, nproc=2))
+    proc = check(run_dtrain([*args, "resume=auto"], cwd=tmp_path, nproc=2))
     assert "resumed at step 4 from step_00000004" in proc.stdout
 
 
@@ -215,7 +215,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
 def test_error_on_one_rank_ends_every_rank_promptly(tmp_path):
     """A data file missing on one node: that rank's line, and no rank waits for the timeout."""
     t0 = time.time()
-    proc = dtrain(["train", RECIPE, *FAULTY, "model.fault=unreadable:1:0", "train.collective_timeout_s=300",
+    proc = run_dtrain(["train", RECIPE, *FAULTY, "model.fault=unreadable:1:0", "train.collective_timeout_s=300",
                    "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=240)
     assert proc.returncode != 0 and time.time() - t0 < 120
     line = one_line(proc)
@@ -225,7 +225,7 @@ def test_error_on_one_rank_ends_every_rank_promptly(tmp_path):
 
 def test_exception_in_user_code_on_one_rank_ends_the_job_with_its_traceback(tmp_path):
     t0 = time.time()
-    proc = dtrain(["train", RECIPE, *FAULTY, "model.fault=raise:1:3", "train.collective_timeout_s=300",
+    proc = run_dtrain(["train", RECIPE, *FAULTY, "model.fault=raise:1:3", "train.collective_timeout_s=300",
                    "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=240)
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert "RuntimeError: boom in user code on rank 1 at step 3" in proc.stderr  # torchrun's summary names it
@@ -249,7 +249,7 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): a forward is a
     collective. Every rank runs 2 evaluation forwards and the 359 samples count once each."""
     ds = '{"zero_optimization": {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}}'
-    proc = check(dtrain(["train", RECIPE, *FAULTY, "engine=deepspeed", "deepspeed.zero_stage=3",
+    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "engine=deepspeed", "deepspeed.zero_stage=3",
                          f"deepspeed.config={ds}", "model.eval_size=359", "data.eval_batch_size=179",
                          "train.max_steps=4", "train.collective_timeout_s=120", "tracking.enabled=false",
                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=300))
@@ -267,9 +267,9 @@ def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     common = ["train", RECIPE, *FAULTY, "train.max_steps=25", "train.max_nonfinite_steps=3",
               "tracking.log_every=5", "checkpoint.every_steps=0", "optim.clip_grad_norm=1.0"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    check(dtrain([*common, "engine=deepspeed", "deepspeed.zero_stage=0", f"tracking.uri={uri}",
+    check(run_dtrain([*common, "engine=deepspeed", "deepspeed.zero_stage=0", f"tracking.uri={uri}",
                   "tracking.experiment=z0", f"output_dir={tmp_path / 'ds'}"], cwd=tmp_path, nproc=2, timeout=300))
-    check(dtrain([*common, "tracking.enabled=false", f"output_dir={tmp_path / 'ddp'}"], cwd=tmp_path, nproc=2))
+    check(run_dtrain([*common, "tracking.enabled=false", f"output_dir={tmp_path / 'ddp'}"], cwd=tmp_path, nproc=2))
     s = json.loads((tmp_path / "ds" / "summary.json").read_text())
     norms = [m.value for m in mlflow.MlflowClient(uri).get_metric_history(s["run_id"], "train/grad_norm")]
     assert len(norms) == 5 and all(0 < n < 1e3 for n in norms), norms
@@ -280,7 +280,7 @@ def test_without_syncbn_the_metric_is_of_the_saved_model(tmp_path):
     """model.sync_bn=false on 2 ranks: each rank's BatchNorm statistics drift apart; the
     reported metric must be exactly that of model.pt (rank 0's buffers)."""
     out = tmp_path / "out"
-    check(dtrain(["train", RECIPE, "model.sync_bn=false", "train.max_steps=30", "train.eval_every_steps=0",
+    check(run_dtrain(["train", RECIPE, "model.sync_bn=false", "train.max_steps=30", "train.eval_every_steps=0",
                   "tracking.enabled=false", f"output_dir={out}"], cwd=tmp_path, nproc=2))
     reported = json.loads((out / "summary.json").read_text())["eval"]
     cfg = load_config(out / "config.yaml")
@@ -298,14 +298,14 @@ def test_resume_on_another_world_size(tmp_path):
     """2 ranks for 20 steps, then 1 rank to 40: the same parameters as 2 ranks for 40 (the
     BN-free MLP: the math allows it exactly, up to float reassociation)."""
     common = ["train", RECIPE, *FAULTY, "train.max_steps=40", "tracking.enabled=false", "checkpoint.every_steps=0"]
-    check(dtrain([*common, f"output_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2))
-    check(dtrain([*common, "train.stop_at_step=20", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path, nproc=2))
-    proc = check(dtrain([*common, "resume=auto", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path))
+    check(run_dtrain([*common, f"output_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2))
+    check(run_dtrain([*common, "train.stop_at_step=20", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path, nproc=2))
+    proc = check(run_dtrain([*common, "resume=auto", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path))
     assert "resumed at step 20" in proc.stdout and "per-rank random streams are re-derived" in proc.stderr
     a, b = load_params(tmp_path / "straight" / "model.pt"), load_params(tmp_path / "moved" / "model.pt")
     assert max_param_diff(a, b) < 1e-5
     # A global batch that changed would change what a step means: one line, not a silent drift.
-    proc = dtrain([*common, "resume=auto", "data.global_batch_size=128", f"output_dir={tmp_path / 'moved'}"],
+    proc = run_dtrain([*common, "resume=auto", "data.global_batch_size=128", f"output_dir={tmp_path / 'moved'}"],
                   cwd=tmp_path)
     assert proc.returncode == 2 and "the checkpoint was trained with 64 and 1" in one_line(proc)
 
@@ -317,7 +317,7 @@ def test_transformer_resume_on_other_text_is_one_line(tmp_path):
     common = ["train", str(ROOT / "recipes" / "transformer_charlm.yaml"), "tracking.enabled=false",
               "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16",
               "data.global_batch_size=8", "data.max_chars=0", f"output_dir={tmp_path / 'out'}"]
-    check(dtrain([*common, f"data.path={text_a}", "train.max_steps=3"], cwd=tmp_path))
-    proc = dtrain([*common, f"data.path={text_b}", "train.max_steps=6", "resume=auto"], cwd=tmp_path)
+    check(run_dtrain([*common, f"data.path={text_a}", "train.max_steps=3"], cwd=tmp_path))
+    proc = run_dtrain([*common, f"data.path={text_b}", "train.max_steps=6", "resume=auto"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "its vocabulary" in one_line(proc) and "differs from the checkpoint's" in one_line(proc)

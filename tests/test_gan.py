@@ -14,7 +14,7 @@ from dtrain import data, gan_eval
 from dtrain.tasks import load_config
 from dtrain.tasks import gan
 from dtrain.engines import build_engines
-from helpers import ROOT, check, dtrain, load_params, max_param_diff, spawn
+from helpers import ROOT, check, run_dtrain, load_params, max_param_diff, spawn
 
 RING = str(ROOT / "recipes" / "gan_ring.yaml")
 DIGITS = str(ROOT / "recipes" / "gan_digits.yaml")
@@ -98,8 +98,8 @@ def test_penalty_only_backward_without_zero_term_breaks_ddp():
 def test_two_ranks_match_one_rank(tmp_path):
     common = ["tracking.enabled=false", "train.max_steps=20", "data.global_batch_size=64", "train.eval_every_steps=0",
               "checkpoint.every_steps=0", "gan.penalty=r1", "model.spectral_norm_d=true"]
-    check(dtrain(["train", RING, *common, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
-    check(dtrain(["train", RING, *common, f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2))
+    check(run_dtrain(["train", RING, *common, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
+    check(run_dtrain(["train", RING, *common, f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2))
     one, two = load_params(tmp_path / "one" / "model.pt"), load_params(tmp_path / "two" / "model.pt")
     assert max_param_diff(one, two, buffers=True) < 1e-5  # model.pt: G-EMA
     for name in ("g", "d"):  # the trained G and D themselves, from the final checkpoint

@@ -7,7 +7,7 @@ tests can fail.
 
 import pytest
 
-from helpers import ROOT, check, dtrain, load_params, max_param_diff
+from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 COMMON = ["tracking.enabled=false", "train.max_steps=30", "data.augment=false", "checkpoint.every_steps=0",
@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
 
     def run(name: str, nproc: int, *overrides: str):
         if not (root / name / "model.pt").exists():
-            check(dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", *overrides], cwd=root, nproc=nproc))
+            check(run_dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", *overrides], cwd=root, nproc=nproc))
         return load_params(root / name / "model.pt")
 
     return run

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from helpers import PY, ROOT, check, dtrain, env_for_cli, free_port, load_params, max_param_diff
+from helpers import PY, ROOT, check, run_dtrain, env_for_cli, free_port, load_params, max_param_diff
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 FAST = ["tracking.enabled=false", "train.max_steps=12", "data.augment=false", "checkpoint.every_steps=0",
@@ -33,7 +33,7 @@ def run_two_agents(cmds: list[list[str]], cwd, env=None) -> None:
 @pytest.fixture(scope="module")
 def single_node(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    check(dtrain(["train", CNN, *FAST, f"output_dir={root / 'out'}"], cwd=root, nproc=2))
+    check(run_dtrain(["train", CNN, *FAST, f"output_dir={root / 'out'}"], cwd=root, nproc=2))
     return load_params(root / "out" / "model.pt")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dtrain import checkpoint
-from helpers import ROOT, check, dtrain, load_params, max_param_diff
+from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # Mid-epoch stop (22 steps per epoch at batch 64), augmentation and SyncBN on: the sampler
@@ -22,7 +22,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
 
     def run(name: str, *overrides: str, expect_ok: bool = True):
-        proc = dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", f"tracking.uri={uri}",
+        proc = run_dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", f"tracking.uri={uri}",
                        f"tracking.experiment={name}", *overrides], cwd=root, nproc=2)
         return check(proc) if expect_ok else proc
 
@@ -72,7 +72,7 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "checkpoints" / "step_00000005"
     (bad / "model").mkdir(parents=True)
     (bad / "trainer.pt").write_bytes(b"not a checkpoint")
-    proc = dtrain(["train", RECIPE, "tracking.enabled=false", f"resume={bad}", f"output_dir={tmp_path / 'out'}"],
+    proc = run_dtrain(["train", RECIPE, "tracking.enabled=false", f"resume={bad}", f"output_dir={tmp_path / 'out'}"],
                   cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
@@ -80,7 +80,7 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
 
 
 def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
-    check(dtrain(["train", RECIPE, "tracking.enabled=false", "train.max_steps=12", "checkpoint.every_steps=3",
+    check(run_dtrain(["train", RECIPE, "tracking.enabled=false", "train.max_steps=12", "checkpoint.every_steps=3",
                   "checkpoint.keep=2", "data.global_batch_size=32", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
     root = tmp_path / "out" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000009", "step_00000012"]

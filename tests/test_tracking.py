@@ -10,7 +10,7 @@ import time
 import mlflow
 import pytest
 
-from helpers import PY, ROOT, MlflowServer, check, dtrain, env_for_cli
+from helpers import PY, ROOT, check, run_dtrain, env_for_cli
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
@@ -19,18 +19,11 @@ def warnings_in(stderr: str) -> list[str]:
     return [l for l in stderr.splitlines() if "MLflow tracking" in l]
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = MlflowServer(tmp_path).start()
-    yield s
-    s.stop()
-
-
-def test_two_ranks_into_a_real_mlflow_server(server, tmp_path):
-    check(dtrain(["train", RECIPE, "train.max_steps=30", "tracking.log_every=10", f"tracking.uri={server.uri}",
+def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
+    check(run_dtrain(["train", RECIPE, "train.max_steps=30", "tracking.log_every=10", f"tracking.uri={mlflow_server.uri}",
                   "tracking.experiment=http", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    client = mlflow.MlflowClient(server.uri)  # read back over HTTP, as the UI does
+    client = mlflow.MlflowClient(mlflow_server.uri)  # read back over HTTP, as the UI does
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["dtrain.world_size"] == "2"
     assert run.data.params["data.global_batch_size"] == "64"
@@ -41,7 +34,7 @@ def test_two_ranks_into_a_real_mlflow_server(server, tmp_path):
 
 
 def test_unreachable_store_warns_once_and_trains(tmp_path):
-    proc = check(dtrain(["train", RECIPE, "train.max_steps=20", "tracking.uri=http://127.0.0.1:9",
+    proc = check(run_dtrain(["train", RECIPE, "train.max_steps=20", "tracking.uri=http://127.0.0.1:9",
                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
     assert len(warnings_in(proc.stderr)) == 1, proc.stderr
     assert "unavailable, training without it" in warnings_in(proc.stderr)[0]
@@ -58,7 +51,7 @@ def test_silent_store_host_costs_seconds_not_retries(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes handshakes; nobody ever reads or replies
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        proc = check(dtrain(["train", RECIPE, "train.max_steps=10", f"tracking.uri={uri}",
+        proc = check(run_dtrain(["train", RECIPE, "train.max_steps=10", f"tracking.uri={uri}",
                              f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
     (warning,) = warnings_in(proc.stderr)
     assert "unavailable, training without it: no answer within 5s" in warning, proc.stderr
@@ -82,11 +75,11 @@ def _start(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_store_dying_mid_run_warns_once_and_training_finishes(server, tmp_path):
-    proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={server.uri}",
+def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp_path):
+    proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={mlflow_server.uri}",
                    "tracking.experiment=dies", f"output_dir={tmp_path / 'out'}"], tmp_path)
-    _wait_for_running_run(server.uri, "dies")
-    server.stop()
+    _wait_for_running_run(mlflow_server.uri, "dies")
+    mlflow_server.stop()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert len(warnings_in(err)) == 1 and "failed (training continues" in warnings_in(err)[0], err
@@ -108,7 +101,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
 def test_training_failure_marks_the_run_failed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # An absurd LR with no clipping blows the weights up: the gradient becomes non-finite.
-    proc = dtrain(["train", RECIPE, "optim.lr=1e12", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3",
+    proc = run_dtrain(["train", RECIPE, "optim.lr=1e12", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3",
                    "train.max_steps=200", f"tracking.uri={uri}", "tracking.experiment=fails",
                    f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr

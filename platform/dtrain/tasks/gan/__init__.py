@@ -29,190 +29,22 @@ Distributed choices (tested in tests/test_gan.py):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.data import TensorDataset
 
 from dtrain import datasets, distributed, gan_eval
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, validate_optim
 from dtrain.protocols import Engine, ModelSpec, StepOutput, Task
+from dtrain.tasks.gan.config import GANConfig, GanDataConfig, GanModelConfig, GanSection
+from dtrain.tasks.gan.losses import d_loss, g_loss, grad_penalty_r1, grad_penalty_wgan_gp, input_gradients
+from dtrain.tasks.gan.networks import MLP, DCDiscriminator, DCGenerator
 
-
-@dataclass
-class GanDataConfig(DataConfig):
-    dataset: Literal["ring", "grid", "digits"] = "ring"
-    """ring: 8 Gaussians on a circle; grid: 25 on a 5x5 grid; digits: scikit-learn's 8x8 digits."""
-    num_samples: int = 100_000
-    """2-D points generated from the seed (one epoch)."""
-    global_batch_size: int = 256
-
-
-@dataclass
-class GanModelConfig(ModelConfig):
-    z_dim: int = 16
-    hidden_g: int = 256
-    hidden_d: int = 256
-    layers_g: int = 3
-    layers_d: int = 3
-    channels: int = 64
-    """DCGAN base width (digits)."""
-    spectral_norm_d: bool = True
-    spectral_norm_g: bool = False
-
-
-@dataclass
-class GanSection:
-    loss: Literal["wgan", "hinge", "nonsaturating"] = "hinge"
-    n_critic: int = 1
-    """Critic updates per generator update."""
-    penalty: Literal["none", "wgan_gp", "r1"] = "none"
-    penalty_weight: float = 10.0
-    """lambda of wgan_gp, gamma of r1."""
-    penalty_every: int = 1
-    """Lazy regularisation: a separate penalty-only critic step every k critic steps, weighted
-    by k (StyleGAN2). 1: the penalty is part of every critic loss."""
-    ema_decay: float = 0.999
-    """EMA of G's weights, used for evaluation and samples. 0: evaluate G itself."""
-    standing_stats_batches: int = 16
-    """Before sampling, the EMA G's BatchNorm statistics are re-estimated over this many
-    batches of its own activations ("standing statistics", BigGAN): G's running statistics,
-    gathered with other weights, do not fit the averaged ones. 0: copy G's."""
-    eval_samples: int = 2500
-
-
-def _adam(lr: float) -> OptimConfig:
-    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), base_batch_size=256, scale_rule="sqrt",
-                       schedule="constant", warmup_steps=0)
-
-
-@dataclass
-class GANConfig(Config):
-    task: str = "gan"
-    data: GanDataConfig = field(default_factory=GanDataConfig)
-    model: GanModelConfig = field(default_factory=GanModelConfig)
-    gan: GanSection = field(default_factory=GanSection)
-    optim_g: OptimConfig = field(default_factory=lambda: _adam(1e-4))
-    """The generator's optimizer (TTUR: G slower than D by default)."""
-    optim_d: OptimConfig = field(default_factory=lambda: _adam(4e-4))
-    """The critic's optimizer."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.optim != OptimConfig():
-            raise ConfigError("optim", "...", "a GAN recipe sets optim_g and optim_d (two optimizers), not optim")
-        validate_optim(self.optim_g, "optim_g")
-        validate_optim(self.optim_d, "optim_d")
-        if self.data.grad_accum_steps != 1:
-            raise ConfigError("data.grad_accum_steps", self.data.grad_accum_steps, "must be 1 for a GAN")
-        for key in ("n_critic", "penalty_every", "eval_samples"):
-            if getattr(self.gan, key) < 1:
-                raise ConfigError(f"gan.{key}", getattr(self.gan, key), "must be >= 1")
-        if not 0 <= self.gan.ema_decay < 1:
-            raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
-        if self.gan.standing_stats_batches < 0:
-            raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
-        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
-            raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
-
-
-# --------------------------------------------------------------------------- models
-
-
-def _sn(layer: nn.Module, on: bool) -> nn.Module:
-    return spectral_norm(layer) if on else layer
-
-
-class MLP(nn.Module):
-    def __init__(self, d_in: int, d_out: int, hidden: int, layers: int, act: nn.Module, sn: bool):
-        super().__init__()
-        dims = [d_in] + [hidden] * layers
-        body = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            body += [_sn(nn.Linear(a, b), sn), copy.deepcopy(act)]
-        self.net = nn.Sequential(*body, _sn(nn.Linear(dims[-1], d_out), sn))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class DCGenerator(nn.Module):
-    """z -> 2x2 -> 4x4 -> 8x8 with transposed convolutions, BatchNorm, tanh output."""
-
-    def __init__(self, z_dim: int, ch: int, sn: bool):
-        super().__init__()
-        self.fc = _sn(nn.Linear(z_dim, 4 * ch * 2 * 2), sn)
-        self.net = nn.Sequential(
-            nn.BatchNorm2d(4 * ch), nn.ReLU(),
-            _sn(nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1), sn), nn.BatchNorm2d(2 * ch), nn.ReLU(),
-            _sn(nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), sn), nn.BatchNorm2d(ch), nn.ReLU(),
-            _sn(nn.Conv2d(ch, 1, 3, 1, 1), sn), nn.Tanh())
-        self.ch = ch
-
-    def forward(self, z):
-        return self.net(self.fc(z).view(-1, 4 * self.ch, 2, 2))
-
-
-class DCDiscriminator(nn.Module):
-    """8x8 -> 4x4 -> 2x2 with strided convolutions (no pooling) and LeakyReLU, no BatchNorm."""
-
-    def __init__(self, ch: int, sn: bool):
-        super().__init__()
-        act = nn.LeakyReLU(0.2)
-        self.net = nn.Sequential(
-            _sn(nn.Conv2d(1, ch, 3, 1, 1), sn), act,
-            _sn(nn.Conv2d(ch, 2 * ch, 4, 2, 1), sn), act,
-            _sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), sn), act,
-            nn.Flatten(), _sn(nn.Linear(4 * ch * 2 * 2, 1), sn))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    if kind == "hinge":
-        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    if kind == "wgan":
-        return fake.mean() - real.mean()
-    return F.softplus(-real).mean() + F.softplus(fake).mean()  # nonsaturating: -log D(x) - log(1 - D(G(z)))
-
-
-def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
-    if kind in ("hinge", "wgan"):
-        return -fake.mean()
-    return F.softplus(-fake).mean()  # nonsaturating: -log D(G(z))
-
-
-def input_gradients(out: torch.Tensor, x: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    """d sum(out) / dx with create_graph, for penalties. Under fp16 the AMP recipe: take the
-    gradient of the *scaled* output (no underflow), then unscale it."""
-    if scaler is not None and scaler.is_enabled():
-        (g,) = torch.autograd.grad(scaler.scale(out.sum()), x, create_graph=True)
-        return g / scaler.get_scale()
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return g
-
-
-def grad_penalty_wgan_gp(grads: torch.Tensor) -> torch.Tensor:
-    """Gulrajani et al. 2017: (||grad D(x_hat)||_2 - 1)^2 on interpolates x_hat."""
-    return (grads.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
-
-
-def grad_penalty_r1(grads: torch.Tensor) -> torch.Tensor:
-    """Mescheder et al. 2018: ||grad D(x)||_2^2 on reals (the task applies gamma / 2)."""
-    return grads.flatten(1).pow(2).sum(1).mean()
-
-
-# --------------------------------------------------------------------------- task
+__all__ = ["GANConfig", "GanDataConfig", "GanModelConfig", "GanSection", "GANTask", "MLP", "DCGenerator",
+           "DCDiscriminator", "d_loss", "g_loss", "grad_penalty_r1", "grad_penalty_wgan_gp", "input_gradients",
+           "noise_seed"]
 
 
 def noise_seed(seed: int, stream: int, step: int) -> int:
@@ -220,7 +52,6 @@ def noise_seed(seed: int, stream: int, step: int) -> int:
     SeedSequence hashes the whole entropy tuple, so streams never overlap the way a linear
     mix (seed * a + stream * b + step) does once step reaches b."""
     return int(np.random.SeedSequence([seed, stream, step]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-
 
 
 class GANTask(Task):
