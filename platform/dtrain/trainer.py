@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import dtrain
 from dtrain import checkpoint, config, data, distributed, preemption, tracking
@@ -205,16 +206,26 @@ class MetricsWindow:
 # --------------------------------------------------------------------------- fit
 
 
-def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
-    """Train `cfg` on this rank (the process group is already up). Returns the summary (rank 0)."""
-    world, rank = distributed.world_size(), distributed.rank()
-    main = rank == 0
-    plan = data.plan_batches(cfg, world)
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    _refuse_to_overwrite(cfg, ckpt_root)
+@dataclass
+class Parts:
+    """Everything a recipe names, built alike on every rank."""
 
-    # ---------------------------------------------------------------- data, models, engines
+    task: Task
+    plan: data.BatchPlan
+    loader: DataLoader
+    eval_loader: DataLoader
+    micro: int
+    """Loader batches per training step."""
+    per_epoch: int
+    """Training steps per epoch."""
+    total_steps: int
+    engines: dict[str, Engine]
+
+
+def build(cfg: Config, device: torch.device) -> Parts:
+    """The task, its data sharded for this rank, and one engine per model."""
+    world, rank = distributed.world_size(), distributed.rank()
+    plan = data.plan_batches(cfg, world)
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
     loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, device.type == "cuda")
@@ -233,50 +244,57 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.optimizer_steps_per_step)
     engines = build_engines(cfg, specs, device, plan, total_steps)
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
+    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines)
 
-    state = TrainState(world_size=world, global_batch=plan.global_batch, grad_accum=plan.accum)
-    resumed_from = _resume(cfg, task, engines, state, ckpt_root)
-    if main:
+
+def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: TrainState) -> tracking.NullTracker:
+    """Rank 0 opens (or, resuming, reopens) the MLflow run; every rank learns its id."""
+    tracker: tracking.NullTracker = tracking.NullTracker()
+    if distributed.is_main():
+        params = config.flatten(config.to_dict(cfg))
+        tracker = tracking.start(cfg, params, run_tags(cfg, env, parts.plan, parts.engines),
+                                 run_id=state.run_id or None)
+        state.run_id = tracker.run_id or state.run_id
+    state.run_id = distributed.broadcast_object(state.run_id)
+    return tracker
+
+
+def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
+    """Train `cfg` on this rank (the process group is already up). Returns the summary (rank 0)."""
+    out_dir = Path(cfg.output_dir)
+    _refuse_to_overwrite(cfg, out_dir / "checkpoints")
+    parts = build(cfg, device)
+    state = TrainState(world_size=parts.plan.world_size, global_batch=parts.plan.global_batch,
+                       grad_accum=parts.plan.accum)
+    resumed_from = _resume(cfg, parts.task, parts.engines, state, out_dir / "checkpoints")
+    if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         config.dump_yaml(cfg, out_dir / "config.yaml")
-
-    # ---------------------------------------------------------------- tracking
-    tracker: tracking.NullTracker = tracking.NullTracker()
-    if main:
-        params = config.flatten(config.to_dict(cfg))
-        tracker = tracking.start(cfg, params, run_tags(cfg, env, plan, engines), run_id=state.run_id or None)
-        if tracker.run_id:
-            state.run_id = tracker.run_id
-    state.run_id = distributed.broadcast_object(state.run_id)
-
-    progress = Progress(total_steps, state.step, main)
-    progress.write(describe(cfg, plan, engines, total_steps)
+    tracker = start_tracking(cfg, env, parts, state)
+    progress = Progress(parts.total_steps, state.step, distributed.is_main())
+    progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps)
                    + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
 
     status = "FAILED"
-    loop = Loop(cfg, task, engines, loader, eval_dl, device, plan, micro, per_epoch, total_steps, state,
-                tracker, progress)
     try:
         with preemption.at_step_boundaries():
-            summary = loop.run()
-        weights = task.final_state_dict(engines)  # collective under ZeRO-3
-        if main:
+            summary = Loop(cfg, parts, device, state, tracker, progress).run()
+        weights = parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3
+        if distributed.is_main():
             summary["run_id"] = state.run_id
-            _write_outputs(cfg, task, engines, weights, summary, out_dir, tracker)
+            _write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
     except EarlyStop:  # train.stop_at_step: checkpointed, to be resumed
-        progress.write(f"stopped after step {state.step} of {total_steps} (train.stop_at_step); "
-                       f"resume=auto continues from {ckpt_root}")
+        progress.write(f"stopped after step {state.step} of {parts.total_steps} (train.stop_at_step); "
+                       f"resume=auto continues from {out_dir / 'checkpoints'}")
         tracker.set_tags({"dtrain.stopped_at_step": state.step})
         status = "KILLED"
         return {}
-    except Preempted as p:
-        tracker.set_tags({"dtrain.preempted_at_step": p.step, "dtrain.preempted_by": p.signum})
-        status = "KILLED"
-        raise
-    except KeyboardInterrupt:
+    except (Preempted, KeyboardInterrupt) as e:
+        if isinstance(e, Preempted):
+            tracker.set_tags({"dtrain.preempted_at_step": e.step, "dtrain.preempted_by": e.signum})
         status = "KILLED"
         raise
     finally:
@@ -292,19 +310,18 @@ class EarlyStop(Exception):
 class Loop:
     """The training loop and its parts. `run` returns the summary or raises EarlyStop / Preempted."""
 
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader, eval_dl, device: torch.device,
-                 plan: data.BatchPlan, micro: int, per_epoch: int, total_steps: int, state: TrainState,
+    def __init__(self, cfg: Config, parts: Parts, device: torch.device, state: TrainState,
                  tracker: tracking.NullTracker, progress: Progress):
-        self.cfg, self.task, self.engines, self.loader, self.device = cfg, task, engines, loader, device
-        self.plan, self.micro, self.per_epoch, self.total_steps, self.state = plan, micro, per_epoch, total_steps, state
-        self.tracker, self.progress = tracker, progress
-        self.checkpointer = Checkpointer(cfg, task, engines, state, progress)
-        self.evaluator = Evaluator(cfg, task, engines, eval_dl, device, tracker, progress)
+        self.cfg, self.task, self.engines, self.loader, self.device = cfg, parts.task, parts.engines, parts.loader, device
+        self.plan, self.micro, self.per_epoch = parts.plan, parts.micro, parts.per_epoch
+        self.total_steps, self.state, self.tracker, self.progress = parts.total_steps, state, tracker, progress
+        self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress)
+        self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress)
         self.window = MetricsWindow(cfg.tracking.log_every)
-        self.samples_per_step = plan.per_rank * plan.world_size * micro
+        self.samples_per_step = self.plan.per_rank * self.plan.world_size * self.micro
         self.bad_steps = 0
         self.final_loss = float("nan")
-        self.steady_from = state.step + min(5, max(0, total_steps - state.step - 1))
+        self.steady_from = state.step + min(5, max(0, self.total_steps - state.step - 1))
         self.steady_t, self.steady_samples = 0.0, 0
 
     def done(self) -> bool:

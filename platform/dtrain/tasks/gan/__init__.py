@@ -106,57 +106,33 @@ class GANTask(Task):
 
     def train_step(self, engines: dict[str, Engine], micro_batches: list) -> StepOutput:
         G, D = engines["g"], engines["d"]
-        c = self.cfg.gan
-        scaler = G.precision.scaler
-        z_dim = self.cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
-        d_ok = True
 
         # ---- critic: n_critic updates, each on a new batch of reals
+        d_ok = True
         for i, (real,) in enumerate(micro_batches):
-            n = len(real)
-            self.d_steps += 1
-            with torch.no_grad(), G.precision.autocast():
-                fake = G.module(self._noise(0, self.d_steps, n, real.device, z_dim)).float()  # G not trained here
-            eager_penalty = c.penalty != "none" and c.penalty_every == 1
-            parts = [real.requires_grad_(c.penalty == "r1" and eager_penalty), fake]
-            if c.penalty == "wgan_gp" and eager_penalty:
-                eps = self._noise(1, self.d_steps, n, real.device, *([1] * len(self.data_shape)), uniform=True)
-                parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
-            with D.precision.autocast():
-                out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
-                loss = d_loss(c.loss, out[:n], out[n:2 * n])
-            stats["d_loss"] = loss.detach()
-            if eager_penalty:
-                x, o = (parts[0], out[:n]) if c.penalty == "r1" else (parts[2], out[2 * n:])
-                with D.precision.autocast():
-                    grads = input_gradients(o, x, scaler)
-                    pen = grad_penalty_r1(grads) * c.penalty_weight / 2 if c.penalty == "r1" else \
-                        grad_penalty_wgan_gp(grads) * c.penalty_weight
-                loss = loss + pen
-                stats["penalty"] = pen.detach()
-            D.backward(loss, 1)
-            last = i == len(micro_batches) - 1
-            lazy_now = c.penalty != "none" and c.penalty_every > 1 and self.d_steps % c.penalty_every == 0
-            norm_d, ok = D.step()
+            norm_d, ok = self._critic_step(G, D, real, stats)
             d_ok &= ok
+            last = i == len(micro_batches) - 1
+            lazy_now = self.cfg.gan.penalty != "none" and 1 < self.cfg.gan.penalty_every and \
+                self.d_steps % self.cfg.gan.penalty_every == 0
             # GradScaler unscales an optimizer once per update(): the critic's next step (its
             # penalty step, or the next critic update) needs one in between. The iteration's
             # last update comes after G's step.
             if not last or lazy_now:
                 D.precision.update()
             if lazy_now:
-                d_ok &= self._lazy_penalty_step(D, real.detach(), scaler, stats)
+                d_ok &= self._lazy_penalty_step(D, real.detach(), G.precision.scaler, stats)
                 if not last:
                     D.precision.update()
 
         # ---- generator: D frozen and unwrapped, so no gradient or all-reduce for D's weights
         D.module.requires_grad_(False)
         self.g_steps += 1
-        n = len(micro_batches[-1][0])
+        real = micro_batches[-1][0]
         with G.precision.autocast():
-            fake = G.model(self._noise(2, self.g_steps, n, micro_batches[-1][0].device, z_dim))
-            loss_g = g_loss(c.loss, D.module(fake).float().flatten())
+            fake = G.model(self._noise(2, self.g_steps, len(real), real.device, self.cfg.model.z_dim))
+            loss_g = g_loss(self.cfg.gan.loss, D.module(fake).float().flatten())
         G.backward(loss_g, 1)
         D.module.requires_grad_(True)
         norm_g, g_ok = G.step()
@@ -167,6 +143,33 @@ class GANTask(Task):
         stats["grad_norm_g"] = norm_g.detach().to(stats["g_loss"].device)
         # train/loss is the critic's (the loop's loss); train/d_loss and train/g_loss name both.
         return StepOutput(loss=stats["d_loss"], grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
+
+    def _critic_step(self, G: Engine, D: Engine, real: torch.Tensor,
+                     stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """One critic update on reals and G's fakes (+ the penalty when not lazy)."""
+        c, n = self.cfg.gan, len(real)
+        self.d_steps += 1
+        with torch.no_grad(), G.precision.autocast():  # G not trained here
+            fake = G.module(self._noise(0, self.d_steps, n, real.device, self.cfg.model.z_dim)).float()
+        eager_penalty = c.penalty != "none" and c.penalty_every == 1
+        parts = [real.requires_grad_(c.penalty == "r1" and eager_penalty), fake]
+        if c.penalty == "wgan_gp" and eager_penalty:
+            eps = self._noise(1, self.d_steps, n, real.device, *([1] * len(self.data_shape)), uniform=True)
+            parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
+        with D.precision.autocast():
+            out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
+            loss = d_loss(c.loss, out[:n], out[n:2 * n])
+        stats["d_loss"] = loss.detach()
+        if eager_penalty:
+            x, o = (parts[0], out[:n]) if c.penalty == "r1" else (parts[2], out[2 * n:])
+            with D.precision.autocast():
+                grads = input_gradients(o, x, G.precision.scaler)
+                pen = (grad_penalty_r1(grads) * c.penalty_weight / 2 if c.penalty == "r1"
+                       else grad_penalty_wgan_gp(grads) * c.penalty_weight)
+            loss = loss + pen
+            stats["penalty"] = pen.detach()
+        D.backward(loss, 1)
+        return D.step()
 
     def _lazy_penalty_step(self, D: Engine, real: torch.Tensor, scaler: torch.amp.GradScaler,
                            stats: dict[str, torch.Tensor]) -> bool:
