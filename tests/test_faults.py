@@ -318,6 +318,8 @@ def test_transformer_resume_on_other_text_is_one_line(tmp_path):
               "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16",
               "data.global_batch_size=8", "data.max_chars=0", f"output_dir={tmp_path / 'out'}"]
     check(run_dtrain([*common, f"data.path={text_a}", "train.max_steps=3"], cwd=tmp_path))
+    sampled = check(run_dtrain(["sample", str(tmp_path / "out"), "--prompt", "def ", "--tokens", "20"], cwd=tmp_path))
+    assert sampled.stdout.startswith("def ") and len(sampled.stdout.rstrip("\n")) == 24  # sampling: the task's
     proc = run_dtrain([*common, f"data.path={text_b}", "train.max_steps=6", "resume=auto"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "its vocabulary" in one_line(proc) and "differs from the checkpoint's" in one_line(proc)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dtrain import distributed
+from dtrain.fileio import atomic_write, first_line
 
 log = logging.getLogger("dtrain")
 
@@ -48,23 +49,6 @@ class ResumeRefused(CheckpointError):
 
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (disk full, I/O error); str() is the one line to show."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception as one short line (its message's first line, else its type)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename over `path`: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:

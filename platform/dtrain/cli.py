@@ -36,6 +36,7 @@ def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from dtrain import allocator, data, distributed, preemption
     from dtrain.config import ConfigError
+    from dtrain.fileio import first_line
     from dtrain.tasks import load_config
 
     try:
@@ -66,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         device = distributed.init(env, cfg.train.collective_timeout_s)
     except Exception as e:  # rendezvous failures: name the endpoint, not a stack
         _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
-              f"of {env.world_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              f"of {env.world_size}: {first_line(e)}",
               EXIT_FAILED, env.rank, every_rank=True)
     clean = False
     try:

@@ -19,6 +19,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from dtrain.fileio import atomic_write
+
 
 class ConfigError(ValueError):
     """Bad input. `str()` is the one line the user sees."""
@@ -401,7 +403,5 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

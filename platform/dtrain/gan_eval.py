@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dtrain.fileio import atomic_write
+
 # --------------------------------------------------------------------------- 2-D mixtures
 
 
@@ -134,9 +136,7 @@ def digits_classifier(train_x: torch.Tensor, train_y: torch.Tensor) -> DigitsCla
     with torch.no_grad():
         model.scale.copy_(model.body(train_x).std())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # concurrent ranks write the same bytes; the rename is atomic
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))  # ranks write the same bytes
     return model.eval()
 
 

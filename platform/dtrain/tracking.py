@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dtrain.fileio import first_line
+
 log = logging.getLogger("dtrain")
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default: one store in the launch directory
@@ -131,7 +133,7 @@ class MlflowTracker(NullTracker):
         if not self._warned:
             self._warned = True
             log.warning("MLflow tracking at %s failed (training continues, later errors are not shown): %s",
-                        self.uri, str(msg).splitlines()[0][:300] if str(msg) else type(msg).__name__)
+                        self.uri, first_line(msg) if isinstance(msg, BaseException) else str(msg)[:300])
 
     def _work(self) -> None:
         _lower_thread_priority()
@@ -261,6 +263,6 @@ def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None)
         return MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or tags.get("dtrain.run_label", ""),
                              params, tags, run_id=run_id, system_metrics=cfg.tracking.system_metrics)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, first)
         return NullTracker()
