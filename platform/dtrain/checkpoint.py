@@ -188,16 +188,15 @@ def latest(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def resolve(resume: str, root: Path) -> Path | None:
+def resolve(resume: str, root: Path) -> Path:
     """An explicit `resume` path -> checkpoint folder (a checkpoints/ folder: its newest)."""
     p = Path(resume)
     if p.is_file():
         p = p.parent
-    if (p / LATEST).exists() or list(p.glob("step_*")):
-        p = latest(p)  # a checkpoints/ folder was given: take its newest
-    if p is None or not p.is_dir():
+    newest = latest(p) if (p / LATEST).exists() or list(p.glob("step_*")) else p  # a checkpoints/ folder: its newest
+    if newest is None or not newest.is_dir():
         raise CheckpointError(f"resume={resume!r}: no checkpoint there")
-    return p
+    return newest
 
 
 def clear(root: Path) -> int:

@@ -68,26 +68,26 @@ class GANTask(Task):
             # memorisation shows as train scores well above the held-out ones.
             self.real_reference, self.train_reference = test.tensors[0], train.tensors[0]
             return TensorDataset(train.tensors[0]), test
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        points = gan_eval.sample_mixture(d.dataset, d.num_samples, g)
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        points = gan_eval.sample_mixture(d.dataset, d.num_samples, rng)
         self.data_shape = (2,)
-        return TensorDataset(points), TensorDataset(gan_eval.sample_mixture(d.dataset, 1000, g))
+        return TensorDataset(points), TensorDataset(gan_eval.sample_mixture(d.dataset, 1000, rng))
 
     def models(self) -> dict[str, ModelSpec]:
-        m, g = self.cfg.model, self.cfg.gan
+        m, gan = self.cfg.model, self.cfg.gan
         if self.cfg.data.dataset == "digits":
             gen, disc = DCGenerator(m.z_dim, m.channels, m.spectral_norm_g), DCDiscriminator(m.channels, m.spectral_norm_d)
         else:
             gen = MLP(m.z_dim, 2, m.hidden_g, m.layers_g, nn.ReLU(), m.spectral_norm_g)
             disc = MLP(2, 1, m.hidden_d, m.layers_d, nn.LeakyReLU(0.2), m.spectral_norm_d)
-        self.ema = copy.deepcopy(gen).eval().requires_grad_(False) if g.ema_decay > 0 else None
+        self.ema = copy.deepcopy(gen).eval().requires_grad_(False) if gan.ema_decay > 0 else None
         self.d_steps = self.g_steps = 0
-        lazy = g.penalty != "none" and g.penalty_every > 1
+        lazy = gan.penalty != "none" and gan.penalty_every > 1
         return {
             # G's BatchNorm buffers differ per rank unless synchronised: then DDP broadcasts them.
             "g": ModelSpec(gen, self.cfg.optim_g, 1, broadcast_buffers=not m.sync_bn),
             # D's only buffers are spectral norm's u/v: deterministic from equal weights.
-            "d": ModelSpec(disc, self.cfg.optim_d, g.n_critic * (1 + (1 / g.penalty_every if lazy else 0)),
+            "d": ModelSpec(disc, self.cfg.optim_d, gan.n_critic * (1 + (1 / gan.penalty_every if lazy else 0)),
                            broadcast_buffers=False),
         }
 
@@ -98,9 +98,9 @@ class GANTask(Task):
                uniform: bool = False) -> torch.Tensor:
         """This rank's slice of a global-batch draw seeded by (seed, stream, step)."""
         world, rank = distributed.world_size(), distributed.rank()
-        g = torch.Generator().manual_seed(noise_seed(self.cfg.seed, stream, step))
+        rng = torch.Generator().manual_seed(noise_seed(self.cfg.seed, stream, step))
         draw = torch.rand if uniform else torch.randn
-        return draw(n_local * world, *shape, generator=g)[rank::world].to(device)
+        return draw(n_local * world, *shape, generator=rng)[rank::world].to(device)
 
     # ------------------------------------------------------------------ the step
 
@@ -147,25 +147,25 @@ class GANTask(Task):
     def _critic_step(self, G: Engine, D: Engine, real: torch.Tensor,
                      stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """One critic update on reals and G's fakes (+ the penalty when not lazy)."""
-        c, n = self.cfg.gan, len(real)
+        gan, n = self.cfg.gan, len(real)
         self.d_steps += 1
         with torch.no_grad(), G.precision.autocast():  # G not trained here
             fake = G.module(self._noise(0, self.d_steps, n, real.device, self.cfg.model.z_dim)).float()
-        eager_penalty = c.penalty != "none" and c.penalty_every == 1
-        parts = [real.requires_grad_(c.penalty == "r1" and eager_penalty), fake]
-        if c.penalty == "wgan_gp" and eager_penalty:
+        eager_penalty = gan.penalty != "none" and gan.penalty_every == 1
+        parts = [real.requires_grad_(gan.penalty == "r1" and eager_penalty), fake]
+        if gan.penalty == "wgan_gp" and eager_penalty:
             eps = self._noise(1, self.d_steps, n, real.device, *([1] * len(self.data_shape)), uniform=True)
             parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
         with D.precision.autocast():
             out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
-            loss = d_loss(c.loss, out[:n], out[n:2 * n])
+            loss = d_loss(gan.loss, out[:n], out[n:2 * n])
         stats["d_loss"] = loss.detach()
         if eager_penalty:
-            x, o = (parts[0], out[:n]) if c.penalty == "r1" else (parts[2], out[2 * n:])
+            x, o = (parts[0], out[:n]) if gan.penalty == "r1" else (parts[2], out[2 * n:])
             with D.precision.autocast():
                 grads = input_gradients(o, x, G.precision.scaler)
-                pen = (grad_penalty_r1(grads) * c.penalty_weight / 2 if c.penalty == "r1"
-                       else grad_penalty_wgan_gp(grads) * c.penalty_weight)
+                pen = (grad_penalty_r1(grads) * gan.penalty_weight / 2 if gan.penalty == "r1"
+                       else grad_penalty_wgan_gp(grads) * gan.penalty_weight)
             loss = loss + pen
             stats["penalty"] = pen.detach()
         D.backward(loss, 1)
@@ -174,11 +174,11 @@ class GANTask(Task):
     def _lazy_penalty_step(self, D: Engine, real: torch.Tensor, scaler: torch.amp.GradScaler,
                            stats: dict[str, torch.Tensor]) -> bool:
         """A penalty-only critic update (StyleGAN2's lazy R1), weighted by the interval."""
-        c = self.cfg.gan
+        gan = self.cfg.gan
         x = real.requires_grad_(True)
         with D.precision.autocast():
             out = D.model(x).float().flatten()
-            pen = grad_penalty_r1(input_gradients(out, x, scaler)) * c.penalty_weight / 2 * c.penalty_every
+            pen = grad_penalty_r1(input_gradients(out, x, scaler)) * gan.penalty_weight / 2 * gan.penalty_every
             # R1 never reaches D's last bias; without this zero-weighted term that parameter gets
             # no gradient, and DDP (find_unused_parameters=False) would not reduce it in step.
             loss = pen + 0.0 * out.sum()
