@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from dtrain.cli import torchrun_cmd, torchrun_env
+from dtrain.distributed import shutdown
 from dtrain.config import Config
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 
@@ -35,8 +36,7 @@ def _entry(rank: int, world: int, store: str, fn, args) -> None:
     # A file store, not a TCP port: no port to race for between tests.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     fn(rank, world, *args)
-    dist.barrier()  # no rank tears down gloo while another still has work in flight
-    dist.destroy_process_group()
+    shutdown()  # the CLI's teardown: barrier, destroy, then wait until every rank has destroyed
 
 
 def spawn(fn, world: int, *args) -> None:

@@ -256,6 +256,11 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
     ev = json.loads((tmp_path / "out" / "summary.json").read_text())["eval"]
     assert ev["samples"] == 359 and ev["forwards_rank0"] == ev["forwards_rank1"] == 2, ev
     assert "samples 359 " in proc.stdout  # an integer prints as one
+    # ZeRO state is partitioned per rank: resuming it on 1 rank is refused in one line.
+    proc = run_dtrain(["train", RECIPE, *FAULTY, "engine=deepspeed", "deepspeed.zero_stage=3", "train.max_steps=6",
+                       "tracking.enabled=false", "resume=auto", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "written by 2 DeepSpeed rank(s), this job has 1" in one_line(proc)
 
 
 # --------------------------------------------------------------------------- combinations

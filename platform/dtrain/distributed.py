@@ -136,15 +136,32 @@ def init_single_process_group(device: torch.device) -> None:
 
 
 def shutdown(clean: bool = True) -> None:
-    """Tear the process group down. After a clean finish, ranks first wait for each other:
-    a gloo rank whose peer closes its connections while it still talks aborts (SIGABRT).
-    After an error the peers may be gone, so no barrier is attempted."""
+    """Tear the process group down. After a clean finish, ranks first wait for each other,
+    and then for every rank to have torn its group down before any exits: a gloo rank whose
+    peer's process closes its connections while it still holds them can abort (SIGABRT).
+    After an error the peers may be gone, so no waiting is attempted."""
     global _monitor
     if dist.is_initialized():
+        store = dist.distributed_c10d._get_default_store() if clean else None
+        world = dist.get_world_size()
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        if store is not None and world > 1:
+            exit_barrier(store, world)
     _monitor = None
+
+
+def exit_barrier(store: Any, world: int, key: str = "dtrain/exited", timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until all `world` ranks have passed this point, through the job's store
+    rather than the process group (already destroyed)."""
+    try:
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # the store's host has exited: nobody is left to wait for
+        pass
 
 
 def sync_buffers(module: torch.nn.Module) -> None:
