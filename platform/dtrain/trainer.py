@@ -14,20 +14,18 @@ import json
 import logging
 import math
 import platform
-import random
 import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import dtrain
-from dtrain import checkpoint, config, data, distributed, preemption, tracking
-from dtrain.checkpoint import CheckpointError
+from dtrain import checkpoint, config, data, distributed, preemption, resume, tracking
+from dtrain.resume import TrainState, seed_everything
 from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
 from dtrain.progress import Progress
@@ -47,31 +45,6 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"signal {signum} at step {step}")
         self.signum, self.step = signum, step
-
-
-@dataclass
-class TrainState:
-    """Where the loop is: saved in every checkpoint, restored on resume."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    """Loader batches of this epoch consumed per rank. Since per-rank batch x world size is
-    the global batch / accumulation, this count means the same samples at any world size."""
-    samples_seen: int = 0
-    initial_loss: float = float("nan")
-    run_id: str = ""
-    train_time_s: float = 0.0
-    world_size: int = 0
-    """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
-    global_batch: int = 0
-    grad_accum: int = 0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
@@ -262,11 +235,11 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
 def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
     """Train `cfg` on this rank (the process group is already up). Returns the summary (rank 0)."""
     out_dir = Path(cfg.output_dir)
-    _refuse_to_overwrite(cfg, out_dir / "checkpoints")
+    resume.refuse_to_overwrite(cfg, out_dir / "checkpoints")
     parts = build(cfg, device)
     state = TrainState(world_size=parts.plan.world_size, global_batch=parts.plan.global_batch,
                        grad_accum=parts.plan.accum)
-    resumed_from = _resume(cfg, parts.task, parts.engines, state, out_dir / "checkpoints")
+    resumed_from = resume.resume(cfg, parts.task, parts.engines, state, out_dir / "checkpoints")
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         config.dump_yaml(cfg, out_dir / "config.yaml")
@@ -421,64 +394,6 @@ class Loop:
             "peak_memory_mb": peak_memory_mb(self.device),
         }
         return summary | self.task.summary_extras(summary)
-
-
-# --------------------------------------------------------------------------- resume
-
-
-def _refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
-    """A fresh start never deletes an earlier run's checkpoints unless told to."""
-    if cfg.resume or not checkpoint.candidates(ckpt_root):
-        return
-    if not cfg.checkpoint.overwrite:
-        raise ConfigError("output_dir", cfg.output_dir,
-                          f"holds checkpoints of an earlier run (newest {checkpoint.latest(ckpt_root).name}); "
-                          "continue it with resume=auto, or start over with another output_dir or "
-                          "checkpoint.overwrite=true")
-    distributed.barrier()  # every rank has looked before rank 0 removes them
-    if distributed.is_main():
-        removed = checkpoint.clear(ckpt_root)
-        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, ckpt_root)
-    distributed.barrier()
-
-
-def _resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
-    """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
-    if not cfg.resume or (cfg.resume == "auto" and not checkpoint.candidates(ckpt_root)):
-        return None
-    world, rank = distributed.world_size(), distributed.rank()
-
-    def validate(client: dict[str, Any]) -> None:
-        saved = TrainState(**client["trainer"])
-        saved_world = saved.world_size or len(client["rng"])
-        if saved.global_batch and (saved.global_batch, saved.grad_accum) != (state.global_batch, state.grad_accum):
-            raise checkpoint.ResumeRefused(
-                f"data.global_batch_size={state.global_batch}, data.grad_accum_steps={state.grad_accum}: the "
-                f"checkpoint was trained with {saved.global_batch} and {saved.grad_accum}; resume with those")
-        if saved_world != world and cfg.engine == "deepspeed":
-            raise checkpoint.ResumeRefused(
-                f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: ZeRO state "
-                f"is partitioned per rank, so resume on {saved_world} rank(s)")
-        task.load_extra_state(client.get("task", {}))
-
-    try:
-        if cfg.resume == "auto":
-            folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
-        else:
-            folder = checkpoint.resolve(cfg.resume, ckpt_root)
-            client = checkpoint.load(folder, engines, validate)
-    except CheckpointError as e:
-        raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
-    saved = TrainState(**client["trainer"])
-    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s"):
-        setattr(state, key, getattr(saved, key))
-    if len(client["rng"]) == world:
-        checkpoint.set_rng_state(client["rng"][rank])
-    else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
-        log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
-                    "are re-derived", len(client["rng"]), world)
-        seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
-    return folder
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,0 +1,103 @@
+"""Where the loop is (`TrainState`, saved in every checkpoint) and how a job continues:
+a fresh start never deletes an earlier run's checkpoints unless told to; `resume` loads a
+checkpoint into the engines, the task and the state (falling back past broken ones under
+`resume=auto`), and refuses in one line what cannot continue (another global batch, ZeRO
+state on another world size)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain import checkpoint, distributed
+from dtrain.checkpoint import CheckpointError
+from dtrain.config import Config, ConfigError
+from dtrain.protocols import Engine, Task
+
+log = logging.getLogger("dtrain")
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Loader batches of this epoch consumed per rank. Since per-rank batch x world size is
+    the global batch / accumulation, this count means the same samples at any world size."""
+    samples_seen: int = 0
+    initial_loss: float = float("nan")
+    run_id: str = ""
+    train_time_s: float = 0.0
+    world_size: int = 0
+    """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
+    global_batch: int = 0
+    grad_accum: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
+    """A fresh start never deletes an earlier run's checkpoints unless told to."""
+    if cfg.resume or not checkpoint.candidates(ckpt_root):
+        return
+    if not cfg.checkpoint.overwrite:
+        raise ConfigError("output_dir", cfg.output_dir,
+                          f"holds checkpoints of an earlier run (newest {checkpoint.latest(ckpt_root).name}); "
+                          "continue it with resume=auto, or start over with another output_dir or "
+                          "checkpoint.overwrite=true")
+    distributed.barrier()  # every rank has looked before rank 0 removes them
+    if distributed.is_main():
+        removed = checkpoint.clear(ckpt_root)
+        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, ckpt_root)
+    distributed.barrier()
+
+
+def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
+    """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
+    if not cfg.resume or (cfg.resume == "auto" and not checkpoint.candidates(ckpt_root)):
+        return None
+    world, rank = distributed.world_size(), distributed.rank()
+
+    def validate(client: dict[str, Any]) -> None:
+        saved = TrainState(**client["trainer"])
+        saved_world = saved.world_size or len(client["rng"])
+        if saved.global_batch and (saved.global_batch, saved.grad_accum) != (state.global_batch, state.grad_accum):
+            raise checkpoint.ResumeRefused(
+                f"data.global_batch_size={state.global_batch}, data.grad_accum_steps={state.grad_accum}: the "
+                f"checkpoint was trained with {saved.global_batch} and {saved.grad_accum}; resume with those")
+        if saved_world != world and cfg.engine == "deepspeed":
+            raise checkpoint.ResumeRefused(
+                f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: ZeRO state "
+                f"is partitioned per rank, so resume on {saved_world} rank(s)")
+        task.load_extra_state(client.get("task", {}))
+
+    try:
+        if cfg.resume == "auto":
+            folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
+        else:
+            folder = checkpoint.resolve(cfg.resume, ckpt_root)
+            client = checkpoint.load(folder, engines, validate)
+    except CheckpointError as e:
+        raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
+    saved = TrainState(**client["trainer"])
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s"):
+        setattr(state, key, getattr(saved, key))
+    if len(client["rng"]) == world:
+        checkpoint.set_rng_state(client["rng"][rank])
+    else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
+        log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
+                    "are re-derived", len(client["rng"]), world)
+        seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
+    return folder
