@@ -75,11 +75,11 @@ def env_for_cli(**extra: str) -> dict[str, str]:
 
 
 def run_dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`dtrain ARGS` as one process, or `dtrain train` under torchrun with `nproc` ranks on
+    """`dtrain ARGS` as one process, or `dtrain train|check` under torchrun with `nproc` ranks on
     loopback, built by the same function as `dtrain train --nproc-per-node` (same environment)."""
     if nproc:
-        assert args[0] == "train", args
-        cmd, run_env = torchrun_cmd(nproc, args[1], args[2:]), torchrun_env(env_for_cli(**env))
+        assert args[0] in ("train", "check"), args
+        cmd, run_env = torchrun_cmd(nproc, args[1], args[2:], command=args[:1]), torchrun_env(env_for_cli(**env))
     else:
         cmd, run_env = [PY, "-m", "dtrain", *args], env_for_cli(**env)
     return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)

@@ -136,7 +136,7 @@ def load(folder: Path, engines: dict[str, Any],
          validate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Restore every engine from `folder` (after `validate(client state)`); returns the
     trainer's client state."""
-    client = load_file(folder / TRAINER)
+    client: dict[str, Any] = load_file(folder / TRAINER)
     if validate is not None:
         validate(client)
     for name, engine in engines.items():
@@ -146,7 +146,7 @@ def load(folder: Path, engines: dict[str, Any],
     return client
 
 
-def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict]:
+def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any]]:
     """`resume=auto`: the newest checkpoint under `root` that loads on every rank.
 
     A broken one (truncated file, missing engine folder, another model) is skipped with a
@@ -213,8 +213,8 @@ def clear(root: Path) -> int:
 
 def rng_state() -> dict[str, Any]:
     """This rank's RNG streams as tensors and plain values (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                        "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
     if torch.cuda.is_available():

@@ -2,8 +2,9 @@
 
 Bad input ends with one line on stderr and a non-zero exit, never a traceback:
 exit 2 for a bad recipe, override or launch environment; 1 when training fails.
-Each command imports what it needs when it runs, so `dtrain --version` and a bad recipe
-answer before torch is loaded.
+Each command imports the torch-side modules it needs when it runs (only `config` and
+`fileio`, which import no torch, load with this module), so `dtrain --version`, `--help` and
+a bad command line answer in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import dtrain
+from dtrain.config import Config, ConfigError
+from dtrain.fileio import first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -33,25 +37,31 @@ def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
     sys.exit(code)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from dtrain import allocator, data, distributed, preemption
-    from dtrain.config import ConfigError
-    from dtrain.fileio import first_line
+def _train_config(args: argparse.Namespace, rank: int, world_size: int) -> Config:
+    """The recipe with its overrides, validated (also against the world size), or exit 2."""
+    from dtrain import data
     from dtrain.tasks import load_config
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
+            # torchrun restarted the workers after a failure: continue, do not start over.
+            cfg.resume = "auto"
+        data.plan_batches(cfg, world_size)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT, rank)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dtrain import allocator, distributed, preemption
 
     try:
         env = distributed.read_env()
     except distributed.LaunchError as e:
         _fail(str(e), EXIT_BAD_INPUT)
     _setup_logging(env.rank)
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
-            # torchrun restarted the workers after a failure: continue, do not start over.
-            cfg.resume = "auto"
-        data.plan_batches(cfg, args.nproc_per_node or env.world_size)
-    except ConfigError as e:
-        _fail(str(e), EXIT_BAD_INPUT, env.rank)
+    cfg = _train_config(args, env.rank, args.nproc_per_node or env.world_size)
     if args.nproc_per_node and env.launcher == "single":
         _exec_torchrun(args)
 
@@ -88,11 +98,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         distributed.shutdown(clean)
 
 
-def _explain(e: BaseException, cfg, rank: int) -> tuple[str | None, int]:
+def _explain(e: BaseException, cfg: Config, rank: int) -> tuple[str | None, int]:
     """An exception of `fit` as (the one line to show, exit code); (None, 1) for a bug."""
     from dtrain import distributed
     from dtrain.checkpoint import CheckpointError, CheckpointWriteError
-    from dtrain.config import ConfigError
     from dtrain.trainer import TrainingError
 
     if isinstance(e, (ConfigError, CheckpointError)):
@@ -128,6 +137,42 @@ def _report(line: str, code: int, rank: int) -> None:
     sys.exit(code)
 
 
+def cmd_check(args: argparse.Namespace) -> None:
+    """`dtrain check`: the sanity checks of `dtrain.check`, on this process or under torchrun."""
+    from dtrain import distributed
+
+    try:
+        env = distributed.read_env()
+    except distributed.LaunchError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    _setup_logging(env.rank)
+    cfg = _train_config(args, env.rank, args.nproc_per_node or env.world_size)
+    from dtrain import check
+
+    try:
+        check.select(args.only)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT, env.rank)
+    if args.nproc_per_node and env.launcher == "single":
+        _exec_torchrun(args, ("check", f"--only={args.only}"))
+    try:
+        device = distributed.init(env, cfg.train.collective_timeout_s)
+    except Exception as e:
+        _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
+              f"of {env.world_size}: {first_line(e)}", EXIT_FAILED, env.rank, every_rank=True)
+    code, clean = EXIT_FAILED, False
+    try:
+        code, clean = check.run(cfg, device, args.only), True
+    except BaseException as e:
+        line, code = _explain(e, cfg, env.rank)
+        if line is None:
+            raise
+        _report(line, code, env.rank)
+    finally:
+        distributed.shutdown(clean)
+    sys.exit(code)
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from dtrain import compare, tracking
 
@@ -152,7 +197,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import subprocess
 
     from dtrain import data, tracking
-    from dtrain.config import ConfigError
     from dtrain.tasks import load_config
 
     try:
@@ -185,7 +229,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """Print what a trained run generates (a task with `generate_text`: the character LM)."""
-    from dtrain.config import ConfigError
     from dtrain.tasks import get_task, load_config
 
     out = Path(args.run)
@@ -202,10 +245,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(text)
 
 
-def torchrun_cmd(nproc: int, recipe: str, overrides: list[str], max_restarts: int = 0) -> list[str]:
-    """`dtrain train` on `nproc` ranks of this machine under torchrun."""
+def torchrun_cmd(nproc: int, recipe: str, overrides: list[str], max_restarts: int = 0,
+                 command: Sequence[str] = ("train",)) -> list[str]:
+    """`dtrain train` (or another `command`) on `nproc` ranks of this machine under torchrun."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "dtrain", "train", recipe, *overrides]
+            f"--max-restarts={max_restarts}", "-m", "dtrain", *command, recipe, *overrides]
 
 
 def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -216,11 +260,12 @@ def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
             "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", **(os.environ if base is None else base)}
 
 
-def _exec_torchrun(args: argparse.Namespace) -> None:
+def _exec_torchrun(args: argparse.Namespace, command: Sequence[str] = ("train",)) -> None:
     """`dtrain train --nproc-per-node N`: the recipe was validated above, in one process, so
     bad input never reaches torchrun (whose agent would add its own failure report)."""
     sys.stdout.flush()
-    os.execve(sys.executable, torchrun_cmd(args.nproc_per_node, args.recipe, args.overrides), torchrun_env())
+    cmd = torchrun_cmd(args.nproc_per_node, args.recipe, args.overrides, command=command)
+    os.execve(sys.executable, cmd, torchrun_env())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--target", type=float, default=None,
                        help="metric value for 'time to target' (default: baseline final minus the tolerance)")
         c.add_argument("--fail-on-gap", action="store_true", help="exit 1 when a run is outside the tolerance")
+
+    k = sub.add_parser("check", help="sanity checks before a long run: init loss, overfit a batch, batch "
+                                     "independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)")
+    k.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
+    k.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    k.add_argument("--only", default="", help="comma-separated check names (default: all)")
+    k.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N",
+                   help="run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
+    k.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser("compare", help="single- vs multi-GPU convergence, read back from MLflow")
     c.add_argument("--experiment", help="MLflow experiment whose runs to compare")

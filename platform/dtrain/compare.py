@@ -13,7 +13,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 KIND_TAG = "dtrain.kind"
 
@@ -43,7 +47,7 @@ class RunInfo:
     """metric -> [(samples seen, seconds since start, value)]"""
 
 
-def _history(client, run, key: str, global_batch: int) -> list[tuple[int, float, float]]:
+def _history(client: MlflowClient, run: Run, key: str, global_batch: int) -> list[tuple[int, float, float]]:
     start = run.info.start_time
     hist = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
     latest: dict[int, Any] = {}
@@ -52,11 +56,11 @@ def _history(client, run, key: str, global_batch: int) -> list[tuple[int, float,
     return [(step * global_batch, (m.timestamp - start) / 1000.0, m.value) for step, m in sorted(latest.items())]
 
 
-def load_runs(client, experiment: str | None, run_ids: list[str], metric: str) -> list[RunInfo]:
+def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str], metric: str) -> list[RunInfo]:
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
     else:
-        exp = client.get_experiment_by_name(experiment)
+        exp = client.get_experiment_by_name(experiment or "")
         if exp is None:
             raise CompareError(f"--experiment={experiment!r}: no such experiment in the tracking store")
         runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -121,7 +125,10 @@ def table(runs: list[RunInfo], metric: str) -> str:
              f"{r.wall_time_s:.1f}", f"{r.samples_per_s:.0f}", f"{r.final_train_loss:.4f}", f"{r.final_metric:.4f}",
              "-" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f}"] for r in runs]
     widths = [max(len(str(x)) for x in [c] + [row[i] for row in rows]) for i, c in enumerate(cols)]
-    line = lambda xs: "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))  # noqa: E731
+
+    def line(xs: list[Any]) -> str:
+        return "  ".join(str(x).rjust(w) for x, w in zip(xs, widths))
+
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

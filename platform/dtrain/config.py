@@ -231,7 +231,7 @@ def _non_negative(section: Any, prefix: str, *names: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def read_raw(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def read_raw(recipe: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Recipe YAML with `a.b=c` overrides applied, still untyped (the task it names picks the
     config class: `dtrain.tasks.load_config`)."""
     raw = read_recipe(recipe)
@@ -243,14 +243,14 @@ def read_raw(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[s
 
 def build(cls: type[Config], raw: dict[str, Any]) -> Config:
     """The validated config of class `cls` (a task's `config_class`) from a raw recipe."""
-    cfg = from_dict(cls, raw)
+    cfg: Config = from_dict(cls, raw)
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.recipe)
     cfg.validate()
     return cfg
 
 
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("recipe", str(path), "no such file (pass a YAML recipe, e.g. recipes/cnn_digits.yaml)")
@@ -303,7 +303,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         if name not in raw:
             continue
         tp, key = hints[name], f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, raw[name], key + ".")
         else:
             kwargs[name] = convert(raw[name], tp, key)
@@ -387,7 +387,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    out: dict[str, Any] = plain(dataclasses.asdict(cfg))
+    return out
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -401,7 +402,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
+def dump_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write the resolved config atomically, so a reader never sees half a file."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -15,7 +15,7 @@ all-reduced: every sample counted exactly once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -42,10 +42,10 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(g, g // (world_size * a), a, world_size)
 
 
-class ResumableDistributedSampler(DistributedSampler):
+class ResumableDistributedSampler(DistributedSampler[int]):
     """DistributedSampler that can start part-way into an epoch (exact mid-epoch resume)."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset: Dataset[Any], num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.start_index = 0
 
@@ -74,8 +74,8 @@ class ExactShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_loader(ds: Dataset, plan: BatchPlan, rank: int, seed: int, num_workers: int,
-                 pin_memory: bool) -> DataLoader:
+def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_workers: int,
+                 pin_memory: bool) -> DataLoader[Any]:
     sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed)
     # drop_last: every rank runs the same number of equal micro-batches, so no rank waits
     # in an all-reduce the others never enter, and batch statistics stay world-size invariant.
@@ -86,18 +86,19 @@ def train_loader(ds: Dataset, plan: BatchPlan, rank: int, seed: int, num_workers
                       generator=torch.Generator().manual_seed(seed + rank))
 
 
-def eval_loader(ds: Dataset, batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(ds), world_size, rank),
+def eval_loader(ds: Dataset[Any], batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader[Any]:
+    return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(cast(Sized, ds)), world_size, rank),
                       num_workers=num_workers)
 
 
-def steps_per_epoch(loader: DataLoader, accum: int) -> int:
+def steps_per_epoch(loader: DataLoader[Any], accum: int) -> int:
     """Optimizer steps in one full epoch (the sampler's own length, not a resumed remainder)."""
     sampler = loader.sampler
+    assert isinstance(sampler, ResumableDistributedSampler) and loader.batch_size
     return (sampler.num_samples // loader.batch_size) // accum
 
 
-def batch_len(batch) -> int:
+def batch_len(batch: Any) -> int:
     """Samples in a batch: the length of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return len(batch)
@@ -105,7 +106,7 @@ def batch_len(batch) -> int:
     return next(batch_len(v) for v in items if isinstance(v, (torch.Tensor, list, tuple, dict)))
 
 
-def head(batch, n: int):
+def head(batch: Any, n: int) -> Any:
     """The first `n` samples of a batch (a tensor, or a tuple/list/dict of them)."""
     if isinstance(batch, torch.Tensor):
         return batch[:n]
@@ -116,7 +117,7 @@ def head(batch, n: int):
     return batch
 
 
-def move(batch, device: torch.device):
+def move(batch: Any, device: torch.device) -> Any:
     """Tensors (or a tuple/list/dict of them) to `device`, asynchronously when pinned."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

@@ -8,35 +8,41 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch.utils.data import TensorDataset
 
 from dtrain.config import ConfigError
 
+Array = npt.NDArray[Any]
+Split = tuple[Array, Array, Array, Array]  # x_train, y_train, x_test, y_test
+Pair = tuple[TensorDataset, TensorDataset]
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float) -> tuple:
+def _split(x: Array, y: Array, test_fraction: float) -> Split:
     from sklearn.model_selection import train_test_split
 
     # A fixed split (random_state=0), stratified: every run and world size is evaluated
     # on the very same held-out images, so their accuracies compare.
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=0, stratify=y)
-    return xtr, ytr, xte, yte
+    return np.asarray(xtr), np.asarray(ytr), np.asarray(xte), np.asarray(yte)
 
 
-def _to_datasets(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray):
-    xtr = torch.as_tensor(xtr, dtype=torch.float32)
-    xte = torch.as_tensor(xte, dtype=torch.float32)
-    mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
-    std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
-    return (TensorDataset((xtr - mean) / std, torch.as_tensor(ytr, dtype=torch.int64)),
-            TensorDataset((xte - mean) / std, torch.as_tensor(yte, dtype=torch.int64)))
+def _to_datasets(xtr: Array, ytr: Array, xte: Array, yte: Array) -> Pair:
+    train = torch.as_tensor(xtr, dtype=torch.float32)
+    test = torch.as_tensor(xte, dtype=torch.float32)
+    mean = train.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
+    return (TensorDataset((train - mean) / std, torch.as_tensor(ytr, dtype=torch.int64)),
+            TensorDataset((test - mean) / std, torch.as_tensor(yte, dtype=torch.int64)))
 
 
-def digits(test_fraction: float, normalize: bool = True) -> tuple[TensorDataset, TensorDataset]:
+def digits(test_fraction: float, normalize: bool = True) -> Pair:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): standardised per channel,
     or (normalize=False) scaled to [-1, 1] as GANs with a tanh output want them."""
     from sklearn.datasets import load_digits
@@ -50,9 +56,9 @@ def digits(test_fraction: float, normalize: bool = True) -> tuple[TensorDataset,
             TensorDataset(torch.as_tensor(xte * 2 - 1), torch.as_tensor(yte, dtype=torch.int64)))
 
 
-def cifar10(folder: Path) -> tuple[TensorDataset, TensorDataset]:
+def cifar10(folder: Path) -> Pair:
     """CIFAR-10 in its python-pickle layout (data_batch_1..5, test_batch) from a local folder."""
-    def read(names: list[str]):
+    def read(names: list[str]) -> tuple[Array, Array]:
         xs, ys = [], []
         for n in names:
             with open(folder / n, "rb") as f:
@@ -65,7 +71,7 @@ def cifar10(folder: Path) -> tuple[TensorDataset, TensorDataset]:
     return _to_datasets(*read(train), *read(["test_batch"]))
 
 
-def image_folder(folder: Path, size: int, test_fraction: float) -> tuple[TensorDataset, TensorDataset]:
+def image_folder(folder: Path, size: int, test_fraction: float) -> Pair:
     """`folder/<class>/*.png` (split off `test_fraction`) or `folder/{train,val}/<class>/*`.
 
     Everything is decoded once into memory, resized to size x size RGB: meant for the
@@ -73,7 +79,7 @@ def image_folder(folder: Path, size: int, test_fraction: float) -> tuple[TensorD
     """
     from PIL import Image
 
-    def read(root: Path, classes: list[str]):
+    def read(root: Path, classes: list[str]) -> tuple[Array, Array]:
         xs, ys = [], []
         for label, cls in enumerate(classes):
             for p in sorted((root / cls).iterdir()):
@@ -92,7 +98,7 @@ def image_folder(folder: Path, size: int, test_fraction: float) -> tuple[TensorD
     return _to_datasets(*_split(*read(folder, classes), test_fraction))
 
 
-def load_images(path: str, size: int, test_fraction: float) -> tuple[TensorDataset, TensorDataset]:
+def load_images(path: str, size: int, test_fraction: float) -> Pair:
     """`data.path` dispatch: empty -> digits; CIFAR-10 pickle folder; image folder."""
     if not path:
         return digits(test_fraction)

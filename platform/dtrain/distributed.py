@@ -77,7 +77,7 @@ def first_error(error: str) -> str:
         return ""
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error, group=side_group())
-    return next(e for e in errors if e)
+    return str(next(e for e in errors if e))
 
 
 def is_peer_gone(e: BaseException) -> bool:

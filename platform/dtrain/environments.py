@@ -114,9 +114,9 @@ class KubeflowPod:
             raise LaunchError(f"PET_NPROC_PER_NODE={nproc}: a PyTorchJob with nprocPerNode > 1 must run "
                               "`torchrun ... -m dtrain train ...` as its command (torchrun reads PET_*)")
         nodes = int(str(get("PET_NNODES")).split(":")[-1])
-        rank = int(get("PET_NODE_RANK") or get("RANK", 0))
+        rank = int(get("PET_NODE_RANK") or get("RANK", "0"))
         return DistEnv(rank, nodes, 0, 1, nodes, get("MASTER_ADDR") or get("PET_MASTER_ADDR", "127.0.0.1"),
-                       int(get("MASTER_PORT") or get("PET_MASTER_PORT", 23456)), "kubeflow")
+                       int(get("MASTER_PORT") or get("PET_MASTER_PORT", "23456")), "kubeflow")
 
 
 class Srun:

@@ -14,7 +14,7 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` then rename over `path`: a reader sees the old file or the new one, never
     half. The temporary name is per process, so ranks writing the same file do not collide."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -70,6 +70,7 @@ def scatter_plot(samples: torch.Tensor, kind: str, path: Path, title: str = "") 
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     modes, std = mixture_modes(kind)
@@ -77,7 +78,7 @@ def scatter_plot(samples: torch.Tensor, kind: str, path: Path, title: str = "") 
     s = samples.float().cpu().numpy()
     ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.4, label="G-EMA samples")
     for m in modes.numpy():
-        ax.add_patch(plt.Circle(m, 3 * std, fill=False, color="red", lw=0.8))
+        ax.add_patch(matplotlib.patches.Circle(m, 3 * std, fill=False, color="red", lw=0.8))
     ax.set_aspect("equal")
     lim = float(modes.abs().max()) + 1.0
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title or f"{kind}: samples and 3-sigma circles")
@@ -94,7 +95,9 @@ class DigitsClassifier(nn.Module):
     penultimate activations, divided by their standard deviation over the real training
     images (`scale`), so distances do not depend on how this network happened to scale them."""
 
-    def __init__(self):
+    scale: torch.Tensor
+
+    def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
                                   nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 32),
@@ -103,10 +106,12 @@ class DigitsClassifier(nn.Module):
         self.register_buffer("scale", torch.ones(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) / self.scale
+        f: torch.Tensor = self.body(x)
+        return f / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        logits: torch.Tensor = self.head(self.body(x))
+        return logits
 
 
 def cache_dir() -> Path:

@@ -11,6 +11,8 @@ concatenated batch would. Running statistics use the unbiased global variance, a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -22,16 +24,37 @@ class AllGather(torch.autograd.Function):
     the gradients reaching row r: one all-reduce, then this rank's row."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return torch.stack(out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[dist.get_rank()]
+
+
+def local_stats(x: torch.Tensor) -> torch.Tensor:
+    """This rank's (count, per-channel mean, per-channel sum of squared deviations) of x (N, C, ...)."""
+    dims = [0] + list(range(2, x.dim()))
+    c = x.size(1)
+    mean = x.mean(dims)
+    m2 = ((x - mean.view([1, c] + [1] * (x.dim() - 2))) ** 2).sum(dims)
+    n = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+    return torch.cat([n, mean, m2])
+
+
+def combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's `local_stats`, stacked (world, 1 + 2C) -> the global (mean, biased
+    variance, count) by Chan et al.'s parallel formula."""
+    c = (stats.size(1) - 1) // 2
+    counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (m2s + counts * (means - mean) ** 2).sum(0) / total
+    return mean, var, total
 
 
 class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -47,40 +70,35 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not use_batch_stats or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
 
-        if self.training and self.track_running_stats:
+        momentum = self.momentum or 0.0
+        if self.training and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # cumulative moving average, as BatchNorm does
+                momentum = 1.0 / float(self.num_batches_tracked)
 
-        dims = [0] + list(range(2, x.dim()))
         xf = x.float()  # statistics in fp32 also under autocast, as cuDNN BatchNorm does
-        c = x.size(1)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        n = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
-        local_mean = xf.mean(dims)
-        local_m2 = ((xf - local_mean.view(shape)) ** 2).sum(dims)
-        stats = AllGather.apply(torch.cat([n, local_mean, local_m2]))  # (world, 1 + 2c)
-        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
-        total = counts.sum()
-        mean = (counts * means).sum(0) / total
-        var = (m2s + counts * (means - mean) ** 2).sum(0) / total  # biased, for normalisation
-        centered = xf - mean.view(shape)
+        stats: torch.Tensor = AllGather.apply(local_stats(xf))  # type: ignore[no-untyped-call]
+        mean, var, total = combine(stats)
+        shape = [1, x.size(1)] + [1] * (x.dim() - 2)
 
-        if self.training and self.track_running_stats:
+        if self.training and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 unbiased = var * (total / (total - 1).clamp(min=1))
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
 
-        y = centered * torch.rsqrt(var.view(shape) + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        out: torch.Tensor = y.to(x.dtype)
+        return out
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm in `module` made synchronised: torch's own on CUDA, ours elsewhere."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return converted
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
         out = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
@@ -89,10 +107,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
             with torch.no_grad():
                 out.weight.copy_(module.weight)
                 out.bias.copy_(module.bias)
-        if module.track_running_stats:
-            out.running_mean.copy_(module.running_mean)
-            out.running_var.copy_(module.running_var)
-            out.num_batches_tracked.copy_(module.num_batches_tracked)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(module, name) is not None:
+                getattr(out, name).copy_(getattr(module, name))
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, device))

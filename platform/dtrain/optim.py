@@ -11,7 +11,7 @@ LambdaLR, so the DDP and DeepSpeed engines step the very same curve.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -54,9 +54,10 @@ def lr_factor(o: OptimConfig, step: int, total_steps: int, peak_lr: float) -> fl
     raise ValueError(f"unknown schedule {o.schedule!r}")
 
 
-def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
+def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices and conv kernels; none on norm weights and biases (1-D) unless asked."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 or o.decay_norm_and_bias else no_decay).append(p)
@@ -66,7 +67,7 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(params: Iterable, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[Any], o: OptimConfig, lr: float) -> torch.optim.Optimizer:
     name = o.name
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov)

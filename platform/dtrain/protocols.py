@@ -119,7 +119,7 @@ class Task:
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
-    def datasets(self) -> tuple[Dataset, Dataset]:
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         """(train, eval) datasets; every rank builds the same ones."""
         raise NotImplementedError
 
@@ -133,7 +133,7 @@ class Task:
     def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
         raise NotImplementedError
 
-    def evaluate(self, engines: dict[str, Engine], loader: DataLoader, device: torch.device) -> dict[str, float]:
+    def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
         """Metrics of the whole evaluation set, the same on every rank."""
         raise NotImplementedError
 
@@ -159,3 +159,19 @@ class Task:
     def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
         """Files written beside model.pt at the end (rank 0), also logged to MLflow."""
         return []
+
+    # What `dtrain check` asks beyond training; the defaults fit a task whose batches are
+    # (inputs, targets) and whose one model is called `model`.
+
+    causal: bool = False
+    """Outputs at position t depend only on inputs at positions <= t (a causal LM):
+    `dtrain check` then proves that no position sees the future."""
+
+    def check_inputs(self, models: dict[str, nn.Module], batch: Any) -> dict[str, torch.Tensor]:
+        """The input each model is called on, from one training batch (already on the device)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return {"model": first} if "model" in models else {}
+
+    def describe_input(self, x: torch.Tensor) -> str | None:
+        """One sample's input in readable form (e.g. decoded text); None: shown as numbers or an image."""
+        return None

@@ -54,7 +54,7 @@ def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
         return
     if not cfg.checkpoint.overwrite:
         raise ConfigError("output_dir", cfg.output_dir,
-                          f"holds checkpoints of an earlier run (newest {checkpoint.latest(ckpt_root).name}); "
+                          f"holds checkpoints of an earlier run (newest {checkpoint.candidates(ckpt_root)[0].name}); "
                           "continue it with resume=auto, or start over with another output_dir or "
                           "checkpoint.overwrite=true")
     distributed.barrier()  # every rank has looked before rank 0 removes them

@@ -19,8 +19,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from dtrain.config import Config
 from dtrain.fileio import first_line
 
 log = logging.getLogger("dtrain")
@@ -75,6 +76,9 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
+    run_id: str
+    uri: str
+
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
         """Create (or, with `run_id`, reopen) the run synchronously: its id goes into checkpoints."""
@@ -98,7 +102,7 @@ class MlflowTracker(NullTracker):
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-        self._queue: queue.Queue[list | Callable[[], None] | None] = queue.Queue(maxsize=100_000)
+        self._queue: queue.Queue[list[Any] | Callable[[], object] | None] = queue.Queue(maxsize=100_000)
         self._warned = False
         self._down_until = 0.0  # monotonic time before which the store is treated as down
         self.dropped = 0
@@ -129,7 +133,7 @@ class MlflowTracker(NullTracker):
                 raise
             return exp.experiment_id
 
-    def _warn(self, msg: str) -> None:
+    def _warn(self, msg: str | BaseException) -> None:
         if not self._warned:
             self._warned = True
             log.warning("MLflow tracking at %s failed (training continues, later errors are not shown): %s",
@@ -137,7 +141,7 @@ class MlflowTracker(NullTracker):
 
     def _work(self) -> None:
         _lower_thread_priority()
-        pending: list = []
+        pending: list[Any] = []
         last_flush = time.monotonic()
         while True:
             wait = max(0.0, FLUSH_EVERY_S - (time.monotonic() - last_flush)) if pending else None
@@ -157,7 +161,7 @@ class MlflowTracker(NullTracker):
             if callable(item):
                 self._run(item)
 
-    def _run(self, job: Callable[[], None], force: bool = False) -> None:
+    def _run(self, job: Callable[[], object], force: bool = False) -> None:
         if not force and time.monotonic() < self._down_until:
             self.dropped += 1
             return
@@ -168,7 +172,7 @@ class MlflowTracker(NullTracker):
             self._down_until = time.monotonic() + RETRY_AFTER_S
             self.dropped += 1
 
-    def _submit(self, job: list | Callable[[], None]) -> None:
+    def _submit(self, job: list[Any] | Callable[[], object]) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:  # the store is far behind: drop rather than block training
@@ -213,12 +217,12 @@ class MlflowTracker(NullTracker):
 
 
 @contextlib.contextmanager
-def _sigterm_deferred():
+def _sigterm_deferred() -> Iterator[None]:
     """Hold SIGTERM back for the duration; deliver it (to the handler restored) afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
+    received: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         yield
@@ -250,7 +254,7 @@ def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def start(cfg, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:
+def start(cfg: Config, params: dict[str, Any], tags: dict[str, Any], run_id: str | None) -> NullTracker:
     """Rank 0: an MlflowTracker, or a NullTracker with one warning if the store is unusable."""
     if not cfg.tracking.enabled:
         return NullTracker()

@@ -1,7 +1,7 @@
 """`fit`: build everything a recipe names, run the loop, evaluate, checkpoint, report.
 
 The per-step data path lives in the task's `train_step` (for supervised tasks
-`dtrain.engine.train_step`); this file is the loop around it, in the shape of
+`dtrain.steps.train_step`); this file is the loop around it, in the shape of
 torchvision's reference `main()`: set up, resume, train, evaluate, save. The loop's parts
 decide when they act (`Checkpointer.due`, `Evaluator.due_*`, `MetricsWindow.due`), so the
 loop itself reads on one screen.
@@ -18,18 +18,19 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader
 
 import dtrain
 from dtrain import checkpoint, config, data, distributed, preemption, resume, tracking
-from dtrain.resume import TrainState, seed_everything
 from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
+from dtrain.fileio import atomic_write
 from dtrain.progress import Progress
-from dtrain.protocols import Engine, Task
+from dtrain.protocols import Engine, StepOutput, Task
+from dtrain.resume import TrainState, seed_everything
 from dtrain.tasks import get_task
 
 log = logging.getLogger("dtrain")
@@ -112,7 +113,7 @@ class Checkpointer:
 class Evaluator:
     """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""
 
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader, device: torch.device,
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device,
                  tracker: tracking.NullTracker, progress: Progress):
         self.every = cfg.train.eval_every_steps
         self.task, self.engines, self.loader, self.device = task, engines, loader, device
@@ -155,9 +156,10 @@ class MetricsWindow:
         self.steps = self.samples = 0
         self.t0 = time.perf_counter()
 
-    def add(self, out, samples: int) -> None:
+    def add(self, out: StepOutput, samples: int) -> None:
         for k, v in {"loss": out.loss, **out.metrics}.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().double()
+            v = v.detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.steps += 1
         self.samples += samples
 
@@ -185,8 +187,8 @@ class Parts:
 
     task: Task
     plan: data.BatchPlan
-    loader: DataLoader
-    eval_loader: DataLoader
+    loader: DataLoader[Any]
+    eval_loader: DataLoader[Any]
     micro: int
     """Loader batches per training step."""
     per_epoch: int
@@ -207,7 +209,7 @@ def build(cfg: Config, device: torch.device) -> Parts:
     per_epoch = data.steps_per_epoch(loader, micro)
     if per_epoch == 0:
         raise ConfigError("data.global_batch_size", plan.global_batch,
-                          f"larger than the training set ({len(train_ds)} samples); lower it")
+                          f"larger than the training set ({len(cast(Sized, train_ds))} samples); lower it")
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and world size
@@ -323,16 +325,17 @@ class Loop:
         self._checkpoint("")
         return self._summary()
 
-    def _epoch(self):
+    def _epoch(self) -> Iterator[list[Any]]:
         """This epoch's remaining steps, each a list of `micro` loader batches."""
         state, sampler = self.state, self.loader.sampler
+        assert isinstance(sampler, data.ResumableDistributedSampler)
         sampler.set_epoch(state.epoch)
         sampler.start_index = state.batch_in_epoch * self.plan.per_rank
         batches = iter(self.loader)
         for _ in range(state.batch_in_epoch // self.micro, self.per_epoch):
             yield [next(batches) for _ in range(self.micro)]
 
-    def _after_step(self, out) -> None:
+    def _after_step(self, out: StepOutput) -> None:
         state = self.state
         state.step += 1
         state.batch_in_epoch += self.micro
@@ -361,7 +364,7 @@ class Loop:
             self.progress.write(f"{reason}: checkpoint written in {seconds:.2f}s to {self.checkpointer.root}; "
                                 f"resume=auto continues from step {self.state.step}")
 
-    def _log(self, out) -> None:
+    def _log(self, out: StepOutput) -> None:
         state, first = self.state, next(iter(self.engines.values()))
         means, rate, seconds = self.window.reduce()
         state.train_time_s += seconds
@@ -410,7 +413,7 @@ def _write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)
     summary_path = out_dir / "summary.json"
-    checkpoint.atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
+    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
                          if isinstance(summary.get(k), (int, float))}, summary["steps"])
     for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dtrain import checkpoint, distributed, optim
 from dtrain.config import OptimConfig
 from dtrain.engines.precision import AmpPrecision
+from dtrain.protocols import Precision
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
@@ -43,7 +44,7 @@ def mismatch_line(e: BaseException) -> str:
     return detail[:300]
 
 
-def _buffer_sync_kwarg(sync: bool) -> dict[str, bool]:
+def _buffer_sync_kwarg(sync: bool) -> dict[str, Any]:
     # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (same per-forward meaning).
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return {"forward_sync_buffers": sync}
@@ -55,7 +56,8 @@ class DDPEngine:
 
     def __init__(self, module: nn.Module, o: OptimConfig, *, precision: AmpPrecision, device: torch.device,
                  global_batch: int, total_steps: int, broadcast_buffers: bool = True):
-        self.device, self.precision = device, precision
+        self.device = device
+        self.precision: Precision = precision
         self.module = module.to(device)
         self.model: nn.Module = self.module
         if distributed.world_size() > 1:

@@ -25,6 +25,7 @@ from dtrain.config import Config, ConfigError, OptimConfig
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import mismatch_line
 from dtrain.engines.precision import AmpPrecision
+from dtrain.protocols import Precision
 
 TAG = "state"
 
@@ -104,7 +105,7 @@ class DeepSpeedEngine:
 
         distributed.init_single_process_group(device)  # DeepSpeed needs a group even for one rank
         self.device, self.zero_stage = device, cfg.deepspeed.zero_stage
-        self.precision = AmpPrecision(cfg.precision, device, loss_scaling=False)
+        self.precision: Precision = AmpPrecision(cfg.precision, device, loss_scaling=False)
         module = module.to(device)
         optimizer, scheduler, self.lr_info = optim.build(module, o, plan.global_batch, total_steps)
         self.config = ds_config(cfg, plan, o)

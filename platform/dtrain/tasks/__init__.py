@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import os
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -47,13 +48,30 @@ class Task(protocols.Task):
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
+    def zero_inputs(self, batch: Any) -> Any:
+        """The batch with its inputs zeroed and its targets kept (`dtrain check`'s
+        input-independent baseline). Default: a batch (inputs, *targets)."""
+        return (torch.zeros_like(batch[0]), *batch[1:])
+
+    def expected_init_loss(self, model: nn.Module, batch: Any) -> float | None:
+        """The loss a correct initialisation gives (`dtrain check`'s `init_loss`). Default: a
+        classifier (outputs (..., C), integer targets of the outputs' leading shape) starts at
+        ln(C), the cross-entropy of a uniform guess; None when the task is not of that shape."""
+        inputs, targets = batch[0], batch[-1]
+        with torch.no_grad():
+            out = model(inputs)
+        if (isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+                and out.dim() >= 2 and out.shape[:-1] == targets.shape and out.shape[-1] > 1):
+            return math.log(out.shape[-1])
+        return None
+
     def models(self) -> dict[str, ModelSpec]:
         return {"model": ModelSpec(self.build_model(), self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn)}
 
     def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
         return steps.train_step(engines["model"], self, micro_batches)
 
-    def evaluate(self, engines: dict[str, Engine], loader: DataLoader, device: torch.device) -> dict[str, float]:
+    def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
         return steps.evaluate(engines["model"], self, loader, device)
 
 
@@ -68,10 +86,12 @@ def get_task(name: str) -> type[protocols.Task]:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError("task", name, f"cannot import {target}: {e}") from None
-    return cls
+    if not isinstance(cls, type):
+        raise ConfigError("task", name, f"{target} is not a class (a task is a class with the Task interface)")
+    return cast("type[protocols.Task]", cls)
 
 
-def load_config(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+def load_config(recipe: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names."""
     raw = config.read_raw(recipe, overrides)
     return config.build(get_task(str(raw.get("task", Config.task))).config_class, raw)

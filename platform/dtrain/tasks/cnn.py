@@ -7,10 +7,12 @@ folder or an image folder. See `dtrain.datasets`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from dtrain import datasets
 from dtrain.config import Config, ModelConfig
@@ -73,7 +75,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        logits: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return logits
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -91,8 +94,9 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 class CNNTask(Task):
     config_class = CNNConfig
+    cfg: CNNConfig
 
-    def datasets(self):
+    def datasets(self) -> tuple[TensorDataset, TensorDataset]:
         train, test = datasets.load_images(self.cfg.data.path, self.cfg.model.image_size, self.cfg.data.val_fraction)
         x, y = train.tensors
         self.in_channels, self.num_classes = x.shape[1], int(y.max()) + 1
@@ -102,19 +106,19 @@ class CNNTask(Task):
         m = self.cfg.model
         return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
 
-    def loss(self, model, batch):
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         if self.cfg.data.augment:
             x = random_shift(x, 1)
         return F.cross_entropy(model(x), y, label_smoothing=self.cfg.model.label_smoothing)
 
-    def eval_sums(self, model, batch):
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x)
         return {"loss_sum": F.cross_entropy(logits.float(), y, reduction="sum"),
                 "correct": (logits.argmax(1) == y).sum(),
                 "count": torch.tensor(len(y), device=y.device)}
 
-    def eval_metrics(self, sums):
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
                 "samples": sums["count"]}

@@ -15,7 +15,7 @@ import math
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from dtrain.checkpoint import ResumeRefused
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig
 from dtrain.norm import make_norm
+from dtrain.protocols import Engine
 from dtrain.tasks import Task
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".xml", ".yaml", ".yml"}
@@ -129,14 +130,14 @@ class Vocab:
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.int64)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
     def __len__(self) -> int:
         return len(self.chars)
 
 
-class Blocks(Dataset):
+class Blocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Sample i: (tokens[o:o+T], tokens[o+1:o+T+1]) with o = i * stride."""
 
     def __init__(self, tokens: torch.Tensor, block: int, stride: int = 1, limit: int = 0):
@@ -147,7 +148,7 @@ class Blocks(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         o = i * self.stride
         chunk = self.tokens[o:o + self.block + 1]
         return chunk[:-1], chunk[1:]
@@ -175,7 +176,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rotary(q, *rope), rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        out: torch.Tensor = self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return out
 
 
 class Block(nn.Module):
@@ -189,12 +191,16 @@ class Block(nn.Module):
                                  nn.Linear(4 * m.n_embd, m.n_embd, bias=False), nn.Dropout(m.dropout))
         self.drop = nn.Dropout(m.dropout)
 
-    def forward(self, x, rope):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope))
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 class CharTransformer(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, m: TransformerModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = m
@@ -234,7 +240,8 @@ class CharTransformer(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)
-        return self.head(self.norm(x))
+        logits: torch.Tensor = self.head(self.norm(x))
+        return logits
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM, app. B)."""
@@ -265,8 +272,10 @@ def gpu_peak_flops(device_name: str) -> float:
 
 class TransformerTask(Task):
     config_class = TransformerConfig
+    cfg: TransformerConfig
+    causal = True
 
-    def datasets(self):
+    def datasets(self) -> tuple[Blocks, Blocks]:
         d, m = self.cfg.data, self.cfg.model
         text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
         split = int(len(text) * (1 - d.val_fraction))
@@ -278,26 +287,26 @@ class TransformerTask(Task):
         self.chars = len(text)
         return Blocks(train, m.block_size), Blocks(val, m.block_size, stride=m.block_size, limit=d.eval_blocks)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> CharTransformer:
         self.model_ref = CharTransformer(self.cfg.model, len(self.vocab))
         return self.model_ref
 
-    def loss(self, model, batch):
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         logits = model(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
-    def eval_sums(self, model, batch):
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x).float()
         return {"nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"),
                 "tokens": torch.tensor(y.numel(), device=y.device)}
 
-    def eval_metrics(self, sums):
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         nats = sums["nll_sum"] / sums["tokens"]
         return {"loss": nats, "bpc": nats / math.log(2), "perplexity": math.exp(nats)}
 
-    def train_metrics(self, logged):
+    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
         tokens_per_s = logged["train/samples_per_s"] * self.cfg.model.block_size
         out = {"train/bpc": logged["train/loss"] / math.log(2), "train/tokens_per_s": tokens_per_s}
         mfu = self.mfu(tokens_per_s)
@@ -314,10 +323,10 @@ class TransformerTask(Task):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         return tokens_per_s / world * self.model_ref.flops_per_token() / peak
 
-    def extra_state(self):
+    def extra_state(self) -> dict[str, Any]:
         return {"vocab": self.vocab.chars}
 
-    def load_extra_state(self, state):
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         """The model's embedding rows index the checkpoint's vocabulary: a corpus whose
         vocabulary differs would silently map characters to other rows."""
         saved = state.get("vocab")
@@ -326,7 +335,7 @@ class TransformerTask(Task):
                                 f"({len(self.vocab.chars)} characters) differs from the checkpoint's ({len(saved)}); "
                                 "resume on the text the run was trained on")
 
-    def summary_extras(self, summary):
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
         tokens_per_s = (summary["throughput"] or 0.0) * self.cfg.model.block_size
         out = {"vocab_size": len(self.vocab), "corpus_chars": self.chars, "tokens_per_s": tokens_per_s,
                "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
@@ -334,6 +343,9 @@ class TransformerTask(Task):
         if mfu is not None:
             out["mfu"] = mfu
         return out
+
+    def describe_input(self, x: torch.Tensor) -> str | None:
+        return self.vocab.decode(x.tolist())
 
     def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
                       seed: int) -> str:
@@ -349,7 +361,7 @@ class TransformerTask(Task):
         idx = vocab.encode(prompt or "\n").unsqueeze(0)
         return vocab.decode(model.generate(idx, tokens, temperature, top_k)[0].tolist())
 
-    def write_artifacts(self, out_dir: Path, engines: dict) -> list[Path]:
+    def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
         """vocab.json beside model.pt, so `dtrain sample` needs nothing else."""
         path = out_dir / "vocab.json"
         path.write_text(json.dumps(self.vocab.chars))

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from dtrain import datasets, distributed, gan_eval
 from dtrain.protocols import Engine, ModelSpec, StepOutput, Task
@@ -56,8 +57,11 @@ def noise_seed(seed: int, stream: int, step: int) -> int:
 
 class GANTask(Task):
     config_class = GANConfig
+    cfg: GANConfig
+    data_shape: tuple[int, ...]
+    ema: nn.Module | None
 
-    def datasets(self):
+    def datasets(self) -> tuple[TensorDataset, TensorDataset]:
         d = self.cfg.data
         if d.dataset == "digits":
             train, test = datasets.digits(d.val_fraction, normalize=False)
@@ -75,6 +79,8 @@ class GANTask(Task):
 
     def models(self) -> dict[str, ModelSpec]:
         m, gan = self.cfg.model, self.cfg.gan
+        gen: nn.Module
+        disc: nn.Module
         if self.cfg.data.dataset == "digits":
             gen, disc = DCGenerator(m.z_dim, m.channels, m.spectral_norm_g), DCDiscriminator(m.channels, m.spectral_norm_d)
         else:
@@ -104,7 +110,7 @@ class GANTask(Task):
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list) -> StepOutput:
+    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
         G, D = engines["g"], engines["d"]
         stats: dict[str, torch.Tensor] = {}
 
@@ -194,12 +200,18 @@ class GANTask(Task):
         self.ema.to(next(g.parameters()).device)  # created on the CPU, before the engines moved G
         for e, p in zip(self.ema.parameters(), g.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1 - decay)
-        for e, b in zip(self.ema.buffers(), g.buffers()):
-            e.copy_(b)
+        for eb, b in zip(self.ema.buffers(), g.buffers()):
+            eb.copy_(b)
+
+    def check_inputs(self, models: dict[str, nn.Module], batch: Any) -> dict[str, torch.Tensor]:
+        """D on reals, G on noise."""
+        (real,) = batch
+        z = torch.randn(len(real), self.cfg.model.z_dim, generator=torch.Generator().manual_seed(0))
+        return {"d": real, "g": z.to(real.device)}
 
     # ------------------------------------------------------------------ evaluation and outputs
 
-    def sampler(self, engines) -> nn.Module:
+    def sampler(self, engines: dict[str, Engine]) -> nn.Module:
         return self.ema if self.ema is not None else engines["g"].module
 
     @torch.no_grad()
@@ -216,7 +228,7 @@ class GANTask(Task):
             g(torch.randn(batch, self.cfg.model.z_dim, generator=noise).to(device))
 
     @torch.no_grad()
-    def samples(self, engines, n: int) -> torch.Tensor:
+    def samples(self, engines: dict[str, Engine], n: int) -> torch.Tensor:
         g = self.sampler(engines)
         device = next(engines["g"].module.parameters()).device
         g.to(device)
@@ -225,11 +237,12 @@ class GANTask(Task):
             self._standing_stats(g, device)
         g.eval()
         z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(12345)).to(device)
-        out = g(z).float().cpu()
+        out: torch.Tensor = g(z).float().cpu()
         g.train(was)
         return out
 
-    def evaluate(self, engines, loader, device):
+    def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any],
+                 device: torch.device) -> dict[str, float]:
         # Every rank holds the same G-EMA and uses the same noise: the same numbers, no collective.
         fake = self.samples(engines, self.cfg.gan.eval_samples)
         if self.cfg.data.dataset == "digits":
@@ -238,22 +251,22 @@ class GANTask(Task):
             return held_out | {f"train_{k}": v for k, v in train.items() if k != "class_coverage"}
         return gan_eval.mode_metrics(fake, self.cfg.data.dataset)
 
-    def final_state_dict(self, engines):
+    def final_state_dict(self, engines: dict[str, Engine]) -> dict[str, torch.Tensor]:
         """model.pt: the generator used for samples (the EMA when on), as a plain state_dict."""
         return {k: v.detach().cpu().clone() for k, v in self.sampler(engines).state_dict().items()}
 
-    def extra_state(self):
-        state = {"d_steps": self.d_steps, "g_steps": self.g_steps}
+    def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"d_steps": self.d_steps, "g_steps": self.g_steps}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
 
-    def load_extra_state(self, state):
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.d_steps, self.g_steps = state["d_steps"], state["g_steps"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-    def write_artifacts(self, out_dir: Path, engines) -> list[Path]:
+    def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
         """samples.png: a grid of digits, or the 2-D samples over the modes' 3-sigma circles."""
         fake, path = self.samples(engines, self.cfg.gan.eval_samples), out_dir / "samples.png"
         if self.cfg.data.dataset == "digits":

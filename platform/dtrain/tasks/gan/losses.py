@@ -32,7 +32,8 @@ def input_gradients(out: torch.Tensor, x: torch.Tensor, scaler: torch.amp.GradSc
 
 def grad_penalty_wgan_gp(grads: torch.Tensor) -> torch.Tensor:
     """Gulrajani et al. 2017: (||grad D(x_hat)||_2 - 1)^2 on interpolates x_hat."""
-    return (grads.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+    norms: torch.Tensor = grads.flatten(1).norm(2, dim=1)
+    return (norms - 1).pow(2).mean()
 
 
 def grad_penalty_r1(grads: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -21,8 +22,9 @@ class MLP(nn.Module):
             body += [_sn(nn.Linear(a, b), sn), copy.deepcopy(act)]
         self.net = nn.Sequential(*body, _sn(nn.Linear(dims[-1], d_out), sn))
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.net(x)
+        return y
 
 
 class DCGenerator(nn.Module):
@@ -38,8 +40,9 @@ class DCGenerator(nn.Module):
             _sn(nn.Conv2d(ch, 1, 3, 1, 1), sn), nn.Tanh())
         self.ch = ch
 
-    def forward(self, z):
-        return self.net(self.fc(z).view(-1, 4 * self.ch, 2, 2))
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.net(self.fc(z).view(-1, 4 * self.ch, 2, 2))
+        return y
 
 
 class DCDiscriminator(nn.Module):
@@ -54,5 +57,6 @@ class DCDiscriminator(nn.Module):
             _sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), sn), act,
             nn.Flatten(), _sn(nn.Linear(4 * ch * 2 * 2, 1), sn))
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.net(x)
+        return y

@@ -1,0 +1,139 @@
+"""`dtrain check RECIPE`: the sanity checks practitioners run by hand before a long run.
+
+Each check returns results named `check` or `check/part`, each PASS / WARN / FAIL / SKIP
+with the number behind it. The report is printed, written to `output_dir/check.json`
+(plots under `output_dir/check/`) and logged to MLflow as a run of its own; the command
+exits 1 when any check FAILs (so CI can gate on it), 0 otherwise.
+
+| check | module | what it shows |
+|---|---|---|
+| `init_loss` | `model` | the loss at initialisation against a correct init's (ln C, ln vocab) |
+| `overfit_batch` | `model` | the model can drive the loss of one small batch to near zero |
+| `input_independent` | `model` | zeroed inputs train to a worse loss than real ones |
+| `batch_independence`, `causal` | `model` | no sample's output depends on another's input; no position on a later one |
+| `gradcheck` | `grads` | the platform's own differentiable pieces against finite differences (float64) |
+| `lr_range` | `lr_range` | loss under an exponentially growing LR; a suggested range against the recipe's |
+| `data` | `data` | class balance, train/test duplicates, inputs as the model sees them |
+| `distributed` | `dist` | ranks see different samples, start equal, and get the mean of the local gradients |
+
+The checks run in fp32 on fresh models seeded like training. `distributed` runs on every
+rank; the others on rank 0 while the rest wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dtrain import distributed, tracking
+from dtrain.check.context import Context, Result
+from dtrain.check.data import check_data
+from dtrain.check.dist import check_distributed
+from dtrain.check.grads import check_gradients
+from dtrain.check.lr_range import check_lr_range
+from dtrain.check.model import (
+    check_batch_independence,
+    check_init_loss,
+    check_input_independent,
+    check_overfit_batch,
+)
+from dtrain.config import Config, ConfigError, flatten, to_dict
+from dtrain.fileio import atomic_write, first_line
+
+__all__ = ["CHECKS", "NAMES", "Context", "Result", "run"]
+
+log = logging.getLogger("dtrain")
+
+Check = Callable[[Context], list[Result]]
+CHECKS: dict[str, tuple[Check, bool]] = {
+    # name: (function, collective: run on every rank)
+    "init_loss": (check_init_loss, False),
+    "overfit_batch": (check_overfit_batch, False),
+    "input_independent": (check_input_independent, False),
+    "batch_independence": (check_batch_independence, False),  # also reports `causal`
+    "gradcheck": (check_gradients, False),
+    "lr_range": (check_lr_range, False),
+    "data": (check_data, False),
+    "distributed": (check_distributed, True),
+}
+NAMES = (*CHECKS, "causal")
+
+
+def select(only: str) -> list[str]:
+    """`--only a,b` -> the checks to run, in the table's order."""
+    if not only:
+        return list(CHECKS)
+    asked = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = [x for x in asked if x not in NAMES]
+    if unknown or not asked:
+        raise ConfigError("--only", only, f"names checks, comma-separated, of: {', '.join(NAMES)}")
+    wanted = {"batch_independence" if x == "causal" else x for x in asked}
+    return [name for name in CHECKS if name in wanted]
+
+
+def run_one(name: str, ctx: Context) -> list[Result]:
+    """A check's results; a check that raises is a FAIL that names the exception (a model or
+    task that crashes under a check crashes in training too)."""
+    fn, collective = CHECKS[name]
+    if not collective and not distributed.is_main():
+        return []
+    try:
+        return fn(ctx)
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        return [Result(name, "FAIL", None, "runs", f"raised {type(e).__name__}: {first_line(e)}")]
+
+
+def run(cfg: Config, device: torch.device, only: str = "") -> int:
+    """Every selected check on this rank; rank 0 reports. Returns the exit code (1 on a FAIL)."""
+    names = select(only)
+    ctx = Context.build(cfg, device)
+    results: list[Result] = []
+    for name in names:
+        results += run_one(name, ctx)
+        distributed.barrier()  # the other ranks wait for rank 0's local checks here
+    if not distributed.is_main():
+        return 0
+    print(report(results), flush=True)
+    write(results, ctx.out_dir)
+    log_to_mlflow(cfg, results, ctx.out_dir)
+    return 1 if any(r.verdict == "FAIL" for r in results) else 0
+
+
+def report(results: list[Result]) -> str:
+    rows = [(r.name, r.verdict, r.value_text(), r.expected, r.detail) for r in results]
+    widths = [max(len(row[i]) for row in [("check", "verdict", "value", "expected", "")] + rows) for i in range(4)]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]
+
+    counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "WARN", "FAIL", "SKIP")}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    return "\n".join([line(("check", "verdict", "value", "expected", "detail")), *map(line, rows), summary])
+
+
+def write(results: list[Result], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"checks": [r.as_dict() for r in results]}, indent=2) + "\n"
+    atomic_write(out_dir / "check.json", lambda tmp: tmp.write_text(text))
+
+
+def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
+    """A run of its own (tag dtrain.kind=check): one metric per numeric result, one tag per
+    verdict, check.json and the plots as artifacts."""
+    tags = {"dtrain.kind": "check", "dtrain.recipe": cfg.recipe, "dtrain.task": cfg.task,
+            "dtrain.check_failed": any(r.verdict == "FAIL" for r in results)}
+    tags |= {f"check.{r.name}": r.verdict for r in results}
+    if cfg.tracking.run_name == "":
+        cfg.tracking.run_name = f"{cfg.recipe}-check"
+    tracker = tracking.start(cfg, flatten(to_dict(cfg)), tags, run_id=None)
+    tracker.log_metrics({f"check/{r.name}": r.value for r in results if r.value is not None}, 0)
+    tracker.log_artifact(out_dir / "check.json")
+    for png in sorted((out_dir / "check").glob("*.png")):
+        tracker.log_artifact(png, "check")
+    tracker.finish("FINISHED")

@@ -1,0 +1,96 @@
+"""User tasks with one planted bug each, the kind `dtrain check` exists to catch (test-only:
+nothing here reaches a production run). Named in recipes as `planted:ClassName`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from dtrain.tasks.cnn import CNNTask
+from dtrain.tasks.transformer import Attention, CharTransformer, TransformerTask
+
+
+class Constant(nn.Module):
+    """Logits that ignore the input: a learned constant per class."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+class IgnoresInput(CNNTask):
+    def build_model(self) -> nn.Module:
+        return Constant(self.num_classes)
+
+
+class Mixer(nn.Module):
+    """An MLP whose hidden activations go through `view` where a transpose was meant: the
+    (batch, hidden) matrix is reinterpreted as (hidden, batch), mixing samples."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.inp, self.out = nn.Linear(64, 32), nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x.flatten(1)))
+        h = h.view(h.size(1), h.size(0)).t()  # the bug: h.view(...) is not a transpose of h
+        return self.out(h)
+
+
+class MixesBatch(CNNTask):
+    def build_model(self) -> nn.Module:
+        return Mixer(self.num_classes)
+
+
+class LargeBias(CNNTask):
+    """The classifier's last bias initialised large: confident wrong guesses at step 0."""
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        with torch.no_grad():
+            model.fc.bias.copy_(torch.randn(self.num_classes) * 10)
+        return model
+
+
+class PeekingAttention(Attention):
+    """Causal attention whose mask lets every position see one position ahead."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in self.qkv(x).split(c, dim=2))
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril(diagonal=1)  # the bug: tril(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class LeakyCausal(TransformerTask):
+    def build_model(self) -> CharTransformer:
+        model = super().build_model()
+        for block in model.blocks:
+            block.attn = PeekingAttention(self.cfg.model)
+        return model
+
+
+class DuplicatedSplit(CNNTask):
+    """40 training images copied into the test split (11 % of it)."""
+
+    def datasets(self) -> tuple[TensorDataset, TensorDataset]:
+        train, test = super().datasets()
+        x, y = train.tensors
+        tx, ty = test.tensors
+        return train, TensorDataset(torch.cat([tx[:-40], x[:40]]), torch.cat([ty[:-40], y[:40]]))
+
+
+class PerRankInit(CNNTask):
+    """Initial weights seeded by rank (a user's own seeding): the ranks build different models."""
+
+    def build_model(self) -> nn.Module:
+        import torch.distributed as dist
+
+        torch.manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+        return super().build_model()
