@@ -94,3 +94,14 @@ class PerRankInit(CNNTask):
 
         torch.manual_seed(dist.get_rank() if dist.is_initialized() else 0)
         return super().build_model()
+
+
+class DeadReLU(CNNTask):
+    """An MLP whose first layer's bias is initialised at -100: every ReLU after it is dead,
+    and the weights before it get no gradient."""
+
+    def build_model(self) -> nn.Module:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, self.num_classes))
+        with torch.no_grad():
+            model[1].bias.fill_(-100.0)
+        return model

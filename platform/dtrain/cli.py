@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, compare, sweep-world-sizes, sample.
+"""`dtrain` command line: train, check, compare, sweep-world-sizes, sample.
 
 Bad input ends with one line on stderr and a non-zero exit, never a traceback:
 exit 2 for a bad recipe, override or launch environment; 1 when training fails.
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import dtrain
 from dtrain.config import Config, ConfigError
@@ -268,6 +268,18 @@ def _exec_torchrun(args: argparse.Namespace, command: Sequence[str] = ("train",)
     os.execve(sys.executable, cmd, torchrun_env())
 
 
+def _recipe_command(sub: Any, name: str, func: Any, help: str, nproc_help: str) -> argparse.ArgumentParser:
+    """A subcommand that takes a recipe and overrides, and can start itself under torchrun."""
+    t: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    t.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.05")
+    t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N", help=nproc_help)
+    # The deepspeed launcher may also put --local_rank after the subcommand; the rank comes from the env.
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.set_defaults(func=func)
+    return t
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description=dtrain.__doc__)
     p.add_argument("--version", action="version", version=f"dtrain {dtrain.__version__}")
@@ -275,14 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a recipe (1 process, or under torchrun / deepspeed / accelerate / srun)")
-    t.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=0.05")
-    t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N",
-                   help="validate, then run N ranks on this machine via torchrun --standalone")
-    # ... or after it, for a script launched without --module; the rank comes from the env anyway.
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    t.set_defaults(func=cmd_train)
+    _recipe_command(sub, "train", cmd_train, "train a recipe (1 process, or under torchrun / deepspeed / "
+                    "accelerate / srun)", "validate, then run N ranks on this machine via torchrun --standalone")
+    k = _recipe_command(sub, "check", cmd_check, "sanity checks before a long run: init loss, overfit a batch, "
+                        "batch independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)",
+                        "run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
+    k.add_argument("--only", default="", help="comma-separated check names (default: all)")
 
     def compare_options(c: argparse.ArgumentParser) -> None:
         c.add_argument("--metric", default="eval/accuracy", help="eval metric to compare (default eval/accuracy)")
@@ -291,16 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--target", type=float, default=None,
                        help="metric value for 'time to target' (default: baseline final minus the tolerance)")
         c.add_argument("--fail-on-gap", action="store_true", help="exit 1 when a run is outside the tolerance")
-
-    k = sub.add_parser("check", help="sanity checks before a long run: init loss, overfit a batch, batch "
-                                     "independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)")
-    k.add_argument("recipe", help="YAML recipe, e.g. recipes/cnn_digits.yaml")
-    k.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    k.add_argument("--only", default="", help="comma-separated check names (default: all)")
-    k.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=0, metavar="N",
-                   help="run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
-    k.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser("compare", help="single- vs multi-GPU convergence, read back from MLflow")
     c.add_argument("--experiment", help="MLflow experiment whose runs to compare")

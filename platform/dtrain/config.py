@@ -149,6 +149,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = 0
+    """Every N optimizer steps, log layer health to MLflow (`monitor/...`): per-layer gradient
+    norm and update-to-weight ratio, activation mean / std and dead-ReLU fraction, BatchNorm
+    layers whose running variance collapsed; warn when gradients vanish or explode. 0: off,
+    at no cost."""
+    vanish_below: float = 1e-7
+    """Warn when a weight's gradient norm is below this (vanishing gradients)."""
+    explode_above: float = 1e3
+    """Warn when the global gradient norm is above this (exploding gradients)."""
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
     """ZeRO stage 0-3 when `engine=deepspeed`."""
@@ -178,6 +191,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> None:
@@ -193,6 +207,8 @@ class Config:
         _positive(self.tracking, "tracking", "log_every")
         _non_negative(self.checkpoint, "checkpoint", "every_steps")
         _positive(self.checkpoint, "checkpoint", "keep")
+        _non_negative(self.monitor, "monitor", "every", "vanish_below")
+        _positive(self.monitor, "monitor", "explode_above")
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +86,9 @@ class Engine(Protocol):
     lr_info: LRInfo
     lr: float
     """The LR the optimizer used for the last step."""
+    on_gradients: Callable[[], None] | None
+    """Called inside `step` once the gradients are final (reduced and unscaled, before
+    clipping and the optimizer): where `full_grads` reads them (`dtrain.monitor`)."""
 
     def no_sync(self, skip: bool) -> ContextManager[Any]:
         """Suppress the gradient all-reduce on a non-final micro-step when `skip`."""
@@ -105,6 +108,12 @@ class Engine(Protocol):
     def load(self, folder: Path) -> None: ...
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """A plain state_dict of the whole model (a collective under sharding)."""
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Each parameter's whole gradient by name, in `on_gradients` (a collective under sharding)."""
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Each parameter's whole (fp32 master) value by name (a collective under sharding)."""
 
 
 class Task:

@@ -28,6 +28,7 @@ from dtrain import checkpoint, config, data, distributed, preemption, resume, tr
 from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
 from dtrain.fileio import atomic_write
+from dtrain.monitor import Monitor
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState, seed_everything
@@ -293,6 +294,7 @@ class Loop:
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress)
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress)
         self.window = MetricsWindow(cfg.tracking.log_every)
+        self.monitor = Monitor(cfg.monitor, self.engines)
         self.samples_per_step = self.plan.per_rank * self.plan.world_size * self.micro
         self.bad_steps = 0
         self.final_loss = float("nan")
@@ -306,7 +308,8 @@ class Loop:
         state = self.state
         while not self.done():
             for batches in self._epoch():
-                out = self.task.train_step(self.engines, [data.move(b, self.device) for b in batches])
+                with self.monitor.watch(state.step + 1):
+                    out = self.task.train_step(self.engines, [data.move(b, self.device) for b in batches])
                 self._after_step(out)
                 if self.done():
                     break
@@ -349,6 +352,8 @@ class Loop:
                                 f"{state.step} (lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)")
         if self.window.due(state.step, self.total_steps):
             self._log(out)
+        if self.monitor.due(state.step):
+            self.tracker.log_metrics({f"monitor/{k}": v for k, v in self.monitor.metrics.items()}, state.step)
         if state.step == self.steady_from:
             self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
             self.steady_samples = state.samples_seen

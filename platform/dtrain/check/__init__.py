@@ -132,8 +132,12 @@ def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
     if cfg.tracking.run_name == "":
         cfg.tracking.run_name = f"{cfg.recipe}-check"
     tracker = tracking.start(cfg, flatten(to_dict(cfg)), tags, run_id=None)
-    tracker.log_metrics({f"check/{r.name}": r.value for r in results if r.value is not None}, 0)
-    tracker.log_artifact(out_dir / "check.json")
-    for png in sorted((out_dir / "check").glob("*.png")):
-        tracker.log_artifact(png, "check")
-    tracker.finish("FINISHED")
+    status = "FAILED"  # never left RUNNING
+    try:
+        tracker.log_metrics({f"check/{r.name}": r.value for r in results if r.value is not None}, 0)
+        tracker.log_artifact(out_dir / "check.json")
+        for path in sorted((out_dir / "check").glob("*")):
+            tracker.log_artifact(path, "check")
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)

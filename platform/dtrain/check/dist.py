@@ -121,12 +121,8 @@ def _grads(ctx: Context, engines: dict[str, Engine]) -> Result:
 
 def _engine_grads(engine: Engine) -> torch.Tensor:
     """The full reduced gradient the engine holds after backward, in parameter order."""
-    if engine.name == "deepspeed":
-        from deepspeed.utils import safe_get_full_grad  # importing deepspeed costs seconds: only here
-
-        grads = [safe_get_full_grad(p) for p in engine.module.parameters()]
-    else:
-        grads = [p.grad for p in engine.module.parameters()]
+    grads = engine.full_grads()
     # Under ZeRO-3 a parameter is a partition placeholder; ds_numel is its full size.
-    return torch.cat([g.flatten().float() if g is not None else torch.zeros(getattr(p, "ds_numel", p.numel()))
-                      for g, p in zip(grads, engine.module.parameters())]).to(engine.device)
+    return torch.cat([grads[n].flatten().float().to(engine.device) if n in grads
+                      else torch.zeros(getattr(p, "ds_numel", p.numel()), device=engine.device)
+                      for n, p in engine.module.named_parameters()])

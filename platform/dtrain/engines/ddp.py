@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,7 @@ class DDPEngine:
         self.optimizer, self.scheduler, self.lr_info = optim.build(self.module, o, global_batch, total_steps)
         self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
         self.lr = self.optimizer.param_groups[0]["lr"]
+        self.on_gradients: Callable[[], None] | None = None
 
     def no_sync(self, skip: bool) -> ContextManager[Any]:
         return self.model.no_sync() if skip and isinstance(self.model, DDP) else contextlib.nullcontext()
@@ -79,6 +80,8 @@ class DDPEngine:
     def step(self) -> tuple[torch.Tensor, bool]:
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
+        if self.on_gradients is not None:
+            self.on_gradients()
         norm = clip_gradients(self.params, self.clip_norm, self.clip_value)
         finite = bool(torch.isfinite(norm))  # the norm is global: every rank decides alike
         self.lr = self.optimizer.param_groups[0]["lr"]
@@ -88,6 +91,12 @@ class DDPEngine:
         if finite:  # as DeepSpeed does: a skipped step does not advance the schedule
             self.scheduler.step()
         return norm, finite
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.module.named_parameters()}
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers everywhere: without synchronised BatchNorm each rank's running

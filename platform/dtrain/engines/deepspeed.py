@@ -14,7 +14,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,7 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self._plain_optimizer = self.zero_stage == 0 and cfg.precision == "fp32"
         self.lr = self.scheduler.get_last_lr()[0]
+        self.on_gradients: Callable[[], None] | None = None
 
     def no_sync(self, skip: bool) -> ContextManager[Any]:
         return contextlib.nullcontext()  # DeepSpeed reduces at accumulation boundaries on its own
@@ -131,10 +132,23 @@ class DeepSpeedEngine:
         # ZeRO stage 0 in fp32 steps the client optimizer directly and records no norm: measure
         # it here, on the gradients DeepSpeed all-reduced during the boundary's backward.
         measured = grad_norm_of(self.module) if self._plain_optimizer else None
+        if self.on_gradients is not None:
+            self.on_gradients()
         self.ds.step()
         norm = measured if measured is not None else self.ds.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
         return norm, self.ds.skipped_steps == skipped and bool(torch.isfinite(norm))
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {n: safe_get_full_grad(p) for n, p in self.module.named_parameters()}
+        return {n: g for n, g in grads.items() if g is not None}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p) for n, p in self.module.named_parameters()}
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers everywhere (DeepSpeed broadcasts them only at start)."""
