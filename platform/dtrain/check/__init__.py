@@ -97,12 +97,12 @@ def run(cfg: Config, device: torch.device, only: str = "") -> int:
     for name in names:
         results += run_one(name, ctx)
         distributed.barrier()  # the other ranks wait for rank 0's local checks here
-    if not distributed.is_main():
-        return 0
-    print(report(results), flush=True)
-    write(results, ctx.out_dir)
-    log_to_mlflow(cfg, results, ctx.out_dir)
-    return 1 if any(r.verdict == "FAIL" for r in results) else 0
+    code = 1 if any(r.verdict == "FAIL" for r in results) else 0
+    if distributed.is_main():
+        print(report(results), flush=True)
+        write(results, ctx.out_dir)
+        log_to_mlflow(cfg, results, ctx.out_dir)
+    return int(distributed.broadcast_object(code))  # every rank exits alike
 
 
 def report(results: list[Result]) -> str:
