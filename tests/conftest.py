@@ -44,3 +44,36 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster from the installed server binaries (initdb refuses root,
+    so it runs as the `postgres` user), on a free loopback port; yields its SQLAlchemy URL."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    from helpers import free_port
+
+    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("pg_config") else ""
+    if not bindir or not Path(bindir, "initdb").exists():
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no `postgres` user to run initdb as")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="dtrain-pg-"))  # not under pytest's 0700 tree: postgres must enter it
+    data = root / "data"
+    shutil.chown(root, "postgres")
+    port = free_port()
+    subprocess.run([*as_postgres, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                    f"-p {port} -c listen_addresses=127.0.0.1 -k {root}", "start"], check=True, capture_output=True)
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`dtrain` command line: train, check, compare, sweep-world-sizes, sample.
+"""`dtrain` command line: train, check, search, compare, sweep-world-sizes, sample.
 
 Bad input ends with one line on stderr and a non-zero exit, never a traceback:
 exit 2 for a bad recipe, override or launch environment; 1 when training fails.
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import dtrain
 from dtrain.config import Config, ConfigError
@@ -173,6 +173,44 @@ def cmd_check(args: argparse.Namespace) -> None:
     sys.exit(code)
 
 
+MAXIMIZED = ("accuracy", "precision", "recall", "coverage", "density")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    """`dtrain search`: an Optuna study over the recipe (see `dtrain.search`)."""
+    import signal
+
+    from dtrain import search
+    from dtrain.tasks import load_config
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    metric = args.metric or ("eval/accuracy" if cfg.task == "cnn" else "eval/loss")
+    direction: Literal["maximize", "minimize"] = args.direction or (
+        "maximize" if metric.removeprefix("eval/") in MAXIMIZED else "minimize")
+    a = search.SearchArgs(args.recipe, args.overrides, Path(args.space), args.trials, metric, direction,
+                          args.sampler, args.pruner, args.storage or search.default_storage(cfg),
+                          args.study or f"{cfg.recipe}-search", Path(args.output or f"runs/{cfg.recipe}-search"),
+                          args.nproc_per_node)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, stop)  # the running trial is stopped with the search
+    try:
+        summary = search.search(a)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        _fail("search stopped; `dtrain search` with the same --study and --storage continues it", 130)
+    best = summary["best"]
+    print(f"search: {len(summary['trials'])} trials in study {a.study!r}; "
+          + (f"best {a.metric} {best['value']:.4g} (trial {best['number']}): {a.output / 'best.yaml'}" if best
+             else "no trial completed"))
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from dtrain import compare, tracking
 
@@ -293,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)",
                         "run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
     k.add_argument("--only", default="", help="comma-separated check names (default: all)")
+
+    q = _recipe_command(sub, "search", cmd_search, "hyperparameter search with Optuna: trials are dtrain runs, "
+                        "MLflow child runs of one parent", "run each trial on N ranks via torchrun")
+    q.add_argument("--space", required=True, help="YAML: recipe key -> {type: float|int|categorical, ...}")
+    q.add_argument("--trials", type=int, default=10, help="finished (complete or pruned) trials the study needs")
+    q.add_argument("--metric", default="", help="eval metric to optimise (default: eval/accuracy for cnn, "
+                   "else eval/loss)")
+    q.add_argument("--direction", choices=["maximize", "minimize"], default=None)
+    q.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    q.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    q.add_argument("--storage", default="", help="Optuna storage URL (default: optuna.db beside the MLflow "
+                   "store; postgresql+psycopg://... for several machines)")
+    q.add_argument("--study", default="", help="study name (default RECIPE-search); the same name continues it")
+    q.add_argument("--output", default="", help="folder for trials, search.json, best.yaml, plots")
 
     def compare_options(c: argparse.ArgumentParser) -> None:
         c.add_argument("--metric", default="eval/accuracy", help="eval metric to compare (default eval/accuracy)")

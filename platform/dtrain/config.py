@@ -135,6 +135,8 @@ class TrackingConfig:
     """Also log CPU / memory / GPU utilisation (MLflow system metrics)."""
     log_model: bool = False
     """Upload model.pt as an MLflow artifact (off: large models fill stores)."""
+    parent_run_id: str = ""
+    """Make this run a child of that MLflow run (`dtrain search` sets it for its trials)."""
 
 
 @dataclass
@@ -159,6 +161,22 @@ class MonitorConfig:
     """Warn when a weight's gradient norm is below this (vanishing gradients)."""
     explode_above: float = 1e3
     """Warn when the global gradient norm is above this (exploding gradients)."""
+
+
+@dataclass
+class TrialConfig:
+    """Set by `dtrain search` when it runs this job as one trial of an Optuna study."""
+
+    storage: str = ""
+    """The study's Optuna storage URL. Empty: this run is not a trial."""
+    study: str = ""
+    """The study's name in that storage."""
+    trial_id: int = -1
+    """The trial's id in the storage."""
+    metric: str = ""
+    """The eval metric (without `eval/`) reported to the study after each evaluation."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Decides, after each report, whether the trial stops early (pruned)."""
 
 
 @dataclass
@@ -192,6 +210,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> None:

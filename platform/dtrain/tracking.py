@@ -259,6 +259,8 @@ def start(cfg: Config, params: dict[str, Any], tags: dict[str, Any], run_id: str
     if not cfg.tracking.enabled:
         return NullTracker()
     uri = resolve_uri(cfg.tracking.uri)
+    if cfg.tracking.parent_run_id:  # MLflow shows it nested under that run
+        tags = {**tags, "mlflow.parentRunId": cfg.tracking.parent_run_id}
     down = probe(uri)
     if down:
         log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, down)

@@ -32,6 +32,7 @@ from dtrain.monitor import Monitor
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState, seed_everything
+from dtrain.search.trial import Pruned, TrialReporter
 from dtrain.tasks import get_task
 
 log = logging.getLogger("dtrain")
@@ -121,6 +122,8 @@ class Evaluator:
         self.tracker, self.progress = tracker, progress
         self.last: dict[str, float] = {}
         self.last_step = -1
+        # A search trial reports each evaluation to its study, which may stop it (Pruned).
+        self.trial = TrialReporter(cfg.trial) if cfg.trial.storage else None
 
     def due_after_step(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -138,6 +141,8 @@ class Evaluator:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
                                  | {"train/samples_seen": state.samples_seen}, state.step)
         self.progress.write(f"eval @ step {state.step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in self.last.items()))
+        if self.trial is not None:
+            self.trial.report(self.last, state.step)
         return time.perf_counter() - t0
 
 
@@ -262,6 +267,15 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             _write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
+    except Pruned as p:  # a search trial the study stopped: says so to the search, not an error
+        progress.write(f"trial pruned after step {p.step} ({cfg.trial.metric} {p.value:.4g})")
+        tracker.set_tags({"dtrain.pruned_at_step": p.step})
+        if distributed.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"pruned_at_step": p.step, "value": p.value}) + "\n"
+            atomic_write(out_dir / "pruned.json", lambda tmp: tmp.write_text(text))
+        status = "KILLED"
+        return {}
     except EarlyStop:  # train.stop_at_step: checkpointed, to be resumed
         progress.write(f"stopped after step {state.step} of {parts.total_steps} (train.stop_at_step); "
                        f"resume=auto continues from {out_dir / 'checkpoints'}")

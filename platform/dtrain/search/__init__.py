@@ -1,0 +1,271 @@
+"""`dtrain search RECIPE --space SPACE.yaml --trials N`: hyperparameter search with Optuna.
+
+Every trial is an ordinary `dtrain train` of the recipe with the trial's values as overrides
+(one process, or `--nproc-per-node N` ranks under torchrun; any engine), tracked as an MLflow
+child run under one parent run per study. The trial reports its eval metric after each
+evaluation and stops when the study's pruner says so (`search.trial`). The study lives in an
+Optuna RDB storage (`--storage`: SQLite beside the MLflow store by default, PostgreSQL for
+several machines): workers started on the same study share its trials, and a search started
+again continues it. The output folder gets `search.json` (every trial), `best.yaml` (the
+recipe with the best values) and Optuna's plots, which the parent run also holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dtrain import config, tracking
+from dtrain.cli import torchrun_cmd, torchrun_env
+from dtrain.config import Config, ConfigError
+from dtrain.fileio import atomic_write
+from dtrain.search.space import Param, load_space, overrides, suggest
+
+log = logging.getLogger("dtrain")
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass
+class SearchArgs:
+    recipe: str
+    overrides: list[str]
+    space: Path
+    trials: int
+    metric: str
+    """An eval metric, with or without `eval/`."""
+    direction: Literal["minimize", "maximize"]
+    sampler: str
+    pruner: str
+    storage: str
+    study: str
+    output: Path
+    nproc_per_node: int
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+def default_storage(cfg: Config) -> str:
+    """A SQLite file beside the MLflow store when that is SQLite, else in the launch directory."""
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    folder = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else Path.cwd()
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def make_sampler(name: str, params: list[Param], seed: int) -> Any:
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler({p.key: p.grid() for p in params}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
+
+
+def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bool]:
+    """(study, created here): create it, or load it when another worker (or an earlier run of
+    this search) did."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    from dtrain.search.trial import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Heartbeats: a trial whose worker was killed is failed after the grace period and run again.
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(a.storage, heartbeat_interval=10, grace_period=60,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    sampler, pruner = make_sampler(a.sampler, params, cfg.seed), make_pruner(a.pruner)
+    try:
+        return optuna.create_study(storage=storage, study_name=a.study, direction=a.direction, sampler=sampler,
+                                   pruner=pruner), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner)
+        if study.direction.name.lower() != a.direction:
+            raise ConfigError("--direction", a.direction, f"study {a.study!r} in {a.storage} is to "
+                              f"{study.direction.name.lower()}; use that, or another --study") from None
+        return study, False
+
+
+def parent_run(a: SearchArgs, cfg: Config, study: Any, created: bool) -> str:
+    """The study's MLflow parent run: created by the worker that created the study, its id
+    kept in the study for the others (and for a search started again)."""
+    if not cfg.tracking.enabled:
+        return ""
+    if not created:
+        wait_for_parent(study)
+        return str(study.user_attrs.get("mlflow_parent_run", ""))
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.resolve_uri(cfg.tracking.uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run = client.create_run(exp_id, run_name=f"{a.study}", tags={"dtrain.kind": "search", "dtrain.study": a.study,
+                                                                "dtrain.recipe": cfg.recipe})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in
+                                              {"metric": a.metric, "direction": a.direction, "sampler": a.sampler,
+                                               "pruner": a.pruner, "trials": a.trials}.items()])
+    study.set_user_attr("mlflow_parent_run", run.info.run_id)
+    return str(study.user_attrs["mlflow_parent_run"])
+
+
+def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], parent: str) -> float:
+    """One `dtrain train` of the recipe with `values`; its final eval metric. Raises
+    optuna.TrialPruned when the study stopped it, TrialFailed when it failed."""
+    import optuna
+
+    out = a.output / f"trial_{trial.number:03d}"
+    extra = [*overrides(values), f"output_dir={out}", "checkpoint.overwrite=true",
+             f"tracking.run_name={a.study}-trial-{trial.number}", f"tracking.parent_run_id={parent}",
+             f"trial.storage={a.storage}", f"trial.study={a.study}", f"trial.trial_id={trial._trial_id}",
+             f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}"]
+    args = [*a.overrides, *extra]
+    cmd = (torchrun_cmd(a.nproc_per_node, a.recipe, args) if a.nproc_per_node
+           else [sys.executable, "-m", "dtrain", "train", a.recipe, *args])
+    proc = subprocess.Popen(cmd, env=torchrun_env())
+    try:
+        code = proc.wait()
+    except BaseException:  # the search is stopped: so is its trial
+        proc.terminate()
+        proc.wait(60)
+        raise
+    if (out / "pruned.json").exists():
+        raise optuna.TrialPruned(json.loads((out / "pruned.json").read_text())["pruned_at_step"])
+    if code != 0:
+        raise TrialFailed(f"trial {trial.number} exited with {code} (see its output above)")
+    summary = json.loads((out / "summary.json").read_text())
+    return float(summary["eval"][metric_name(a.metric)])
+
+
+def metric_name(metric: str) -> str:
+    return metric.removeprefix("eval/")
+
+
+def search(a: SearchArgs) -> dict[str, Any]:
+    """Run trials until the study has `a.trials` finished (complete or pruned) ones."""
+    import optuna
+
+    cfg = config_for(a)
+    params = load_space(a.space, cfg)
+    fixed = config.flatten(config.to_dict(cfg))
+    study, created = open_study(a, cfg, params)
+    parent = parent_run(a, cfg, study, created)
+    a.output.mkdir(parents=True, exist_ok=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(params, trial, fixed)
+        try:
+            return run_trial(a, cfg, trial, values, parent)
+        except KeyboardInterrupt:  # stopped: the trial ends FAILED, and its values run first next time
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            raise
+
+    def on_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        print(progress_line(study, trial), flush=True)
+        if sum(t.state.name in FINISHED for t in study.trials) >= a.trials:
+            study.stop()
+
+    if sum(t.state.name in FINISHED for t in study.trials) < a.trials:
+        study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))
+    return write_outputs(a, cfg, study, parent)
+
+
+def config_for(a: SearchArgs) -> Config:
+    from dtrain.tasks import load_config
+
+    return load_config(a.recipe, a.overrides)
+
+
+def progress_line(study: Any, trial: Any) -> str:
+    """One line per finished trial: value (or pruned / failed), values, best so far."""
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    best = f"best {study.best_value:.4g} (trial {study.best_trial.number})" if done else "no complete trial yet"
+    what = f"{trial.value:.4g}" if trial.state.name == "COMPLETE" else trial.state.name.lower()
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return f"search: trial {trial.number}: {what} | {shown} | {best}"
+
+
+def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[str, Any]:
+    """search.json, best.yaml and the plots in the output folder; the same on the parent run."""
+    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
+               "intermediate": {str(k): v for k, v in t.intermediate_values.items()}} for t in study.trials]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    summary: dict[str, Any] = {"study": a.study, "storage": a.storage, "metric": a.metric, "direction": a.direction,
+                               "trials": trials, "best": None}
+    files = [a.output / "search.json"]
+    if complete:
+        best = study.best_trial
+        summary["best"] = {"number": best.number, "value": best.value, "params": best.params}
+        best_cfg = config.build(type(cfg), _with(config.to_dict(cfg), best.params))
+        best_cfg.output_dir = ""
+        config.dump_yaml(best_cfg, a.output / "best.yaml")
+        files += [a.output / "best.yaml", *plots(study, a.output)]
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(a.output / "search.json", lambda tmp: tmp.write_text(text))
+    if parent:
+        log_parent(cfg, parent, summary, files, finished=sum(t["state"] in FINISHED for t in trials) >= a.trials)
+    return summary
+
+
+def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    for item in overrides(values):
+        config.apply_override(raw, item)
+    return raw
+
+
+def plots(study: Any, out: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances (where there are enough trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    made = []
+    for name, fn in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fn(study)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
+            log.info("search: no %s plot: %s", name, e)
+            continue
+        path, fig = out / f"{name}.png", plt.gcf()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def log_parent(cfg: Config, run_id: str, summary: dict[str, Any], files: list[Path], finished: bool) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.resolve_uri(cfg.tracking.uri))
+    if summary["best"]:
+        client.log_metric(run_id, "best_value", summary["best"]["value"], step=len(summary["trials"]))
+        client.set_tag(run_id, "dtrain.best_trial", summary["best"]["number"])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    if finished:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def wait_for_parent(study: Any, timeout_s: float = 60.0) -> None:
+    """Workers started together: the others wait for the first one's parent run id."""
+    deadline = time.monotonic() + timeout_s
+    while "mlflow_parent_run" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+__all__ = ["SearchArgs", "search", "ConfigError"]

@@ -1,0 +1,54 @@
+"""The trainer's side of a search: a run that is one trial of an Optuna study (`trial.*` keys,
+set by `dtrain search`) reports its eval metric after each evaluation and stops when the
+study's pruner says so. Rank 0 talks to the study's storage; every rank learns the decision."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dtrain import distributed
+from dtrain.config import ConfigError, TrialConfig
+
+
+class Pruned(Exception):
+    """The study's pruner stopped this trial after an evaluation."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"pruned at step {step} ({value:.4g})")
+        self.step, self.value = step, value
+
+
+def make_pruner(name: str) -> Any:
+    """median: worse than the median of earlier trials at the same step (after 2 trials);
+    hyperband: successive halving over brackets; none: never."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+class TrialReporter:
+    def __init__(self, cfg: TrialConfig):
+        self.metric = cfg.metric
+        self.trial: Any = None
+        if distributed.is_main():
+            import optuna
+
+            study = optuna.load_study(study_name=cfg.study, storage=cfg.storage, pruner=make_pruner(cfg.pruner))
+            self.trial = optuna.trial.Trial(study, cfg.trial_id)
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        """After an evaluation: report, and raise `Pruned` on every rank if the pruner says so."""
+        if self.metric not in metrics:
+            raise ConfigError("trial.metric", self.metric, f"not an eval metric of this task ({', '.join(metrics)})")
+        value = metrics[self.metric]
+        prune = False
+        if self.trial is not None:
+            self.trial.report(value, step)
+            prune = bool(self.trial.should_prune()) or not math.isfinite(value)
+        if distributed.broadcast_object(prune):
+            raise Pruned(step, value)

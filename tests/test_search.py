@@ -1,0 +1,109 @@
+"""`dtrain search`: Optuna studies whose trials are dtrain runs (MLflow child runs of one parent),
+pruned on their intermediate evaluations, continued after a kill, shared by workers through
+SQLite or a real PostgreSQL server."""
+
+import json
+import signal
+import subprocess
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from dtrain.tasks import load_config
+from helpers import PY, ROOT, env_for_cli, run_dtrain
+
+CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
+SHORT = ["train.max_steps=20", "train.eval_every_steps=10", "tracking.log_every=10", "data.augment=false",
+         "checkpoint.every_steps=0"]
+# 2 good learning rates and an obviously bad one, each with and without warmup: a grid of 6.
+GRID = """optim.lr: {type: categorical, choices: [0.8, 0.4, 1.0e-6]}
+optim.warmup_steps: {type: categorical, choices: [0, 5]}
+"""
+
+
+def search_cmd(tmp_path, *args, uri=None):
+    uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
+    return [PY, "-m", "dtrain", "search", CNN, *SHORT, f"tracking.uri={uri}", "tracking.experiment=search",
+            "--space", str(tmp_path / "space.yaml"), "--output", str(tmp_path / "out"), *args]
+
+
+def finished(summary):
+    return [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+
+
+def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
+    (tmp_path / "space.yaml").write_text(GRID)
+    cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6")
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "out" / "trial_001").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    first.send_signal(signal.SIGTERM)  # during trial 1
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "continues it" in err.strip().splitlines()[-1], err
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    assert not [p for p in ps if "dtrain train" in p and str(tmp_path) in p], ps  # its trial was stopped too
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "search.json").read_text())
+    states = [t["state"] for t in summary["trials"]]
+    assert len(finished(summary)) == 6 and states.count("FAIL") == 1, states  # the killed trial
+    assert "PRUNED" in states and len(states) == len({t["number"] for t in summary["trials"]})
+    assert all(t["params"]["optim.lr"] > 1e-3 for t in summary["trials"] if t["state"] == "COMPLETE"
+               and t["value"] == summary["best"]["value"])
+    assert "search: trial" in again.stdout and "pruned" in again.stdout
+    best = load_config(tmp_path / "out" / "best.yaml")  # a recipe that loads
+    assert best.optim.lr == summary["best"]["params"]["optim.lr"]
+    assert (tmp_path / "out" / "history.png").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("dtrain.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    # One per finished trial (the killed one has one too if it got as far as starting its run).
+    assert len(children) in (6, 7) and parent.info.status == "FINISHED"
+    assert {r.info.run_name for r in children} >= {f"cnn_digits-search-trial-{t['number']}" for t in finished(summary)}
+    pruned = [r for r in children if "dtrain.pruned_at_step" in r.data.tags]
+    assert pruned and all(r.info.status == "KILLED" for r in pruned)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search.json", "best.yaml"}
+    assert parent.data.metrics["best_value"] == pytest.approx(summary["best"]["value"])
+
+
+def test_multi_rank_trials(tmp_path):
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n")
+    proc = subprocess.run(search_cmd(tmp_path, "--trials", "2", "--nproc-per-node", "2", "--pruner", "none"),
+                          cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n in (0, 1):
+        assert json.loads((tmp_path / "out" / f"trial_00{n}" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.05, high: 1.0, log: true}\n"
+                                         "optim.warmup_steps: {type: int, low: 0, high: 10}\n")
+    cmd = search_cmd(tmp_path, "--trials", "6", "--storage", postgres, "--study", "shared", "--pruner", "none")
+    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [e[-2000:] for _, e in outs]
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in study.trials) >= 6
+    # Each worker ran some of them (one line per trial it finished), and no trial folder twice.
+    ran = [out.count("search: trial") for out, _ in outs]
+    assert all(n >= 1 for n in ran), ran
+    assert sorted(p.name for p in (tmp_path / "out").glob("trial_*")) == [f"trial_{n:03d}" for n in sorted(numbers)]
+
+
+def test_a_key_the_task_does_not_have_is_refused_before_any_trial(tmp_path):
+    (tmp_path / "space.yaml").write_text("model.norm: {type: categorical, choices: [layernorm, rmsnorm]}\n")
+    proc = run_dtrain(["search", CNN, "--space", str(tmp_path / "space.yaml"), "--output", str(tmp_path / "out"),
+                       "tracking.enabled=false"], cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("dtrain: error: space.model.norm=") and "unknown key" in line, line
+    assert not (tmp_path / "out" / "trial_000").exists()
