@@ -164,6 +164,29 @@ class MonitorConfig:
 
 
 @dataclass
+class ProfileConfig:
+    enabled: bool = False
+    """Profile training steps with torch.profiler: a Chrome/Perfetto trace and the top operators
+    per profiled rank in output_dir/profile/ (and MLflow), a step-time breakdown in summary.json."""
+    wait: int = 1
+    """Steps skipped before each profiling cycle."""
+    warmup: int = 1
+    """Steps traced but discarded (the profiler's own start-up) before the recorded ones."""
+    active: int = 3
+    """Steps recorded per cycle."""
+    repeat: int = 1
+    """Cycles (each writes a trace)."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """The ranks that profile; the others train unobserved."""
+    record_shapes: bool = True
+    """Record operator input shapes."""
+    profile_memory: bool = True
+    """Record tensor allocations."""
+    memory_snapshot: bool = False
+    """CUDA only: also record the allocator's history and dump a snapshot (pytorch.org/memory_viz)."""
+
+
+@dataclass
 class TrialConfig:
     """Set by `dtrain search` when it runs this job as one trial of an Optuna study."""
 
@@ -210,6 +233,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -228,6 +252,8 @@ class Config:
         _positive(self.checkpoint, "checkpoint", "keep")
         _non_negative(self.monitor, "monitor", "every", "vanish_below")
         _positive(self.monitor, "monitor", "explode_above")
+        _non_negative(self.profile, "profile", "wait", "warmup")
+        _positive(self.profile, "profile", "active", "repeat")
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")

@@ -234,5 +234,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's Python object, in rank order (on the side group: no GPU synchronisation)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=side_group())
+    return out
+
+
 def hostname() -> str:
     return socket.gethostname()

@@ -13,6 +13,7 @@ import torch
 
 from dtrain import distributed
 from dtrain.data import batch_len, head, move
+from dtrain.profiling import region
 from dtrain.protocols import Engine, StepOutput
 
 
@@ -24,11 +25,13 @@ def train_step(engine: Engine, task: Any, micro_batches: list[Any]) -> StepOutpu
         # DDP all-reduces gradients bucket by bucket during the last micro-step's backward;
         # the earlier micro-steps only accumulate locally, so one step costs one all-reduce.
         with engine.no_sync(skip=i < n - 1):
-            with engine.precision.autocast():
+            with engine.precision.autocast(), region("forward"):
                 loss = task.loss(engine.model, batch)
-            engine.backward(loss, n)
+            with region("backward"):
+                engine.backward(loss, n)
         loss_sum += loss.detach().float()
-    grad_norm, stepped = engine.step()
+    with region("optimizer"):
+        grad_norm, stepped = engine.step()
     engine.precision.update()
     return StepOutput(loss_sum / n, grad_norm, stepped)
 

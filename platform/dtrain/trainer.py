@@ -29,6 +29,7 @@ from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
 from dtrain.fileio import atomic_write
 from dtrain.monitor import Monitor
+from dtrain.profiling import Profiler, region
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState, seed_everything
@@ -309,6 +310,7 @@ class Loop:
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress)
         self.window = MetricsWindow(cfg.tracking.log_every)
         self.monitor = Monitor(cfg.monitor, self.engines)
+        self.profiler = Profiler(cfg.profile, Path(cfg.output_dir), device)
         self.samples_per_step = self.plan.per_rank * self.plan.world_size * self.micro
         self.bad_steps = 0
         self.final_loss = float("nan")
@@ -320,11 +322,25 @@ class Loop:
 
     def run(self) -> dict[str, Any]:
         state = self.state
+        with self.profiler:
+            self._train()
+        if state.step < self.total_steps:
+            self._checkpoint("")
+            raise EarlyStop
+        if self.evaluator.last_step != state.step:
+            self.evaluator.run(state)
+        self._checkpoint("")
+        return self._summary()
+
+    def _train(self) -> None:
+        """Steps until the run is done or stops (preemption); evaluation at epoch ends."""
+        state = self.state
         while not self.done():
             for batches in self._epoch():
                 with self.monitor.watch(state.step + 1):
-                    out = self.task.train_step(self.engines, [data.move(b, self.device) for b in batches])
+                    out = self.task.train_step(self.engines, batches)
                 self._after_step(out)
+                self.profiler.step()
                 if self.done():
                     break
                 if preemption.requested():  # collective: every rank stops after the same step
@@ -334,13 +350,6 @@ class Loop:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if self.evaluator.due_at_epoch_end(state.step, self.total_steps):
                     self.window.pause(self.evaluator.run(state))
-        if state.step < self.total_steps:
-            self._checkpoint("")
-            raise EarlyStop
-        if self.evaluator.last_step != state.step:
-            self.evaluator.run(state)
-        self._checkpoint("")
-        return self._summary()
 
     def _epoch(self) -> Iterator[list[Any]]:
         """This epoch's remaining steps, each a list of `micro` loader batches."""
@@ -350,7 +359,9 @@ class Loop:
         sampler.start_index = state.batch_in_epoch * self.plan.per_rank
         batches = iter(self.loader)
         for _ in range(state.batch_in_epoch // self.micro, self.per_epoch):
-            yield [next(batches) for _ in range(self.micro)]
+            with region("data"):
+                step_batches = [data.move(next(batches), self.device) for _ in range(self.micro)]
+            yield step_batches
 
     def _after_step(self, out: StepOutput) -> None:
         state = self.state
@@ -415,6 +426,9 @@ class Loop:
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+        profiles = distributed.all_gather_object(self.profiler.breakdown)
+        if any(profiles):  # ms per recorded step, by profiled rank
+            summary["profile"] = {str(r): p for r, p in enumerate(profiles) if p}
         return summary | self.task.summary_extras(summary)
 
 
@@ -437,5 +451,7 @@ def _write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights:
                          if isinstance(summary.get(k), (int, float))}, summary["steps"])
     for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
         tracker.log_artifact(path)
+    for path in sorted((out_dir / "profile").glob("*")):  # traces of the ranks on this machine
+        tracker.log_artifact(path, "profile")
     if cfg.tracking.log_model:
         tracker.log_artifact(model_path)
