@@ -26,8 +26,9 @@ def test_only_the_chosen_rank_profiles_and_the_trace_loads(tmp_path):
     profile = json.loads((out / "summary.json").read_text())["profile"]
     assert list(profile) == ["1"]
     parts = profile["1"]
-    assert set(parts) == {"data_ms", "forward_ms", "backward_ms", "optimizer_ms", "collectives_ms"}
+    assert set(parts) == {"data_ms", "forward_ms", "backward_ms", "optimizer_ms", "collectives_ms", "sync_bn_ms"}
     assert parts["forward_ms"] > 0 and parts["backward_ms"] > 0 and parts["collectives_ms"] > 0  # DDP + SyncBN
+    assert 0 < parts["sync_bn_ms"] < parts["forward_ms"] + parts["backward_ms"]
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("prof").experiment_id])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} == {f"profile/{f}" for f in files}

@@ -73,19 +73,12 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     assert parent.data.metrics["best_value"] == pytest.approx(summary["best"]["value"])
 
 
-def test_multi_rank_trials(tmp_path):
-    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n")
-    proc = subprocess.run(search_cmd(tmp_path, "--trials", "2", "--nproc-per-node", "2", "--pruner", "none"),
-                          cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for n in (0, 1):
-        assert json.loads((tmp_path / "out" / f"trial_00{n}" / "summary.json").read_text())["world_size"] == 2
-
-
-def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
-    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.05, high: 1.0, log: true}\n"
+def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, postgres):
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
+                                         "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"
                                          "optim.warmup_steps: {type: int, low: 0, high: 10}\n")
-    cmd = search_cmd(tmp_path, "--trials", "6", "--storage", postgres, "--study", "shared", "--pruner", "none")
+    cmd = search_cmd(tmp_path, "--trials", "6", "--storage", postgres, "--study", "shared", "--pruner", "none",
+                     "--nproc-per-node", "2")
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
@@ -97,6 +90,8 @@ def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
     ran = [out.count("search: trial") for out, _ in outs]
     assert all(n >= 1 for n in ran), ran
     assert sorted(p.name for p in (tmp_path / "out").glob("trial_*")) == [f"trial_{n:03d}" for n in sorted(numbers)]
+    for n in numbers:  # every trial ran on 2 ranks
+        assert json.loads((tmp_path / "out" / f"trial_{n:03d}" / "summary.json").read_text())["world_size"] == 2
 
 
 def test_a_key_the_task_does_not_have_is_refused_before_any_trial(tmp_path):
@@ -107,3 +102,26 @@ def test_a_key_the_task_does_not_have_is_refused_before_any_trial(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("dtrain: error: space.model.norm=") and "unknown key" in line, line
     assert not (tmp_path / "out" / "trial_000").exists()
+
+
+def test_space_conditions_and_types(tmp_path):
+    """`when:` searches a key only where its condition holds; values keep their types."""
+    from dtrain.search.space import load_space, suggest
+
+    cfg = load_config(CNN, ["tracking.enabled=false"])
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.name: {type: categorical, choices: [sgd, adamw]}\n"
+                    "optim.momentum: {type: float, low: 0.5, high: 0.99, when: {optim.name: sgd}}\n"
+                    "optim.warmup_steps: {type: int, low: 0, high: 100, step: 10}\n")
+    params = load_space(path, cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        values = suggest(params, study.ask(), {})
+        seen.add(values["optim.name"])
+        assert ("optim.momentum" in values) == (values["optim.name"] == "sgd")
+        assert isinstance(values["optim.warmup_steps"], int) and values["optim.warmup_steps"] % 10 == 0
+    assert seen == {"sgd", "adamw"}
+    path.write_text("optim.lr: {type: float, low: 0.1, high: 1.0, logg: true}\n")
+    with pytest.raises(Exception, match=r"space\.optim\.lr=.*unknown field\(s\) logg"):
+        load_space(path, cfg)

@@ -4,8 +4,8 @@ The schedule is torch's (`wait`, `warmup`, `active`, `repeat`). Each recorded cy
 `output_dir/profile/trace_rank<R>_step<S>.json` (open in Perfetto or chrome://tracing) and
 `ops_rank<R>.txt` (the top operators by self time); the run's summary gets the step-time
 breakdown of the recorded steps, from the regions the step marks (`region`): data loading,
-forward, backward, optimizer step, and the time inside collectives (DDP's gradient all-reduce,
-the CPU SyncBN's all-gathers, the loss all-reduce). Off, a region is a shared null context:
+forward, backward, optimizer step, the time inside collectives (DDP's gradient all-reduce, the CPU
+SyncBN's all-gathers, the loss all-reduce), and the CPU SyncBN's all-gathers as a whole. Off, a region is a shared null context:
 no profiler, no record_function.
 """
 
@@ -22,6 +22,7 @@ from dtrain import distributed
 from dtrain.config import ProfileConfig
 
 REGIONS = ("data", "forward", "backward", "optimizer")
+SYNC_BN = ("AllGather", "AllGatherBackward")  # dtrain.norm's autograd function, by its node names
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "reduce_scatter", "nccl:", "gloo:")
 _NULL = contextlib.nullcontext()
 _active = False
@@ -92,12 +93,17 @@ def breakdown(averages: Any, steps: int) -> dict[str, float]:
     """Milliseconds per recorded step in each region, and inside collectives (CPU time: on a
     GPU the kernels overlap, and the trace shows how)."""
     out: dict[str, float] = {}
-    comm = 0.0
+    comm = sync_bn = 0.0
     for e in averages:
         name = e.key.lower()
         if e.key.startswith("dtrain.") and e.key[len("dtrain."):] in REGIONS:
             out[f"{e.key[len('dtrain.'):]}_ms"] = e.cpu_time_total / 1e3 / steps
+        elif e.key in SYNC_BN:
+            sync_bn += e.cpu_time_total / 1e3 / steps
         elif any(c in name for c in COLLECTIVES):
             comm += e.self_cpu_time_total / 1e3 / steps
     out["collectives_ms"] = comm
+    if sync_bn:
+        out["sync_bn_ms"] = sync_bn  # the CPU SyncBN's all-gathers, forward and backward; their
+        # collective calls are counted in collectives_ms too
     return out

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from dtrain import config, tracking
 from dtrain.cli import torchrun_cmd, torchrun_env
 from dtrain.config import Config, ConfigError
-from dtrain.fileio import atomic_write
+from dtrain.fileio import atomic_write, first_line
 from dtrain.search.space import Param, load_space, overrides, suggest
 
 log = logging.getLogger("dtrain")
@@ -74,16 +74,11 @@ def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bo
     """(study, created here): create it, or load it when another worker (or an earlier run of
     this search) did."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     from dtrain.search.trial import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats: a trial whose worker was killed is failed after the grace period and run again.
-    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(a.storage, heartbeat_interval=10, grace_period=60,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    storage = rdb_storage(a.storage)
     sampler, pruner = make_sampler(a.sampler, params, cfg.seed), make_pruner(a.pruner)
     try:
         return optuna.create_study(storage=storage, study_name=a.study, direction=a.direction, sampler=sampler,
@@ -96,6 +91,26 @@ def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bo
         return study, False
 
 
+def rdb_storage(url: str) -> Any:
+    """Optuna's RDB storage with heartbeats: a trial whose worker was killed is failed after the
+    grace period and run again. Workers creating a new database's tables at once: one wins, the
+    others retry."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=10, grace_period=60,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as e:
+            if attempt == 4:
+                raise ConfigError("--storage", url, f"cannot open it: {first_line(e)}") from None
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
 def parent_run(a: SearchArgs, cfg: Config, study: Any, created: bool) -> str:
     """The study's MLflow parent run: created by the worker that created the study, its id
     kept in the study for the others (and for a search started again)."""
@@ -104,9 +119,21 @@ def parent_run(a: SearchArgs, cfg: Config, study: Any, created: bool) -> str:
     if not created:
         wait_for_parent(study)
         return str(study.user_attrs.get("mlflow_parent_run", ""))
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    try:
+        return _create_parent(a, cfg, study, uri)
+    except Exception as e:  # the search runs without a parent run, as training runs without tracking
+        log.warning("search: MLflow at %s unavailable, no parent run: %s", uri, first_line(e))
+        return ""
+
+
+def _create_parent(a: SearchArgs, cfg: Config, study: Any, uri: str) -> str:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking.resolve_uri(cfg.tracking.uri))
+    down = tracking.probe(uri)
+    if down:
+        raise ConnectionError(down)
+    client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{a.study}", tags={"dtrain.kind": "search", "dtrain.study": a.study,
