@@ -14,10 +14,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, NoReturn, Sequence
 
 import dtrain
 from dtrain.config import Config, ConfigError
+from dtrain.environments import DistEnv
+
+if TYPE_CHECKING:
+    import torch
 from dtrain.fileio import first_line
 
 EXIT_BAD_INPUT = 2
@@ -29,7 +33,7 @@ def _setup_logging(rank: int) -> None:
                         level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
 
 
-def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> None:
+def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> NoReturn:
     """One line, from rank 0 only when every rank hits the same (deterministic) problem."""
     if rank == 0 or every_rank:
         prefix = "dtrain: error: " if rank == 0 else f"dtrain[rank {rank}]: error: "
@@ -53,8 +57,12 @@ def _train_config(args: argparse.Namespace, rank: int, world_size: int) -> Confi
     return cfg
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from dtrain import allocator, distributed, preemption
+def _launch(args: argparse.Namespace, command: Sequence[str],
+            validate: Callable[[], object] = lambda: None) -> tuple[DistEnv, Config]:
+    """This rank's launch environment and validated recipe (and `validate()`), or one line and
+    exit 2; with --nproc-per-node in a plain process, torchrun replaces this process to run
+    `command` on N ranks."""
+    from dtrain import distributed
 
     try:
         env = distributed.read_env()
@@ -62,9 +70,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         _fail(str(e), EXIT_BAD_INPUT)
     _setup_logging(env.rank)
     cfg = _train_config(args, env.rank, args.nproc_per_node or env.world_size)
+    try:
+        validate()
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT, env.rank)
     if args.nproc_per_node and env.launcher == "single":
-        _exec_torchrun(args)
+        _exec_torchrun(args, command)
+    return env, cfg
 
+
+def _join(env: DistEnv, cfg: Config) -> torch.device:
+    """Join the process group (the device this rank uses), or one line naming the endpoint."""
+    from dtrain import distributed
+
+    try:
+        return distributed.init(env, cfg.train.collective_timeout_s)
+    except Exception as e:  # rendezvous failures: name the endpoint, not a stack
+        _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
+              f"of {env.world_size}: {first_line(e)}", EXIT_FAILED, env.rank, every_rank=True)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    env, cfg = _launch(args, ("train",))
+    from dtrain import allocator, distributed, preemption
     from dtrain.trainer import Preempted, fit
 
     allocator.tune()
@@ -72,13 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # next step boundary inside the loop, and in an exception elsewhere, so `finally` blocks
     # still mark the MLflow run KILLED instead of leaving it RUNNING.
     preemption.install()
-
-    try:
-        device = distributed.init(env, cfg.train.collective_timeout_s)
-    except Exception as e:  # rendezvous failures: name the endpoint, not a stack
-        _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
-              f"of {env.world_size}: {first_line(e)}",
-              EXIT_FAILED, env.rank, every_rank=True)
+    device = _join(env, cfg)
     clean = False
     try:
         fit(cfg, env, device)
@@ -126,7 +148,7 @@ def _explain(e: BaseException, cfg: Config, rank: int) -> tuple[str | None, int]
     return None, EXIT_FAILED
 
 
-def _report(line: str, code: int, rank: int) -> None:
+def _report(line: str, code: int, rank: int) -> NoReturn:
     """Print this rank's error unless rank 0 reports the same one (deterministic errors hit
     every rank alike: one line, not one per rank), then exit with `code`."""
     from dtrain import distributed
@@ -139,27 +161,10 @@ def _report(line: str, code: int, rank: int) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     """`dtrain check`: the sanity checks of `dtrain.check`, on this process or under torchrun."""
-    from dtrain import distributed
+    from dtrain import check, distributed
 
-    try:
-        env = distributed.read_env()
-    except distributed.LaunchError as e:
-        _fail(str(e), EXIT_BAD_INPUT)
-    _setup_logging(env.rank)
-    cfg = _train_config(args, env.rank, args.nproc_per_node or env.world_size)
-    from dtrain import check
-
-    try:
-        check.select(args.only)
-    except ConfigError as e:
-        _fail(str(e), EXIT_BAD_INPUT, env.rank)
-    if args.nproc_per_node and env.launcher == "single":
-        _exec_torchrun(args, ("check", f"--only={args.only}"))
-    try:
-        device = distributed.init(env, cfg.train.collective_timeout_s)
-    except Exception as e:
-        _fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
-              f"of {env.world_size}: {first_line(e)}", EXIT_FAILED, env.rank, every_rank=True)
+    env, cfg = _launch(args, ("check", f"--only={args.only}"), lambda: check.select(args.only))
+    device = _join(env, cfg)
     code, clean = EXIT_FAILED, False
     try:
         code, clean = check.run(cfg, device, args.only), True
