@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtrain import cli, config
+from dtrain import cli, recipe
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.cnn import CNNConfig
@@ -34,7 +34,7 @@ def test_required_keys_exist():
         for part in key.split("."):
             assert hasattr(node, part), key  # a key renamed or dropped fails here
             node = getattr(node, part)
-        flat = config.flatten(config.to_dict(cfg))
+        flat = recipe.flatten(recipe.to_dict(cfg))
         assert key in flat or any(k.startswith(key + ".") for k in flat), key  # and reaches MLflow's params
 
 
@@ -105,3 +105,17 @@ def test_bad_input_under_raw_torchrun(tmp_path):
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dtrain:") or l.startswith("dtrain[")]
     assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr
     assert "exitcode  : 2" in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_schema_and_recipe_loading_import_no_torch():
+    """`dtrain --version`, `--help` and a bad recipe answer before torch loads (and a config can
+    be read and type-checked without it). The probe sees torch where a module does import it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, {}; print('torch' in sys.modules)"
+    light = "dtrain.config, dtrain.recipe, dtrain.protocols, dtrain.environments, dtrain.cli"
+    run = lambda mods: subprocess.run([sys.executable, "-c", probe.format(mods)], capture_output=True,  # noqa: E731
+                                      text=True, check=True).stdout.strip()
+    assert run(light) == "False"
+    assert run("dtrain.data") == "True"

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dtrain
-from dtrain import checkpoint, config, data, distributed, preemption, resume, tracking
+from dtrain import checkpoint, data, distributed, preemption, recipe, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
 from dtrain.fileio import atomic_write
@@ -233,7 +233,7 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
     """Rank 0 opens (or, resuming, reopens) the MLflow run; every rank learns its id."""
     tracker: tracking.NullTracker = tracking.NullTracker()
     if distributed.is_main():
-        params = config.flatten(config.to_dict(cfg))
+        params = recipe.flatten(recipe.to_dict(cfg))
         tracker = tracking.start(cfg, params, run_tags(cfg, env, parts.plan, parts.engines),
                                  run_id=state.run_id or None)
         state.run_id = tracker.run_id or state.run_id
@@ -251,7 +251,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     resumed_from = resume.resume(cfg, parts.task, parts.engines, state, out_dir / "checkpoints")
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        config.dump_yaml(cfg, out_dir / "config.yaml")
+        recipe.dump_yaml(cfg, out_dir / "config.yaml")
     tracker = start_tracking(cfg, env, parts, state)
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
     progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps)

@@ -41,8 +41,9 @@ from dtrain.check.model import (
     check_input_independent,
     check_overfit_batch,
 )
-from dtrain.config import Config, ConfigError, flatten, to_dict
+from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write, first_line
+from dtrain.recipe import flatten, to_dict
 
 __all__ = ["CHECKS", "NAMES", "Context", "Result", "run"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dtrain import config, tracking
+from dtrain import recipe, tracking
 from dtrain.cli import torchrun_cmd, torchrun_env
 from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write, first_line
@@ -183,7 +183,7 @@ def search(a: SearchArgs) -> dict[str, Any]:
 
     cfg = config_for(a)
     params = load_space(a.space, cfg)
-    fixed = config.flatten(config.to_dict(cfg))
+    fixed = recipe.flatten(recipe.to_dict(cfg))
     study, created = open_study(a, cfg, params)
     parent = parent_run(a, cfg, study, created)
     a.output.mkdir(parents=True, exist_ok=True)
@@ -232,9 +232,9 @@ def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[s
     if complete:
         best = study.best_trial
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params}
-        best_cfg = config.build(type(cfg), _with(config.to_dict(cfg), best.params))
+        best_cfg = recipe.build(type(cfg), _with(recipe.to_dict(cfg), best.params))
         best_cfg.output_dir = ""
-        config.dump_yaml(best_cfg, a.output / "best.yaml")
+        recipe.dump_yaml(best_cfg, a.output / "best.yaml")
         files += [a.output / "best.yaml", *plots(study, a.output)]
     text = json.dumps(summary, indent=2, default=str) + "\n"
     atomic_write(a.output / "search.json", lambda tmp: tmp.write_text(text))
@@ -245,7 +245,7 @@ def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[s
 
 def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     for item in overrides(values):
-        config.apply_override(raw, item)
+        recipe.apply_override(raw, item)
     return raw
 
 

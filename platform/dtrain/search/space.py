@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from dtrain.config import Config, ConfigError, apply_override, build, to_dict
+from dtrain.config import Config, ConfigError
+from dtrain.recipe import apply_override, build, to_dict
 
 TYPES = ("float", "int", "categorical")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from dtrain import config, protocols, steps
+from dtrain import protocols, recipe, steps
 from dtrain.config import Config, ConfigError
 from dtrain.protocols import Engine, ModelSpec, StepOutput
 
@@ -91,7 +91,7 @@ def get_task(name: str) -> type[protocols.Task]:
     return cast("type[protocols.Task]", cls)
 
 
-def load_config(recipe: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names."""
-    raw = config.read_raw(recipe, overrides)
-    return config.build(get_task(str(raw.get("task", Config.task))).config_class, raw)
+    raw = recipe.read_raw(path, overrides)
+    return recipe.build(get_task(str(raw.get("task", Config.task))).config_class, raw)
