@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from dtrain import distributed, tracking
-from dtrain.check.context import Context, Result
+from dtrain.check.context import VERDICTS, Context, Result
 from dtrain.check.data import check_data
 from dtrain.check.dist import check_distributed
 from dtrain.check.grads import check_gradients
@@ -113,7 +113,7 @@ def report(results: list[Result]) -> str:
     def line(row: tuple[str, ...]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]
 
-    counts = {v: sum(r.verdict == v for r in results) for v in ("PASS", "WARN", "FAIL", "SKIP")}
+    counts = {v: sum(r.verdict == v for r in results) for v in VERDICTS}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     return "\n".join([line(("check", "verdict", "value", "expected", "detail")), *map(line, rows), summary])
 

@@ -46,10 +46,6 @@ class Result:
                 "detail": self.detail}
 
 
-def grade(value: float, pass_if: bool, warn_if: bool) -> str:
-    return "PASS" if pass_if else "WARN" if warn_if else "FAIL"
-
-
 @dataclass
 class Context:
     """The recipe's task and data, built alike on every rank, as training builds them."""

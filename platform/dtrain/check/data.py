@@ -23,7 +23,8 @@ def check_data(ctx: Context) -> list[Result]:
     return [_balance(ctx.train_set), _duplicates(ctx.train_set, ctx.eval_set), *_inputs(ctx)]
 
 
-def _sample_input(sample: Any) -> Any:
+def sample_input(sample: Any) -> Any:
+    """The input part of a sample or batch: the first element of a tuple/list, else itself."""
     return sample[0] if isinstance(sample, (tuple, list)) else sample
 
 
@@ -63,7 +64,8 @@ def _balance(ds: Dataset[Any]) -> Result:
     return Result("data/balance", "PASS", ratio, "largest / smallest class <= 10", detail)
 
 
-def _digest(x: Any) -> bytes:
+def digest(x: Any) -> bytes:
+    """A content hash of one input (bytes, dtype and shape): equal inputs, equal digests."""
     t = torch.as_tensor(x).contiguous()
     return hashlib.blake2b(t.numpy().tobytes() + str(t.dtype).encode() + str(tuple(t.shape)).encode(),
                            digest_size=16).digest()
@@ -71,8 +73,8 @@ def _digest(x: Any) -> bytes:
 
 def _duplicates(train: Dataset[Any], test: Dataset[Any]) -> Result:
     n_train, n_test = min(len(cast(Sized, train)), MAX_HASHED), min(len(cast(Sized, test)), MAX_HASHED)
-    seen = {_digest(_sample_input(train[i])) for i in range(n_train)}
-    dup = sum(_digest(_sample_input(test[i])) in seen for i in range(n_test))
+    seen = {digest(sample_input(train[i])) for i in range(n_train)}
+    dup = sum(digest(sample_input(test[i])) in seen for i in range(n_test))
     share = dup / max(n_test, 1)
     detail = f"{dup} of {n_test} test inputs also in the first {n_train} training inputs"
     want = "0 test inputs in the training split"

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dtrain import distributed
 from dtrain.check.context import Context, Result, skip
-from dtrain.check.data import _digest, _sample_input
+from dtrain.check.data import digest, sample_input
 from dtrain.engines import build_engines
 from dtrain.protocols import Engine
 from dtrain.tasks import Task as SupervisedTask
@@ -48,8 +48,8 @@ def _samples(ctx: Context, world: int) -> Result:
     """The inputs of this rank's first step, compared by content with every other rank's."""
     mine = set()
     for batch in ctx.batches(ctx.plan.accum):
-        inputs = _sample_input(batch)
-        mine |= {_digest(x.cpu()) for x in inputs}
+        inputs = sample_input(batch)
+        mine |= {digest(x.cpu()) for x in inputs}
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
     shared = len(set.intersection(*every))

@@ -27,6 +27,7 @@ from dtrain.cli import torchrun_cmd, torchrun_env
 from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write, first_line
 from dtrain.search.space import Param, load_space, overrides, suggest
+from dtrain.tasks import load_config
 
 log = logging.getLogger("dtrain")
 FINISHED = ("COMPLETE", "PRUNED")
@@ -181,7 +182,7 @@ def search(a: SearchArgs) -> dict[str, Any]:
     """Run trials until the study has `a.trials` finished (complete or pruned) ones."""
     import optuna
 
-    cfg = config_for(a)
+    cfg = load_config(a.recipe, a.overrides)
     params = load_space(a.space, cfg)
     fixed = recipe.flatten(recipe.to_dict(cfg))
     study, created = open_study(a, cfg, params)
@@ -204,12 +205,6 @@ def search(a: SearchArgs) -> dict[str, Any]:
     if sum(t.state.name in FINISHED for t in study.trials) < a.trials:
         study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))
     return write_outputs(a, cfg, study, parent)
-
-
-def config_for(a: SearchArgs) -> Config:
-    from dtrain.tasks import load_config
-
-    return load_config(a.recipe, a.overrides)
 
 
 def progress_line(study: Any, trial: Any) -> str:
@@ -294,5 +289,3 @@ def wait_for_parent(study: Any, timeout_s: float = 60.0) -> None:
     while "mlflow_parent_run" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
 
-
-__all__ = ["SearchArgs", "search", "ConfigError"]
