@@ -63,6 +63,24 @@ def _lower_thread_priority() -> None:
         pass
 
 
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of experiment `name`, created if missing (with a SQLite store, its artifacts go
+    beside the database instead of into whatever directory the job runs from)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location))
+    except Exception:
+        exp = client.get_experiment_by_name(name)  # created meanwhile by a concurrent job
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
 class NullTracker:
     """What every rank but 0 (and rank 0 with tracking off or broken at start) gets."""
 
@@ -95,8 +113,7 @@ class MlflowTracker(NullTracker):
             self.run_id = run_id
             self.client.set_tag(run_id, "dtrain.resumed", "true")
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self._create_experiment(experiment)
+            exp_id = experiment_id(self.client, uri, experiment)
             run = self.client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
             self.run_id = run.info.run_id
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -118,20 +135,6 @@ class MlflowTracker(NullTracker):
                 self._monitor.start()
             except Exception as e:  # optional extra: never fatal
                 self._warn(f"system metrics off: {e}")
-
-    def _create_experiment(self, name: str) -> str:
-        artifact_location = None
-        if self.uri.startswith("sqlite:///"):
-            # Keep artifacts beside the database instead of in whatever directory we run from.
-            db = Path(self.uri[len("sqlite:///"):]).resolve()
-            artifact_location = (db.parent / "mlartifacts").as_uri()
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
-        except Exception:
-            exp = self.client.get_experiment_by_name(name)  # created meanwhile by a concurrent job
-            if exp is None:
-                raise
-            return exp.experiment_id
 
     def _warn(self, msg: str | BaseException) -> None:
         if not self._warned:

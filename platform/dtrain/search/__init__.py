@@ -135,8 +135,7 @@ def _create_parent(a: SearchArgs, cfg: Config, study: Any, uri: str) -> str:
     if down:
         raise ConnectionError(down)
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{a.study}", tags={"dtrain.kind": "search", "dtrain.study": a.study,
                                                                 "dtrain.recipe": cfg.recipe})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in
