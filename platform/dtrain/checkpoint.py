@@ -23,11 +23,13 @@ import logging
 import os
 import random
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map_only
 
 from dtrain import distributed
 from dtrain.fileio import atomic_write, first_line
@@ -63,6 +65,19 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, write)
 
 
+_writer: ThreadPoolExecutor | None = None
+
+
+def save_in_background(obj: Any, path: Path) -> Future[None]:
+    """`atomic_save` of a CPU copy of `obj`, on a writer thread: the caller may go on changing
+    the original (the next optimizer step) while the copy goes to disk."""
+    global _writer
+    copy = tree_map_only(torch.Tensor, lambda t: t.detach().to("cpu", copy=True), obj)
+    if _writer is None:
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtrain-checkpoint")
+    return _writer.submit(atomic_save, copy, path)
+
+
 def io_error_line(e: BaseException, where: Path) -> str:
     """An I/O failure as "path: cause", looking through torch's wrapping for the OSError."""
     cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
@@ -81,8 +96,10 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
         raise CheckpointError(f"cannot load {path}: {first_line(e)}") from None
 
 
-def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder.
+def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int,
+         background: bool = False) -> Pending:
+    """Collective: every rank calls it. Returns the checkpoint, to `finish()` (at once, or
+    with `background` once the engines' writes, going on in threads, are wanted done).
 
     An I/O error on any rank (disk full, read-only file system, quota) ends in a
     `CheckpointWriteError` on every rank, the temporary folder removed and `latest`
@@ -92,6 +109,7 @@ def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str,
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     error = ""
+    futures: list[Future[Any]] = []
     try:
         if distributed.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -101,25 +119,46 @@ def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str,
     if distributed.agree(not error):
         try:
             for name, engine in engines.items():
-                engine.save(tmp / name)
+                future = engine.save(tmp / name, background=background)
+                if future is not None:
+                    futures.append(future)
             if distributed.is_main():
                 atomic_save(client_state, tmp / TRAINER)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             error = io_error_line(e, tmp)
-    error = distributed.first_error(error)  # the same words on every rank
-    if distributed.is_main():
-        if error:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+    return Pending(root, step, tmp, final, keep, futures, error)
+
+
+class Pending:
+    """A checkpoint being written: `finish` waits for its files, then publishes it."""
+
+    def __init__(self, root: Path, step: int, tmp: Path, final: Path, keep: int, futures: list[Future[Any]],
+                 error: str):
+        self.root, self.step, self.tmp, self.final, self.keep = root, step, tmp, final, keep
+        self.futures, self.error = futures, error
+
+    def finish(self) -> Path:
+        """Collective: wait for every rank's writes, then rename into place and move `latest`."""
+        error = self.error
+        for future in self.futures:
             try:
-                _publish(root, tmp, final, keep)
-            except OSError as e:
-                error = io_error_line(e, root)
-    error = distributed.first_error(error)
-    if error:
-        raise CheckpointWriteError(f"checkpoint at step {step} not written: {error}; "
-                                   "the previous checkpoint stays the latest")
-    return final
+                future.result()
+            except Exception as e:  # the writer thread's failure, e.g. the disk filled meanwhile
+                error = error or io_error_line(e, self.tmp)
+        error = distributed.first_error(error)  # the same words on every rank
+        if distributed.is_main():
+            if error:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                try:
+                    _publish(self.root, self.tmp, self.final, self.keep)
+                except OSError as e:
+                    error = io_error_line(e, self.root)
+        error = distributed.first_error(error)
+        if error:
+            raise CheckpointWriteError(f"checkpoint at step {self.step} not written: {error}; "
+                                       "the previous checkpoint stays the latest")
+        return self.final
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:

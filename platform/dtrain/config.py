@@ -64,6 +64,10 @@ class ModelConfig:
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across ranks (torch SyncBatchNorm on CUDA,
     dtrain's differentiable all-reduce version on CPU)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute each block's activations in backward instead of keeping them: `full` keeps
+    only the blocks' inputs (least memory, about one more forward of compute); `selective`
+    also keeps matmul and attention outputs and recomputes the cheap ops (norms, activations)."""
 
 
 @dataclass
@@ -138,6 +142,10 @@ class CheckpointConfig:
     overwrite: bool = False
     """Start over (resume empty) in an output_dir that holds an earlier run's checkpoints,
     deleting them. Off: such a start stops and says how to continue or start over."""
+    async_: bool = False
+    """Recipe key `checkpoint.async`: copy the state to memory and write it to disk on a
+    thread while training goes on (ddp, fsdp); `latest` moves only once every rank's part
+    is on disk, checked before the next checkpoint and at the end."""
 
 
 @dataclass
@@ -201,15 +209,35 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward and gather them again for
+    backward (least memory); false keeps them until backward (one all-gather fewer per block)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The dtype gradients are reduce-scattered in (precision=bf16 computes in bf16; fp32
+    reduction keeps the sum exact to fp32)."""
+    offload: bool = False
+    """Keep parameters, gradients and optimizer state in CPU memory between uses
+    (`CPUOffloadPolicy`): a model that does not fit one GPU trains, at the cost of copies."""
+
+
+@dataclass
 class Config:
     task: str = "cnn"
     """What to train: cnn, transformer, gan, or a user task as `package.module:Class`."""
     seed: int = 0
     """Seeds model init, data order and augmentation; equal across world sizes."""
-    engine: Literal["ddp", "deepspeed"] = "ddp"
-    """Distributed engine: PyTorch DDP or DeepSpeed."""
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    """Distributed engine: PyTorch DDP, DeepSpeed (ZeRO), or FSDP2 (`fully_shard` per block)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype: fp32 (off), bf16, or fp16 with a GradScaler."""
+    """Autocast dtype: fp32 (off), bf16, or fp16 with a GradScaler (fsdp: bf16 through
+    FSDP's MixedPrecisionPolicy, no fp16)."""
+    allow_tf32: bool = True
+    """CUDA on Ampere and newer: fp32 matmuls and convolutions use TF32 tensor cores (10-bit
+    mantissa products, fp32 sums; several times faster). False: full fp32. No effect on CPU."""
+    compile: bool = False
+    """`torch.compile` the model, block by block where the task names blocks. The first steps
+    compile (reported as compile_s in summary.json, not in the throughput)."""
     output_dir: str = ""
     """Where checkpoints, config.yaml, summary.json and model.pt go. Empty: runs/<recipe>."""
     resume: str = ""
@@ -226,6 +254,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def validate(self) -> None:
         """Range checks that types alone do not express. Raises ConfigError."""
@@ -245,6 +274,8 @@ class Config:
         _non_negative(self.profile, "profile", "wait", "warmup")
         _positive(self.profile, "profile", "active", "repeat")
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
+        _check("checkpoint.async", True, not (self.checkpoint.async_ and self.engine == "deepspeed"),
+               "not with engine=deepspeed (DeepSpeed writes its own checkpoint); use engine=ddp or fsdp")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")
 

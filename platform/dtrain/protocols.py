@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
@@ -62,6 +64,10 @@ class ModelSpec:
     sizes the LR schedule."""
     broadcast_buffers: bool = True
     """Let DDP copy rank 0's buffers before each forward (off when buffers stay equal anyway)."""
+    blocks: list[nn.Module] = field(default_factory=list)
+    """The model's repeated units (a Transformer's layers, a ResNet's residual blocks): FSDP2
+    shards each as one unit, `compile` compiles each, activation checkpointing recomputes each.
+    Empty: the model is one unit."""
 
 
 class Precision(Protocol):
@@ -104,7 +110,10 @@ class Engine(Protocol):
         """Rank 0's buffers on every rank (before evaluation and checkpoints)."""
 
     def loss_scale(self) -> float | None: ...
-    def save(self, folder: Path) -> None: ...
+    def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
+        """Collective: write this engine's state under `folder`. `background`: return once the
+        state is copied to memory, with a future that completes when it is on disk."""
+
     def load(self, folder: Path) -> None: ...
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """A plain state_dict of the whole model (a collective under sharding)."""

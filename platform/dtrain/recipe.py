@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import types
 import typing
@@ -85,22 +86,29 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip("."), raw, "must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
+    names = list(fields)
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{prefix}{key}", raw[key], f"unknown key{hint}")
     kwargs = {}
-    for name in names:
+    for name, attr in fields.items():
         if name not in raw:
             continue
-        tp, key = hints[name], f"{prefix}{name}"
+        tp, key = hints[attr], f"{prefix}{name}"
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, raw[name], key + ".")
+            kwargs[attr] = from_dict(tp, raw[name], key + ".")
         else:
-            kwargs[name] = convert(raw[name], tp, key)
+            kwargs[attr] = convert(raw[name], tp, key)
     return cls(**kwargs)
+
+
+def key_of(attr: str) -> str:
+    """A field's recipe key: a field named after a Python keyword ends in `_` (PEP 8), its key
+    does not (`checkpoint.async_` is `checkpoint.async`)."""
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
 
 
 def convert(value: Any, tp: Any, key: str) -> Any:
@@ -177,7 +185,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(v, list):
             return [plain(x) for x in v]
         if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
+            return {key_of(k): plain(x) for k, x in v.items()}
         return v
 
     out: dict[str, Any] = plain(dataclasses.asdict(cfg))

@@ -96,21 +96,35 @@ class Checkpointer:
     def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, progress: Progress):
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
+        self.background = cfg.checkpoint.async_
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
+        self.pending: checkpoint.Pending | None = None
 
     def due(self, total_steps: int) -> bool:
         step = self.state.step
         return bool(self.every) and step % self.every == 0 and step < total_steps
 
-    def save(self) -> float:
-        """Write one checkpoint of the current state; returns the seconds it took."""
+    def save(self, wait: bool = False) -> float:
+        """Write one checkpoint of the current state; returns the seconds training waited.
+        Under `checkpoint.async` the files are written while training goes on, unless `wait`
+        (the last checkpoint of a run, or one before stopping)."""
         t0 = time.perf_counter()
+        self.finish()  # the previous one is published (or its failure raised) before the next starts
         for engine in self.engines.values():
             engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
         client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
                   "task": self.task.extra_state()}
-        checkpoint.save(self.root, self.state.step, self.engines, client, self.keep)
+        self.pending = checkpoint.save(self.root, self.state.step, self.engines, client, self.keep,
+                                       background=self.background)
+        if wait or not self.background:
+            self.finish()
         return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """Publish the checkpoint being written, once every rank's files are on disk."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.finish()
 
 
 class Evaluator:
@@ -385,10 +399,10 @@ class Loop:
         if self.evaluator.due_after_step(state.step):
             self.window.pause(self.evaluator.run(state))
         if self.checkpointer.due(self.total_steps):
-            self._checkpoint("")
+            self._checkpoint("", wait=False)
 
-    def _checkpoint(self, reason: str) -> None:
-        seconds = self.checkpointer.save()
+    def _checkpoint(self, reason: str, wait: bool = True) -> None:
+        seconds = self.checkpointer.save(wait)
         self.window.pause(seconds)
         if reason:
             self.progress.write(f"{reason}: checkpoint written in {seconds:.2f}s to {self.checkpointer.root}; "

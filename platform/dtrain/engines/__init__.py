@@ -4,6 +4,10 @@
 |---|---|---|---|
 | `ddp` | `engines/ddp.py` | none (replicas) | torch.amp, one GradScaler per job |
 | `deepspeed` | `engines/deepspeed.py` | ZeRO 0-3 | DeepSpeed's own (autocast for inputs) |
+| `fsdp` | `engines/fsdp.py` | FSDP2, per block | FSDP's MixedPrecisionPolicy (bf16) |
+
+Before an engine wraps a model, `dtrain.blocks.prepare` applies activation checkpointing
+and `torch.compile` to its blocks (in place).
 
 A new engine implements the protocol and gets a branch in `build_engines`.
 """
@@ -14,7 +18,7 @@ import math
 
 import torch
 
-from dtrain import distributed
+from dtrain import blocks, distributed
 from dtrain.config import Config
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
@@ -22,7 +26,7 @@ from dtrain.engines.precision import AmpPrecision
 from dtrain.norm import convert_sync_batchnorm
 from dtrain.protocols import Engine, ModelSpec
 
-ENGINES = ("ddp", "deepspeed")
+ENGINES = ("ddp", "deepspeed", "fsdp")
 
 
 def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: BatchPlan,
@@ -36,7 +40,13 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
         if cfg.model.sync_bn and distributed.world_size() > 1:
             module = convert_sync_batchnorm(module, device)
         steps = math.ceil(total_steps * spec.optimizer_steps_per_step)
-        if cfg.engine == "deepspeed":
+        blocks.prepare(module, spec.blocks, cfg.model.activation_checkpointing, cfg.compile, name)
+        if cfg.engine == "fsdp":
+            from dtrain.engines.fsdp import FSDPEngine
+
+            engines[name] = FSDPEngine(module, spec.blocks, cfg, spec.optim, device=device,
+                                       global_batch=plan.global_batch, total_steps=steps)
+        elif cfg.engine == "deepspeed":
             # Imported on use: importing deepspeed takes seconds and probes accelerators.
             from dtrain.engines.deepspeed import DeepSpeedEngine
 

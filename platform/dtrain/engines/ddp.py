@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -124,11 +125,15 @@ class DDPEngine:
             self.precision.scaler.load_state_dict(sd["scaler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, background: bool = False) -> Future[None] | None:
         """Rank 0 writes one file; DDP ranks hold identical replicas."""
-        if distributed.is_main():
-            folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_save(self.state_dict(), folder / "state.pt")
+        if not distributed.is_main():
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        if background:
+            return checkpoint.save_in_background(self.state_dict(), folder / "state.pt")
+        checkpoint.atomic_save(self.state_dict(), folder / "state.pt")
+        return None
 
     def load(self, folder: Path) -> None:
         try:

@@ -158,8 +158,8 @@ class DeepSpeedEngine:
         scale = getattr(self.ds.optimizer, "cur_scale", None)  # DeepSpeed's fp16 optimizers keep it here
         return float(scale) if self.precision.name == "fp16" and scale is not None else None
 
-    def save(self, folder: Path) -> None:
-        """Collective: every rank writes its ZeRO partition."""
+    def save(self, folder: Path, background: bool = False) -> None:
+        """Collective: every rank writes its ZeRO partition (`background` is refused by the config)."""
         self.ds.save_checkpoint(str(folder), tag=TAG)
 
     def load(self, folder: Path) -> None:

@@ -65,8 +65,14 @@ class Task(protocols.Task):
             return math.log(out.shape[-1])
         return None
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's repeated units (see `ModelSpec.blocks`). Default: none, one unit."""
+        return []
+
     def models(self) -> dict[str, ModelSpec]:
-        return {"model": ModelSpec(self.build_model(), self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn)}
+        model = self.build_model()
+        return {"model": ModelSpec(model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn,
+                                   blocks=self.blocks(model))}
 
     def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
         return steps.train_step(engines["model"], self, micro_batches)

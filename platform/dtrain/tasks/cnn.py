@@ -106,6 +106,10 @@ class CNNTask(Task):
         m = self.cfg.model
         return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        assert isinstance(model, ResNet)
+        return list(model.layers)  # the residual blocks; the stem and the head join the root
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         if self.cfg.data.augment:

@@ -291,6 +291,10 @@ class TransformerTask(Task):
         self.model_ref = CharTransformer(self.cfg.model, len(self.vocab))
         return self.model_ref
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        assert isinstance(model, CharTransformer)
+        return list(model.blocks)  # embeddings, final norm and the (tied) head join the root
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         logits = model(x)

@@ -1,0 +1,141 @@
+"""The FSDP2 engine: `torch.distributed.fsdp.fully_shard` per block, checkpoints with
+`torch.distributed.checkpoint` (DCP).
+
+Every block the task names (`ModelSpec.blocks`) becomes one FSDP unit, then the root takes
+what is left (embeddings, head): each rank holds 1/world of every parameter, gradient and
+optimizer state, all-gathers a unit's parameters for its forward and backward and
+reduce-scatters its gradients. The optimizer, the LR rule and schedule, clipping on the
+global norm and the step itself are the DDP engine's (the parameters are DTensors, which
+torch.optim and `clip_grad_norm_` handle), so the two engines step the same math.
+
+Mixed precision is FSDP's `MixedPrecisionPolicy`: under bf16 the all-gathered parameters
+and the forward are bf16 while the sharded master weights and the optimizer stay fp32, and
+gradients are reduced in `fsdp.reduce_dtype`. There is no autocast on top.
+
+Checkpoints: each rank writes its own shards with DCP into the checkpoint folder, so a
+checkpoint can be resumed on another world size (DCP reshards on load); `model.pt` is still
+a plain full state_dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dtrain import checkpoint, distributed, optim
+from dtrain.config import Config, ConfigError, OptimConfig
+from dtrain.engines.ddp import DDPEngine, mismatch_line
+from dtrain.engines.precision import DTYPES, AmpPrecision
+
+EXTRA = "extra.pt"
+"""Beside the DCP shards: the schedule's and the loss scaler's state (rank 0)."""
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine(DDPEngine):
+    name = "fsdp"
+
+    def __init__(self, module: nn.Module, blocks: list[nn.Module], cfg: Config, o: OptimConfig, *,
+                 device: torch.device, global_batch: int, total_steps: int):
+        if cfg.precision == "fp16":
+            raise ConfigError("precision", "fp16", "not supported with engine=fsdp (FSDP2 keeps fp32 master "
+                              "weights and computes in bf16 without loss scaling): use precision=bf16")
+        distributed.init_single_process_group(device)  # FSDP's device mesh needs a group even for one rank
+        self.device = device
+        # The policy casts; an autocast on top would only re-cast (the precision name is kept for reports).
+        self.precision = AmpPrecision("fp32", device)
+        self.precision.name = cfg.precision
+        mesh = init_device_mesh(device.type, (distributed.world_size(),))
+        f = cfg.fsdp
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,
+                                      reduce_dtype=DTYPES[f.reduce_dtype])
+        offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if f.offload else OffloadPolicy()
+        module = module.to("cpu" if f.offload else device)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=policy,
+                        offload_policy=offload)
+        # The root's parameters are gathered last in backward's order anyway: keeping them
+        # unsharded after forward saves one all-gather per step (torchtitan does the same).
+        fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
+        self.module = self.model = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler, self.lr_info = optim.build(module, o, global_batch, total_steps)
+        self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.on_gradients: Callable[[], None] | None = None
+        self._writer_group: Any = None
+
+    def no_sync(self, skip: bool) -> ContextManager[Any]:
+        return self._without_gradient_sync() if skip else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _without_gradient_sync(self) -> Iterator[None]:
+        """Accumulate unsharded local gradients; the last micro-step reduce-scatters their sum."""
+        assert isinstance(self.module, FSDPModule)
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.grad) for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return {n: _full(p.detach()) for n, p in self.module.named_parameters()}
+
+    # ------------------------------------------------------------------ state
+
+    def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
+        """Collective: every rank writes its shards (DCP); rank 0 adds the schedule's state.
+        `background`: return once the shards are staged in memory, writing on a thread."""
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        folder.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            checkpoint.atomic_save({"scheduler": self.scheduler.state_dict(),
+                                    "scaler": self.precision.scaler.state_dict()}, folder / EXTRA)
+        if background:
+            # The writer thread gathers the save plan with collectives of its own: on the training
+            # group they could interleave with the step's and deadlock, so it gets a group of its own.
+            if self._writer_group is None:
+                self._writer_group = torch.distributed.new_group(backend="gloo")
+            future = state_dict_saver.async_save(state, checkpoint_id=folder, process_group=self._writer_group)
+            assert isinstance(future, Future)  # (the thread stager's kind: not an AsyncSaveResponse)
+            return future
+        state_dict_saver.save(state, checkpoint_id=folder)
+        return None
+
+    def load(self, folder: Path) -> None:
+        """Any world size: DCP reads the saved shards into this job's sharding."""
+        if not (folder / ".metadata").exists():
+            raise checkpoint.CheckpointError(f"{folder} holds no FSDP (DCP) checkpoint")
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        try:  # DCP loads in place, into the tensors of this job's sharding
+            state_dict_loader.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder)
+            set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        except Exception as e:  # DCP wraps every rank's failure; one line of the first is enough
+            raise checkpoint.CheckpointError(f"{folder}: holds a different model or optimizer: "
+                                             f"{mismatch_line(e)}") from None
+        extra = checkpoint.load_file(folder / EXTRA, self.device)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole model, gathered to rank 0's CPU memory (other ranks get {})."""
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}
