@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch.distributed as dist
 
-from helpers import MlflowServer
+from helpers import LM, TINY_LM, MlflowServer, check, run_dtrain
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,6 +44,22 @@ def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_runs(name, *overrides, recipe=LM, base=TINY_LM, nproc=2)`: a short real training
+    run, trained once per session and shared by every test that names it (the DDP baselines
+    the DeepSpeed and FSDP engines are compared against). Overrides with `resume=auto` run again."""
+    root = tmp_path_factory.mktemp("runs")
+
+    def run(name: str, *overrides: str, recipe: str = LM, base: Sequence[str] = TINY_LM, nproc: int = 2) -> Path:
+        out = root / name
+        if not (out / "model.pt").exists() or "resume=auto" in overrides:
+            check(run_dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=nproc))
+        return out
+
+    return run
 
 
 @pytest.fixture(scope="session")

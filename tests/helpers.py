@@ -22,6 +22,15 @@ from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 PY = sys.executable
+LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
+CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
+# A small LM so that 20 steps take seconds; fp32, clipping on.
+TINY_LM = ["train.max_steps=20", "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
+           "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000", "train.eval_every_steps=0",
+           "checkpoint.every_steps=0", "optim.clip_grad_norm=0.5"]
+# The digits CNN (synchronised BatchNorm), 20 steps, no augmentation.
+TINY_CNN = ["tracking.enabled=false", "train.max_steps=20", "data.augment=false", "checkpoint.every_steps=0",
+            "train.eval_every_steps=0"]
 
 
 def free_port() -> int:

@@ -84,15 +84,18 @@ def test_compare_bad_input_is_one_line(parity):
 
 
 def test_sweep_world_sizes_one_two_four(tmp_path):
-    """4 ranks on a 2-core machine: slow, but it must work."""
+    """4 ranks on a 2-core machine: slow, but it must work, and under FSDP2 as under DDP (the
+    parity runs above): sharded on 2 and 4 ranks, one unit of everything on 1."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10",
+    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10", "engine=fsdp",
                          "tracking.log_every=5", "train.eval_every_steps=10", f"tracking.uri={uri}",
                          "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"], cwd=tmp_path))
     report = json.loads((tmp_path / "sweep" / "comparison" / "comparison.json").read_text())
     assert sorted(r["world_size"] for r in report["runs"]) == [1, 2, 4]
     assert {r["global_batch"] for r in report["runs"]} == {64}
     assert "cnn_digits-4x" in proc.stdout
+    assert {json.loads((tmp_path / "sweep" / f"ws{n}" / "summary.json").read_text())["engine"]
+            for n in (1, 2, 4)} == {"fsdp"}
 
 
 def test_baseline_is_the_newest_one_rank_run():

@@ -8,27 +8,12 @@ from dtrain.tasks import load_config
 from dtrain.data import BatchPlan
 from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
-
-LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
-CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
-# A small LM so that 20 steps take seconds; fp32, clipping on (the recipe's 1.0).
-TINY = ["train.max_steps=20", "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-        "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000", "train.eval_every_steps=0",
-        "checkpoint.every_steps=0", "optim.clip_grad_norm=0.5"]
+from helpers import CNN, LM, TINY_CNN, TINY_LM as TINY, run_dtrain, load_params, max_param_diff
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-
-    def run(name: str, *overrides: str, recipe: str = LM, base=TINY):
-        out = root / name
-        if not (out / "model.pt").exists() or "resume=auto" in overrides:
-            check(run_dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=2))
-        return out
-
-    return run
+@pytest.fixture
+def lm(tiny_runs):
+    return tiny_runs
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -65,10 +50,8 @@ def test_bf16_runs(lm):
 
 
 def test_cnn_recipe_on_both_engines(lm):
-    cnn = ["tracking.enabled=false", "train.max_steps=20", "data.augment=false", "checkpoint.every_steps=0",
-           "train.eval_every_steps=0"]
-    ddp = lm("cnn-ddp", recipe=CNN, base=cnn)
-    zero = lm("cnn-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", recipe=CNN, base=cnn)
+    ddp = lm("cnn-ddp", recipe=CNN, base=TINY_CNN)
+    zero = lm("cnn-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", recipe=CNN, base=TINY_CNN)
     assert max_param_diff(load_params(ddp / "model.pt"), load_params(zero / "model.pt"), buffers=True) < 1e-4
     acc = [json.loads((d / "summary.json").read_text())["eval"]["accuracy"] for d in (ddp, zero)]
     assert acc[0] == acc[1]

@@ -27,6 +27,7 @@ import dtrain
 from dtrain import checkpoint, data, distributed, preemption, recipe, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.engines import build_engines
+from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
 from dtrain.monitor import Monitor
 from dtrain.profiling import Profiler, region
@@ -75,7 +76,8 @@ def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engine
     return tags
 
 
-def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int) -> str:
+def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int,
+             fp32_matmuls: str | None = None) -> str:
     """The start line: world, batch split and the LR each optimizer really gets."""
     first = next(iter(engines.values()))
     lrs = " | ".join(
@@ -84,7 +86,8 @@ def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], tota
         for n, e in engines.items())
     return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
             f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
-            f"{plan.accum} accum | {lrs} | {total_steps} steps")
+            f"{plan.accum} accum | {lrs} | {total_steps} steps"
+            + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
 
 
 # --------------------------------------------------------------------------- the loop's parts
@@ -216,6 +219,8 @@ class Parts:
     """Training steps per epoch."""
     total_steps: int
     engines: dict[str, Engine]
+    fp32_matmuls: str | None
+    """tf32 or ieee on CUDA (`allow_tf32`), None elsewhere."""
 
 
 def build(cfg: Config, device: torch.device) -> Parts:
@@ -239,8 +244,9 @@ def build(cfg: Config, device: torch.device) -> Parts:
         if spec.optim.warmup_epochs > 0:
             spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.optimizer_steps_per_step)
     engines = build_engines(cfg, specs, device, plan, total_steps)
+    fp32_matmuls = set_fp32_matmuls(cfg.allow_tf32, device)
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
-    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines)
+    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls)
 
 
 def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: TrainState) -> tracking.NullTracker:
@@ -268,7 +274,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         recipe.dump_yaml(cfg, out_dir / "config.yaml")
     tracker = start_tracking(cfg, env, parts, state)
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
-    progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps)
+    progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
                    + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
 
@@ -330,6 +336,8 @@ class Loop:
         self.final_loss = float("nan")
         self.steady_from = state.step + min(5, max(0, self.total_steps - state.step - 1))
         self.steady_t, self.steady_samples = 0.0, 0
+        self.first_step_s = 0.0
+        """Wall time of this invocation's first step: with `compile`, mostly compiling."""
 
     def done(self) -> bool:
         return self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
@@ -351,9 +359,11 @@ class Loop:
         state = self.state
         while not self.done():
             for batches in self._epoch():
+                t0 = time.perf_counter()
                 with self.monitor.watch(state.step + 1):
                     out = self.task.train_step(self.engines, batches)
                 self._after_step(out)
+                self.first_step_s = self.first_step_s or time.perf_counter() - t0
                 self.profiler.step()
                 if self.done():
                     break
@@ -429,17 +439,21 @@ class Loop:
     def _summary(self) -> dict[str, Any]:
         state, plan, first = self.state, self.plan, next(iter(self.engines.values()))
         elapsed = state.train_time_s - self.steady_t
+        throughput = (state.samples_seen - self.steady_samples) / elapsed if elapsed > 0 else None
         summary = {
             "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
             "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank,
             "grad_accum_steps": plan.accum, "lr": first.lr_info.peak, "scale_rule": first.lr_info.rule,
             "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
             "final_loss": self.final_loss, "eval": self.evaluator.last,
-            "throughput": (state.samples_seen - self.steady_samples) / elapsed if elapsed > 0 else None,
+            "throughput": throughput,
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+        if self.cfg.compile:  # the first step's time beyond a steady step's: compiling
+            steady_step_s = self.samples_per_step / throughput if throughput else 0.0
+            summary["compile_s"] = max(0.0, self.first_step_s - steady_step_s)
         profiles = distributed.all_gather_object(self.profiler.breakdown)
         if any(profiles):  # ms per recorded step, by profiled rank
             summary["profile"] = {str(r): p for r, p in enumerate(profiles) if p}

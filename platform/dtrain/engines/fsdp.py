@@ -27,8 +27,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -136,6 +135,6 @@ class FSDPEngine(DDPEngine):
         self.lr = self.optimizer.param_groups[0]["lr"]
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole model, gathered to rank 0's CPU memory (other ranks get {})."""
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}
+        """Collective: the whole model in CPU memory on every rank, gathered one tensor at a
+        time (a device never holds more than one whole parameter beyond its shards)."""
+        return {k: _full(v).detach().cpu() for k, v in self.module.state_dict().items()}

@@ -27,3 +27,19 @@ class AmpPrecision:
     def update(self) -> None:
         if self.scaler.is_enabled():
             self.scaler.update()
+
+
+def set_fp32_matmuls(allow_tf32: bool, device: torch.device) -> str | None:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (CUDA, Ampere and newer) or
+    keep them IEEE fp32. Returns the mode for the start line (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    mode = tf32_mode(allow_tf32, torch.cuda.get_device_capability(device))
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # (untyped in torch's stubs)
+    return mode
+
+
+def tf32_mode(allow_tf32: bool, capability: tuple[int, int]) -> str:
+    """"tf32" where asked and the GPU has TF32 (compute capability 8.0+), else "ieee"."""
+    return "tf32" if allow_tf32 and capability >= (8, 0) else "ieee"

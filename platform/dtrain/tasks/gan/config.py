@@ -82,5 +82,12 @@ class GANConfig(Config):
             raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
         if self.gan.standing_stats_batches < 0:
             raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
+        if self.engine == "fsdp":
+            raise ConfigError("engine", "fsdp", "not for a GAN: its gradient penalty differentiates through FSDP's "
+                              "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "
+                              "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)")
+        if self.compile and self.gan.penalty != "none":
+            raise ConfigError("compile", True, f"not with gan.penalty={self.gan.penalty}: the penalty's double backward "
+                              "(create_graph=True) is not supported by torch.compile; use gan.penalty=none or compile=false")
         if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")

@@ -1,0 +1,134 @@
+"""The FSDP2 engine (`engine=fsdp`) on 2 gloo CPU ranks against the DDP engine; sharded (DCP)
+checkpoints resumed on another world size; `compile` and activation checkpointing.
+
+The DDP baselines are the session's shared runs (`tiny_runs`), also used by test_deepspeed.
+"""
+
+import json
+
+import pytest
+import torch
+
+from dtrain import blocks
+from dtrain.config import ConfigError
+from dtrain.tasks import load_config
+from dtrain.tasks.transformer import CharTransformer
+from helpers import CNN, LM, TINY_CNN, load_params, max_param_diff, run_dtrain
+
+FSDP = "engine=fsdp"
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
+    """Transformer, fp32, clipping at 0.5 (it clips: the LM's norms are ~2), 20 steps."""
+    ddp = load_params(tiny_runs("ddp") / "model.pt")
+    fsdp = tiny_runs("fsdp", FSDP)
+    assert max_param_diff(ddp, load_params(fsdp / "model.pt")) <= 1e-5
+    s = summary(fsdp)
+    assert s["engine"] == "fsdp" and s["final_loss"] < s["initial_loss"]
+    # The bound sees a real change to the reduction: gradients reduce-scattered in bf16.
+    bf16 = tiny_runs("fsdp-reduce-bf16", FSDP, "fsdp.reduce_dtype=bf16")
+    assert max_param_diff(ddp, load_params(bf16 / "model.pt")) > 1e-5
+
+
+def test_accumulation_matches_one_big_micro_batch(tiny_runs):
+    """2 micro-steps of 4 with the reduce-scatter only on the last = 1 step of 8 (no dropout, no BN)."""
+    ddp = load_params(tiny_runs("ddp") / "model.pt")
+    accum = tiny_runs("fsdp-accum2", FSDP, "data.grad_accum_steps=2")
+    assert summary(accum)["grad_accum_steps"] == 2
+    assert max_param_diff(ddp, load_params(accum / "model.pt")) <= 1e-5
+
+
+def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
+    ddp = tiny_runs("cnn-ddp", recipe=CNN, base=TINY_CNN)
+    fsdp = tiny_runs("cnn-fsdp", FSDP, recipe=CNN, base=TINY_CNN)
+    assert max_param_diff(load_params(ddp / "model.pt"), load_params(fsdp / "model.pt"), buffers=True) <= 1e-5
+    assert summary(fsdp)["eval"]["accuracy"] == summary(ddp)["eval"]["accuracy"]
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(tiny_runs):
+    """2 ranks to step 8 -> 1 rank to step 14 -> 2 ranks to 20, with asynchronous checkpoints
+    every 4 steps: the end equals the straight 2-rank run (DCP reshards on load)."""
+    straight = load_params(tiny_runs("fsdp", FSDP) / "model.pt")
+    common = [FSDP, "checkpoint.every_steps=4", "checkpoint.async=true"]
+    tiny_runs("fsdp-resharded", *common, "train.stop_at_step=8")
+    run = tiny_runs("fsdp-resharded", *common, "train.stop_at_step=14", "resume=auto", nproc=1)
+    shards = sorted(p.name for p in (run / "checkpoints" / "step_00000014" / "model").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "extra.pt"]  # written by one rank
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000014"
+    tiny_runs("fsdp-resharded", *common, "resume=auto")
+    assert max_param_diff(straight, load_params(run / "model.pt")) <= 1e-5
+    assert summary(run)["steps"] == 20
+    # model.pt is a plain full state_dict: it loads into the plain model.
+    cfg = load_config(run / "config.yaml")
+    vocab = json.loads((run / "vocab.json").read_text())
+    CharTransformer(cfg.model, len(vocab)).load_state_dict(load_params(run / "model.pt"))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_compiled_matches_eager(tiny_runs, engine):
+    eager = load_params(tiny_runs(engine, f"engine={engine}") / "model.pt")
+    compiled = tiny_runs(f"{engine}-compiled", f"engine={engine}", "compile=true")
+    diff = max_param_diff(eager, load_params(compiled / "model.pt"))
+    print(f"compiled vs eager, {engine}: max |param difference| {diff:.2g}")
+    assert diff <= 1e-4
+    s = summary(compiled)
+    assert s["compile_s"] > 0 and s["throughput"] > 0
+
+
+def _lm(mode: str) -> CharTransformer:
+    cfg = load_config(LM, ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
+                           "model.dropout=0.1"])
+    torch.manual_seed(0)
+    model = CharTransformer(cfg.model, 65)
+    blocks.prepare(model, list(model.blocks), mode, compile=False)
+    return model
+
+
+def _peak_memory(mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
+    """(loss, gradients, peak bytes of live tensors in forward + backward), the peak measured
+    by torch's MemTracker (it tracks every tensor's storage, CPU included)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = _lm(mode)
+    x = torch.randint(0, 65, (8, 64), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the dropout masks: recomputation replays the same ones
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    return loss.detach().item(), {n: p.grad for n, p in model.named_parameters()}, peak
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
+    """Full and selective AC against none, with dropout on: the same loss and gradients, and
+    a lower peak of live tensors."""
+    loss, grads, none = _peak_memory("none")
+    print(f"peak memory: none {none / 2**20:.2f} MiB", end="")
+    for mode in ("selective", "full"):
+        l2, g2, peak = _peak_memory(mode)
+        print(f", {mode} {peak / 2**20:.2f} MiB ({peak / none:.2f}x)", end="")
+        assert abs(l2 - loss) <= 1e-6
+        assert max((grads[n] - g2[n]).abs().max().item() for n in grads) <= 1e-6
+        assert peak < 0.9 * none
+    print()
+
+
+def test_refusals_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^engine='fsdp': not for a GAN"):
+        load_config(CNN.replace("cnn_digits", "gan_ring"), [FSDP])
+    with pytest.raises(ConfigError, match=r"^compile=True: not with gan.penalty=r1"):
+        load_config(CNN.replace("cnn_digits", "gan_ring"), ["compile=true"])
+    with pytest.raises(ConfigError, match=r"^checkpoint.async=True: not with engine=deepspeed"):
+        load_config(LM, ["engine=deepspeed", "checkpoint.async=true"])
+    proc = run_dtrain(["train", LM, FSDP, "precision=fp16", "train.max_steps=1", "tracking.enabled=false",
+                       f"output_dir={tmp_path}/o"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: precision='fp16': not supported with engine=fsdp (FSDP2 keeps fp32 master weights and "
+        "computes in bf16 without loss scaling): use precision=bf16")
