@@ -1,5 +1,6 @@
 """Transformer recipe on CPU ranks: dtrain against a plain PyTorch loop of the same model
-(tokens/s), then DDP against DeepSpeed ZeRO-1/2/3 on 2 ranks (tokens/s, peak memory per rank).
+(tokens/s), then DDP against DeepSpeed ZeRO-1/2/3 and FSDP2, eager and compiled, on 2 ranks
+(tokens/s, peak memory per rank).
 
     python benchmarks/transformer.py [--steps 80] [--rounds 3]
 
@@ -108,7 +109,9 @@ def main() -> None:
         engines = {}
         for name, extra in [] if os.environ.get("SKIP_ENGINES") else [("DDP", []), ("ZeRO-1", ["engine=deepspeed", "deepspeed.zero_stage=1"]),
                             ("ZeRO-2", ["engine=deepspeed", "deepspeed.zero_stage=2"]),
-                            ("ZeRO-3", ["engine=deepspeed", "deepspeed.zero_stage=3"])]:
+                            ("ZeRO-3", ["engine=deepspeed", "deepspeed.zero_stage=3"]),
+                            ("FSDP2", ["engine=fsdp"]), ("DDP, compile=true", ["compile=true"]),
+                            ("FSDP2, compile=true", ["engine=fsdp", "compile=true"])]:
             runs = [dtrain(2, args.steps, cwd, *extra) for _ in range(args.rounds)]
             engines[name] = (statistics.median(r["tokens_per_s"] for r in runs), max(r["peak_memory_mb"] for r in runs),
                              runs[-1]["final_loss"])

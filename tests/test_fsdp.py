@@ -34,14 +34,6 @@ def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
     assert max_param_diff(ddp, load_params(bf16 / "model.pt")) > 1e-5
 
 
-def test_accumulation_matches_one_big_micro_batch(tiny_runs):
-    """2 micro-steps of 4 with the reduce-scatter only on the last = 1 step of 8 (no dropout, no BN)."""
-    ddp = load_params(tiny_runs("ddp") / "model.pt")
-    accum = tiny_runs("fsdp-accum2", FSDP, "data.grad_accum_steps=2")
-    assert summary(accum)["grad_accum_steps"] == 2
-    assert max_param_diff(ddp, load_params(accum / "model.pt")) <= 1e-5
-
-
 def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
     ddp = tiny_runs("cnn-ddp", recipe=CNN, base=TINY_CNN)
     fsdp = tiny_runs("cnn-fsdp", FSDP, recipe=CNN, base=TINY_CNN)
@@ -49,11 +41,12 @@ def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
     assert summary(fsdp)["eval"]["accuracy"] == summary(ddp)["eval"]["accuracy"]
 
 
-def test_sharded_checkpoint_resumes_on_another_world_size(tiny_runs):
+def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny_runs):
     """2 ranks to step 8 -> 1 rank to step 14 -> 2 ranks to 20, with asynchronous checkpoints
-    every 4 steps: the end equals the straight 2-rank run (DCP reshards on load)."""
+    every 4 steps and 2 micro-steps per step (the reduce-scatter only on the last; no dropout,
+    no BatchNorm): the end equals the straight 2-rank run of 1 micro-step (DCP reshards on load)."""
     straight = load_params(tiny_runs("fsdp", FSDP) / "model.pt")
-    common = [FSDP, "checkpoint.every_steps=4", "checkpoint.async=true"]
+    common = [FSDP, "checkpoint.every_steps=4", "checkpoint.async=true", "data.grad_accum_steps=2"]
     tiny_runs("fsdp-resharded", *common, "train.stop_at_step=8")
     run = tiny_runs("fsdp-resharded", *common, "train.stop_at_step=14", "resume=auto", nproc=1)
     shards = sorted(p.name for p in (run / "checkpoints" / "step_00000014" / "model").iterdir())
@@ -61,7 +54,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tiny_runs):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000014"
     tiny_runs("fsdp-resharded", *common, "resume=auto")
     assert max_param_diff(straight, load_params(run / "model.pt")) <= 1e-5
-    assert summary(run)["steps"] == 20
+    assert summary(run)["steps"] == 20 and summary(run)["grad_accum_steps"] == 2
     # model.pt is a plain full state_dict: it loads into the plain model.
     cfg = load_config(run / "config.yaml")
     vocab = json.loads((run / "vocab.json").read_text())
@@ -132,3 +125,13 @@ def test_refusals_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "dtrain: error: precision='fp16': not supported with engine=fsdp (FSDP2 keeps fp32 master weights and "
         "computes in bf16 without loss scaling): use precision=bf16")
+
+
+def test_tf32_is_used_where_the_gpu_has_it_and_the_recipe_allows():
+    from dtrain.engines.precision import set_fp32_matmuls, tf32_mode
+
+    assert tf32_mode(True, (8, 0)) == "tf32" and tf32_mode(True, (9, 0)) == "tf32"
+    assert tf32_mode(True, (7, 5)) == "ieee"  # Turing and older have no TF32
+    assert tf32_mode(False, (9, 0)) == "ieee"
+    assert set_fp32_matmuls(True, torch.device("cpu")) is None  # nothing to set, nothing printed
+    assert load_config(LM).allow_tf32 and not load_config(LM, ["allow_tf32=false"]).allow_tf32

@@ -137,6 +137,10 @@ class Pending:
         self.root, self.step, self.tmp, self.final, self.keep = root, step, tmp, final, keep
         self.futures, self.error = futures, error
 
+    def written(self) -> bool:
+        """This rank's writes have ended (well or not)."""
+        return all(f.done() for f in self.futures)
+
     def finish(self) -> Path:
         """Collective: wait for every rank's writes, then rename into place and move `latest`."""
         error = self.error

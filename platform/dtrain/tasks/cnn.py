@@ -107,8 +107,8 @@ class CNNTask(Task):
         return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        assert isinstance(model, ResNet)
-        return list(model.layers)  # the residual blocks; the stem and the head join the root
+        # The residual blocks; the stem and the head join the root; a subclass's own model has none.
+        return list(model.layers) if isinstance(model, ResNet) else []
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch

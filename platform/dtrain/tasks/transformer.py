@@ -292,8 +292,8 @@ class TransformerTask(Task):
         return self.model_ref
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        assert isinstance(model, CharTransformer)
-        return list(model.blocks)  # embeddings, final norm and the (tied) head join the root
+        # Embeddings, final norm and the (tied) head join the root; a subclass's own model has none.
+        return list(model.blocks) if isinstance(model, CharTransformer) else []
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
