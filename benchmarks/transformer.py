@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "transformer_charlm.yaml"
 PY = sys.executable
-COMMON = ["tracking.enabled=false", "train.eval_every_steps=1000000", "checkpoint.every_steps=0",
+COMMON = ["tracking.enabled=false", "train.eval_every_steps=1000000", "checkpoint.every_steps=0", "checkpoint.overwrite=true",
           "data.max_chars=1000000", "data.eval_blocks=8"]
 
 

@@ -61,3 +61,11 @@ def test_kubeflow_multi_process_pod_needs_torchrun():
     env.update(TORCHELASTIC_RUN_ID="x", RANK="6", WORLD_SIZE="8", LOCAL_RANK="2", LOCAL_WORLD_SIZE="4")
     e = read_env(env)
     assert (e.rank, e.world_size, e.local_rank, e.launcher) == (6, 8, 2, "torchrun")
+
+
+def test_backend_is_nccl_with_a_gpu_per_rank_and_gloo_when_ranks_share_one():
+    from dtrain.distributed import pick_backend
+
+    assert pick_backend("cuda", 8, 8) == "nccl" and pick_backend("cuda", 1, 1) == "nccl"
+    assert pick_backend("cuda", 2, 1) == "gloo"  # two ranks on one GPU: NCCL would refuse
+    assert pick_backend("cpu", 2, 0) == "gloo"

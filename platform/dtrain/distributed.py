@@ -35,6 +35,12 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def pick_backend(device_type: str, local_world: int, gpus: int) -> str:
+    """NCCL on CUDA with a GPU per rank; gloo on CPU, and where ranks share a GPU (NCCL refuses
+    two ranks on one device; gloo all-reduces and broadcasts CUDA tensors)."""
+    return "nccl" if device_type == "cuda" and local_world <= gpus else "gloo"
+
+
 def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     """Start the process group for `env` (no-op for one process) and return this rank's device."""
     device = pick_device(env.local_rank)
@@ -50,9 +56,13 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
         # group can read the dead attempt's addresses and fail to connect (pytorch#135712).
         log.warning("torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment "
                     "(dtrain's launchers and images set it); without it a restarted group may fail to connect")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = pick_backend(device.type, env.local_world_size, torch.cuda.device_count() if device.type == "cuda" else 0)
+    if backend == "gloo" and device.type == "cuda" and env.rank == 0:
+        log.warning("%d ranks per node share %d GPU(s): NCCL refuses two ranks on one GPU, so the group is "
+                    "gloo (slow; for testing multi-rank CUDA code on one GPU)", env.local_world_size,
+                    torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if backend == "nccl" else None)
     global _monitor
     # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
     _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

@@ -11,7 +11,9 @@ synchronised for it), and every rank checkpoints after the same step and exits.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -23,6 +25,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
 _in_loop = False
 _holding = False
+_grace_s = 0.0
+_deadline: threading.Timer | None = None
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -34,9 +38,24 @@ class SignalInterrupt(KeyboardInterrupt):
 
 
 def _handle(signum: int, frame: object) -> None:
+    global _deadline
     _received.append(signum)
     if not _in_loop and not _holding:
         raise SignalInterrupt(signum)
+    if _in_loop and not _holding and _deadline is None and _grace_s > 0:
+        # A rank stuck inside a step (a hung collective, a stalled read) never reaches the
+        # boundary: rather than let the launcher wait out its kill timeout, it gives up.
+        _deadline = threading.Timer(_grace_s, _give_up, (signum,))
+        _deadline.daemon = True
+        _deadline.start()
+
+
+def _give_up(signum: int) -> None:
+    sys.stderr.write(f"dtrain[rank {distributed.rank()}]: signal {signum} received, but this rank did not reach a step boundary "
+                     f"within train.collective_timeout_s={_grace_s:g}s (stuck in a step); exiting without a "
+                     "checkpoint\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def hold() -> None:
@@ -54,19 +73,21 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def at_step_boundaries() -> Iterator[None]:
-    """Inside: a stop signal is only recorded, and acted on after the step (`requested`)."""
-    global _in_loop
-    _in_loop = True
+def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
+    """Inside: a stop signal is only recorded, and acted on after the step (`requested`). A
+    rank that has not reached the next boundary `grace_s` after the signal exits (0: waits)."""
+    global _in_loop, _grace_s
+    _in_loop, _grace_s = True, grace_s
     try:
         yield
     finally:
         _in_loop = False
-_holding = False
 
 
 def requested() -> bool:
     """Collective: True on every rank when any rank has received a stop signal."""
+    if _received and _deadline is not None:
+        _deadline.cancel()  # at a boundary: the checkpoint may take what it takes
     local = torch.tensor([1 if _received else 0], dtype=torch.int32)
     if distributed.world_size() > 1:
         distributed.all_reduce_max(local, group=distributed.side_group())

@@ -116,7 +116,7 @@ class Engine(Protocol):
 
     def load(self, folder: Path) -> None: ...
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """A plain state_dict of the whole model (a collective under sharding)."""
+        """A plain state_dict of the whole model, on every rank (a collective under sharding)."""
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Each parameter's whole gradient by name, in `on_gradients` (a collective under sharding)."""

@@ -287,7 +287,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
 
     status = "FAILED"
     try:
-        with preemption.at_step_boundaries():
+        with preemption.at_step_boundaries(cfg.train.collective_timeout_s):
             summary = Loop(cfg, parts, device, state, tracker, progress).run()
         weights = parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3
         if distributed.is_main():

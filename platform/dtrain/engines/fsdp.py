@@ -55,9 +55,8 @@ class FSDPEngine(DDPEngine):
                               "weights and computes in bf16 without loss scaling): use precision=bf16")
         distributed.init_single_process_group(device)  # FSDP's device mesh needs a group even for one rank
         self.device = device
-        # The policy casts; an autocast on top would only re-cast (the precision name is kept for reports).
-        self.precision = AmpPrecision("fp32", device)
-        self.precision.name = cfg.precision
+        # The policy casts parameters and inputs; an autocast on top would only cast again.
+        self.precision = AmpPrecision(cfg.precision, device, loss_scaling=False, autocast=False)
         mesh = init_device_mesh(device.type, (distributed.world_size(),))
         f = cfg.fsdp
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,

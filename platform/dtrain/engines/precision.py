@@ -13,14 +13,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class AmpPrecision:
     """torch.amp: autocast for forward; fp16 adds loss scaling (bf16 has fp32's exponent range
-    and needs none). `loss_scaling=False` for engines that scale on their own (DeepSpeed)."""
+    and needs none). `loss_scaling=False` for engines that scale on their own (DeepSpeed);
+    `autocast=False` for engines that cast the parameters themselves (FSDP2's policy)."""
 
-    def __init__(self, name: str, device: torch.device, loss_scaling: bool = True):
-        self.name, self.device = name, device
+    def __init__(self, name: str, device: torch.device, loss_scaling: bool = True, autocast: bool = True):
+        self.name, self.device, self.casts = name, device, autocast
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16" and loss_scaling)
 
     def autocast(self) -> ContextManager[Any]:
-        if self.name == "fp32":
+        if self.name == "fp32" or not self.casts:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.name])
 
