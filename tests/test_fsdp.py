@@ -16,6 +16,9 @@ from dtrain.tasks.transformer import CharTransformer
 from helpers import CNN, LM, TINY_CNN, load_params, max_param_diff, run_dtrain
 
 FSDP = "engine=fsdp"
+# The straight FSDP2 run every comparison shares; its EMA (which does not change training) is
+# compared with the one resumed across world sizes.
+STRAIGHT = (FSDP, "ema.decay=0.9")
 
 
 def summary(out):
@@ -25,7 +28,7 @@ def summary(out):
 def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
     """Transformer, fp32, clipping at 0.5 (it clips: the LM's norms are ~2), 20 steps."""
     ddp = load_params(tiny_runs("ddp") / "model.pt")
-    fsdp = tiny_runs("fsdp", FSDP)
+    fsdp = tiny_runs("fsdp", *STRAIGHT)
     assert max_param_diff(ddp, load_params(fsdp / "model.pt")) <= 1e-5
     s = summary(fsdp)
     assert s["engine"] == "fsdp" and s["final_loss"] < s["initial_loss"]
@@ -45,16 +48,20 @@ def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny
     """2 ranks to step 8 -> 1 rank to step 14 -> 2 ranks to 20, with asynchronous checkpoints
     every 4 steps and 2 micro-steps per step (the reduce-scatter only on the last; no dropout,
     no BatchNorm): the end equals the straight 2-rank run of 1 micro-step (DCP reshards on load)."""
-    straight = load_params(tiny_runs("fsdp", FSDP) / "model.pt")
-    common = [FSDP, "checkpoint.every_steps=4", "checkpoint.async=true", "data.grad_accum_steps=2"]
+    straight = tiny_runs("fsdp", *STRAIGHT)
+    common = [*STRAIGHT, "checkpoint.every_steps=4", "checkpoint.async=true", "data.grad_accum_steps=2"]
     tiny_runs("fsdp-resharded", *common, "train.stop_at_step=8")
     run = tiny_runs("fsdp-resharded", *common, "train.stop_at_step=14", "resume=auto", nproc=1)
     shards = sorted(p.name for p in (run / "checkpoints" / "step_00000014" / "model").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "extra.pt"]  # written by one rank
+    assert (run / "checkpoints" / "step_00000014" / "ema" / ".metadata").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000014"
     tiny_runs("fsdp-resharded", *common, "resume=auto")
-    assert max_param_diff(straight, load_params(run / "model.pt")) <= 1e-5
+    assert max_param_diff(load_params(straight / "model.pt"), load_params(run / "model.pt")) <= 1e-5
     assert summary(run)["steps"] == 20 and summary(run)["grad_accum_steps"] == 2
+    # The weight average came through both reshardings: the same evaluation as straight through.
+    ema, ema_straight = summary(run)["eval_ema"], summary(straight)["eval_ema"]
+    assert ema["loss"] == pytest.approx(ema_straight["loss"], abs=1e-5) and ema["loss"] != summary(run)["eval"]["loss"]
     # model.pt is a plain full state_dict: it loads into the plain model.
     cfg = load_config(run / "config.yaml")
     vocab = json.loads((run / "vocab.json").read_text())
@@ -63,7 +70,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_compiled_matches_eager(tiny_runs, engine):
-    eager = load_params(tiny_runs(engine, f"engine={engine}") / "model.pt")
+    eager = load_params(tiny_runs(engine, *(STRAIGHT if engine == "fsdp" else ())) / "model.pt")
     compiled = tiny_runs(f"{engine}-compiled", f"engine={engine}", "compile=true")
     diff = max_param_diff(eager, load_params(compiled / "model.pt"))
     print(f"compiled vs eager, {engine}: max |param difference| {diff:.2g}")

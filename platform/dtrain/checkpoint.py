@@ -183,7 +183,7 @@ def load(folder: Path, engines: dict[str, Any],
     if validate is not None:
         validate(client)
     for name, engine in engines.items():
-        if not (folder / name).is_dir():
+        if not (folder / name).is_dir() and not getattr(engine, "optional", False):
             raise CheckpointError(f"{folder} has no {name}/ (incomplete, or a checkpoint of another task)")
         engine.load(folder / name)
     return client

@@ -209,6 +209,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = 0.0
+    """Per-step decay of an exponential moving average of the weights at a global batch of
+    `ema.base_batch_size` (e.g. 0.999); evaluated beside the raw weights (`eval_ema`). 0: off."""
+    base_batch_size: int = 0
+    """The global batch `ema.decay` is stated for; at another batch the per-step decay is
+    decay ** (global / base), so the average spans the same samples. 0: optim.base_batch_size."""
+    warmup: bool = False
+    """Use min(decay, (1 + n) / (10 + n)) after n updates, forgetting the initial weights fast."""
+    save: bool = False
+    """model.pt holds the average instead of the raw weights."""
+
+
+@dataclass
 class FSDPConfig:
     reshard_after_forward: bool = True
     """Free each block's gathered parameters after its forward and gather them again for
@@ -255,6 +269,7 @@ class Config:
     trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def validate(self) -> None:
         """Range checks that types alone do not express. Raises ConfigError."""
@@ -274,6 +289,10 @@ class Config:
         _non_negative(self.profile, "profile", "wait", "warmup")
         _positive(self.profile, "profile", "active", "repeat")
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
+        _check("ema.decay", self.ema.decay, 0 <= self.ema.decay < 1, "must be in [0, 1) (0: off)")
+        _non_negative(self.ema, "ema", "base_batch_size")
+        _check("ema.decay", self.ema.decay, not (self.ema.decay and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3),
+               "not with DeepSpeed ZeRO-3 (its module holds no whole parameters to average); use stage 0-2 or fsdp")
         _check("checkpoint.async", True, not (self.checkpoint.async_ and self.engine == "deepspeed"),
                "not with engine=deepspeed (DeepSpeed writes its own checkpoint); use engine=ddp or fsdp")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():

@@ -3,7 +3,7 @@
 The per-step data path lives in the task's `train_step` (for supervised tasks
 `dtrain.steps.train_step`); this file is the loop around it, in the shape of
 torchvision's reference `main()`: set up, resume, train, evaluate, save. The loop's parts
-decide when they act (`Checkpointer.due`, `Evaluator.due_*`, `MetricsWindow.due`), so the
+(`dtrain.loop_parts`) decide when they act (`Checkpointer.due`, `Evaluator.due_*`, `MetricsWindow.due`), so the
 loop itself reads on one screen.
 """
 
@@ -16,7 +16,7 @@ import math
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sized, cast
 
@@ -26,15 +26,17 @@ from torch.utils.data import DataLoader
 import dtrain
 from dtrain import checkpoint, data, distributed, preemption, recipe, resume, tracking
 from dtrain.config import Config, ConfigError
+from dtrain.ema import EMA
 from dtrain.engines import build_engines
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
+from dtrain.loop_parts import Checkpointer, Evaluator, MetricsWindow
 from dtrain.monitor import Monitor
 from dtrain.profiling import Profiler, region
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState, seed_everything
-from dtrain.search.trial import Pruned, TrialReporter
+from dtrain.search.trial import Pruned
 from dtrain.tasks import get_task
 
 log = logging.getLogger("dtrain")
@@ -90,125 +92,6 @@ def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], tota
             + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
 
 
-# --------------------------------------------------------------------------- the loop's parts
-
-
-class Checkpointer:
-    """Knows where checkpoints live and when to write one; every rank calls it alike."""
-
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, progress: Progress):
-        self.root = Path(cfg.output_dir) / "checkpoints"
-        self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
-        self.background = cfg.checkpoint.async_
-        self.task, self.engines, self.state, self.progress = task, engines, state, progress
-        self.pending: checkpoint.Pending | None = None
-
-    def due(self, total_steps: int) -> bool:
-        step = self.state.step
-        return bool(self.every) and step % self.every == 0 and step < total_steps
-
-    def save(self, wait: bool = False) -> float:
-        """Write one checkpoint of the current state; returns the seconds training waited.
-        Under `checkpoint.async` the files are written while training goes on, unless `wait`
-        (the last checkpoint of a run, or one before stopping)."""
-        t0 = time.perf_counter()
-        self.finish()  # the previous one is published (or its failure raised) before the next starts
-        for engine in self.engines.values():
-            engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
-        client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
-                  "task": self.task.extra_state()}
-        self.pending = checkpoint.save(self.root, self.state.step, self.engines, client, self.keep,
-                                       background=self.background)
-        if wait or not self.background:
-            self.finish()
-        return time.perf_counter() - t0
-
-    def poll(self) -> None:
-        """After each step: publish a checkpoint written in the background as soon as every
-        rank's writes have ended (one small all-reduce per step while one is in flight), so
-        `latest` moves promptly and a failed write is reported at the next step."""
-        if self.pending is not None and distributed.agree(self.pending.written()):
-            self.finish()
-
-    def finish(self) -> None:
-        """Publish the checkpoint being written, once every rank's files are on disk."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.finish()
-
-
-class Evaluator:
-    """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""
-
-    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device,
-                 tracker: tracking.NullTracker, progress: Progress):
-        self.every = cfg.train.eval_every_steps
-        self.task, self.engines, self.loader, self.device = task, engines, loader, device
-        self.tracker, self.progress = tracker, progress
-        self.last: dict[str, float] = {}
-        self.last_step = -1
-        # A search trial reports each evaluation to its study, which may stop it (Pruned).
-        self.trial = TrialReporter(cfg.trial) if cfg.trial.storage else None
-
-    def due_after_step(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
-
-    def due_at_epoch_end(self, step: int, total_steps: int) -> bool:
-        return not self.every and step < total_steps  # the final evaluation follows the last step anyway
-
-    def run(self, state: TrainState) -> float:
-        """Evaluate, log and print; returns the seconds it took (not training time)."""
-        t0 = time.perf_counter()
-        for engine in self.engines.values():
-            engine.sync_buffers()  # the metric is of exactly the weights and buffers model.pt holds
-        self.last = self.task.evaluate(self.engines, self.loader, self.device)
-        self.last_step = state.step
-        self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
-                                 | {"train/samples_seen": state.samples_seen}, state.step)
-        self.progress.write(f"eval @ step {state.step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in self.last.items()))
-        if self.trial is not None:
-            self.trial.report(self.last, state.step)
-        return time.perf_counter() - t0
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) >= 1 else f"{v:.4f}"
-
-
-class MetricsWindow:
-    """Per-rank sums of the step outputs since the last log; reduced across ranks when logged."""
-
-    def __init__(self, log_every: int):
-        self.log_every = log_every
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps = self.samples = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, out: StepOutput, samples: int) -> None:
-        for k, v in {"loss": out.loss, **out.metrics}.items():
-            v = v.detach().double()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.steps += 1
-        self.samples += samples
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return step % self.log_every == 0 or step == total_steps
-
-    def pause(self, seconds: float) -> None:
-        """Time spent on evaluation or checkpoints is not training time."""
-        self.t0 += seconds
-
-    def reduce(self) -> tuple[dict[str, float], float, float]:
-        """(ranks' mean of each windowed value, samples/s, seconds); one all-reduce for all."""
-        keys = sorted(self.sums)
-        means = (distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys])) / self.steps).tolist()
-        seconds = time.perf_counter() - self.t0
-        return dict(zip(keys, means)), self.samples / max(seconds, 1e-9), seconds
-
-
 # --------------------------------------------------------------------------- fit
 
 
@@ -228,6 +111,11 @@ class Parts:
     engines: dict[str, Engine]
     fp32_matmuls: str | None
     """tf32 or ieee on CUDA (`allow_tf32`), None elsewhere."""
+    ema: EMA | None
+
+    def saved(self) -> dict[str, Any]:
+        """What a checkpoint holds beside the trainer's state."""
+        return {**self.engines, **({"ema": self.ema} if self.ema is not None else {})}
 
 
 def build(cfg: Config, device: torch.device) -> Parts:
@@ -252,8 +140,9 @@ def build(cfg: Config, device: torch.device) -> Parts:
             spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.optimizer_steps_per_step)
     engines = build_engines(cfg, specs, device, plan, total_steps)
     fp32_matmuls = set_fp32_matmuls(cfg.allow_tf32, device)
+    ema = EMA(cfg.ema, engines, plan.global_batch, cfg.optim.base_batch_size) if cfg.ema.decay else None
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
-    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls)
+    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema)
 
 
 def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: TrainState) -> tracking.NullTracker:
@@ -275,13 +164,14 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     parts = build(cfg, device)
     state = TrainState(world_size=parts.plan.world_size, global_batch=parts.plan.global_batch,
                        grad_accum=parts.plan.accum)
-    resumed_from = resume.resume(cfg, parts.task, parts.engines, state, out_dir / "checkpoints")
+    resumed_from = resume.resume(cfg, parts.task, parts.saved(), state, out_dir / "checkpoints")
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe.dump_yaml(cfg, out_dir / "config.yaml")
     tracker = start_tracking(cfg, env, parts, state)
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
     progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
+                   + (f" | {parts.ema.describe()}" if parts.ema else "")
                    + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
 
@@ -289,7 +179,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     try:
         with preemption.at_step_boundaries(cfg.train.collective_timeout_s):
             summary = Loop(cfg, parts, device, state, tracker, progress).run()
-        weights = parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3
+        weights = final_weights(cfg, parts)
         if distributed.is_main():
             summary["run_id"] = state.run_id
             _write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
@@ -333,8 +223,9 @@ class Loop:
         self.cfg, self.task, self.engines, self.loader, self.device = cfg, parts.task, parts.engines, parts.loader, device
         self.plan, self.micro, self.per_epoch = parts.plan, parts.micro, parts.per_epoch
         self.total_steps, self.state, self.tracker, self.progress = parts.total_steps, state, tracker, progress
-        self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress)
-        self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress)
+        self.ema = parts.ema
+        self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved())
+        self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
         self.monitor = Monitor(cfg.monitor, self.engines)
         self.profiler = Profiler(cfg.profile, Path(cfg.output_dir), device)
@@ -399,6 +290,8 @@ class Loop:
         state.step += 1
         state.batch_in_epoch += self.micro
         state.samples_seen += self.samples_per_step
+        if self.ema is not None and out.stepped:
+            self.ema.update()
         self.window.add(out, self.samples_per_step)
         if math.isnan(state.initial_loss):
             state.initial_loss = float(distributed.all_reduce_mean(out.loss.detach().clone().double()))
@@ -454,6 +347,7 @@ class Loop:
             "grad_accum_steps": plan.accum, "lr": first.lr_info.peak, "scale_rule": first.lr_info.rule,
             "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
             "final_loss": self.final_loss, "eval": self.evaluator.last,
+            **({"eval_ema": self.evaluator.last_ema} if self.ema is not None else {}),
             "throughput": throughput,
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
@@ -466,6 +360,16 @@ class Loop:
         if any(profiles):  # ms per recorded step, by profiled rank
             summary["profile"] = {str(r): p for r, p in enumerate(profiles) if p}
         return summary | self.task.summary_extras(summary)
+
+
+def final_weights(cfg: Config, parts: Parts) -> dict[str, torch.Tensor]:
+    """model.pt's state_dict: the raw weights, or with `ema.save` the average (collective)."""
+    if parts.ema is None or not cfg.ema.save:
+        return parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3 and FSDP
+    with parts.ema.swapped():
+        for engine in parts.engines.values():
+            engine.sync_buffers()
+        return parts.task.final_state_dict(parts.engines)
 
 
 def peak_memory_mb(device: torch.device) -> float:

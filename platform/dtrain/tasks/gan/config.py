@@ -82,6 +82,9 @@ class GANConfig(Config):
             raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
         if self.gan.standing_stats_batches < 0:
             raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
+        if self.ema.decay:
+            raise ConfigError("ema.decay", self.ema.decay, "not for a GAN: it averages its generator itself "
+                              "(gan.ema_decay)")
         if self.engine == "fsdp":
             raise ConfigError("engine", "fsdp", "not for a GAN: its gradient penalty differentiates through FSDP's "
                               "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "

@@ -1,0 +1,151 @@
+"""The loop's parts, each deciding when it acts, so the loop itself reads on one screen:
+`Checkpointer` (when to write, and publishing what was written in the background),
+`Evaluator` (exact sharded evaluation, of the EMA too, and the search trial's reports),
+`MetricsWindow` (per-rank sums between logs, reduced across ranks when logged)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dtrain import checkpoint, distributed, tracking
+from dtrain.config import Config
+from dtrain.ema import EMA
+from dtrain.progress import Progress
+from dtrain.protocols import Engine, StepOutput, Task
+from dtrain.resume import TrainState
+from dtrain.search.trial import TrialReporter
+
+
+class Checkpointer:
+    """Knows where checkpoints live and when to write one; every rank calls it alike."""
+
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, progress: Progress,
+                 saved: dict[str, Any]):
+        self.root = Path(cfg.output_dir) / "checkpoints"
+        self.saved = saved
+        """What a checkpoint holds beside the trainer's state: the engines (and the EMA)."""
+        self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
+        self.background = cfg.checkpoint.async_
+        self.task, self.engines, self.state, self.progress = task, engines, state, progress
+        self.pending: checkpoint.Pending | None = None
+
+    def due(self, total_steps: int) -> bool:
+        step = self.state.step
+        return bool(self.every) and step % self.every == 0 and step < total_steps
+
+    def save(self, wait: bool = False) -> float:
+        """Write one checkpoint of the current state; returns the seconds training waited.
+        Under `checkpoint.async` the files are written while training goes on, unless `wait`
+        (the last checkpoint of a run, or one before stopping)."""
+        t0 = time.perf_counter()
+        self.finish()  # the previous one is published (or its failure raised) before the next starts
+        for engine in self.engines.values():
+            engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
+        client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
+                  "task": self.task.extra_state()}
+        self.pending = checkpoint.save(self.root, self.state.step, self.saved, client, self.keep,
+                                       background=self.background)
+        if wait or not self.background:
+            self.finish()
+        return time.perf_counter() - t0
+
+    def poll(self) -> None:
+        """After each step: publish a checkpoint written in the background as soon as every
+        rank's writes have ended (one small all-reduce per step while one is in flight), so
+        `latest` moves promptly and a failed write is reported at the next step."""
+        if self.pending is not None and distributed.agree(self.pending.written()):
+            self.finish()
+
+    def finish(self) -> None:
+        """Publish the checkpoint being written, once every rank's files are on disk."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.finish()
+
+
+class Evaluator:
+    """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""
+
+    def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device,
+                 tracker: tracking.NullTracker, progress: Progress, ema: EMA | None):
+        self.every = cfg.train.eval_every_steps
+        self.task, self.engines, self.loader, self.device = task, engines, loader, device
+        self.tracker, self.progress = tracker, progress
+        self.last: dict[str, float] = {}
+        self.last_ema: dict[str, float] = {}
+        self.ema = ema
+        self.last_step = -1
+        # A search trial reports each evaluation to its study, which may stop it (Pruned).
+        self.trial = TrialReporter(cfg.trial) if cfg.trial.storage else None
+
+    def due_after_step(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def due_at_epoch_end(self, step: int, total_steps: int) -> bool:
+        return not self.every and step < total_steps  # the final evaluation follows the last step anyway
+
+    def run(self, state: TrainState) -> float:
+        """Evaluate, log and print; returns the seconds it took (not training time)."""
+        t0 = time.perf_counter()
+        for engine in self.engines.values():
+            engine.sync_buffers()  # the metric is of exactly the weights and buffers model.pt holds
+        self.last = self.task.evaluate(self.engines, self.loader, self.device)
+        self.last_step = state.step
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
+                                 | {"train/samples_seen": state.samples_seen}, state.step)
+        self.progress.write(f"eval @ step {state.step}: " + " ".join(f"{k} {_fmt(v)}" for k, v in self.last.items()))
+        if self.ema is not None:
+            with self.ema.swapped():
+                for engine in self.engines.values():
+                    engine.sync_buffers()  # the averaged BatchNorm statistics: rank 0's, as model.pt holds
+                self.last_ema = self.task.evaluate(self.engines, self.loader, self.device)
+            self.tracker.log_metrics({f"eval_ema/{k}": v for k, v in self.last_ema.items()}, state.step)
+            self.progress.write(f"eval_ema @ step {state.step}: "
+                                + " ".join(f"{k} {_fmt(v)}" for k, v in self.last_ema.items()))
+        if self.trial is not None:
+            self.trial.report(self.last, state.step)
+        return time.perf_counter() - t0
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) >= 1 else f"{v:.4f}"
+
+
+class MetricsWindow:
+    """Per-rank sums of the step outputs since the last log; reduced across ranks when logged."""
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: StepOutput, samples: int) -> None:
+        for k, v in {"loss": out.loss, **out.metrics}.items():
+            v = v.detach().double()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+        self.samples += samples
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.log_every == 0 or step == total_steps
+
+    def pause(self, seconds: float) -> None:
+        """Time spent on evaluation or checkpoints is not training time."""
+        self.t0 += seconds
+
+    def reduce(self) -> tuple[dict[str, float], float, float]:
+        """(ranks' mean of each windowed value, samples/s, seconds); one all-reduce for all."""
+        keys = sorted(self.sums)
+        means = (distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys])) / self.steps).tolist()
+        seconds = time.perf_counter() - self.t0
+        return dict(zip(keys, means)), self.samples / max(seconds, 1e-9), seconds
