@@ -105,3 +105,13 @@ class DeadReLU(CNNTask):
         with torch.no_grad():
             model[1].bias.fill_(-100.0)
         return model
+
+
+class PlantedCurve(CNNTask):
+    """Evaluation reports a planted `score` curve, one value per evaluation (early stopping's test)."""
+
+    CURVE = [0.1, 0.5, 0.45, 0.48, 0.9, 0.95]
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        self.evals = getattr(self, "evals", 0) + 1
+        return {**super().eval_metrics(sums), "score": self.CURVE[min(self.evals, len(self.CURVE)) - 1]}

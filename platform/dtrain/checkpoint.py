@@ -37,6 +37,8 @@ from dtrain.fileio import atomic_write, first_line
 log = logging.getLogger("dtrain")
 
 LATEST = "latest"
+BEST = "best"
+"""Names the checkpoint of the best evaluation (`early_stop.metric`); rotation keeps it."""
 TRAINER = "trainer.pt"
 
 
@@ -171,8 +173,15 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)  # a directory rename is atomic on POSIX file systems
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+    best = (root / BEST).read_text().strip() if (root / BEST).exists() else ""
     for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def mark_best(root: Path, folder: Path) -> None:
+    """Rank 0: point `best` at a published checkpoint (which rotation then never removes)."""
+    atomic_write(root / BEST, lambda p: p.write_text(folder.name + "\n"))
 
 
 def load(folder: Path, engines: dict[str, Any],
@@ -248,6 +257,7 @@ def clear(root: Path) -> int:
     for p in found:
         shutil.rmtree(p, ignore_errors=True)
     (root / LATEST).unlink(missing_ok=True)
+    (root / BEST).unlink(missing_ok=True)
     return len([p for p in found if p.name.startswith("step_")])
 
 

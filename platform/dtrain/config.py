@@ -209,6 +209,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    metric: str = ""
+    """Eval metric to watch (as in summary.json's `eval`, e.g. loss or accuracy). Each time it
+    improves a checkpoint is written and marked `best` (never rotated away); after
+    `early_stop.patience` evaluations without improvement training ends. Empty: off."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (loss) or higher (accuracy) is better."""
+    patience: int = 3
+    """Evaluations without improvement before stopping."""
+    min_delta: float = 0.0
+    """An improvement must beat the best by more than this."""
+    restore_best: bool = True
+    """model.pt holds the weights of the best evaluation (else those training ended with)."""
+
+
+@dataclass
 class EMAConfig:
     decay: float = 0.0
     """Per-step decay of an exponential moving average of the weights at a global batch of
@@ -270,6 +286,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     def validate(self) -> None:
         """Range checks that types alone do not express. Raises ConfigError."""
@@ -293,6 +310,8 @@ class Config:
         _non_negative(self.ema, "ema", "base_batch_size")
         _check("ema.decay", self.ema.decay, not (self.ema.decay and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3),
                "not with DeepSpeed ZeRO-3 (its module holds no whole parameters to average); use stage 0-2 or fsdp")
+        _positive(self.early_stop, "early_stop", "patience")
+        _non_negative(self.early_stop, "early_stop", "min_delta")
         _check("checkpoint.async", True, not (self.checkpoint.async_ and self.engine == "deepspeed"),
                "not with engine=deepspeed (DeepSpeed writes its own checkpoint); use engine=ddp or fsdp")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():

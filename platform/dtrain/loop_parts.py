@@ -1,10 +1,12 @@
 """The loop's parts, each deciding when it acts, so the loop itself reads on one screen:
 `Checkpointer` (when to write, and publishing what was written in the background),
 `Evaluator` (exact sharded evaluation, of the EMA too, and the search trial's reports),
-`MetricsWindow` (per-rank sums between logs, reduced across ranks when logged)."""
+`MetricsWindow` (per-rank sums between logs, reduced across ranks when logged),
+`EarlyStopping` (the best evaluation so far, and when to give up)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dtrain import checkpoint, distributed, tracking
-from dtrain.config import Config
+from dtrain.config import Config, ConfigError, EarlyStopConfig
 from dtrain.ema import EMA
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
@@ -34,6 +36,8 @@ class Checkpointer:
         self.background = cfg.checkpoint.async_
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
         self.pending: checkpoint.Pending | None = None
+        self.last_state = ""
+        """The trainer state the last checkpoint holds (its repr: nan equals nan)."""
 
     def due(self, total_steps: int) -> bool:
         step = self.state.step
@@ -45,6 +49,9 @@ class Checkpointer:
         (the last checkpoint of a run, or one before stopping)."""
         t0 = time.perf_counter()
         self.finish()  # the previous one is published (or its failure raised) before the next starts
+        if self.last_state == repr(asdict(self.state)):  # nothing happened since (the best one's, at the end)
+            return time.perf_counter() - t0
+        self.last_state = repr(asdict(self.state))
         for engine in self.engines.values():
             engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
         client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
@@ -111,6 +118,34 @@ class Evaluator:
         if self.trial is not None:
             self.trial.report(self.last, state.step)
         return time.perf_counter() - t0
+
+
+class EarlyStopping:
+    """`early_stop.*`: tracks the watched metric's best value in the `TrainState` (so it
+    resumes), says when an evaluation improved on it and when patience has run out."""
+
+    def __init__(self, cfg: EarlyStopConfig, state: TrainState):
+        self.cfg, self.state = cfg, state
+        self.best_eval: dict[str, float] = {}
+
+    def improved(self, metrics: dict[str, float], step: int) -> bool:
+        """Record one evaluation; True when it is the best so far (by more than min_delta)."""
+        c, s = self.cfg, self.state
+        if c.metric not in metrics:
+            raise ConfigError("early_stop.metric", c.metric,
+                              f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
+        value = metrics[c.metric]
+        better = value < s.best_value - c.min_delta if c.mode == "min" else value > s.best_value + c.min_delta
+        if math.isnan(s.best_value) or better:
+            s.best_value, s.best_step, s.evals_since_best = value, step, 0
+            self.best_eval = dict(metrics)
+            return True
+        s.evals_since_best += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.state.evals_since_best >= self.cfg.patience
 
 
 def _fmt(v: float) -> str:

@@ -40,6 +40,10 @@ class TrainState:
     """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
     global_batch: int = 0
     grad_accum: int = 0
+    best_value: float = float("nan")
+    """`early_stop.metric` at its best evaluation so far (nan: none yet)."""
+    best_step: int = 0
+    evals_since_best: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +96,8 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
     except CheckpointError as e:
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
     saved = TrainState(**client["trainer"])
-    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s"):
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
+                "best_value", "best_step", "evals_since_best"):
         setattr(state, key, getattr(saved, key))
     if len(client["rng"]) == world:
         checkpoint.set_rng_state(client["rng"][rank])

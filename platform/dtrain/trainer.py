@@ -30,7 +30,7 @@ from dtrain.ema import EMA
 from dtrain.engines import build_engines
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
-from dtrain.loop_parts import Checkpointer, Evaluator, MetricsWindow
+from dtrain.loop_parts import Checkpointer, EarlyStopping, Evaluator, MetricsWindow
 from dtrain.monitor import Monitor
 from dtrain.profiling import Profiler, region
 from dtrain.progress import Progress
@@ -194,7 +194,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             atomic_write(out_dir / "pruned.json", lambda tmp: tmp.write_text(text))
         status = "KILLED"
         return {}
-    except EarlyStop:  # train.stop_at_step: checkpointed, to be resumed
+    except StoppedAtStep:  # train.stop_at_step: checkpointed, to be resumed
         progress.write(f"stopped after step {state.step} of {parts.total_steps} (train.stop_at_step); "
                        f"resume=auto continues from {out_dir / 'checkpoints'}")
         tracker.set_tags({"dtrain.stopped_at_step": state.step})
@@ -211,12 +211,12 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         tracker.finish(status)
 
 
-class EarlyStop(Exception):
+class StoppedAtStep(Exception):
     """train.stop_at_step reached (after its checkpoint)."""
 
 
 class Loop:
-    """The training loop and its parts. `run` returns the summary or raises EarlyStop / Preempted."""
+    """The training loop and its parts. `run` returns the summary or raises StoppedAtStep / Preempted."""
 
     def __init__(self, cfg: Config, parts: Parts, device: torch.device, state: TrainState,
                  tracker: tracking.NullTracker, progress: Progress):
@@ -227,6 +227,8 @@ class Loop:
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved())
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
+        self.stopper = EarlyStopping(cfg.early_stop, state) if cfg.early_stop.metric else None
+        self.saved = parts.saved()
         self.monitor = Monitor(cfg.monitor, self.engines)
         self.profiler = Profiler(cfg.profile, Path(cfg.output_dir), device)
         self.samples_per_step = self.plan.per_rank * self.plan.world_size * self.micro
@@ -238,19 +240,37 @@ class Loop:
         """Wall time of this invocation's first step: with `compile`, mostly compiling."""
 
     def done(self) -> bool:
-        return self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
+        return (self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
+                or self.converged())
+
+    def converged(self) -> bool:
+        """`early_stop.patience` evaluations without improvement: training ends here."""
+        return self.stopper is not None and self.stopper.exhausted
 
     def run(self) -> dict[str, Any]:
         state = self.state
         with self.profiler:
             self._train()
-        if state.step < self.total_steps:
+        if state.step < self.total_steps and not self.converged():
             self._checkpoint("")
-            raise EarlyStop
+            raise StoppedAtStep
         if self.evaluator.last_step != state.step:
-            self.evaluator.run(state)
+            self._evaluate()
         self._checkpoint("")
+        if self.stopper is not None and self.cfg.early_stop.restore_best and state.best_step != state.step:
+            best = self.checkpointer.root / f"step_{state.best_step:08d}"
+            checkpoint.load(best, self.saved)  # collective: model.pt is written from these weights
+            self.progress.write(f"early_stop: model.pt from step {state.best_step} "
+                                f"({self.cfg.early_stop.metric} {state.best_value:.4g})")
         return self._summary()
+
+    def _evaluate(self) -> None:
+        """Evaluate; under early stopping, checkpoint an improvement and mark it `best`."""
+        self.window.pause(self.evaluator.run(self.state))
+        if self.stopper is not None and self.stopper.improved(self.evaluator.last, self.state.step):
+            self._checkpoint("")
+            if distributed.is_main():
+                checkpoint.mark_best(self.checkpointer.root, self.checkpointer.root / f"step_{self.state.step:08d}")
 
     def _train(self) -> None:
         """Steps until the run is done or stops (preemption); evaluation at epoch ends."""
@@ -271,7 +291,7 @@ class Loop:
             if state.batch_in_epoch == self.per_epoch * self.micro:  # the epoch ran out
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if self.evaluator.due_at_epoch_end(state.step, self.total_steps):
-                    self.window.pause(self.evaluator.run(state))
+                    self._evaluate()
 
     def _epoch(self) -> Iterator[list[Any]]:
         """This epoch's remaining steps, each a list of `micro` loader batches."""
@@ -307,7 +327,7 @@ class Loop:
             self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
             self.steady_samples = state.samples_seen
         if self.evaluator.due_after_step(state.step):
-            self.window.pause(self.evaluator.run(state))
+            self._evaluate()
         self.checkpointer.poll()
         if self.checkpointer.due(self.total_steps):
             self._checkpoint("", wait=False)
@@ -348,6 +368,9 @@ class Loop:
             "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
             "final_loss": self.final_loss, "eval": self.evaluator.last,
             **({"eval_ema": self.evaluator.last_ema} if self.ema is not None else {}),
+            **({"early_stop": {"metric": self.cfg.early_stop.metric, "best_value": state.best_value,
+                               "best_step": state.best_step, "stopped_early": self.converged()}}
+               if self.stopper is not None else {}),
             "throughput": throughput,
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),

@@ -1,0 +1,51 @@
+"""Early stopping (`early_stop.*`): the best evaluation is checkpointed and kept, training ends
+after `patience` evaluations without improvement, model.pt comes from the best."""
+
+import json
+
+import pytest
+import torch
+
+from dtrain.config import ConfigError, EarlyStopConfig
+from dtrain.loop_parts import EarlyStopping
+from dtrain.resume import TrainState
+from helpers import CNN, check, load_params, max_param_diff, run_dtrain
+
+
+def test_stops_after_patience_evaluations_without_an_improvement_beyond_min_delta():
+    state = TrainState()
+    stop = EarlyStopping(EarlyStopConfig(metric="loss", mode="min", patience=2, min_delta=0.01), state)
+    seen = []
+    for step, loss in [(2, 1.0), (4, 0.8), (6, 0.795), (8, 0.7), (10, 0.9), (12, 0.71)]:
+        seen.append((stop.improved({"loss": loss}, step), stop.exhausted))
+    # 0.795 is within min_delta of 0.8: not an improvement; 0.7 is; then two without.
+    assert seen == [(True, False), (True, False), (False, False), (True, False), (False, False), (False, True)]
+    assert (state.best_value, state.best_step) == (0.7, 8)
+    up = EarlyStopping(EarlyStopConfig(metric="accuracy", mode="max", patience=1), TrainState())
+    assert [up.improved({"accuracy": a}, i) for i, a in enumerate([0.5, 0.6, 0.6])] == [True, True, False]
+    with pytest.raises(ConfigError, match=r"^early_stop.metric='acc': not an eval metric of this task; "
+                                          r"it reports accuracy, loss"):
+        EarlyStopping(EarlyStopConfig(metric="acc"), TrainState()).improved({"loss": 1.0, "accuracy": 0.5}, 1)
+
+
+def test_a_planted_curve_stops_at_the_right_step_and_model_pt_is_the_best(tmp_path):
+    """score per evaluation (every 2 steps): 0.1, 0.5, 0.45, 0.48 -> best at step 4, two
+    evaluations without improvement, stop after step 8; checkpoint.keep=1 would have rotated
+    step 4 away, but `best` keeps it, and model.pt holds its weights, not step 8's."""
+    out = tmp_path / "out"
+    proc = check(run_dtrain(["train", CNN, "task=planted:PlantedCurve", "tracking.enabled=false", "train.max_steps=40",
+                             "train.eval_every_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=1",
+                             "early_stop.metric=score", "early_stop.mode=max", "early_stop.patience=2",
+                             f"output_dir={out}"], cwd=tmp_path))
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 8
+    assert s["early_stop"] == {"metric": "score", "best_value": 0.5, "best_step": 4, "stopped_early": True}
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "latest", "step_00000004", "step_00000008"]
+    assert (ckpts / "best").read_text().strip() == "step_00000004"
+    assert "early_stop: model.pt from step 4 (score 0.5)" in proc.stdout
+    best = torch.load(ckpts / "step_00000004" / "model" / "state.pt", weights_only=True)["model"]
+    last = torch.load(ckpts / "step_00000008" / "model" / "state.pt", weights_only=True)["model"]
+    model = load_params(out / "model.pt")
+    assert max_param_diff(best, model, buffers=True) == 0
+    assert max_param_diff(last, model) > 1e-3  # the check sees the difference restoring makes
