@@ -64,6 +64,10 @@ class ModelConfig:
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across ranks (torch SyncBatchNorm on CUDA,
     dtrain's differentiable all-reduce version on CPU)."""
+    init: Literal["default", "kaiming", "xavier"] = "default"
+    """Initialisation of every conv and linear layer: the task's own (default), Kaiming normal
+    (std sqrt(2 / fan_in), for ReLU nets) or Xavier uniform; biases zero. Then the task's
+    `init_weights` (e.g. `model.zero_init_residual`, `model.prior_bias`)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute each block's activations in backward instead of keeping them: `full` keeps
     only the blocks' inputs (least memory, about one more forward of compute); `selective`

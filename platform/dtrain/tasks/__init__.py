@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from dtrain import protocols, recipe, steps
 from dtrain.config import Config, ConfigError
+from dtrain.initialization import initialize
 from dtrain.protocols import Engine, ModelSpec, StepOutput
 
 __all__ = ["BUILTIN", "Task", "ModelSpec", "StepOutput", "get_task", "load_config"]
@@ -69,8 +70,14 @@ class Task(protocols.Task):
         """The model's repeated units (see `ModelSpec.blocks`). Default: none, one unit."""
         return []
 
+    def init_weights(self, model: nn.Module) -> None:
+        """What follows `model.init`'s scheme (runs for `default` too): e.g. zero-initialised
+        residual branches, an output bias from the class prior. Default: nothing."""
+
     def models(self) -> dict[str, ModelSpec]:
         model = self.build_model()
+        initialize(model, self.cfg.model.init)
+        self.init_weights(model)
         return {"model": ModelSpec(model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn,
                                    blocks=self.blocks(model))}
 

@@ -29,6 +29,12 @@ class CNNModelConfig(ModelConfig):
     """Image folders are resized to this (digits are 8x8, CIFAR-10 32x32)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    zero_init_residual: bool = True
+    """Zero-init the last BatchNorm of each residual branch: every block starts as the identity,
+    which makes large-batch training with the linear rule stable (Goyal et al. 2017)."""
+    prior_bias: bool = False
+    """Start the classifier's bias at log(class frequency) of the training set, so the initial
+    prediction is the prior rather than uniform (helps on imbalanced classes)."""
 
 
 @dataclass
@@ -100,11 +106,22 @@ class CNNTask(Task):
         train, test = datasets.load_images(self.cfg.data.path, self.cfg.model.image_size, self.cfg.data.val_fraction)
         x, y = train.tensors
         self.in_channels, self.num_classes = x.shape[1], int(y.max()) + 1
+        self.class_counts = torch.bincount(y, minlength=self.num_classes)
         return train, test
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
         return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
+
+    def init_weights(self, model: nn.Module) -> None:
+        if not isinstance(model, ResNet):
+            return  # a subclass's own model
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, BasicBlock):
+                    m.bn2.weight.fill_(0.0 if self.cfg.model.zero_init_residual else 1.0)
+            if self.cfg.model.prior_bias:
+                model.fc.bias.copy_(torch.log(self.class_counts.clamp(min=1) / self.class_counts.sum()))
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         # The residual blocks; the stem and the head join the root; a subclass's own model has none.

@@ -82,6 +82,9 @@ class GANConfig(Config):
             raise ConfigError("gan.ema_decay", self.gan.ema_decay, "must be in [0, 1)")
         if self.gan.standing_stats_batches < 0:
             raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
+        if self.model.init != "default":
+            raise ConfigError("model.init", self.model.init, "the GAN initialises its networks itself (DCGAN's "
+                              "N(0, 0.02), spectral norm's own parametrisation); use default")
         if self.ema.decay:
             raise ConfigError("ema.decay", self.ema.decay, "not for a GAN: it averages its generator itself "
                               "(gan.ema_decay)")
