@@ -77,7 +77,7 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
                                          "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"
                                          "optim.warmup_steps: {type: int, low: 0, high: 10}\n")
-    cmd = search_cmd(tmp_path, "--trials", "6", "--storage", postgres, "--study", "shared", "--pruner", "none",
+    cmd = search_cmd(tmp_path, "--trials", "4", "--storage", postgres, "--study", "shared", "--pruner", "none",
                      "--nproc-per-node", "2")
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -85,7 +85,7 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
     assert all(w.returncode == 0 for w in workers), [e[-2000:] for _, e in outs]
     study = optuna.load_study(study_name="shared", storage=postgres)
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in study.trials) >= 6
+    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in study.trials) >= 4
     # Each worker ran some of them (one line per trial it finished), and no trial folder twice.
     ran = [out.count("search: trial") for out, _ in outs]
     assert all(n >= 1 for n in ran), ran
