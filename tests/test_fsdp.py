@@ -13,7 +13,7 @@ from dtrain import blocks
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import CNN, LM, TINY_CNN, load_params, max_param_diff, run_dtrain
+from helpers import CNN, LM, TINY_CNN, check, load_params, max_param_diff, run_dtrain
 
 FSDP = "engine=fsdp"
 # The straight FSDP2 run every comparison shares; its EMA (which does not change training) is
@@ -142,3 +142,12 @@ def test_tf32_is_used_where_the_gpu_has_it_and_the_recipe_allows():
     assert tf32_mode(False, (9, 0)) == "ieee"
     assert set_fp32_matmuls(True, torch.device("cpu")) is None  # nothing to set, nothing printed
     assert load_config(LM).allow_tf32 and not load_config(LM, ["allow_tf32=false"]).allow_tf32
+
+
+def test_dtrain_average_reads_sharded_checkpoints(tiny_runs, tmp_path):
+    """The last checkpoint of the resharded run (written by 2 ranks as DCP shards), read back in
+    one process by `dtrain average`, is exactly the model.pt the run wrote."""
+    run = tiny_runs("fsdp-resharded")  # trained by the resume test above
+    check(run_dtrain(["average", str(run / "checkpoints" / "step_00000020"), "--output", str(tmp_path / "m.pt")],
+                     cwd=tmp_path))
+    assert max_param_diff(load_params(run / "model.pt"), load_params(tmp_path / "m.pt")) == 0

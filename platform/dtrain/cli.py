@@ -288,6 +288,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_average(args: argparse.Namespace) -> None:
+    """Average checkpoints of one run into a plain model.pt, BatchNorm statistics refreshed."""
+    from dtrain.average import average
+    from dtrain.checkpoint import CheckpointError
+
+    folders = [Path(c) for c in args.checkpoints]
+    try:
+        cfg, metrics = average(folders, Path(args.output), args.bn_batches)
+    except (ConfigError, CheckpointError) as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    print(f"average: {len(folders)} checkpoint(s) of {cfg.output_dir} -> {args.output}"
+          + (" | eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) if metrics else ""))
+
+
 def torchrun_cmd(nproc: int, recipe: str, overrides: list[str], max_restarts: int = 0,
                  command: Sequence[str] = ("train",)) -> list[str]:
     """`dtrain train` (or another `command`) on `nproc` ranks of this machine under torchrun."""
@@ -374,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output", default="", help="comparison folder (default OUTPUT_DIR/comparison)")
     compare_options(w)
     w.set_defaults(func=cmd_sweep)
+
+    a = sub.add_parser("average", help="average checkpoints of one run into a plain model.pt")
+    a.add_argument("checkpoints", nargs="+", help="step_* checkpoint folders of one run")
+    a.add_argument("--output", required=True, help="the averaged state_dict (a model.pt)")
+    a.add_argument("--bn-batches", type=int, default=100,
+                   help="training batches to recompute BatchNorm statistics on (0: keep the averaged ones)")
+    a.set_defaults(func=cmd_average)
 
     s = sub.add_parser("sample", help="generate text from a trained transformer run")
     s.add_argument("run", help="the run's output_dir (holds config.yaml, model.pt, vocab.json)")
