@@ -10,6 +10,8 @@ import json
 import mlflow
 import pytest
 
+from dtrain.compare import sweep_overrides
+from dtrain.tasks import load_config
 from helpers import ROOT, check, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -83,19 +85,32 @@ def test_compare_bad_input_is_one_line(parity):
         "dtrain: error: --experiment='nope': no such experiment in the tracking store"
 
 
-def test_sweep_world_sizes_one_two_four(tmp_path):
-    """4 ranks on a 2-core machine: slow, but it must work, and under FSDP2 as under DDP (the
-    parity runs above): sharded on 2 and 4 ranks, one unit of everything on 1."""
+def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):
+    """Weak scaling, as a job grows from 1 GPU to N: 64 per rank at every size, so the global
+    batch and the linear-rule LR grow 4-fold while the steps shrink (the same samples). 4 ranks
+    on a 2-core machine: slow, but it must work, and under FSDP2 as under DDP (the parity runs
+    above): sharded on 2 and 4 ranks, one unit of everything on 1."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "train.max_steps=10", "engine=fsdp",
-                         "tracking.log_every=5", "train.eval_every_steps=10", f"tracking.uri={uri}",
-                         "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"], cwd=tmp_path))
+    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "--keep", "per-rank",
+                             "train.max_steps=10", "engine=fsdp", "tracking.log_every=5", "train.eval_every_steps=10",
+                             f"tracking.uri={uri}", "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"],
+                            cwd=tmp_path))
     report = json.loads((tmp_path / "sweep" / "comparison" / "comparison.json").read_text())
-    assert sorted(r["world_size"] for r in report["runs"]) == [1, 2, 4]
-    assert {r["global_batch"] for r in report["runs"]} == {64}
+    runs = sorted(report["runs"], key=lambda r: r["world_size"])
+    assert [r["world_size"] for r in runs] == [1, 2, 4]
+    assert [r["global_batch"] for r in runs] == [64, 128, 256]
+    assert [r["scaled_lr"] for r in runs] == pytest.approx([0.2 * 64 / 256 * k for k in (1, 2, 4)])
     assert "cnn_digits-4x" in proc.stdout
-    assert {json.loads((tmp_path / "sweep" / f"ws{n}" / "summary.json").read_text())["engine"]
-            for n in (1, 2, 4)} == {"fsdp"}
+    summaries = [json.loads((tmp_path / "sweep" / f"ws{n}" / "summary.json").read_text()) for n in (1, 2, 4)]
+    assert [s["steps"] for s in summaries] == [10, 5, 2] and {s["engine"] for s in summaries} == {"fsdp"}
+
+
+def test_weak_scaling_shrinks_what_is_counted_in_steps():
+    cfg = load_config(RECIPE, ["train.max_steps=40", "train.eval_every_steps=10", "checkpoint.every_steps=0",
+                               "data.grad_accum_steps=2"])
+    assert sweep_overrides(cfg, 4, 1, "global") == []
+    assert sweep_overrides(cfg, 4, 2, "per-rank") == ["data.global_batch_size=128", "train.max_steps=20",
+                                                      "train.eval_every_steps=5", "optim.warmup_steps=25"]
 
 
 def test_baseline_is_the_newest_one_rank_run():

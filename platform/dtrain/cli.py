@@ -240,6 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import subprocess
 
     from dtrain import data, tracking
+    from dtrain.compare import sweep_overrides
     from dtrain.tasks import load_config
 
     try:
@@ -249,16 +250,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         _fail(f"--world-sizes={args.world_sizes!r}: expected positive integers like 1,2,4", EXIT_BAD_INPUT)
     try:
         cfg = load_config(args.recipe, args.overrides)
+        data.plan_batches(cfg, min(sizes))
+        extra = {n: sweep_overrides(cfg, n, min(sizes), args.keep) for n in sizes}
         for n in sizes:
-            data.plan_batches(cfg, n)
+            data.plan_batches(load_config(args.recipe, [*args.overrides, *extra[n]]), n)
     except ConfigError as e:
         _fail(str(e), EXIT_BAD_INPUT)
     base = Path(cfg.output_dir)
     run_ids = []
     for n in sizes:
         out = base / f"ws{n}"
-        cmd = torchrun_cmd(n, args.recipe,
-                           [*args.overrides, f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"])
+        cmd = torchrun_cmd(n, args.recipe, [*args.overrides, *extra[n], f"output_dir={out}",
+                                            f"tracking.run_name={cfg.recipe}-{n}x"])
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
         if subprocess.run(cmd, env=torchrun_env()).returncode != 0:
             _fail(f"sweep: the {n}-rank run failed (see above)", EXIT_FAILED)
@@ -385,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("recipe")
     w.add_argument("overrides", nargs="*")
     w.add_argument("--world-sizes", default="1,2", help="comma-separated rank counts (default 1,2)")
+    w.add_argument("--keep", choices=["global", "per-rank"], default="global",
+                   help="keep the recipe's global batch (strong scaling, default) or its per-rank batch at the "
+                        "smallest world size (weak scaling: the global batch and the LR grow with the ranks)")
     w.add_argument("--output", default="", help="comparison folder (default OUTPUT_DIR/comparison)")
     compare_options(w)
     w.set_defaults(func=cmd_sweep)
