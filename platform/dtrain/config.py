@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 
+OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb"]
+
 
 @dataclass
 class DataConfig:
@@ -76,8 +78,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor"] = "sgd"
-    """Optimizer from torch.optim."""
+    name: OptimizerName = "sgd"
+    """Optimizer: torch.optim's, or the large-batch LARS (SGD) and LAMB (Adam) of pytorch_optimizer."""
     lr: float = 0.1
     """Peak learning rate for a global batch of `optim.base_batch_size`."""
     base_batch_size: int = 256
@@ -100,7 +102,9 @@ class OptimConfig:
     gamma: float = 0.1
     """Decay factor of the step, multistep and exponential (per step) schedules."""
     momentum: float = 0.9
-    """SGD and RMSprop momentum."""
+    """SGD, LARS and RMSprop momentum."""
+    trust_coefficient: float = 0.001
+    """LARS: eta in each layer's LR = lr x eta x ||w|| / (||g|| + weight_decay x ||w||)."""
     nesterov: bool = False
     """SGD Nesterov momentum."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -333,8 +337,9 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
     _check(f"{prefix}.eps", o.eps, o.eps > 0, "must be > 0")
     _check(f"{prefix}.milestones", o.milestones, o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
            "must be increasing positive step counts")
-    _check(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name == "sgd" and o.momentum > 0),
-           "needs optim.name=sgd with momentum > 0")
+    _check(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
+           "needs optim.name=sgd or lars with momentum > 0")
+    _check(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
 
 
 def _check(key: str, value: Any, ok: bool, expected: str) -> None:

@@ -83,7 +83,28 @@ def build_optimizer(params: Iterable[Any], o: OptimConfig, lr: float, fused: boo
         return torch.optim.Adagrad(params, lr=lr, eps=o.eps)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr)
+    if name in ("lars", "lamb"):
+        return large_batch_optimizer(list(params), o, lr)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def large_batch_optimizer(groups: list[Any], o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """LARS (You et al. 2017) and LAMB (You et al. 2020) from pytorch_optimizer: each weight
+    matrix / kernel gets its own LR from a trust ratio ||w|| / ||update||, so layers whose
+    gradients are large next to their weights are not blown apart at huge batches. Norm weights
+    and biases (1-D) take no trust ratio: LARS skips it for them itself; for LAMB they go in
+    groups with `adam=True` (plain Adam). LAMB's update is pytorch_optimizer's: the first
+    moment bias-corrected, the second not; decoupled weight decay."""
+    from pytorch_optimizer import LARS, Lamb
+
+    if o.name == "lars":
+        return LARS(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, trust_coefficient=o.trust_coefficient)
+    split = []
+    for g in groups:
+        params = list(g["params"])
+        split += [{**g, "params": [p for p in params if p.ndim >= 2]},
+                  {**g, "params": [p for p in params if p.ndim < 2], "adam": True}]
+    return Lamb([g for g in split if g["params"]], lr=lr, betas=o.betas, eps=o.eps)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int,

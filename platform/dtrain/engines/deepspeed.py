@@ -97,6 +97,10 @@ class DeepSpeedEngine:
         if o.clip_grad_value > 0:
             raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
                               "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
+        if o.name in ("lars", "lamb") and cfg.deepspeed.zero_stage > 0:
+            raise ConfigError("optim.name", o.name, "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
+                              "parameters into shards, so a per-layer trust ratio would be taken over pieces "
+                              "of several layers; use engine=ddp or fsdp, or deepspeed.zero_stage=0")
         if o.name == "adafactor" and cfg.deepspeed.zero_stage > 0:
             raise ConfigError("optim.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
                               "parameters, which silently turns Adafactor's factored moments into full ones")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dtrain.checkpoint import ResumeRefused
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig
+from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
 from dtrain.norm import make_norm
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
@@ -66,7 +66,7 @@ class TransformerModelConfig(ModelConfig):
 
 @dataclass
 class TransformerOptimConfig(OptimConfig):
-    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = 1e-3
     base_batch_size: int = 64
     scale_rule: Literal["linear", "sqrt", "none"] = "sqrt"
