@@ -45,6 +45,9 @@ def test_warmup_then_cosine():
     ("exponential", {"gamma": 0.9}, {5: 0.1, 7: 0.1 * 0.81}),
     ("linear", {"min_lr": 0.0}, {5: 0.1, 55: 0.05}),
     ("constant", {}, {5: 0.1, 99: 0.1}),
+    # SGDR: cycles of 20, then 40 steps after warmup, each starting again at the peak.
+    ("cosine_restarts", {"restart_steps": 20, "restart_mult": 2.0},
+     {5: 0.1, 15: 0.05, 24: 0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)), 25: 0.1, 45: 0.05, 65: 0.1}),
 ])
 def test_schedules_after_warmup(schedule, extra, checks):
     o = OptimConfig(lr=0.1, base_batch_size=100, scale_rule="sqrt", warmup_steps=5, schedule=schedule, **extra)
@@ -68,7 +71,7 @@ def test_weight_decay_skips_norms_and_biases():
     assert len(opt.param_groups[0]["params"]) == 4
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb"])
 def test_every_optimizer_steps(name):
     m = torch.nn.Linear(3, 1)
     opt, sched, _ = build(m, OptimConfig(name=name, lr=0.01, weight_decay=0.01), 256, 10)
@@ -76,3 +79,21 @@ def test_every_optimizer_steps(name):
     m(torch.randn(8, 3)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(before, m.weight)
+
+
+def test_l1_adds_the_subgradient_to_matrices_only():
+    from dtrain.engines.ddp import DDPEngine
+    from dtrain.engines.precision import AmpPrecision
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    m = torch.nn.Linear(3, 2)
+    w, b = m.weight.detach().clone(), m.bias.detach().clone()
+    e = DDPEngine(m, OptimConfig(name="sgd", lr=0.1, momentum=0.0, base_batch_size=8, l1=0.01, schedule="constant"),
+                  precision=AmpPrecision("fp32", cpu), device=cpu, global_batch=8, total_steps=1)
+    x = torch.randn(8, 3)
+    e.backward(m(x).pow(2).mean(), 1)
+    gw, gb = m.weight.grad.clone(), m.bias.grad.clone()
+    e.step()
+    assert torch.allclose(m.weight, w - 0.1 * (gw + 0.01 * w.sign()), atol=1e-7)
+    assert torch.allclose(m.bias, b - 0.1 * gb, atol=1e-7)  # no L1 on the bias

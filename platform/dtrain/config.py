@@ -91,8 +91,12 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     """Warmup stated in epochs (Goyal et al. use 5); when > 0 it sets warmup_steps from the
     run's steps per epoch, so runs of different global batch warm up over the same data."""
-    schedule: Literal["cosine", "step", "multistep", "exponential", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_restarts", "step", "multistep", "exponential", "linear", "constant"] = "cosine"
     """LR schedule after warmup, stepped once per optimizer step."""
+    restart_steps: int = 0
+    """`cosine_restarts` (SGDR): steps of the first cosine cycle; 0: a quarter of the run."""
+    restart_mult: float = 1.0
+    """`cosine_restarts`: each cycle is this many times longer than the one before."""
     min_lr: float = 0.0
     """Final LR of the cosine and linear schedules (absolute, not scaled)."""
     step_size: int = 1000
@@ -115,6 +119,9 @@ class OptimConfig:
     """Weight decay (decoupled for AdamW)."""
     decay_norm_and_bias: bool = False
     """Also decay 1-D parameters (norm weights, biases); off as usual."""
+    l1: float = 0.0
+    """L1 penalty on weight matrices and kernels: l1 x sign(w) is added to their reduced,
+    unscaled gradient before clipping (the subgradient of l1 x |w|_1). 0: off."""
     clip_grad_norm: float = 0.0
     """Clip the all-reduced gradient to this global L2 norm. 0: off."""
     clip_grad_value: float = 0.0
@@ -340,6 +347,8 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
     _check(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
            "needs optim.name=sgd or lars with momentum > 0")
     _check(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
+    _non_negative(o, prefix, "restart_steps", "l1")
+    _check(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
 
 
 def _check(key: str, value: Any, ok: bool, expected: str) -> None:

@@ -42,6 +42,11 @@ def lr_factor(o: OptimConfig, step: int, total_steps: int, peak_lr: float) -> fl
     if o.schedule == "cosine":
         progress = min(t / span, 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if o.schedule == "cosine_restarts":  # SGDR (Loshchilov & Hutter 2017): back to the peak each cycle
+        start, period = 0, o.restart_steps or max(1, span // 4)
+        while t >= start + period:
+            start, period = start + period, max(1, round(period * o.restart_mult))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - start) / period))
     if o.schedule == "linear":
         progress = min(t / span, 1.0)
         return 1 - (1 - floor) * progress

@@ -38,6 +38,14 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float
     return norm
 
 
+@torch.no_grad()
+def add_l1(params: list[nn.Parameter], l1: float) -> None:
+    """The L1 subgradient l1 x sign(w) on matrices and kernels (not norm weights or biases)."""
+    for p in params:
+        if p.grad is not None and p.ndim >= 2:
+            p.grad.add_(p.sign(), alpha=l1)
+
+
 def mismatch_line(e: BaseException) -> str:
     """load_state_dict's report in one line: its first specific complaint, not its header."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -69,6 +77,7 @@ class DDPEngine:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.lr_info = optim.build(self.module, o, global_batch, total_steps)
         self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
+        self.l1 = o.l1
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.on_gradients: Callable[[], None] | None = None
 
@@ -83,6 +92,8 @@ class DDPEngine:
         scaler.unscale_(self.optimizer)
         if self.on_gradients is not None:
             self.on_gradients()
+        if self.l1:
+            add_l1(self.params, self.l1)
         norm = clip_gradients(self.params, self.clip_norm, self.clip_value)
         finite = bool(torch.isfinite(norm))  # the norm is global: every rank decides alike
         self.lr = self.optimizer.param_groups[0]["lr"]

@@ -97,6 +97,9 @@ class DeepSpeedEngine:
         if o.clip_grad_value > 0:
             raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
                               "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
+        if o.l1 > 0:
+            raise ConfigError("optim.l1", o.l1, "not supported with engine=deepspeed (DeepSpeed steps its own "
+                              "optimizer on gradients dtrain does not see); use engine=ddp or fsdp")
         if o.name in ("lars", "lamb") and cfg.deepspeed.zero_stage > 0:
             raise ConfigError("optim.name", o.name, "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
                               "parameters into shards, so a per-layer trust ratio would be taken over pieces "

@@ -77,6 +77,7 @@ class FSDPEngine(DDPEngine):
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.lr_info = optim.build(module, o, global_batch, total_steps)
         self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
+        self.l1 = o.l1
         self.lr = self.optimizer.param_groups[0]["lr"]
         self.on_gradients: Callable[[], None] | None = None
         self._writer_group: Any = None
