@@ -3,7 +3,7 @@ and at 4x and 16x that batch, SGD with the linear rule and 5 warmup epochs again
 the same rule and warmup, every run 30 epochs (the same samples), one process each. Prints
 the test accuracy and its gap to the base batch (the `dtrain compare` verdict's number).
 
-    python benchmarks/large_batch.py [--epochs 30] [--lars-lr 1.0]
+    python benchmarks/large_batch.py [--epochs 30] [--lars-lr 0.25]
 
 The digits training set has 1,437 images: 44 steps per epoch at batch 32, 11 at 128, 2 at
 512 (the last batch of an epoch is dropped), so at 16x the whole run is 60 optimizer steps.
@@ -35,7 +35,7 @@ def train(cwd: Path, name: str, overrides: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lars-lr", type=float, default=1.0, help="LARS LR at batch 32 (scaled by the linear rule)")
+    p.add_argument("--lars-lr", type=float, default=0.25, help="LARS LR at batch 32 (scaled by the linear rule)")
     args = p.parse_args()
     common = [f"train.epochs={args.epochs}", "optim.base_batch_size=32", "optim.scale_rule=linear",
               "optim.warmup_epochs=5", "optim.warmup_steps=0"]
