@@ -65,3 +65,20 @@ def test_cnn_zero_init_residual_and_prior_bias():
 def test_the_gan_refuses_another_scheme():
     with pytest.raises(ConfigError, match=r"^model.init='kaiming': the GAN initialises its networks itself"):
         load_config(CNN.replace("cnn_digits", "gan_ring"), ["model.init=kaiming"])
+
+
+def test_regularisation_keys_reach_the_model_and_the_loss():
+    _, model = cnn_model("model.dropout=0.3")
+    assert model.drop.p == 0.3
+    from dtrain.tasks.transformer import TransformerTask
+
+    losses = []
+    for smoothing in (0.0, 0.1):
+        task = TransformerTask(load_config(CNN.replace("cnn_digits", "transformer_charlm"),
+                                           ["data.max_chars=20000", "model.n_layer=1", f"model.label_smoothing={smoothing}"]))
+        train, _ = task.datasets()
+        torch.manual_seed(0)
+        model = task.build_model().eval()
+        x, y = train[0]
+        losses.append(task.loss(model, (x[None], y[None])).item())
+    assert losses[1] != pytest.approx(losses[0], abs=1e-3)  # smoothing changes the training loss

@@ -29,6 +29,8 @@ class CNNModelConfig(ModelConfig):
     """Image folders are resized to this (digits are 8x8, CIFAR-10 32x32)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    dropout: float = 0.0
+    """Dropout before the classifier."""
     zero_init_residual: bool = True
     """Zero-init the last BatchNorm of each residual branch: every block starts as the identity,
     which makes large-batch training with the linear rule stable (Goyal et al. 2017)."""
@@ -59,7 +61,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, widths: list[int], blocks: int):
+    def __init__(self, in_channels: int, num_classes: int, widths: list[int], blocks: int, dropout: float = 0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
@@ -69,6 +71,7 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
                 cin = w
         self.layers = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -81,7 +84,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
-        logits: torch.Tensor = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        logits: torch.Tensor = self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
         return logits
 
 
@@ -111,7 +114,7 @@ class CNNTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage)
+        return ResNet(self.in_channels, self.num_classes, m.widths, m.blocks_per_stage, m.dropout)
 
     def init_weights(self, model: nn.Module) -> None:
         if not isinstance(model, ResNet):

@@ -62,6 +62,8 @@ class TransformerModelConfig(ModelConfig):
     """Share the token embedding with the output projection."""
     peak_tflops: float = 0.0
     """Peak bf16 TFLOP/s of one GPU for MFU; 0: look the GPU up in a table of known ones."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing of the training loss (evaluation reports the plain loss)."""
 
 
 @dataclass
@@ -298,7 +300,8 @@ class TransformerTask(Task):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
         logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                               label_smoothing=self.cfg.model.label_smoothing)
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
