@@ -291,6 +291,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    """Every key of the recipe's task: the value this recipe (and overrides) gives it, its
+    type, its default and what it does."""
+    from dtrain import keys
+    from dtrain.tasks import load_config
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    print(keys.render(keys.keys(cfg), changed_only=args.changed))
+
+
 def cmd_average(args: argparse.Namespace) -> None:
     """Average checkpoints of one run into a plain model.pt, BatchNorm statistics refreshed."""
     from dtrain.average import average
@@ -394,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output", default="", help="comparison folder (default OUTPUT_DIR/comparison)")
     compare_options(w)
     w.set_defaults(func=cmd_sweep)
+
+    k = sub.add_parser("keys", help="every key of a recipe's task: value, type, default, what it does")
+    k.add_argument("recipe")
+    k.add_argument("overrides", nargs="*")
+    k.add_argument("--changed", action="store_true", help="only the keys the recipe sets to a non-default value")
+    k.set_defaults(func=cmd_keys)
 
     a = sub.add_parser("average", help="average checkpoints of one run into a plain model.pt")
     a.add_argument("checkpoints", nargs="+", help="step_* checkpoint folders of one run")

@@ -49,11 +49,15 @@ class TextDataConfig(DataConfig):
 @dataclass
 class TransformerModelConfig(ModelConfig):
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
+    """Attention heads per block (n_embd must divide by it)."""
     n_embd: int = 128
+    """Width of the residual stream."""
     block_size: int = 128
     """Context length in characters."""
     dropout: float = 0.1
+    """Dropout on attention weights, residual branches and embeddings."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Every norm of the model: LayerNorm, or scale-only RMSNorm (torch.nn.RMSNorm)."""
     pos: Literal["learned", "rotary"] = "learned"

@@ -21,22 +21,31 @@ class GanDataConfig(DataConfig):
 @dataclass
 class GanModelConfig(ModelConfig):
     z_dim: int = 16
+    """Dimension of the generator's Gaussian noise input."""
     hidden_g: int = 256
+    """Hidden width of the MLP generator (2-D mixtures)."""
     hidden_d: int = 256
+    """Hidden width of the MLP critic (2-D mixtures)."""
     layers_g: int = 3
+    """Hidden layers of the MLP generator."""
     layers_d: int = 3
+    """Hidden layers of the MLP critic."""
     channels: int = 64
     """DCGAN base width (digits)."""
     spectral_norm_d: bool = True
+    """Spectral normalisation of every critic layer (Miyato et al. 2018)."""
     spectral_norm_g: bool = False
+    """Spectral normalisation of the generator's layers too (SAGAN, BigGAN)."""
 
 
 @dataclass
 class GanSection:
     loss: Literal["wgan", "hinge", "nonsaturating"] = "hinge"
+    """The adversarial loss: Wasserstein, hinge (SNGAN/BigGAN) or the non-saturating GAN loss."""
     n_critic: int = 1
     """Critic updates per generator update."""
     penalty: Literal["none", "wgan_gp", "r1"] = "none"
+    """Critic gradient penalty: on interpolates (WGAN-GP) or on reals (R1, Mescheder et al. 2018)."""
     penalty_weight: float = 10.0
     """lambda of wgan_gp, gamma of r1."""
     penalty_every: int = 1
@@ -49,6 +58,7 @@ class GanSection:
     batches of its own activations ("standing statistics", BigGAN): G's running statistics,
     gathered with other weights, do not fit the averaged ones. 0: copy G's."""
     eval_samples: int = 2500
+    """Generated samples scored at each evaluation (modes, quality, divergences)."""
 
 
 def _adam(lr: float) -> OptimConfig:
