@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dtrain.config import OptimConfig
+from dtrain.config import ConfigError, OptimConfig
 from dtrain.optim import build, scaled_lr
 
 
@@ -97,3 +97,27 @@ def test_l1_adds_the_subgradient_to_matrices_only():
     e.step()
     assert torch.allclose(m.weight, w - 0.1 * (gw + 0.01 * w.sign()), atol=1e-7)
     assert torch.allclose(m.bias, b - 0.1 * gb, atol=1e-7)  # no L1 on the bias
+
+
+def test_plateau_drops_the_lr_after_patience_evaluations_and_resumes_with_the_checkpoint():
+    from dtrain.optim import Schedule
+
+    o = OptimConfig(lr=0.1, base_batch_size=64, scale_rule="none", warmup_steps=2, schedule="plateau", gamma=0.5,
+                    plateau_patience=2, min_lr=0.02)
+    m = torch.nn.Linear(2, 1)
+    opt, sched, _ = build(m, o, 64, 100)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    drops = [sched.observe({"loss": v}) for v in (1.0, 0.9, 0.95, 0.96, 0.85, 0.9, 0.91, 0.92, 0.93)]
+    assert drops == [False, False, False, True, False, False, True, False, True]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)  # 0.1 x 0.5^3 = 0.0125, held at min_lr
+    fresh_opt, fresh, _ = build(torch.nn.Linear(2, 1), o, 64, 100)
+    fresh.load_state_dict(sched.state_dict())
+    fresh_opt.step()
+    fresh.step()
+    assert fresh.plateau["scale"] == pytest.approx(0.125) and fresh_opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    with pytest.raises(ConfigError, match=r"^optim.plateau_metric='loss': not an eval metric of this task"):
+        sched.observe({"accuracy": 0.5})
+    assert build(m, OptimConfig(), 64, 10)[1].observe({"loss": 1.0}) is False  # other schedules ignore it

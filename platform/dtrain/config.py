@@ -91,8 +91,16 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     """Warmup stated in epochs (Goyal et al. use 5); when > 0 it sets warmup_steps from the
     run's steps per epoch, so runs of different global batch warm up over the same data."""
-    schedule: Literal["cosine", "cosine_restarts", "step", "multistep", "exponential", "linear", "constant"] = "cosine"
-    """LR schedule after warmup, stepped once per optimizer step."""
+    schedule: Literal["cosine", "cosine_restarts", "step", "multistep", "exponential", "linear", "constant",
+                      "plateau"] = "cosine"
+    """LR schedule after warmup, stepped once per optimizer step; `plateau` multiplies the LR by
+    `optim.gamma` when `optim.plateau_metric` has not improved for `optim.plateau_patience` evaluations."""
+    plateau_metric: str = "loss"
+    """`plateau` schedule: the eval metric watched."""
+    plateau_mode: Literal["min", "max"] = "min"
+    """`plateau` schedule: whether lower (loss) or higher (accuracy) is better."""
+    plateau_patience: int = 2
+    """`plateau` schedule: evaluations without improvement before the LR drops."""
     restart_steps: int = 0
     """`cosine_restarts` (SGDR): steps of the first cosine cycle; 0: a quarter of the run."""
     restart_mult: float = 1.0
@@ -348,6 +356,7 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
            "needs optim.name=sgd or lars with momentum > 0")
     _check(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
     _non_negative(o, prefix, "restart_steps", "l1")
+    _positive(o, prefix, "plateau_patience")
     _check(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
 
 

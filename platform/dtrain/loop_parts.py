@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from dtrain import checkpoint, distributed, tracking
 from dtrain.config import Config, ConfigError, EarlyStopConfig
 from dtrain.ema import EMA
+from dtrain.optim import Schedule
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState
@@ -115,6 +116,10 @@ class Evaluator:
             self.tracker.log_metrics({f"eval_ema/{k}": v for k, v in self.last_ema.items()}, state.step)
             self.progress.write(f"eval_ema @ step {state.step}: "
                                 + " ".join(f"{k} {_fmt(v)}" for k, v in self.last_ema.items()))
+        for name, engine in self.engines.items():  # optim.schedule=plateau: drop the LR on a plateau
+            if isinstance(engine.scheduler, Schedule) and engine.scheduler.observe(self.last):
+                self.progress.write(f"plateau: {'' if name == 'model' else name + ' '}lr x{engine.scheduler.o.gamma:g} "
+                                    f"after step {state.step} (scale {engine.scheduler.plateau['scale']:.4g})")
         if self.trial is not None:
             self.trial.report(self.last, state.step)
         return time.perf_counter() - t0

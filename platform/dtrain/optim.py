@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from dtrain.config import OptimConfig
+from dtrain.config import ConfigError, OptimConfig
 from dtrain.protocols import LRInfo
 
 
@@ -37,7 +37,7 @@ def lr_factor(o: OptimConfig, step: int, total_steps: int, peak_lr: float) -> fl
     t = step - w
     span = max(1, total_steps - w)
     floor = o.min_lr / peak_lr if peak_lr > 0 else 0.0
-    if o.schedule == "constant":
+    if o.schedule in ("constant", "plateau"):  # plateau: `Schedule` scales this by the drops so far
         return 1.0
     if o.schedule == "cosine":
         progress = min(t / span, 1.0)
@@ -112,13 +112,53 @@ def large_batch_optimizer(groups: list[Any], o: OptimConfig, lr: float) -> torch
     return Lamb([g for g in split if g["params"]], lr=lr, betas=o.betas, eps=o.eps)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int,
-                    peak_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(o, step, total_steps, peak_lr))
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """`lr_factor` of the optimizer step; under `optim.schedule=plateau` times gamma ** (drops so
+    far), where a drop follows `plateau_patience` evaluations without improvement (`observe`).
+    The plateau's state is part of `state_dict`, so it resumes with the checkpoint."""
+
+    def __init__(self, opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int, peak_lr: float):
+        self.o = o
+        self.plateau: dict[str, float] = {"scale": 1.0, "best": float("nan"), "bad": 0.0}
+        floor = o.min_lr / peak_lr if peak_lr > 0 else 0.0
+        super().__init__(opt, lambda step: max(floor, lr_factor(o, step, total_steps, peak_lr) * self.plateau["scale"])
+                         if o.schedule == "plateau" and step >= o.warmup_steps else lr_factor(o, step, total_steps, peak_lr))
+
+    def observe(self, metrics: dict[str, float]) -> bool:
+        """One evaluation's metrics; True when the LR dropped (from the next step on)."""
+        o, p = self.o, self.plateau
+        if o.schedule != "plateau":
+            return False
+        if o.plateau_metric not in metrics:
+            raise ConfigError("optim.plateau_metric", o.plateau_metric,
+                              f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
+        value = metrics[o.plateau_metric]
+        if math.isnan(p["best"]) or (value < p["best"] if o.plateau_mode == "min" else value > p["best"]):
+            p["best"], p["bad"] = value, 0.0
+            return False
+        p["bad"] += 1
+        if p["bad"] < o.plateau_patience:
+            return False
+        p["scale"], p["bad"] = p["scale"] * o.gamma, 0.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):  # takes effect now, not next step
+            group["lr"] = base * self.lr_lambdas[0](self.last_epoch)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "plateau": dict(self.plateau)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.plateau.update(state.pop("plateau", {}))
+        super().load_state_dict(state)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int, peak_lr: float) -> Schedule:
+    return Schedule(opt, o, total_steps, peak_lr)
 
 
 def build(model: nn.Module, o: OptimConfig, global_batch: int,
-          total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, LRInfo]:
+          total_steps: int) -> tuple[torch.optim.Optimizer, Schedule, LRInfo]:
     """(optimizer, scheduler, the LR it gets) for `model` under section `o`."""
     peak = scaled_lr(o, global_batch)
     # Fused kernels on CUDA (the elementwise math is the same as the for-loop's); off the GPU

@@ -92,6 +92,8 @@ class Engine(Protocol):
     lr_info: LRInfo
     lr: float
     """The LR the optimizer used for the last step."""
+    scheduler: Any
+    """The LR schedule (`dtrain.optim.Schedule`), stepped inside `step`."""
     on_gradients: Callable[[], None] | None
     """Called inside `step` once the gradients are final (reduced and unscaled, before
     clipping and the optimizer): where `full_grads` reads them (`dtrain.monitor`)."""
