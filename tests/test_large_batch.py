@@ -1,6 +1,8 @@
 """LARS and LAMB (`optim.name=lars|lamb`, pytorch_optimizer's) against updates computed by hand
 on a two-parameter model: a 1x2 weight (which takes the trust ratio) and a bias (which does not)."""
 
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -77,3 +79,47 @@ def test_refused_where_the_trust_ratio_would_be_wrong_or_fail(tmp_path):
                        f"output_dir={tmp_path}/o"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: optim.name='lars': not with engine=fsdp")
+
+
+def sf_engine():
+    from dtrain.engines.ddp import DDPEngine
+    from dtrain.engines.precision import AmpPrecision
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    return DDPEngine(nn.Linear(3, 2), OptimConfig(name="schedulefree_adamw", lr=0.01, base_batch_size=8,
+                                                  schedule="constant", betas=(0.9, 0.999)),
+                     precision=AmpPrecision("fp32", cpu), device=cpu, global_batch=8, total_steps=10)
+
+
+def sf_step(e, i):
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(i))
+    e.backward(e.model(x).pow(2).mean(), 1)
+    e.step()
+
+
+def test_schedule_free_evaluates_the_average_and_trains_on_and_resumes_exactly():
+    e = sf_engine()
+    for i in range(3):
+        sf_step(e, i)
+    y = {n: p.detach().clone() for n, p in e.module.named_parameters()}
+    z = {n: e.optimizer.state[p]["z"].clone() for n, p in e.module.named_parameters()}
+    with e.evaluation_weights():  # x = y + (1 - 1/beta1) (z - y): the averaged point
+        for n, p in e.module.named_parameters():
+            assert torch.allclose(p, y[n] + (1 - 1 / 0.9) * (z[n] - y[n]), atol=1e-7)
+            assert not torch.allclose(p, y[n], atol=1e-5)
+    assert all(torch.allclose(p, y[n], atol=1e-7) for n, p in e.module.named_parameters())  # back to y
+    buffer = io.BytesIO()  # through a file, as a checkpoint goes (tensors and plain values only)
+    torch.save(e.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = sf_engine()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    sf_step(e, 3)
+    sf_step(resumed, 3)
+    assert all(torch.equal(a, b) for a, b in zip(e.module.parameters(), resumed.module.parameters()))
+
+
+def test_schedule_free_replaces_the_schedule():
+    with pytest.raises(ConfigError, match=r"^optim.schedule='cosine': must be constant with "
+                                          r"optim.name=schedulefree_sgd"):
+        load_config(CNN, ["optim.name=schedulefree_sgd", "optim.nesterov=false"])

@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- sections
 
-OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb"]
+OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb",
+                        "schedulefree_adamw", "schedulefree_sgd"]
 
 
 @dataclass
@@ -79,7 +80,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: OptimizerName = "sgd"
-    """Optimizer: torch.optim's, or the large-batch LARS (SGD) and LAMB (Adam) of pytorch_optimizer."""
+    """Optimizer: torch.optim's, or pytorch_optimizer's large-batch LARS (SGD) and LAMB (Adam) and
+    schedule-free AdamW / SGD (Defazio et al. 2024: evaluated and saved at their averaged weights)."""
     lr: float = 0.1
     """Peak learning rate for a global batch of `optim.base_batch_size`."""
     base_batch_size: int = 256
@@ -357,6 +359,9 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
     _check(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
     _non_negative(o, prefix, "restart_steps", "l1")
     _positive(o, prefix, "plateau_patience")
+    _check(f"{prefix}.schedule", o.schedule, not o.name.startswith("schedulefree") or o.schedule == "constant",
+           f"must be constant with {prefix}.name={o.name} (schedule-free optimizers replace the schedule; "
+           "warmup is kept)")
     _check(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -103,7 +104,10 @@ class Evaluator:
         t0 = time.perf_counter()
         for engine in self.engines.values():
             engine.sync_buffers()  # the metric is of exactly the weights and buffers model.pt holds
-        self.last = self.task.evaluate(self.engines, self.loader, self.device)
+        with contextlib.ExitStack() as weights:
+            for engine in self.engines.values():
+                weights.enter_context(engine.evaluation_weights())
+            self.last = self.task.evaluate(self.engines, self.loader, self.device)
         self.last_step = state.step
         self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
                                  | {"train/samples_seen": state.samples_seen}, state.step)

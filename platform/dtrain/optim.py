@@ -90,6 +90,14 @@ def build_optimizer(params: Iterable[Any], o: OptimConfig, lr: float, fused: boo
         return torch.optim.Adafactor(params, lr=lr)
     if name in ("lars", "lamb"):
         return large_batch_optimizer(list(params), o, lr)
+    if name == "schedulefree_adamw":
+        from pytorch_optimizer import ScheduleFreeAdamW
+
+        return ScheduleFreeAdamW(params, lr=lr, betas=o.betas, eps=o.eps)
+    if name == "schedulefree_sgd":
+        from pytorch_optimizer import ScheduleFreeSGD
+
+        return ScheduleFreeSGD(params, lr=lr, momentum=o.momentum)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -145,12 +153,11 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "plateau": dict(self.plateau)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        self.plateau.update(state.pop("plateau", {}))
-        super().load_state_dict(state)
+        """LambdaLR's (which includes `plateau`, plain numbers), without the config: checkpoints
+        hold tensors and plain values only (they load with weights_only=True)."""
+        state = super().state_dict()
+        state.pop("o")
+        return state
 
 
 def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int, peak_lr: float) -> Schedule:

@@ -111,6 +111,10 @@ class Engine(Protocol):
     def sync_buffers(self) -> None:
         """Rank 0's buffers on every rank (before evaluation and checkpoints)."""
 
+    def evaluation_weights(self) -> ContextManager[Any]:
+        """Inside: the model holds the weights to evaluate and to ship (a schedule-free
+        optimizer's average); outside: the ones training continues from."""
+
     def loss_scale(self) -> float | None: ...
     def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
         """Collective: write this engine's state under `folder`. `background`: return once the

@@ -9,6 +9,7 @@ loop itself reads on one screen.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -388,7 +389,10 @@ class Loop:
 def final_weights(cfg: Config, parts: Parts) -> dict[str, torch.Tensor]:
     """model.pt's state_dict: the raw weights, or with `ema.save` the average (collective)."""
     if parts.ema is None or not cfg.ema.save:
-        return parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3 and FSDP
+        with contextlib.ExitStack() as weights:
+            for engine in parts.engines.values():
+                weights.enter_context(engine.evaluation_weights())  # a schedule-free optimizer's average
+            return parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3 and FSDP
     with parts.ema.swapped():
         for engine in parts.engines.values():
             engine.sync_buffers()

@@ -6,7 +6,7 @@ import contextlib
 import inspect
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -109,6 +109,19 @@ class DDPEngine:
 
     def full_params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.module.named_parameters()}
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """A schedule-free optimizer trains at y and averages x: evaluate and save x."""
+        to_eval, to_train = getattr(self.optimizer, "eval", None), getattr(self.optimizer, "train", None)
+        if to_eval is None or to_train is None:  # every other optimizer: the weights are what they are
+            yield
+            return
+        to_eval()
+        try:
+            yield
+        finally:
+            to_train()
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers everywhere: without synchronised BatchNorm each rank's running

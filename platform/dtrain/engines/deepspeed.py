@@ -97,6 +97,9 @@ class DeepSpeedEngine:
         if o.clip_grad_value > 0:
             raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
                               "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
+        if o.name.startswith("schedulefree"):
+            raise ConfigError("optim.name", o.name, "not with engine=deepspeed (its averaged weights need the "
+                              "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp")
         if o.l1 > 0:
             raise ConfigError("optim.l1", o.l1, "not supported with engine=deepspeed (DeepSpeed steps its own "
                               "optimizer on gradients dtrain does not see); use engine=ddp or fsdp")
@@ -156,6 +159,9 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
 
         return {n: safe_get_full_fp32_param(p) for n, p in self.module.named_parameters()}
+
+    def evaluation_weights(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers everywhere (DeepSpeed broadcasts them only at start)."""

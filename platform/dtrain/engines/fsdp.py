@@ -53,10 +53,9 @@ class FSDPEngine(DDPEngine):
         if cfg.precision == "fp16":
             raise ConfigError("precision", "fp16", "not supported with engine=fsdp (FSDP2 keeps fp32 master "
                               "weights and computes in bf16 without loss scaling): use precision=bf16")
-        if o.name in ("lars", "lamb"):
-            raise ConfigError("optim.name", o.name, "not with engine=fsdp (pytorch_optimizer's trust ratio takes "
-                              "layer norms with in-place ops that FSDP2's DTensor shards do not support); use "
-                              "engine=ddp")
+        if o.name in ("lars", "lamb", "schedulefree_adamw", "schedulefree_sgd"):
+            raise ConfigError("optim.name", o.name, "not with engine=fsdp (pytorch_optimizer's implementation "
+                              "uses in-place ops that FSDP2's DTensor shards do not support); use engine=ddp")
         distributed.init_single_process_group(device)  # FSDP's device mesh needs a group even for one rank
         self.device = device
         # The policy casts parameters and inputs; an autocast on top would only cast again.
