@@ -100,7 +100,6 @@ def test_l1_adds_the_subgradient_to_matrices_only():
 
 
 def test_plateau_drops_the_lr_after_patience_evaluations_and_resumes_with_the_checkpoint():
-    from dtrain.optim import Schedule
 
     o = OptimConfig(lr=0.1, base_batch_size=64, scale_rule="none", warmup_steps=2, schedule="plateau", gamma=0.5,
                     plateau_patience=2, min_lr=0.02)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from dtrain import optim
 from dtrain.check.context import Context, Result, no_dropout, skip
