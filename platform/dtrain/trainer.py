@@ -3,19 +3,17 @@
 The per-step data path lives in the task's `train_step` (for supervised tasks
 `dtrain.steps.train_step`); this file is the loop around it, in the shape of
 torchvision's reference `main()`: set up, resume, train, evaluate, save. The loop's parts
-(`dtrain.loop_parts`) decide when they act (`Checkpointer.due`, `Evaluator.due_*`, `MetricsWindow.due`), so the
-loop itself reads on one screen.
+(`dtrain.loop_parts`) decide when they act (`Checkpointer.due`, `Evaluator.due_*`,
+`MetricsWindow.due`), so the loop itself reads on one screen; what the run reports (tags,
+the start line, model.pt and summary.json) is `dtrain.report`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import math
-import platform
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,7 @@ from typing import Any, Iterator, Sized, cast
 import torch
 from torch.utils.data import DataLoader
 
-import dtrain
-from dtrain import checkpoint, data, distributed, preemption, recipe, resume, tracking
+from dtrain import checkpoint, data, distributed, preemption, recipe, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.ema import EMA
 from dtrain.engines import build_engines
@@ -53,47 +50,6 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"signal {signum} at step {step}")
         self.signum, self.step = signum, step
-
-
-def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
-    try:  # the version only: importing deepspeed costs seconds and probes accelerators
-        ds_version = importlib.metadata.version("deepspeed")
-    except importlib.metadata.PackageNotFoundError:
-        ds_version = "not installed"
-    first = next(iter(engines.values()))
-    tags = {
-        "dtrain.world_size": plan.world_size, "dtrain.nodes": env.num_nodes, "dtrain.backend": distributed.backend(),
-        "dtrain.launcher": env.launcher, "dtrain.engine": first.name, "dtrain.precision": cfg.precision,
-        "dtrain.global_batch": plan.global_batch, "dtrain.per_rank_batch": plan.per_rank,
-        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.lr_info.peak:.6g}",
-        "dtrain.scale_rule": first.lr_info.rule, "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe,
-        "dtrain.task": cfg.task, "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__,
-        "dtrain.deepspeed": ds_version, "dtrain.python": platform.python_version(),
-        "dtrain.device": str(first.device.type), "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
-    }
-    if len(engines) > 1:
-        tags.update({f"dtrain.scaled_lr_{n}": f"{e.lr_info.peak:.6g}" for n, e in engines.items()})
-    commit = tracking.git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int,
-             fp32_matmuls: str | None = None) -> str:
-    """The start line: world, batch split and the LR each optimizer really gets."""
-    first = next(iter(engines.values()))
-    lrs = " | ".join(
-        f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({e.lr_info.rule} rule from "
-        f"{e.lr_info.base:g} @ {e.lr_info.base_batch}, {e.lr_info.warmup_steps} warmup steps)"
-        for n, e in engines.items())
-    return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
-            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
-            f"{plan.accum} accum | {lrs} | {total_steps} steps"
-            + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
-
-
-# --------------------------------------------------------------------------- fit
 
 
 @dataclass
@@ -151,7 +107,7 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
     tracker: tracking.NullTracker = tracking.NullTracker()
     if distributed.is_main():
         params = recipe.flatten(recipe.to_dict(cfg))
-        tracker = tracking.start(cfg, params, run_tags(cfg, env, parts.plan, parts.engines),
+        tracker = tracking.start(cfg, params, report.run_tags(cfg, env, parts.plan, parts.engines),
                                  run_id=state.run_id or None)
         state.run_id = tracker.run_id or state.run_id
     state.run_id = distributed.broadcast_object(state.run_id)
@@ -171,7 +127,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         recipe.dump_yaml(cfg, out_dir / "config.yaml")
     tracker = start_tracking(cfg, env, parts, state)
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
-    progress.write(describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
+    progress.write(report.describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
                    + (f" | {parts.ema.describe()}" if parts.ema else "")
                    + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
@@ -183,7 +139,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         weights = final_weights(cfg, parts)
         if distributed.is_main():
             summary["run_id"] = state.run_id
-            _write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
+            report.write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
         status = "FINISHED"
         return summary
     except Pruned as p:  # a search trial the study stopped: says so to the search, not an error
@@ -375,7 +331,7 @@ class Loop:
             "throughput": throughput,
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "peak_memory_mb": report.peak_memory_mb(self.device),
         }
         if self.cfg.compile:  # the first step's time beyond a steady step's: compiling
             steady_step_s = self.samples_per_step / throughput if throughput else 0.0
@@ -397,28 +353,3 @@ def final_weights(cfg: Config, parts: Parts) -> dict[str, torch.Tensor]:
         for engine in parts.engines.values():
             engine.sync_buffers()
         return parts.task.final_state_dict(parts.engines)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """The largest rank's peak: CUDA memory allocated by tensors, or on a CPU the process's peak RSS."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
-
-
-def _write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: dict[str, torch.Tensor],
-                   summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
-    model_path = out_dir / "model.pt"
-    checkpoint.atomic_save(weights, model_path)
-    summary_path = out_dir / "summary.json"
-    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
-    tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
-                         if isinstance(summary.get(k), (int, float))}, summary["steps"])
-    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
-        tracker.log_artifact(path)
-    for path in sorted((out_dir / "profile").glob("*")):  # traces of the ranks on this machine
-        tracker.log_artifact(path, "profile")
-    if cfg.tracking.log_model:
-        tracker.log_artifact(model_path)

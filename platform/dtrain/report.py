@@ -1,0 +1,86 @@
+"""What a run reports about itself: the MLflow tags of its facts, the start line (world,
+batch split, the LR each optimizer really gets), and at the end model.pt, summary.json and
+the artifacts logged to MLflow."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import dtrain
+from dtrain import checkpoint, data, distributed, tracking
+from dtrain.config import Config
+from dtrain.fileio import atomic_write
+from dtrain.protocols import Engine, Task
+
+
+def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
+    try:  # the version only: importing deepspeed costs seconds and probes accelerators
+        ds_version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds_version = "not installed"
+    first = next(iter(engines.values()))
+    tags = {
+        "dtrain.world_size": plan.world_size, "dtrain.nodes": env.num_nodes, "dtrain.backend": distributed.backend(),
+        "dtrain.launcher": env.launcher, "dtrain.engine": first.name, "dtrain.precision": cfg.precision,
+        "dtrain.global_batch": plan.global_batch, "dtrain.per_rank_batch": plan.per_rank,
+        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.lr_info.peak:.6g}",
+        "dtrain.scale_rule": first.lr_info.rule, "dtrain.host": distributed.hostname(), "dtrain.recipe": cfg.recipe,
+        "dtrain.task": cfg.task, "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__,
+        "dtrain.deepspeed": ds_version, "dtrain.python": platform.python_version(),
+        "dtrain.device": str(first.device.type), "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
+    }
+    if len(engines) > 1:
+        tags.update({f"dtrain.scaled_lr_{n}": f"{e.lr_info.peak:.6g}" for n, e in engines.items()})
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int,
+             fp32_matmuls: str | None = None) -> str:
+    """The start line: world, batch split and the LR each optimizer really gets."""
+    first = next(iter(engines.values()))
+    lrs = " | ".join(
+        f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({e.lr_info.rule} rule from "
+        f"{e.lr_info.base:g} @ {e.lr_info.base_batch}, {e.lr_info.warmup_steps} warmup steps)"
+        for n, e in engines.items())
+    return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
+            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
+            f"{plan.accum} accum | {lrs} | {total_steps} steps"
+            + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The largest rank's peak: CUDA memory allocated by tensors, or on a CPU the process's peak RSS."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
+
+
+def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: dict[str, torch.Tensor],
+                   summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
+    model_path = out_dir / "model.pt"
+    checkpoint.atomic_save(weights, model_path)
+    summary_path = out_dir / "summary.json"
+    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
+    tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
+                         if isinstance(summary.get(k), (int, float))}, summary["steps"])
+    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
+        tracker.log_artifact(path)
+    for path in sorted((out_dir / "profile").glob("*")):  # traces of the ranks on this machine
+        tracker.log_artifact(path, "profile")
+    if cfg.tracking.log_model:
+        tracker.log_artifact(model_path)
