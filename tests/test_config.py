@@ -44,7 +44,7 @@ BAD = [
     (["optim.lr=fast"], "optim.lr='fast': must be a number"),
     (["data.global_batch_size=0"], "data.global_batch_size=0: must be > 0"),
     (["data.global_batch_size=6.5"], "data.global_batch_size=6.5: must be an integer"),
-    (["optim.name=adamm"], "optim.name='adamm': must be one of sgd|adam|adamw|rmsprop|adagrad|adafactor (did you mean adam?)"),
+    (["optim.name=adamm"], "optim.name='adamm': must be one of sgd|adam|adamw|rmsprop|adagrad|adafactor|lars|lamb|schedulefree_adamw|schedulefree_sgd (did you mean adam?)"),
     (["precision=fp8"], "precision='fp8': must be one of fp32|bf16|fp16"),
     (["model.sync_bn=maybe"], "model.sync_bn='maybe': must be true or false"),
     (["data.path=/no/such/dir"], "data.path='/no/such/dir': no such file or folder"),
