@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dtrain import checkpoint, distributed, tracking
-from dtrain.config import Config, ConfigError, EarlyStopConfig
+from dtrain.config import Config, EarlyStopConfig
 from dtrain.ema import EMA
-from dtrain.optim import Schedule
+from dtrain.engines import evaluation_weights
+from dtrain.optim import Schedule, improvement
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState
@@ -104,9 +103,7 @@ class Evaluator:
         t0 = time.perf_counter()
         for engine in self.engines.values():
             engine.sync_buffers()  # the metric is of exactly the weights and buffers model.pt holds
-        with contextlib.ExitStack() as weights:
-            for engine in self.engines.values():
-                weights.enter_context(engine.evaluation_weights())
+        with evaluation_weights(self.engines):
             self.last = self.task.evaluate(self.engines, self.loader, self.device)
         self.last_step = state.step
         self.tracker.log_metrics({f"eval/{k}": v for k, v in self.last.items()}
@@ -140,12 +137,8 @@ class EarlyStopping:
     def improved(self, metrics: dict[str, float], step: int) -> bool:
         """Record one evaluation; True when it is the best so far (by more than min_delta)."""
         c, s = self.cfg, self.state
-        if c.metric not in metrics:
-            raise ConfigError("early_stop.metric", c.metric,
-                              f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
-        value = metrics[c.metric]
-        better = value < s.best_value - c.min_delta if c.mode == "min" else value > s.best_value + c.min_delta
-        if math.isnan(s.best_value) or better:
+        value, improved = improvement(metrics, "early_stop.metric", c.metric, s.best_value, c.mode, c.min_delta)
+        if improved:
             s.best_value, s.best_step, s.evals_since_best = value, step, 0
             self.best_eval = dict(metrics)
             return True

@@ -120,6 +120,18 @@ def large_batch_optimizer(groups: list[Any], o: OptimConfig, lr: float) -> torch
     return Lamb([g for g in split if g["params"]], lr=lr, betas=o.betas, eps=o.eps)
 
 
+def improvement(metrics: dict[str, float], key: str, metric: str, best: float, mode: str,
+                min_delta: float = 0.0) -> tuple[float, bool]:
+    """The watched eval `metric`'s value, and whether it beats `best` (nan: nothing yet) by more
+    than `min_delta` in `mode` (min or max). Shared by the plateau schedule and early stopping;
+    a metric the task does not report is a ConfigError naming the recipe `key`."""
+    if metric not in metrics:
+        raise ConfigError(key, metric, f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
+    value = metrics[metric]
+    better = value < best - min_delta if mode == "min" else value > best + min_delta
+    return value, math.isnan(best) or better
+
+
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
     """`lr_factor` of the optimizer step; under `optim.schedule=plateau` times gamma ** (drops so
     far), where a drop follows `plateau_patience` evaluations without improvement (`observe`).
@@ -137,11 +149,8 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         o, p = self.o, self.plateau
         if o.schedule != "plateau":
             return False
-        if o.plateau_metric not in metrics:
-            raise ConfigError("optim.plateau_metric", o.plateau_metric,
-                              f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
-        value = metrics[o.plateau_metric]
-        if math.isnan(p["best"]) or (value < p["best"] if o.plateau_mode == "min" else value > p["best"]):
+        value, improved = improvement(metrics, "optim.plateau_metric", o.plateau_metric, p["best"], o.plateau_mode)
+        if improved:
             p["best"], p["bad"] = value, 0.0
             return False
         p["bad"] += 1

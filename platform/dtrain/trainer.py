@@ -10,7 +10,6 @@ the start line, model.pt and summary.json) is `dtrain.report`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 from dtrain import checkpoint, data, distributed, preemption, recipe, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.ema import EMA
-from dtrain.engines import build_engines
+from dtrain.engines import build_engines, evaluation_weights
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
 from dtrain.loop_parts import Checkpointer, EarlyStopping, Evaluator, MetricsWindow
@@ -345,9 +344,7 @@ class Loop:
 def final_weights(cfg: Config, parts: Parts) -> dict[str, torch.Tensor]:
     """model.pt's state_dict: the raw weights, or with `ema.save` the average (collective)."""
     if parts.ema is None or not cfg.ema.save:
-        with contextlib.ExitStack() as weights:
-            for engine in parts.engines.values():
-                weights.enter_context(engine.evaluation_weights())  # a schedule-free optimizer's average
+        with evaluation_weights(parts.engines):  # a schedule-free optimizer's average
             return parts.task.final_state_dict(parts.engines)  # collective under ZeRO-3 and FSDP
     with parts.ema.swapped():
         for engine in parts.engines.values():

@@ -14,7 +14,9 @@ A new engine implements the protocol and gets a branch in `build_engines`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
@@ -27,6 +29,15 @@ from dtrain.norm import convert_sync_batchnorm
 from dtrain.protocols import Engine, ModelSpec
 
 ENGINES = ("ddp", "deepspeed", "fsdp")
+
+
+@contextlib.contextmanager
+def evaluation_weights(engines: dict[str, Engine]) -> Iterator[None]:
+    """Every engine's `evaluation_weights` at once (evaluation and model.pt)."""
+    with contextlib.ExitStack() as stack:
+        for engine in engines.values():
+            stack.enter_context(engine.evaluation_weights())
+        yield
 
 
 def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: BatchPlan,
