@@ -2,11 +2,14 @@
 
 Built-in kinds: kubernetes-validate --strict (the published OpenAPI schemas). PyTorchJob: the
 Kubeflow training-operator CRD's openAPIV3Schema (release-1.9, tests/schemas/) with every
-object closed, so a misspelt field fails, plus the operator's webhook rules.
+object closed, so a misspelt field fails, plus the operator's webhook rules. TrainJob and
+ClusterTrainingRuntime (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1): their CRDs'
+schemas, closed the same way, plus the CEL rules they state and the Torch plugin's checks.
 """
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,11 +18,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import ROOT, env_for_cli, free_port
+from helpers import ROOT, env_for_cli, free_port, load_params, max_param_diff
 
 K8S = ROOT / "k8s"
-CRD = Path(__file__).parent / "schemas" / "kubeflow.org_pytorchjobs.yaml"
-CUSTOM_KINDS = {"PyTorchJob", "Kustomization"}
+SCHEMAS = Path(__file__).parent / "schemas"
+CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+CUSTOM_KINDS = {"PyTorchJob", "Kustomization", "TrainJob", "ClusterTrainingRuntime"}
 
 
 def documents() -> list[tuple[str, dict]]:
@@ -45,10 +49,57 @@ def closed(schema: dict) -> dict:
     return schema
 
 
-def pytorchjob_validator() -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+def crd_validator(path: Path, version_name: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == version_name]
     return jsonschema.Draft7Validator(closed(version["schema"]["openAPIV3Schema"]))
+
+
+def pytorchjob_validator() -> jsonschema.Draft7Validator:
+    return crd_validator(CRD, "v1")
+
+
+def trainer_validators() -> dict[str, jsonschema.Draft7Validator]:
+    return {"TrainJob": crd_validator(SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
+            "ClusterTrainingRuntime": crd_validator(SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+                                                    "v1alpha1")}
+
+
+PET_RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+
+
+def trainer_rule_errors(doc: dict) -> list[str]:
+    """What the Trainer v2 CRDs state as CEL rules (jsonschema cannot run them), for a create,
+    and what its Torch plugin needs of a runtime: a replicated Job `node`, labelled as the
+    trainer's ancestor step, with a container `node` (where PET_* are injected)."""
+    errors = []
+    name = doc["metadata"]["name"]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        errors.append(f"metadata.name {name!r} is not a DNS label")
+    if doc["kind"] == "TrainJob":
+        trainer = doc["spec"].get("trainer", {})
+        if trainer.get("numProcPerNode", 1) < 1:
+            errors.append("trainer.numProcPerNode must be >= 1")
+        reserved = {e["name"] for e in trainer.get("env", [])} & PET_RESERVED
+        if reserved:
+            errors.append(f"trainer.env sets reserved {sorted(reserved)}")
+    else:
+        policies = [k for k in ("torch", "mpi", "jax", "xgboost", "flux") if k in doc["spec"]["mlPolicy"]]
+        if policies != ["torch"]:
+            errors.append(f"mlPolicy must be torch only, got {policies}")
+        jobs = {j["name"]: j for j in doc["spec"]["template"]["spec"]["replicatedJobs"]}
+        node = jobs.get("node")
+        if node is None or node["template"]["metadata"]["labels"].get(
+                "trainer.kubeflow.org/trainjob-ancestor-step") != "trainer":
+            errors.append("no replicated Job `node` labelled trainjob-ancestor-step: trainer")
+        elif "node" not in [c["name"] for c in node["template"]["spec"]["template"]["spec"]["containers"]]:
+            errors.append("Job `node` has no container `node`")
+    return errors
+
+
+def runtime_pod(doc: dict) -> dict:
+    (job,) = doc["spec"]["template"]["spec"]["replicatedJobs"]
+    return job["template"]["spec"]["template"]
 
 
 def webhook_errors(job: dict) -> list[str]:
@@ -108,17 +159,20 @@ def test_validation_catches_mistakes():
 
 def test_pods_run_non_root_with_shm_and_shared_runs_volume():
     for name, doc in documents():
-        if doc["kind"] not in ("PyTorchJob", "Job", "Deployment"):
+        if doc["kind"] not in ("PyTorchJob", "Job", "Deployment", "StatefulSet", "ClusterTrainingRuntime"):
             continue
         pods = ([s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
-                if doc["kind"] == "PyTorchJob" else [doc["spec"]["template"]])
+                if doc["kind"] == "PyTorchJob" else [runtime_pod(doc)] if doc["kind"] == "ClusterTrainingRuntime"
+                else [doc["spec"]["template"]])
         for pod in pods:
             spec = pod["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True, name
-            for c in spec["containers"]:
+            for c in spec["containers"] + spec.get("initContainers", []):
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
-                assert c["resources"]["requests"] and c["resources"]["limits"], name
-            if doc["kind"] != "Deployment":
+                # The runtime's node container gets its resources from the TrainJob (resourcesPerNode).
+                assert doc["kind"] == "ClusterTrainingRuntime" or (
+                    c["resources"]["requests"] and c["resources"]["limits"]), (name, c["name"])
+            if doc["kind"] in ("PyTorchJob", "Job", "ClusterTrainingRuntime"):
                 vols = {v["name"]: v for v in spec["volumes"]}
                 assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
                 assert vols["runs"]["persistentVolumeClaim"]["claimName"] == "dtrain-runs"
@@ -128,7 +182,7 @@ def test_kustomization_lists_existing_files_and_recipe_is_in_sync():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     for res in kust["resources"]:
         assert (K8S / res).exists(), res
-    cm = next(d for _, d in documents() if d["kind"] == "ConfigMap")
+    cm = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dtrain-recipe")
     assert cm["data"]["recipe.yaml"] == (ROOT / "recipes" / "transformer_charlm.yaml").read_text()
 
 
@@ -141,7 +195,7 @@ def _container(kind: str, name: str | None = None) -> dict:
 
 def _run_pods(container: dict, pod_envs: list[dict], tmp_path: Path, **overrides: str) -> list[subprocess.CompletedProcess]:
     """Run the container's command as it is written, one process per 'pod', on loopback."""
-    base = {e["name"]: e["value"] for e in container["env"]}
+    base = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # pod_envs resolve the rest
     procs = []
     for pod_env in pod_envs:
         env = env_for_cli(**{**base, **overrides, **pod_env})
@@ -156,7 +210,7 @@ FAST = "data.max_chars=100000 model.n_layer=1 model.n_embd=32 model.block_size=3
 
 @pytest.fixture
 def recipe_file(tmp_path):
-    cm = next(d for _, d in documents() if d["kind"] == "ConfigMap")
+    cm = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dtrain-recipe")
     path = tmp_path / "recipe.yaml"
     path.write_text(cm["data"]["recipe.yaml"])
     return path
@@ -185,3 +239,115 @@ def test_pytorchjob_command_with_the_operator_env(tmp_path, recipe_file):
         assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["world_size"] == 2
+
+
+# ------------------------------------------------------------------ Kubeflow Trainer v2
+
+
+def test_trainer_v2_manifests_validate_against_the_crds_and_rules():
+    validators = trainer_validators()
+    docs = [d for _, d in documents() if d["kind"] in validators]
+    assert sorted(d["kind"] for d in docs) == ["ClusterTrainingRuntime", "TrainJob"]
+    for doc in docs:
+        errs = [e.message for e in validators[doc["kind"]].iter_errors(doc)]
+        assert not errs and not trainer_rule_errors(doc), (doc["kind"], errs, trainer_rule_errors(doc))
+    job = next(d for d in docs if d["kind"] == "TrainJob")
+    runtime = next(d for d in docs if d["kind"] == "ClusterTrainingRuntime")
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": runtime["metadata"]["name"]}
+
+
+def test_trainer_v2_validation_catches_mistakes():
+    validators = trainer_validators()
+    job = next(d for _, d in documents() if d["kind"] == "TrainJob")
+    runtime = next(d for _, d in documents() if d["kind"] == "ClusterTrainingRuntime")
+    typo = copy.deepcopy(job)
+    typo["spec"]["trainer"]["numNode"] = 2  # numNodes, misspelt
+    assert any("numNode" in e.message for e in validators["TrainJob"].iter_errors(typo))
+    as_string = copy.deepcopy(job)
+    as_string["spec"]["trainer"]["numProcPerNode"] = "auto"  # an integer in this CRD version
+    assert list(validators["TrainJob"].iter_errors(as_string))
+    deep = copy.deepcopy(runtime)
+    runtime_pod(deep)["spec"]["containers"][0]["volumeMount"] = []  # volumeMounts, misspelt, five levels down
+    assert list(validators["ClusterTrainingRuntime"].iter_errors(deep))
+    jobset = copy.deepcopy(runtime)
+    jobset["spec"]["template"]["spec"]["failurePolicy"]["maxRestart"] = 3
+    assert list(validators["ClusterTrainingRuntime"].iter_errors(jobset))
+    reserved = copy.deepcopy(job)
+    reserved["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "4"})
+    assert trainer_rule_errors(reserved) == ["trainer.env sets reserved ['PET_NNODES']"]
+    renamed = copy.deepcopy(runtime)
+    runtime_pod(renamed)["spec"]["containers"][0]["name"] = "pytorch"  # the PyTorchJob's name: no PET_* here
+    assert trainer_rule_errors(renamed) == ["Job `node` has no container `node`"]
+    two = copy.deepcopy(runtime)
+    two["spec"]["mlPolicy"]["mpi"] = {}
+    assert trainer_rule_errors(two) == ["mlPolicy must be torch only, got ['torch', 'mpi']"]
+
+
+def test_trainjob_pods_match_the_pytorchjob_pods():
+    """Moving from PyTorchJob to TrainJob changes the operator, not the pods."""
+    runtime = runtime_pod(next(d for _, d in documents() if d["kind"] == "ClusterTrainingRuntime"))["spec"]
+    master = next(d for _, d in documents() if d["kind"] == "PyTorchJob" and "elasticPolicy" not in d["spec"])
+    pod = master["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert runtime["securityContext"] == pod["securityContext"] and runtime["volumes"] == pod["volumes"]
+    rc, pc = runtime["containers"][0], pod["containers"][0]
+    assert rc["securityContext"] == pc["securityContext"] and rc["volumeMounts"] == pc["volumeMounts"]
+    assert {e["name"] for e in pc["env"]} <= {e["name"] for e in rc["env"]}
+    assert "resume=auto" in rc["args"][0] and "$EXTRA_ARGS" in rc["args"][0]
+
+
+def checkpoint_params(folder: Path) -> dict:
+    import torch
+
+    return torch.load(folder / "model" / "state.pt", weights_only=True)["model"]
+
+
+def _trainjob_pod_envs(tmp_path: Path, nodes: int, nproc: int, **job_env: str) -> tuple[dict, list[dict]]:
+    """The `node` container and, per pod, the env the Trainer v2 operator and kubelet give it:
+    the runtime's env, the TrainJob's trainer.env upserted over it, the Torch plugin's PET_*
+    (the master's DNS name replaced by loopback), fieldRefs resolved, $(VAR) expanded, and
+    each volume's mountPath replaced by a local directory."""
+    runtime = next(d for _, d in documents() if d["kind"] == "ClusterTrainingRuntime")
+    job = next(d for _, d in documents() if d["kind"] == "TrainJob")
+    container = runtime_pod(runtime)["spec"]["containers"][0]
+    mounts = {"/runs": tmp_path / "runs", "/etc/dtrain": tmp_path}
+    env = {e["name"]: e for e in container["env"]}
+    env.update({e["name"]: e for e in job["spec"]["trainer"]["env"]})
+    env.update({k: {"name": k, "value": v} for k, v in job_env.items()})
+    port = str(free_port())
+    pods = []
+    for node_rank in range(nodes):
+        resolved = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(node_rank),
+                    "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}
+        for name, e in env.items():
+            if "valueFrom" in e:
+                assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
+                value = job["metadata"]["name"]
+            else:
+                value = re.sub(r"\$\((\w+)\)", lambda m: resolved[m.group(1)], e["value"])
+            for path, local in mounts.items():
+                if value.startswith(path + "/"):
+                    value = str(local) + value[len(path):]
+            resolved[name] = value
+        pods.append(resolved)
+    return container, pods
+
+
+def test_trainjob_command_on_two_pods_matches_one_node(tmp_path, recipe_file):
+    """2 nodes x 1 rank, as the TrainJob runs it, trains to the parameters of 1 node x 2 ranks."""
+    reference, two_pods = tmp_path / "one-node", tmp_path / "two-pods"
+    for where, nodes, nproc in ((reference, 1, 2), (two_pods, 2, 1)):
+        where.mkdir()
+        (where / "recipe.yaml").write_text(recipe_file.read_text())
+        container, pods = _trainjob_pod_envs(where, nodes, nproc, EXTRA_ARGS=FAST + " checkpoint.every_steps=5")
+        results = _run_pods(container, pods, where)
+        for r in results:
+            assert r.returncode == 0, r.stderr[-3000:]
+    out = "runs/dtrain-transformer"  # OUTPUT_DIR: /runs/$(TRAINJOB_NAME)
+    s = json.loads((two_pods / out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 6
+    final = load_params(two_pods / out / "model.pt")
+    assert max_param_diff(final, load_params(reference / out / "model.pt")) < 1e-6
+    # What the bound would catch: one step less (the step-5 checkpoint) is far outside it.
+    step5 = checkpoint_params(reference / out / "checkpoints" / "step_00000005")
+    assert max_param_diff(final, step5) > 1e-4

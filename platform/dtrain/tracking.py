@@ -87,6 +87,9 @@ class NullTracker:
     run_id: str | None = None
     uri: str | None = None
 
+    def links(self) -> str | None:
+        return None
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
@@ -112,9 +115,11 @@ class MlflowTracker(NullTracker):
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             self.client.set_tag(run_id, "dtrain.resumed", "true")
+            self.experiment_id = str(self.client.get_run(run_id).info.experiment_id)
         else:
-            exp_id = experiment_id(self.client, uri, experiment)
-            run = self.client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+            self.experiment_id = experiment_id(self.client, uri, experiment)
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags={k: str(v) for k, v in tags.items()})
             self.run_id = run.info.run_id
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
@@ -135,6 +140,14 @@ class MlflowTracker(NullTracker):
                 self._monitor.start()
             except Exception as e:  # optional extra: never fatal
                 self._warn(f"system metrics off: {e}")
+
+    def links(self) -> str | None:
+        """Where the run is in the MLflow UI (an HTTP server only). An experiment's page opens
+        on its overview; the runs table and a run's charts have their own routes."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        exp = f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}"
+        return f"mlflow run: {exp}/runs/{self.run_id} | all runs: {exp}/runs"
 
     def _warn(self, msg: str | BaseException) -> None:
         if not self._warned:

@@ -130,6 +130,9 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
                    + (f" | {parts.ema.describe()}" if parts.ema else "")
                    + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                    + (f" | mlflow run {state.run_id}" if state.run_id else ""))
+    links = tracker.links()
+    if links:
+        progress.write(links)
 
     status = "FAILED"
     try:
@@ -165,6 +168,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         preemption.hold()
         progress.close()
         tracker.finish(status)
+        if links:  # again at the end, where a user looks when the job is done
+            print(links, flush=True)
 
 
 class StoppedAtStep(Exception):

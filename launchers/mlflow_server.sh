@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A local MLflow tracking server in one command; prints the URI to export.
+#
+#   bash launchers/mlflow_server.sh                     # SQLite store in ./mlflow-server/
+#   bash launchers/mlflow_server.sh --postgres          # a local PostgreSQL cluster, 2 workers
+#   bash launchers/mlflow_server.sh --dir DIR --port 5000 --host 0.0.0.0 --workers 4
+#
+# SQLite is one file and one writer at a time: right for one user's jobs. Several jobs
+# logging at once (a sweep, a team) want a database server: --postgres runs initdb/pg_ctl
+# from `pg_config --bindir` into DIR/postgres (as the `postgres` user when run as root,
+# since initdb refuses root) and stops it again when the server stops (Ctrl-C / SIGTERM).
+# The data stays in DIR: running the command again reopens the same runs.
+# Needs psycopg for --postgres: pip install -e ".[postgres]".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+cd - >/dev/null
+
+DIR=mlflow-server PORT=5000 HOST=127.0.0.1 WORKERS="" BACKEND=sqlite
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --postgres) BACKEND=postgres ;;
+    --dir) DIR=$2; shift ;;
+    --port) PORT=$2; shift ;;
+    --host) HOST=$2; shift ;;
+    --workers) WORKERS=$2; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "mlflow_server.sh: unknown option $1 (valid: --postgres, --dir DIR, --port N, --host H, --workers N)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
+if ! "$PY" -c "import mlflow" 2>/dev/null; then
+  echo "mlflow_server.sh: $PY cannot import mlflow (run bash launchers/setup.sh, or set PYTHON=...)" >&2; exit 2
+fi
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+
+PG_STOP=""
+cleanup() {
+  [ -n "${SERVER_PID:-}" ] && kill -TERM -- "-$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  [ -n "$PG_STOP" ] && $PG_STOP >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [ "$BACKEND" = postgres ]; then
+  "$PY" -c "import psycopg" 2>/dev/null || { echo "mlflow_server.sh: --postgres needs psycopg: pip install -e \".[postgres]\"" >&2; exit 2; }
+  BIN=$(pg_config --bindir 2>/dev/null || true)
+  [ -x "$BIN/initdb" ] || { echo "mlflow_server.sh: --postgres needs the PostgreSQL server binaries (initdb, pg_ctl in pg_config --bindir)" >&2; exit 2; }
+  PGDATA_DIR=$DIR/postgres
+  AS=()
+  if [ "$(id -u)" = 0 ]; then  # initdb refuses root: the cluster belongs to `postgres`
+    AS=(runuser -u postgres --)
+    mkdir -p "$PGDATA_DIR" && chown postgres "$PGDATA_DIR" && chmod 700 "$PGDATA_DIR"
+    "${AS[@]}" test -w "$PGDATA_DIR" || { echo "mlflow_server.sh: user postgres cannot write $PGDATA_DIR (a parent directory is private); pick --dir elsewhere" >&2; exit 2; }
+  fi
+  PG_PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  if [ ! -f "$PGDATA_DIR/PG_VERSION" ]; then
+    "${AS[@]}" "$BIN/initdb" -D "$PGDATA_DIR" -A trust -U postgres >"$DIR/initdb.log" 2>&1 \
+      || { echo "mlflow_server.sh: initdb failed, see $DIR/initdb.log" >&2; exit 1; }
+  fi
+  # Loopback only, trust auth: a local development server, not a shared one (see k8s/mlflow.yaml).
+  "${AS[@]}" "$BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PGDATA_DIR/server.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA_DIR" start >/dev/null \
+    || { echo "mlflow_server.sh: PostgreSQL did not start, see $PGDATA_DIR/server.log" >&2; exit 1; }
+  PG_STOP="${AS[*]} $BIN/pg_ctl -D $PGDATA_DIR -m fast stop"
+  psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='mlflow'" | grep -q 1 \
+    || psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE mlflow" >/dev/null
+  STORE="postgresql+psycopg://postgres@127.0.0.1:$PG_PORT/mlflow"
+  # A fresh database gets MLflow's schema once, here, before several workers race to create it.
+  "$PY" -c "import sys; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore; SqlAlchemyStore(sys.argv[1], sys.argv[2])" \
+    "$STORE" "$DIR/artifacts" 2> >(grep -v "INFO" >&2)
+  WORKERS=${WORKERS:-2}
+else
+  STORE="sqlite:///$DIR/mlflow.db"
+  WORKERS=${WORKERS:-1}  # one writer at a time anyway
+fi
+
+URL_HOST=$HOST; [ "$HOST" = 0.0.0.0 ] && URL_HOST=$(hostname)
+# No MLflow job runners (dtrain does not use them): less load next to training on a small machine.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} setsid "$PY" -m mlflow server \
+  --host "$HOST" --port "$PORT" --workers "$WORKERS" \
+  --backend-store-uri "$STORE" --artifacts-destination "$DIR/artifacts" >"$DIR/server.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 120); do
+  if "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$PORT/health" 2>/dev/null; then
+    echo "mlflow_server.sh: MLflow $("$PY" -c 'import mlflow; print(mlflow.__version__)') on $BACKEND ($WORKERS workers), data in $DIR"
+    echo "export MLFLOW_TRACKING_URI=http://$URL_HOST:$PORT"
+    echo "runs table: http://$URL_HOST:$PORT/#/experiments  (pick an experiment, then its Runs tab)"
+    wait "$SERVER_PID"
+    exit $?
+  fi
+  kill -0 "$SERVER_PID" 2>/dev/null || break
+  sleep 0.5
+done
+echo "mlflow_server.sh: mlflow server did not start; its log: $DIR/server.log" >&2
+tail -5 "$DIR/server.log" >&2
+exit 1
