@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ROOT
 
-DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu", ROOT / "docker" / "Dockerfile.mlflow"]
 
 
 def hadolint() -> str:
@@ -40,10 +40,13 @@ def test_pinned_bases_and_non_root(path):
         assert ":" in base and not base.endswith(":latest"), base
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"  # numeric: runAsNonRoot can check it
-    assert "dtrain --version" in text  # the documented smoke test
+    assert re.search(r"(dtrain|mlflow) --version", text)  # the documented smoke test
 
 
 def test_python_deps_are_pinned_and_context_is_small():
+    for line in (ROOT / "docker" / "Dockerfile.mlflow").read_text().splitlines():
+        if line.startswith("RUN pip install"):
+            assert all("==" in w for w in line.split()[4:]), line
     for req in ("requirements.txt", "requirements-cpu.txt"):
         for line in (ROOT / "docker" / req).read_text().splitlines():
             if line and not line.startswith(("#", "--")):

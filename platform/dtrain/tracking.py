@@ -99,6 +99,7 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     run_id: str
     uri: str
+    experiment_id: str
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
@@ -115,12 +116,16 @@ class MlflowTracker(NullTracker):
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             self.client.set_tag(run_id, "dtrain.resumed", "true")
-            self.experiment_id = str(self.client.get_run(run_id).info.experiment_id)
+            previous = self.client.get_run(run_id)
+            self.experiment_id = str(previous.info.experiment_id)
+            # Points of earlier attempts that reached finish() (a killed one never wrote its count).
+            earlier_points = int(previous.data.tags.get("dtrain.metric_points", 0))
         else:
             self.experiment_id = experiment_id(self.client, uri, experiment)
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags={k: str(v) for k, v in tags.items()})
             self.run_id = run.info.run_id
+            earlier_points = 0
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
@@ -128,6 +133,7 @@ class MlflowTracker(NullTracker):
         self._warned = False
         self._down_until = 0.0  # monotonic time before which the store is treated as down
         self.dropped = 0
+        self.points = earlier_points  # metric points handed to the queue, stored as a tag at the end: auditable
         self._thread = threading.Thread(target=self._work, name="dtrain-mlflow", daemon=True)
         self._thread.start()
         self._monitor = None
@@ -198,6 +204,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        self.points += len(metrics)
         self._submit([Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -228,7 +235,9 @@ class MlflowTracker(NullTracker):
         if self._thread.is_alive():
             self._warn(f"gave up flushing after {timeout_s:.0f}s; the run may show RUNNING")
             return
-        # The final status is always attempted, even after an outage: it may be back.
+        # The final status is always attempted, even after an outage: it may be back. The
+        # count of points sent lets anyone check the store kept every one (system/ excluded).
+        self._run(lambda: self.client.set_tag(self.run_id, "dtrain.metric_points", str(self.points)), force=True)
         self._run(lambda: self.client.set_terminated(self.run_id, status=status), force=True)
 
 

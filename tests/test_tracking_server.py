@@ -1,0 +1,126 @@
+"""The cluster's tracking path, end to end on one machine: launchers/mlflow_server.sh --postgres
+(a real PostgreSQL cluster from the installed server binaries, `mlflow server --workers 2` on
+it), four 2-rank jobs writing to it at once, `dtrain compare` reading them back, and the MLflow
+UI those runs land in, rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from dtrain.cli import torchrun_env
+from helpers import ROOT, check, env_for_cli, run_dtrain
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tracking_load  # noqa: E402  (the benchmark's load and audit, run here at a small size)
+
+JOBS, STEPS = 4, 12
+EXPERIMENT = "load"
+
+
+@pytest.fixture(scope="module")
+def pg_server(postgres):  # noqa: ARG001 (skips, with its reason, where PostgreSQL is not installed)
+    root = Path(tempfile.mkdtemp(prefix="dtrain-mlflow-pg-"))
+    os.chmod(root, 0o755)  # the cluster runs as `postgres`, which must enter this folder
+    server = tracking_load.start_server("postgres", root / "server", workers=2)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def concurrent_jobs(pg_server, tmp_path_factory):
+    """Four 2-rank jobs started together, each logging every step into the PostgreSQL-backed server."""
+    tmp = tmp_path_factory.mktemp("load")
+    cmds = [tracking_load.job_cmd(2, pg_server.uri, EXPERIMENT, f"job{i}", tmp / f"job{i}", STEPS)
+            for i in range(JOBS)]
+    _, results = tracking_load.run_jobs(cmds, tmp, torchrun_env(env_for_cli()))
+    return tmp, results
+
+
+def test_four_two_rank_jobs_at_once_lose_no_metric_point_on_postgresql(pg_server, concurrent_jobs):
+    tmp, results = concurrent_jobs
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "MLflow tracking" not in r.stderr, r.stderr[-2000:]  # no warning, nothing dropped
+    rows = tracking_load.audit(pg_server.uri, EXPERIMENT)
+    assert sorted(r["name"] for r in rows) == [f"job{i}" for i in range(JOBS)]
+    for row in rows:
+        assert row["status"] == "FINISHED", row["name"]
+        assert row["sent"] == row["stored"] > 0, row  # every point the job's tracker sent is stored
+        assert row["steps"]["train/loss"] == list(range(1, STEPS + 1)), row["name"]
+        assert len(row["steps"]["eval/accuracy"]) == 1
+    # The links every job printed lead to its run in this server's UI.
+    for r, i in zip(results, range(JOBS)):
+        run_id = json.loads((tmp / f"job{i}" / "summary.json").read_text())["run_id"]
+        lines = [l for l in r.stdout.splitlines() if l.startswith("mlflow run: ")]
+        assert len(lines) == 2 and all(f"{pg_server.uri}/#/experiments/" in l and f"/runs/{run_id} " in l
+                                       for l in lines), r.stdout[-2000:]
+    # ... and `dtrain compare` reads them back from the same server.
+    proc = check(run_dtrain(["compare", "--experiment", EXPERIMENT, "--uri", pg_server.uri,
+                             "--output", str(tmp / "cmp")], cwd=tmp))
+    compared = json.loads((tmp / "cmp" / "comparison.json").read_text())
+    assert len(compared["runs"]) == JOBS, proc.stdout
+
+
+def test_the_audit_sees_a_lost_point(pg_server, concurrent_jobs):
+    """What the count guards against: a point missing on the server shows as sent != stored."""
+    import mlflow
+
+    (victim,) = tracking_load.audit(pg_server.uri, EXPERIMENT, names={"job0"})
+    client = mlflow.MlflowClient(pg_server.uri)
+    client.set_tag(victim["run_id"], "dtrain.metric_points", str(victim["sent"] + 1))  # one more claimed than kept
+    try:
+        (again,) = tracking_load.audit(pg_server.uri, EXPERIMENT, names={"job0"})
+        assert again["sent"] == again["stored"] + 1
+    finally:
+        client.set_tag(victim["run_id"], "dtrain.metric_points", str(victim["sent"]))
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)  # type: ignore[return-value]
+    pytest.skip("no Chromium here (apt-get install chromium); .ci/run installs it where apt-get works")
+
+
+def render(url: str, *flags: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url`: 15 s of virtual time lets the single-page app fetch and draw."""
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                           "--window-size=1600,900", *flags, url], capture_output=True, text=True, timeout=120)
+
+
+def test_the_runs_table_and_compare_view_show_one_and_two_rank_runs(pg_server, concurrent_jobs, tmp_path):
+    tmp, _ = concurrent_jobs
+    check(subprocess.run(tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS),
+                         cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300))
+    (job0,) = tracking_load.audit(pg_server.uri, EXPERIMENT, names={"job0"})
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    exp_id = _experiment_id(pg_server.uri)
+    runs_view = f"{pg_server.uri}/#/experiments/{exp_id}/runs"
+    dom = render(runs_view, "--dump-dom").stdout
+    for name in ("one-rank", "job0", "job3"):
+        assert f">{name}<" in dom, f"{name} not in the rendered runs table ({len(dom)} chars)"
+    ids = [summary["run_id"], job0["run_id"]]
+    compare = (f"{pg_server.uri}/#/compare-runs?runs={quote(json.dumps(ids, separators=(',', ':')))}"
+               f"&experiments={quote(json.dumps([exp_id]))}")
+    dom = render(compare, "--dump-dom").stdout
+    assert ">one-rank<" in dom and ">job0<" in dom and "train/loss" in dom
+    assert ">job1<" not in dom  # the compare view shows the two runs asked for, not the table
+    shot = Path(os.environ.get("DTRAIN_UI_SCREENSHOT", tmp_path / "runs.png"))
+    render(runs_view, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def _experiment_id(uri: str) -> str:
+    import mlflow
+
+    return str(mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT).experiment_id)
