@@ -52,6 +52,14 @@ def test_kubeflow_pytorchjob_pod_without_torchrun():
     assert read_env(env) == DistEnv(1, 3, 0, 1, 3, "job-master-0", 23456, "kubeflow")
 
 
+def test_kubeflow_trainer_v2_pod_without_torchrun():
+    # What Trainer v2's Torch plugin injects into pod 1 of a TrainJob with numNodes 2 and
+    # numProcPerNode 1: PET_* only (no MASTER_ADDR, RANK or WORLD_SIZE).
+    env = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29500"}
+    assert read_env(env) == DistEnv(1, 2, 0, 1, 2, "job-node-0-0.job", 29500, "kubeflow")
+
+
 def test_kubeflow_multi_process_pod_needs_torchrun():
     env = {"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "8", "RANK": "1",
            "PET_NPROC_PER_NODE": "4", "PET_NODE_RANK": "1", "PET_NNODES": "2"}

@@ -99,7 +99,8 @@ class RankVariables:
 
 
 class KubeflowPod:
-    """A PyTorchJob pod started without torchrun: RANK is the pod (node) index and WORLD_SIZE
+    """A PyTorchJob pod (or a Trainer v2 TrainJob pod: PET_* only) started without torchrun. In a
+    PyTorchJob RANK is the pod (node) index and WORLD_SIZE
     is pods x nprocPerNode, so one process per pod is all that can run."""
 
     @staticmethod
