@@ -4,6 +4,12 @@ Training: torch's DistributedSampler gives rank r the positions r, r+W, r+2W, ..
 seeded permutation, so the union of the ranks' step-t batches is the single process's
 step-t batch: the world size changes who computes, not what is computed.
 
+Augmentation: a task's per-sample augmentation draws from `sample_generator(seed, epoch,
+index)`, a stream that belongs to the sample, not to the rank or worker that happens to load
+it: the sampler hands the loader (epoch, index) keys and `Augmented` opens the sample's stream
+in `__getitem__` (in the main process or a worker alike). So a recipe with augmentation on is
+world-size invariant and resumes exactly mid-epoch with any `data.num_workers`.
+
 Evaluation: DistributedSampler pads the last round with repeated samples, which biases
 accuracy when len(dataset) % world_size != 0. `ExactShardSampler` splits the indices
 (shards may differ by one) and pads the shorter shards with one repeated index, so that
@@ -15,8 +21,9 @@ all-reduced: every sample counted exactly once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sized, cast
+from typing import Any, Callable, Iterator, Sized, cast
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -42,16 +49,44 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     return BatchPlan(g, g // (world_size * a), a, world_size)
 
 
-class ResumableDistributedSampler(DistributedSampler[int]):
-    """DistributedSampler that can start part-way into an epoch (exact mid-epoch resume)."""
+Augment = Callable[[Any, torch.Generator], Any]
+"""A task's per-sample augmentation: (sample, the sample's generator) -> augmented sample.
+Picklable (a module-level function or a functools.partial of one): workers receive it."""
 
-    def __init__(self, dataset: Dataset[Any], num_replicas: int, rank: int, seed: int):
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of sample `index` in `epoch`: the same on any rank, in any worker,
+    after any resume. SeedSequence mixes the three numbers (nearby keys, unrelated streams)."""
+    (state,) = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state))
+
+
+class Augmented(Dataset[Any]):
+    """`dataset` whose item (epoch, index) is `augment(dataset[index], sample_generator(...))`."""
+
+    def __init__(self, dataset: Dataset[Any], augment: Augment, seed: int):
+        self.dataset, self.augment, self.seed = dataset, augment, seed
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.dataset))
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        return self.augment(self.dataset[index], sample_generator(self.seed, epoch, index))
+
+
+class ResumableDistributedSampler(DistributedSampler[Any]):
+    """DistributedSampler that can start part-way into an epoch (exact mid-epoch resume);
+    `keyed`: it yields (epoch, index) for `Augmented` instead of the bare index."""
+
+    def __init__(self, dataset: Dataset[Any], num_replicas: int, rank: int, seed: int, keyed: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.start_index = 0
+        self.keyed = keyed
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_index:])
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(super().__iter__())[self.start_index:]
+        return iter([(self.epoch, i) for i in indices] if self.keyed else indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
@@ -75,8 +110,10 @@ class ExactShardSampler(Sampler[int]):
 
 
 def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_workers: int,
-                 pin_memory: bool) -> DataLoader[Any]:
-    sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed)
+                 pin_memory: bool, augment: Augment | None = None) -> DataLoader[Any]:
+    if augment is not None:
+        ds = Augmented(ds, augment, seed)
+    sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed, keyed=augment is not None)
     # drop_last: every rank runs the same number of equal micro-batches, so no rank waits
     # in an all-reduce the others never enter, and batch statistics stay world-size invariant.
     # The loader's own generator (for worker seeds) keeps iter(loader) from drawing on the

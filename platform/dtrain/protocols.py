@@ -150,6 +150,13 @@ class Task:
     def models(self) -> dict[str, ModelSpec]:
         raise NotImplementedError
 
+    def augmentation(self) -> Callable[[Any, torch.Generator], Any] | None:
+        """Per-sample training augmentation, or None: a picklable `(sample, generator) -> sample`
+        that draws every random number from `generator` (the sample's own stream for this
+        epoch, `dtrain.data.sample_generator`). Runs where the sample is loaded (main process
+        or DataLoader worker); the result is world-size invariant and resumes exactly."""
+        return None
+
     def micro_batches_per_step(self, accum: int) -> int:
         """Loader batches one training step consumes."""
         return accum

@@ -80,7 +80,8 @@ def build(cfg: Config, device: torch.device) -> Parts:
     plan = data.plan_batches(cfg, world)
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
-    loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, device.type == "cuda")
+    loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, device.type == "cuda",
+                               task.augmentation())
     eval_dl = data.eval_loader(eval_ds, cfg.data.eval_batch_size, world, rank, cfg.data.num_workers)
     micro = task.micro_batches_per_step(plan.accum)
     per_epoch = data.steps_per_epoch(loader, micro)
@@ -97,7 +98,7 @@ def build(cfg: Config, device: torch.device) -> Parts:
     engines = build_engines(cfg, specs, device, plan, total_steps)
     fp32_matmuls = set_fp32_matmuls(cfg.allow_tf32, device)
     ema = EMA(cfg.ema, engines, plan.global_batch, cfg.optim.base_batch_size) if cfg.ema.decay else None
-    seed_everything(cfg.seed + rank)  # per-rank streams for dropout / augmentation / noise
+    seed_everything(cfg.seed + rank)  # per-rank streams for dropout / noise (augmentation has per-sample ones)
     return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema)
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from dtrain import datasets
+from dtrain import data, datasets
 from dtrain.config import Config, ModelConfig
 from dtrain.tasks import Task
 
@@ -88,17 +88,15 @@ class ResNet(nn.Module):
         return logits
 
 
-def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Translate each image by up to `max_shift` pixels (zero padding), on the batch's device."""
-    n, c, h, w = x.shape
+def random_shift(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
+                 max_shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Translate one (C, H, W) image by up to `max_shift` pixels each way (zero padding), the
+    offsets drawn from the sample's own generator (see `Task.augmentation`)."""
+    x, y = sample
     s = max_shift
-    padded = F.pad(x, (s, s, s, s))
-    dy = torch.randint(0, 2 * s + 1, (n, 1, 1, 1), device=x.device)
-    dx = torch.randint(0, 2 * s + 1, (n, 1, 1, 1), device=x.device)
-    rows = (dy + torch.arange(h, device=x.device).view(1, 1, h, 1)).expand(n, c, h, w)
-    cols = (dx + torch.arange(w, device=x.device).view(1, 1, 1, w)).expand(n, c, h, w)
-    flat = padded.flatten(2)
-    return flat.gather(2, (rows * (w + 2 * s) + cols).flatten(2)).view(n, c, h, w)
+    dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
+    h, w = x.shape[-2:]
+    return F.pad(x, (s, s, s, s))[..., dy:dy + h, dx:dx + w], y
 
 
 class CNNTask(Task):
@@ -130,10 +128,11 @@ class CNNTask(Task):
         # The residual blocks; the stem and the head join the root; a subclass's own model has none.
         return list(model.layers) if isinstance(model, ResNet) else []
 
+    def augmentation(self) -> data.Augment | None:
+        return random_shift if self.cfg.data.augment else None
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
-        if self.cfg.data.augment:
-            x = random_shift(x, 1)
         return F.cross_entropy(model(x), y, label_smoothing=self.cfg.model.label_smoothing)
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
