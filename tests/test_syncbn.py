@@ -16,7 +16,8 @@ def _compare(rank: int, world: int, sync: bool, mean: float = 1.0, std: float = 
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
-    bn = convert_sync_batchnorm(nn.Sequential(ref), torch.device("cpu"))[0] if sync else nn.BatchNorm2d(3, momentum=0.2)
+    bn = convert_sync_batchnorm(nn.Sequential(copy.deepcopy(ref)), torch.device("cpu"))[0] if sync \
+        else nn.BatchNorm2d(3, momentum=0.2)  # (the conversion keeps the Parameters: convert a copy)
     if not sync:
         bn.load_state_dict(ref.state_dict())
     assert isinstance(bn, DistributedBatchNorm) == sync

@@ -75,6 +75,13 @@ class ModelConfig:
     """Recompute each block's activations in backward instead of keeping them: `full` keeps
     only the blocks' inputs (least memory, about one more forward of compute); `selective`
     also keeps matmul and attention outputs and recomputes the cheap ops (norms, activations)."""
+    init_from: str = ""
+    """Start from the weights of another run: its model.pt or output_dir. Weights only (no
+    optimizer, schedule or step); tensors whose name and shape match are loaded, the rest (a
+    new head) keep their initialisation, and the report names both."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter name prefixes to keep fixed (e.g. [stem, layers]): they get no gradient and no
+    optimizer state. BatchNorm running statistics in frozen parts still update in training."""
 
 
 @dataclass

@@ -103,10 +103,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
         out = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                    module.track_running_stats)
-        if module.affine:
-            with torch.no_grad():
-                out.weight.copy_(module.weight)
-                out.bias.copy_(module.bias)
+        if module.affine:  # the same Parameters (as torch's own conversion does): requires_grad kept
+            out.weight, out.bias = module.weight, module.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(module, name) is not None:
                 getattr(out, name).copy_(getattr(module, name))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from dtrain import protocols, recipe, steps
+from dtrain import finetune, protocols, recipe, steps
 from dtrain.config import Config, ConfigError
 from dtrain.initialization import initialize
 from dtrain.protocols import Engine, ModelSpec, StepOutput
@@ -78,6 +78,9 @@ class Task(protocols.Task):
         model = self.build_model()
         initialize(model, self.cfg.model.init)
         self.init_weights(model)
+        if self.cfg.model.init_from:
+            finetune.init_from(model, self.cfg.model.init_from)
+        finetune.freeze(model, self.cfg.model.freeze)
         return {"model": ModelSpec(model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn,
                                    blocks=self.blocks(model))}
 
