@@ -318,6 +318,19 @@ def cmd_average(args: argparse.Namespace) -> None:
           + (" | eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) if metrics else ""))
 
 
+def cmd_prepare_text(args: argparse.Namespace) -> None:
+    """Encode text files into a token folder for `data.tokens` (streamed: any size)."""
+    from dtrain import tokens
+
+    try:
+        meta = tokens.prepare(args.inputs, Path(args.output), args.val_fraction, args.max_chars,
+                              show_progress=sys.stderr.isatty())
+    except ConfigError as e:
+        _fail(str(e), EXIT_BAD_INPUT)
+    print(f"prepare-text: {len(meta['sources'])} file(s), {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
+          f"tokens ({meta['dtype']}, {len(meta['vocab'])} symbols) -> {args.output}; train with data.tokens={args.output}")
+
+
 def torchrun_cmd(nproc: int, recipe: str, overrides: list[str], max_restarts: int = 0,
                  command: Sequence[str] = ("train",)) -> list[str]:
     """`dtrain train` (or another `command`) on `nproc` ranks of this machine under torchrun."""
@@ -420,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bn-batches", type=int, default=100,
                    help="training batches to recompute BatchNorm statistics on (0: keep the averaged ones)")
     a.set_defaults(func=cmd_average)
+
+    t = sub.add_parser("prepare-text", help="encode text files into train.bin / val.bin for data.tokens")
+    t.add_argument("inputs", nargs="+", help="text files or folders (their text files, in sorted order)")
+    t.add_argument("--output", required=True, help="the token folder (train.bin, val.bin, meta.json)")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the text held out")
+    t.add_argument("--max-chars", type=int, default=0, help="stop after this many characters (0: all)")
+    t.set_defaults(func=cmd_prepare_text)
 
     s = sub.add_parser("sample", help="generate text from a trained transformer run")
     s.add_argument("run", help="the run's output_dir (holds config.yaml, model.pt, vocab.json)")

@@ -22,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dtrain import tokens
 from dtrain.checkpoint import ResumeRefused
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
 from dtrain.norm import make_norm
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
+from dtrain.tokens import TokenBlocks
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".xml", ".yaml", ".yml"}
 UNK = "\x00"
@@ -44,6 +46,9 @@ class TextDataConfig(DataConfig):
     """Held-out blocks scored at each evaluation (non-overlapping, from the held-out text)."""
     val_fraction: float = 0.1
     global_batch_size: int = 64
+    tokens: str = ""
+    """A folder written by `dtrain prepare-text` (train.bin, val.bin, meta.json): memory-mapped,
+    never read whole, so the corpus may be larger than RAM. Replaces data.path and max_chars."""
 
 
 @dataclass
@@ -281,8 +286,10 @@ class TransformerTask(Task):
     cfg: TransformerConfig
     causal = True
 
-    def datasets(self) -> tuple[Blocks, Blocks]:
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d, m = self.cfg.data, self.cfg.model
+        if d.tokens:
+            return self._token_datasets()
         text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
         split = int(len(text) * (1 - d.val_fraction))
         if split < m.block_size + 2 or len(text) - split < m.block_size + 2:
@@ -292,6 +299,22 @@ class TransformerTask(Task):
         train, val = self.vocab.encode(text[:split]), self.vocab.encode(text[split:])
         self.chars = len(text)
         return Blocks(train, m.block_size), Blocks(val, m.block_size, stride=m.block_size, limit=d.eval_blocks)
+
+    def _token_datasets(self) -> tuple[TokenBlocks, TokenBlocks]:
+        d, m = self.cfg.data, self.cfg.model
+        meta = tokens.read_meta(d.tokens)
+        if not meta["vocab"] or meta["vocab"][0] != UNK:
+            raise ConfigError("data.tokens", d.tokens, "meta.json's vocab is not a character vocabulary "
+                                                      "written by `dtrain prepare-text`")
+        self.vocab = Vocab(meta["vocab"][1:])
+        self.chars = meta["train_tokens"] + meta["val_tokens"]
+        folder = Path(d.tokens)
+        train = TokenBlocks(folder / "train.bin", meta["dtype"], m.block_size)
+        val = TokenBlocks(folder / "val.bin", meta["dtype"], m.block_size, stride=m.block_size, limit=d.eval_blocks)
+        if len(train) == 0 or len(val) == 0:
+            raise ConfigError("data.tokens", d.tokens, f"too few tokens ({meta['train_tokens']} train, "
+                                                      f"{meta['val_tokens']} val) for model.block_size={m.block_size}")
+        return train, val
 
     def build_model(self) -> CharTransformer:
         self.model_ref = CharTransformer(self.cfg.model, len(self.vocab))

@@ -1,0 +1,59 @@
+"""Token files (`dtrain prepare-text`, `data.tokens`): the same samples as the in-memory
+reader, memory-mapped in DataLoader workers, and an exact mid-epoch resume on 2 ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtrain import tokens
+from dtrain.tasks.transformer import Blocks, Vocab, read_text
+from helpers import LM, check, load_params, max_param_diff, run_dtrain
+
+CORPUS = Path(json.__file__).parent  # the stdlib's json package: ~100 kB of text on every machine
+
+
+def test_prepare_text_gives_the_in_memory_readers_samples(tmp_path):
+    proc = check(run_dtrain(["prepare-text", str(CORPUS), "--output", str(tmp_path / "tok"), "--val-fraction", "0.2"],
+                            cwd=tmp_path))
+    assert "train with data.tokens=" in proc.stdout
+    meta = tokens.read_meta(tmp_path / "tok")
+    text = read_text(CORPUS, 0)
+    split = meta["train_tokens"]
+    assert split + meta["val_tokens"] == len(text) and split == int(len(text) * 0.8)
+    vocab = Vocab(meta["vocab"][1:])
+    assert vocab.chars == Vocab.from_text(text).chars and meta["dtype"] == "uint16"
+    on_disk = tokens.TokenBlocks(tmp_path / "tok" / "train.bin", meta["dtype"], 16)
+    in_memory = Blocks(vocab.encode(text[:split]), 16)
+    assert len(on_disk) == len(in_memory)
+    for i in (0, 1, 777, len(in_memory) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(on_disk[i], in_memory[i]))
+    val = np.fromfile(tmp_path / "tok" / "val.bin", dtype=np.uint16)
+    assert vocab.decode(val.tolist()) == text[split:]
+
+
+def test_token_file_lm_resumes_exactly_mid_epoch(tmp_path):
+    check(run_dtrain(["prepare-text", str(CORPUS), "--output", str(tmp_path / "tok")], cwd=tmp_path))
+    common = [f"data.tokens={tmp_path / 'tok'}", "train.max_steps=10", "tracking.enabled=false", "model.n_layer=1",
+              "model.n_embd=32", "model.block_size=32", "data.global_batch_size=16", "train.eval_every_steps=0",
+              "data.eval_blocks=8"]
+    check(run_dtrain(["train", LM, *common, "data.num_workers=2", "checkpoint.every_steps=0",
+                      f"output_dir={tmp_path / 'straight'}"], cwd=tmp_path, nproc=2))
+    resumed = [*common, "checkpoint.every_steps=4", f"output_dir={tmp_path / 'resumed'}"]
+    check(run_dtrain(["train", LM, *resumed, "train.stop_at_step=4"], cwd=tmp_path, nproc=2))
+    proc = check(run_dtrain(["train", LM, *resumed, "resume=auto"], cwd=tmp_path, nproc=2))
+    assert "resumed at step 4" in proc.stdout  # an epoch here is ~5,600 steps: mid-epoch
+    straight, final = load_params(tmp_path / "straight" / "model.pt"), load_params(tmp_path / "resumed" / "model.pt")
+    assert max_param_diff(straight, final) < 1e-6
+    step8 = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000008" / "model" / "state.pt",
+                       weights_only=True)["model"]
+    assert max_param_diff(final, step8) > 1e-4  # what the bound would catch: two steps fewer
+
+
+def test_missing_token_folder_is_one_line(tmp_path):
+    proc = run_dtrain(["train", LM, f"data.tokens={tmp_path / 'none'}", "tracking.enabled=false"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.tokens" in proc.stderr and "has no meta.json" in proc.stderr and "prepare-text" in proc.stderr
