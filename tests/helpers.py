@@ -174,3 +174,24 @@ class MlflowServer:
             self.proc.wait()
         if self.log is not None:
             self.log.close()
+
+
+# ------------------------------------------------------------------ an image folder on disk
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 24, size: int = 20, seed: int = 0) -> Path:
+    """`root/<class>/<i>.png`: class k is a noisy image whose k-th colour channel is bright,
+    with a bright square at a random place (what a CNN learns in a few steps)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"class{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            img[..., k % 3] += 120
+            y, x = rng.integers(0, size - 6, 2)
+            img[y:y + 6, x:x + 6] = 255
+            Image.fromarray(img).save(root / f"class{k}" / f"{i:03d}.png")
+    return root

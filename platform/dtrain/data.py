@@ -20,6 +20,7 @@ all-reduced: every sample counted exactly once.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sized, cast
 
@@ -59,6 +60,15 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     after any resume. SeedSequence mixes the three numbers (nearby keys, unrelated streams)."""
     (state,) = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state))
+
+
+@contextlib.contextmanager
+def seeded(generator: torch.Generator) -> Iterator[None]:
+    """Run library transforms that draw from torch's global RNG (torchvision's) on the sample's
+    own stream: the global RNG is seeded from `generator` inside, and restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+        yield
 
 
 class Augmented(Dataset[Any]):

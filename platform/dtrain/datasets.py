@@ -1,7 +1,9 @@
 """Image datasets that need no download: scikit-learn's digits, CIFAR-10 and image folders on disk.
 
-Each loader returns (train, test) TensorDatasets of float images (N, C, H, W) normalised
-with the training split's per-channel statistics, and int64 labels.
+Each loader returns (train, test) datasets of float images (C, H, W) normalised with the
+training split's per-channel statistics, and int64 labels: TensorDatasets decoded into memory
+up front, or (`lazy`, image folders) `ImageFiles`, which decode one image when the loader
+asks for it, in its worker processes, so a folder larger than RAM trains.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from dtrain.config import ConfigError
 
@@ -71,41 +73,99 @@ def cifar10(folder: Path) -> Pair:
     return _to_datasets(*read(train), *read(["test_batch"]))
 
 
-def image_folder(folder: Path, size: int, test_fraction: float) -> Pair:
-    """`folder/<class>/*.png` (split off `test_fraction`) or `folder/{train,val}/<class>/*`.
+STATS_IMAGES = 1000  # lazy folders: channel statistics from this many evenly spaced training images
 
-    Everything is decoded once into memory, resized to size x size RGB: meant for the
-    small datasets this platform's CPU recipes use, not for ImageNet.
-    """
+
+def _decode(path: str, size: int) -> Array:
     from PIL import Image
 
-    def read(root: Path, classes: list[str]) -> tuple[Array, Array]:
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            for p in sorted((root / cls).iterdir()):
-                if p.suffix.lower() in IMAGE_SUFFIXES:
-                    img = Image.open(p).convert("RGB").resize((size, size))
-                    xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-                    ys.append(label)
-        return np.stack(xs), np.asarray(ys)
+    with Image.open(path) as img:
+        pixels: Array = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32)
+    chw: Array = pixels.transpose(2, 0, 1) / 255.0
+    return chw
 
+
+class ImageFiles(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """An image folder read lazily: item i decodes file i, resizes it to size x size RGB and
+    normalises it with the given per-channel statistics."""
+
+    channels = 3
+
+    def __init__(self, files: list[str], labels: list[int], size: int, mean: Array, std: Array):
+        self.files, self.size = files, size
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(_decode(self.files[i], self.size))
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def channel_stats(files: list[str], size: int, limit: int = STATS_IMAGES) -> tuple[Array, Array]:
+    """Per-channel mean and (unbiased) std over up to `limit` evenly spaced images, streamed."""
+    picked = files if len(files) <= limit else [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)]
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    n = 0
+    for f in picked:
+        x = _decode(f, size).astype(np.float64)
+        total += x.sum(axis=(1, 2))
+        squares += (x * x).sum(axis=(1, 2))
+        n += x.shape[1] * x.shape[2]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares - n * mean * mean, 0.0) / (n - 1))
+    return mean, np.maximum(std, 1e-6)
+
+
+def _listing(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((root / cls).iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(str(p))
+                labels.append(label)
+    return files, labels
+
+
+def image_folder(folder: Path, size: int, test_fraction: float, lazy: bool = False) -> tuple[Dataset[Any], Dataset[Any]]:
+    """`folder/<class>/*.png` (split off `test_fraction`, stratified, fixed) or
+    `folder/{train,val}/<class>/*`. In memory: every image decoded once at start (small sets);
+    `lazy`: `ImageFiles`, the same samples decoded on demand."""
     if (folder / "train").is_dir() and (folder / "val").is_dir():
         classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
-        return _to_datasets(*read(folder / "train", classes), *read(folder / "val", classes))
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise ConfigError("data.path", str(folder), "an image folder needs one sub-folder per class (at least 2)")
-    return _to_datasets(*_split(*read(folder, classes), test_fraction))
+        (ftr, ytr), (fte, yte) = _listing(folder / "train", classes), _listing(folder / "val", classes)
+    else:
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if len(classes) < 2:
+            raise ConfigError("data.path", str(folder), "an image folder needs one sub-folder per class (at least 2)")
+        files, labels = _listing(folder, classes)
+        a, b, c, d = _split(np.asarray(files), np.asarray(labels), test_fraction)
+        ftr, ytr, fte, yte = a.tolist(), b.tolist(), c.tolist(), d.tolist()
+    if lazy:
+        mean, std = channel_stats(ftr, size)
+        return ImageFiles(ftr, ytr, size, mean, std), ImageFiles(fte, yte, size, mean, std)
+
+    def read(files: list[str]) -> Array:
+        return np.stack([_decode(f, size) for f in files])
+
+    return _to_datasets(read(ftr), np.asarray(ytr), read(fte), np.asarray(yte))
 
 
-def load_images(path: str, size: int, test_fraction: float) -> Pair:
+def load_images(path: str, size: int, test_fraction: float, lazy: bool = False) -> tuple[Dataset[Any], Dataset[Any]]:
     """`data.path` dispatch: empty -> digits; CIFAR-10 pickle folder; image folder."""
+    if lazy and (not path or (Path(path) / "test_batch").exists()):
+        raise ConfigError("data.decode", "lazy", "applies to image folders (data.path=a folder of class folders); "
+                                                 "digits and CIFAR-10 arrays load in memory")
     if not path:
         return digits(test_fraction)
     folder = Path(path)
     if (folder / "test_batch").exists():
         return cifar10(folder)
     if folder.is_dir():
-        return image_folder(folder, size, test_fraction)
+        return image_folder(folder, size, test_fraction, lazy)
     raise ConfigError("data.path", path, "expected a CIFAR-10 python folder (data_batch_*, test_batch) "
                       "or an image folder with one sub-folder per class")

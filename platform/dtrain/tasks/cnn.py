@@ -7,15 +7,15 @@ folder or an image folder. See `dtrain.datasets`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from dtrain import data, datasets
-from dtrain.config import Config, ModelConfig
+from dtrain.config import Config, DataConfig, ModelConfig
 from dtrain.tasks import Task
 
 
@@ -40,7 +40,15 @@ class CNNModelConfig(ModelConfig):
 
 
 @dataclass
+class ImageDataConfig(DataConfig):
+    decode: Literal["memory", "lazy"] = "memory"
+    """Image folders: decode every image into memory at start (small sets), or each one when the
+    loader asks for it, in the data.num_workers DataLoader processes (sets larger than RAM)."""
+
+
+@dataclass
 class CNNConfig(Config):
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: CNNModelConfig = field(default_factory=CNNModelConfig)
 
 
@@ -103,10 +111,14 @@ class CNNTask(Task):
     config_class = CNNConfig
     cfg: CNNConfig
 
-    def datasets(self) -> tuple[TensorDataset, TensorDataset]:
-        train, test = datasets.load_images(self.cfg.data.path, self.cfg.model.image_size, self.cfg.data.val_fraction)
-        x, y = train.tensors
-        self.in_channels, self.num_classes = x.shape[1], int(y.max()) + 1
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        d = self.cfg.data
+        train, test = datasets.load_images(d.path, self.cfg.model.image_size, d.val_fraction, d.decode == "lazy")
+        if isinstance(train, datasets.ImageFiles):
+            self.in_channels, y = train.channels, train.labels
+        else:
+            self.in_channels, y = cast(TensorDataset, train).tensors[0].shape[1], cast(TensorDataset, train).tensors[1]
+        self.num_classes = int(y.max()) + 1
         self.class_counts = torch.bincount(y, minlength=self.num_classes)
         return train, test
 
