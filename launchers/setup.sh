@@ -37,6 +37,14 @@ fi
 
 pip_install -e ".[test]"
 
+# torchvision (the `vision` extra, examples/image_folder): the release made for this torch
+# (torch 2.X pairs with torchvision 0.(X+15)), pinned so that pip never swaps torch for it.
+if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" 2>/dev/null; then
+  TV=$("$VPY" -c "import torch; major, minor = torch.__version__.split('.')[:2]; print(f'0.{int(minor) + 15}.*')")
+  pip_install "torchvision==$TV" "torch==$("$VPY" -c 'import torch; print(torch.__version__)')" \
+    && echo "setup: torchvision $TV installed" || echo "setup: torchvision $TV not installed (the image-folder example test skips)"
+fi
+
 if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   # DeepSpeed JIT-compiles its CPU comm op on first use; build it now, once, so that ranks
   # never race to compile it (dtrain also lets local rank 0 build first at run time).

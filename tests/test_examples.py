@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dtrain import finetune
 from dtrain.config import ConfigError
-from helpers import CNN, ROOT, check, load_params, run_dtrain
+from helpers import CNN, ROOT, check, load_params, run_dtrain, write_image_folder
 
 EXAMPLES = ROOT / "examples"
 
@@ -70,3 +70,15 @@ def test_bad_init_from_is_one_line(tmp_path):
                        f"output_dir={tmp_path / 'x'}"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.init_from" in proc.stderr and "no such file" in proc.stderr, proc.stderr
+
+
+def test_image_folder_example_trains_a_torchvision_model_from_lazy_files(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip('torchvision is not installed (pip install -e ".[vision]"; launchers/setup.sh installs it)')
+    images = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=40)
+    check(run_example("image_folder", tmp_path, f"data.path={images}"))
+    s = json.loads((tmp_path / "image_folder" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 30 and s["eval"]["samples"] == 24
+    assert s["eval"]["accuracy"] >= 0.9, s["eval"]  # 3 classes, held-out images
