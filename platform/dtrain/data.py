@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dtrain.config import Config, ConfigError
+from dtrain.shards import TarShards
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,13 @@ class ExactShardSampler(Sampler[int]):
 
 def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_workers: int,
                  pin_memory: bool, augment: Augment | None = None) -> DataLoader[Any]:
+    if isinstance(ds, TarShards):
+        # A stream splits itself (rank, worker). Workers are not persistent: each epoch's
+        # iterators must see the position set in this process (a persistent worker keeps the
+        # copy of the dataset it started with).
+        stream = ds.distribute(rank, plan.world_size, plan.per_rank, seed, augment)
+        return DataLoader(stream, batch_size=plan.per_rank, drop_last=True, num_workers=num_workers,
+                          pin_memory=pin_memory)
     if augment is not None:
         ds = Augmented(ds, augment, seed)
     sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed, keyed=augment is not None)
@@ -133,13 +141,28 @@ def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_wo
                       generator=torch.Generator().manual_seed(seed + rank))
 
 
+def set_position(loader: DataLoader[Any], epoch: int, start: int) -> None:
+    """The next `iter(loader)` runs epoch `epoch` from this rank's `start`-th sample."""
+    if isinstance(loader.dataset, TarShards):
+        loader.dataset.set_position(epoch, start)
+        return
+    sampler = loader.sampler
+    assert isinstance(sampler, ResumableDistributedSampler)
+    sampler.set_epoch(epoch)
+    sampler.start_index = start
+
+
 def eval_loader(ds: Dataset[Any], batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader[Any]:
     return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(cast(Sized, ds)), world_size, rank),
                       num_workers=num_workers)
 
 
 def steps_per_epoch(loader: DataLoader[Any], accum: int) -> int:
-    """Optimizer steps in one full epoch (the sampler's own length, not a resumed remainder)."""
+    """Optimizer steps in one full epoch (the sampler's own length, not a resumed remainder;
+    for a stream, what the rank with the fewest samples can fill)."""
+    if isinstance(loader.dataset, TarShards):
+        assert loader.batch_size
+        return (loader.dataset.min_rank_samples // loader.batch_size) // accum
     sampler = loader.sampler
     assert isinstance(sampler, ResumableDistributedSampler) and loader.batch_size
     return (sampler.num_samples // loader.batch_size) // accum

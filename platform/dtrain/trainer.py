@@ -257,10 +257,8 @@ class Loop:
 
     def _epoch(self) -> Iterator[list[Any]]:
         """This epoch's remaining steps, each a list of `micro` loader batches."""
-        state, sampler = self.state, self.loader.sampler
-        assert isinstance(sampler, data.ResumableDistributedSampler)
-        sampler.set_epoch(state.epoch)
-        sampler.start_index = state.batch_in_epoch * self.plan.per_rank
+        state = self.state
+        data.set_position(self.loader, state.epoch, state.batch_in_epoch * self.plan.per_rank)
         batches = iter(self.loader)
         for _ in range(state.batch_in_epoch // self.micro, self.per_epoch):
             with region("data"):

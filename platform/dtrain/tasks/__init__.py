@@ -10,6 +10,7 @@ import difflib
 import importlib
 import math
 import os
+import sys
 from typing import Any, Sequence, cast
 
 import torch
@@ -91,8 +92,14 @@ class Task(protocols.Task):
         return steps.evaluate(engines["model"], self, loader, device)
 
 
-def get_task(name: str) -> type[protocols.Task]:
+def get_task(name: str, search: Sequence[str | os.PathLike[str]] = ()) -> type[protocols.Task]:
+    """The task class `name` names: a built-in, or `package.module:Class`, imported from the
+    Python path and then from `search` (the working directory and the recipe's folder: a task
+    module beside its recipe imports without PYTHONPATH)."""
     target = BUILTIN.get(name, name)
+    for folder in map(str, search):
+        if folder not in sys.path:
+            sys.path.append(folder)  # after the installed packages: never shadows them
     if ":" not in target:
         close = difflib.get_close_matches(name, list(BUILTIN), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -110,4 +117,5 @@ def get_task(name: str) -> type[protocols.Task]:
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names."""
     raw = recipe.read_raw(path, overrides)
-    return recipe.build(get_task(str(raw.get("task", Config.task))).config_class, raw)
+    task = get_task(str(raw.get("task", Config.task)), search=[os.getcwd(), os.path.dirname(os.path.abspath(path))])
+    return recipe.build(task.config_class, raw)

@@ -113,7 +113,8 @@ class CNNTask(Task):
 
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d = self.cfg.data
-        train, test = datasets.load_images(d.path, self.cfg.model.image_size, d.val_fraction, d.decode == "lazy")
+        lazy = getattr(d, "decode", "memory") == "lazy"  # (a subclass's config may keep the plain DataConfig)
+        train, test = datasets.load_images(d.path, self.cfg.model.image_size, d.val_fraction, lazy)
         if isinstance(train, datasets.ImageFiles):
             self.in_channels, y = train.channels, train.labels
         else:
