@@ -82,3 +82,20 @@ def test_image_folder_example_trains_a_torchvision_model_from_lazy_files(tmp_pat
     s = json.loads((tmp_path / "image_folder" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 30 and s["eval"]["samples"] == 24
     assert s["eval"]["accuracy"] >= 0.9, s["eval"]  # 3 classes, held-out images
+
+
+def test_the_guide_shows_the_tabular_example_verbatim():
+    """docs/guide.md's task is the file the test below trains: a guide that cannot drift."""
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    marker = "<!-- guide-code: examples/tabular/tabular_task.py -->\n```python\n"
+    code = guide[guide.index(marker) + len(marker):].split("```", 1)[0]
+    assert code == (EXAMPLES / "tabular" / "tabular_task.py").read_text()
+
+
+def test_tabular_example_from_the_guide_matches_linear_regression(tmp_path):
+    proc = check(run_example("tabular", tmp_path))
+    s = json.loads((tmp_path / "tabular" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["eval"]["r2"] >= 0.3, s["eval"]  # linear regression: 0.33 on this split
+    assert "rmse" in proc.stdout
+    keys = check(run_dtrain(["keys", "recipe.yaml"], cwd=EXAMPLES / "tabular")).stdout
+    assert "model.hidden = 64" in keys and "Width of the two hidden layers." in keys
