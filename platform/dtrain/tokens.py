@@ -96,6 +96,24 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     return meta
 
 
+def load(folder: str | os.PathLike[str], block: int, eval_blocks: int) -> tuple[list[str], "TokenBlocks", "TokenBlocks"]:
+    """`data.tokens`: the folder's vocabulary (UNK first), training blocks (every offset) and
+    evaluation blocks (non-overlapping, at most `eval_blocks`)."""
+    from dtrain.tasks.transformer import UNK
+
+    meta = read_meta(folder)
+    if not meta["vocab"] or meta["vocab"][0] != UNK:
+        raise ConfigError("data.tokens", str(folder), "meta.json's vocab is not a character vocabulary "
+                                                      "written by `dtrain prepare-text`")
+    path = Path(folder)
+    train = TokenBlocks(path / "train.bin", meta["dtype"], block)
+    val = TokenBlocks(path / "val.bin", meta["dtype"], block, stride=block, limit=eval_blocks)
+    if len(train) == 0 or len(val) == 0:
+        raise ConfigError("data.tokens", str(folder), f"too few tokens ({meta['train_tokens']} train, "
+                                                      f"{meta['val_tokens']} val) for model.block_size={block}")
+    return list(meta["vocab"]), train, val
+
+
 def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(folder)
     for name in ("meta.json", "train.bin", "val.bin"):
@@ -113,8 +131,8 @@ class TokenBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, path: Path, dtype: str, block: int, stride: int = 1, limit: int = 0):
         self.path, self.dtype, self.block, self.stride = path, np.dtype(dtype), block, stride
-        n_tokens = path.stat().st_size // self.dtype.itemsize
-        n = max(0, (n_tokens - block - 1) // stride + 1)
+        self.n_tokens = path.stat().st_size // self.dtype.itemsize
+        n = max(0, (self.n_tokens - block - 1) // stride + 1)
         self.n = min(n, limit) if limit else n
         self._data: np.memmap[Any, Any] | None = None
 

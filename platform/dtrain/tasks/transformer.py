@@ -28,7 +28,6 @@ from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimCon
 from dtrain.norm import make_norm
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
-from dtrain.tokens import TokenBlocks
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".xml", ".yaml", ".yml"}
 UNK = "\x00"
@@ -288,8 +287,10 @@ class TransformerTask(Task):
 
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d, m = self.cfg.data, self.cfg.model
-        if d.tokens:
-            return self._token_datasets()
+        if d.tokens:  # a prepared token folder, memory-mapped
+            chars, train_blocks, val_blocks = tokens.load(d.tokens, m.block_size, d.eval_blocks)
+            self.vocab, self.chars = Vocab(chars[1:]), train_blocks.n_tokens + val_blocks.n_tokens
+            return train_blocks, val_blocks
         text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
         split = int(len(text) * (1 - d.val_fraction))
         if split < m.block_size + 2 or len(text) - split < m.block_size + 2:
@@ -299,22 +300,6 @@ class TransformerTask(Task):
         train, val = self.vocab.encode(text[:split]), self.vocab.encode(text[split:])
         self.chars = len(text)
         return Blocks(train, m.block_size), Blocks(val, m.block_size, stride=m.block_size, limit=d.eval_blocks)
-
-    def _token_datasets(self) -> tuple[TokenBlocks, TokenBlocks]:
-        d, m = self.cfg.data, self.cfg.model
-        meta = tokens.read_meta(d.tokens)
-        if not meta["vocab"] or meta["vocab"][0] != UNK:
-            raise ConfigError("data.tokens", d.tokens, "meta.json's vocab is not a character vocabulary "
-                                                      "written by `dtrain prepare-text`")
-        self.vocab = Vocab(meta["vocab"][1:])
-        self.chars = meta["train_tokens"] + meta["val_tokens"]
-        folder = Path(d.tokens)
-        train = TokenBlocks(folder / "train.bin", meta["dtype"], m.block_size)
-        val = TokenBlocks(folder / "val.bin", meta["dtype"], m.block_size, stride=m.block_size, limit=d.eval_blocks)
-        if len(train) == 0 or len(val) == 0:
-            raise ConfigError("data.tokens", d.tokens, f"too few tokens ({meta['train_tokens']} train, "
-                                                      f"{meta['val_tokens']} val) for model.block_size={m.block_size}")
-        return train, val
 
     def build_model(self) -> CharTransformer:
         self.model_ref = CharTransformer(self.cfg.model, len(self.vocab))
