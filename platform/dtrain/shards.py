@@ -12,8 +12,8 @@ are numbered p = 0, 1, ...; rank r of W takes p = r, r + W, r + 2W, ... (the uni
 step-t batches is a contiguous run of the stream, whatever W), and within a rank batch b goes
 to worker b mod num_workers, which is the order a DataLoader returns worker batches in: the
 same batches with or without workers. Resuming at this rank's k-th sample skips the first k
-(headers only, no data read) and counts batches from there, as the new iterator does. Shuffle samples across shards when writing them: streams do not
-shuffle within a shard.
+(headers only, no data read) and counts batches from there, as the new iterator does. Shuffle
+samples across shards when writing them: streams do not shuffle within a shard.
 """
 
 from __future__ import annotations

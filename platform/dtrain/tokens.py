@@ -29,16 +29,19 @@ from dtrain.fileio import atomic_write
 CHUNK = 1 << 20  # characters read and encoded at a time: memory stays flat on any corpus
 
 
-def text_files(inputs: Sequence[str | os.PathLike[str]], suffixes: set[str]) -> list[Path]:
-    """Each input file, and every text file under each input folder, in sorted order."""
+def text_files(inputs: Sequence[str | os.PathLike[str]], suffixes: set[str], key: str = "prepare-text") -> list[Path]:
+    """Each input file, and every text file under each input folder in sorted order (a folder's
+    site-packages left out: the default corpus, the standard library, holds the installed ones).
+    The one listing of the in-memory reader and of `dtrain prepare-text`: both see the same text."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_file():
             files.append(item)
         elif item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix in suffixes and p.is_file())
+            files += sorted(p for p in item.rglob("*") if p.suffix in suffixes and p.is_file()
+                            and "site-packages" not in p.relative_to(item).parts)
         else:
-            raise ConfigError("prepare-text", str(item), "no such file or folder")
+            raise ConfigError(key, str(item), "no such file or folder")
     return files
 
 
@@ -79,15 +82,21 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     output.mkdir(parents=True, exist_ok=True)
     tmp = {name: output / f".{name}.tmp" for name in ("train.bin", "val.bin")}
     seen = 0
-    with tmp["train.bin"].open("wb") as train, tmp["val.bin"].open("wb") as val, \
-            tqdm(total=total, desc="prepare-text: encode", unit="char", unit_scale=True, disable=not show_progress) as bar:
-        for chunk in _chunks(files, max_chars):
-            ids = np.fromiter((lookup[c] for c in chunk), dtype=dtype, count=len(chunk))
-            cut = max(0, min(len(chunk), split - seen))
-            train.write(ids[:cut].tobytes())
-            val.write(ids[cut:].tobytes())
-            seen += len(chunk)
-            bar.update(len(chunk))
+    try:
+        with tmp["train.bin"].open("wb") as train, tmp["val.bin"].open("wb") as val, \
+                tqdm(total=total, desc="prepare-text: encode", unit="char", unit_scale=True,
+                     disable=not show_progress) as bar:
+            for chunk in _chunks(files, max_chars):
+                ids = np.fromiter((lookup[c] for c in chunk), dtype=dtype, count=len(chunk))
+                cut = max(0, min(len(chunk), split - seen))
+                train.write(ids[:cut].tobytes())
+                val.write(ids[cut:].tobytes())
+                seen += len(chunk)
+                bar.update(len(chunk))
+    except BaseException:  # a full disk, Ctrl-C, a file changed between the passes: no half files left
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
     for name, path in tmp.items():
         os.replace(path, output / name)
     meta = {"dtype": np.dtype(dtype).name, "vocab": vocab.chars, "train_tokens": split, "val_tokens": total - split,

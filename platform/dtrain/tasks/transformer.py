@@ -112,8 +112,7 @@ def default_corpus() -> Path:
 
 def read_text(path: Path, max_chars: int) -> str:
     """A file, or every text file under a folder in sorted order (deterministic)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES
-                                                 and p.is_file() and "site-packages" not in p.parts)
+    files = tokens.text_files([path], TEXT_SUFFIXES, key="data.path")
     parts, total = [], 0
     for f in files:
         try:
