@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, data
+from dtrain import checkpoint, data, safeload
 from dtrain.config import Config, ConfigError
 from dtrain.protocols import Task
 
@@ -22,13 +22,11 @@ from dtrain.protocols import Task
 def read_model_weights(cfg: Config, folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain state_dict of `model` held by one engine folder of a checkpoint (`step_X/model`)."""
     if cfg.engine == "fsdp":  # DCP: the shards of any world size, read whole into the plain model's tensors
-        from torch.distributed.checkpoint import state_dict_loader
-
         state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
         try:
-            state_dict_loader.load(state, checkpoint_id=folder, no_dist=True)
-        except Exception as e:  # DCP's errors name every rank; the first line is the cause
-            raise checkpoint.CheckpointError(f"cannot read {folder}: {str(e).strip().splitlines()[0][:200]}") from None
+            safeload.dcp_load(state, folder, no_dist=True)
+        except Exception as e:  # DCP's errors name every rank; the first is the cause
+            raise checkpoint.CheckpointError(f"cannot read {folder}: {safeload.first_cause(e)}") from None
         weights: dict[str, torch.Tensor] = state["model"]
         return weights
     if cfg.engine == "deepspeed":

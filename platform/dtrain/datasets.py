@@ -8,7 +8,6 @@ asks for it, in its worker processes, so a folder larger than RAM trains.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from dtrain.config import ConfigError
+from dtrain.safeload import UnsafeFile, load_numpy_pickle
 
 Array = npt.NDArray[Any]
 Split = tuple[Array, Array, Array, Array]  # x_train, y_train, x_test, y_test
@@ -63,8 +63,10 @@ def cifar10(folder: Path) -> Pair:
     def read(names: list[str]) -> tuple[Array, Array]:
         xs, ys = [], []
         for n in names:
-            with open(folder / n, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+            try:
+                d = load_numpy_pickle(folder / n)  # numpy arrays and plain containers only: no code runs
+            except UnsafeFile as e:
+                raise ConfigError("data.path", str(folder), str(e)) from None
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[b"labels"]))
         return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)

@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint import state_dict_saver
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from dtrain import safeload
+from dtrain.checkpoint import CheckpointError
 from dtrain.config import EMAConfig
 from dtrain.protocols import Engine
 
@@ -46,6 +50,7 @@ class EMA:
         self.reference_batch = cfg.base_batch_size or reference_batch
         self.decay = float(cfg.decay ** (global_batch / self.reference_batch))
         self.live: dict[str, torch.Tensor] = {}
+        self.modules = [engine.module for engine in engines.values()]
         for name, engine in engines.items():
             for key, t in [*engine.module.named_parameters(), *engine.module.named_buffers()]:
                 if t.is_floating_point():
@@ -62,8 +67,15 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step that stepped (a skipped step leaves the average alone)."""
-        live = [t.detach() if t.dtype == torch.float32 else t.detach().float() for t in self.live.values()]
-        get_ema_multi_avg_fn(self.current_decay())(list(self.shadow.values()), live, None)
+        update = get_ema_multi_avg_fn(self.current_decay())
+        # One foreach call per kind of tensor: under FSDP2 the parameters are DTensor shards and
+        # the BatchNorm buffers plain tensors, which one foreach op may not mix.
+        for sharded in (True, False):
+            keys = [k for k, t in self.live.items() if isinstance(t, DTensor) == sharded]
+            if keys:
+                live = [self.live[k].detach() if self.live[k].dtype == torch.float32 else self.live[k].detach().float()
+                        for k in keys]
+                update([self.shadow[k] for k in keys], live, None)
         self.updates += 1
 
     @contextlib.contextmanager
@@ -72,12 +84,24 @@ class EMA:
         """Inside: the models hold the shadow weights (evaluation, model.pt); after: the live ones."""
         saved = {k: t.detach().clone() for k, t in self.live.items()}
         try:
+            self._reshard()
             for k, t in self.live.items():
                 t.copy_(self.shadow[k])
             yield
         finally:
+            self._reshard()
             for k, t in self.live.items():
                 t.copy_(saved[k])
+
+    def _reshard(self) -> None:
+        """FSDP2 keeps the parameters a forward all-gathered (the root's always, with
+        `reshard_after_forward=False`) and computes the next forward with them: only the shards
+        are swapped here, so every module is resharded first, and its next forward gathers
+        what the shards hold."""
+        for module in self.modules:
+            for m in module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -98,8 +122,11 @@ class EMA:
             self.shadow = {k: t.detach().float().clone() for k, t in self.live.items()}
             return
         state = self._state()
-        with _single_process_is_intended():
-            state_dict_loader.load(state, checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
+        try:
+            with _single_process_is_intended():
+                safeload.dcp_load(state, folder, no_dist=not torch.distributed.is_initialized())
+        except Exception as e:  # a truncated shard, a crafted file: the checkpoint is skipped like any broken one
+            raise CheckpointError(f"cannot load {folder}: {safeload.first_cause(e)}") from None
         self.updates = int(state["updates"])
 
 

@@ -26,15 +26,15 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+from torch.distributed.checkpoint import state_dict_saver
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import checkpoint, distributed, optim
+from dtrain import checkpoint, distributed, optim, safeload
 from dtrain.config import Config, ConfigError, OptimConfig
-from dtrain.engines.ddp import DDPEngine, mismatch_line
+from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import DTYPES, AmpPrecision
 
 EXTRA = "extra.pt"
@@ -128,11 +128,10 @@ class FSDPEngine(DDPEngine):
             raise checkpoint.CheckpointError(f"{folder} holds no FSDP (DCP) checkpoint")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         try:  # DCP loads in place, into the tensors of this job's sharding
-            state_dict_loader.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder)
+            safeload.dcp_load({"model": model_sd, "optimizer": optim_sd}, folder)
             set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         except Exception as e:  # DCP wraps every rank's failure; one line of the first is enough
-            raise checkpoint.CheckpointError(f"{folder}: holds a different model or optimizer: "
-                                             f"{mismatch_line(e)}") from None
+            raise checkpoint.CheckpointError(f"cannot load {folder}: {safeload.first_cause(e)}") from None
         extra = checkpoint.load_file(folder / EXTRA, self.device)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
