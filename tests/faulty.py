@@ -6,6 +6,7 @@ nothing of this reaches a production run). Named in recipes as `faulty:FaultyTas
     raise       that rank's task code raises at that step (a bug in user code)
     unreadable  that rank fails to open its data file while building datasets (STEP unused)
     fill_disk   that rank fills the file system of output_dir at that step (real ENOSPC later)
+    nan         from that step on, every rank's inputs are NaN (RANK unused): non-finite gradients
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class FaultyTask(MLPTask):
 
     def train_step(self, engines, micro_batches):
         self.steps += 1
+        if self.kind == "nan" and self.steps >= self.at:
+            micro_batches = [(x * float("nan"), y) for x, y in micro_batches]
         if self.rank == _rank() and self.at == self.steps:
             if self.kind == "hang":
                 while True:

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -166,13 +167,56 @@ class Pending:
                                        "the previous checkpoint stays the latest")
         return self.final
 
+    def settle(self, wait_s: float = 60.0) -> str:
+        """Without collectives (an error may have stopped other ranks anywhere): wait for this
+        rank's writes and mark its part done; rank 0 then waits up to `wait_s` for every rank's
+        mark and publishes the checkpoint when all are there. Returns what happened, to say."""
+        ok = not self.error
+        for future in self.futures:
+            try:
+                future.result(timeout=wait_s)
+            except Exception:  # a failed or stalled write: this rank's part is not there
+                ok = False
+        if ok:
+            try:
+                (self.tmp / WRITTEN.format(distributed.rank())).touch()
+            except OSError:
+                ok = False
+        if not distributed.is_main():
+            return ""
+        marks = [self.tmp / WRITTEN.format(r) for r in range(distributed.world_size())]
+        deadline = time.monotonic() + wait_s
+        while ok and not all(m.exists() for m in marks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if ok and all(m.exists() for m in marks):
+            for m in marks:
+                m.unlink()
+            try:
+                _publish(self.root, self.tmp, self.final, self.keep)
+                return f"the checkpoint of step {self.step}, written in the background, was published"
+            except OSError as e:
+                return f"the checkpoint of step {self.step} could not be published: {io_error_line(e, self.root)}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return f"the checkpoint of step {self.step}, being written in the background, was incomplete and removed"
+
+
+WRITTEN = ".written-rank{}"
+"""A rank's marker in a temporary folder: its part of the checkpoint is on disk (`settle`)."""
+
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    """Rank 0: rename the complete folder into place, point `latest` at it, rotate old ones."""
-    if final.exists():  # the same step written again (a resumed run re-saving): replace it
-        shutil.rmtree(final)
+    """Rank 0: rename the complete folder into place, point `latest` at it, rotate old ones.
+
+    At every instant some complete checkpoint is named: the same step written again (a resumed
+    run re-saving) first moves the old folder aside (`.old-step_X`, still complete, and found
+    by `candidates` while `step_X` is missing), and only the new one's rename replaces it."""
+    aside = root / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)  # a directory rename is atomic on POSIX file systems
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+    shutil.rmtree(aside, ignore_errors=True)
     best = (root / BEST).read_text().strip() if (root / BEST).exists() else ""
     for old in sorted(root.glob("step_*"))[:-keep]:
         if old.name != best:
@@ -204,7 +248,9 @@ def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[st
     A broken one (truncated file, missing engine folder, another model) is skipped with a
     warning naming it; when none loads, the newest one's error is raised. Collective.
     """
-    found = candidates(root)
+    # Rank 0 lists, every rank loads what it chose: on a network file system a rank's listing
+    # may be stale, and ranks resuming from different steps would train on silently.
+    found: list[Path] = distributed.broadcast_object(candidates(root))
     first_error = ""
     for folder in found:
         try:
@@ -223,15 +269,26 @@ def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[st
 
 
 def candidates(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, newest first (the one `latest` names leads)."""
-    done = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    """Complete checkpoints under `root`, newest first (the one `latest` names leads). A
+    folder moved aside by `_publish` counts while its new version is not in place."""
+    done = [p for p in root.glob("step_*") if p.is_dir()]
+    done += [p for p in root.glob(".old-step_*") if p.is_dir() and not (root / p.name[len(".old-"):]).exists()]
+    done.sort(key=lambda p: p.name.removeprefix(".old-"), reverse=True)
     pointer = root / LATEST
     if pointer.exists():
         named = root / pointer.read_text().strip()
+        if not named.exists() and (root / f".old-{named.name}").is_dir():
+            named = root / f".old-{named.name}"
         if named in done:
             done.remove(named)
             done.insert(0, named)
     return done
+
+
+def named(root: Path) -> str:
+    """The folder name `latest` holds ("" when there is none)."""
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.exists() else ""
 
 
 def latest(root: Path) -> Path | None:
@@ -253,7 +310,7 @@ def resolve(resume: str, root: Path) -> Path:
 
 def clear(root: Path) -> int:
     """Remove an earlier run's checkpoints (`checkpoint.overwrite=true` only; rank 0). Returns how many."""
-    found = list(root.glob("step_*")) + list(root.glob(".tmp-step_*"))
+    found = list(root.glob("step_*")) + list(root.glob(".tmp-step_*")) + list(root.glob(".old-step_*"))
     for p in found:
         shutil.rmtree(p, ignore_errors=True)
     (root / LATEST).unlink(missing_ok=True)

@@ -76,6 +76,16 @@ class Checkpointer:
         if pending is not None:
             pending.finish()
 
+    def settle(self, wait_s: float) -> None:
+        """On the way out after an error: a checkpoint still being written is finished and
+        published when every rank's part reached the disk, else removed; either is said.
+        No collectives: the other ranks may have stopped anywhere."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            said = pending.settle(wait_s)
+            if said:
+                self.progress.write(said)
+
 
 class Evaluator:
     """Exact sharded evaluation, every `train.eval_every_steps` or at each epoch's end."""

@@ -54,11 +54,12 @@ def seed_everything(seed: int) -> None:
 
 def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
     """A fresh start never deletes an earlier run's checkpoints unless told to."""
-    if cfg.resume or not checkpoint.candidates(ckpt_root):
+    found: list[Path] = distributed.broadcast_object(checkpoint.candidates(ckpt_root))  # rank 0's listing
+    if cfg.resume or not found:
         return
     if not cfg.checkpoint.overwrite:
         raise ConfigError("output_dir", cfg.output_dir,
-                          f"holds checkpoints of an earlier run (newest {checkpoint.candidates(ckpt_root)[0].name}); "
+                          f"holds checkpoints of an earlier run (newest {found[0].name}); "
                           "continue it with resume=auto, or start over with another output_dir or "
                           "checkpoint.overwrite=true")
     distributed.barrier()  # every rank has looked before rank 0 removes them
@@ -70,8 +71,16 @@ def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
 
 def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
     """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
-    if not cfg.resume or (cfg.resume == "auto" and not checkpoint.candidates(ckpt_root)):
+    if not cfg.resume:
         return None
+    if cfg.resume == "auto":
+        found, pointer = distributed.broadcast_object((checkpoint.candidates(ckpt_root), checkpoint.named(ckpt_root)))
+        if not found and pointer:  # `latest` names a checkpoint that is gone: never start over silently
+            raise CheckpointError(f"resume=auto: {ckpt_root / checkpoint.LATEST} names {pointer}, which is missing, "
+                                  "and no other checkpoint is there; restore it, or start over with another "
+                                  "output_dir")
+        if not found:
+            return None
     world, rank = distributed.world_size(), distributed.rank()
 
     def validate(client: dict[str, Any]) -> None:
@@ -91,7 +100,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
         if cfg.resume == "auto":
             folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
         else:
-            folder = checkpoint.resolve(cfg.resume, ckpt_root)
+            folder = _chosen_by_rank0(cfg.resume, ckpt_root)
             client = checkpoint.load(folder, engines, validate)
     except CheckpointError as e:
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
@@ -106,3 +115,15 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
                     "are re-derived", len(client["rng"]), world)
         seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
     return folder
+
+
+def _chosen_by_rank0(resume: str, ckpt_root: Path) -> Path:
+    """The folder an explicit `resume` names, as rank 0 sees it (every rank loads that one)."""
+    try:
+        chosen: Path | str = checkpoint.resolve(resume, ckpt_root) if distributed.is_main() else ""
+    except CheckpointError as e:
+        chosen = str(e)
+    chosen = distributed.broadcast_object(chosen)
+    if isinstance(chosen, str):
+        raise CheckpointError(chosen)
+    return chosen

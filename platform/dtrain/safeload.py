@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, state_dict_loader
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 
@@ -105,10 +106,12 @@ class SafePlanner(DefaultLoadPlanner):
 
 def dcp_load(state: dict[str, Any], folder: Path, no_dist: bool = False) -> None:
     """`state_dict_loader.load` of `folder` into `state` (in place), with nothing unpickled
-    beyond DCP's own metadata classes and plain values. Any failure, a crafted file, a
-    truncated shard or another model's keys, is an `OSError`-free `ValueError`/`RuntimeError`
-    the caller turns into one line (`first_cause`)."""
-    state_dict_loader.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
+    beyond DCP's own metadata classes and plain values. Any failure (a crafted file, a
+    truncated shard, another model's keys) is an Exception whose `first_cause` is one line."""
+    try:
+        state_dict_loader.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
+    except CheckpointException as e:  # a BaseException: an `except Exception` would let it through
+        raise RuntimeError(first_cause(e)) from None
 
 
 def first_cause(e: BaseException) -> str:

@@ -136,9 +136,11 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         progress.write(links)
 
     status = "FAILED"
+    loop: Loop | None = None
     try:
+        loop = Loop(cfg, parts, device, state, tracker, progress)
         with preemption.at_step_boundaries(cfg.train.collective_timeout_s):
-            summary = Loop(cfg, parts, device, state, tracker, progress).run()
+            summary = loop.run()
         weights = final_weights(cfg, parts)
         if distributed.is_main():
             summary["run_id"] = state.run_id
@@ -167,6 +169,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         raise
     finally:
         preemption.hold()
+        if loop is not None:  # an error or a stop left a background write in flight
+            loop.checkpointer.settle(min(cfg.train.collective_timeout_s, 60.0))
         progress.close()
         tracker.finish(status)
         if links:  # again at the end, where a user looks when the job is done
