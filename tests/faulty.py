@@ -6,6 +6,7 @@ nothing of this reaches a production run). Named in recipes as `faulty:FaultyTas
     raise       that rank's task code raises at that step (a bug in user code)
     unreadable  that rank fails to open its data file while building datasets (STEP unused)
     fill_disk   that rank fills the file system of output_dir at that step (real ENOSPC later)
+    slow_eval   that rank's evaluations take STEP seconds more (it prints "slow evaluation" first)
     nan         from that step on, every rank's inputs are NaN (RANK unused): non-finite gradients
 """
 
@@ -80,6 +81,9 @@ class FaultyTask(MLPTask):
     def evaluate(self, engines, loader, device):
         """The metrics plus the evaluation forwards each rank ran (ZeRO-3 needs them equal)."""
         self.forwards = 0
+        if self.kind == "slow_eval" and self.rank == _rank():
+            print("slow evaluation", flush=True)
+            time.sleep(self.at)
         metrics = super().evaluate(engines, loader, device)
         world = dist.get_world_size() if dist.is_initialized() else 1
         counts = [torch.zeros(1) for _ in range(world)]

@@ -49,3 +49,28 @@ def test_a_planted_curve_stops_at_the_right_step_and_model_pt_is_the_best(tmp_pa
     model = load_params(out / "model.pt")
     assert max_param_diff(best, model, buffers=True) == 0
     assert max_param_diff(last, model) > 1e-3  # the check sees the difference restoring makes
+
+
+def test_a_nan_evaluation_is_never_the_best():
+    """NaN compared false with everything and counted as an improvement (best_value NaN, never stops)."""
+    state = TrainState()
+    stop = EarlyStopping(EarlyStopConfig(metric="loss", mode="min", patience=2), state)
+    assert [stop.improved({"loss": v}, i) for i, v in enumerate([float("nan"), 1.0, float("nan"), float("nan")])] \
+        == [False, True, False, False]
+    assert state.best_value == 1.0 and stop.exhausted
+
+
+def test_resumed_into_a_new_output_dir_model_pt_comes_from_the_best_in_the_old_one(tmp_path):
+    """Stopped at step 6 (best at 4), resumed into another folder, stopped early after step 8:
+    model.pt is step 4's, read from the first folder (it failed looking for it in the new one)."""
+    common = ["task=planted:PlantedCurve", "tracking.enabled=false", "train.max_steps=40", "train.eval_every_steps=2",
+              "checkpoint.every_steps=2", "checkpoint.keep=1", "early_stop.metric=score", "early_stop.mode=max",
+              "early_stop.patience=2"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    check(run_dtrain(["train", CNN, *common, "train.stop_at_step=6", f"output_dir={first}"], cwd=tmp_path))
+    proc = check(run_dtrain(["train", CNN, *common, f"resume={first / 'checkpoints'}", f"output_dir={second}"],
+                            cwd=tmp_path))
+    assert f"early_stop: model.pt from step 4 (score 0.5) of {first / 'checkpoints'}" in proc.stdout
+    best = torch.load(first / "checkpoints" / "step_00000004" / "model" / "state.pt", weights_only=True)["model"]
+    assert max_param_diff(best, load_params(second / "model.pt"), buffers=True) == 0
+    assert json.loads((second / "summary.json").read_text())["early_stop"]["best_step"] == 4

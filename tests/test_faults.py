@@ -128,6 +128,23 @@ def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
     assert checkpoint.latest(tmp_path / "out" / "checkpoints") is not None
 
 
+def test_a_signal_during_a_long_evaluation_checkpoints_instead_of_giving_up(tmp_path):
+    """The grace timer (`train.collective_timeout_s`) covers steps only: a healthy rank in a
+    4 s evaluation with a 1 s grace used to exit "stuck in a step" without a checkpoint."""
+    proc = subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *FAULTY, "tracking.enabled=false",
+                             "train.max_steps=100000", "train.eval_every_steps=4", "model.fault=slow_eval:0:4",
+                             "train.collective_timeout_s=1", f"output_dir={tmp_path / 'out'}"],
+                            cwd=tmp_path, env=env_for_cli(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    _wait_for(lines, "slow evaluation", proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 128 + signal.SIGUSR1
+    assert "stuck in a step" not in proc.stderr.read()
+    assert any(line.startswith(f"preempted by signal {int(signal.SIGUSR1)} at step 4") for line in lines), lines[-5:]
+    assert checkpoint.latest(tmp_path / "out" / "checkpoints").name == "step_00000004"
+
+
 @pytest.fixture(scope="module")
 def three_checkpoints(tmp_path_factory):
     """One short run with checkpoints at steps 4, 8 and 12, copied fresh for each test."""

@@ -94,3 +94,30 @@ def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
     assert set(sd) == {"model", "optimizer", "scheduler", "scaler"}
     assert client["trainer"]["step"] == 12 and len(client["rng"]) == 1
     assert set(client["rng"][0]) >= {"python", "numpy", "torch"}
+
+
+def test_an_optimizer_override_on_resume_is_refused_in_one_line(store, tmp_path):
+    """`optim.lr` lives in the optimizer's and schedule's checkpointed state: it used to print
+    the new peak LR and train on the checkpoint's (identical losses). Refused before training."""
+    root, uri, run = store
+    proc = run_dtrain(["train", RECIPE, *COMMON, "tracking.enabled=false", f"resume={root / 'straight' / 'checkpoints'}",
+                       "optim.lr=0.02", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dtrain: error: resume: optim.lr=0.02: the checkpoint was trained with optim.lr=0.2"), line
+
+
+def test_resuming_into_a_new_output_dir_is_a_new_run_linked_to_the_old(store):
+    """It reopened the old run (duplicate points at the resumed steps, the old params)."""
+    root, uri, run = store
+    straight = json.loads((root / "straight" / "summary.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(uri)
+    before = [m.step for m in client.get_metric_history(straight, "train/loss")]
+    run("continued", f"resume={root / 'straight' / 'checkpoints'}", "train.max_steps=44",
+        "tracking.experiment=straight")
+    runs = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
+    assert len(runs) == 2
+    new = next(r for r in runs if r.info.run_id != straight)
+    assert new.data.tags["dtrain.resumed_from_run"] == straight and new.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(new.info.run_id, "train/loss")] == [44]
+    assert [m.step for m in client.get_metric_history(straight, "train/loss")] == before

@@ -73,15 +73,50 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     assert parent.data.metrics["best_value"] == pytest.approx(summary["best"]["value"])
 
 
+def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder(tmp_path):
+    """A recipe whose every trial fails used to run forever (failures never count toward
+    --trials); a stale pruned.json in a reused trial folder marked the failed trial PRUNED."""
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
+    stale = tmp_path / "out" / "trial_000"
+    stale.mkdir(parents=True)
+    (stale / "pruned.json").write_text('{"pruned_at_step": 10, "value": 0.5}\n')
+    proc = subprocess.run(search_cmd(tmp_path, "--trials", "1", "--max-failures", "2", "task=faulty:FaultyTask",
+                                     "model.fault=raise:0:2"), cwd=tmp_path, env=env_for_cli(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in proc.stderr.split("boom in user code")[-1]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dtrain: error: search: 2 trials failed (--max-failures=2); the last: trial 1 exited"), line
+    assert proc.stdout.count("search: trial") == 2 and "pruned" not in proc.stdout
+    assert [p.name.split(".")[0] for p in (tmp_path / "out").glob("trial_000.earlier-*")] == ["trial_000"]
+    summary = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["FAIL", "FAIL"]
+
+
 def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, postgres):
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
                                          "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"
                                          "optim.warmup_steps: {type: int, low: 0, high: 10}\n")
-    cmd = search_cmd(tmp_path, "--trials", "4", "--storage", postgres, "--study", "shared", "--pruner", "none",
+    # A password in the URL (this test server trusts loopback, so any works) reaches no file, MLflow
+    # param or trial command line: trials get the URL in their environment.
+    secret = "s3cret-pw-9f1c"
+    storage = postgres.replace("postgres@", f"postgres:{secret}@")
+    cmd = search_cmd(tmp_path, "--trials", "4", "--storage", storage, "--study", "shared", "--pruner", "none",
                      "--nproc-per-node", "2")
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    commands: set[str] = set()
+    while any(w.poll() is None for w in workers):
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        workers_pids = {str(w.pid) for w in workers}  # the searches' own command line holds it (warned)
+        commands.update(line for line in ps if "dtrain" in line and line.split()[0] not in workers_pids)
+        time.sleep(0.5)
     outs = [w.communicate(timeout=600) for w in workers]
+    assert any("trial.storage=" in c for c in commands) and not any(secret in c for c in commands)
+    assert all("holds a password" in err for _, err in outs)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    assert "postgres:***@" in (tmp_path / "out" / "trial_000" / "config.yaml").read_text()
     assert all(w.returncode == 0 for w in workers), [e[-2000:] for _, e in outs]
     study = optuna.load_study(study_name="shared", storage=postgres)
     numbers = [t.number for t in study.trials]

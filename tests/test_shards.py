@@ -62,3 +62,23 @@ def test_streamed_training_resumes_exactly_mid_epoch(tmp_path):
     step10 = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000010" / "model" / "state.pt",
                         weights_only=True)["model"]
     assert max_param_diff(b, step10) > 1e-4  # what the bound would catch: two steps fewer
+
+
+@pytest.mark.parametrize("cut", ["at_a_sample_boundary", "inside_a_sample"])
+def test_a_truncated_shard_is_refused_in_one_line_naming_it(tmp_path, cut):
+    """tarfile stops silently where a copy was cut short: at a sample boundary it yielded half
+    the shard (41 steps instead of 44), inside a sample a KeyError. Now the missing
+    end-of-archive marker is found when the shards are opened."""
+    import tarfile
+
+    from dtrain.config import ConfigError
+
+    files = write_shards(({"x": bytes([i]) * 700, "cls": b"1"} for i in range(10)), tmp_path, per_shard=5)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f.name for f in files]  # no .partial left
+    with tarfile.open(files[1]) as tar:
+        boundary = tar.getmembers()[4].offset  # the third sample's first member
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: boundary if cut == "at_a_sample_boundary" else boundary + 900])
+    with pytest.raises(ConfigError, match=rf"^shard='{files[1]}': is truncated"):
+        TarShards(files, decode)
+    assert len(TarShards(files[:1], decode)) == 5  # the intact one reads

@@ -198,7 +198,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     a = search.SearchArgs(args.recipe, args.overrides, Path(args.space), args.trials, metric, direction,
                           args.sampler, args.pruner, args.storage or search.default_storage(cfg),
                           args.study or f"{cfg.recipe}-search", Path(args.output or f"runs/{cfg.recipe}-search"),
-                          args.nproc_per_node)
+                          args.nproc_per_node, args.max_failures)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signum)
@@ -210,6 +210,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         _fail(str(e), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         _fail("search stopped; `dtrain search` with the same --study and --storage continues it", 130)
+    except search.TooManyFailures as e:
+        _fail(str(e), 1)
     best = summary["best"]
     print(f"search: {len(summary['trials'])} trials in study {a.study!r}; "
           + (f"best {a.metric} {best['value']:.4g} (trial {best['number']}): {a.output / 'best.yaml'}" if best
@@ -384,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MLflow child runs of one parent", "run each trial on N ranks via torchrun")
     q.add_argument("--space", required=True, help="YAML: recipe key -> {type: float|int|categorical, ...}")
     q.add_argument("--trials", type=int, default=10, help="finished (complete or pruned) trials the study needs")
+    q.add_argument("--max-failures", type=int, default=3, help="failed trials after which this worker stops, "
+                   "exit 1 (default 3; failed trials never count toward --trials)")
     q.add_argument("--metric", default="", help="eval metric to optimise (default: eval/accuracy for cnn, "
                    "else eval/loss)")
     q.add_argument("--direction", choices=["maximize", "minimize"], default=None)

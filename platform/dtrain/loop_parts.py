@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, distributed, tracking
+from dtrain import checkpoint, distributed, recipe, tracking
 from dtrain.config import Config, EarlyStopConfig
 from dtrain.ema import EMA
 from dtrain.engines import evaluation_weights
@@ -37,6 +37,8 @@ class Checkpointer:
         self.background = cfg.checkpoint.async_
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
         self.pending: checkpoint.Pending | None = None
+        self.recipe = {k: str(v) for k, v in recipe.flatten(recipe.to_dict(cfg)).items()}
+        """The recipe as strings (weights_only-loadable), for what a resume may not change."""
         self.last_state = ""
         """The trainer state the last checkpoint holds (its repr: nan equals nan)."""
 
@@ -56,7 +58,7 @@ class Checkpointer:
         for engine in self.engines.values():
             engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
         client = {"trainer": asdict(self.state), "rng": checkpoint.gather_rng_states(),
-                  "task": self.task.extra_state()}
+                  "task": self.task.extra_state(), "recipe": self.recipe}
         self.pending = checkpoint.save(self.root, self.state.step, self.saved, client, self.keep,
                                        background=self.background)
         if wait or not self.background:

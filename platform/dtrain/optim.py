@@ -128,6 +128,8 @@ def improvement(metrics: dict[str, float], key: str, metric: str, best: float, m
     if metric not in metrics:
         raise ConfigError(key, metric, f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
     value = metrics[metric]
+    if math.isnan(value):  # a diverged evaluation is never the best one
+        return value, False
     better = value < best - min_delta if mode == "min" else value > best + min_delta
     return value, math.isnan(best) or better
 

@@ -24,6 +24,7 @@ from dtrain import distributed
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
 _in_loop = False
+_in_step = False
 _holding = False
 _grace_s = 0.0
 _deadline: threading.Timer | None = None
@@ -38,16 +39,44 @@ class SignalInterrupt(KeyboardInterrupt):
 
 
 def _handle(signum: int, frame: object) -> None:
-    global _deadline
     _received.append(signum)
     if not _in_loop and not _holding:
         raise SignalInterrupt(signum)
-    if _in_loop and not _holding and _deadline is None and _grace_s > 0:
-        # A rank stuck inside a step (a hung collective, a stalled read) never reaches the
-        # boundary: rather than let the launcher wait out its kill timeout, it gives up.
+    if _in_step:
+        _start_deadline(signum)
+
+
+def _start_deadline(signum: int) -> None:
+    """A rank stuck inside a step (a hung collective, a stalled read) never reaches the
+    boundary: rather than let the launcher wait out its kill timeout, it gives up."""
+    global _deadline
+    if not _holding and _deadline is None and _grace_s > 0:
         _deadline = threading.Timer(_grace_s, _give_up, (signum,))
         _deadline.daemon = True
         _deadline.start()
+
+
+def _cancel_deadline() -> None:
+    global _deadline
+    if _deadline is not None:
+        _deadline.cancel()
+        _deadline = None
+
+
+@contextlib.contextmanager
+def step() -> Iterator[None]:
+    """One training step: only here does the grace timer run. Evaluation and checkpoint
+    writing between steps take what they take (a healthy rank evaluating for longer than
+    the grace period is not stuck); a signal received then arms the timer for the next step."""
+    global _in_step
+    if _received:
+        _start_deadline(_received[0])
+    _in_step = True
+    try:
+        yield
+    finally:
+        _in_step = False
+        _cancel_deadline()  # the rank reached the boundary
 
 
 def _give_up(signum: int) -> None:
@@ -86,8 +115,7 @@ def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
 
 def requested() -> bool:
     """Collective: True on every rank when any rank has received a stop signal."""
-    if _received and _deadline is not None:
-        _deadline.cancel()  # at a boundary: the checkpoint may take what it takes
+    _cancel_deadline()  # at a boundary: the checkpoint may take what it takes
     local = torch.tensor([1 if _received else 0], dtype=torch.int32)
     if distributed.world_size() > 1:
         distributed.all_reduce_max(local, group=distributed.side_group())

@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from dtrain import redact
 from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write
 
@@ -204,6 +205,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config atomically, so a reader never sees half a file."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """Write the resolved config atomically, so a reader never sees half a file; passwords in
+    URLs are masked (`dtrain.redact`)."""
+    text = yaml.safe_dump(redact.tree(to_dict(cfg)), sort_keys=False)
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -44,6 +44,11 @@ class TrainState:
     """`early_stop.metric` at its best evaluation so far (nan: none yet)."""
     best_step: int = 0
     evals_since_best: int = 0
+    best_checkpoint: str = ""
+    """The folder of the best evaluation's checkpoint (absolute: a run resumed into another
+    `output_dir` still finds it in the one it came from)."""
+    resumed_from_run: str = ""
+    """The MLflow run a run resumed into a new `output_dir` started from (its own run is new)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +99,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
             raise checkpoint.ResumeRefused(
                 f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: ZeRO state "
                 f"is partitioned per rank, so resume on {saved_world} rank(s)")
+        refuse_changed_optimizer(cfg, client.get("recipe", {}))
         task.load_extra_state(client.get("task", {}))
 
     try:
@@ -106,8 +112,14 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
     saved = TrainState(**client["trainer"])
     for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
-                "best_value", "best_step", "evals_since_best"):
+                "best_value", "best_step", "evals_since_best", "best_checkpoint"):
         setattr(state, key, getattr(saved, key))
+    if saved.best_step and not saved.best_checkpoint:  # written before the path was kept: beside it
+        state.best_checkpoint = str((folder.parent / f"step_{saved.best_step:08d}").resolve())
+    if folder.parent.resolve() != ckpt_root.resolve():
+        # Another output folder is another run: its own MLflow run, tagged with where it came from
+        # (reopening the old one would mix two folders' histories and params).
+        state.resumed_from_run, state.run_id = saved.run_id, ""
     if len(client["rng"]) == world:
         checkpoint.set_rng_state(client["rng"][rank])
     else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
@@ -127,3 +139,26 @@ def _chosen_by_rank0(resume: str, ckpt_root: Path) -> Path:
     if isinstance(chosen, str):
         raise CheckpointError(chosen)
     return chosen
+
+
+# Keys whose values live in the optimizer's and the schedule's checkpointed state: a resumed run
+# would silently train on the checkpoint's. Clipping and L1 are read from the recipe each step.
+_APPLIED_EACH_STEP = ("optim.clip_grad_norm", "optim.clip_grad_value", "optim.l1")
+
+
+def refuse_changed_optimizer(cfg: Config, saved_recipe: dict[str, Any]) -> None:
+    """An `optim.*` value that differs from the checkpoint's is refused in one line (what was
+    stated must be what runs); every other key applies as the recipe states it."""
+    from dtrain import recipe
+
+    now = recipe.flatten(recipe.to_dict(cfg))
+    changed = [(k, v, saved_recipe[k]) for k, v in now.items()
+               if k.startswith("optim.") and k not in _APPLIED_EACH_STEP and k in saved_recipe
+               and str(v) != str(saved_recipe[k])]
+    if changed:
+        key, value, was = changed[0]
+        more = f" (and {', '.join(k for k, _, _ in changed[1:])})" if changed[1:] else ""
+        raise checkpoint.ResumeRefused(
+            f"{key}={value}{more}: the checkpoint was trained with {key}={was}, and its optimizer and schedule "
+            f"state would keep it; resume with {key}={was}, or start a new run from these weights with "
+            "model.init_from=<checkpoint run's output_dir>")

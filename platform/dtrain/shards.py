@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dtrain.config import ConfigError
+
 Sample = dict[str, bytes]
 """One sample as stored: extension -> bytes (`{"png": ..., "cls": b"3"}`)."""
 
@@ -43,18 +45,33 @@ def write_shards(samples: Iterable[Sample], folder: str | os.PathLike[str], per_
             if n % per_shard == 0:
                 if tar is not None:
                     tar.close()
+                    _publish(tar)
                 files.append(out / f"{prefix}-{len(files):06d}.tar")
-                tar = tarfile.open(files[-1], "w")
+                tar = tarfile.open(_partial(files[-1]), "w")
             n += 1
             for ext, data in sample.items():
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
                 assert tar is not None
                 tar.addfile(info, io.BytesIO(data))
-    finally:
         if tar is not None:
             tar.close()
+            _publish(tar)
+    finally:
+        if tar is not None and not tar.closed:  # an error: the shard being written is removed, never published
+            tar.close()
+            Path(str(tar.name)).unlink(missing_ok=True)
     return files
+
+
+def _partial(path: Path) -> Path:
+    """A shard is written under this name and renamed when complete: a reader never sees half one."""
+    return path.with_name(path.name + ".partial")
+
+
+def _publish(tar: tarfile.TarFile) -> None:
+    partial = Path(str(tar.name))
+    os.replace(partial, partial.with_name(partial.name.removesuffix(".partial")))
 
 
 def _key(name: str) -> str:
@@ -85,10 +102,23 @@ def _samples(path: Path, wanted: Callable[[int], bool]) -> Iterator[tuple[int, S
 
 
 def _count_keys(path: Path) -> int:
-    """Samples in a shard: runs of members sharing a key, as `_samples` groups them."""
-    with tarfile.open(path, "r:") as tar:
-        keys = [_key(m.name) for m in tar if m.isfile()]
-    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+    """Samples in a shard: runs of members sharing a key, as `_samples` groups them. A shard
+    without its end-of-archive marker (two zero blocks after the last member) was cut short,
+    at a sample boundary or inside one, where `tarfile` would silently stop early: refused."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            keys = [_key(m.name) for m in tar if m.isfile()]
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError("shard", str(path), f"is truncated or damaged ({e}); copy or write it again") from None
+    samples = sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise ConfigError("shard", str(path), f"is truncated (no end-of-archive marker after {samples} samples, "
+                          f"{end} of {path.stat().st_size} bytes read); copy or write it again")
+    return samples
 
 
 class TarShards(IterableDataset[Any]):

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sized, cast
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, data, distributed, preemption, recipe, report, resume, tracking
+from dtrain import checkpoint, data, distributed, preemption, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.ema import EMA
 from dtrain.engines import build_engines, evaluation_weights
@@ -106,9 +106,11 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
     """Rank 0 opens (or, resuming, reopens) the MLflow run; every rank learns its id."""
     tracker: tracking.NullTracker = tracking.NullTracker()
     if distributed.is_main():
-        params = recipe.flatten(recipe.to_dict(cfg))
-        tracker = tracking.start(cfg, params, report.run_tags(cfg, env, parts.plan, parts.engines),
-                                 run_id=state.run_id or None)
+        params = recipe.flatten(redact.tree(recipe.to_dict(cfg)))
+        tags = report.run_tags(cfg, env, parts.plan, parts.engines)
+        if state.resumed_from_run:  # resumed into a new output_dir: a new run, linked to the old one
+            tags["dtrain.resumed_from_run"] = state.resumed_from_run
+        tracker = tracking.start(cfg, params, tags, run_id=state.run_id or None)
         state.run_id = tracker.run_id or state.run_id
     state.run_id = distributed.broadcast_object(state.run_id)
     return tracker
@@ -224,16 +226,21 @@ class Loop:
             self._evaluate()
         self._checkpoint("")
         if self.stopper is not None and self.cfg.early_stop.restore_best and state.best_step != state.step:
-            best = self.checkpointer.root / f"step_{state.best_step:08d}"
-            checkpoint.load(best, self.saved)  # collective: model.pt is written from these weights
-            self.progress.write(f"early_stop: model.pt from step {state.best_step} "
-                                f"({self.cfg.early_stop.metric} {state.best_value:.4g})")
+            best = Path(state.best_checkpoint) if state.best_checkpoint else None
+            if best is not None and distributed.agree((best / checkpoint.TRAINER).exists()):
+                checkpoint.load(best, self.saved)  # collective: model.pt is written from these weights
+                self.progress.write(f"early_stop: model.pt from step {state.best_step} "
+                                    f"({self.cfg.early_stop.metric} {state.best_value:.4g}) of {best.parent}")
+            else:
+                self.progress.write(f"early_stop: the best checkpoint (step {state.best_step}) is not there any "
+                                    f"more ({best}); model.pt holds the weights of step {state.step}")
         return self._summary()
 
     def _evaluate(self) -> None:
         """Evaluate; under early stopping, checkpoint an improvement and mark it `best`."""
         self.window.pause(self.evaluator.run(self.state))
         if self.stopper is not None and self.stopper.improved(self.evaluator.last, self.state.step):
+            self.state.best_checkpoint = str((self.checkpointer.root / f"step_{self.state.step:08d}").resolve())
             self._checkpoint("")
             if distributed.is_main():
                 checkpoint.mark_best(self.checkpointer.root, self.checkpointer.root / f"step_{self.state.step:08d}")
@@ -244,7 +251,7 @@ class Loop:
         while not self.done():
             for batches in self._epoch():
                 t0 = time.perf_counter()
-                with self.monitor.watch(state.step + 1):
+                with self.monitor.watch(state.step + 1), preemption.step():
                     out = self.task.train_step(self.engines, batches)
                 self._after_step(out)
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0

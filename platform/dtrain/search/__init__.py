@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dtrain import recipe, tracking
+from dtrain import recipe, redact, tracking
 from dtrain.cli import torchrun_cmd, torchrun_env
 from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write, first_line
 from dtrain.search.space import Param, load_space, overrides, suggest
+from dtrain.search.trial import STORAGE_ENV
 from dtrain.tasks import load_config
 
 log = logging.getLogger("dtrain")
@@ -48,10 +50,16 @@ class SearchArgs:
     study: str
     output: Path
     nproc_per_node: int
+    max_failures: int = 3
+    """Failed trials after which this worker stops (they never count toward `trials`)."""
 
 
 class TrialFailed(RuntimeError):
     pass
+
+
+class TooManyFailures(RuntimeError):
+    """`--max-failures` trials failed in this worker; str() is the one line to show."""
 
 
 def default_storage(cfg: Config) -> str:
@@ -151,19 +159,22 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     import optuna
 
     out = a.output / f"trial_{trial.number:03d}"
+    if out.exists():  # an earlier study's trial of that number: its pruned.json / summary.json would be read
+        aside = out.with_name(f"{out.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        log.warning("search: %s held an earlier trial's output; moved to %s", out, aside.name)
     extra = [*overrides(values), f"output_dir={out}", "checkpoint.overwrite=true",
              f"tracking.run_name={a.study}-trial-{trial.number}", f"tracking.parent_run_id={parent}",
-             f"trial.storage={a.storage}", f"trial.study={a.study}", f"trial.trial_id={trial._trial_id}",
+             f"trial.storage={redact.url(a.storage)}", f"trial.study={a.study}", f"trial.trial_id={trial._trial_id}",
              f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}"]
     args = [*a.overrides, *extra]
     cmd = (torchrun_cmd(a.nproc_per_node, a.recipe, args) if a.nproc_per_node
            else [sys.executable, "-m", "dtrain", "train", a.recipe, *args])
-    proc = subprocess.Popen(cmd, env=torchrun_env())
+    proc = subprocess.Popen(cmd, env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}), start_new_session=True)
     try:
         code = proc.wait()
-    except BaseException:  # the search is stopped: so is its trial
-        proc.terminate()
-        proc.wait(60)
+    except BaseException:  # the search is stopped: so is its trial (and every process it started)
+        stop_process_group(proc)
         raise
     if (out / "pruned.json").exists():
         raise optuna.TrialPruned(json.loads((out / "pruned.json").read_text())["pruned_at_step"])
@@ -171,6 +182,23 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
         raise TrialFailed(f"trial {trial.number} exited with {code} (see its output above)")
     summary = json.loads((out / "summary.json").read_text())
     return float(summary["eval"][metric_name(a.metric)])
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """SIGTERM to the trial's process group (torchrun and its ranks, which checkpoint), then
+    SIGKILL to whatever is still there after `grace_s`: no trial is left running orphaned."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def metric_name(metric: str) -> str:
@@ -195,22 +223,38 @@ def search(a: SearchArgs) -> dict[str, Any]:
         except KeyboardInterrupt:  # stopped: the trial ends FAILED, and its values run first next time
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             raise
+        except TrialFailed as e:
+            trial.set_user_attr("failure", str(e))
+            raise
+
+    failures: list[str] = []
 
     def on_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         print(progress_line(study, trial), flush=True)
-        if sum(t.state.name in FINISHED for t in study.trials) >= a.trials:
+        if trial.state.name == "FAIL":
+            failures.append(str(trial.user_attrs.get("failure", f"trial {trial.number} failed")))
+        if sum(t.state.name in FINISHED for t in study.trials) >= a.trials or len(failures) >= a.max_failures:
             study.stop()
 
+    if redact.has_password(a.storage):
+        log.warning("search: the --storage URL holds a password, which the process list shows; put it in "
+                    "PGPASSWORD or ~/.pgpass instead (psycopg reads both)")
     if sum(t.state.name in FINISHED for t in study.trials) < a.trials:
-        study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))
-    return write_outputs(a, cfg, study, parent)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # its failed-trial warning carries a traceback;
+        study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))  # progress_line says it in one line
+    summary = write_outputs(a, cfg, study, parent)
+    if len(failures) >= a.max_failures:
+        raise TooManyFailures(f"search: {len(failures)} trials failed (--max-failures={a.max_failures}); the last: "
+                              f"{failures[-1]}; see {a.output} and the trials' output above")
+    return summary
 
 
 def progress_line(study: Any, trial: Any) -> str:
     """One line per finished trial: value (or pruned / failed), values, best so far."""
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = f"best {study.best_value:.4g} (trial {study.best_trial.number})" if done else "no complete trial yet"
-    what = f"{trial.value:.4g}" if trial.state.name == "COMPLETE" else trial.state.name.lower()
+    what = (f"{trial.value:.4g}" if trial.state.name == "COMPLETE"
+            else trial.user_attrs.get("failure", "failed") if trial.state.name == "FAIL" else trial.state.name.lower())
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     return f"search: trial {trial.number}: {what} | {shown} | {best}"
 
@@ -220,7 +264,7 @@ def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[s
     trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
                "intermediate": {str(k): v for k, v in t.intermediate_values.items()}} for t in study.trials]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    summary: dict[str, Any] = {"study": a.study, "storage": a.storage, "metric": a.metric, "direction": a.direction,
+    summary: dict[str, Any] = {"study": a.study, "storage": redact.url(a.storage), "metric": a.metric, "direction": a.direction,
                                "trials": trials, "best": None}
     files = [a.output / "search.json"]
     if complete:

@@ -5,10 +5,14 @@ study's pruner says so. Rank 0 talks to the study's storage; every rank learns t
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from dtrain import distributed
 from dtrain.config import ConfigError, TrialConfig
+
+
+STORAGE_ENV = "DTRAIN_TRIAL_STORAGE"
 
 
 class Pruned(Exception):
@@ -38,7 +42,10 @@ class TrialReporter:
         if distributed.is_main():
             import optuna
 
-            study = optuna.load_study(study_name=cfg.study, storage=cfg.storage, pruner=make_pruner(cfg.pruner))
+            # The search hands the storage URL over in the environment, where a password in it is
+            # not in the process list or the trial's config (`trial.storage` holds it masked).
+            storage = os.environ.get(STORAGE_ENV) or cfg.storage
+            study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg.pruner))
             self.trial = optuna.trial.Trial(study, cfg.trial_id)
 
     def report(self, metrics: dict[str, float], step: int) -> None:
