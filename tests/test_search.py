@@ -107,7 +107,7 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
     commands: set[str] = set()
     while any(w.poll() is None for w in workers):
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
         workers_pids = {str(w.pid) for w in workers}  # the searches' own command line holds it (warned)
         commands.update(line for line in ps if "dtrain" in line and line.split()[0] not in workers_pids)
         time.sleep(0.5)
