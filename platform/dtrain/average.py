@@ -49,7 +49,7 @@ def uniform_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return out
 
 
-def average(folders: list[Path], output: Path, bn_batches: int) -> tuple[Config, dict[str, float]]:
+def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = False) -> tuple[Config, dict[str, float]]:
     """Average the checkpoints, refresh BatchNorm statistics, write `output`; returns the run's
     config and the averaged model's eval metrics."""
     from dtrain.tasks import get_task, load_config
@@ -61,7 +61,10 @@ def average(folders: list[Path], output: Path, bn_batches: int) -> tuple[Config,
     for f in folders:
         if not (f / checkpoint.TRAINER).exists():
             raise ConfigError("checkpoint", str(f), "is not a checkpoint folder (a step_* folder with trainer.pt)")
-    cfg = load_config(runs.pop() / "config.yaml", ["tracking.enabled=false"])
+    cfg = load_config(runs.pop() / "config.yaml", ["tracking.enabled=false"], beside=trust)
+    if cfg.engine == "deepspeed" and not trust:
+        raise ConfigError("checkpoints", str(folders[0]), "are DeepSpeed checkpoints, which unpickle (a crafted file "
+                          "can run code): add --trust if the run is yours or your team's")
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
     specs = task.models()
@@ -74,7 +77,10 @@ def average(folders: list[Path], output: Path, bn_batches: int) -> tuple[Config,
         loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed))
         torch.optim.swa_utils.update_bn(_first(loader, bn_batches), model)
-    checkpoint.atomic_save(model.state_dict(), output)
+    if output.suffix == ".safetensors":
+        safeload.save_weights(model.state_dict(), output)
+    else:
+        checkpoint.atomic_save(model.state_dict(), output)
     return cfg, _evaluate(task, model, eval_ds, cfg.data.eval_batch_size)
 
 

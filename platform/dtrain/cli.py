@@ -265,7 +265,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         cmd = torchrun_cmd(n, args.recipe, [*args.overrides, *extra[n], f"output_dir={out}",
                                             f"tracking.run_name={cfg.recipe}-{n}x"])
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
-        if subprocess.run(cmd, env=torchrun_env()).returncode != 0:
+        if subprocess.run(cmd, env=torchrun_env()).returncode != 0:  # nosec B603 # dtrain's own argv, no shell
             _fail(f"sweep: the {n}-rank run failed (see above)", EXIT_FAILED)
         run_ids.append(json.loads((out / "summary.json").read_text()).get("run_id"))
     if not all(run_ids):
@@ -281,7 +281,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     out = Path(args.run)
     try:
-        cfg = load_config(out / "config.yaml")
+        cfg = load_config(out / "config.yaml", beside=args.trust)
         task = get_task(cfg.task)(cfg)
         generate = getattr(task, "generate_text", None)
         if generate is None:
@@ -313,7 +313,7 @@ def cmd_average(args: argparse.Namespace) -> None:
 
     folders = [Path(c) for c in args.checkpoints]
     try:
-        cfg, metrics = average(folders, Path(args.output), args.bn_batches)
+        cfg, metrics = average(folders, Path(args.output), args.bn_batches, args.trust)
     except (ConfigError, CheckpointError) as e:
         _fail(str(e), EXIT_BAD_INPUT)
     print(f"average: {len(folders)} checkpoint(s) of {cfg.output_dir} -> {args.output}"
@@ -353,7 +353,7 @@ def _exec_torchrun(args: argparse.Namespace, command: Sequence[str] = ("train",)
     bad input never reaches torchrun (whose agent would add its own failure report)."""
     sys.stdout.flush()
     cmd = torchrun_cmd(args.nproc_per_node, args.recipe, args.overrides, command=command)
-    os.execve(sys.executable, cmd, torchrun_env())
+    os.execve(sys.executable, cmd, torchrun_env())  # nosec B606 # this interpreter running torchrun, no shell
 
 
 def _recipe_command(sub: Any, name: str, func: Any, help: str, nproc_help: str) -> argparse.ArgumentParser:
@@ -433,9 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("average", help="average checkpoints of one run into a plain model.pt")
     a.add_argument("checkpoints", nargs="+", help="step_* checkpoint folders of one run")
-    a.add_argument("--output", required=True, help="the averaged state_dict (a model.pt)")
+    a.add_argument("--output", required=True, help="the averaged state_dict: a .safetensors file, or a model.pt")
     a.add_argument("--bn-batches", type=int, default=100,
                    help="training batches to recompute BatchNorm statistics on (0: keep the averaged ones)")
+    a.add_argument("--trust", action="store_true", help="the run folder is yours: import a task module found in "
+                   "it, and read DeepSpeed checkpoints (which unpickle)")
     a.set_defaults(func=cmd_average)
 
     t = sub.add_parser("prepare-text", help="encode text files into train.bin / val.bin for data.tokens")
@@ -452,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trust", action="store_true", help="the run folder is yours: import a task module found in it")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -178,6 +178,11 @@ class CheckpointConfig:
     """Recipe key `checkpoint.async`: copy the state to memory and write it to disk on a
     thread while training goes on (ddp, fsdp); `latest` moves only once every rank's part
     is on disk, checked before the next checkpoint and at the end."""
+    trust: bool = False
+    """Load DeepSpeed checkpoints from outside this run's `output_dir`. DeepSpeed reads its
+    files with a full unpickle, which can run code a crafted file holds: turn this on only for
+    checkpoints you or your team wrote. (Every other checkpoint kind loads without running
+    code, from anywhere.)"""
 
 
 @dataclass

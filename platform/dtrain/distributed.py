@@ -170,7 +170,7 @@ def exit_barrier(store: Any, world: int, key: str = "dtrain/exited", timeout_s: 
         deadline = time.monotonic() + timeout_s
         while store.add(key, 0) < world and time.monotonic() < deadline:
             time.sleep(0.01)
-    except Exception:  # the store's host has exited: nobody is left to wait for
+    except Exception:  # nosec B110 # the store's host has exited: nobody is left to wait for
         pass
 
 

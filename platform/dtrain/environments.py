@@ -140,7 +140,7 @@ class Srun:
 def _slurm_head_node(env: Env) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
     if shutil.which("scontrol") and nodelist:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)  # nosec B603 B607 # SLURM's own tool, fixed argv
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     if env.get("SLURM_LAUNCH_NODE_IPADDR"):

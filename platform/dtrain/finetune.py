@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dtrain import distributed
+from dtrain import distributed, safeload
 from dtrain.config import ConfigError
 
 
@@ -27,11 +27,12 @@ def _short(names: Sequence[str], n: int = 6) -> str:
 def init_from(model: nn.Module, path: str) -> str:
     """Copy the tensors of `path` (a model.pt, or a run's output_dir holding one) into `model`
     wherever name and shape agree; returns the one-line report (also printed on rank 0)."""
-    file = Path(path) / "model.pt" if Path(path).is_dir() else Path(path)
+    file = safeload.weights_file(Path(path)) if Path(path).is_dir() else Path(path)
     if not file.is_file():
-        raise ConfigError("model.init_from", path, "no such file: a model.pt or a run's output_dir holding one")
+        raise ConfigError("model.init_from", path, "no such file: a model.safetensors or model.pt, or a run's "
+                                                   "output_dir holding one")
     try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = safeload.load_weights(file)  # no code runs: safetensors, or torch.load(weights_only=True)
     except Exception as e:  # a checkpoint of another kind, a truncated file
         raise ConfigError("model.init_from", path, f"cannot be read as a state_dict: {str(e).splitlines()[0]}") from None
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):

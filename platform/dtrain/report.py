@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import dtrain
-from dtrain import checkpoint, data, distributed, tracking
+from dtrain import checkpoint, data, distributed, safeload, tracking
 from dtrain.config import Config
 from dtrain.fileio import atomic_write
 from dtrain.protocols import Engine, Task
@@ -74,6 +74,7 @@ def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: 
                    summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)
+    safeload.save_weights(weights, out_dir / "model.safetensors")  # the file to share: loading it runs no code
     summary_path = out_dir / "summary.json"
     atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")

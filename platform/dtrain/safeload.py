@@ -22,7 +22,7 @@ nothing else).
 from __future__ import annotations
 
 import io
-import pickle  # nosec B403: every use goes through a restricted Unpickler (find_class allowlists)
+import pickle  # nosec B403 # every use goes through a restricted Unpickler (find_class allowlists)
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -136,4 +136,45 @@ def load_numpy_pickle(path: Path) -> Any:
     building any other class (`encoding="bytes"`, as the format's own reader does)."""
     with open(path, "rb") as f:
         return _Restricted(f, _NUMPY_CLASSES, str(path), encoding="bytes").load()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state_dict as safetensors, atomically (tied tensors are written once per name: a
+    safetensors file shares no storage, and `load_state_dict` ties them again)."""
+    from safetensors.torch import save_file
+
+    from dtrain.fileio import atomic_write
+
+    plain = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(plain, str(tmp)))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from `model.safetensors` (tensors only by format) or a `model.pt`
+    (`torch.load(weights_only=True)`); errors as ValueError / OSError with the cause."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(str(e)) from None
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        raise ValueError("not a state_dict")
+    return loaded
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights of a run's output folder: `model.safetensors`, else `model.pt`."""
+    return folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder / "model.pt"
+
+
+def is_own(folder: Path, output_dir: str) -> bool:
+    """`folder` lies inside this run's `output_dir` (where only this run's jobs write)."""
+    try:
+        return Path(folder).resolve().is_relative_to(Path(output_dir).resolve())
+    except OSError:
+        return False
 

@@ -19,8 +19,8 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dtrain import distributed, optim
-from dtrain.checkpoint import CheckpointError
+from dtrain import distributed, optim, safeload
+from dtrain.checkpoint import CheckpointError, ResumeRefused
 from dtrain.config import Config, ConfigError, OptimConfig
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import mismatch_line
@@ -115,6 +115,7 @@ class DeepSpeedEngine:
 
         distributed.init_single_process_group(device)  # DeepSpeed needs a group even for one rank
         self.device, self.zero_stage = device, cfg.deepspeed.zero_stage
+        self.output_dir, self.trust = cfg.output_dir, cfg.checkpoint.trust
         self.precision: Precision = AmpPrecision(cfg.precision, device, loss_scaling=False)
         module = module.to(device)
         optimizer, scheduler, self.lr_info = optim.build(module, o, plan.global_batch, total_steps)
@@ -176,6 +177,10 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(folder), tag=TAG)
 
     def load(self, folder: Path) -> None:
+        if not (self.trust or safeload.is_own(folder, self.output_dir)):
+            raise ResumeRefused(f"{folder} is not in this run's output_dir ({self.output_dir}): DeepSpeed unpickles "
+                                "its checkpoint files, which can run code a crafted file holds; if you trust "
+                                "where it came from, resume with checkpoint.trust=true")
         try:
             path, _ = self.ds.load_checkpoint(str(folder), tag=TAG)
         except Exception as e:  # a missing or foreign file: one line, not DeepSpeed's stack

@@ -170,7 +170,8 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     args = [*a.overrides, *extra]
     cmd = (torchrun_cmd(a.nproc_per_node, a.recipe, args) if a.nproc_per_node
            else [sys.executable, "-m", "dtrain", "train", a.recipe, *args])
-    proc = subprocess.Popen(cmd, env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}), start_new_session=True)
+    proc = subprocess.Popen(cmd, env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}),  # nosec B603 # dtrain's argv
+                            start_new_session=True)
     try:
         code = proc.wait()
     except BaseException:  # the search is stopped: so is its trial (and every process it started)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import logging
 import math
 import os
 import sys
@@ -21,6 +23,8 @@ from dtrain import finetune, protocols, recipe, steps
 from dtrain.config import Config, ConfigError
 from dtrain.initialization import initialize
 from dtrain.protocols import Engine, ModelSpec, StepOutput
+
+log = logging.getLogger("dtrain")
 
 __all__ = ["BUILTIN", "Task", "ModelSpec", "StepOutput", "get_task", "load_config"]
 
@@ -97,9 +101,8 @@ def get_task(name: str, search: Sequence[str | os.PathLike[str]] = ()) -> type[p
     Python path and then from `search` (the working directory and the recipe's folder: a task
     module beside its recipe imports without PYTHONPATH)."""
     target = BUILTIN.get(name, name)
-    for folder in map(str, search):
-        if folder not in sys.path:
-            sys.path.append(folder)  # after the installed packages: never shadows them
+    if ":" in target:
+        _find_beside(target.partition(":")[0].split(".")[0], search)
     if ":" not in target:
         close = difflib.get_close_matches(name, list(BUILTIN), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -114,8 +117,26 @@ def get_task(name: str, search: Sequence[str | os.PathLike[str]] = ()) -> type[p
     return cast("type[protocols.Task]", cls)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
-    """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names."""
+def _find_beside(top: str, search: Sequence[str | os.PathLike[str]]) -> None:
+    """A task module the Python path does not have, found in one of the `search` folders:
+    that one folder is appended to the Python path (after the installed packages, so it never
+    shadows them), and the run says so. No other folder is added."""
+    if top in sys.modules or importlib.util.find_spec(top) is not None:
+        return
+    for folder in map(os.path.abspath, search):
+        if os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isfile(os.path.join(folder, top, "__init__.py")):
+            if folder not in sys.path:
+                sys.path.append(folder)
+                log.info("task module %s imported from %s (added to the Python path)", top, folder)
+            return
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), beside: bool = True) -> Config:
+    """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names.
+    A task module is looked for on the Python path, then in the working directory, then
+    (`beside`) in the recipe's folder. A run's config.yaml is read with `beside=False`: a run
+    folder from elsewhere must not bring code with it."""
     raw = recipe.read_raw(path, overrides)
-    task = get_task(str(raw.get("task", Config.task)), search=[os.getcwd(), os.path.dirname(os.path.abspath(path))])
+    search = [os.getcwd(), *([os.path.dirname(os.path.abspath(path))] if beside else [])]
+    task = get_task(str(raw.get("task", Config.task)), search=search)
     return recipe.build(task.config_class, raw)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dtrain import tokens
+from dtrain import safeload, tokens
 from dtrain.checkpoint import ResumeRefused
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
 from dtrain.norm import make_norm
@@ -367,13 +367,15 @@ class TransformerTask(Task):
 
     def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
                       seed: int) -> str:
-        """`dtrain sample`: continue `prompt` with the run's model.pt and vocab.json."""
-        for name in ("model.pt", "vocab.json"):
-            if not (run_dir / name).exists():
-                raise ConfigError("run", str(run_dir), f"has no {name} (is the run finished?)")
+        """`dtrain sample`: continue `prompt` with the run's weights (model.safetensors, else
+        model.pt) and vocab.json."""
+        weights = safeload.weights_file(run_dir)
+        for path in (weights, run_dir / "vocab.json"):
+            if not path.exists():
+                raise ConfigError("run", str(run_dir), f"has no {path.name} (is the run finished?)")
         vocab = Vocab(json.loads((run_dir / "vocab.json").read_text())[1:])
         model = CharTransformer(self.cfg.model, len(vocab))
-        model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+        model.load_state_dict(safeload.load_weights(weights))
         model.eval()
         torch.manual_seed(seed)
         idx = vocab.encode(prompt or "\n").unsqueeze(0)
