@@ -54,11 +54,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(backend: str, root: Path, workers: int = 2, timeout_s: float = 120) -> Server:
+def start_server(backend: str, root: Path, workers: int = 2, timeout_s: float = 120, *extra: str) -> Server:
     """The one-command launcher: SQLite, or a local PostgreSQL cluster with `--postgres`."""
     port = free_port()
     cmd = ["bash", str(ROOT / "launchers" / "mlflow_server.sh"), "--dir", str(root), "--port", str(port),
-           "--workers", str(workers)] + (["--postgres"] if backend == "postgres" else [])
+           "--workers", str(workers), *extra] + (["--postgres"] if backend == "postgres" else [])
     log = open(root.parent / f"{root.name}-launcher.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHON": PY})

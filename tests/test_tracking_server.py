@@ -124,3 +124,67 @@ def _experiment_id(uri: str) -> str:
     import mlflow
 
     return str(mlflow.MlflowClient(uri).get_experiment_by_name(EXPERIMENT).experiment_id)
+
+
+def _pg_port(server_dir: Path) -> str:
+    opts = (server_dir / "postgres" / "postmaster.opts").read_text().replace('"', "").split()
+    return opts[opts.index("-p") + 1]
+
+
+def test_the_local_postgresql_asks_every_user_for_a_password(pg_server):
+    """It was initialised with `-A trust`: any local user was its superuser without a password
+    (and could run `COPY ... TO PROGRAM` as `postgres`). Now: scram-sha-256, the socket in the
+    cluster's 0700 folder, and MLflow's role owns its database and nothing more."""
+    port, folder = _pg_port(pg_server.root), pg_server.root / "postgres"
+    as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    for host in ("127.0.0.1", str(folder)):
+        proc = subprocess.run([*as_nobody, "psql", "-w", "-h", host, "-p", port, "-U", "postgres", "-c", "SELECT 1"],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and ("no password supplied" in proc.stderr or "Permission denied" in proc.stderr), \
+            proc.stderr
+    env = {**os.environ, "PGPASSFILE": str(pg_server.root / "secrets" / "pgpass")}
+    psql = ["psql", "-w", "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "-d", "mlflow", "-tA", "-c"]
+    role = subprocess.run([*psql, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = 'mlflow'"],
+                          env=env, capture_output=True, text=True)
+    assert role.stdout.strip() == "f|f|f", role.stderr
+    copy = subprocess.run([*psql, "COPY (SELECT 1) TO PROGRAM 'id'"], env=env, capture_output=True, text=True)
+    assert copy.returncode != 0 and "must be superuser" in copy.stderr, copy.stderr
+    secrets = pg_server.root / "secrets"
+    assert oct(secrets.stat().st_mode & 0o777) == "0o700"
+    passwords = [p.read_text().strip() for p in secrets.glob("*.password")]
+    assert len(passwords) == 2
+    logs = [p for p in pg_server.root.parent.rglob("*") if p.is_file() and secrets not in p.parents]
+    assert not [p for p in logs if any(pw.encode() in p.read_bytes() for pw in passwords)]
+
+
+def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
+    """`--auth` (always on beyond loopback): MLflow's basic-auth app. A job with the admin's
+    credentials in its environment is tracked; one without them trains untracked, with a warning."""
+    import urllib.error
+    import urllib.request
+
+    server = tracking_load.start_server("sqlite", tmp_path / "server", 1, 120, "--auth")
+    try:
+        launcher_log = (tmp_path / "server-launcher.log").read_text()
+        password = (tmp_path / "server" / "secrets" / "mlflow-admin.password").read_text().strip()
+        assert "MLFLOW_TRACKING_PASSWORD=$(cat " in launcher_log and password not in launcher_log
+        request = urllib.request.Request(f"{server.uri}/api/2.0/mlflow/experiments/create", method="POST",
+                                         data=b'{"name": "anonymous"}', headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 401
+        job = tracking_load.job_cmd(1, server.uri, "auth", "with", tmp_path / "with", 2)
+        creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        ok = subprocess.run(job, cwd=tmp_path, env=env_for_cli(**creds), capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0 and "MLflow tracking" not in ok.stderr, ok.stderr[-2000:]
+        job = tracking_load.job_cmd(1, server.uri, "auth", "without", tmp_path / "without", 2)
+        anon = subprocess.run(job, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
+        assert anon.returncode == 0 and "training without it" in anon.stderr, anon.stderr[-2000:]
+        import mlflow
+
+        os.environ.update(creds)  # (restored after the test)
+        client = mlflow.MlflowClient(server.uri)
+        runs = client.search_runs([client.get_experiment_by_name("auth").experiment_id])
+        assert [(r.info.run_name, r.info.status) for r in runs] == [("with", "FINISHED")]
+    finally:
+        server.stop()
