@@ -351,3 +351,106 @@ def test_trainjob_command_on_two_pods_matches_one_node(tmp_path, recipe_file):
     # What the bound would catch: one step less (the step-5 checkpoint) is far outside it.
     step5 = checkpoint_params(reference / out / "checkpoints" / "step_00000005")
     assert max_param_diff(final, step5) > 1e-4
+
+
+# ------------------------------------------------------------------ credentials and network policies
+
+
+def test_no_secret_value_is_in_the_manifests():
+    """A Secret in the kustomization (it held `change-me`) reset a rotated secret on every
+    `kubectl apply -k`; the Secrets are generated from git-ignored files instead."""
+    assert not [name for name, d in documents() if d["kind"] == "Secret"]
+    assert not [p.name for p in K8S.glob("*.yaml") if "change-me" in p.read_text()]
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for gen in kust["secretGenerator"]:
+        for env_file in gen["envs"]:
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / env_file)], cwd=ROOT)
+            assert ignored.returncode == 0, f"{env_file} would be committed"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """`kubectl kustomize` of a copy of k8s/ with secrets from make-secrets.sh (offline)."""
+    import shutil
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the kustomization was not built")
+    tmp = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, tmp, ignore=shutil.ignore_patterns("secrets"))
+    subprocess.run(["bash", str(tmp / "make-secrets.sh")], check=True, capture_output=True)
+    out = subprocess.run(["kubectl", "kustomize", str(tmp)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return tmp, [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_the_kustomization_builds_with_generated_secrets_every_reference_resolves(built):
+    tmp, docs = built
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert "mlflow-auth" in secrets and any(n.startswith("mlflow-db-") for n in secrets)
+    refs = re.findall(r"name: (mlflow-(?:db|auth)\S*)", yaml.safe_dump_all(docs))
+    assert refs and set(refs) <= set(secrets), (set(refs), set(secrets))
+    for d in docs:
+        if d["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)
+    values = [line.split("=", 1)[1] for f in (tmp / "secrets").glob("*.env") for line in f.read_text().splitlines()]
+    assert not [p for p in K8S.rglob("*") if p.is_file() and any(v in p.read_text() for v in values if len(v) > 20)]
+
+
+def _pods_by_labels() -> dict[str, dict]:
+    pods = {}
+    for name, doc in documents():
+        templates = ([s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()] if doc["kind"] == "PyTorchJob"
+                     else [runtime_pod(doc)] if doc["kind"] == "ClusterTrainingRuntime"
+                     else [doc["spec"]["template"]] if doc["kind"] in ("Job", "Deployment", "StatefulSet") else [])
+        for i, t in enumerate(templates):
+            pods[f"{doc['kind']}/{doc['metadata']['name']}/{i}"] = t.get("metadata", {}).get("labels", {})
+    return pods
+
+
+def _admitted(policy: dict, pods: dict[str, dict]) -> tuple[set[str], set[str]]:
+    """(pods the policy protects, pods it lets in) by label selectors."""
+    def match(sel, labels):
+        return all(labels.get(k) == v for k, v in sel["matchLabels"].items())
+    protected = {p for p, labels in pods.items() if match(policy["spec"]["podSelector"], labels)}
+    allowed = {p for p, labels in pods.items() for rule in policy["spec"]["ingress"] for src in rule["from"]
+               if match(src["podSelector"], labels)}
+    return protected, allowed
+
+
+def test_only_training_pods_reach_mlflow_and_only_mlflow_reaches_postgresql():
+    pods = _pods_by_labels()
+    policies = {d["metadata"]["name"]: d for _, d in documents() if d["kind"] == "NetworkPolicy"}
+    protected, allowed = _admitted(policies["mlflow"], pods)
+    training = {p for p in pods if p.split("/")[0] in ("PyTorchJob", "Job", "ClusterTrainingRuntime")}
+    assert protected == {"Deployment/mlflow/0"} and allowed == training and len(training) == 5
+    protected, allowed = _admitted(policies["mlflow-postgres"], pods)
+    assert protected == {"StatefulSet/mlflow-postgres/0"} and allowed == {"Deployment/mlflow/0"}
+    # What the label does: a training pod without it is not let in.
+    pods["Job/dtrain-indexed/0"] = {}
+    assert "Job/dtrain-indexed/0" not in _admitted(policies["mlflow"], pods)[1]
+
+
+def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres):
+    """The script the PostgreSQL pod runs on its first start, run on a real server: `mlflow`
+    owns its two databases and is no superuser (the image made POSTGRES_USER one)."""
+    import psycopg
+
+    cm = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-postgres-init")
+    script = cm["data"]["10-mlflow-role.sh"]
+    sql = script.split("<<'SQL'\n", 1)[1].rsplit("SQL", 1)[0]
+    port = postgres.rsplit(":", 1)[1].split("/")[0]
+    with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        for stmt in ("DROP DATABASE IF EXISTS mlflow", "DROP DATABASE IF EXISTS mlflow_auth", "DROP ROLE IF EXISTS mlflow"):
+            conn.execute(stmt)
+    proc = subprocess.run(["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "postgres", "-v",
+                           "ON_ERROR_STOP=1"], input=sql, env={**env_for_cli(), "MLFLOW_DB_PASSWORD": "pw-from-env"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        role = conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolpassword IS NOT NULL FROM pg_authid "
+                            "WHERE rolname = 'mlflow'").fetchone()
+        owners = conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname LIKE 'mlflow%' "
+                              "ORDER BY datname").fetchall()
+        stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'mlflow'").fetchone()[0]
+    assert role == (False, False, False, True) and owners == [("mlflow", "mlflow"), ("mlflow_auth", "mlflow")]
+    assert stored.startswith("SCRAM-SHA-256$")  # the password from the environment, stored hashed
