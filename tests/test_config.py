@@ -52,6 +52,8 @@ BAD = [
     (["data.global_batch_size=63"], "data.global_batch_size=63: must be divisible by world size x data.grad_accum_steps = 1 x 2"),
     (["task=cnnn"], "task='cnnn': must be one of cnn|transformer|gan or package.module:Class (did you mean cnn?)"),
     (["optim"], "override 'optim' is not of the form key.sub=value"),
+    (["train.max_steps=.inf"], "train.max_steps=inf: must be an integer"),  # was an OverflowError traceback
+    (["optim.lr=.nan"], "optim.lr=nan: must be a number"),
 ]
 
 
@@ -68,6 +70,27 @@ def test_bad_input_one_line(overrides, message, capsys, tmp_path, monkeypatch):
     assert len(lines) == 1, err
     assert lines[0].startswith("dtrain: error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing half-written
+
+
+def test_an_image_folder_with_an_empty_class_is_one_line(tmp_path, capsys, monkeypatch):
+    """It was scikit-learn's ValueError traceback about an empty train set."""
+    monkeypatch.chdir(tmp_path)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", RECIPE, f"data.path={tmp_path / 'images'}", "tracking.enabled=false"])
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and line.startswith(f"dtrain: error: data.path='{tmp_path / 'images' / 'cats'}': holds "
+                                                 "no image (.bmp"), line
+
+
+def test_prepare_text_into_a_place_it_cannot_write_is_one_line(capsys):
+    """It was a FileNotFoundError / PermissionError traceback."""
+    for output in ("/proc/dtrain-tokens", "/sys/kernel/dtrain-tokens"):  # no such place; not permitted, even to root
+        with pytest.raises(SystemExit) as e:
+            cli.main(["prepare-text", str(ROOT / "README.md"), "--output", output])
+        line = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and line.startswith(f"dtrain: error: --output='{output}': cannot be created: "), line
 
 
 def test_missing_and_malformed_recipe(tmp_path, capsys):

@@ -329,6 +329,8 @@ def cmd_prepare_text(args: argparse.Namespace) -> None:
                               show_progress=sys.stderr.isatty())
     except ConfigError as e:
         _fail(str(e), EXIT_BAD_INPUT)
+    except OSError as e:  # an unwritable folder, a full disk: the temporary files are already removed
+        _fail(f"prepare-text: {e.filename or args.output}: {e.strerror or e}", EXIT_FAILED)
     print(f"prepare-text: {len(meta['sources'])} file(s), {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
           f"tokens ({meta['dtype']}, {len(meta['vocab'])} symbols) -> {args.output}; train with data.tokens={args.output}")
 

@@ -126,10 +126,12 @@ def channel_stats(files: list[str], size: int, limit: int = STATS_IMAGES) -> tup
 def _listing(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     files, labels = [], []
     for label, cls in enumerate(classes):
-        for p in sorted((root / cls).iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(str(p))
-                labels.append(label)
+        found = [str(p) for p in sorted((root / cls).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise ConfigError("data.path", str(root / cls), f"holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                              "every class folder needs some")
+        files += found
+        labels += [label] * len(found)
     return files, labels
 
 

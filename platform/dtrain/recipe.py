@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 import os
 import types
 import typing
@@ -146,12 +147,12 @@ def convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(key, value, "must be true or false")
     if tp is int:
         number = _number(value)
-        if number is None or float(number) != int(number):
+        if number is None or not math.isfinite(number) or float(number) != int(number):
             raise ConfigError(key, value, "must be an integer")
         return int(number)
     if tp is float:
         number = _number(value)
-        if number is None:
+        if number is None or math.isnan(number):
             raise ConfigError(key, value, "must be a number")
         return float(number)
     if tp is str:

@@ -79,7 +79,10 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     vocab = Vocab(sorted(chars))
     dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.uint32
     lookup = vocab.index
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--output", str(output), f"cannot be created: {e.strerror or e}") from None
     tmp = {name: output / f".{name}.tmp" for name in ("train.bin", "val.bin")}
     seen = 0
     try:
