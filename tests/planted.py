@@ -113,5 +113,7 @@ class PlantedCurve(CNNTask):
     CURVE = [0.1, 0.5, 0.45, 0.48, 0.9, 0.95]
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        if sums["count"] < 360:  # the metric-name probe at start (one batch), not an evaluation
+            return {**super().eval_metrics(sums), "score": 0.0}
         self.evals = getattr(self, "evals", 0) + 1
         return {**super().eval_metrics(sums), "score": self.CURVE[min(self.evals, len(self.CURVE)) - 1]}

@@ -79,10 +79,14 @@ def test_compare_given_runs_only(parity):
 
 
 def test_compare_bad_input_is_one_line(parity):
-    root, uri, _ = parity
+    root, uri, ids = parity
     proc = compare(root, uri, "--experiment", "nope")
     assert proc.returncode == 2 and proc.stderr.strip() == \
         "dtrain: error: --experiment='nope': no such experiment in the tracking store"
+    proc = compare(root, uri, "--runs", *ids.values(), "--metric", "eval/acc")  # the runs' metrics, listed
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "dtrain: error: --metric='eval/acc': none of the 3 runs reports it; they report eval/accuracy, eval/loss"), \
+        proc.stderr
 
 
 def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):

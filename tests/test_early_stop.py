@@ -74,3 +74,16 @@ def test_resumed_into_a_new_output_dir_model_pt_comes_from_the_best_in_the_old_o
     best = torch.load(first / "checkpoints" / "step_00000004" / "model" / "state.pt", weights_only=True)["model"]
     assert max_param_diff(best, load_params(second / "model.pt"), buffers=True) == 0
     assert json.loads((second / "summary.json").read_text())["early_stop"]["best_step"] == 4
+
+
+def test_a_metric_the_task_does_not_report_is_refused_before_training(tmp_path):
+    """It was found at the first evaluation, after training had started (or, for the plateau
+    schedule and search trials, not listed). Now: one evaluation batch at start, one line."""
+    for key in ("early_stop.metric=acc", "optim.plateau_metric=acc"):
+        out = tmp_path / key.split(".")[0]
+        proc = run_dtrain(["train", CNN, key, "optim.schedule=plateau", "tracking.enabled=false",
+                           "train.max_steps=40", f"output_dir={out}"], cwd=tmp_path)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and line == (f"dtrain: error: {key.split('=')[0]}='acc': not an eval metric of this "
+                                                 "task; it reports accuracy, loss, samples"), proc.stderr[-2000:]
+        assert "step 1/" not in proc.stdout and not (out / "checkpoints").exists()

@@ -93,6 +93,16 @@ def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder
     assert [t["state"] for t in summary["trials"]] == ["FAIL", "FAIL"]
 
 
+def test_a_metric_the_task_does_not_report_stops_the_search_after_one_trial(tmp_path):
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
+    proc = subprocess.run(search_cmd(tmp_path, "--trials", "3", "--metric", "eval/acc"), cwd=tmp_path,
+                          env=env_for_cli(), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("dtrain: error: search: trial 0 refused the recipe"), lines
+    assert any("trial.metric='acc': not an eval metric of this task; it reports accuracy, loss" in l for l in lines)
+    assert "step 1/" not in proc.stdout
+
+
 def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, postgres):
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
                                          "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"

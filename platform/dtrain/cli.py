@@ -212,6 +212,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         _fail("search stopped; `dtrain search` with the same --study and --storage continues it", 130)
     except search.TooManyFailures as e:
         _fail(str(e), 1)
+    except search.TrialRefused as e:
+        _fail(str(e), EXIT_BAD_INPUT)
     best = summary["best"]
     print(f"search: {len(summary['trials'])} trials in study {a.study!r}; "
           + (f"best {a.metric} {best['value']:.4g} (trial {best['number']}): {a.output / 'best.yaml'}" if best

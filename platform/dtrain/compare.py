@@ -89,6 +89,10 @@ def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str], 
     if not out:
         raise CompareError(f"no dtrain runs with metric {metric!r} found"
                            + (f" in experiment {experiment!r}" if not run_ids else ""))
+    if not any(r.curves[metric] for r in out):  # a typo: say what the runs do report
+        reported = sorted({k for run in runs for k in run.data.metrics if k.startswith(("eval", "train/"))})
+        raise CompareError(f"--metric={metric!r}: none of the {len(out)} runs reports it; they report "
+                           f"{', '.join(reported) or 'no metric'}")
     return sorted(out, key=lambda r: (r.world_size, r.global_batch, r.run_id))
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, distributed, recipe, tracking
-from dtrain.config import Config, EarlyStopConfig
+from dtrain import checkpoint, data, distributed, recipe, tracking
+from dtrain.config import Config, ConfigError, EarlyStopConfig
 from dtrain.ema import EMA
 from dtrain.engines import evaluation_weights
 from dtrain.optim import Schedule, improvement
@@ -136,6 +136,33 @@ class Evaluator:
         if self.trial is not None:
             self.trial.report(self.last, state.step)
         return time.perf_counter() - t0
+
+
+def check_metric_keys(cfg: Config, task: Task, engines: dict[str, Engine], eval_loader: DataLoader[Any],
+                      device: torch.device) -> None:
+    """Keys that name an eval metric (`early_stop.metric`, `optim.plateau_metric`, a trial's
+    metric) are checked before the first step, against what the task reports for one
+    evaluation batch per rank: a typo costs seconds, not a training run. Collective."""
+    from torch.utils.data import Subset
+
+    wanted = {key: metric for key, metric, on in (
+        ("early_stop.metric", cfg.early_stop.metric, bool(cfg.early_stop.metric)),
+        ("optim.plateau_metric", cfg.optim.plateau_metric, cfg.optim.schedule == "plateau"),
+        ("trial.metric", cfg.trial.metric, bool(cfg.trial.storage))) if on}
+    if not wanted:
+        return
+    ds, batch = eval_loader.dataset, eval_loader.batch_size or 1
+    n = min(len(cast(Sized, ds)), batch * distributed.world_size())
+    probe = data.eval_loader(Subset(ds, range(n)), batch, distributed.world_size(), distributed.rank(), 0)
+    rng = checkpoint.rng_state()  # an evaluation may draw random numbers: training's streams stay as they were
+    try:
+        with evaluation_weights(engines):
+            names = sorted(task.evaluate(engines, probe, device))
+    finally:
+        checkpoint.set_rng_state(rng)
+    for key, metric in wanted.items():
+        if metric not in names:
+            raise ConfigError(key, metric, f"not an eval metric of this task; it reports {', '.join(names) or 'none'}")
 
 
 class EarlyStopping:

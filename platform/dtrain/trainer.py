@@ -27,7 +27,7 @@ from dtrain.ema import EMA
 from dtrain.engines import build_engines, evaluation_weights
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
-from dtrain.loop_parts import Checkpointer, EarlyStopping, Evaluator, MetricsWindow
+from dtrain.loop_parts import Checkpointer, EarlyStopping, Evaluator, MetricsWindow, check_metric_keys
 from dtrain.monitor import Monitor
 from dtrain.profiling import Profiler, region
 from dtrain.progress import Progress
@@ -124,6 +124,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     state = TrainState(world_size=parts.plan.world_size, global_batch=parts.plan.global_batch,
                        grad_accum=parts.plan.accum)
     resumed_from = resume.resume(cfg, parts.task, parts.saved(), state, out_dir / "checkpoints")
+    check_metric_keys(cfg, parts.task, parts.engines, parts.eval_loader, device)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe.dump_yaml(cfg, out_dir / "config.yaml")

@@ -62,6 +62,11 @@ class TooManyFailures(RuntimeError):
     """`--max-failures` trials failed in this worker; str() is the one line to show."""
 
 
+class TrialRefused(RuntimeError):
+    """A trial refused its recipe before training (exit 2: a bad key or value, e.g. `--metric`
+    naming a metric the task does not report): every further trial would too."""
+
+
 def default_storage(cfg: Config) -> str:
     """A SQLite file beside the MLflow store when that is SQLite, else in the launch directory."""
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -179,6 +184,9 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
         raise
     if (out / "pruned.json").exists():
         raise optuna.TrialPruned(json.loads((out / "pruned.json").read_text())["pruned_at_step"])
+    if code == 2:  # the CLI's exit code for bad input, said in the trial's own line above
+        raise TrialRefused(f"search: trial {trial.number} refused the recipe (its error line is above); "
+                           "no trial would run: fix the recipe, the space or --metric")
     if code != 0:
         raise TrialFailed(f"trial {trial.number} exited with {code} (see its output above)")
     summary = json.loads((out / "summary.json").read_text())
