@@ -141,3 +141,30 @@ def test_sigterm_during_the_last_flush_does_not_lose_it(tmp_path):
     client = mlflow.MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [20]
     assert client.get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_a_stop_signal_while_the_run_is_being_opened_ends_it_killed(tmp_path, monkeypatch):
+    """SIGTERM between creating the run and logging its params left it RUNNING for good (the
+    run was not yet the job's, so nothing finished it). A real signal, at that point."""
+    from dtrain import preemption, tracking
+    from dtrain.preemption import SignalInterrupt
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    real = mlflow.MlflowClient.log_batch
+
+    def log_batch(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread, here
+        time.sleep(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+    previous = signal.getsignal(signal.SIGTERM)
+    preemption.install()
+    try:
+        with pytest.raises(SignalInterrupt):
+            tracking.MlflowTracker(uri, "opening", "r", {"a": 1}, {"dtrain.world_size": 1})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("opening").experiment_id])
+    assert run.info.status == "KILLED"

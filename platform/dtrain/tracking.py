@@ -113,23 +113,30 @@ class MlflowTracker(NullTracker):
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
-        if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            self.client.set_tag(run_id, "dtrain.resumed", "true")
-            previous = self.client.get_run(run_id)
-            self.experiment_id = str(previous.info.experiment_id)
-            # Points of earlier attempts that reached finish() (a killed one never wrote its count).
-            earlier_points = int(previous.data.tags.get("dtrain.metric_points", 0))
-        else:
-            self.experiment_id = experiment_id(self.client, uri, experiment)
-            run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags={k: str(v) for k, v in tags.items()})
-            self.run_id = run.info.run_id
-            earlier_points = 0
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        self.run_id = ""
+        try:
+            if run_id:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                self.client.set_tag(run_id, "dtrain.resumed", "true")
+                previous = self.client.get_run(run_id)
+                self.experiment_id = str(previous.info.experiment_id)
+                # Points of earlier attempts that reached finish() (a killed one never wrote its count).
+                earlier_points = int(previous.data.tags.get("dtrain.metric_points", 0))
+            else:
+                self.experiment_id = experiment_id(self.client, uri, experiment)
+                run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                             tags={k: str(v) for k, v in tags.items()})
+                self.run_id = run.info.run_id
+                earlier_points = 0
+                items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+                for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                    self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        except BaseException as e:  # a stop signal or an error while the run is being opened
+            if self.run_id:  # it exists and is RUNNING: it must not stay so
+                with _sigterm_deferred(), contextlib.suppress(Exception):
+                    self.client.set_terminated(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         self._queue: queue.Queue[list[Any] | Callable[[], object] | None] = queue.Queue(maxsize=100_000)
         self._warned = False
         self._down_until = 0.0  # monotonic time before which the store is treated as down

@@ -128,19 +128,20 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe.dump_yaml(cfg, out_dir / "config.yaml")
-    tracker = start_tracking(cfg, env, parts, state)
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
-    progress.write(report.describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
-                   + (f" | {parts.ema.describe()}" if parts.ema else "")
-                   + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
-                   + (f" | mlflow run {state.run_id}" if state.run_id else ""))
-    links = tracker.links()
-    if links:
-        progress.write(links)
-
     status = "FAILED"
     loop: Loop | None = None
-    try:
+    tracker: tracking.NullTracker = tracking.NullTracker()
+    links = None
+    try:  # from the run's opening on, every way out ends it (finally): no run is left RUNNING
+        tracker = start_tracking(cfg, env, parts, state)
+        progress.write(report.describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
+                       + (f" | {parts.ema.describe()}" if parts.ema else "")
+                       + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
+                       + (f" | mlflow run {state.run_id}" if state.run_id else ""))
+        links = tracker.links()
+        if links:
+            progress.write(links)
         loop = Loop(cfg, parts, device, state, tracker, progress)
         with preemption.at_step_boundaries(cfg.train.collective_timeout_s):
             summary = loop.run()
