@@ -44,7 +44,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     first.send_signal(signal.SIGTERM)  # during trial 1
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130 and "continues it" in err.strip().splitlines()[-1], err
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
     assert not [p for p in ps if "dtrain train" in p and str(tmp_path) in p], ps  # its trial was stopped too
 
     again = subprocess.run(cmd, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=600)
@@ -91,6 +91,29 @@ def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder
     assert [p.name.split(".")[0] for p in (tmp_path / "out").glob("trial_000.earlier-*")] == ["trial_000"]
     summary = json.loads((tmp_path / "out" / "search.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["FAIL", "FAIL"]
+
+
+def test_a_stopped_search_kills_a_trial_that_ignores_the_stop(tmp_path):
+    """A trial stuck in a step with a grace timer longer than the search waits never exits
+    on SIGTERM; it was left running, orphaned. Now it is SIGKILLed after --stop-grace."""
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
+    search = subprocess.Popen(search_cmd(tmp_path, "--trials", "1", "--stop-grace", "2", "task=faulty:FaultyTask",
+                                         "model.fault=hang:0:2", "train.collective_timeout_s=100000"),
+                              cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def trial_processes():
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        return [p for p in ps if "dtrain train" in p and str(tmp_path / "out" / "trial_000") in p]
+
+    deadline = time.time() + 120
+    while not trial_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(8)  # well into its hanging second step
+    t0 = time.time()
+    search.send_signal(signal.SIGTERM)
+    search.communicate(timeout=60)
+    assert search.returncode == 130 and time.time() - t0 < 30
+    assert not trial_processes()
 
 
 def test_a_metric_the_task_does_not_report_stops_the_search_after_one_trial(tmp_path):

@@ -198,7 +198,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     a = search.SearchArgs(args.recipe, args.overrides, Path(args.space), args.trials, metric, direction,
                           args.sampler, args.pruner, args.storage or search.default_storage(cfg),
                           args.study or f"{cfg.recipe}-search", Path(args.output or f"runs/{cfg.recipe}-search"),
-                          args.nproc_per_node, args.max_failures)
+                          args.nproc_per_node, args.max_failures, args.stop_grace)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signum)
@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trials", type=int, default=10, help="finished (complete or pruned) trials the study needs")
     q.add_argument("--max-failures", type=int, default=3, help="failed trials after which this worker stops, "
                    "exit 1 (default 3; failed trials never count toward --trials)")
+    q.add_argument("--stop-grace", type=float, default=60.0, help="seconds a stopped search gives its running "
+                   "trial to checkpoint (SIGTERM) before killing it (default 60)")
     q.add_argument("--metric", default="", help="eval metric to optimise (default: eval/accuracy for cnn, "
                    "else eval/loss)")
     q.add_argument("--direction", choices=["maximize", "minimize"], default=None)

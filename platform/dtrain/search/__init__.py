@@ -52,6 +52,9 @@ class SearchArgs:
     nproc_per_node: int
     max_failures: int = 3
     """Failed trials after which this worker stops (they never count toward `trials`)."""
+    stop_grace_s: float = 60.0
+    """A stopped search gives its running trial this long to checkpoint and exit (SIGTERM),
+    then kills what is left of it (SIGKILL to its process group)."""
 
 
 class TrialFailed(RuntimeError):
@@ -180,7 +183,7 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     try:
         code = proc.wait()
     except BaseException:  # the search is stopped: so is its trial (and every process it started)
-        stop_process_group(proc)
+        stop_process_group(proc, a.stop_grace_s)
         raise
     if (out / "pruned.json").exists():
         raise optuna.TrialPruned(json.loads((out / "pruned.json").read_text())["pruned_at_step"])
