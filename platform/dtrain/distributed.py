@@ -8,6 +8,7 @@ host-side agreement (preemption, failed writes) and for naming stuck ranks after
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import re
@@ -156,6 +157,11 @@ def shutdown(clean: bool = True) -> None:
         world = dist.get_world_size()
         if clean:
             dist.barrier()
+        # Objects that hold the process group (a DDP reducer kept alive by a reference cycle)
+        # are freed now, while the group is still registered: freed later, at interpreter exit,
+        # the group's last reference can drop on one of gloo's own threads, which then destroys
+        # itself while joinable (std::terminate: "terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
         if store is not None and world > 1:
             exit_barrier(store, world)
