@@ -142,3 +142,15 @@ def test_the_schema_and_recipe_loading_import_no_torch():
                                       text=True, check=True).stdout.strip()
     assert run(light) == "False"
     assert run("dtrain.data") == "True"
+
+
+def test_a_refused_combination_costs_no_rank_start_up(tmp_path):
+    """The engine's refusal comes from the one process `dtrain train --nproc-per-node` runs
+    before torchrun: no torchrun agent starts (its ChildFailedError report would follow)."""
+    proc = run_dtrain(["train", RECIPE, "engine=deepspeed", "optim.name=schedulefree_adamw", "optim.schedule=constant",
+                       "optim.nesterov=false",
+                       "--nproc-per-node", "2", "tracking.enabled=false"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "dtrain: error: optim.name='schedulefree_adamw': not with engine=deepspeed (its averaged weights need the "
+        "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp"), proc.stderr
+    assert "torch.distributed" not in proc.stderr and not (tmp_path / "runs").exists()

@@ -73,7 +73,9 @@ def test_swapped_in_for_evaluation_and_back_exactly_and_checkpointed(tmp_path):
 def test_refusals_are_one_line():
     with pytest.raises(ConfigError, match=r"^ema.decay=1.0: must be in \[0, 1\)"):
         load_config(LM, ["ema.decay=1.0"])
+    from dtrain.engines import validate
+
     with pytest.raises(ConfigError, match=r"^ema.decay=0.9: not with DeepSpeed ZeRO-3"):
-        load_config(LM, ["ema.decay=0.9", "engine=deepspeed", "deepspeed.zero_stage=3"])
+        validate(load_config(LM, ["ema.decay=0.9", "engine=deepspeed", "deepspeed.zero_stage=3"]))
     with pytest.raises(ConfigError, match=r"^ema.decay=0.9: not for a GAN"):
         load_config(LM.replace("transformer_charlm", "gan_ring"), ["ema.decay=0.9"])

@@ -132,12 +132,15 @@ def test_activation_checkpointing_same_gradients_less_memory():
 
 
 def test_refusals_are_one_line(tmp_path):
+    """The engines' refusals (`dtrain.engines.validate`, run before torchrun starts)."""
+    from dtrain.engines import validate
+
     with pytest.raises(ConfigError, match=r"^engine='fsdp': not for a GAN"):
-        load_config(CNN.replace("cnn_digits", "gan_ring"), [FSDP])
+        validate(load_config(CNN.replace("cnn_digits", "gan_ring"), [FSDP]))
     with pytest.raises(ConfigError, match=r"^compile=True: not with gan.penalty=r1"):
         load_config(CNN.replace("cnn_digits", "gan_ring"), ["compile=true"])
     with pytest.raises(ConfigError, match=r"^checkpoint.async=True: not with engine=deepspeed"):
-        load_config(LM, ["engine=deepspeed", "checkpoint.async=true"])
+        validate(load_config(LM, ["engine=deepspeed", "checkpoint.async=true"]))
     proc = run_dtrain(["train", LM, FSDP, "precision=fp16", "train.max_steps=1", "tracking.enabled=false",
                        f"output_dir={tmp_path}/o"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

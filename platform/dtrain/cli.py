@@ -43,7 +43,7 @@ def _fail(msg: str, code: int, rank: int = 0, every_rank: bool = False) -> NoRet
 
 def _train_config(args: argparse.Namespace, rank: int, world_size: int) -> Config:
     """The recipe with its overrides, validated (also against the world size), or exit 2."""
-    from dtrain import data
+    from dtrain import data, engines
     from dtrain.tasks import load_config
 
     try:
@@ -52,6 +52,7 @@ def _train_config(args: argparse.Namespace, rank: int, world_size: int) -> Confi
             # torchrun restarted the workers after a failure: continue, do not start over.
             cfg.resume = "auto"
         data.plan_batches(cfg, world_size)
+        engines.validate(cfg)  # every refused combination, before torchrun starts any rank
     except ConfigError as e:
         _fail(str(e), EXIT_BAD_INPUT, rank)
     return cfg

@@ -7,6 +7,7 @@ section.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -345,14 +346,22 @@ class Config:
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
         _check("ema.decay", self.ema.decay, 0 <= self.ema.decay < 1, "must be in [0, 1) (0: off)")
         _non_negative(self.ema, "ema", "base_batch_size")
-        _check("ema.decay", self.ema.decay, not (self.ema.decay and self.engine == "deepspeed" and self.deepspeed.zero_stage == 3),
-               "not with DeepSpeed ZeRO-3 (its module holds no whole parameters to average); use stage 0-2 or fsdp")
         _positive(self.early_stop, "early_stop", "patience")
         _non_negative(self.early_stop, "early_stop", "min_delta")
-        _check("checkpoint.async", True, not (self.checkpoint.async_ and self.engine == "deepspeed"),
-               "not with engine=deepspeed (DeepSpeed writes its own checkpoint); use engine=ddp or fsdp")
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")
+
+
+def optim_sections(cfg: Any, prefix: str = "") -> list[tuple[str, OptimConfig]]:
+    """Every optimizer section of a config, with its key (`optim`; a GAN's `gan.optim_g`, ...)."""
+    found = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, OptimConfig):
+            found.append((prefix + f.name, value))
+        elif dataclasses.is_dataclass(value):
+            found += optim_sections(value, f"{prefix}{f.name}.")
+    return found
 
 
 def validate_optim(o: OptimConfig, prefix: str) -> None:

@@ -57,8 +57,9 @@ def write_shards(samples: Iterable[Sample], folder: str | os.PathLike[str], per_
         if tar is not None:
             tar.close()
             _publish(tar)
+            tar = None
     finally:
-        if tar is not None and not tar.closed:  # an error: the shard being written is removed, never published
+        if tar is not None:  # an error: the shard being written is removed, never published
             tar.close()
             Path(str(tar.name)).unlink(missing_ok=True)
     return files

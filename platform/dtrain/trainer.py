@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from dtrain import checkpoint, data, distributed, preemption, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.ema import EMA
-from dtrain.engines import build_engines, evaluation_weights
+from dtrain.engines import build_engines, evaluation_weights, validate
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.fileio import atomic_write
 from dtrain.loop_parts import Checkpointer, EarlyStopping, Evaluator, MetricsWindow, check_metric_keys
@@ -76,6 +76,7 @@ class Parts:
 
 def build(cfg: Config, device: torch.device) -> Parts:
     """The task, its data sharded for this rank, and one engine per model."""
+    validate(cfg)  # raw torchrun launches reach here without the CLI's check: refuse before any work
     world, rank = distributed.world_size(), distributed.rank()
     plan = data.plan_batches(cfg, world)
     task = get_task(cfg.task)(cfg)

@@ -9,12 +9,17 @@
 Before an engine wraps a model, `dtrain.blocks.prepare` applies activation checkpointing
 and `torch.compile` to its blocks (in place).
 
-A new engine implements the protocol and gets a branch in `build_engines`.
+`REGISTRY` is the one place that decides what combines: each engine class declares, in its
+`validate(cfg)`, what it refuses (with why, in one line), and builds from one signature
+(`build(spec, cfg, device=, plan=, total_steps=, precision=)`). `validate` runs before
+torchrun starts (the CLI) and again in each rank (raw torchrun launches). A new engine
+implements the protocol and gets a line in `REGISTRY`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Iterator
 
@@ -24,11 +29,20 @@ from dtrain import blocks, distributed
 from dtrain.config import Config
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
+from dtrain.engines.deepspeed import DeepSpeedEngine
+from dtrain.engines.fsdp import FSDPEngine
 from dtrain.engines.precision import AmpPrecision
 from dtrain.norm import convert_sync_batchnorm
 from dtrain.protocols import Engine, ModelSpec
 
-ENGINES = ("ddp", "deepspeed", "fsdp")
+REGISTRY: dict[str, type[DDPEngine] | type[DeepSpeedEngine]] = {
+    "ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}
+"""`engine=` name -> class (importing them imports neither deepspeed nor anything heavy)."""
+
+
+def validate(cfg: Config) -> None:
+    """What the recipe's engine refuses in it, as one ConfigError line, before any rank starts."""
+    REGISTRY[cfg.engine].validate(cfg)
 
 
 @contextlib.contextmanager
@@ -44,6 +58,7 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
                   total_steps: int) -> dict[str, Engine]:
     """One engine per model; the DDP engines share one precision object (one GradScaler,
     updated once per iteration)."""
+    engine_class = REGISTRY[cfg.engine]
     precision = AmpPrecision(cfg.precision, device)
     engines: dict[str, Engine] = {}
     for name, spec in specs.items():
@@ -52,18 +67,6 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
             module = convert_sync_batchnorm(module, device)
         steps = math.ceil(total_steps * spec.optimizer_steps_per_step)
         blocks.prepare(module, spec.blocks, cfg.model.activation_checkpointing, cfg.compile, name)
-        if cfg.engine == "fsdp":
-            from dtrain.engines.fsdp import FSDPEngine
-
-            engines[name] = FSDPEngine(module, spec.blocks, cfg, spec.optim, device=device,
-                                       global_batch=plan.global_batch, total_steps=steps)
-        elif cfg.engine == "deepspeed":
-            # Imported on use: importing deepspeed takes seconds and probes accelerators.
-            from dtrain.engines.deepspeed import DeepSpeedEngine
-
-            engines[name] = DeepSpeedEngine(module, cfg, spec.optim, device=device, plan=plan, total_steps=steps)
-        else:
-            engines[name] = DDPEngine(module, spec.optim, precision=precision, device=device,
-                                      global_batch=plan.global_batch, total_steps=steps,
-                                      broadcast_buffers=spec.broadcast_buffers)
+        engines[name] = engine_class.build(dataclasses.replace(spec, module=module), cfg, device=device, plan=plan,
+                                           total_steps=steps, precision=precision)
     return engines

@@ -13,9 +13,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint, distributed, optim
-from dtrain.config import OptimConfig
+from dtrain.config import Config, OptimConfig
+from dtrain.data import BatchPlan
 from dtrain.engines.precision import AmpPrecision
-from dtrain.protocols import Precision
+from dtrain.protocols import ModelSpec, Precision
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
@@ -62,6 +63,18 @@ def _buffer_sync_kwarg(sync: bool) -> dict[str, Any]:
 
 class DDPEngine:
     name = "ddp"
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """What this engine refuses in `cfg`, before any rank starts (ConfigError): nothing;
+        DDP runs every feature, precision and optimizer."""
+
+    @classmethod
+    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
+              precision: AmpPrecision) -> DDPEngine:
+        """The registry's one constructor signature (`dtrain.engines.build_engines`)."""
+        return cls(spec.module, spec.optim, precision=precision, device=device, global_batch=plan.global_batch,
+                   total_steps=total_steps, broadcast_buffers=spec.broadcast_buffers)
 
     def __init__(self, module: nn.Module, o: OptimConfig, *, precision: AmpPrecision, device: torch.device,
                  global_batch: int, total_steps: int, broadcast_buffers: bool = True):

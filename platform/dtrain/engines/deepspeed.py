@@ -21,11 +21,11 @@ import torch.nn as nn
 
 from dtrain import distributed, optim, safeload
 from dtrain.checkpoint import CheckpointError, ResumeRefused
-from dtrain.config import Config, ConfigError, OptimConfig
+from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import mismatch_line
 from dtrain.engines.precision import AmpPrecision
-from dtrain.protocols import Precision
+from dtrain.protocols import ModelSpec, Precision
 
 TAG = "state"
 
@@ -90,26 +90,44 @@ def grad_norm_of(module: nn.Module) -> torch.Tensor:
 class DeepSpeedEngine:
     name = "deepspeed"
 
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        stage = cfg.deepspeed.zero_stage
+        for key, o in optim_sections(cfg):
+            if o.clip_grad_value > 0:
+                raise ConfigError(f"{key}.clip_grad_value", o.clip_grad_value, "not supported with engine=deepspeed "
+                                  "(DeepSpeed clips by norm: use optim.clip_grad_norm)")
+            if o.name.startswith("schedulefree"):
+                raise ConfigError(f"{key}.name", o.name, "not with engine=deepspeed (its averaged weights need the "
+                                  "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp")
+            if o.l1 > 0:
+                raise ConfigError(f"{key}.l1", o.l1, "not supported with engine=deepspeed (DeepSpeed steps its own "
+                                  "optimizer on gradients dtrain does not see); use engine=ddp or fsdp")
+            if o.name in ("lars", "lamb") and stage > 0:
+                raise ConfigError(f"{key}.name", o.name, "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
+                                  "parameters into shards, so a per-layer trust ratio would be taken over pieces "
+                                  "of several layers; use engine=ddp or fsdp, or deepspeed.zero_stage=0")
+            if o.name == "adafactor" and stage > 0:
+                raise ConfigError(f"{key}.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO "
+                                  "flattens parameters, which silently turns Adafactor's factored moments into full ones")
+        if cfg.ema.decay and stage == 3:
+            raise ConfigError("ema.decay", cfg.ema.decay, "not with DeepSpeed ZeRO-3 (its module holds no whole "
+                              "parameters to average); use stage 0-2 or fsdp")
+        if cfg.checkpoint.async_:
+            raise ConfigError("checkpoint.async", True, "not with engine=deepspeed (DeepSpeed writes its own "
+                              "checkpoint); use engine=ddp or fsdp")
+        if getattr(cfg, "gan", None) is not None and stage == 3:
+            raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
+
+    @classmethod
+    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
+              precision: AmpPrecision) -> DeepSpeedEngine:
+        return cls(spec.module, cfg, spec.optim, device=device, plan=plan, total_steps=total_steps)
+
     def __init__(self, module: nn.Module, cfg: Config, o: OptimConfig, *, device: torch.device, plan: BatchPlan,
                  total_steps: int):
         """`precision` here only autocasts: DeepSpeed holds bf16/fp16 weights and scales fp16
         losses itself, and autocast casts the fp32 inputs to match."""
-        if o.clip_grad_value > 0:
-            raise ConfigError("optim.clip_grad_value", o.clip_grad_value,
-                              "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
-        if o.name.startswith("schedulefree"):
-            raise ConfigError("optim.name", o.name, "not with engine=deepspeed (its averaged weights need the "
-                              "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp")
-        if o.l1 > 0:
-            raise ConfigError("optim.l1", o.l1, "not supported with engine=deepspeed (DeepSpeed steps its own "
-                              "optimizer on gradients dtrain does not see); use engine=ddp or fsdp")
-        if o.name in ("lars", "lamb") and cfg.deepspeed.zero_stage > 0:
-            raise ConfigError("optim.name", o.name, "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
-                              "parameters into shards, so a per-layer trust ratio would be taken over pieces "
-                              "of several layers; use engine=ddp or fsdp, or deepspeed.zero_stage=0")
-        if o.name == "adafactor" and cfg.deepspeed.zero_stage > 0:
-            raise ConfigError("optim.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
-                              "parameters, which silently turns Adafactor's factored moments into full ones")
         prepare_cpu_ops(device)
         import deepspeed
 

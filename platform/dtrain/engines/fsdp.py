@@ -33,9 +33,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from dtrain import checkpoint, distributed, optim, safeload
-from dtrain.config import Config, ConfigError, OptimConfig
+from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
+from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import DTYPES, AmpPrecision
+from dtrain.protocols import ModelSpec
 
 EXTRA = "extra.pt"
 """Beside the DCP shards: the schedule's and the loss scaler's state (rank 0)."""
@@ -48,14 +50,28 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 class FSDPEngine(DDPEngine):
     name = "fsdp"
 
-    def __init__(self, module: nn.Module, blocks: list[nn.Module], cfg: Config, o: OptimConfig, *,
-                 device: torch.device, global_batch: int, total_steps: int):
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
         if cfg.precision == "fp16":
             raise ConfigError("precision", "fp16", "not supported with engine=fsdp (FSDP2 keeps fp32 master "
                               "weights and computes in bf16 without loss scaling): use precision=bf16")
-        if o.name in ("lars", "lamb", "schedulefree_adamw", "schedulefree_sgd"):
-            raise ConfigError("optim.name", o.name, "not with engine=fsdp (pytorch_optimizer's implementation "
-                              "uses in-place ops that FSDP2's DTensor shards do not support); use engine=ddp")
+        for key, o in optim_sections(cfg):
+            if o.name in ("lars", "lamb", "schedulefree_adamw", "schedulefree_sgd"):
+                raise ConfigError(f"{key}.name", o.name, "not with engine=fsdp (pytorch_optimizer's implementation "
+                                  "uses in-place ops that FSDP2's DTensor shards do not support); use engine=ddp")
+        if getattr(cfg, "gan", None) is not None:
+            raise ConfigError("engine", "fsdp", "not for a GAN: its gradient penalty differentiates through FSDP's "
+                              "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "
+                              "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)")
+
+    @classmethod
+    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
+              precision: AmpPrecision) -> FSDPEngine:
+        return cls(spec.module, spec.blocks, cfg, spec.optim, device=device, global_batch=plan.global_batch,
+                   total_steps=total_steps)
+
+    def __init__(self, module: nn.Module, blocks: list[nn.Module], cfg: Config, o: OptimConfig, *,
+                 device: torch.device, global_batch: int, total_steps: int):
         distributed.init_single_process_group(device)  # FSDP's device mesh needs a group even for one rank
         self.device = device
         # The policy casts parameters and inputs; an autocast on top would only cast again.

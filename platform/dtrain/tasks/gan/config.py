@@ -98,12 +98,6 @@ class GANConfig(Config):
         if self.ema.decay:
             raise ConfigError("ema.decay", self.ema.decay, "not for a GAN: it averages its generator itself "
                               "(gan.ema_decay)")
-        if self.engine == "fsdp":
-            raise ConfigError("engine", "fsdp", "not for a GAN: its gradient penalty differentiates through FSDP's "
-                              "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "
-                              "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)")
         if self.compile and self.gan.penalty != "none":
             raise ConfigError("compile", True, f"not with gan.penalty={self.gan.penalty}: the penalty's double backward "
                               "(create_graph=True) is not supported by torch.compile; use gan.penalty=none or compile=false")
-        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3:
-            raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
