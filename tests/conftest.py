@@ -52,9 +52,13 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     run, trained once per session and shared by every test that names it (the DDP baselines
     the DeepSpeed and FSDP engines are compared against). Overrides with `resume=auto` run again."""
     root = tmp_path_factory.mktemp("runs")
+    asked: dict[str, tuple] = {}
 
     def run(name: str, *overrides: str, recipe: str = LM, base: Sequence[str] = TINY_LM, nproc: int = 2) -> Path:
         out = root / name
+        if "resume=auto" not in overrides:  # one name, one run: a second definition would get the first's
+            assert asked.setdefault(name, (overrides, recipe, tuple(base), nproc)) == (overrides, recipe, tuple(base),
+                                                                                      nproc), f"tiny_runs({name!r}) asked differently"
         if not (out / "model.pt").exists() or "resume=auto" in overrides:
             check(run_dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=nproc))
         return out

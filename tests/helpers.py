@@ -28,6 +28,9 @@ CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 TINY_LM = ["train.max_steps=20", "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
            "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000", "train.eval_every_steps=0",
            "checkpoint.every_steps=0", "optim.clip_grad_norm=0.5"]
+# The DDP baselines the other engines are compared with (`tiny_runs("ddp" / "cnn-ddp", *DDP_BASELINE)`):
+# with an EMA, which changes no training step, so that its evaluation can be compared too.
+DDP_BASELINE = ("ema.decay=0.9",)
 # The digits CNN (synchronised BatchNorm), 20 steps, no augmentation.
 TINY_CNN = ["tracking.enabled=false", "train.max_steps=20", "data.augment=false", "checkpoint.every_steps=0",
             "train.eval_every_steps=0"]

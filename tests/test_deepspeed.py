@@ -8,7 +8,7 @@ from dtrain.tasks import load_config
 from dtrain.data import BatchPlan
 from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import CNN, LM, TINY_CNN, TINY_LM as TINY, run_dtrain, load_params, max_param_diff
+from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, TINY_LM as TINY, run_dtrain, load_params, max_param_diff
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def lm(tiny_runs):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_1_and_2_match_ddp(lm, stage):
-    ddp = load_params(lm("ddp") / "model.pt")
+    ddp = load_params(lm("ddp", *DDP_BASELINE) / "model.pt")
     zero = lm(f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
     assert max_param_diff(ddp, load_params(zero / "model.pt")) < 1e-4
     s = json.loads((zero / "summary.json").read_text())
@@ -33,7 +33,7 @@ def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
     lm("zero3-resumed", *z3, "resume=auto")
     a, b = load_params(straight / "model.pt"), load_params(resumed / "model.pt")
     assert max_param_diff(a, b) < 1e-6
-    assert max_param_diff(a, load_params(lm("ddp") / "model.pt")) < 1e-4
+    assert max_param_diff(a, load_params(lm("ddp", *DDP_BASELINE) / "model.pt")) < 1e-4
     # model.pt is a consolidated plain state_dict: it loads into the plain model.
     cfg = load_config(straight / "config.yaml")
     vocab = json.loads((straight / "vocab.json").read_text())
@@ -43,14 +43,14 @@ def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
 def test_bf16_runs(lm):
     out = lm("zero2-bf16", "engine=deepspeed", "deepspeed.zero_stage=2", "precision=bf16")
     s = json.loads((out / "summary.json").read_text())
-    fp32 = json.loads((lm("ddp") / "summary.json").read_text())
+    fp32 = json.loads((lm("ddp", *DDP_BASELINE) / "summary.json").read_text())
     assert s["precision"] == "bf16" and s["final_loss"] < s["initial_loss"]
     # bf16 keeps 8 bits of mantissa: the same run ends where fp32 ends, not merely "lower".
     assert s["eval"]["loss"] == pytest.approx(fp32["eval"]["loss"], rel=0.02), (s["eval"], fp32["eval"])
 
 
 def test_cnn_recipe_on_both_engines(lm):
-    ddp = lm("cnn-ddp", recipe=CNN, base=TINY_CNN)
+    ddp = lm("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
     zero = lm("cnn-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", recipe=CNN, base=TINY_CNN)
     assert max_param_diff(load_params(ddp / "model.pt"), load_params(zero / "model.pt"), buffers=True) < 1e-4
     acc = [json.loads((d / "summary.json").read_text())["eval"]["accuracy"] for d in (ddp, zero)]

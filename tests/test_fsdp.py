@@ -13,7 +13,7 @@ from dtrain import blocks
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import CNN, LM, TINY_CNN, check, load_params, max_param_diff, run_dtrain
+from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, check, load_params, max_param_diff, run_dtrain
 
 FSDP = "engine=fsdp"
 # The straight FSDP2 run every comparison shares; its EMA (which does not change training) is
@@ -30,7 +30,7 @@ def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
     evaluation equals DDP's too: FSDP2 keeps the root's gathered parameters after a forward, so
     the shadow swapped into the shards is only seen once the modules are resharded (it was not:
     eval_ema 3.89 vs 4.10)."""
-    ddp_run = tiny_runs("ddp", "ema.decay=0.9")
+    ddp_run = tiny_runs("ddp", *DDP_BASELINE)
     ddp = load_params(ddp_run / "model.pt")
     fsdp = tiny_runs("fsdp", *STRAIGHT)
     assert max_param_diff(ddp, load_params(fsdp / "model.pt")) <= 1e-5
@@ -46,7 +46,7 @@ def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
 def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
     """With `fsdp.offload` on: the shards live in CPU memory between uses (on a CPU job the same
     memory; the key's logic runs all the same, and changes no number)."""
-    ddp = tiny_runs("cnn-ddp", "ema.decay=0.9", recipe=CNN, base=TINY_CNN)
+    ddp = tiny_runs("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
     fsdp = tiny_runs("cnn-fsdp", FSDP, "fsdp.offload=true", "ema.decay=0.9", recipe=CNN, base=TINY_CNN)
     assert max_param_diff(load_params(ddp / "model.pt"), load_params(fsdp / "model.pt"), buffers=True) <= 1e-5
     assert summary(fsdp)["eval"]["accuracy"] == summary(ddp)["eval"]["accuracy"]

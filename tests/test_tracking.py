@@ -158,6 +158,9 @@ def test_a_stop_signal_while_the_run_is_being_opened_ends_it_killed(tmp_path, mo
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+    # A job's state before its loop (earlier tests in this process may have ended a run in it).
+    monkeypatch.setattr(preemption, "_holding", False)
+    monkeypatch.setattr(preemption, "_in_loop", False)
     previous = signal.getsignal(signal.SIGTERM)
     preemption.install()
     try:

@@ -16,7 +16,7 @@ import torch
 
 from dtrain import checkpoint, safeload
 from dtrain.resume import TrainState
-from helpers import CNN, PY, ROOT, check, load_params, max_param_diff, run_dtrain
+from helpers import CNN, DDP_BASELINE, PY, ROOT, check, load_params, max_param_diff, run_dtrain
 
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tracking.enabled=false"]
 
@@ -96,7 +96,7 @@ def test_only_the_folder_a_task_module_is_found_in_joins_the_python_path(tmp_pat
 
 
 def test_model_safetensors_holds_model_pt_and_init_from_reads_it(tiny_runs, tmp_path):
-    run = tiny_runs("ddp", "ema.decay=0.9")  # the FSDP tests' baseline run
+    run = tiny_runs("ddp", *DDP_BASELINE)  # the engines' shared baseline run
     pt, st = load_params(run / "model.pt"), safeload.load_weights(run / "model.safetensors")
     assert set(pt) == set(st) and max_param_diff(pt, st, buffers=True) == 0
     shutil.copy(run / "model.safetensors", tmp_path / "shared.safetensors")

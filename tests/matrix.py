@@ -1,0 +1,155 @@
+"""The combination matrix: engines x precisions x features x events, generated pairwise.
+
+Every pair of values of two factors appears in some cell (`allpairspy`), among the cells the
+engines accept (`dtrain.engines.validate` is the filter); the pairs an engine refuses are
+listed with their reason. Each cell is a tiny Transformer (1 block, dropout on) trained on 2
+gloo ranks, in process groups shared by all cells: straight to step 6, and again stopped at
+step 3 and resumed through the cell's event. The resumed run must end in the straight run's
+state (every parameter, to float rounding), or be refused in one line.
+
+    python tests/matrix.py            # prints the README's table (generated, never edited)
+    pytest tests/test_matrix.py       # runs the cells
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
+BASE = ["tracking.enabled=false", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
+        "data.global_batch_size=16", "data.max_chars=20000", "data.eval_blocks=16", "train.max_steps=6",
+        "train.eval_every_steps=0", "checkpoint.every_steps=3", "optim.clip_grad_norm=1.0", "optim.lr=0.003",
+        "optim.warmup_steps=2"]
+STOP_AT = 3
+
+ENGINES = {"ddp": ["engine=ddp"], "zero0": ["engine=deepspeed", "deepspeed.zero_stage=0"],
+           "zero1": ["engine=deepspeed", "deepspeed.zero_stage=1"], "zero2": ["engine=deepspeed", "deepspeed.zero_stage=2"],
+           "zero3": ["engine=deepspeed", "deepspeed.zero_stage=3"], "fsdp": ["engine=fsdp"]}
+PRECISIONS = {p: [f"precision={p}"] for p in ("fp32", "bf16", "fp16")}
+OPTIMIZERS = {"adamw": [], "schedulefree": ["optim.name=schedulefree_adamw", "optim.schedule=constant"],
+              "lars": ["optim.name=lars", "optim.lr=0.3"], "lamb": ["optim.name=lamb"]}
+FEATURES = {  # each on or off in a cell
+    "ema": ["ema.decay=0.9"],
+    "early_stop": ["early_stop.metric=loss", "early_stop.patience=100", "train.eval_every_steps=2"],
+    "async_checkpoint": ["checkpoint.async=true"],
+    "accumulation": ["data.grad_accum_steps=2"],
+    "activation_checkpointing": ["model.activation_checkpointing=full"],
+    "monitor": ["monitor.every=2"],
+    "profile": ["profile.enabled=true", "profile.wait=0", "profile.warmup=0", "profile.active=1"],
+    "init_from+freeze": ["model.init_from={init}", "model.freeze=[tok]"],
+}
+EVENTS = {"stopped, resumed": [], "resumed on 1 rank": [], "resumed with an override": ["data.num_workers=1"]}
+FACTORS = {"engine": list(ENGINES), "precision": list(PRECISIONS), "optimizer": list(OPTIMIZERS),
+           "event": list(EVENTS), **{f: [False, True] for f in FEATURES}}
+
+
+@dataclass(frozen=True)
+class Cell:
+    number: int
+    engine: str
+    precision: str
+    optimizer: str
+    event: str
+    features: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"cell{self.number:02d}"
+
+    def overrides(self, init: str = "") -> list[str]:
+        out = [*BASE, *ENGINES[self.engine], *PRECISIONS[self.precision], *OPTIMIZERS[self.optimizer]]
+        for f in self.features:
+            out += [o.format(init=init) for o in FEATURES[f]]
+        return out
+
+    def describe(self) -> str:
+        return " ".join([self.engine, self.precision, self.optimizer, *self.features, f"| {self.event}"])
+
+
+def refusal(values: dict[str, object]) -> str:
+    """The one line dtrain refuses these factor values with ("" when it accepts them)."""
+    from dtrain.config import ConfigError
+    from dtrain.engines import validate
+    from dtrain.tasks import load_config
+
+    features = [f for f in FEATURES if values.get(f)]
+    overrides = [*BASE, *ENGINES[str(values.get("engine", "ddp"))], *PRECISIONS[str(values.get("precision", "fp32"))],
+                 *OPTIMIZERS[str(values.get("optimizer", "adamw"))],
+                 *[o.format(init="/dev/null") for f in features for o in FEATURES[f]]]
+    try:
+        cfg = load_config(LM, [o for o in overrides if not o.startswith("model.init_from")])
+        validate(cfg)
+    except ConfigError as e:
+        return str(e)
+    if values.get("event") == "resumed on 1 rank" and cfg.engine == "deepspeed":  # refused when it resumes
+        return ("resume: the checkpoint was written by 2 DeepSpeed rank(s), this job has 1: ZeRO state is "
+                "partitioned per rank, so resume on 2 rank(s)")
+    return ""
+
+
+def cells() -> list[Cell]:
+    """All pairs of factor values that dtrain accepts, each in at least one cell."""
+    from allpairspy import AllPairs
+
+    names = list(FACTORS)
+
+    def accepted(row: list[object]) -> bool:
+        return not refusal(dict(zip(names, row)))
+
+    out = []
+    for i, row in enumerate(AllPairs([FACTORS[n] for n in names], filter_func=accepted)):
+        v = dict(zip(names, row))
+        out.append(Cell(i, str(v["engine"]), str(v["precision"]), str(v["optimizer"]), str(v["event"]),
+                        tuple(f for f in FEATURES if v[f])))
+    return out
+
+
+def table() -> str:
+    """Engines across, every other factor's values down: `yes` where a cell runs the pair,
+    else the reason dtrain refuses it before launch."""
+    covered = {(c.engine, v) for c in cells() for v in (c.precision, c.optimizer, c.event, *c.features)}
+    rows = [*PRECISIONS, *OPTIMIZERS, *FEATURES, *EVENTS]
+    lines = ["| | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+    reasons: dict[str, int] = {}
+    for value in rows:
+        cols = []
+        for engine in ENGINES:
+            if (engine, value) in covered:
+                cols.append("yes")
+                continue
+            key = ("precision" if value in PRECISIONS else "optimizer" if value in OPTIMIZERS
+                   else "event" if value in EVENTS else value)
+            why = refusal({"engine": engine, key: True if value in FEATURES else value})
+            if why:
+                reasons.setdefault(why, len(reasons) + 1)
+                cols.append(f"refused ({reasons[why]})")
+            else:
+                cols.append("not covered")
+        lines.append(f"| {value} | " + " | ".join(cols) + " |")
+    lines += [""] + [f"({n}) `{why}`" for why, n in reasons.items()]
+    return "\n".join(lines)
+
+
+def pairs_uncovered() -> list[tuple[str, str]]:
+    """Pairs of (engine, value) dtrain accepts that no cell runs (must stay empty)."""
+    covered = {(c.engine, v) for c in cells() for v in (c.precision, c.optimizer, c.event, *c.features)}
+    out = []
+    for engine, value in itertools.product(ENGINES, [*PRECISIONS, *OPTIMIZERS, *FEATURES, *EVENTS]):
+        key = ("precision" if value in PRECISIONS else "optimizer" if value in OPTIMIZERS
+               else "event" if value in EVENTS else value)
+        if (engine, value) not in covered and not refusal({"engine": engine, key: True if value in FEATURES else value}):
+            out.append((engine, value))
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "platform"))
+    if "--cells" in sys.argv:
+        for c in cells():
+            print(c.name, c.describe())
+    else:
+        print(table())
