@@ -13,6 +13,8 @@ state (every parameter, to float rounding), or be refused in one line.
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import sys
 from dataclasses import dataclass
@@ -70,42 +72,70 @@ class Cell:
         return " ".join([self.engine, self.precision, self.optimizer, *self.features, f"| {self.event}"])
 
 
-def refusal(values: dict[str, object]) -> str:
-    """The one line dtrain refuses these factor values with ("" when it accepts them)."""
+@functools.lru_cache(maxsize=None)
+def _base() -> tuple[dict, type]:
+    from dtrain import recipe
+    from dtrain.tasks import get_task
+
+    raw = recipe.read_raw(LM, BASE)
+    return raw, get_task(str(raw["task"])).config_class
+
+
+@functools.lru_cache(maxsize=None)
+def _refusal(values: frozenset[tuple[str, object]]) -> str:
+    from dtrain import recipe
     from dtrain.config import ConfigError
     from dtrain.engines import validate
-    from dtrain.tasks import load_config
 
-    features = [f for f in FEATURES if values.get(f)]
-    overrides = [*BASE, *ENGINES[str(values.get("engine", "ddp"))], *PRECISIONS[str(values.get("precision", "fp32"))],
-                 *OPTIMIZERS[str(values.get("optimizer", "adamw"))],
-                 *[o.format(init="/dev/null") for f in features for o in FEATURES[f]]]
+    v = dict(values)
+    overrides = [*ENGINES[str(v.get("engine", "ddp"))], *PRECISIONS[str(v.get("precision", "fp32"))],
+                 *OPTIMIZERS[str(v.get("optimizer", "adamw"))],
+                 *[o for f in FEATURES if v.get(f) for o in FEATURES[f] if not o.startswith("model.init_from")]]
+    raw, config_class = _base()
+    raw = copy.deepcopy(raw)
     try:
-        cfg = load_config(LM, [o for o in overrides if not o.startswith("model.init_from")])
+        for item in overrides:
+            recipe.apply_override(raw, item)
+        cfg = recipe.build(config_class, raw)
         validate(cfg)
     except ConfigError as e:
         return str(e)
-    if values.get("event") == "resumed on 1 rank" and cfg.engine == "deepspeed":  # refused when it resumes
+    if v.get("event") == "resumed on 1 rank" and cfg.engine == "deepspeed":  # refused when it resumes
         return ("resume: the checkpoint was written by 2 DeepSpeed rank(s), this job has 1: ZeRO state is "
                 "partitioned per rank, so resume on 2 rank(s)")
     return ""
 
 
+def refusal(values: dict[str, object]) -> str:
+    """The one line dtrain refuses these factor values with ("" when it accepts them): the
+    engines' `validate`, and the one refusal that can only come at resume."""
+    return _refusal(frozenset(values.items()))
+
+
+def _pairs(row: dict[str, object]) -> set[tuple[tuple[str, object], tuple[str, object]]]:
+    items = sorted(row.items(), key=lambda kv: list(FACTORS).index(kv[0]))
+    return set(itertools.combinations(items, 2))
+
+
 def cells() -> list[Cell]:
-    """All pairs of factor values that dtrain accepts, each in at least one cell."""
-    from allpairspy import AllPairs
-
+    """Every pair of factor values that dtrain accepts, in at least one cell (a greedy covering
+    array, AETG's way: each new cell starts from a pair not yet covered and takes, factor by
+    factor, the accepted value that covers the most new pairs). Deterministic."""
     names = list(FACTORS)
-
-    def accepted(row: list[object]) -> bool:
-        return not refusal(dict(zip(names, row)))
-
-    out = []
-    for i, row in enumerate(AllPairs([FACTORS[n] for n in names], filter_func=accepted)):
-        v = dict(zip(names, row))
-        out.append(Cell(i, str(v["engine"]), str(v["precision"]), str(v["optimizer"]), str(v["event"]),
-                        tuple(f for f in FEATURES if v[f])))
-    return out
+    todo = _accepted_pairs()
+    rows: list[dict[str, object]] = []
+    while todo:
+        (fa, va), (fb, vb) = min(todo, key=repr)
+        row: dict[str, object] = {fa: va, fb: vb}
+        for name in names:
+            if name in row:
+                continue
+            options = [v for v in FACTORS[name] if not refusal({**row, name: v})]
+            row[name] = max(options, key=lambda v: (len(_pairs({**row, name: v}) & todo), -FACTORS[name].index(v)))
+        rows.append(row)
+        todo -= _pairs(row)
+    return [Cell(i, str(r["engine"]), str(r["precision"]), str(r["optimizer"]), str(r["event"]),
+                 tuple(f for f in FEATURES if r[f])) for i, r in enumerate(rows)]
 
 
 def table() -> str:
@@ -134,16 +164,20 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def pairs_uncovered() -> list[tuple[str, str]]:
-    """Pairs of (engine, value) dtrain accepts that no cell runs (must stay empty)."""
-    covered = {(c.engine, v) for c in cells() for v in (c.precision, c.optimizer, c.event, *c.features)}
-    out = []
-    for engine, value in itertools.product(ENGINES, [*PRECISIONS, *OPTIMIZERS, *FEATURES, *EVENTS]):
-        key = ("precision" if value in PRECISIONS else "optimizer" if value in OPTIMIZERS
-               else "event" if value in EVENTS else value)
-        if (engine, value) not in covered and not refusal({"engine": engine, key: True if value in FEATURES else value}):
-            out.append((engine, value))
-    return out
+def _accepted_pairs() -> set[tuple[tuple[str, object], tuple[str, object]]]:
+    names = list(FACTORS)
+    return {pair for a, b in itertools.combinations(names, 2) for va in FACTORS[a] for vb in FACTORS[b]
+            if not refusal({a: va, b: vb}) for pair in _pairs({a: va, b: vb})}
+
+
+def pairs_uncovered() -> list[tuple[tuple[str, object], tuple[str, object]]]:
+    """Accepted pairs of values of any two factors that no cell runs (must stay empty)."""
+    covered: set[tuple[tuple[str, object], tuple[str, object]]] = set()
+    for c in cells():
+        row = {"engine": c.engine, "precision": c.precision, "optimizer": c.optimizer, "event": c.event,
+               **{f: f in c.features for f in FEATURES}}
+        covered |= _pairs(row)
+    return sorted(_accepted_pairs() - covered, key=repr)
 
 
 if __name__ == "__main__":

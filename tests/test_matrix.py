@@ -33,6 +33,9 @@ def _fit(rank: int, world: int, overrides: list[str]) -> None:
 
 def _phase(rank: int, world: int, runs: list[list[str]]) -> None:
     """Every run, in order, in this one process group (a failing run fails the phase)."""
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
     for overrides in runs:
         _fit(rank, world, overrides)
 
@@ -69,7 +72,9 @@ def _write_init(path):
 
     cfg = load_config(matrix.LM, [*matrix.BASE, "seed=123"])
     torch.manual_seed(123)
-    model = get_task(cfg.task)(cfg).models()["model"].module
+    task = get_task(cfg.task)(cfg)
+    task.datasets()  # (the vocabulary sizes the model)
+    model = task.models()["model"].module
     torch.save(model.state_dict(), path)
 
 
@@ -86,8 +91,6 @@ def test_every_cell_resumes_to_the_straight_runs_state(results):
     report = []
     for c in cells:
         straight = load_params(root / f"{c.name}-straight" / "model.pt")
-        if c.event == "resumed on 1 rank" and c.engine.startswith("zero"):
-            continue  # refused at resume: test_a_zero_checkpoint_on_another_world_size_is_one_line
         diff = max_param_diff(straight, load_params(root / c.name / "model.pt"), buffers=True)
         tol = TOLERANCE[c.precision] if c.event == "resumed on 1 rank" else TOLERANCE["same"]
         report.append((c.name, c.describe(), diff, tol))
@@ -95,9 +98,11 @@ def test_every_cell_resumes_to_the_straight_runs_state(results):
     assert not bad, "\n".join(f"{n} {d}: {diff:.3g} > {tol:g}" for n, d, diff, tol in bad)
     summary = json.loads((root / cells[0].name / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_loss"] < summary["initial_loss"]
-    frozen = [c for c in cells if "init_from+freeze" in c.features]
-    assert frozen and all(torch.equal(load_params(root / c.name / "model.pt")["tok.weight"],
-                                      torch.load(results[2], weights_only=True)["tok.weight"]) for c in frozen)
+    init = torch.load(results[2], weights_only=True)["tok.weight"]
+    for c in [c for c in cells if "init_from+freeze" in c.features]:
+        # Frozen: still the loaded weights (DeepSpeed in bf16 holds a frozen parameter in bf16 only).
+        held = init.to(torch.bfloat16).float() if c.engine.startswith("zero") and c.precision == "bf16" else init
+        assert torch.equal(load_params(root / c.name / "model.pt")["tok.weight"], held), c.describe()
 
 
 def test_the_check_sees_a_resume_that_went_wrong(results):
@@ -110,8 +115,9 @@ def test_a_zero_checkpoint_on_another_world_size_is_one_line(results, tmp_path):
     from helpers import run_dtrain
 
     root, cells, init = results
-    c = next(c for c in cells if c.event == "resumed on 1 rank" and c.engine.startswith("zero"))
+    c = next(c for c in cells if c.engine.startswith("zero"))
     out = tmp_path / c.name
     shutil.copytree(root / c.name, out)
     proc = run_dtrain(["train", matrix.LM, *c.overrides(str(init)), f"output_dir={out}", "resume=auto"], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"dtrain: error: {matrix.refusal({'engine': c.engine, 'event': c.event})}"
+    line = matrix.refusal({"engine": c.engine, "event": "resumed on 1 rank"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"dtrain: error: {line}", proc.stderr[-2000:]

@@ -93,6 +93,9 @@ class DeepSpeedEngine:
     @classmethod
     def validate(cls, cfg: Config) -> None:
         stage = cfg.deepspeed.zero_stage
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision", "fp16", "not with engine=deepspeed on a machine without a GPU (DeepSpeed's "
+                              "CPU accelerator has no fp16); use bf16, or engine=ddp")
         for key, o in optim_sections(cfg):
             if o.clip_grad_value > 0:
                 raise ConfigError(f"{key}.clip_grad_value", o.clip_grad_value, "not supported with engine=deepspeed "
@@ -175,9 +178,19 @@ class DeepSpeedEngine:
         return {n: g for n, g in grads.items() if g is not None}
 
     def full_params(self) -> dict[str, torch.Tensor]:
+        """Collective under ZeRO-3. The optimizer's fp32 master where there is one; a frozen
+        parameter (`model.freeze`) has none, so the module's own copy (gathered under ZeRO-3)."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {n: safe_get_full_fp32_param(p) for n, p in self.module.named_parameters()}
+        out = {}
+        for n, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:
+                with deepspeed.zero.GatheredParameters([p], enabled=self.zero_stage == 3):
+                    full = p.detach().float().clone()
+            out[n] = full
+        return out
 
     def evaluation_weights(self) -> ContextManager[Any]:
         return contextlib.nullcontext()
