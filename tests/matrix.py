@@ -3,8 +3,8 @@
 Every pair of values of two factors appears in some cell (`allpairspy`), among the cells the
 engines accept (`dtrain.engines.validate` is the filter); the pairs an engine refuses are
 listed with their reason. Each cell is a tiny Transformer (1 block, dropout on) trained on 2
-gloo ranks, in process groups shared by all cells: straight to step 6, and again stopped at
-step 3 and resumed through the cell's event. The resumed run must end in the straight run's
+gloo ranks, in process groups shared by all cells: straight to step 4, and again stopped at
+step 2 and resumed through the cell's event. The resumed run must end in the straight run's
 state (every parameter, to float rounding), or be refused in one line.
 
     python tests/matrix.py            # prints the README's table (generated, never edited)
@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 BASE = ["tracking.enabled=false", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
-        "data.global_batch_size=16", "data.max_chars=20000", "data.eval_blocks=16", "train.max_steps=6",
-        "train.eval_every_steps=0", "checkpoint.every_steps=3", "optim.clip_grad_norm=1.0", "optim.lr=0.003",
+        "data.global_batch_size=16", "data.max_chars=20000", "data.eval_blocks=16", "train.max_steps=4",
+        "train.eval_every_steps=0", "checkpoint.every_steps=2", "optim.clip_grad_norm=1.0", "optim.lr=0.003",
         "optim.warmup_steps=2"]
-STOP_AT = 3
+STOP_AT = 2
 
 ENGINES = {"ddp": ["engine=ddp"], "zero0": ["engine=deepspeed", "deepspeed.zero_stage=0"],
            "zero1": ["engine=deepspeed", "deepspeed.zero_stage=1"], "zero2": ["engine=deepspeed", "deepspeed.zero_stage=2"],

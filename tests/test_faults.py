@@ -114,16 +114,22 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     assert logged == list(range(10, 161, 10))
 
 
-def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
-    """SLURM's `--signal=USR1@60` reaches the process directly: the same stop, exit 128 + 10."""
+def _sigusr1_when(tmp_path, seen: str, *overrides: str) -> tuple[subprocess.Popen, list[str]]:
+    """One process training until it prints `seen`, then SIGUSR1 (as SLURM sends it); ended."""
     proc = subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *FAULTY, "tracking.enabled=false",
-                             "train.max_steps=100000", "tracking.log_every=20", f"output_dir={tmp_path / 'out'}"],
+                             "train.max_steps=100000", *overrides, f"output_dir={tmp_path / 'out'}"],
                             cwd=tmp_path, env=env_for_cli(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines: list[str] = []
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    _wait_for(lines, "step 40/100000", proc)
+    _wait_for(lines, seen, proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 128 + signal.SIGUSR1
+    return proc, lines
+
+
+def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
+    """SLURM's `--signal=USR1@60` reaches the process directly: the same stop, exit 128 + 10."""
+    _, lines = _sigusr1_when(tmp_path, "step 40/100000", "tracking.log_every=20")
     assert any(line.startswith(f"preempted by signal {int(signal.SIGUSR1)}") for line in lines), lines[-5:]
     assert checkpoint.latest(tmp_path / "out" / "checkpoints") is not None
 
@@ -131,15 +137,8 @@ def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
 def test_a_signal_during_a_long_evaluation_checkpoints_instead_of_giving_up(tmp_path):
     """The grace timer (`train.collective_timeout_s`) covers steps only: a healthy rank in a
     4 s evaluation with a 1 s grace used to exit "stuck in a step" without a checkpoint."""
-    proc = subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *FAULTY, "tracking.enabled=false",
-                             "train.max_steps=100000", "train.eval_every_steps=4", "model.fault=slow_eval:0:4",
-                             "train.collective_timeout_s=1", f"output_dir={tmp_path / 'out'}"],
-                            cwd=tmp_path, env=env_for_cli(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    _wait_for(lines, "slow evaluation", proc)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=60) == 128 + signal.SIGUSR1
+    proc, lines = _sigusr1_when(tmp_path, "slow evaluation", "train.eval_every_steps=4", "model.fault=slow_eval:0:4",
+                                "train.collective_timeout_s=1")
     assert "stuck in a step" not in proc.stderr.read()
     assert any(line.startswith(f"preempted by signal {int(signal.SIGUSR1)} at step 4") for line in lines), lines[-5:]
     assert checkpoint.latest(tmp_path / "out" / "checkpoints").name == "step_00000004"
