@@ -127,3 +127,22 @@ def test_bandit_finds_nothing_in_the_platform():
     nosec = subprocess.run(["grep", "-rn", "nosec", str(ROOT / "platform")], capture_output=True, text=True).stdout
     reasons = [line.split("nosec", 1)[1].partition("#")[2].strip() for line in nosec.splitlines()]
     assert reasons and all(len(r) > 10 for r in reasons), nosec  # each says why
+
+
+@pytest.mark.parametrize("name", ["trainer.pt", "model/state.pt", "model.pt"])
+def test_a_crafted_plain_checkpoint_file_is_refused_and_runs_nothing(tmp_path, name):
+    """trainer.pt, DDP's state.pt and model.pt load with weights_only=True (dtrain's one loader
+    for them, `checkpoint.load_file`; `safeload.load_weights` for init_from / sample)."""
+    from dtrain.checkpoint import CheckpointError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="cannot load"):
+        checkpoint.load_file(path)
+    with pytest.raises(Exception):
+        safeload.load_weights(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what weights_only prevents
+    assert marker.exists()
