@@ -80,7 +80,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_compiled_matches_eager(tiny_runs, engine):
-    eager = load_params(tiny_runs(engine, *(STRAIGHT if engine == "fsdp" else ())) / "model.pt")
+    eager = load_params(tiny_runs(engine, *(STRAIGHT if engine == "fsdp" else DDP_BASELINE)) / "model.pt")
     # (FSDP2 also keeps gathered parameters after forward here: a memory/speed switch, not a numeric one.)
     extra = ["fsdp.reshard_after_forward=false"] if engine == "fsdp" else []
     compiled = tiny_runs(f"{engine}-compiled", f"engine={engine}", "compile=true", *extra)

@@ -124,7 +124,8 @@ def test_bandit_finds_nothing_in_the_platform():
     proc = subprocess.run([PY, "-m", "bandit", "-q", "-r", str(ROOT / "platform" / "dtrain"), "-c",
                            str(ROOT / "pyproject.toml")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    nosec = subprocess.run(["grep", "-rn", "nosec", str(ROOT / "platform")], capture_output=True, text=True).stdout
+    nosec = subprocess.run(["grep", "-rn", "--include=*.py", "nosec", str(ROOT / "platform" / "dtrain")],
+                           capture_output=True, text=True).stdout
     reasons = [line.split("nosec", 1)[1].partition("#")[2].strip() for line in nosec.splitlines()]
     assert reasons and all(len(r) > 10 for r in reasons), nosec  # each says why
 
