@@ -274,14 +274,14 @@ def candidates(root: Path) -> list[Path]:
     done = [p for p in root.glob("step_*") if p.is_dir()]
     done += [p for p in root.glob(".old-step_*") if p.is_dir() and not (root / p.name[len(".old-"):]).exists()]
     done.sort(key=lambda p: p.name.removeprefix(".old-"), reverse=True)
-    pointer = root / LATEST
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if not named.exists() and (root / f".old-{named.name}").is_dir():
-            named = root / f".old-{named.name}"
-        if named in done:
-            done.remove(named)
-            done.insert(0, named)
+    pointed = named(root)
+    if pointed:
+        newest = root / pointed
+        if not newest.exists() and (root / f".old-{pointed}").is_dir():
+            newest = root / f".old-{pointed}"
+        if newest in done:
+            done.remove(newest)
+            done.insert(0, newest)
     return done
 
 
