@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from dtrain.cli import torchrun_cmd, torchrun_env
+from dtrain.launch import torchrun_cmd, torchrun_env
 from dtrain.distributed import shutdown
 from dtrain.config import Config
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask

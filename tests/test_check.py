@@ -145,11 +145,11 @@ def _broken_engine(rank, world, recipe, out):
     torch.manual_seed(cfg.seed)
     engine = build_engines(cfg, ctx.task.models(), ctx.device, ctx.plan, 1)["model"]
     engine.no_sync = lambda skip: engine.model.no_sync()  # the bug: skip the all-reduce on every micro-step
-    grads = dist_check._grads(ctx, {"model": engine})
+    grads = dist_check.mean_gradients(ctx, {"model": engine})
     assert grads.verdict == "FAIL" and grads.value > 1e-3, grads
     ctx.loader.sampler.rank = 0  # the bug: every rank reads rank 0's shard
     ctx._batches.clear()
-    samples = dist_check._samples(ctx, world)
+    samples = dist_check.same_samples(ctx, world)
     assert samples.verdict == "FAIL" and "not sharded" in samples.detail, samples
     dist.barrier()
 

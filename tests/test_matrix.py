@@ -24,14 +24,13 @@ def _fit(rank: int, world: int, overrides: list[str], refusal_to: str = "") -> N
     from dtrain.checkpoint import ResumeRefused
     from dtrain.distributed import DistEnv
     from dtrain.tasks import load_config
-    from dtrain.trainer import StoppedAtStep, fit
+    from dtrain.trainer import fit
 
     cfg = load_config(matrix.LM, overrides)
     try:
-        fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
+        outcome = fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
         assert not refusal_to, f"{overrides}: not refused"
-    except StoppedAtStep:
-        pass
+        assert outcome.status in ("finished", "stopped"), outcome
     except ResumeRefused as e:
         if not refusal_to:
             raise

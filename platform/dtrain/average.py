@@ -14,28 +14,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, data, safeload
+from dtrain import checkpoint, data, engines, safeload
 from dtrain.config import Config, ConfigError
 from dtrain.protocols import Task
-
-
-def read_model_weights(cfg: Config, folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain state_dict of `model` held by one engine folder of a checkpoint (`step_X/model`)."""
-    if cfg.engine == "fsdp":  # DCP: the shards of any world size, read whole into the plain model's tensors
-        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
-        try:
-            safeload.dcp_load(state, folder, no_dist=True)
-        except Exception as e:  # DCP's errors name every rank; the first is the cause
-            raise checkpoint.CheckpointError(f"cannot read {folder}: {safeload.first_cause(e)}") from None
-        weights: dict[str, torch.Tensor] = state["model"]
-        return weights
-    if cfg.engine == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        ds: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="state")
-        return ds
-    plain: dict[str, torch.Tensor] = checkpoint.load_file(folder / "state.pt")["model"]
-    return plain
+from dtrain.tasks import get_task, load_config
 
 
 def uniform_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -52,8 +34,6 @@ def uniform_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = False) -> tuple[Config, dict[str, float]]:
     """Average the checkpoints, refresh BatchNorm statistics, write `output`; returns the run's
     config and the averaged model's eval metrics."""
-    from dtrain.tasks import get_task, load_config
-
     runs = {f.resolve().parent.parent for f in folders}
     if len(runs) != 1:
         raise ConfigError("checkpoints", " ".join(map(str, folders)), "must be checkpoints of one run "
@@ -62,9 +42,6 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
         if not (f / checkpoint.TRAINER).exists():
             raise ConfigError("checkpoint", str(f), "is not a checkpoint folder (a step_* folder with trainer.pt)")
     cfg = load_config(runs.pop() / "config.yaml", ["tracking.enabled=false"], beside=trust)
-    if cfg.engine == "deepspeed" and not trust:
-        raise ConfigError("checkpoints", str(folders[0]), "are DeepSpeed checkpoints, which unpickle (a crafted file "
-                          "can run code): add --trust if the run is yours or your team's")
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
     specs = task.models()
@@ -72,7 +49,8 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
         raise ConfigError("task", cfg.task, f"has {len(specs)} models; average takes a one-model task "
                           "(a GAN averages its generator with gan.ema_decay)")
     model = specs["model"].module
-    model.load_state_dict(uniform_average([read_model_weights(cfg, f / "model", model) for f in folders]))
+    engine = engines.REGISTRY[cfg.engine]  # each engine reads its own checkpoint format
+    model.load_state_dict(uniform_average([engine.read_weights(f / "model", model, trust) for f in folders]))
     if bn_batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed))

@@ -26,14 +26,16 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_map_only
 
 from dtrain import distributed
+from dtrain.errors import Failure, WorkFailed
 from dtrain.fileio import atomic_write, first_line
+from dtrain.protocols import Checkpointed
 
 log = logging.getLogger("dtrain")
 
@@ -43,7 +45,7 @@ BEST = "best"
 TRAINER = "trainer.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Failure):
     """A checkpoint that cannot be used; str() is the one line to show."""
 
 
@@ -52,7 +54,7 @@ class ResumeRefused(CheckpointError):
     another global batch, another vocabulary): no fallback to an older one helps."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(WorkFailed):
     """Writing a checkpoint failed (disk full, I/O error); str() is the one line to show."""
 
 
@@ -228,21 +230,21 @@ def mark_best(root: Path, folder: Path) -> None:
     atomic_write(root / BEST, lambda p: p.write_text(folder.name + "\n"))
 
 
-def load(folder: Path, engines: dict[str, Any],
+def load(folder: Path, parts: Mapping[str, Checkpointed],
          validate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Restore every engine from `folder` (after `validate(client state)`); returns the
-    trainer's client state."""
+    """Restore every part (engine, EMA) from `folder` (after `validate(client state)`); returns
+    the trainer's client state."""
     client: dict[str, Any] = load_file(folder / TRAINER)
     if validate is not None:
         validate(client)
-    for name, engine in engines.items():
-        if not (folder / name).is_dir() and not getattr(engine, "optional", False):
+    for name, part in parts.items():
+        if not (folder / name).is_dir() and part.required:
             raise CheckpointError(f"{folder} has no {name}/ (incomplete, or a checkpoint of another task)")
-        engine.load(folder / name)
+        part.load(folder / name)
     return client
 
 
-def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any]]:
+def load_newest(root: Path, parts: Mapping[str, Checkpointed], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any]]:
     """`resume=auto`: the newest checkpoint under `root` that loads on every rank.
 
     A broken one (truncated file, missing engine folder, another model) is skipped with a
@@ -254,7 +256,7 @@ def load_newest(root: Path, engines: dict[str, Any], validate: Callable[[dict[st
     first_error = ""
     for folder in found:
         try:
-            client = load(folder, engines, validate)
+            client = load(folder, parts, validate)
             error = ""
         except ResumeRefused:
             raise

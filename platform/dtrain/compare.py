@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtrain.config import Config
+from dtrain.errors import Failure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 KIND_TAG = "dtrain.kind"
 
 
-class CompareError(RuntimeError):
+class CompareError(Failure):
     """Nothing to compare; str() is the line to show."""
 
 
@@ -203,26 +203,3 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
                      f"gap {c['gap']:+.4f} -> {'within tolerance' if c['within_tolerance'] else 'OUTSIDE tolerance'}")
     lines.append("verdict: " + ("converges like the baseline" if result["ok"] else "does NOT converge like the baseline"))
     return lines
-
-
-def sweep_overrides(cfg: Config, n: int, base: int, keep: str) -> list[str]:
-    """What `dtrain sweep-world-sizes` adds to the recipe for its n-rank run.
-
-    keep=global (strong scaling): nothing; every run has the recipe's global batch.
-    keep=per-rank (weak scaling, how a job usually grows from 1 GPU to N): the per-rank batch
-    the recipe has at `base` ranks is kept, so the global batch, and the LR by the recipe's
-    `optim.scale_rule`, grow n / base-fold; counts stated in steps (`train.max_steps`, evaluation
-    and checkpoint intervals, `optim.warmup_steps`) shrink alike, so every run sees the same
-    samples and warms up over the same ones (Goyal et al.'s setting).
-    """
-    if keep == "global":
-        return []
-    d = cfg.data
-    per_rank = d.global_batch_size // (base * d.grad_accum_steps)
-    out = [f"data.global_batch_size={per_rank * n * d.grad_accum_steps}"]
-    for key, steps in (("train.max_steps", cfg.train.max_steps), ("train.eval_every_steps", cfg.train.eval_every_steps),
-                       ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                       ("optim.warmup_steps", cfg.optim.warmup_steps)):
-        if steps:
-            out.append(f"{key}={max(1, round(steps * base / n))}")
-    return out

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dtrain.errors import Failure
 
-class ConfigError(ValueError):
-    """Bad input. `str()` is the one line the user sees."""
+
+class ConfigError(Failure, ValueError):
+    """Bad input: `key=value: what would be valid` (exit 2)."""
 
     def __init__(self, key: str, value: Any, expected: str):
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"{key}={value!r}: {expected}" if key else expected)
+        Failure.__init__(self, f"{key}={value!r}: {expected}" if key else expected)
 
 
 # --------------------------------------------------------------------------- sections

@@ -20,15 +20,16 @@ all-reduced: every sample counted exactly once.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sized, cast
+from typing import Any, Iterator, Sized, cast
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dtrain.config import Config, ConfigError
+from dtrain.seeding import Augment as Augment  # re-exported: tasks type their augmentation with it
+from dtrain.seeding import sample_generator as sample_generator
+from dtrain.seeding import seeded as seeded
 from dtrain.shards import TarShards
 
 
@@ -49,27 +50,6 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
                           f"must be divisible by world size x data.grad_accum_steps = {world_size} x {a} "
                           f"(e.g. {', '.join(map(str, ok))})")
     return BatchPlan(g, g // (world_size * a), a, world_size)
-
-
-Augment = Callable[[Any, torch.Generator], Any]
-"""A task's per-sample augmentation: (sample, the sample's generator) -> augmented sample.
-Picklable (a module-level function or a functools.partial of one): workers receive it."""
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The random stream of sample `index` in `epoch`: the same on any rank, in any worker,
-    after any resume. SeedSequence mixes the three numbers (nearby keys, unrelated streams)."""
-    (state,) = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state))
-
-
-@contextlib.contextmanager
-def seeded(generator: torch.Generator) -> Iterator[None]:
-    """Run library transforms that draw from torch's global RNG (torchvision's) on the sample's
-    own stream: the global RNG is seeded from `generator` inside, and restored after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
-        yield
 
 
 class Augmented(Dataset[Any]):

@@ -8,6 +8,8 @@ asks for it, in its worker processes, so a folder larger than RAM trains.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from dtrain.config import ConfigError
+from dtrain.fileio import atomic_write
 from dtrain.safeload import UnsafeFile, load_numpy_pickle
 
 Array = npt.NDArray[Any]
@@ -47,15 +50,37 @@ def _to_datasets(xtr: Array, ytr: Array, xte: Array, yte: Array) -> Pair:
 def digits(test_fraction: float, normalize: bool = True) -> Pair:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): standardised per channel,
     or (normalize=False) scaled to [-1, 1] as GANs with a tanh output want them."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
-    xtr, ytr, xte, yte = _split(x, d.target, test_fraction)
+    xtr, ytr, xte, yte = _digits_split(test_fraction)
     if normalize:
         return _to_datasets(xtr, ytr, xte, yte)
     return (TensorDataset(torch.as_tensor(xtr * 2 - 1), torch.as_tensor(ytr, dtype=torch.int64)),
             TensorDataset(torch.as_tensor(xte * 2 - 1), torch.as_tensor(yte, dtype=torch.int64)))
+
+
+def _digits_split(test_fraction: float) -> Split:
+    """The digits in [0, 1], (N, 1, 8, 8), split by `_split`. Importing scikit-learn (and SciPy)
+    costs every rank about 2 s, so the split is kept in the user's cache as a plain .npz (no
+    pickles: loading it runs no code), keyed by the fraction and scikit-learn's version."""
+    import importlib.metadata
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dtrain"
+    path = cache / f"digits-{test_fraction!r}-sklearn-{importlib.metadata.version('scikit-learn')}.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError):  # absent or damaged: computed again
+        with np.load(path, allow_pickle=False) as f:
+            return f["xtr"], f["ytr"], f["xte"], f["yte"]
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    split = _split((d.images / 16.0).astype(np.float32)[:, None], d.target, test_fraction)
+    with contextlib.suppress(OSError):  # a read-only home: computed each time, as before
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: _save_npz(tmp, split))
+    return split
+
+
+def _save_npz(path: Path, split: Split) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, xtr=split[0], ytr=split[1], xte=split[2], yte=split[3])
 
 
 def cifar10(folder: Path) -> Pair:

@@ -41,7 +41,7 @@ log = logging.getLogger("dtrain")
 
 
 class EMA:
-    optional = True
+    required = False
     """A checkpoint without `ema/` (written before EMA was turned on) still loads: the
     shadow then starts from the loaded weights."""
 

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
+from dtrain.errors import Failure
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -28,7 +30,7 @@ class DistEnv:
     """single, torchrun, accelerate, deepspeed, slurm, env or kubeflow."""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(Failure):
     """The launcher's environment is inconsistent; str() is the one line to show."""
 
 

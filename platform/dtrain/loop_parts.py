@@ -18,11 +18,11 @@ from dtrain import checkpoint, data, distributed, recipe, tracking
 from dtrain.config import Config, ConfigError, EarlyStopConfig
 from dtrain.ema import EMA
 from dtrain.engines import evaluation_weights
-from dtrain.optim import Schedule, improvement
+from dtrain.optim import improvement
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState
-from dtrain.search.trial import TrialReporter
+from dtrain.trial import Pruned, TrialReporter
 
 
 class Checkpointer:
@@ -101,8 +101,9 @@ class Evaluator:
         self.last_ema: dict[str, float] = {}
         self.ema = ema
         self.last_step = -1
-        # A search trial reports each evaluation to its study, which may stop it (Pruned).
+        # A search trial reports each evaluation to its study, which may stop it.
         self.trial = TrialReporter(cfg.trial) if cfg.trial.storage else None
+        self.pruned: Pruned | None = None
 
     def due_after_step(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -130,11 +131,11 @@ class Evaluator:
             self.progress.write(f"eval_ema @ step {state.step}: "
                                 + " ".join(f"{k} {_fmt(v)}" for k, v in self.last_ema.items()))
         for name, engine in self.engines.items():  # optim.schedule=plateau: drop the LR on a plateau
-            if isinstance(engine.scheduler, Schedule) and engine.scheduler.observe(self.last):
-                self.progress.write(f"plateau: {'' if name == 'model' else name + ' '}lr x{engine.scheduler.o.gamma:g} "
-                                    f"after step {state.step} (scale {engine.scheduler.plateau['scale']:.4g})")
+            if engine.scheduler.observe(self.last):
+                self.progress.write(f"plateau: {'' if name == 'model' else name + ' '}lr scale "
+                                    f"{engine.scheduler.plateau['scale']:.4g} after step {state.step}")
         if self.trial is not None:
-            self.trial.report(self.last, state.step)
+            self.pruned = self.trial.report(self.last, state.step)
         return time.perf_counter() - t0
 
 

@@ -81,7 +81,31 @@ class Precision(Protocol):
         """Once per training iteration, after every optimizer it scales has stepped."""
 
 
-class Engine(Protocol):
+class Checkpointed(Protocol):
+    """A part of a checkpoint (an engine, the EMA): it writes and reads its own folder,
+    `step_X/<name>/`; `dtrain.checkpoint` only names the folders and publishes them."""
+
+    required: bool
+    """False: a checkpoint written without this part (before it was turned on) still loads."""
+
+    def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
+        """Collective: write this part's state under `folder`. `background`: return once the
+        state is copied to memory, with a future that completes when it is on disk."""
+
+    def load(self, folder: Path) -> None: ...
+
+
+class LRSchedule(Protocol):
+    """An engine's LR schedule (`dtrain.optim.Schedule`), stepped inside `Engine.step`."""
+
+    plateau: dict[str, float]
+    """Under `optim.schedule=plateau`: "scale", the product of the drops so far."""
+
+    def observe(self, metrics: dict[str, float]) -> bool:
+        """After an evaluation: True when the LR dropped (a plateau schedule)."""
+
+
+class Engine(Checkpointed, Protocol):
     name: str
     device: torch.device
     model: nn.Module
@@ -92,8 +116,10 @@ class Engine(Protocol):
     lr_info: LRInfo
     lr: float
     """The LR the optimizer used for the last step."""
-    scheduler: Any
-    """The LR schedule (`dtrain.optim.Schedule`), stepped inside `step`."""
+
+    @property
+    def scheduler(self) -> LRSchedule:
+        """The LR schedule, stepped inside `step`."""
     on_gradients: Callable[[], None] | None
     """Called inside `step` once the gradients are final (reduced and unscaled, before
     clipping and the optimizer): where `full_grads` reads them (`dtrain.monitor`)."""
@@ -116,11 +142,6 @@ class Engine(Protocol):
         optimizer's average); outside: the ones training continues from."""
 
     def loss_scale(self) -> float | None: ...
-    def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
-        """Collective: write this engine's state under `folder`. `background`: return once the
-        state is copied to memory, with a future that completes when it is on disk."""
-
-    def load(self, folder: Path) -> None: ...
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """A plain state_dict of the whole model, on every rank (a collective under sharding)."""
 
@@ -142,6 +163,11 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def headline_metric(self) -> tuple[str, bool]:
+        """The eval metric that says how good a run is, and whether higher is better: what
+        `dtrain search` optimises unless `--metric` says otherwise. Default: loss, lower."""
+        return "loss", False
 
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         """(train, eval) datasets; every rank builds the same ones."""

@@ -18,6 +18,7 @@ import torch
 from dtrain import checkpoint, distributed
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import Config, ConfigError
+from dtrain.engines import REGISTRY
 from dtrain.protocols import Engine, Task
 
 log = logging.getLogger("dtrain")
@@ -86,7 +87,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
                                   "output_dir")
         if not found:
             return None
-    world, rank = distributed.world_size(), distributed.rank()
+    world = distributed.world_size()
 
     def validate(client: dict[str, Any]) -> None:
         saved = TrainState(**client["trainer"])
@@ -95,10 +96,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
             raise checkpoint.ResumeRefused(
                 f"data.global_batch_size={state.global_batch}, data.grad_accum_steps={state.grad_accum}: the "
                 f"checkpoint was trained with {saved.global_batch} and {saved.grad_accum}; resume with those")
-        if saved_world != world and cfg.engine == "deepspeed":
-            raise checkpoint.ResumeRefused(
-                f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: ZeRO state "
-                f"is partitioned per rank, so resume on {saved_world} rank(s)")
+        REGISTRY[cfg.engine].check_resume(saved_world, world)
         refuse_changed_optimizer(cfg, client.get("recipe", {}))
         task.load_extra_state(client.get("task", {}))
 
@@ -110,6 +108,13 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
             client = checkpoint.load(folder, engines, validate)
     except CheckpointError as e:
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
+    _continue(cfg, state, client, folder, ckpt_root)
+    return folder
+
+
+def _continue(cfg: Config, state: TrainState, client: dict[str, Any], folder: Path, ckpt_root: Path) -> None:
+    """`state` and this rank's random streams from a loaded checkpoint's client state."""
+    world, rank = distributed.world_size(), distributed.rank()
     saved = TrainState(**client["trainer"])
     for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
                 "best_value", "best_step", "evals_since_best", "best_checkpoint"):
@@ -126,7 +131,6 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
         log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
                     "are re-derived", len(client["rng"]), world)
         seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
-    return folder
 
 
 def _chosen_by_rank0(resume: str, ckpt_root: Path) -> Path:

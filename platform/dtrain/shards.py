@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dtrain.config import ConfigError
+from dtrain.seeding import sample_generator
 
 Sample = dict[str, bytes]
 """One sample as stored: extension -> bytes (`{"png": ..., "cls": b"3"}`)."""
@@ -162,7 +163,6 @@ class TarShards(IterableDataset[Any]):
         return perm.tolist()
 
     def __iter__(self) -> Iterator[Any]:
-        from dtrain.data import sample_generator
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from torch.utils.data import Dataset
 from dtrain.config import ConfigError
 from dtrain.fileio import atomic_write
 
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".xml", ".yaml", ".yml"}
+UNK = "\x00"  # index 0: characters the vocabulary has not seen
 CHUNK = 1 << 20  # characters read and encoded at a time: memory stays flat on any corpus
 
 
@@ -63,7 +65,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     three files written atomically. Returns meta.json's content."""
     from tqdm import tqdm
 
-    from dtrain.tasks.transformer import TEXT_SUFFIXES, Vocab
 
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("--val-fraction", val_fraction, "must be between 0 and 1 (exclusive)")
@@ -111,7 +112,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
 def load(folder: str | os.PathLike[str], block: int, eval_blocks: int) -> tuple[list[str], "TokenBlocks", "TokenBlocks"]:
     """`data.tokens`: the folder's vocabulary (UNK first), training blocks (every offset) and
     evaluation blocks (non-overlapping, at most `eval_blocks`)."""
-    from dtrain.tasks.transformer import UNK
 
     meta = read_meta(folder)
     if not meta["vocab"] or meta["vocab"][0] != UNK:
@@ -160,3 +160,22 @@ class TokenBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         o = i * self.stride
         chunk = torch.from_numpy(self._data[o:o + self.block + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
+
+
+class Vocab:
+    def __init__(self, chars: list[str]):
+        self.chars = [UNK] + [c for c in chars if c != UNK]
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def __len__(self) -> int:
+        return len(self.chars)

@@ -106,7 +106,6 @@ class MlflowTracker(NullTracker):
                  tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
         """Create (or, with `run_id`, reopen) the run synchronously: its id goes into checkpoints."""
         import mlflow
-        from mlflow.entities import Param
 
         _bound_http_retries()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its schema-migration chatter
@@ -115,23 +114,7 @@ class MlflowTracker(NullTracker):
         self.client = mlflow.MlflowClient(uri)
         self.run_id = ""
         try:
-            if run_id:
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                self.client.set_tag(run_id, "dtrain.resumed", "true")
-                previous = self.client.get_run(run_id)
-                self.experiment_id = str(previous.info.experiment_id)
-                # Points of earlier attempts that reached finish() (a killed one never wrote its count).
-                earlier_points = int(previous.data.tags.get("dtrain.metric_points", 0))
-            else:
-                self.experiment_id = experiment_id(self.client, uri, experiment)
-                run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                             tags={k: str(v) for k, v in tags.items()})
-                self.run_id = run.info.run_id
-                earlier_points = 0
-                items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-                for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                    self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            earlier_points = self._reopen(run_id) if run_id else self._create(experiment, run_name, params, tags)
         except BaseException as e:  # a stop signal or an error while the run is being opened
             if self.run_id:  # it exists and is RUNNING: it must not stay so
                 with _sigterm_deferred(), contextlib.suppress(Exception):
@@ -154,6 +137,28 @@ class MlflowTracker(NullTracker):
                 self._monitor.start()
             except Exception as e:  # optional extra: never fatal
                 self._warn(f"system metrics off: {e}")
+
+    def _reopen(self, run_id: str) -> int:
+        """Mark an earlier attempt's run RUNNING again; returns the metric points it stored
+        (those of attempts that reached `finish`: a killed one never wrote its count)."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self.client.set_tag(run_id, "dtrain.resumed", "true")
+        previous = self.client.get_run(run_id)
+        self.experiment_id = str(previous.info.experiment_id)
+        return int(previous.data.tags.get("dtrain.metric_points", 0))
+
+    def _create(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, Any]) -> int:
+        """A new run with its tags and params (in batches MLflow accepts); returns 0 points."""
+        from mlflow.entities import Param
+
+        self.experiment_id = experiment_id(self.client, self.uri, experiment)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        return 0
 
     def links(self) -> str | None:
         """Where the run is in the MLflow UI (an HTTP server only). An experiment's page opens

@@ -14,15 +14,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sized, cast
+from typing import Any, Iterator, Literal, Sized, cast
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from dtrain import checkpoint, data, distributed, preemption, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
+from dtrain.errors import WorkFailed
 from dtrain.ema import EMA
 from dtrain.engines import build_engines, evaluation_weights, validate
 from dtrain.engines.precision import set_fp32_matmuls
@@ -33,22 +34,13 @@ from dtrain.profiling import Profiler, region
 from dtrain.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.resume import TrainState, seed_everything
-from dtrain.search.trial import Pruned
 from dtrain.tasks import get_task
 
 log = logging.getLogger("dtrain")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(WorkFailed):
     """Training cannot go on (e.g. gradients stay non-finite); str() is the line to show."""
-
-
-class Preempted(Exception):
-    """The job was asked to stop (SIGTERM / SIGUSR1) and has checkpointed; exit 128 + signal."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"signal {signum} at step {step}")
-        self.signum, self.step = signum, step
 
 
 @dataclass
@@ -74,15 +66,23 @@ class Parts:
         return {**self.engines, **({"ema": self.ema} if self.ema is not None else {})}
 
 
+def task_and_data(cfg: Config, num_workers: int, pin_memory: bool = False, augment: bool = True) -> tuple[
+        data.BatchPlan, Task, Dataset[Any], Dataset[Any], DataLoader[Any]]:
+    """The recipe's task, its (train, eval) datasets and this rank's training loader (with the
+    task's augmentation unless `augment` is off), built alike on every rank."""
+    plan = data.plan_batches(cfg, distributed.world_size())
+    task = get_task(cfg.task)(cfg)
+    train_ds, eval_ds = task.datasets()
+    loader = data.train_loader(train_ds, plan, distributed.rank(), cfg.seed, num_workers, pin_memory,
+                               task.augmentation() if augment else None)
+    return plan, task, train_ds, eval_ds, loader
+
+
 def build(cfg: Config, device: torch.device) -> Parts:
     """The task, its data sharded for this rank, and one engine per model."""
     validate(cfg)  # raw torchrun launches reach here without the CLI's check: refuse before any work
     world, rank = distributed.world_size(), distributed.rank()
-    plan = data.plan_batches(cfg, world)
-    task = get_task(cfg.task)(cfg)
-    train_ds, eval_ds = task.datasets()
-    loader = data.train_loader(train_ds, plan, rank, cfg.seed, cfg.data.num_workers, device.type == "cuda",
-                               task.augmentation())
+    plan, task, train_ds, eval_ds, loader = task_and_data(cfg, cfg.data.num_workers, device.type == "cuda")
     eval_dl = data.eval_loader(eval_ds, cfg.data.eval_batch_size, world, rank, cfg.data.num_workers)
     micro = task.micro_batches_per_step(plan.accum)
     per_epoch = data.steps_per_epoch(loader, micro)
@@ -117,8 +117,21 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
     return tracker
 
 
-def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str, Any]:
-    """Train `cfg` on this rank (the process group is already up). Returns the summary (rank 0)."""
+@dataclass(frozen=True)
+class Outcome:
+    """How `fit` ended. Only "finished" wrote model.pt and summary.json (`summary`, on rank 0);
+    "stopped" (`train.stop_at_step`) and "preempted" (by signal `signum`) checkpointed for the
+    next attempt; "pruned" is a search trial its study stopped (`value`: the metric it saw)."""
+
+    status: Literal["finished", "stopped", "preempted", "pruned"]
+    step: int
+    summary: dict[str, Any] = field(default_factory=dict)
+    signum: int = 0
+    value: float = math.nan
+
+
+def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
+    """Train `cfg` on this rank (the process group is already up) and say how it ended."""
     out_dir = Path(cfg.output_dir)
     resume.refuse_to_overwrite(cfg, out_dir / "checkpoints")
     parts = build(cfg, device)
@@ -130,46 +143,22 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe.dump_yaml(cfg, out_dir / "config.yaml")
     progress = Progress(parts.total_steps, state.step, distributed.is_main())
-    status = "FAILED"
-    loop: Loop | None = None
+    status, loop, links = "FAILED", None, None
     tracker: tracking.NullTracker = tracking.NullTracker()
-    links = None
     try:  # from the run's opening on, every way out ends it (finally): no run is left RUNNING
         tracker = start_tracking(cfg, env, parts, state)
         progress.write(report.describe(cfg, parts.plan, parts.engines, parts.total_steps, parts.fp32_matmuls)
                        + (f" | {parts.ema.describe()}" if parts.ema else "")
                        + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                        + (f" | mlflow run {state.run_id}" if state.run_id else ""))
-        links = tracker.links()
-        if links:
+        if links := tracker.links():
             progress.write(links)
         loop = Loop(cfg, parts, device, state, tracker, progress)
         with preemption.at_step_boundaries(cfg.train.collective_timeout_s):
-            summary = loop.run()
-        weights = final_weights(cfg, parts)
-        if distributed.is_main():
-            summary["run_id"] = state.run_id
-            report.write_outputs(cfg, parts.task, parts.engines, weights, summary, out_dir, tracker)
-        status = "FINISHED"
-        return summary
-    except Pruned as p:  # a search trial the study stopped: says so to the search, not an error
-        progress.write(f"trial pruned after step {p.step} ({cfg.trial.metric} {p.value:.4g})")
-        tracker.set_tags({"dtrain.pruned_at_step": p.step})
-        if distributed.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"pruned_at_step": p.step, "value": p.value}) + "\n"
-            atomic_write(out_dir / "pruned.json", lambda tmp: tmp.write_text(text))
-        status = "KILLED"
-        return {}
-    except StoppedAtStep:  # train.stop_at_step: checkpointed, to be resumed
-        progress.write(f"stopped after step {state.step} of {parts.total_steps} (train.stop_at_step); "
-                       f"resume=auto continues from {out_dir / 'checkpoints'}")
-        tracker.set_tags({"dtrain.stopped_at_step": state.step})
-        status = "KILLED"
-        return {}
-    except (Preempted, KeyboardInterrupt) as e:
-        if isinstance(e, Preempted):
-            tracker.set_tags({"dtrain.preempted_at_step": e.step, "dtrain.preempted_by": e.signum})
+            outcome = loop.run()
+        status = conclude(cfg, parts, state, outcome, tracker, progress)
+        return outcome
+    except KeyboardInterrupt:  # a stop signal outside the steps: the run was stopped, not failed
         status = "KILLED"
         raise
     finally:
@@ -182,12 +171,33 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> dict[str
             print(links, flush=True)
 
 
-class StoppedAtStep(Exception):
-    """train.stop_at_step reached (after its checkpoint)."""
+def conclude(cfg: Config, parts: Parts, state: TrainState, outcome: Outcome, tracker: tracking.NullTracker,
+             progress: Progress) -> str:
+    """Write what the outcome leaves behind and say it; returns the MLflow run's final status."""
+    out_dir = Path(cfg.output_dir)
+    if outcome.status == "finished":
+        weights = final_weights(cfg, parts)
+        if distributed.is_main():
+            outcome.summary["run_id"] = state.run_id
+            report.write_outputs(cfg, parts.task, parts.engines, weights, outcome.summary, out_dir, tracker)
+        return "FINISHED"
+    if outcome.status == "pruned":  # says so to the search (pruned.json), not an error
+        progress.write(f"trial pruned after step {outcome.step} ({cfg.trial.metric} {outcome.value:.4g})")
+        tracker.set_tags({"dtrain.pruned_at_step": outcome.step})
+        if distributed.is_main():
+            text = json.dumps({"pruned_at_step": outcome.step, "value": outcome.value}) + "\n"
+            atomic_write(out_dir / "pruned.json", lambda tmp: tmp.write_text(text))
+    elif outcome.status == "stopped":
+        progress.write(f"stopped after step {outcome.step} of {parts.total_steps} (train.stop_at_step); "
+                       f"resume=auto continues from {out_dir / 'checkpoints'}")
+        tracker.set_tags({"dtrain.stopped_at_step": outcome.step})
+    else:
+        tracker.set_tags({"dtrain.preempted_at_step": outcome.step, "dtrain.preempted_by": outcome.signum})
+    return "KILLED"
 
 
 class Loop:
-    """The training loop and its parts. `run` returns the summary or raises StoppedAtStep / Preempted."""
+    """The training loop and its parts. `run` trains until the run is done or stops, and says which."""
 
     def __init__(self, cfg: Config, parts: Parts, device: torch.device, state: TrainState,
                  tracker: tracking.NullTracker, progress: Progress):
@@ -209,22 +219,28 @@ class Loop:
         self.steady_t, self.steady_samples = 0.0, 0
         self.first_step_s = 0.0
         """Wall time of this invocation's first step: with `compile`, mostly compiling."""
+        self.preempted_by = 0
+        """The stop signal every rank agreed on (checkpointed at that step), or 0."""
 
     def done(self) -> bool:
         return (self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
-                or self.converged())
+                or self.converged() or self.preempted_by > 0 or self.evaluator.pruned is not None)
 
     def converged(self) -> bool:
         """`early_stop.patience` evaluations without improvement: training ends here."""
         return self.stopper is not None and self.stopper.exhausted
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Outcome:
         state = self.state
         with self.profiler:
             self._train()
-        if state.step < self.total_steps and not self.converged():
+        if self.preempted_by:
+            return Outcome("preempted", state.step, signum=self.preempted_by)
+        if self.evaluator.pruned is not None:
+            return Outcome("pruned", state.step, value=self.evaluator.pruned.value)
+        if state.step < self.total_steps and not self.converged():  # train.stop_at_step
             self._checkpoint("")
-            raise StoppedAtStep
+            return Outcome("stopped", state.step)
         if self.evaluator.last_step != state.step:
             self._evaluate()
         self._checkpoint("")
@@ -237,7 +253,7 @@ class Loop:
             else:
                 self.progress.write(f"early_stop: the best checkpoint (step {state.best_step}) is not there any "
                                     f"more ({best}); model.pt holds the weights of step {state.step}")
-        return self._summary()
+        return Outcome("finished", state.step, self._summary())
 
     def _evaluate(self) -> None:
         """Evaluate; under early stopping, checkpoint an improvement and mark it `best`."""
@@ -259,11 +275,11 @@ class Loop:
                 self._after_step(out)
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0
                 self.profiler.step()
+                if not self.done() and preemption.requested():  # collective: all ranks stop after one step
+                    self._checkpoint(f"preempted by signal {preemption.signal_number()} at step {state.step}")
+                    self.preempted_by = preemption.signal_number()
                 if self.done():
                     break
-                if preemption.requested():  # collective: every rank stops after the same step
-                    self._checkpoint(f"preempted by signal {preemption.signal_number()} at step {state.step}")
-                    raise Preempted(preemption.signal_number(), state.step)
             if state.batch_in_epoch == self.per_epoch * self.micro:  # the epoch ran out
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if self.evaluator.due_at_epoch_end(state.step, self.total_steps):

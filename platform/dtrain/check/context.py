@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from dtrain import data, distributed
+from dtrain import data
 from dtrain.config import Config
 from dtrain.protocols import Task
 from dtrain.tasks import Task as SupervisedTask
-from dtrain.tasks import get_task
+from dtrain.trainer import task_and_data
 
 VERDICTS = ("PASS", "WARN", "FAIL", "SKIP")
 
@@ -63,11 +63,8 @@ class Context:
 
     @classmethod
     def build(cls, cfg: Config, device: torch.device) -> Context:
-        world, rank = distributed.world_size(), distributed.rank()
-        plan = data.plan_batches(cfg, world)
-        task = get_task(cfg.task)(cfg)
-        train_set, eval_set = task.datasets()
-        loader = data.train_loader(train_set, plan, rank, cfg.seed, 0, False)
+        # In this process (no loader workers), without augmentation: the checks see the data as is.
+        plan, task, train_set, eval_set, loader = task_and_data(cfg, num_workers=0, augment=False)
         return cls(cfg, task, device, train_set, eval_set, loader, plan, Path(cfg.output_dir))
 
     @property

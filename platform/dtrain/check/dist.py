@@ -28,7 +28,7 @@ def check_distributed(ctx: Context) -> list[Result]:
     built = _params_digest({k: s.module.state_dict() for k, s in specs.items()})
     engines = build_engines(ctx.cfg, specs, ctx.device, ctx.plan, total_steps=1)
     wrapped = _params_digest({k: e.consolidated_state_dict() for k, e in engines.items()})
-    return [_samples(ctx, world), _params(built, wrapped, world), _grads(ctx, engines)]
+    return [same_samples(ctx, world), same_params(built, wrapped, world), mean_gradients(ctx, engines)]
 
 
 def _seeded_specs(ctx: Context) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def _params_digest(state: dict[str, dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def _samples(ctx: Context, world: int) -> Result:
+def same_samples(ctx: Context, world: int) -> Result:
     """The inputs of this rank's first step, compared by content with every other rank's."""
     mine = set()
     for batch in ctx.batches(ctx.plan.accum):
@@ -65,7 +65,7 @@ def _samples(ctx: Context, world: int) -> Result:
     return Result("distributed/samples", "PASS", overlap, want, detail)
 
 
-def _params(built: str, wrapped: str, world: int) -> Result:
+def same_params(built: str, wrapped: str, world: int) -> Result:
     every_built: list[Any] = [None] * world
     every_wrapped: list[Any] = [None] * world
     dist.all_gather_object(every_built, built)
@@ -82,7 +82,7 @@ def _params(built: str, wrapped: str, world: int) -> Result:
     return Result("distributed/params", "PASS", 0, want, "same digest on every rank, built and wrapped")
 
 
-def _grads(ctx: Context, engines: dict[str, Engine]) -> Result:
+def mean_gradients(ctx: Context, engines: dict[str, Engine]) -> Result:
     """In eval mode (no dropout masks or batch statistics that differ between the two passes),
     with the same random stream for both (augmentation): one step's micro-batches through a
     plain copy, the local gradients averaged over ranks by an all-reduce, against the gradient
@@ -121,8 +121,7 @@ def _grads(ctx: Context, engines: dict[str, Engine]) -> Result:
 
 def _engine_grads(engine: Engine) -> torch.Tensor:
     """The full reduced gradient the engine holds after backward, in parameter order."""
-    grads = engine.full_grads()
-    # Under ZeRO-3 a parameter is a partition placeholder; ds_numel is its full size.
+    grads, params = engine.full_grads(), engine.full_params()  # whole tensors, gathered when sharded
     return torch.cat([grads[n].flatten().float().to(engine.device) if n in grads
-                      else torch.zeros(getattr(p, "ds_numel", p.numel()), device=engine.device)
-                      for n, p in engine.module.named_parameters()])
+                      else torch.zeros(params[n].numel(), device=engine.device)
+                      for n, _ in engine.module.named_parameters()])

@@ -63,6 +63,7 @@ def _buffer_sync_kwarg(sync: bool) -> dict[str, Any]:
 
 class DDPEngine:
     name = "ddp"
+    required = True
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
@@ -76,6 +77,18 @@ class DDPEngine:
         return cls(spec.module, spec.optim, precision=precision, device=device, global_batch=plan.global_batch,
                    total_steps=total_steps, broadcast_buffers=spec.broadcast_buffers)
 
+    @classmethod
+    def read_weights(cls, folder: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
+        """The plain state_dict of `model` that one of this engine's checkpoint folders holds
+        (`step_X/model`), read in one process without a process group (`dtrain average`)."""
+        weights: dict[str, torch.Tensor] = checkpoint.load_file(folder / "state.pt")["model"]
+        return weights
+
+    @classmethod
+    def check_resume(cls, saved_world: int, world: int) -> None:
+        """Refuse (ResumeRefused) a checkpoint of `saved_world` ranks this engine cannot continue on
+        `world`: none; a replica's state is whole on every rank."""
+
     def __init__(self, module: nn.Module, o: OptimConfig, *, precision: AmpPrecision, device: torch.device,
                  global_batch: int, total_steps: int, broadcast_buffers: bool = True):
         self.device = device
@@ -87,6 +100,10 @@ class DDPEngine:
             # before each forward; with synchronised BN they are already equal, so it is skipped.
             self.model = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
                              find_unused_parameters=False, **_buffer_sync_kwarg(broadcast_buffers))
+        self._optimize(o, global_batch, total_steps)
+
+    def _optimize(self, o: OptimConfig, global_batch: int, total_steps: int) -> None:
+        """The optimizer, schedule and clipping of `self.module`'s trainable parameters."""
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer, self.scheduler, self.lr_info = optim.build(self.module, o, global_batch, total_steps)
         self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value

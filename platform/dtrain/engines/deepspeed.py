@@ -89,6 +89,25 @@ def grad_norm_of(module: nn.Module) -> torch.Tensor:
 
 class DeepSpeedEngine:
     name = "deepspeed"
+    required = True
+
+    @classmethod
+    def read_weights(cls, folder: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
+        """The fp32 weights of a ZeRO checkpoint of any stage (DeepSpeed's `zero_to_fp32`),
+        which unpickles: only with `trust`."""
+        if not trust:
+            raise ConfigError("checkpoints", str(folder.parent), "are DeepSpeed checkpoints, which unpickle (a "
+                              "crafted file can run code): add --trust if the run is yours or your team's")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
+        return weights
+
+    @classmethod
+    def check_resume(cls, saved_world: int, world: int) -> None:
+        if saved_world != world:
+            raise ResumeRefused(f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: "
+                                f"ZeRO state is partitioned per rank, so resume on {saved_world} rank(s)")
 
     @classmethod
     def validate(cls, cfg: Config) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import checkpoint, distributed, optim, safeload
+from dtrain import checkpoint, distributed, safeload
 from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
@@ -65,6 +65,17 @@ class FSDPEngine(DDPEngine):
                               "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)")
 
     @classmethod
+    def read_weights(cls, folder: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
+        """DCP shards of any world size, read whole into the plain model's tensors."""
+        state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+        try:
+            safeload.dcp_load(state, folder, no_dist=True)
+        except Exception as e:  # DCP's errors name every rank; the first is the cause
+            raise checkpoint.CheckpointError(f"cannot read {folder}: {safeload.first_cause(e)}") from None
+        weights: dict[str, torch.Tensor] = state["model"]
+        return weights
+
+    @classmethod
     def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
               precision: AmpPrecision) -> FSDPEngine:
         return cls(spec.module, spec.blocks, cfg, spec.optim, device=device, global_batch=plan.global_batch,
@@ -89,12 +100,7 @@ class FSDPEngine(DDPEngine):
         # unsharded after forward saves one all-gather per step (torchtitan does the same).
         fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
         self.module = self.model = module
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler, self.lr_info = optim.build(module, o, global_batch, total_steps)
-        self.clip_norm, self.clip_value = o.clip_grad_norm, o.clip_grad_value
-        self.l1 = o.l1
-        self.lr = self.optimizer.param_groups[0]["lr"]
-        self.on_gradients: Callable[[], None] | None = None
+        self._optimize(o, global_batch, total_steps)
         self._writer_group: Any = None
 
     def no_sync(self, skip: bool) -> ContextManager[Any]:

@@ -3,7 +3,7 @@
 Every trial is an ordinary `dtrain train` of the recipe with the trial's values as overrides
 (one process, or `--nproc-per-node N` ranks under torchrun; any engine), tracked as an MLflow
 child run under one parent run per study. The trial reports its eval metric after each
-evaluation and stops when the study's pruner says so (`search.trial`). The study lives in an
+evaluation and stops when the study's pruner says so (`dtrain.trial`). The study lives in an
 Optuna RDB storage (`--storage`: SQLite beside the MLflow store by default, PostgreSQL for
 several machines): workers started on the same study share its trials, and a search started
 again continues it. The output folder gets `search.json` (every trial), `best.yaml` (the
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtrain import recipe, redact, tracking
-from dtrain.cli import torchrun_cmd, torchrun_env
+from dtrain.launch import torchrun_cmd, torchrun_env
 from dtrain.config import Config, ConfigError
+from dtrain.errors import Failure, WorkFailed
 from dtrain.fileio import atomic_write, first_line
 from dtrain.search.space import Param, load_space, overrides, suggest
-from dtrain.search.trial import STORAGE_ENV
+from dtrain.trial import STORAGE_ENV
 from dtrain.tasks import load_config
 
 log = logging.getLogger("dtrain")
@@ -61,11 +62,11 @@ class TrialFailed(RuntimeError):
     pass
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(WorkFailed):
     """`--max-failures` trials failed in this worker; str() is the one line to show."""
 
 
-class TrialRefused(RuntimeError):
+class TrialRefused(Failure):
     """A trial refused its recipe before training (exit 2: a bad key or value, e.g. `--metric`
     naming a metric the task does not report): every further trial would too."""
 
@@ -92,7 +93,7 @@ def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bo
     this search) did."""
     import optuna
 
-    from dtrain.search.trial import make_pruner
+    from dtrain.trial import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = rdb_storage(a.storage)

@@ -111,6 +111,9 @@ class CNNTask(Task):
     config_class = CNNConfig
     cfg: CNNConfig
 
+    def headline_metric(self) -> tuple[str, bool]:
+        return "accuracy", True
+
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d = self.cfg.data
         lazy = getattr(d, "decode", "memory") == "lazy"  # (a subclass's config may keep the plain DataConfig)

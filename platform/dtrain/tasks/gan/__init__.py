@@ -61,6 +61,11 @@ class GANTask(Task):
     data_shape: tuple[int, ...]
     ema: nn.Module | None
 
+    def headline_metric(self) -> tuple[str, bool]:
+        """Digits: the Fréchet distance to held-out digits; 2-D modes: the JS divergence of the
+        modes' histogram from uniform (both lower is better)."""
+        return ("frechet" if self.cfg.data.dataset == "digits" else "js_uniform"), False
+
     def datasets(self) -> tuple[TensorDataset, TensorDataset]:
         d = self.cfg.data
         if d.dataset == "digits":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from dtrain import distributed
@@ -15,12 +16,12 @@ from dtrain.config import ConfigError, TrialConfig
 STORAGE_ENV = "DTRAIN_TRIAL_STORAGE"
 
 
-class Pruned(Exception):
-    """The study's pruner stopped this trial after an evaluation."""
+@dataclass(frozen=True)
+class Pruned:
+    """The study's pruner stopped this trial after the evaluation at `step`."""
 
-    def __init__(self, step: int, value: float):
-        super().__init__(f"pruned at step {step} ({value:.4g})")
-        self.step, self.value = step, value
+    step: int
+    value: float
 
 
 def make_pruner(name: str) -> Any:
@@ -48,8 +49,8 @@ class TrialReporter:
             study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg.pruner))
             self.trial = optuna.trial.Trial(study, cfg.trial_id)
 
-    def report(self, metrics: dict[str, float], step: int) -> None:
-        """After an evaluation: report, and raise `Pruned` on every rank if the pruner says so."""
+    def report(self, metrics: dict[str, float], step: int) -> Pruned | None:
+        """After an evaluation: report; `Pruned` on every rank if the pruner says so (collective)."""
         if self.metric not in metrics:
             raise ConfigError("trial.metric", self.metric, f"not an eval metric of this task ({', '.join(metrics)})")
         value = metrics[self.metric]
@@ -57,5 +58,4 @@ class TrialReporter:
         if self.trial is not None:
             self.trial.report(value, step)
             prune = bool(self.trial.should_prune()) or not math.isfinite(value)
-        if distributed.broadcast_object(prune):
-            raise Pruned(step, value)
+        return Pruned(step, value) if distributed.broadcast_object(prune) else None

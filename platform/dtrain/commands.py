@@ -1,0 +1,104 @@
+"""The bodies of the commands that run in one process: each turns the parsed arguments into a
+call of the module that does the work, and prints what it returns. Errors are raised
+(`dtrain.errors.Failure`); `dtrain.cli.main` shows them in one line."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Literal
+
+from dtrain import compare, keys, search, sweep, tokens, tracking
+from dtrain.average import average
+from dtrain.config import ConfigError
+from dtrain.errors import Failure, WorkFailed
+from dtrain.tasks import get_task, load_config
+
+MAXIMIZED = ("accuracy", "precision", "recall", "coverage", "density")
+"""Metrics a named `--metric` maximises when `--direction` is not given."""
+
+
+def search_command(args: argparse.Namespace) -> None:
+    """`dtrain search`: an Optuna study over the recipe (see `dtrain.search`)."""
+    cfg = load_config(args.recipe, args.overrides)
+    headline, higher = get_task(cfg.task)(cfg).headline_metric()
+    metric = args.metric or f"eval/{headline}"
+    named = metric.removeprefix("eval/")
+    maximize = higher if named == headline else named in MAXIMIZED
+    direction: Literal["maximize", "minimize"] = args.direction or ("maximize" if maximize else "minimize")
+    a = search.SearchArgs(args.recipe, args.overrides, Path(args.space), args.trials, metric, direction,
+                          args.sampler, args.pruner, args.storage or search.default_storage(cfg),
+                          args.study or f"{cfg.recipe}-search", Path(args.output or f"runs/{cfg.recipe}-search"),
+                          args.nproc_per_node, args.max_failures, args.stop_grace)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, stop)  # the running trial is stopped with the search
+    try:
+        summary = search.search(a)
+    except KeyboardInterrupt:
+        raise Failure("search stopped; `dtrain search` with the same --study and --storage continues it", 130) from None
+    best = summary["best"]
+    print(f"search: {len(summary['trials'])} trials in study {a.study!r}; "
+          + (f"best {a.metric} {best['value']:.4g} (trial {best['number']}): {a.output / 'best.yaml'}" if best
+             else "no trial completed"))
+
+
+def compare_command(args: argparse.Namespace) -> None:
+    if not args.experiment and not args.runs:
+        raise Failure("compare: give --experiment NAME or --runs ID [ID ...]")
+    report = compare.compare(tracking.resolve_uri(args.uri), args.experiment, args.runs or [], args.metric,
+                             Path(args.output), args.tolerance, args.target)
+    print(report["table"])
+    print("\n".join(compare.verdict_lines(report["verdict"])))
+    print(f"wrote {Path(args.output) / 'comparison.png'} and comparison.json"
+          + (f"; MLflow comparison run {report['comparison_run_id']}" if report.get("comparison_run_id") else ""))
+    if args.fail_on_gap and not report["verdict"]["ok"]:
+        sys.exit(1)
+
+
+def sweep_command(args: argparse.Namespace) -> None:
+    """Train the recipe at each world size via torchrun into one experiment, then compare."""
+    cfg, run_ids = sweep.sweep(args.recipe, args.overrides, sweep.parse_sizes(args.world_sizes), args.keep)
+    args.experiment, args.runs, args.uri = cfg.tracking.experiment, run_ids, tracking.resolve_uri(cfg.tracking.uri)
+    args.output = args.output or str(Path(cfg.output_dir) / "comparison")
+    compare_command(args)
+
+
+def sample_command(args: argparse.Namespace) -> None:
+    """Print what a trained run generates (a task with `generate_text`: the character LM)."""
+    out = Path(args.run)
+    cfg = load_config(out / "config.yaml", beside=args.trust)
+    task = get_task(cfg.task)(cfg)
+    generate = getattr(task, "generate_text", None)  # optional: only a task that generates text has it
+    if generate is None:
+        raise ConfigError("run", str(out), f"is a {cfg.task} run; sample needs a task that generates text (transformer)")
+    print(generate(out, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+
+
+def keys_command(args: argparse.Namespace) -> None:
+    """Every key of the recipe's task: the value this recipe (and overrides) gives it, its
+    type, its default and what it does."""
+    print(keys.render(keys.keys(load_config(args.recipe, args.overrides)), changed_only=args.changed))
+
+
+def average_command(args: argparse.Namespace) -> None:
+    """Average checkpoints of one run into a plain model.pt, BatchNorm statistics refreshed."""
+    folders = [Path(c) for c in args.checkpoints]
+    cfg, metrics = average(folders, Path(args.output), args.bn_batches, args.trust)
+    print(f"average: {len(folders)} checkpoint(s) of {cfg.output_dir} -> {args.output}"
+          + (" | eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) if metrics else ""))
+
+
+def prepare_text_command(args: argparse.Namespace) -> None:
+    """Encode text files into a token folder for `data.tokens` (streamed: any size)."""
+    try:
+        meta = tokens.prepare(args.inputs, Path(args.output), args.val_fraction, args.max_chars,
+                              show_progress=sys.stderr.isatty())
+    except OSError as e:  # an unwritable folder, a full disk: the temporary files are already removed
+        raise WorkFailed(f"prepare-text: {e.filename or args.output}: {e.strerror or e}") from None
+    print(f"prepare-text: {len(meta['sources'])} file(s), {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
+          f"tokens ({meta['dtype']}, {len(meta['vocab'])} symbols) -> {args.output}; train with data.tokens={args.output}")

@@ -1,0 +1,148 @@
+"""Character-level decoder-only Transformer LM (nanoGPT-shaped), LayerNorm or RMSNorm.
+
+Data: any text file or folder of text files (`data.path`); by default the Python standard
+library's own source, found from the running interpreter, so nothing is downloaded. The
+last `data.val_fraction` of the text is held out; the vocabulary is built from the
+training part (unseen characters map to index 0) and saved with checkpoints and model.pt.
+A training sample is the block starting at a given offset: DistributedSampler shuffles
+the offsets and gives every rank different ones, so no two ranks see the same block in a step.
+"""
+
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dtrain import safeload, tokens
+from dtrain.checkpoint import ResumeRefused
+from dtrain.config import ConfigError
+from dtrain.protocols import Engine
+from dtrain.tasks import Task
+from dtrain.tasks.transformer.config import TextDataConfig as TextDataConfig
+from dtrain.tasks.transformer.config import TransformerConfig as TransformerConfig
+from dtrain.tasks.transformer.config import TransformerModelConfig as TransformerModelConfig
+from dtrain.tasks.transformer.config import TransformerOptimConfig as TransformerOptimConfig
+from dtrain.tasks.transformer.data import Blocks as Blocks
+from dtrain.tasks.transformer.data import default_corpus as default_corpus
+from dtrain.tasks.transformer.data import read_text as read_text
+from dtrain.tasks.transformer.model import Attention as Attention
+from dtrain.tasks.transformer.model import CharTransformer as CharTransformer
+from dtrain.tasks.transformer.model import gpu_peak_flops as gpu_peak_flops
+from dtrain.tokens import Vocab as Vocab
+
+
+class TransformerTask(Task):
+    config_class = TransformerConfig
+    cfg: TransformerConfig
+    causal = True
+
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        d, m = self.cfg.data, self.cfg.model
+        if d.tokens:  # a prepared token folder, memory-mapped
+            chars, train_blocks, val_blocks = tokens.load(d.tokens, m.block_size, d.eval_blocks)
+            self.vocab, self.chars = Vocab(chars[1:]), train_blocks.n_tokens + val_blocks.n_tokens
+            return train_blocks, val_blocks
+        text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
+        split = int(len(text) * (1 - d.val_fraction))
+        if split < m.block_size + 2 or len(text) - split < m.block_size + 2:
+            raise ConfigError("data.path", d.path or str(default_corpus()),
+                              f"too little text ({len(text)} characters) for model.block_size={m.block_size}")
+        self.vocab = Vocab.from_text(text[:split])
+        train, val = self.vocab.encode(text[:split]), self.vocab.encode(text[split:])
+        self.chars = len(text)
+        return Blocks(train, m.block_size), Blocks(val, m.block_size, stride=m.block_size, limit=d.eval_blocks)
+
+    def build_model(self) -> CharTransformer:
+        self.model_ref = CharTransformer(self.cfg.model, len(self.vocab))
+        return self.model_ref
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        # Embeddings, final norm and the (tied) head join the root; a subclass's own model has none.
+        return list(model.blocks) if isinstance(model, CharTransformer) else []
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                               label_smoothing=self.cfg.model.label_smoothing)
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = model(x).float()
+        return {"nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"),
+                "tokens": torch.tensor(y.numel(), device=y.device)}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        nats = sums["nll_sum"] / sums["tokens"]
+        return {"loss": nats, "bpc": nats / math.log(2), "perplexity": math.exp(nats)}
+
+    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
+        tokens_per_s = logged["train/samples_per_s"] * self.cfg.model.block_size
+        out = {"train/bpc": logged["train/loss"] / math.log(2), "train/tokens_per_s": tokens_per_s}
+        mfu = self.mfu(tokens_per_s)
+        if mfu is not None:
+            out["train/mfu"] = mfu
+        return out
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if not torch.cuda.is_available():
+            return None
+        peak = self.cfg.model.peak_tflops * 1e12 or gpu_peak_flops(torch.cuda.get_device_name())
+        if not peak:
+            return None
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return tokens_per_s / world * self.model_ref.flops_per_token() / peak
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.chars}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """The model's embedding rows index the checkpoint's vocabulary: a corpus whose
+        vocabulary differs would silently map characters to other rows."""
+        saved = state.get("vocab")
+        if saved is not None and list(saved) != list(self.vocab.chars):
+            raise ResumeRefused(f"data.path={self.cfg.data.path or str(default_corpus())!r}: its vocabulary "
+                                f"({len(self.vocab.chars)} characters) differs from the checkpoint's ({len(saved)}); "
+                                "resume on the text the run was trained on")
+
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
+        tokens_per_s = (summary["throughput"] or 0.0) * self.cfg.model.block_size
+        out = {"vocab_size": len(self.vocab), "corpus_chars": self.chars, "tokens_per_s": tokens_per_s,
+               "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
+        mfu = self.mfu(tokens_per_s)
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
+
+    def describe_input(self, x: torch.Tensor) -> str | None:
+        return self.vocab.decode(x.tolist())
+
+    def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
+                      seed: int) -> str:
+        """`dtrain sample`: continue `prompt` with the run's weights (model.safetensors, else
+        model.pt) and vocab.json."""
+        weights = safeload.weights_file(run_dir)
+        for path in (weights, run_dir / "vocab.json"):
+            if not path.exists():
+                raise ConfigError("run", str(run_dir), f"has no {path.name} (is the run finished?)")
+        vocab = Vocab(json.loads((run_dir / "vocab.json").read_text())[1:])
+        model = CharTransformer(self.cfg.model, len(vocab))
+        model.load_state_dict(safeload.load_weights(weights))
+        model.eval()
+        torch.manual_seed(seed)
+        idx = vocab.encode(prompt or "\n").unsqueeze(0)
+        return vocab.decode(model.generate(idx, tokens, temperature, top_k)[0].tolist())
+
+    def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
+        """vocab.json beside model.pt, so `dtrain sample` needs nothing else."""
+        path = out_dir / "vocab.json"
+        path.write_text(json.dumps(self.vocab.chars))
+        return [path]
