@@ -114,6 +114,34 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     assert logged == list(range(10, 161, 10))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored interrupt, on purpose
+def test_a_ctrl_c_ignored_inside_a_finalizer_stops_the_run_at_the_next_step(monkeypatch):
+    """Python ignores an exception raised while a finalizer runs. Seen under load: Ctrl-C landed
+    in SQLAlchemy's weakref callback during a garbage collection, was printed as "Exception
+    ignored" and the run trained on. The interrupt is remembered and raised at the next step."""
+    import os
+
+    from dtrain import preemption
+
+    monkeypatch.setattr(preemption, "_interrupted", False)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *preemption.SIGNALS)}
+    preemption.install()
+    try:
+        class Finalized:
+            def __del__(self) -> None:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10_000):  # the handler runs in here: its KeyboardInterrupt is ignored
+                    pass
+
+        Finalized()
+        with pytest.raises(KeyboardInterrupt):
+            with preemption.step():
+                pass
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def _sigusr1_when(tmp_path, seen: str, *overrides: str) -> tuple[subprocess.Popen, list[str]]:
     """One process training until it prints `seen`, then SIGUSR1 (as SLURM sends it); ended."""
     proc = subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *FAULTY, "tracking.enabled=false",

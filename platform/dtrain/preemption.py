@@ -23,6 +23,7 @@ from dtrain import distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []
+_interrupted = False
 _in_loop = False
 _in_step = False
 _holding = False
@@ -44,6 +45,20 @@ def _handle(signum: int, frame: object) -> None:
         raise SignalInterrupt(signum)
     if _in_step:
         _start_deadline(signum)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: unwind now (KeyboardInterrupt), and remember it. Python ignores an exception
+    raised while a finalizer or weakref callback runs (SQLAlchemy's, during a garbage
+    collection): such a Ctrl-C is raised again at the next step boundary, not lost."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _interrupted and not _holding:
+        raise KeyboardInterrupt
 
 
 def _start_deadline(signum: int) -> None:
@@ -69,6 +84,7 @@ def step() -> Iterator[None]:
     writing between steps take what they take (a healthy rank evaluating for longer than
     the grace period is not stuck); a signal received then arms the timer for the next step."""
     global _in_step
+    _raise_if_interrupted()
     if _received:
         _start_deadline(_received[0])
     _in_step = True
@@ -95,10 +111,11 @@ def hold() -> None:
 
 
 def install() -> None:
-    """Handle SIGTERM / SIGUSR1 (main thread only, as Python requires)."""
+    """Handle SIGTERM / SIGUSR1, and SIGINT (main thread only, as Python requires)."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, _handle)
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 @contextlib.contextmanager
