@@ -5,6 +5,7 @@ mid-epoch resume."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,6 +57,7 @@ def test_per_sample_streams_do_not_depend_on_world_size_workers_or_resume():
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_shipped_cnn_recipe_with_augmentation_is_world_size_invariant_and_resumes(tmp_path):
     common = ["train.max_steps=30", "tracking.enabled=false", "train.eval_every_steps=0",
               "checkpoint.every_steps=0"]  # the recipe as shipped otherwise: data.augment=true

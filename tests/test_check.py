@@ -36,6 +36,7 @@ def verdicts(results):
 # ------------------------------------------------------------------ the shipped recipes pass
 
 
+@pytest.mark.slow
 def test_the_cnn_recipe_passes_every_check_and_is_tracked(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = run_dtrain(["check", CNN, f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}"], cwd=tmp_path)
@@ -56,6 +57,7 @@ def test_the_cnn_recipe_passes_every_check_and_is_tracked(tmp_path):
     assert "check.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_the_transformer_recipe_passes_every_check(tmp_path):
     proc, results = dtrain_check(tmp_path, LM)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -73,6 +75,7 @@ def test_the_gan_recipe_passes_what_applies(tmp_path):
     assert all(v[n] == "PASS" for n in v if n.startswith("gradcheck/"))
 
 
+@pytest.mark.slow
 def test_distributed_passes_on_two_ranks_under_deepspeed_with_accumulation(tmp_path):
     """(DDP: `test_ranks_that_build_different_models` below.)"""
     proc, results = dtrain_check(tmp_path, CNN, "engine=deepspeed", "data.grad_accum_steps=2",
@@ -86,6 +89,7 @@ def test_distributed_passes_on_two_ranks_under_deepspeed_with_accumulation(tmp_p
 # ------------------------------------------------------------------ each check catches its bug
 
 
+@pytest.mark.slow
 def test_a_model_that_ignores_its_input(tmp_path):
     proc, results = dtrain_check(tmp_path, CNN, "task=planted:IgnoresInput",
                                  "--only=overfit_batch,input_independent,batch_independence")
@@ -96,6 +100,7 @@ def test_a_model_that_ignores_its_input(tmp_path):
     assert results["input_independent"]["value"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_a_view_that_mixes_the_batch(tmp_path):
     proc, results = dtrain_check(tmp_path, CNN, "task=planted:MixesBatch", "--only=batch_independence")
     assert proc.returncode == 1

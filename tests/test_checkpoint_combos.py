@@ -22,6 +22,7 @@ RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tracking.enabled=false"]
 
 
+@pytest.mark.slow
 def test_error_while_a_background_write_is_in_flight_publishes_it(tmp_path):
     """Async checkpoint at step 4, inputs NaN from step 5, abort after 1 non-finite step: the
     step-4 write was still unpublished when the error came (it stayed `.tmp-step_4` and
@@ -114,6 +115,7 @@ def _copy(run, dest):
     return dest
 
 
+@pytest.mark.slow
 def test_a_truncated_dcp_shard_falls_back_to_the_previous_checkpoint(fsdp_ema_run, tmp_path):
     """A truncated `ema/__0_0.distcp` gave a CheckpointException traceback; now it is skipped
     like a damaged `state.pt`, and the run resumes from step 4."""
@@ -137,6 +139,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("part", ["model/.metadata", "ema/.metadata"])
+@pytest.mark.slow
 def test_a_crafted_dcp_metadata_is_refused_and_runs_nothing(fsdp_ema_run, tmp_path, part):
     """The same file made `os.system` run on resume=auto (DCP reads `.metadata` with pickle)."""
     out = _copy(fsdp_ema_run, tmp_path / "out")

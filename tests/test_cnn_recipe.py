@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import mlflow
 import torch
 
@@ -10,6 +11,7 @@ from dtrain.tasks.cnn import ResNet
 from helpers import ROOT, check, run_dtrain
 
 
+@pytest.mark.slow
 def test_default_recipe_two_ranks(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = check(run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"],

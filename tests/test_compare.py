@@ -10,7 +10,7 @@ import json
 import mlflow
 import pytest
 
-from dtrain.compare import sweep_overrides
+from dtrain.sweep import sweep_overrides
 from dtrain.tasks import load_config
 from helpers import ROOT, check, run_dtrain
 
@@ -39,6 +39,7 @@ def compare(root, uri, *args):
     return run_dtrain(["compare", "--uri", uri, "--output", str(root / "cmp"), *args], cwd=root)
 
 
+@pytest.mark.slow
 def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
     root, uri, ids = parity
     proc = compare(root, uri, "--experiment", "parity")
@@ -70,6 +71,7 @@ def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
     assert {a.path for a in client.list_artifacts(comp.info.run_id)} == {"comparison.png", "comparison.json"}
 
 
+@pytest.mark.slow
 def test_compare_given_runs_only(parity):
     root, uri, ids = parity
     proc = compare(root, uri, "--runs", ids["1x32"], ids["2x256-linear"], "--fail-on-gap")
@@ -78,6 +80,7 @@ def test_compare_given_runs_only(parity):
     assert proc.returncode == 1
 
 
+@pytest.mark.slow
 def test_compare_bad_input_is_one_line(parity):
     root, uri, ids = parity
     proc = compare(root, uri, "--experiment", "nope")
@@ -89,6 +92,7 @@ def test_compare_bad_input_is_one_line(parity):
         proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):
     """Weak scaling, as a job grows from 1 GPU to N: 64 per rank at every size, so the global
     batch and the linear-rule LR grow 4-fold while the steps shrink (the same samples). 4 ranks

@@ -5,6 +5,7 @@ import contextlib
 import gc
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -75,6 +76,7 @@ def _allreduce_and_clip(rank: int, world: int) -> None:
     assert torch.equal(norms[0], norms[1]) and torch.equal(params[0], params[1])  # identical replicas
 
 
+@pytest.mark.slow
 def test_allreduced_gradient_is_the_average_and_clipping_is_global():
     spawn(_allreduce_and_clip, 2)
 
@@ -102,10 +104,12 @@ def _count_allreduces(rank: int, world: int, break_no_sync: bool) -> None:
     gc.collect()
 
 
+@pytest.mark.slow
 def test_accumulation_all_reduces_once_per_step():
     spawn(_count_allreduces, 2, False)
 
 
+@pytest.mark.slow
 def test_without_no_sync_every_micro_step_all_reduces():
     spawn(_count_allreduces, 2, True)
 

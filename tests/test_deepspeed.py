@@ -16,23 +16,21 @@ def lm(tiny_runs):
     return tiny_runs
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_1_and_2_match_ddp(lm, stage):
+@pytest.mark.slow
+def test_zero_2_matches_ddp(lm):
+    """ZeRO-1 is compared with DDP on the CNN below; every stage resumes exactly in the matrix."""
     ddp = load_params(lm("ddp", *DDP_BASELINE) / "model.pt")
-    zero = lm(f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
+    zero = lm("zero2", "engine=deepspeed", "deepspeed.zero_stage=2")
     assert max_param_diff(ddp, load_params(zero / "model.pt")) < 1e-4
     s = json.loads((zero / "summary.json").read_text())
     assert s["engine"] == "deepspeed" and s["lr"] == pytest.approx(2e-3 * (16 / 32) ** 0.5)  # sqrt rule, as DDP
 
 
-def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
-    z3 = ["engine=deepspeed", "deepspeed.zero_stage=3"]
-    straight = lm("zero3", *z3)
-    resumed = lm("zero3-resumed", *z3, "train.stop_at_step=10")
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["latest", "step_00000010"]
-    lm("zero3-resumed", *z3, "resume=auto")
-    a, b = load_params(straight / "model.pt"), load_params(resumed / "model.pt")
-    assert max_param_diff(a, b) < 1e-6
+@pytest.mark.slow
+def test_zero_3_matches_ddp_and_saves_a_plain_model(lm):
+    """(ZeRO-3 stopped and resumed equals the straight run: the combination matrix's cells.)"""
+    straight = lm("zero3", "engine=deepspeed", "deepspeed.zero_stage=3")
+    a = load_params(straight / "model.pt")
     assert max_param_diff(a, load_params(lm("ddp", *DDP_BASELINE) / "model.pt")) < 1e-4
     # model.pt is a consolidated plain state_dict: it loads into the plain model.
     cfg = load_config(straight / "config.yaml")
@@ -40,6 +38,7 @@ def test_zero_3_trains_resumes_exactly_and_saves_a_plain_model(lm):
     CharTransformer(cfg.model, len(vocab)).load_state_dict(a)
 
 
+@pytest.mark.slow
 def test_bf16_runs(lm):
     out = lm("zero2-bf16", "engine=deepspeed", "deepspeed.zero_stage=2", "precision=bf16")
     s = json.loads((out / "summary.json").read_text())
@@ -49,6 +48,7 @@ def test_bf16_runs(lm):
     assert s["eval"]["loss"] == pytest.approx(fp32["eval"]["loss"], rel=0.02), (s["eval"], fp32["eval"])
 
 
+@pytest.mark.slow
 def test_cnn_recipe_on_both_engines(lm):
     ddp = lm("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
     zero = lm("cnn-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", recipe=CNN, base=TINY_CNN)

@@ -60,6 +60,7 @@ def test_a_nan_evaluation_is_never_the_best():
     assert state.best_value == 1.0 and stop.exhausted
 
 
+@pytest.mark.slow
 def test_resumed_into_a_new_output_dir_model_pt_comes_from_the_best_in_the_old_one(tmp_path):
     """Stopped at step 6 (best at 4), resumed into another folder, stopped early after step 8:
     model.pt is step 4's, read from the first folder (it failed looking for it in the new one)."""
@@ -76,6 +77,7 @@ def test_resumed_into_a_new_output_dir_model_pt_comes_from_the_best_in_the_old_o
     assert json.loads((second / "summary.json").read_text())["early_stop"]["best_step"] == 4
 
 
+@pytest.mark.slow
 def test_a_metric_the_task_does_not_report_is_refused_before_training(tmp_path):
     """It was found at the first evaluation, after training had started (or, for the plateau
     schedule and search trials, not listed). Now: one evaluation batch at start, one line."""

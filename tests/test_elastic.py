@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import mlflow
 import psutil
 
@@ -26,6 +27,7 @@ def workers(agent: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(agent.pid).children(recursive=True) if "dtrain" in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
@@ -52,6 +54,7 @@ def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
     assert steps == list(range(10, 81, 10))  # one history, every step logged (some twice, after the restart)
 
 
+@pytest.mark.slow
 def test_hung_rank_ends_the_job_with_its_name(tmp_path):
     t0 = time.time()
     agent = torchrun(["task=faulty:FaultyTask", "model.fault=hang:1:5", "train.max_steps=40",

@@ -1,5 +1,6 @@
 """Sharded evaluation counts every sample exactly once, also when N % world_size != 0."""
 
+import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -51,6 +52,7 @@ def test_exact_eval_two_ranks():
     spawn(_exact, 2)
 
 
+@pytest.mark.slow
 def test_exact_eval_three_ranks():
     spawn(_exact, 3)
 

@@ -32,6 +32,7 @@ def pretrained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_finetune_example_keeps_the_frozen_layers_bit_identical(pretrained, tmp_path):
     proc = check(run_example("finetune", tmp_path, f"model.init_from={pretrained}"))
     # The 10-way head has no place in the 2-way model: reported, kept at its init.
@@ -72,6 +73,7 @@ def test_bad_init_from_is_one_line(tmp_path):
     assert "model.init_from" in proc.stderr and "no such file" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_image_folder_example_trains_a_torchvision_model_from_lazy_files(tmp_path):
     import importlib.util
 
@@ -92,6 +94,7 @@ def test_the_guide_shows_the_tabular_example_verbatim():
     assert code == (EXAMPLES / "tabular" / "tabular_task.py").read_text()
 
 
+@pytest.mark.slow
 def test_tabular_example_from_the_guide_matches_linear_regression(tmp_path):
     proc = check(run_example("tabular", tmp_path))
     s = json.loads((tmp_path / "tabular" / "summary.json").read_text())

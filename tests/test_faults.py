@@ -47,6 +47,7 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 # --------------------------------------------------------------------------- data safety
 
 
+@pytest.mark.slow
 def test_rerun_never_deletes_checkpoints(tmp_path):
     out = tmp_path / "out"
     args = ["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=6", "checkpoint.every_steps=3",
@@ -80,6 +81,7 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"never saw {text!r}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     """Preempted at step >= 60 of 160 with checkpoint.every_steps=200: resume at that step, not 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -124,6 +126,7 @@ def test_a_ctrl_c_ignored_inside_a_finalizer_stops_the_run_at_the_next_step(monk
     from dtrain import preemption
 
     monkeypatch.setattr(preemption, "_interrupted", False)
+    monkeypatch.setattr(preemption, "_holding", False)  # an in-process run earlier in the session held signals
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *preemption.SIGNALS)}
     preemption.install()
     try:
@@ -155,6 +158,7 @@ def _sigusr1_when(tmp_path, seen: str, *overrides: str) -> tuple[subprocess.Pope
     return proc, lines
 
 
+@pytest.mark.slow
 def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
     """SLURM's `--signal=USR1@60` reaches the process directly: the same stop, exit 128 + 10."""
     _, lines = _sigusr1_when(tmp_path, "step 40/100000", "tracking.log_every=20")
@@ -162,6 +166,7 @@ def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
     assert checkpoint.latest(tmp_path / "out" / "checkpoints") is not None
 
 
+@pytest.mark.slow
 def test_a_signal_during_a_long_evaluation_checkpoints_instead_of_giving_up(tmp_path):
     """The grace timer (`train.collective_timeout_s`) covers steps only: a healthy rank in a
     4 s evaluation with a 1 s grace used to exit "stuck in a step" without a checkpoint."""
@@ -186,6 +191,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpoints, tmp_path):
     out = _copy(three_checkpoints, tmp_path / "out")
     ckpts = out / "checkpoints"
@@ -199,6 +205,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpo
     assert "resumed at step 4 from step_00000004" in proc.stdout
 
 
+@pytest.mark.slow
 def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, tmp_path):
     out = _copy(three_checkpoints, tmp_path / "out")
     for folder in (out / "checkpoints").glob("step_*"):
@@ -213,6 +220,7 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, t
 
 @pytest.mark.parametrize("overrides,names", [([*FAULTY, "model.hidden=48"], "size mismatch for 1.weight"),
                                              (["task=cnn"], "holds a different model")], ids=["width", "task"])
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_line(three_checkpoints, tmp_path, overrides, names):
     out = _copy(three_checkpoints, tmp_path / "out")
     proc = run_dtrain(["train", RECIPE, *overrides, "tracking.enabled=false", f"resume={out / 'checkpoints'}",
@@ -233,6 +241,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("write", ["sync", "async"])
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk, tmp_path, write):
     """Rank 0 fills the disk at step 6; the step-8 checkpoint fails on a real ENOSPC. Written
     asynchronously, the failure comes out of the writer thread when the next checkpoint (the
@@ -294,6 +303,7 @@ def test_sharded_eval_runs_as_many_forwards_on_every_rank():
     assert len(empty) == 1 and empty.num_real == 0
 
 
+@pytest.mark.slow
 def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): a forward is a
     collective. Every rank runs 2 evaluation forwards and the 359 samples count once each."""
@@ -315,6 +325,7 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
 # --------------------------------------------------------------------------- combinations
 
 
+@pytest.mark.slow
 def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     """ZeRO stage 0 in fp32 returns no norm from its plain optimizer; dtrain measures it, so
     steps are not counted non-finite, and the run matches DDP."""
@@ -330,6 +341,7 @@ def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     assert max_param_diff(load_params(tmp_path / "ds" / "model.pt"), load_params(tmp_path / "ddp" / "model.pt")) < 1e-5
 
 
+@pytest.mark.slow
 def test_without_syncbn_the_metric_is_of_the_saved_model(tmp_path):
     """model.sync_bn=false on 2 ranks: each rank's BatchNorm statistics drift apart; the
     reported metric must be exactly that of model.pt (rank 0's buffers)."""
@@ -348,6 +360,7 @@ def test_without_syncbn_the_metric_is_of_the_saved_model(tmp_path):
     assert mine["loss"] == pytest.approx(reported["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size(tmp_path):
     """2 ranks for 20 steps, then 1 rank to 40: the same parameters as 2 ranks for 40 (the
     BN-free MLP: the math allows it exactly, up to float reassociation)."""
@@ -364,6 +377,7 @@ def test_resume_on_another_world_size(tmp_path):
     assert proc.returncode == 2 and "the checkpoint was trained with 64 and 1" in one_line(proc)
 
 
+@pytest.mark.slow
 def test_transformer_resume_on_other_text_is_one_line(tmp_path):
     text_a, text_b = tmp_path / "a.txt", tmp_path / "b.txt"
     text_a.write_text("def f(x):\n    return x + 1\n" * 400)

@@ -25,6 +25,7 @@ def summary(out):
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
     """Transformer, fp32, clipping at 0.5 (it clips: the LM's norms are ~2), 20 steps. The EMA's
     evaluation equals DDP's too: FSDP2 keeps the root's gathered parameters after a forward, so
@@ -43,6 +44,7 @@ def test_fsdp_matches_ddp_and_a_bf16_reduction_does_not(tiny_runs):
     assert max_param_diff(ddp, load_params(bf16 / "model.pt")) > 1e-5
 
 
+@pytest.mark.slow
 def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
     """With `fsdp.offload` on: the shards live in CPU memory between uses (on a CPU job the same
     memory; the key's logic runs all the same, and changes no number)."""
@@ -54,6 +56,7 @@ def test_cnn_with_sync_batchnorm_matches_ddp(tiny_runs):
     assert abs(summary(fsdp)["eval_ema"]["loss"] - summary(ddp)["eval_ema"]["loss"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny_runs):
     """2 ranks to step 8 -> 1 rank to step 14 -> 2 ranks to 20, with asynchronous checkpoints
     every 4 steps and 2 micro-steps per step (the reduce-scatter only on the last; no dropout,
@@ -79,6 +82,7 @@ def test_sharded_checkpoint_resumes_on_another_world_size_with_accumulation(tiny
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_compiled_matches_eager(tiny_runs, engine):
     eager = load_params(tiny_runs(engine, *(STRAIGHT if engine == "fsdp" else DDP_BASELINE)) / "model.pt")
     # (FSDP2 also keeps gathered parameters after forward here: a memory/speed switch, not a numeric one.)
@@ -159,6 +163,7 @@ def test_tf32_is_used_where_the_gpu_has_it_and_the_recipe_allows():
     assert load_config(LM).allow_tf32 and not load_config(LM, ["allow_tf32=false"]).allow_tf32
 
 
+@pytest.mark.slow
 def test_dtrain_average_reads_sharded_checkpoints(tiny_runs, tmp_path):
     """The last checkpoint of the resharded run (written by 2 ranks as DCP shards), read back in
     one process by `dtrain average`, is exactly the model.pt the run wrote."""

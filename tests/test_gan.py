@@ -74,6 +74,7 @@ def _replicas_identical(rank: int, world: int, recipe: str, overrides: list[str]
     # The penalty-only step unscales the critic's optimizer a second time: it needs an update between.
     ("lazy-r1-fp16", RING, ["precision=fp16", "gan.penalty=r1", "gan.penalty_every=2", "data.global_batch_size=64"]),
 ], ids=lambda x: x if isinstance(x, str) and "/" not in x else None)
+@pytest.mark.slow
 def test_replicas_identical_after_steps(name, recipe, overrides):
     spawn(_replicas_identical, 2, recipe, overrides, 5)
 
@@ -95,6 +96,7 @@ def test_penalty_only_backward_without_zero_term_breaks_ddp():
     spawn(_lazy_r1_without_zero_term, 2)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(tmp_path):
     common = ["tracking.enabled=false", "train.max_steps=20", "data.global_batch_size=64", "train.eval_every_steps=0",
               "checkpoint.every_steps=0", "gan.penalty=r1", "model.spectral_norm_d=true"]

@@ -39,6 +39,7 @@ def test_two_ranks_without_syncbn_differ(runs):
     assert max_param_diff(one, two) > 1e-3
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_large_batch(runs):
     """BatchNorm-free model: 2 ranks x 2 micro-steps x 16 == 1 rank x 64."""
     mlp = ["task=helpers:MLPTask", "data.global_batch_size=64"]
@@ -47,6 +48,7 @@ def test_accumulation_equals_the_large_batch(runs):
     assert max_param_diff(one, acc) < 1e-5
 
 
+@pytest.mark.slow
 def test_accumulation_with_batchnorm_matches_per_micro_batch_statistics(runs):
     """With BatchNorm, statistics are per micro-batch: 2 ranks x 2 x 16 (synced) equals 1 rank
     x 2 x 32, and visibly differs from 1 rank x 64."""

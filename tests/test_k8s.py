@@ -216,6 +216,7 @@ def recipe_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_indexed_job_command_for_two_pods(tmp_path, recipe_file):
     results = _run_pods(_container("Job"), [{"JOB_COMPLETION_INDEX": "0"}, {"JOB_COMPLETION_INDEX": "1"}], tmp_path,
                         RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()), NPROC_PER_NODE="1",
@@ -226,6 +227,7 @@ def test_indexed_job_command_for_two_pods(tmp_path, recipe_file):
     assert s["world_size"] == 2 and s["steps"] == 6
 
 
+@pytest.mark.slow
 def test_pytorchjob_command_with_the_operator_env(tmp_path, recipe_file):
     """The env training-operator 1.9 gives Master-0 and Worker-0 of a 2-pod job (nprocPerNode 1),
     with the Service name of the master replaced by loopback."""
@@ -333,6 +335,7 @@ def _trainjob_pod_envs(tmp_path: Path, nodes: int, nproc: int, **job_env: str) -
     return container, pods
 
 
+@pytest.mark.slow
 def test_trainjob_command_on_two_pods_matches_one_node(tmp_path, recipe_file):
     """2 nodes x 1 rank, as the TrainJob runs it, trains to the parameters of 1 node x 2 ranks."""
     reference, two_pods = tmp_path / "one-node", tmp_path / "two-pods"

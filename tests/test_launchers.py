@@ -37,6 +37,7 @@ def single_node(tmp_path_factory):
     return load_params(root / "out" / "model.pt")
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_equal_one_node(single_node, tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     run_two_agents([agent_cmd(endpoint, tmp_path / "out")] * 2, tmp_path)
@@ -61,6 +62,7 @@ NETNS_UNAVAILABLE = _netns_unavailable()
 
 
 @pytest.mark.skipif(bool(NETNS_UNAVAILABLE), reason=NETNS_UNAVAILABLE or "available")
+@pytest.mark.slow
 def test_two_nodes_in_network_namespaces(single_node, tmp_path):
     """Two 'hosts' joined by a veth pair: MASTER_ADDR is 10.231.0.1, not localhost."""
     tag = uuid.uuid4().hex[:6]
@@ -90,6 +92,7 @@ def test_two_nodes_in_network_namespaces(single_node, tmp_path):
     assert max_param_diff(single_node, load_params(tmp_path / "out" / "model.pt"), buffers=True) < 1e-6
 
 
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path):
     cmd = ["accelerate", "launch", "--config_file", str(ROOT / "launchers" / "accelerate" / "multi_process.yaml"),
            "--main_process_port", str(free_port()), "-m", "dtrain", "train", CNN, *FAST,
@@ -102,6 +105,7 @@ def test_accelerate_launch(tmp_path):
     assert "engine: ddp" in yaml_cfg
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher(tmp_path):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dtrain", "train", CNN,
            *FAST, "engine=deepspeed", "deepspeed.zero_stage=1", f"output_dir={tmp_path / 'out'}"]

@@ -94,6 +94,7 @@ def test_the_readme_carries_the_generated_table():
     assert matrix.table() in (ROOT / "README.md").read_text(), "run python tests/matrix.py and paste its table"
 
 
+@pytest.mark.slow
 def test_every_cell_resumes_to_the_straight_runs_state(results):
     root, cells, _ = results
     report = []
@@ -113,12 +114,14 @@ def test_every_cell_resumes_to_the_straight_runs_state(results):
         assert torch.equal(load_params(root / c.name / "model.pt")["tok.weight"], held), c.describe()
 
 
+@pytest.mark.slow
 def test_the_check_sees_a_resume_that_went_wrong(results):
     root, cells, _ = results
     straight = load_params(root / f"{cells[0].name}-straight" / "model.pt")
     assert max_param_diff(straight, load_params(root / "broken" / "model.pt")) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_zero_checkpoint_on_another_world_size_is_refused_in_one_line(results):
     root, _, _ = results
     line = matrix.refusal({"engine": "zero0", "event": "resumed on 1 rank"})

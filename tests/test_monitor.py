@@ -1,6 +1,7 @@
 """`monitor.every`: layer health logged to MLflow during training, warnings on vanishing or
 exploding gradients; nothing logged (and nothing hooked) when off."""
 
+import pytest
 import mlflow
 
 from helpers import ROOT, check, run_dtrain
@@ -20,6 +21,7 @@ def monitored(tmp_path, *overrides, nproc=0, name="run"):
     return proc, run.data.metrics, history
 
 
+@pytest.mark.slow
 def test_layer_health_is_logged_every_n_steps(tmp_path):
     proc, metrics, history = monitored(tmp_path, "monitor.every=10")
     check(proc)
@@ -42,18 +44,21 @@ def test_dead_relus_and_vanishing_gradients_are_reported(tmp_path):
     assert "step 10: vanishing gradients in 2 weight(s) (norm < 1e-07), first 1.weight" in proc.stderr
 
 
+@pytest.mark.slow
 def test_exploding_gradients_warn_at_the_documented_threshold(tmp_path):
     proc, metrics, _ = monitored(tmp_path, "monitor.every=10", "monitor.explode_above=1e-3")
     check(proc)
     assert "exploding gradients: global norm" in proc.stderr and "monitor.explode_above=0.001" in proc.stderr
 
 
+@pytest.mark.slow
 def test_off_logs_nothing(tmp_path):
     proc, metrics, _ = monitored(tmp_path)
     check(proc)
     assert not [k for k in metrics if k.startswith("monitor/")]
 
 
+@pytest.mark.slow
 def test_sharded_engines_report_whole_weights(tmp_path):
     """Under ZeRO-3 every rank holds a shard: the monitor gathers whole gradients and weights."""
     proc, metrics, _ = monitored(tmp_path, "monitor.every=10", "engine=deepspeed", "deepspeed.zero_stage=3",

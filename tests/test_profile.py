@@ -3,6 +3,7 @@ operators, and the step-time breakdown in summary.json and MLflow."""
 
 import json
 
+import pytest
 import mlflow
 
 from helpers import ROOT, check, run_dtrain
@@ -10,6 +11,7 @@ from helpers import ROOT, check, run_dtrain
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
+@pytest.mark.slow
 def test_only_the_chosen_rank_profiles_and_the_trace_loads(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"

@@ -31,6 +31,7 @@ def store(tmp_path_factory):
     return root, uri, run
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(store):
     root, uri, run = store
     assert checkpoint.latest(root / "resumed" / "checkpoints").name == "step_00000020"
@@ -54,6 +55,7 @@ def test_resume_matches_uninterrupted_run(store):
     assert [m.value for m in history] == pytest.approx([m.value for m in straight], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_replaying_data_on_resume_would_be_caught(store):
     """Break the mid-epoch position (resume from the epoch's start) and the test's check fails."""
     root, uri, run = store
@@ -96,6 +98,7 @@ def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
     assert set(client["rng"][0]) >= {"python", "numpy", "torch"}
 
 
+@pytest.mark.slow
 def test_an_optimizer_override_on_resume_is_refused_in_one_line(store, tmp_path):
     """`optim.lr` lives in the optimizer's and schedule's checkpointed state: it used to print
     the new peak LR and train on the checkpoint's (identical losses). Refused before training."""
@@ -107,6 +110,7 @@ def test_an_optimizer_override_on_resume_is_refused_in_one_line(store, tmp_path)
     assert line.startswith("dtrain: error: resume: optim.lr=0.02: the checkpoint was trained with optim.lr=0.2"), line
 
 
+@pytest.mark.slow
 def test_resuming_into_a_new_output_dir_is_a_new_run_linked_to_the_old(store):
     """It reopened the old run (duplicate points at the resumed steps, the old params)."""
     root, uri, run = store

@@ -33,6 +33,7 @@ def finished(summary):
     return [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
 
 
+@pytest.mark.slow
 def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     (tmp_path / "space.yaml").write_text(GRID)
     cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6")
@@ -73,6 +74,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     assert parent.data.metrics["best_value"] == pytest.approx(summary["best"]["value"])
 
 
+@pytest.mark.slow
 def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder(tmp_path):
     """A recipe whose every trial fails used to run forever (failures never count toward
     --trials); a stale pruned.json in a reused trial folder marked the failed trial PRUNED."""
@@ -93,6 +95,7 @@ def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder
     assert [t["state"] for t in summary["trials"]] == ["FAIL", "FAIL"]
 
 
+@pytest.mark.slow
 def test_a_stopped_search_kills_a_trial_that_ignores_the_stop(tmp_path):
     """A trial stuck in a step with a grace timer longer than the search waits never exits
     on SIGTERM; it was left running, orphaned. Now it is SIGKILLed after --stop-grace."""
@@ -116,6 +119,7 @@ def test_a_stopped_search_kills_a_trial_that_ignores_the_stop(tmp_path):
     assert not trial_processes()
 
 
+@pytest.mark.slow
 def test_a_metric_the_task_does_not_report_stops_the_search_after_one_trial(tmp_path):
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
     proc = subprocess.run(search_cmd(tmp_path, "--trials", "3", "--metric", "eval/acc"), cwd=tmp_path,
@@ -126,6 +130,7 @@ def test_a_metric_the_task_does_not_report_stops_the_search_after_one_trial(tmp_
     assert "step 1/" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, postgres):
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
                                          "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"

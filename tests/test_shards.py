@@ -45,6 +45,7 @@ def test_epochs_reshuffle_and_a_position_resumes(shards):
     assert _epoch(shards, 2, 1, 2, start=3) == full[3:]
 
 
+@pytest.mark.slow
 def test_streamed_training_resumes_exactly_mid_epoch(tmp_path):
     train, _ = digits(0.2)
     folder = tmp_path / "shards"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import numpy as np
 import torch
 
@@ -35,6 +36,7 @@ def test_prepare_text_gives_the_in_memory_readers_samples(tmp_path):
     assert vocab.decode(val.tolist()) == text[split:]
 
 
+@pytest.mark.slow
 def test_token_file_lm_resumes_exactly_mid_epoch(tmp_path):
     check(run_dtrain(["prepare-text", str(CORPUS), "--output", str(tmp_path / "tok")], cwd=tmp_path))
     common = [f"data.tokens={tmp_path / 'tok'}", "train.max_steps=10", "tracking.enabled=false", "model.n_layer=1",

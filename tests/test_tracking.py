@@ -19,6 +19,7 @@ def warnings_in(stderr: str) -> list[str]:
     return [l for l in stderr.splitlines() if "MLflow tracking" in l]
 
 
+@pytest.mark.slow
 def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
     check(run_dtrain(["train", RECIPE, "train.max_steps=30", "tracking.log_every=10", f"tracking.uri={mlflow_server.uri}",
                   "tracking.experiment=http", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
@@ -41,6 +42,7 @@ def test_unreachable_store_warns_once_and_trains(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
 
 
+@pytest.mark.slow
 def test_silent_store_host_costs_seconds_not_retries(tmp_path):
     """A host that accepts the connection and never answers (a hung proxy, a dead server
     behind a live load balancer): MLflow's client would retry 10 s requests while the other
@@ -75,6 +77,7 @@ def _start(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp_path):
     proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={mlflow_server.uri}",
                    "tracking.experiment=dies", f"output_dir={tmp_path / 'out'}"], tmp_path)
@@ -86,6 +89,7 @@ def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 600
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = _start(["train.max_steps=100000", "tracking.log_every=5", f"tracking.uri={uri}",
@@ -98,6 +102,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
     assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_training_failure_marks_the_run_failed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # An absurd LR with no clipping blows the weights up: the gradient becomes non-finite.

@@ -46,6 +46,7 @@ def concurrent_jobs(pg_server, tmp_path_factory):
     return tmp, results
 
 
+@pytest.mark.slow
 def test_four_two_rank_jobs_at_once_lose_no_metric_point_on_postgresql(pg_server, concurrent_jobs):
     tmp, results = concurrent_jobs
     for r in results:
@@ -71,6 +72,7 @@ def test_four_two_rank_jobs_at_once_lose_no_metric_point_on_postgresql(pg_server
     assert len(compared["runs"]) == JOBS, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_audit_sees_a_lost_point(pg_server, concurrent_jobs):
     """What the count guards against: a point missing on the server shows as sent != stored."""
     import mlflow
@@ -98,6 +100,7 @@ def render(url: str, *flags: str) -> subprocess.CompletedProcess:
                            "--window-size=1600,900", *flags, url], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_the_runs_table_and_compare_view_show_one_and_two_rank_runs(pg_server, concurrent_jobs, tmp_path):
     tmp, _ = concurrent_jobs
     check(subprocess.run(tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS),
@@ -131,6 +134,7 @@ def _pg_port(server_dir: Path) -> str:
     return opts[opts.index("-p") + 1]
 
 
+@pytest.mark.slow
 def test_the_local_postgresql_asks_every_user_for_a_password(pg_server):
     """It was initialised with `-A trust`: any local user was its superuser without a password
     (and could run `COPY ... TO PROGRAM` as `postgres`). Now: scram-sha-256, the socket in the
@@ -157,6 +161,7 @@ def test_the_local_postgresql_asks_every_user_for_a_password(pg_server):
     assert not [p for p in logs if any(pw.encode() in p.read_bytes() for pw in passwords)]
 
 
+@pytest.mark.slow
 def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
     """`--auth` (always on beyond loopback): MLflow's basic-auth app. A job with the admin's
     credentials in its environment is tracked; one without them trains untracked, with a warning."""

@@ -29,6 +29,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_deepspeed_checkpoint_from_elsewhere_loads_only_when_trusted(tmp_path):
     """DeepSpeed reads its files with torch.load(weights_only=False): a crafted
     mp_rank_00_model_states.pt runs its payload. Outside the run's own output_dir it is refused
@@ -60,6 +61,7 @@ def _run_folder_with_a_module(tmp_path, marker):
 
 
 @pytest.mark.parametrize("command", ["sample", "average"])
+@pytest.mark.slow
 def test_a_run_folder_does_not_bring_code(tmp_path, command):
     marker = tmp_path / "pwned"
     run = _run_folder_with_a_module(tmp_path, marker)
