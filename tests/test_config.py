@@ -116,18 +116,21 @@ def test_bad_input_multi_rank_launch_is_one_line(tmp_path):
     proc = run_dtrain(["train", RECIPE, "--nproc-per-node", "2", "data.global_batch_size=63"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("dtrain: error: data.global_batch_size=63: must be divisible by world size x "
-                                   "data.grad_accum_steps = 2 x 1 (e.g. 2, 4, 6)"), proc.stderr
+                                   "data.grad_accum_steps = 2 x 1 (the nearest: 62 or 64)"), proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_bad_input_under_raw_torchrun(tmp_path):
-    """Under a bare torchrun every rank refuses before training; only rank 0 prints our line
-    (torchrun's agent then adds its own failure report, which is torchrun's, not ours)."""
+    """Under a bare torchrun every rank refuses before training; only rank 0 prints our line,
+    and the agent's failure report, the last thing printed, names it as the root cause (the
+    rank's error file) instead of torchrun's own "To enable traceback see" line."""
     proc = run_dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
     assert proc.returncode != 0
     ours = [l for l in proc.stderr.splitlines() if l.startswith("dtrain:") or l.startswith("dtrain[")]
     assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr
     assert "exitcode  : 2" in proc.stderr and not (tmp_path / "runs").exists()
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "traceback : dtrain: error: optim.lr=-1.0: must be > 0" in root_cause, proc.stderr
 
 
 def test_the_schema_and_recipe_loading_import_no_torch():

@@ -1,3 +1,3 @@
-"""dtrain: distributed multi-GPU training for PyTorch (DDP or DeepSpeed), tracked in MLflow."""
+"""dtrain: distributed multi-GPU training for PyTorch (DDP, DeepSpeed ZeRO or FSDP2), tracked in MLflow."""
 
 __version__ = "0.1.0"

@@ -45,10 +45,12 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
     """per-rank batch = global / (world x accumulation), or a ConfigError if it does not divide."""
     g, a = cfg.data.global_batch_size, cfg.data.grad_accum_steps
     if g % (world_size * a):
-        ok = [b for b in range(world_size * a, 2 * g + 1, world_size * a)][:3]
+        unit = world_size * a
+        below, above = g // unit * unit, (g // unit + 1) * unit  # the nearest valid sizes
+        ok = " or ".join(str(b) for b in (below, above) if b > 0)
         raise ConfigError("data.global_batch_size", g,
                           f"must be divisible by world size x data.grad_accum_steps = {world_size} x {a} "
-                          f"(e.g. {', '.join(map(str, ok))})")
+                          f"(the nearest: {ok})")
     return BatchPlan(g, g // (world_size * a), a, world_size)
 
 

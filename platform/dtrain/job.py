@@ -11,9 +11,13 @@ torchrun's `@record` carries to the agent's summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 import torch
@@ -137,13 +141,26 @@ def report(line: str, code: int, rank: int) -> NoReturn:
     every rank alike: one line, not one per rank), then exit with `code`."""
     if line and distributed.first_to_report(line):
         print(_prefix(rank) + line, file=sys.stderr, flush=True)
+    if line:
+        to_torchrun(_prefix(rank) + line)
     sys.exit(code)
+
+
+def to_torchrun(line: str) -> None:
+    """Under torchrun, the line goes into the error file its agent reads for this rank: the
+    agent's failure summary, the last thing a user sees, then names the cause (torch's
+    `@record` does the same for an unexpected exception's traceback)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
 
 
 def fail(msg: str, code: int = BAD_INPUT, rank: int = 0, every_rank: bool = False) -> NoReturn:
     """One line, from rank 0 only when every rank hits the same (deterministic) problem."""
     if rank == 0 or every_rank:
         print(_prefix(rank) + msg, file=sys.stderr, flush=True)
+    to_torchrun(_prefix(rank) + msg)
     sys.exit(code)
 
 

@@ -53,7 +53,7 @@ def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], tota
         f"{e.lr_info.base:g} @ {e.lr_info.base_batch}, {e.lr_info.warmup_steps} warmup steps)"
         for n, e in engines.items())
     return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
-            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} ranks x {plan.per_rank} x "
+            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} rank{'s' if plan.world_size > 1 else ''} x {plan.per_rank} x "
             f"{plan.accum} accum | {lrs} | {total_steps} steps"
             + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
 
