@@ -34,6 +34,17 @@ def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
 
 
+def test_the_last_line_says_where_the_run_is_and_how_to_see_it(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = check(run_dtrain(["train", RECIPE, "train.max_steps=2", f"tracking.uri={uri}",
+                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    run_id = json.loads((tmp_path / "out" / "summary.json").read_text())["run_id"]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 2 steps | eval loss ") and " accuracy " in last, last
+    assert last.endswith(f"{tmp_path / 'out'} (model.safetensors, summary.json) | mlflow run {run_id}; "
+                         f"to see it: mlflow ui --backend-store-uri {uri}"), last
+
+
 def test_unreachable_store_warns_once_and_trains(tmp_path):
     proc = check(run_dtrain(["train", RECIPE, "train.max_steps=20", "tracking.uri=http://127.0.0.1:9",
                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))

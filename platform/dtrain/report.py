@@ -85,3 +85,16 @@ def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: 
         tracker.log_artifact(path, "profile")
     if cfg.tracking.log_model:
         tracker.log_artifact(model_path)
+
+
+def closing_line(cfg: Config, summary: dict[str, Any], out_dir: Path) -> str:
+    """The run's last line: how it ended, where its outputs are, and how to look at it."""
+    metrics = " ".join(f"{k} {v:.4g}" for k, v in (summary.get("eval") or {}).items() if k != "samples")
+    line = f"done: {summary['steps']} steps" + (f" | eval {metrics}" if metrics else "") + \
+        f" | {out_dir} (model.safetensors, summary.json)"
+    if summary.get("run_id"):
+        uri = tracking.resolve_uri(cfg.tracking.uri)
+        line += f" | mlflow run {summary['run_id']}"
+        if uri.startswith("sqlite:///"):  # no server to open: the command that starts one on this store
+            line += f"; to see it: mlflow ui --backend-store-uri {uri}"
+    return line
