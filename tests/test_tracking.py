@@ -43,6 +43,8 @@ def test_the_last_line_says_where_the_run_is_and_how_to_see_it(tmp_path):
     assert last.startswith("done: 2 steps | eval loss ") and " accuracy " in last, last
     assert last.endswith(f"{tmp_path / 'out'} (model.safetensors, summary.json) | mlflow run {run_id}; "
                          f"to see it: mlflow ui --backend-store-uri {uri}"), last
+    params = mlflow.MlflowClient(uri).get_run(run_id).data.params  # what MLflow's compare view shows
+    assert (params["world_size"], params["per_rank_batch_size"], params["data.global_batch_size"]) == ("1", "64", "64")
 
 
 def test_unreachable_store_warns_once_and_trains(tmp_path):

@@ -108,6 +108,9 @@ def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: T
     tracker: tracking.NullTracker = tracking.NullTracker()
     if distributed.is_main():
         params = recipe.flatten(redact.tree(recipe.to_dict(cfg)))
+        # What differs between a 1-rank and an N-rank run of one recipe: params, so MLflow's
+        # compare view shows them side by side (tags are not compared there).
+        params |= {"world_size": parts.plan.world_size, "per_rank_batch_size": parts.plan.per_rank}
         tags = report.run_tags(cfg, env, parts.plan, parts.engines)
         if state.resumed_from_run:  # resumed into a new output_dir: a new run, linked to the old one
             tags["dtrain.resumed_from_run"] = state.resumed_from_run
