@@ -157,3 +157,18 @@ def test_a_refused_combination_costs_no_rank_start_up(tmp_path):
         "dtrain: error: optim.name='schedulefree_adamw': not with engine=deepspeed (its averaged weights need the "
         "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp"), proc.stderr
     assert "torch.distributed" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_relative_data_path_is_found_beside_the_recipe_like_its_task_module(tmp_path, monkeypatch):
+    """`dtrain train mytask/recipe.yaml` from the folder above: `data.path: data` is mytask/data,
+    as `task: mymodule:Task` is mytask/mymodule.py (it used to be looked for in the working
+    directory only, and the error did not say where it looked)."""
+    (tmp_path / "mytask" / "data").mkdir(parents=True)
+    (tmp_path / "mytask" / "recipe.yaml").write_text("task: cnn\ndata:\n  path: data\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("mytask/recipe.yaml").data.path == str(tmp_path / "mytask" / "data")
+    (tmp_path / "data").mkdir()  # the working directory's comes first, and stays as written
+    assert load_config("mytask/recipe.yaml").data.path == "data"
+    with pytest.raises(ConfigError) as e:
+        load_config("mytask/recipe.yaml", ["data.path=nope"])
+    assert str(e.value) == f"data.path='nope': no such file or folder (looked in {tmp_path} and beside the recipe)"

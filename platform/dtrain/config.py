@@ -334,7 +334,8 @@ class Config:
         _non_negative(self.data, "data", "num_workers")
         _check("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
         if self.data.path and not Path(self.data.path).exists():
-            raise ConfigError("data.path", self.data.path, "no such file or folder")
+            raise ConfigError("data.path", self.data.path, "no such file or folder" + (
+                "" if Path(self.data.path).is_absolute() else f" (looked in {Path.cwd()} and beside the recipe)"))
         _non_negative(self.train, "train", "max_steps", "eval_every_steps", "stop_at_step")
         _positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
         validate_optim(self.optim, "optim")

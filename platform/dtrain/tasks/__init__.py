@@ -139,4 +139,21 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), bes
     raw = recipe.read_raw(path, overrides)
     search = [os.getcwd(), *([os.path.dirname(os.path.abspath(path))] if beside else [])]
     task = get_task(str(raw.get("task", Config.task)), search=search)
+    _data_beside(raw, search)
     return recipe.build(task.config_class, raw)
+
+
+def _data_beside(raw: dict[str, Any], search: Sequence[str]) -> None:
+    """A relative `data.path` is looked for where the task module is: in the working directory,
+    then beside the recipe (`dtrain train mytask/recipe.yaml` from the folder above finds
+    `mytask/data`). Found beside the recipe, it is made absolute, so config.yaml says where."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    where = data.get("path")
+    if not isinstance(where, str) or not where or os.path.isabs(where) or os.path.exists(where):
+        return
+    for folder in search[1:]:
+        if os.path.exists(os.path.join(folder, where)):
+            data["path"] = os.path.join(folder, where)
+            return
