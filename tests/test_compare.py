@@ -119,6 +119,9 @@ def test_weak_scaling_shrinks_what_is_counted_in_steps():
     assert sweep_overrides(cfg, 4, 1, "global") == []
     assert sweep_overrides(cfg, 4, 2, "per-rank") == ["data.global_batch_size=128", "train.max_steps=20",
                                                       "train.eval_every_steps=5", "optim.warmup_steps=25"]
+    # An LR stated for the recipe's own batch (no base batch): the rule scales from that batch.
+    unstated = load_config(RECIPE, ["optim.base_batch_size=0", "train.max_steps=40"])
+    assert sweep_overrides(unstated, 2, 1, "per-rank")[:2] == ["data.global_batch_size=128", "optim.base_batch_size=64"]
 
 
 def test_baseline_is_the_newest_one_rank_run():

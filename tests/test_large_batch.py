@@ -24,7 +24,7 @@ class TwoParams(nn.Module):
 
 def run(o: OptimConfig, steps: int = 2) -> TwoParams:
     model = TwoParams()
-    opt, _, _ = optim.build(model, o, global_batch=o.base_batch_size, total_steps=10)
+    opt, _, _ = optim.build(model, o, global_batch=256, total_steps=10)  # the LR as stated
     for _ in range(steps):
         model.w.grad, model.b.grad = GW.clone(), GB.clone()
         opt.step()

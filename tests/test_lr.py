@@ -120,3 +120,22 @@ def test_plateau_drops_the_lr_after_patience_evaluations_and_resumes_with_the_ch
     with pytest.raises(ConfigError, match=r"^optim.plateau_metric='loss': not an eval metric of this task"):
         sched.observe({"accuracy": 0.5})
     assert build(m, OptimConfig(), 64, 10)[1].observe({"loss": 1.0}) is False  # other schedules ignore it
+
+
+def test_a_stated_lr_is_the_lr_unless_a_base_batch_is_stated(tmp_path):
+    """A user task's recipe says `lr: 1e-3` for its batch of 12: it trains at 1e-3 (the default
+    used to scale it from a base batch of 256 the user never stated, to 4.69e-5). A stated base
+    batch far from the run's still scales, and the run says so in a warning line."""
+    from dtrain import report
+    from dtrain.data import BatchPlan
+
+    m = torch.nn.Linear(3, 1)
+    assert build(m, OptimConfig(lr=1e-3), 12, 10)[2].peak == pytest.approx(1e-3)
+    plan = BatchPlan(global_batch=12, per_rank=12, accum=1, world_size=1)
+    engine = type("E", (), {"lr_info": build(m, OptimConfig(lr=1e-3, base_batch_size=256), 12, 10)[2]})()
+    assert engine.lr_info.peak == pytest.approx(1e-3 * 12 / 256)
+    (line,) = report.lr_warnings({"model": engine}, plan)
+    assert line.startswith("warning: optim.lr=0.001 is stated for a global batch of 256 (optim.base_batch_size); "
+                           "this run's 12 gets 4.69e-05 by the linear rule"), line
+    near = type("E", (), {"lr_info": build(m, OptimConfig(lr=1e-3, base_batch_size=16), 12, 10)[2]})()
+    assert report.lr_warnings({"model": near}, plan) == []

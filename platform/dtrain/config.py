@@ -93,9 +93,10 @@ class OptimConfig:
     """Optimizer: torch.optim's, or pytorch_optimizer's large-batch LARS (SGD) and LAMB (Adam) and
     schedule-free AdamW / SGD (Defazio et al. 2024: evaluated and saved at their averaged weights)."""
     lr: float = 0.1
-    """Peak learning rate for a global batch of `optim.base_batch_size`."""
-    base_batch_size: int = 256
-    """Reference batch of `optim.lr`; the optimizer's LR is scaled by global/base."""
+    """Peak learning rate: for the recipe's own global batch, or for `optim.base_batch_size`."""
+    base_batch_size: int = 0
+    """The global batch `optim.lr` is stated for: the optimizer's LR is scaled from it to the run's
+    global batch by `scale_rule`. 0 (default): `lr` is for the run's global batch, used as stated."""
     scale_rule: Literal["linear", "sqrt", "none"] = "linear"
     """LR scaling with the global batch: linear (SGD), sqrt (Adam-type), none."""
     warmup_steps: int = 0
@@ -370,7 +371,8 @@ def optim_sections(cfg: Any, prefix: str = "") -> list[tuple[str, OptimConfig]]:
 def validate_optim(o: OptimConfig, prefix: str) -> None:
     """Checks shared by every optimizer section (a GAN has two)."""
     _check(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
-    _positive(o, prefix, "base_batch_size", "step_size")
+    _positive(o, prefix, "step_size")
+    _non_negative(o, prefix, "base_batch_size")
     _non_negative(o, prefix, "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
     _check(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
     _check(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")

@@ -47,7 +47,7 @@ class EMA:
 
     def __init__(self, cfg: EMAConfig, engines: dict[str, Engine], global_batch: int, reference_batch: int):
         self.base_decay, self.warmup = cfg.decay, cfg.warmup
-        self.reference_batch = cfg.base_batch_size or reference_batch
+        self.reference_batch = cfg.base_batch_size or reference_batch or global_batch
         self.decay = float(cfg.decay ** (global_batch / self.reference_batch))
         self.live: dict[str, torch.Tensor] = {}
         self.modules = [engine.module for engine in engines.values()]

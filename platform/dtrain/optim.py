@@ -1,6 +1,7 @@
 """Optimizers from torch.optim, the LR scaling rule, and warmup + schedule.
 
-`optim.lr` is stated for a global batch of `optim.base_batch_size`. The optimizer gets
+`optim.lr` is stated for a global batch of `optim.base_batch_size` (by default, 0: for the
+run's own global batch, so the stated LR is the LR). The optimizer gets
     linear: lr * global / base      (Goyal et al. 2017, for SGD)
     sqrt:   lr * sqrt(global / base) (the usual rule for Adam-type optimizers)
     none:   lr
@@ -21,7 +22,7 @@ from dtrain.protocols import LRInfo
 
 
 def scaled_lr(o: OptimConfig, global_batch: int) -> float:
-    ratio = global_batch / o.base_batch_size
+    ratio = global_batch / (o.base_batch_size or global_batch)
     return {"linear": o.lr * ratio, "sqrt": o.lr * math.sqrt(ratio), "none": o.lr}[o.scale_rule]
 
 
@@ -183,5 +184,6 @@ def build(model: nn.Module, o: OptimConfig, global_batch: int,
     # torch's default implementation.
     fused = all(p.is_cuda for p in model.parameters())
     opt = build_optimizer(param_groups(model, o), o, peak, fused=fused)
-    info = LRInfo(peak=peak, base=o.lr, base_batch=o.base_batch_size, rule=o.scale_rule, warmup_steps=o.warmup_steps)
+    info = LRInfo(peak=peak, base=o.lr, base_batch=o.base_batch_size or global_batch, rule=o.scale_rule,
+                  warmup_steps=o.warmup_steps)
     return opt, build_scheduler(opt, o, total_steps, peak), info

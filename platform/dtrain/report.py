@@ -17,7 +17,7 @@ import dtrain
 from dtrain import checkpoint, data, distributed, safeload, tracking
 from dtrain.config import Config
 from dtrain.fileio import atomic_write
-from dtrain.protocols import Engine, Task
+from dtrain.protocols import Engine, LRInfo, Task
 
 
 def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
@@ -44,14 +44,33 @@ def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engine
     return tags
 
 
+def _lr_origin(info: LRInfo, plan: data.BatchPlan) -> str:
+    if info.base_batch == plan.global_batch or info.rule == "none":
+        return "as stated"
+    return f"{info.rule} rule from {info.base:g} @ {info.base_batch}"
+
+
+def lr_warnings(engines: dict[str, Engine], plan: data.BatchPlan) -> list[str]:
+    """A line for each optimizer whose LR the scaling rule moved more than 2x from the stated
+    one: a rule from a base batch far from the run's is the usual cause of a run that will
+    not learn (or diverges), and the start line alone is easy to miss."""
+    out = []
+    for name, e in engines.items():
+        i, key = e.lr_info, "optim" if name == "model" else f"optim_{name[0]}"
+        if i.base > 0 and not 0.5 <= i.peak / i.base <= 2:
+            out.append(f"warning: {key}.lr={i.base:g} is stated for a global batch of {i.base_batch} "
+                       f"({key}.base_batch_size); this run's {plan.global_batch} gets {i.peak:.3g} by the {i.rule} "
+                       f"rule. If {i.base:g} is meant for this batch, leave {key}.base_batch_size unset or set "
+                       f"{key}.scale_rule=none")
+    return out
+
+
 def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int,
              fp32_matmuls: str | None = None) -> str:
     """The start line: world, batch split and the LR each optimizer really gets."""
     first = next(iter(engines.values()))
-    lrs = " | ".join(
-        f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({e.lr_info.rule} rule from "
-        f"{e.lr_info.base:g} @ {e.lr_info.base_batch}, {e.lr_info.warmup_steps} warmup steps)"
-        for n, e in engines.items())
+    lrs = " | ".join(f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({_lr_origin(e.lr_info, plan)}, "
+                     f"{e.lr_info.warmup_steps} warmup steps)" for n, e in engines.items())
     return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
             f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} rank{'s' if plan.world_size > 1 else ''} x {plan.per_rank} x "
             f"{plan.accum} accum | {lrs} | {total_steps} steps"

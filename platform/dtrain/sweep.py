@@ -61,6 +61,8 @@ def sweep_overrides(cfg: Config, n: int, base: int, keep: str) -> list[str]:
     d = cfg.data
     per_rank = d.global_batch_size // (base * d.grad_accum_steps)
     out = [f"data.global_batch_size={per_rank * n * d.grad_accum_steps}"]
+    if not cfg.optim.base_batch_size:  # the LR is stated for the recipe's batch: the rule scales from there
+        out.append(f"optim.base_batch_size={d.global_batch_size}")
     for key, steps in (("train.max_steps", cfg.train.max_steps), ("train.eval_every_steps", cfg.train.eval_every_steps),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                        ("optim.warmup_steps", cfg.optim.warmup_steps)):

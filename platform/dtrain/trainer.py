@@ -154,6 +154,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
                        + (f" | {parts.ema.describe()}" if parts.ema else "")
                        + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                        + (f" | mlflow run {state.run_id}" if state.run_id else ""))
+        for line in report.lr_warnings(parts.engines, parts.plan):
+            progress.write(line)
         if links := tracker.links():
             progress.write(links)
         loop = Loop(cfg, parts, device, state, tracker, progress)

@@ -62,7 +62,7 @@ class GanSection:
 
 
 def _adam(lr: float) -> OptimConfig:
-    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), base_batch_size=256, scale_rule="sqrt",
+    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), scale_rule="sqrt",
                        schedule="constant", warmup_steps=0)
 
 

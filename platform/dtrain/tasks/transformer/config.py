@@ -49,7 +49,6 @@ class TransformerModelConfig(ModelConfig):
 class TransformerOptimConfig(OptimConfig):
     name: OptimizerName = "adamw"
     lr: float = 1e-3
-    base_batch_size: int = 64
     scale_rule: Literal["linear", "sqrt", "none"] = "sqrt"
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.1
