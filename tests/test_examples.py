@@ -87,11 +87,12 @@ def test_image_folder_example_trains_a_torchvision_model_from_lazy_files(tmp_pat
 
 
 def test_the_guide_shows_the_tabular_example_verbatim():
-    """docs/guide.md's task is the file the test below trains: a guide that cannot drift."""
+    """docs/guide.md's task and recipe are the files the test below trains: a guide that cannot drift."""
     guide = (ROOT / "docs" / "guide.md").read_text()
-    marker = "<!-- guide-code: examples/tabular/tabular_task.py -->\n```python\n"
-    code = guide[guide.index(marker) + len(marker):].split("```", 1)[0]
-    assert code == (EXAMPLES / "tabular" / "tabular_task.py").read_text()
+    for name, lang in (("tabular_task.py", "python"), ("recipe.yaml", "yaml")):
+        marker = f"<!-- guide-code: examples/tabular/{name} -->\n```{lang}\n"
+        shown = guide[guide.index(marker) + len(marker):].split("```", 1)[0]
+        assert shown == (EXAMPLES / "tabular" / name).read_text()
 
 
 @pytest.mark.slow
