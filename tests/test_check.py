@@ -50,8 +50,10 @@ def test_the_cnn_recipe_passes_every_check_and_is_tracked(tmp_path):
     assert (tmp_path / "out" / "check" / "data_batch.png").stat().st_size > 0
     assert "init_loss" in proc.stdout and "PASS" in proc.stdout
     client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
+    assert client.get_experiment_by_name("cnn_digits") is None  # the training runs' experiment: none there
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits-checks").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["dtrain.kind"] == "check"
+    assert run.info.run_name == "cnn_digits-check PASS"
     assert run.data.tags["check.overfit_batch"] == "PASS"
     assert run.data.metrics["check/init_loss"] == pytest.approx(results["init_loss"]["value"])
     assert "check.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -128,10 +130,15 @@ def test_a_causal_mask_that_leaks_the_next_token(tmp_path):
 
 
 def test_a_split_with_duplicated_samples(tmp_path):
-    proc, results = dtrain_check(tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc, results = dtrain_check(tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data",
+                                 "tracking.enabled=true", f"tracking.uri={uri}")
     assert proc.returncode == 1
     assert results["data/duplicates"]["verdict"] == "FAIL"
     assert results["data/duplicates"]["detail"].startswith("40 of 360 test inputs")
+    client = mlflow.MlflowClient(uri)  # a failing check shows in MLflow's run name and status column
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits-checks").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("cnn_digits-check FAIL:data/duplicates", "FAILED")
 
 
 def test_ranks_that_build_different_models(tmp_path):

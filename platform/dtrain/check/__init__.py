@@ -125,13 +125,17 @@ def write(results: list[Result], out_dir: Path) -> None:
 
 
 def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
-    """A run of its own (tag dtrain.kind=check): one metric per numeric result, one tag per
+    """A run of its own (tag dtrain.kind=check) in the experiment `<experiment>-checks`, beside
+    and not among the training runs: named with its verdict (`cnn_digits-check FAIL:overfit_batch`),
+    FAILED in the status column when a check failed; one metric per numeric result, one tag per
     verdict, check.json and the plots as artifacts."""
+    failed = [r.name for r in results if r.verdict == "FAIL"]
     tags = {"dtrain.kind": "check", "dtrain.recipe": cfg.recipe, "dtrain.task": cfg.task,
-            "dtrain.check_failed": any(r.verdict == "FAIL" for r in results)}
+            "dtrain.check_failed": bool(failed)}
     tags |= {f"check.{r.name}": r.verdict for r in results}
+    cfg.tracking.experiment = f"{cfg.tracking.experiment}-checks"
     if cfg.tracking.run_name == "":
-        cfg.tracking.run_name = f"{cfg.recipe}-check"
+        cfg.tracking.run_name = f"{cfg.recipe}-check " + (f"FAIL:{','.join(failed)}" if failed else "PASS")
     tracker = tracking.start(cfg, flatten(to_dict(cfg)), tags, run_id=None)
     status = "FAILED"  # never left RUNNING
     try:
@@ -139,6 +143,6 @@ def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
         tracker.log_artifact(out_dir / "check.json")
         for path in sorted((out_dir / "check").glob("*")):
             tracker.log_artifact(path, "check")
-        status = "FINISHED"
+        status = "FAILED" if failed else "FINISHED"
     finally:
         tracker.finish(status)
