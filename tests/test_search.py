@@ -198,3 +198,25 @@ def test_space_conditions_and_types(tmp_path):
     path.write_text("optim.lr: {type: float, low: 0.1, high: 1.0, logg: true}\n")
     with pytest.raises(Exception, match=r"space\.optim\.lr=.*unknown field\(s\) logg"):
         load_space(path, cfg)
+
+
+def test_plots_name_the_metric_and_a_best_value_at_a_range_edge_is_warned(tmp_path):
+    from dtrain.search import edge_warnings, plots
+    from dtrain.search.space import Param
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: -(t.suggest_float("optim.lr", 1e-4, 1.0, log=True) - 0.01) ** 2
+                   + 0 * t.suggest_int("model.width", 8, 64), n_trials=8)
+    made = {p.name for p in plots(study, tmp_path, "eval/accuracy")}
+    assert made == {"history.png", "slice.png", "importances.png"}
+    one = optuna.create_study()
+    one.optimize(lambda t: t.suggest_float("optim.lr", 0.0, 1.0), n_trials=3)
+    (tmp_path / "one").mkdir()
+    assert {p.name for p in plots(one, tmp_path / "one", "eval/loss")} == {"history.png", "slice.png"}
+
+    space = [Param("optim.lr", "float", 1e-4, 1.0, log=True), Param("model.width", "int", 8, 64),
+             Param("optim.name", "categorical", choices=["sgd", "adamw"])]
+    assert edge_warnings(space, {"params": {"optim.lr": 0.01, "model.width": 32, "optim.name": "sgd"}}) == []
+    (line,) = edge_warnings(space, {"params": {"optim.lr": 1.2e-4, "model.width": 32, "optim.name": "sgd"}})
+    assert line.startswith("search: warning: the best optim.lr=0.00012 lies at the low edge of its range")
+    assert edge_warnings(space, None) == []

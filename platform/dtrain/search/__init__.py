@@ -13,6 +13,7 @@ recipe with the best values) and Optuna's plots, which the parent run also holds
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import subprocess
@@ -256,10 +257,29 @@ def search(a: SearchArgs) -> dict[str, Any]:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # its failed-trial warning carries a traceback;
         study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))  # progress_line says it in one line
     summary = write_outputs(a, cfg, study, parent)
+    for line in edge_warnings(params, summary["best"]):
+        print(line, flush=True)
     if len(failures) >= a.max_failures:
         raise TooManyFailures(f"search: {len(failures)} trials failed (--max-failures={a.max_failures}); the last: "
                               f"{failures[-1]}; see {a.output} and the trials' output above")
     return summary
+
+
+def edge_warnings(params: list[Param], best: dict[str, Any] | None) -> list[str]:
+    """A line for each numeric value of the best trial within 5% of its range's edge (on a log
+    scale for log ranges): the optimum may lie outside what was searched."""
+    out = []
+    for p in params:
+        value = (best or {}).get("params", {}).get(p.key)
+        if p.type == "categorical" or not isinstance(value, (int, float)) or p.high <= p.low:
+            continue
+        scale = math.log if p.log and p.low > 0 else float
+        where = (scale(value) - scale(p.low)) / (scale(p.high) - scale(p.low))
+        if not 0.05 <= where <= 0.95:
+            edge = "low" if where < 0.05 else "high"
+            out.append(f"search: warning: the best {p.key}={value:.4g} lies at the {edge} edge of its range "
+                       f"[{p.low:g}, {p.high:g}]; the optimum may be beyond it: widen the range and search again")
+    return out
 
 
 def progress_line(study: Any, trial: Any) -> str:
@@ -286,7 +306,7 @@ def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[s
         best_cfg = recipe.build(type(cfg), _with(recipe.to_dict(cfg), best.params))
         best_cfg.output_dir = ""
         recipe.dump_yaml(best_cfg, a.output / "best.yaml")
-        files += [a.output / "best.yaml", *plots(study, a.output)]
+        files += [a.output / "best.yaml", *plots(study, a.output, a.metric)]
     text = json.dumps(summary, indent=2, default=str) + "\n"
     atomic_write(a.output / "search.json", lambda tmp: tmp.write_text(text))
     if parent:
@@ -300,8 +320,10 @@ def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def plots(study: Any, out: Path) -> list[Path]:
-    """Optuna's optimisation history and parameter importances (where there are enough trials)."""
+def plots(study: Any, out: Path, metric: str) -> list[Path]:
+    """Optuna's plots with the metric's name on their axes: the optimisation history, each
+    parameter's slice (value against the metric, per trial) and, with two or more parameters,
+    their importances."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,17 +332,19 @@ def plots(study: Any, out: Path) -> list[Path]:
     import optuna.visualization.matplotlib as ovm
 
     made = []
-    for name, fn in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
+    kinds: list[tuple[str, Any]] = [("history", ovm.plot_optimization_history), ("slice", ovm.plot_slice)]
+    if len({k for t in study.trials for k in t.params}) > 1:  # one parameter's importance is 1: no plot
+        kinds.append(("importances", ovm.plot_param_importances))
+    for name, fn in kinds:
         try:
             with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                fn(study)
+                fn(study, target_name=metric)
         except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
             log.info("search: no %s plot: %s", name, e)
             continue
         path, fig = out / f"{name}.png", plt.gcf()
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # (a slice plot's colour bar refuses tight_layout)
         plt.close(fig)
         made.append(path)
     return made
