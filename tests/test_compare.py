@@ -139,3 +139,39 @@ def test_baseline_is_the_newest_one_rank_run():
     assert v["baseline"]["run_id"] == "0000" and "newest" in v["baseline"]["chosen_as"]
     gaps = {c["run_id"]: c["gap"] for c in v["checks"]}
     assert gaps["aaaa"] == pytest.approx(-0.01) and gaps["ffff"] == pytest.approx(-0.05)
+
+
+def test_the_plot_marks_sparse_curves_and_shades_the_tolerance_band(tmp_path, monkeypatch):
+    """Runs with 3 evaluations each: markers on every point, the verdict's band on the metric's
+    panels, one legend for the figure (a run's label and the band's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dtrain.compare import RunInfo, plot, verdict
+
+    def run(world: int, accs: list[float]) -> RunInfo:
+        curve = [(64 * (i + 1), float(i + 1), a) for i, a in enumerate(accs)]
+        return RunInfo(f"r{world}", f"{world}x", "FINISHED", world, 64, 0.05, "linear", 3, 192, 3.0, 64.0, 0.5,
+                       accs[-1], start_time_ms=world, curves={"eval/accuracy": curve, "train/loss": curve})
+
+    runs = [run(1, [0.5, 0.8, 0.9]), run(2, [0.4, 0.7, 0.85])]
+    result = verdict(runs, "eval/accuracy", 0.01, True, None)
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as written, to look into
+        seen["fig"] = fig
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    plot(runs, "eval/accuracy", tmp_path / "c.png", result)
+    fig = seen["fig"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [l for ax in fig.axes for l in ax.get_lines()]
+    assert lines and all(l.get_marker() == "o" for l in lines)
+    band = [p for p in fig.axes[1].patches]  # axes[0][1]: the metric against samples seen
+    assert len(band) == 1 and band[0].get_label().startswith("within tolerance 0.01")
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()][-1] == "within tolerance 0.01 of the baseline"

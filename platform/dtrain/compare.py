@@ -138,30 +138,43 @@ def table(runs: list[RunInfo], metric: str) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def plot(runs: list[RunInfo], metric: str, path: Path) -> None:
+def plot(runs: list[RunInfo], metric: str, path: Path, result: dict[str, Any] | None = None) -> None:
+    """Train loss and `metric` against samples seen and wall time, one line per run (with
+    markers where a run has few points), the verdict's tolerance band around the baseline's
+    final value on the metric's panels, and one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     for r in runs:
         label = f"{r.world_size}x (batch {r.global_batch}, lr {r.scaled_lr:.3g}, {r.scale_rule})"
         for col, key in enumerate(["train/loss", metric]):
             pts = r.curves.get(key, [])
+            style = {"label": label, "marker": "o" if len(pts) <= 12 else None, "markersize": 4}
             if pts:
-                axes[0][col].plot([p[0] for p in pts], [p[2] for p in pts], label=label)
-                axes[1][col].plot([p[1] for p in pts], [p[2] for p in pts], label=label)
+                axes[0][col].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+                axes[1][col].plot([p[1] for p in pts], [p[2] for p in pts], **style)
     for col, key in enumerate(["train/loss", metric]):
         axes[0][col].set(xlabel="samples seen", ylabel=key, title=f"{key} vs samples seen")
         axes[1][col].set(xlabel="wall time (s)", ylabel=key, title=f"{key} vs wall time")
         if key.endswith("loss"):
             axes[0][col].set_yscale("log")
             axes[1][col].set_yscale("log")
+    if result is not None:  # where a run's final value must land to count as converging like the baseline
+        base, tol = result["baseline"]["final"], result["tolerance"]
+        low, high = (base - tol, math.inf) if result["higher_is_better"] else (-math.inf, base + tol)
+        for ax in (axes[0][1], axes[1][1]):
+            bottom, top = ax.get_ylim()
+            ax.axhspan(max(low, bottom), min(high, top), color="tab:green", alpha=0.08,
+                       label=f"within tolerance {tol:g} of the baseline")
+            ax.set_ylim(bottom, top)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -175,7 +188,7 @@ def compare(uri: str, experiment: str | None, run_ids: list[str], metric: str, o
     higher = not metric.split("/")[-1].startswith(("loss", "bpc", "perplexity", "fid", "frechet"))
     result = verdict(runs, metric, tolerance, higher, target)
     output.mkdir(parents=True, exist_ok=True)
-    plot(runs, metric, output / "comparison.png")
+    plot(runs, metric, output / "comparison.png", result)
     report = {"experiment": experiment, "verdict": result,
               "runs": [{k: v for k, v in asdict(r).items() if k != "curves"} for r in runs]}
     run = None
