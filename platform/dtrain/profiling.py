@@ -90,8 +90,12 @@ class Profiler:
 
 
 def breakdown(averages: Any, steps: int) -> dict[str, float]:
-    """Milliseconds per recorded step in each region, and inside collectives (CPU time: on a
-    GPU the kernels overlap, and the trace shows how)."""
+    """Mean milliseconds of CPU time per recorded step (on a GPU the kernels overlap the CPU, and
+    the trace shows how). The parts overlap, they do not add up: `forward_ms` and `backward_ms`
+    contain `sync_bn_ms` and the collectives called inside them; `sync_bn_ms` is the whole of
+    the CPU SyncBN's all-gathers (forward and backward), a wait for a slower rank included;
+    `collectives_ms` is the collective ops' own time (their launch and copies: a wait for another
+    rank is counted where it happens, e.g. in `sync_bn_ms`), so it can be the smaller of the two."""
     out: dict[str, float] = {}
     comm = sync_bn = 0.0
     for e in averages:

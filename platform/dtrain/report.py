@@ -106,6 +106,13 @@ def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: 
         tracker.log_artifact(model_path)
 
 
+def profile_lines(summary: dict[str, Any]) -> list[str]:
+    """`profile.enabled`: each profiled rank's breakdown (see `dtrain.profiling.breakdown`)."""
+    return [f"profile, rank {rank} (mean ms of CPU time per recorded step; the parts overlap): "
+            + " ".join(f"{k.removesuffix('_ms')} {v:.3g}" for k, v in parts.items())
+            for rank, parts in (summary.get("profile") or {}).items()]
+
+
 def closing_line(cfg: Config, summary: dict[str, Any], out_dir: Path) -> str:
     """The run's last line: how it ended, where its outputs are, and how to look at it."""
     metrics = " ".join(f"{k} {v:.4g}" for k, v in (summary.get("eval") or {}).items() if k != "samples")

@@ -185,7 +185,8 @@ def conclude(cfg: Config, parts: Parts, state: TrainState, outcome: Outcome, tra
         if distributed.is_main():
             outcome.summary["run_id"] = state.run_id
             report.write_outputs(cfg, parts.task, parts.engines, weights, outcome.summary, out_dir, tracker)
-        progress.write(report.closing_line(cfg, outcome.summary, out_dir))
+        for line in [*report.profile_lines(outcome.summary), report.closing_line(cfg, outcome.summary, out_dir)]:
+            progress.write(line)
         return "FINISHED"
     if outcome.status == "pruned":  # says so to the search (pruned.json), not an error
         progress.write(f"trial pruned after step {outcome.step} ({cfg.trial.metric} {outcome.value:.4g})")
