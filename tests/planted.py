@@ -76,6 +76,23 @@ class LeakyCausal(TransformerTask):
         return model
 
 
+class LastPositionOnly(TransformerTask):
+    """nanoGPT's `forward(idx)` without targets: the logits of the last position only. Not a
+    bug, but the causal check has nothing to look at: a SKIP that says why, not a crash."""
+
+    def build_model(self) -> nn.Module:
+        return _LastPosition(super().build_model())
+
+
+class _LastPosition(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.inner(idx)[:, -1:]
+
+
 class DuplicatedSplit(CNNTask):
     """40 training images copied into the test split (11 % of it)."""
 

@@ -129,6 +129,15 @@ def test_a_causal_mask_that_leaks_the_next_token(tmp_path):
     assert "batch_independence" in results  # --only causal runs the check that reports it
 
 
+def test_a_model_with_only_the_last_positions_output_skips_the_causal_check_saying_why(tmp_path):
+    proc, results = dtrain_check(tmp_path, LM, "task=planted:LastPositionOnly", "model.n_layer=1",
+                                 "--only=batch_independence")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # it used to FAIL with IndexError
+    assert results["batch_independence"]["verdict"] == "PASS"
+    assert results["causal"]["verdict"] == "SKIP"
+    assert results["causal"]["detail"].startswith("the output has no position 64 of 128 (index 64 is out of bounds")
+
+
 def test_a_split_with_duplicated_samples(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc, results = dtrain_check(tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data",
