@@ -153,7 +153,9 @@ def to_torchrun(line: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with contextlib.suppress(OSError):
-            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            # The layout torch's `record` writes; the agent shows `py_callstack` as the traceback.
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+            Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 def fail(msg: str, code: int = BAD_INPUT, rank: int = 0, every_rank: bool = False) -> NoReturn:
