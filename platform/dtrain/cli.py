@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 import dtrain
-from dtrain.errors import Failure
+from dtrain.errors import Failure, shown
 
 def _recipe_command(sub: Any, name: str, func: str, help: str, nproc_help: str) -> argparse.ArgumentParser:
     """A subcommand that takes a recipe and overrides, and can start itself under torchrun."""
@@ -150,5 +150,5 @@ def main(argv: list[str] | None = None) -> None:
         # agent's failure summary shows the failing rank's traceback rather than "exitcode 1".
         record(func)(args)
     except Failure as e:
-        print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+        print(shown(str(e)), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

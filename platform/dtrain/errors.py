@@ -12,6 +12,11 @@ FAILED = 1
 """The work itself failed (training diverged, a write failed, trials failed)."""
 
 
+def shown(message: str, rank: int = 0) -> str:
+    """The error line as a rank prints it: `dtrain: error: ...`, `dtrain[rank 1]: error: ...`."""
+    return ("dtrain: error: " if rank == 0 else f"dtrain[rank {rank}]: error: ") + message
+
+
 class Failure(Exception):
     """One line for the user (`str()`), and the exit code that goes with it."""
 

@@ -25,7 +25,7 @@ import torch
 from dtrain import allocator, check, data, distributed, engines, launch, preemption
 from dtrain.config import Config
 from dtrain.environments import DistEnv
-from dtrain.errors import BAD_INPUT, FAILED, Failure
+from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
 from dtrain.fileio import first_line
 from dtrain.tasks import load_config
 from dtrain.trainer import fit
@@ -140,9 +140,9 @@ def report(line: str, code: int, rank: int) -> NoReturn:
     """Print this rank's error unless rank 0 reports the same one (deterministic errors hit
     every rank alike: one line, not one per rank), then exit with `code`."""
     if line and distributed.first_to_report(line):
-        print(_prefix(rank) + line, file=sys.stderr, flush=True)
+        print(shown(line, rank), file=sys.stderr, flush=True)
     if line:
-        to_torchrun(_prefix(rank) + line)
+        to_torchrun(shown(line, rank))
     sys.exit(code)
 
 
@@ -161,10 +161,6 @@ def to_torchrun(line: str) -> None:
 def fail(msg: str, code: int = BAD_INPUT, rank: int = 0, every_rank: bool = False) -> NoReturn:
     """One line, from rank 0 only when every rank hits the same (deterministic) problem."""
     if rank == 0 or every_rank:
-        print(_prefix(rank) + msg, file=sys.stderr, flush=True)
-    to_torchrun(_prefix(rank) + msg)
+        print(shown(msg, rank), file=sys.stderr, flush=True)
+    to_torchrun(shown(msg, rank))
     sys.exit(code)
-
-
-def _prefix(rank: int) -> str:
-    return "dtrain: error: " if rank == 0 else f"dtrain[rank {rank}]: error: "
