@@ -73,16 +73,58 @@ def test_silent_store_host_costs_seconds_not_retries(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
 
 
-def _wait_for_running_run(uri: str, experiment: str, timeout: float = 120):
-    client = mlflow.MlflowClient(uri)
+def _wait_for_running_run(uri: str, experiment: str, proc: subprocess.Popen, timeout: float = 120):
+    from dtrain.tracking import open_client
+
+    client = open_client(uri)  # a store the run is creating at this moment: see the test below
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id]) if exp else []
         if runs and runs[0].info.status == "RUNNING" and "train/loss" in runs[0].data.metrics:
             return runs[0].info.run_id
         time.sleep(0.3)
-    raise AssertionError("the run never showed up as RUNNING with metrics")
+    proc.kill()  # not left training for the rest of the suite
+    out, err = proc.communicate()
+    raise AssertionError(f"the run never showed up as RUNNING with metrics (exit {proc.returncode}):\n{err[-3000:]}")
+
+
+_OPEN_AT = """
+import sys
+import mlflow
+from dtrain.tracking import open_client
+print("ready", flush=True)
+sys.stdin.readline()  # every process past its imports: they open the store together
+client = open_client(sys.argv[1]) if sys.argv[2] == "locked" else mlflow.MlflowClient(sys.argv[1])
+client.search_experiments()
+"""
+
+
+@pytest.mark.parametrize("how", ["locked", pytest.param("bare", marks=pytest.mark.slow)])
+def test_processes_opening_a_new_sqlite_store_together_all_get_it(tmp_path, how):
+    """MLflow creates a new SQLite store's tables when a client first opens it; processes doing
+    so at once fail ("table ... already exists"), and a run that hits it trains untracked.
+    `open_client` serialises the creation. Bare clients show the failure it guards against
+    (a race: tried up to five fresh stores; two out of three processes failed in trials)."""
+    failures = 0
+    for attempt in range(1 if how == "locked" else 5):
+        uri = f"sqlite:///{tmp_path}/{attempt}.db"
+        procs = [subprocess.Popen([PY, "-c", _OPEN_AT, uri, how], env=env_for_cli(), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.communicate()[1]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        failures += sum(code != 0 for code, _ in results)
+        if how == "locked":
+            assert failures == 0, [err[-2000:] for code, err in results if code]
+        elif failures:
+            assert any("already exists" in err or "duplicate column" in err for _, err in results)
+            break
+    if how == "bare":
+        assert failures > 0, "five fresh stores opened together without a clash: the race did not show"
 
 
 def _start(args, cwd):
@@ -94,7 +136,7 @@ def _start(args, cwd):
 def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp_path):
     proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={mlflow_server.uri}",
                    "tracking.experiment=dies", f"output_dir={tmp_path / 'out'}"], tmp_path)
-    _wait_for_running_run(mlflow_server.uri, "dies")
+    _wait_for_running_run(mlflow_server.uri, "dies", proc)
     mlflow_server.stop()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -107,7 +149,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = _start(["train.max_steps=100000", "tracking.log_every=5", f"tracking.uri={uri}",
                    "tracking.experiment=ctrlc", f"output_dir={tmp_path / 'out'}"], tmp_path)
-    run_id = _wait_for_running_run(uri, "ctrlc")
+    run_id = _wait_for_running_run(uri, "ctrlc", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "dtrain: error: interrupted", err

@@ -181,9 +181,9 @@ def plot(runs: list[RunInfo], metric: str, path: Path, result: dict[str, Any] | 
 
 def compare(uri: str, experiment: str | None, run_ids: list[str], metric: str, output: Path,
             tolerance: float, target: float | None, log_run: bool = True) -> dict[str, Any]:
-    import mlflow
+    from dtrain.tracking import open_client
 
-    client = mlflow.MlflowClient(uri)
+    client = open_client(uri)
     runs = load_runs(client, experiment, run_ids, metric)
     higher = not metric.split("/")[-1].startswith(("loss", "bpc", "perplexity", "fid", "frechet"))
     result = verdict(runs, metric, tolerance, higher, target)

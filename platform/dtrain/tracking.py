@@ -11,6 +11,7 @@ FINISHED, FAILED or KILLED.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -42,6 +43,23 @@ def _bound_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def open_client(uri: str) -> Any:
+    """An `MlflowClient` for `uri`. Opening a new SQLite store creates its tables (MLflow runs
+    its schema migrations), and processes doing so at once fail ("table ... already exists"):
+    two runs, a search's workers, or a run and `mlflow ui` started together. An exclusive lock
+    on the database file lets the first create them while the others wait. (SQLite's own
+    locks are fcntl locks; `flock` is a separate lock on Linux, so they do not interfere.)"""
+    import mlflow
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database if uri.startswith("sqlite:") else None
+    if not database or database == ":memory:":
+        return mlflow.MlflowClient(uri)
+    with open(database, "a") as f:  # SQLite takes an empty file as a new database
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        return mlflow.MlflowClient(uri)
 
 
 def git_commit() -> str | None:
@@ -105,13 +123,11 @@ class MlflowTracker(NullTracker):
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
         """Create (or, with `run_id`, reopen) the run synchronously: its id goes into checkpoints."""
-        import mlflow
-
         _bound_http_retries()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its schema-migration chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri
-        self.client = mlflow.MlflowClient(uri)
+        self.client = open_client(uri)
         self.run_id = ""
         try:
             earlier_points = self._reopen(run_id) if run_id else self._create(experiment, run_name, params, tags)

@@ -152,7 +152,7 @@ def _create_parent(a: SearchArgs, cfg: Config, study: Any, uri: str) -> str:
     down = tracking.probe(uri)
     if down:
         raise ConnectionError(down)
-    client = mlflow.MlflowClient(uri)
+    client = tracking.open_client(uri)
     exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{a.study}", tags={"dtrain.kind": "search", "dtrain.study": a.study,
                                                                 "dtrain.recipe": cfg.recipe})
@@ -351,9 +351,7 @@ def plots(study: Any, out: Path, metric: str) -> list[Path]:
 
 
 def log_parent(cfg: Config, run_id: str, summary: dict[str, Any], files: list[Path], finished: bool) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking.resolve_uri(cfg.tracking.uri))
+    client = tracking.open_client(tracking.resolve_uri(cfg.tracking.uri))
     if summary["best"]:
         client.log_metric(run_id, "best_value", summary["best"]["value"], step=len(summary["trials"]))
         client.set_tag(run_id, "dtrain.best_trial", summary["best"]["number"])
