@@ -104,3 +104,22 @@ def test_tabular_example_from_the_guide_matches_linear_regression(tmp_path):
     # From elsewhere: the task module is found beside its recipe, without PYTHONPATH.
     keys = check(run_dtrain(["keys", str(EXAMPLES / "tabular" / "recipe.yaml")], cwd=tmp_path)).stdout
     assert "model.hidden = 64" in keys and "Width of the two hidden layers." in keys
+
+
+def test_a_dataset_workers_cannot_receive_is_named_in_one_line(tmp_path):
+    """Workers start from a forkserver (data.py says why), so the dataset travels by pickle:
+    one a pickle cannot carry is a config error naming the key, not a pickling traceback."""
+    import shutil
+
+    shutil.copytree(EXAMPLES / "tabular", tmp_path / "tabular")
+    with (tmp_path / "tabular" / "tabular_task.py").open("a") as f:
+        f.write("\n\nclass WithLambda(DiabetesTask):\n    def datasets(self):\n"
+                "        train, val = super().datasets()\n        train.transform = lambda x: x\n"
+                "        return train, val\n")
+    proc = run_dtrain(["train", "recipe.yaml", "task=tabular_task:WithLambda", "data.num_workers=1",
+                       "train.max_steps=2", "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"],
+                      cwd=tmp_path / "tabular")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "data.num_workers=1: the dataset cannot be sent to worker processes" in last, last
+    assert "or use 0" in last

@@ -56,7 +56,9 @@ def import_torchvision() -> ModuleType:
 def flip_and_crop(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
                   size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip and a random crop after 4 pixels of zero padding, drawn from the
-    sample's own stream (world-size invariant, exact on resume, any number of workers)."""
+    sample's own stream (world-size invariant, exact on resume, any number of workers). Runs
+    in worker processes, which start fresh (dtrain.data), hence the import here."""
+    import_torchvision()
     from torchvision.transforms import v2
 
     x, y = sample

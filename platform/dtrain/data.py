@@ -16,10 +16,19 @@ accuracy when len(dataset) % world_size != 0. `ExactShardSampler` splits the ind
 every rank runs the same number of forwards of the same batch sizes (under ZeRO-3 or FSDP a
 forward is a collective); `evaluate` leaves the padding out of the sums, which are then
 all-reduced: every sample counted exactly once.
+
+Workers (`data.num_workers`) start from a forkserver, not by forking the rank: a fork copies
+whatever lock another thread holds at that instant, and CPython 3.11's child re-initialising
+its thread states can block forever on one (seen: a rank's evaluation workers hung in
+`os.fork` while its training loader's queue threads ran). The server is a fresh process that
+imports torch once, so a worker still starts in milliseconds; the dataset travels to it by
+pickle, which is why a task's dataset must be picklable when workers are on.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 from dataclasses import dataclass
 from typing import Any, Iterator, Sized, cast
 
@@ -110,7 +119,7 @@ def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_wo
         # copy of the dataset it started with).
         stream = ds.distribute(rank, plan.world_size, plan.per_rank, seed, augment)
         return DataLoader(stream, batch_size=plan.per_rank, drop_last=True, num_workers=num_workers,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, multiprocessing_context=_workers(num_workers))
     if augment is not None:
         ds = Augmented(ds, augment, seed)
     sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed, keyed=augment is not None)
@@ -120,7 +129,7 @@ def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_wo
     # global RNG, whose state the checkpoint restores mid-epoch for exact resume.
     return DataLoader(ds, batch_size=plan.per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed + rank))
+                      multiprocessing_context=_workers(num_workers), generator=torch.Generator().manual_seed(seed + rank))
 
 
 def set_position(loader: DataLoader[Any], epoch: int, start: int) -> None:
@@ -135,8 +144,32 @@ def set_position(loader: DataLoader[Any], epoch: int, start: int) -> None:
 
 
 def eval_loader(ds: Dataset[Any], batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader[Any]:
+    # Persistent: the evaluation set and its shard never change, so its workers start once.
     return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(cast(Sized, ds)), world_size, rank),
-                      num_workers=num_workers)
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      multiprocessing_context=_workers(num_workers))
+
+
+def start(loader: DataLoader[Any]) -> Iterator[Any]:
+    """`iter(loader)`, where workers start: a dataset that cannot travel to them is a
+    config error naming the key, not a pickling traceback."""
+    try:
+        return iter(loader)
+    except (AttributeError, TypeError, pickle.PicklingError) as e:
+        if loader.num_workers == 0 or "pickle" not in str(e):
+            raise
+        raise ConfigError("data.num_workers", loader.num_workers,
+                          f"the dataset cannot be sent to worker processes ({e}); make it picklable "
+                          "(module-level classes and functions, no lambdas or open handles) or use 0") from None
+
+
+def _workers(num_workers: int) -> Any:
+    """Where worker processes start from (see the module's docstring): None without workers."""
+    if num_workers == 0:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "dtrain.data"])  # imported once, in the server
+    return ctx
 
 
 def steps_per_epoch(loader: DataLoader[Any], accum: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dtrain import distributed
-from dtrain.data import batch_len, head, move
+from dtrain.data import batch_len, head, move, start
 from dtrain.profiling import region
 from dtrain.protocols import Engine, StepOutput
 
@@ -49,7 +49,7 @@ def evaluate(engine: Engine, task: Any, loader: Any, device: torch.device) -> di
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     real_left = getattr(loader.sampler, "num_real", len(loader.sampler))
-    for batch in loader:
+    for batch in start(loader):
         n = batch_len(batch)
         keep = min(n, real_left)
         real_left -= keep

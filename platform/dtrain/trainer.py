@@ -296,7 +296,7 @@ class Loop:
         """This epoch's remaining steps, each a list of `micro` loader batches."""
         state = self.state
         data.set_position(self.loader, state.epoch, state.batch_in_epoch * self.plan.per_rank)
-        batches = iter(self.loader)
+        batches = data.start(self.loader)
         for _ in range(state.batch_in_epoch // self.micro, self.per_epoch):
             with region("data"):
                 step_batches = [data.move(next(batches), self.device) for _ in range(self.micro)]
