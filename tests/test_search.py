@@ -36,7 +36,7 @@ def finished(summary):
 @pytest.mark.slow
 def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     (tmp_path / "space.yaml").write_text(GRID)
-    cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6")
+    cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6", "--prune-startup", "2")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     deadline = time.time() + 300
@@ -220,3 +220,27 @@ def test_plots_name_the_metric_and_a_best_value_at_a_range_edge_is_warned(tmp_pa
     (line,) = edge_warnings(space, {"params": {"optim.lr": 1.2e-4, "model.width": 32, "optim.name": "sgd"}})
     assert line.startswith("search: warning: the best optim.lr=0.00012 lies at the low edge of its range")
     assert edge_warnings(space, None) == []
+
+
+@pytest.mark.parametrize("warmup, startup, pruned_at", [(1, 3, 2), (0, 3, 1), (1, 5, None)])
+def test_a_trial_is_pruned_only_after_the_warm_up(tmp_path, warmup, startup, pruned_at):
+    """The defaults (3 completed trials, the first evaluation free) keep the median pruner from
+    cutting a trial at its first, noisy report; warm-up 0 shows the cut they prevent, and
+    5 startup trials (more than have completed) none at all."""
+    from dtrain.config import TrialConfig
+    from dtrain.trial import TrialReporter, make_pruner
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
+                                pruner=make_pruner("median", startup))
+    for value in (0.8, 0.85, 0.9):  # three trials completed, each reporting at steps 10 and 20
+        t = study.ask()
+        t.report(value - 0.1, 10)
+        t.report(value, 20)
+        study.tell(t, value)
+    trial_id = study.ask()._trial_id
+    reporter = TrialReporter(TrialConfig(storage=storage, study="s", trial_id=trial_id, metric="accuracy",
+                                         prune_startup=startup, prune_warmup=warmup))
+    stops = [reporter.report({"accuracy": 0.1}, step) for step in (10, 20)]  # far below the median
+    first = next((i + 1 for i, s in enumerate(stops) if s), None)  # the loop stops at the first
+    assert first == pruned_at

@@ -63,6 +63,10 @@ def _search(sub: Any) -> None:
     q.add_argument("--direction", choices=["maximize", "minimize"], default=None)
     q.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
     q.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    q.add_argument("--prune-startup", type=int, default=3, help="completed trials before the median pruner "
+                   "prunes any (default 3)")
+    q.add_argument("--prune-warmup", type=int, default=1, help="a trial's first evaluations that never prune "
+                   "it (default 1)")
     q.add_argument("--storage", default="", help="Optuna storage URL (default: optuna.db beside the MLflow "
                    "store; postgresql+psycopg://... for several machines)")
     q.add_argument("--study", default="", help="study name (default RECIPE-search); the same name continues it")

@@ -23,6 +23,9 @@ MAXIMIZED = ("accuracy", "precision", "recall", "coverage", "density")
 def search_command(args: argparse.Namespace) -> None:
     """`dtrain search`: an Optuna study over the recipe (see `dtrain.search`)."""
     cfg = load_config(args.recipe, args.overrides)
+    for flag, least in (("prune_startup", 0), ("prune_warmup", 0), ("max_failures", 1)):
+        if getattr(args, flag) < least:
+            raise ConfigError(f"--{flag.replace('_', '-')}", getattr(args, flag), f"must be >= {least}")
     headline, higher = get_task(cfg.task)(cfg).headline_metric()
     metric = args.metric or f"eval/{headline}"
     named = metric.removeprefix("eval/")
@@ -31,7 +34,8 @@ def search_command(args: argparse.Namespace) -> None:
     a = search.SearchArgs(args.recipe, args.overrides, Path(args.space), args.trials, metric, direction,
                           args.sampler, args.pruner, args.storage or search.default_storage(cfg),
                           args.study or f"{cfg.recipe}-search", Path(args.output or f"runs/{cfg.recipe}-search"),
-                          args.nproc_per_node, args.max_failures, args.stop_grace)
+                          args.nproc_per_node, args.max_failures, args.prune_startup, args.prune_warmup,
+                          args.stop_grace)
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signum)

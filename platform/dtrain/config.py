@@ -239,6 +239,10 @@ class TrialConfig:
     """The eval metric (without `eval/`) reported to the study after each evaluation."""
     pruner: Literal["median", "hyperband", "none"] = "median"
     """Decides, after each report, whether the trial stops early (pruned)."""
+    prune_startup: int = 3
+    """The median pruner prunes nothing until this many trials have completed."""
+    prune_warmup: int = 1
+    """This trial's first evaluations that never prune it (a non-finite value always does)."""
 
 
 @dataclass
@@ -333,6 +337,7 @@ class Config:
         """Range checks that types alone do not express. Raises ConfigError."""
         _positive(self.data, "data", "global_batch_size", "grad_accum_steps", "eval_batch_size")
         _non_negative(self.data, "data", "num_workers")
+        _non_negative(self.trial, "trial", "prune_startup", "prune_warmup")
         _check("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
         if self.data.path and not Path(self.data.path).exists():
             raise ConfigError("data.path", self.data.path, "no such file or folder" + (

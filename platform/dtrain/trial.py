@@ -24,13 +24,14 @@ class Pruned:
     value: float
 
 
-def make_pruner(name: str) -> Any:
-    """median: worse than the median of earlier trials at the same step (after 2 trials);
-    hyperband: successive halving over brackets; none: never."""
+def make_pruner(name: str, startup: int = 3) -> Any:
+    """median: worse than the median of earlier trials at the same step, once `startup` trials
+    have completed (before that there is no median worth the name); hyperband: successive
+    halving over brackets; none: never. A trial's own warm-up is `TrialReporter`'s."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=startup)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()
@@ -39,6 +40,8 @@ def make_pruner(name: str) -> Any:
 class TrialReporter:
     def __init__(self, cfg: TrialConfig):
         self.metric = cfg.metric
+        self.warmup = cfg.prune_warmup
+        self.reports = 0
         self.trial: Any = None
         if distributed.is_main():
             import optuna
@@ -46,7 +49,8 @@ class TrialReporter:
             # The search hands the storage URL over in the environment, where a password in it is
             # not in the process list or the trial's config (`trial.storage` holds it masked).
             storage = os.environ.get(STORAGE_ENV) or cfg.storage
-            study = optuna.load_study(study_name=cfg.study, storage=storage, pruner=make_pruner(cfg.pruner))
+            study = optuna.load_study(study_name=cfg.study, storage=storage,
+                                      pruner=make_pruner(cfg.pruner, cfg.prune_startup))
             self.trial = optuna.trial.Trial(study, cfg.trial_id)
 
     def report(self, metrics: dict[str, float], step: int) -> Pruned | None:
@@ -55,7 +59,11 @@ class TrialReporter:
             raise ConfigError("trial.metric", self.metric, f"not an eval metric of this task ({', '.join(metrics)})")
         value = metrics[self.metric]
         prune = False
+        self.reports += 1
         if self.trial is not None:
             self.trial.report(value, step)
-            prune = bool(self.trial.should_prune()) or not math.isfinite(value)
+            # The first evaluations of a run with warmup or a high LR are noisy: none of them
+            # prunes it (a non-finite value always does: nothing recovers from it).
+            warm = self.reports > self.warmup
+            prune = (warm and bool(self.trial.should_prune())) or not math.isfinite(value)
         return Pruned(step, value) if distributed.broadcast_object(prune) else None

@@ -54,6 +54,10 @@ class SearchArgs:
     nproc_per_node: int
     max_failures: int = 3
     """Failed trials after which this worker stops (they never count toward `trials`)."""
+    prune_startup: int = 3
+    """Completed trials before the median pruner prunes any."""
+    prune_warmup: int = 1
+    """A trial's first evaluations that never prune it."""
     stop_grace_s: float = 60.0
     """A stopped search gives its running trial this long to checkpoint and exit (SIGTERM),
     then kills what is left of it (SIGKILL to its process group)."""
@@ -98,7 +102,7 @@ def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bo
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = rdb_storage(a.storage)
-    sampler, pruner = make_sampler(a.sampler, params, cfg.seed), make_pruner(a.pruner)
+    sampler, pruner = make_sampler(a.sampler, params, cfg.seed), make_pruner(a.pruner, a.prune_startup)
     try:
         return optuna.create_study(storage=storage, study_name=a.study, direction=a.direction, sampler=sampler,
                                    pruner=pruner), True
@@ -176,7 +180,8 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     extra = [*overrides(values), f"output_dir={out}", "checkpoint.overwrite=true",
              f"tracking.run_name={a.study}-trial-{trial.number}", f"tracking.parent_run_id={parent}",
              f"trial.storage={redact.url(a.storage)}", f"trial.study={a.study}", f"trial.trial_id={trial._trial_id}",
-             f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}"]
+             f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}",
+             f"trial.prune_startup={a.prune_startup}", f"trial.prune_warmup={a.prune_warmup}"]
     args = [*a.overrides, *extra]
     cmd = (torchrun_cmd(a.nproc_per_node, a.recipe, args) if a.nproc_per_node
            else [sys.executable, "-m", "dtrain", "train", a.recipe, *args])
