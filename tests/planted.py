@@ -134,3 +134,10 @@ class PlantedCurve(CNNTask):
             return {**super().eval_metrics(sums), "score": 0.0}
         self.evals = getattr(self, "evals", 0) + 1
         return {**super().eval_metrics(sums), "score": self.CURVE[min(self.evals, len(self.CURVE)) - 1]}
+
+
+class PlantedHeadline(PlantedCurve):
+    """The planted `score` as the task's headline metric (`checkpoint.keep_best`'s test)."""
+
+    def headline_metric(self) -> tuple[str, bool]:
+        return "score", True

@@ -89,3 +89,25 @@ def test_a_metric_the_task_does_not_report_is_refused_before_training(tmp_path):
         assert proc.returncode == 2 and line == (f"dtrain: error: {key.split('=')[0]}='acc': not an eval metric of this "
                                                  "task; it reports accuracy, loss, samples"), proc.stderr[-2000:]
         assert "step 1/" not in proc.stdout and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_keeps_the_best_evaluation_without_stopping(tmp_path, keep_best):
+    """score per evaluation (every 2 steps): 0.1, 0.5, 0.45, 0.48 -> the best is step 4's.
+    Training runs on to step 8 and model.pt is step 8's; checkpoint.keep=1 rotates step 4
+    away unless keep_best marks it (the run without it shows the loss it prevents)."""
+    out = tmp_path / "out"
+    check(run_dtrain(["train", CNN, "task=planted:PlantedHeadline", "tracking.enabled=false", "train.max_steps=8",
+                      "train.eval_every_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=1",
+                      f"checkpoint.keep_best={str(keep_best).lower()}", f"output_dir={out}"], cwd=tmp_path))
+    s = json.loads((out / "summary.json").read_text())
+    ckpts = out / "checkpoints"
+    assert s["steps"] == 8 and "early_stop" not in s
+    if not keep_best:
+        assert "best" not in s and sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000008"]
+        return
+    assert s["best"] == {"metric": "score", "value": 0.5, "step": 4,
+                         "checkpoint": str((ckpts / "step_00000004").resolve())}
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "latest", "step_00000004", "step_00000008"]
+    last = torch.load(ckpts / "step_00000008" / "model" / "state.pt", weights_only=True)["model"]
+    assert max_param_diff(last, load_params(out / "model.pt"), buffers=True) == 0

@@ -123,3 +123,13 @@ def test_a_dataset_workers_cannot_receive_is_named_in_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "data.num_workers=1: the dataset cannot be sent to worker processes" in last, last
     assert "or use 0" in last
+
+
+def test_keep_best_on_a_task_without_its_headline_metric_is_refused_before_training(tmp_path):
+    proc = run_dtrain(["train", "recipe.yaml", "checkpoint.keep_best=true", "train.max_steps=2",
+                       "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"], cwd=EXAMPLES / "tabular")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "checkpoint.keep_best (the task's headline_metric())='loss': not an eval metric of this task; "
+        "it reports mae, r2, rmse")
+    assert not (tmp_path / "out" / "checkpoints").exists()

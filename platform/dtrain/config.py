@@ -175,6 +175,11 @@ class CheckpointConfig:
     """Save every N optimizer steps (and always at the end). 0: only at the end."""
     keep: int = 2
     """How many of the newest checkpoints to keep."""
+    keep_best: bool = False
+    """Also keep the checkpoint of the best evaluation so far, on the task's headline metric
+    (accuracy for the CNN, loss for the Transformer; `early_stop.metric` when that is set),
+    marked `checkpoints/best` and never rotated away; `model.pt` stays the last weights.
+    summary.json's `best` says which step and value it holds."""
     overwrite: bool = False
     """Start over (resume empty) in an output_dir that holds an earlier run's checkpoints,
     deleting them. Off: such a start stops and says how to continue or start over."""

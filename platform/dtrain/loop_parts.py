@@ -139,6 +139,9 @@ class Evaluator:
         return time.perf_counter() - t0
 
 
+KEEP_BEST = "checkpoint.keep_best (the task's headline_metric())"
+
+
 def check_metric_keys(cfg: Config, task: Task, engines: dict[str, Engine], eval_loader: DataLoader[Any],
                       device: torch.device) -> None:
     """Keys that name an eval metric (`early_stop.metric`, `optim.plateau_metric`, a trial's
@@ -149,7 +152,8 @@ def check_metric_keys(cfg: Config, task: Task, engines: dict[str, Engine], eval_
     wanted = {key: metric for key, metric, on in (
         ("early_stop.metric", cfg.early_stop.metric, bool(cfg.early_stop.metric)),
         ("optim.plateau_metric", cfg.optim.plateau_metric, cfg.optim.schedule == "plateau"),
-        ("trial.metric", cfg.trial.metric, bool(cfg.trial.storage))) if on}
+        ("trial.metric", cfg.trial.metric, bool(cfg.trial.storage)),
+        (KEEP_BEST, task.headline_metric()[0], cfg.checkpoint.keep_best and not cfg.early_stop.metric)) if on}
     if not wanted:
         return
     ds, batch = eval_loader.dataset, eval_loader.batch_size or 1
@@ -168,16 +172,30 @@ def check_metric_keys(cfg: Config, task: Task, engines: dict[str, Engine], eval_
 
 class EarlyStopping:
     """`early_stop.*`: tracks the watched metric's best value in the `TrainState` (so it
-    resumes), says when an evaluation improved on it and when patience has run out."""
+    resumes), says when an evaluation improved on it and when patience has run out. With
+    `stops` off it only watches (`checkpoint.keep_best`)."""
 
-    def __init__(self, cfg: EarlyStopConfig, state: TrainState):
-        self.cfg, self.state = cfg, state
+    def __init__(self, cfg: EarlyStopConfig, state: TrainState, stops: bool = True):
+        self.cfg, self.state, self.stops = cfg, state, stops
         self.best_eval: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, cfg: Config, task: Task, state: TrainState) -> EarlyStopping | None:
+        """`early_stop.metric`'s watch; else, under `checkpoint.keep_best`, one on the task's
+        headline metric that never stops training and leaves model.pt the last weights."""
+        if cfg.early_stop.metric:
+            return cls(cfg.early_stop, state)
+        if not cfg.checkpoint.keep_best:
+            return None
+        name, higher = task.headline_metric()
+        return cls(EarlyStopConfig(metric=name, mode="max" if higher else "min", restore_best=False), state,
+                   stops=False)
 
     def improved(self, metrics: dict[str, float], step: int) -> bool:
         """Record one evaluation; True when it is the best so far (by more than min_delta)."""
         c, s = self.cfg, self.state
-        value, improved = improvement(metrics, "early_stop.metric", c.metric, s.best_value, c.mode, c.min_delta)
+        key = "early_stop.metric" if self.stops else KEEP_BEST
+        value, improved = improvement(metrics, key, c.metric, s.best_value, c.mode, c.min_delta)
         if improved:
             s.best_value, s.best_step, s.evals_since_best = value, step, 0
             self.best_eval = dict(metrics)
@@ -187,7 +205,7 @@ class EarlyStopping:
 
     @property
     def exhausted(self) -> bool:
-        return self.state.evals_since_best >= self.cfg.patience
+        return self.stops and self.state.evals_since_best >= self.cfg.patience
 
 
 def _fmt(v: float) -> str:

@@ -215,7 +215,7 @@ class Loop:
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved())
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
-        self.stopper = EarlyStopping(cfg.early_stop, state) if cfg.early_stop.metric else None
+        self.stopper = EarlyStopping.of(cfg, self.task, state)
         self.saved = parts.saved()
         self.monitor = Monitor(cfg.monitor, self.engines)
         self.profiler = Profiler(cfg.profile, Path(cfg.output_dir), device)
@@ -251,12 +251,12 @@ class Loop:
         if self.evaluator.last_step != state.step:
             self._evaluate()
         self._checkpoint("")
-        if self.stopper is not None and self.cfg.early_stop.restore_best and state.best_step != state.step:
+        if self.stopper is not None and self.stopper.cfg.restore_best and state.best_step != state.step:
             best = Path(state.best_checkpoint) if state.best_checkpoint else None
             if best is not None and distributed.agree((best / checkpoint.TRAINER).exists()):
                 checkpoint.load(best, self.saved)  # collective: model.pt is written from these weights
                 self.progress.write(f"early_stop: model.pt from step {state.best_step} "
-                                    f"({self.cfg.early_stop.metric} {state.best_value:.4g}) of {best.parent}")
+                                    f"({self.stopper.cfg.metric} {state.best_value:.4g}) of {best.parent}")
             else:
                 self.progress.write(f"early_stop: the best checkpoint (step {state.best_step}) is not there any "
                                     f"more ({best}); model.pt holds the weights of step {state.step}")
@@ -367,7 +367,9 @@ class Loop:
             **({"eval_ema": self.evaluator.last_ema} if self.ema is not None else {}),
             **({"early_stop": {"metric": self.cfg.early_stop.metric, "best_value": state.best_value,
                                "best_step": state.best_step, "stopped_early": self.converged()}}
-               if self.stopper is not None else {}),
+               if self.stopper is not None and self.stopper.stops else {}),
+            **({"best": {"metric": self.stopper.cfg.metric, "value": state.best_value, "step": state.best_step,
+                         "checkpoint": state.best_checkpoint}} if self.stopper is not None else {}),
             "throughput": throughput,
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
