@@ -42,14 +42,29 @@ class DiabetesTask(Task):
         xtr, xte, ytr, yte = train_test_split(x, y, test_size=self.cfg.data.val_fraction, random_state=0)
         # Standardise with the training split's statistics; metrics are reported in the
         # target's own units, so keep its mean and scale.
-        mean, std = xtr.mean(0), xtr.std(0)
+        self.x_mean = torch.tensor(xtr.mean(0), dtype=torch.float32)
+        self.x_std = torch.tensor(xtr.std(0), dtype=torch.float32)
         self.y_mean, self.y_std = float(ytr.mean()), float(ytr.std())
 
         def table(x: Any, y: Any) -> TensorDataset:
-            return TensorDataset(torch.tensor((x - mean) / std, dtype=torch.float32),
+            return TensorDataset((torch.tensor(x, dtype=torch.float32) - self.x_mean) / self.x_std,
                                  torch.tensor((y - self.y_mean) / self.y_std, dtype=torch.float32))
 
         return table(xtr, ytr), table(xte, yte)
+
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        # What predict() needs besides the weights, saved with the run: the data may be gone.
+        return {"x_mean": self.x_mean, "x_std": self.x_std, "y": torch.tensor([self.y_mean, self.y_std])}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        self.x_mean, self.x_std = state["x_mean"], state["x_std"]
+        self.y_mean, self.y_std = state["y"].tolist()
+
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Disease progression, in its own units, for raw clinical features (N, 10)."""
+        x = (torch.as_tensor(inputs, dtype=torch.float32) - self.x_mean) / self.x_std
+        out: torch.Tensor = model(x).squeeze(-1) * self.y_std + self.y_mean
+        return out
 
     def build_model(self) -> nn.Module:
         h, p = self.cfg.model.hidden, self.cfg.model.dropout

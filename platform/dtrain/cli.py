@@ -125,6 +125,14 @@ def _tools(sub: Any) -> None:
     t.add_argument("--max-chars", type=int, default=0, help="stop after this many characters (0: all)")
     t.set_defaults(func="dtrain.commands:prepare_text_command")
 
+    p = sub.add_parser("predict", help="a finished run's predictions for a .npy of inputs")
+    p.add_argument("run", help="the run's output_dir (config.yaml, model.safetensors, preprocessing.safetensors)")
+    p.add_argument("inputs", help="a .npy array (N, ...) of raw inputs, as the task's predict() documents")
+    p.add_argument("--output", required=True, help="where the .npy of outputs goes (e.g. class probabilities)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--trust", action="store_true", help="the run folder is yours: import a task module found in it")
+    p.set_defaults(func="dtrain.commands:predict_command")
+
     s = sub.add_parser("sample", help="generate text from a trained transformer run")
     s.add_argument("run", help="the run's output_dir (holds config.yaml, model.pt, vocab.json)")
     s.add_argument("--prompt", default="def ", help="text to continue")

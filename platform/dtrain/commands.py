@@ -83,6 +83,15 @@ def sample_command(args: argparse.Namespace) -> None:
     print(generate(out, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
 
 
+def predict_command(args: argparse.Namespace) -> None:
+    """Predictions of a finished run for a .npy of inputs (see `dtrain.inference`)."""
+    from dtrain.inference import predict_file
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size", args.batch_size, "must be >= 1")
+    print(predict_file(args.run, Path(args.inputs), Path(args.output), args.batch_size, args.trust))
+
+
 def keys_command(args: argparse.Namespace) -> None:
     """Every key of the recipe's task: the value this recipe (and overrides) gives it, its
     type, its default and what it does."""

@@ -38,13 +38,22 @@ def _split(x: Array, y: Array, test_fraction: float) -> Split:
     return np.asarray(xtr), np.asarray(ytr), np.asarray(xte), np.asarray(yte)
 
 
-def _to_datasets(xtr: Array, ytr: Array, xte: Array, yte: Array) -> Pair:
+class Images(TensorDataset):
+    """Images standardised per channel with the training split's `mean` and `std` (C, 1, 1),
+    kept so that a prediction standardises new images the same way."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__((x - mean) / std, y)
+        self.mean, self.std = mean, std
+
+
+def _to_datasets(xtr: Array, ytr: Array, xte: Array, yte: Array) -> tuple[Images, Images]:
     train = torch.as_tensor(xtr, dtype=torch.float32)
     test = torch.as_tensor(xte, dtype=torch.float32)
-    mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
-    return (TensorDataset((train - mean) / std, torch.as_tensor(ytr, dtype=torch.int64)),
-            TensorDataset((test - mean) / std, torch.as_tensor(yte, dtype=torch.int64)))
+    mean = train.mean(dim=(0, 2, 3)).view(-1, 1, 1)
+    std = train.std(dim=(0, 2, 3)).clamp(min=1e-6).view(-1, 1, 1)
+    return (Images(train, torch.as_tensor(ytr, dtype=torch.int64), mean, std),
+            Images(test, torch.as_tensor(yte, dtype=torch.int64), mean, std))
 
 
 def digits(test_fraction: float, normalize: bool = True) -> Pair:

@@ -217,6 +217,29 @@ class Task:
         """Files written beside model.pt at the end (rank 0), also logged to MLflow."""
         return []
 
+    # What a prediction from a finished run asks (`dtrain.load`, `dtrain predict`): the run's
+    # folder must be enough, the training data may be gone.
+
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        """What `datasets()` learned from the data that predictions and `inference_model` need
+        (input statistics, a target's scale, a vocabulary, the class count), as tensors: saved
+        as preprocessing.safetensors beside model.safetensors (loading runs no code)."""
+        return {}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `preprocessing` saved, in place of `datasets()`."""
+
+    def inference_model(self) -> nn.Module:
+        """A fresh module that model.pt's state_dict loads into (after `load_preprocessing`)."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Outputs for raw inputs, as a user holds them: the datasets' preprocessing applied
+        first, the task's output form after (class probabilities, target units). Default: the
+        model's outputs for inputs as the datasets hold them. Called in eval mode, no grad."""
+        out: torch.Tensor = model(inputs)
+        return out
+
     # What `dtrain check` asks beyond training; the defaults fit a task whose batches are
     # (inputs, targets) and whose one model is called `model`.
 

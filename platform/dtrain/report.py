@@ -94,11 +94,16 @@ def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: 
     model_path = out_dir / "model.pt"
     checkpoint.atomic_save(weights, model_path)
     safeload.save_weights(weights, out_dir / "model.safetensors")  # the file to share: loading it runs no code
+    written = [out_dir / "config.yaml"]
+    preprocessing = task.preprocessing()
+    if preprocessing:  # what `dtrain.load` needs besides the weights (input statistics, a vocabulary)
+        written.append(out_dir / safeload.PREPROCESSING)
+        safeload.save_weights(preprocessing, written[-1])
     summary_path = out_dir / "summary.json"
     atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
     tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
                          if isinstance(summary.get(k), (int, float))}, summary["steps"])
-    for path in [out_dir / "config.yaml", summary_path, *task.write_artifacts(out_dir, engines)]:
+    for path in [*written, summary_path, *task.write_artifacts(out_dir, engines)]:
         tracker.log_artifact(path)
     for path in sorted((out_dir / "profile").glob("*")):  # traces of the ranks on this machine
         tracker.log_artifact(path, "profile")

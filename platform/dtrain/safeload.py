@@ -168,6 +168,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+PREPROCESSING = "preprocessing.safetensors"
+"""Beside a run's model.safetensors: the task's `preprocessing()` tensors (`dtrain.load`)."""
+
+
 def weights_file(folder: Path) -> Path:
     """The weights of a run's output folder: `model.safetensors`, else `model.pt`."""
     return folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder / "model.pt"

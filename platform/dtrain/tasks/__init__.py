@@ -42,6 +42,9 @@ class Task(protocols.Task):
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def inference_model(self) -> nn.Module:
+        return self.build_model()
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss of one micro-batch (already on the device)."""
         raise NotImplementedError

@@ -124,7 +124,24 @@ class CNNTask(Task):
             self.in_channels, y = cast(TensorDataset, train).tensors[0].shape[1], cast(TensorDataset, train).tensors[1]
         self.num_classes = int(y.max()) + 1
         self.class_counts = torch.bincount(y, minlength=self.num_classes)
+        standardised = cast("datasets.Images | datasets.ImageFiles", train)  # both keep their statistics
+        self.mean, self.std = standardised.mean, standardised.std
         return train, test
+
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std, "classes": torch.tensor(self.num_classes),
+                "channels": torch.tensor(self.in_channels)}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+        self.num_classes, self.in_channels = int(state["classes"]), int(state["channels"])
+
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Class probabilities (N, classes) for images (N, C, H, W) at model.image_size, with
+        pixels as the data source holds them (digits and image folders: [0, 1]; CIFAR-10's
+        batches: 0-255), standardised with the training split's statistics."""
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        return F.softmax(model((x - self.mean) / self.std).float(), dim=1)
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model

@@ -102,6 +102,17 @@ class GANTask(Task):
                            broadcast_buffers=False),
         }
 
+    def inference_model(self) -> nn.Module:
+        """The generator (model.pt holds the one samples come from: the EMA when on, same shape)."""
+        return self.models()["g"].module
+
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Samples for latent vectors (N, model.z_dim), or for `N` fresh ones: digits in [-1, 1]
+        (N, 1, 8, 8), or 2-D points."""
+        z = torch.randn(inputs, self.cfg.model.z_dim) if isinstance(inputs, int) else torch.as_tensor(inputs)
+        out: torch.Tensor = model(z.float())
+        return out
+
     def micro_batches_per_step(self, accum: int) -> int:
         return self.cfg.gan.n_critic  # each critic update takes a fresh batch of reals
 

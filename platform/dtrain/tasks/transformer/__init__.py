@@ -122,6 +122,20 @@ class TransformerTask(Task):
             out["mfu"] = mfu
         return out
 
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        return {"vocab": torch.tensor([ord(c) for c in self.vocab.chars], dtype=torch.int32)}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        self.vocab = Vocab([chr(c) for c in state["vocab"].tolist()[1:]])
+
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Next-character probabilities (N, T, vocab) after each position of a text, a list of
+        texts of one length, or token ids (N, T); `vocab` maps them back to characters."""
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+            inputs = torch.stack([self.vocab.encode(t) for t in texts])
+        return F.softmax(model(torch.as_tensor(inputs, dtype=torch.int64)).float(), dim=-1)
+
     def describe_input(self, x: torch.Tensor) -> str | None:
         return self.vocab.decode(x.tolist())
 

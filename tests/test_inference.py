@@ -1,0 +1,106 @@
+"""Predictions from a finished run (`dtrain.load`, `dtrain predict`): the run folder alone gives
+the model its preprocessing back, so raw held-out inputs reproduce the run's own evaluation."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import dtrain
+from dtrain import datasets
+from dtrain.config import ConfigError
+from helpers import CNN, LM, ROOT, TINY_CNN, TINY_LM, check, run_dtrain
+
+TABULAR = ROOT / "examples" / "tabular"
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn") / "run"
+    check(run_dtrain(["train", CNN, *TINY_CNN, "train.max_steps=30", f"output_dir={out}"], cwd=out.parent))
+    return out
+
+
+def test_raw_images_give_the_runs_own_held_out_accuracy(cnn_run):
+    """The digits as scikit-learn gives them (scaled to [0, 1]) through `dtrain.load`: the
+    accuracy is the run's eval accuracy, because the training split's statistics travel with
+    the run. Without them (mean 0, std 1: raw pixels) the same model scores otherwise."""
+    import json
+
+    predictor = dtrain.load(cnn_run)
+    _, _, x, y = datasets._digits_split(predictor.cfg.data.val_fraction)
+    probs = predictor(x)
+    assert probs.shape == (len(y), 10) and torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-5)
+    accuracy = float((probs.argmax(1) == torch.as_tensor(y)).double().mean())
+    summary = json.loads((cnn_run / "summary.json").read_text())
+    assert accuracy == pytest.approx(summary["eval"]["accuracy"], abs=1e-9)
+    predictor.task.mean, predictor.task.std = torch.zeros(1, 1, 1), torch.ones(1, 1, 1)  # forgotten preprocessing
+    unnormalised = float((predictor(x).argmax(1) == torch.as_tensor(y)).double().mean())
+    assert abs(unnormalised - accuracy) > 0.02, (unnormalised, accuracy)
+
+
+def test_predict_writes_the_same_probabilities_and_refuses_bad_input_in_one_line(cnn_run, tmp_path):
+    _, _, x, _ = datasets._digits_split(0.2)
+    np.save(tmp_path / "digits.npy", x[:50])
+    proc = check(run_dtrain(["predict", str(cnn_run), str(tmp_path / "digits.npy"), "--output",
+                             str(tmp_path / "probs.npy"), "--batch-size", "16"], cwd=tmp_path))
+    assert proc.stdout.strip() == f"predict: 50 inputs [1, 8, 8] -> {tmp_path / 'probs.npy'} [50, 10] (cnn)"
+    assert np.allclose(np.load(tmp_path / "probs.npy"), dtrain.load(cnn_run)(x[:50]).numpy(), atol=1e-6)
+
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 3, 5), dtype=np.float32))  # not (N, 1, 8, 8)
+    bad = run_dtrain(["predict", str(cnn_run), str(tmp_path / "wrong.npy"), "--output", str(tmp_path / "o.npy")],
+                     cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "inputs=" in bad.stderr and "float32[4, 3, 5]" in bad.stderr and "the model cannot take these" in bad.stderr
+    assert not (tmp_path / "o.npy").exists()
+    with pytest.raises(ConfigError, match="has no config.yaml: give the output_dir of a finished dtrain run"):
+        dtrain.load(tmp_path)
+
+
+def test_the_transformer_predicts_what_dtrain_sample_generates(tmp_path):
+    """Greedy decoding with `predict`'s next-character probabilities is `dtrain sample --top-k 1`."""
+    out = tmp_path / "lm"
+    check(run_dtrain(["train", LM, *TINY_LM, f"output_dir={out}"], cwd=tmp_path))
+    predictor = dtrain.load(out)
+    text = "def "
+    for _ in range(20):
+        text += predictor.task.vocab.decode([int(predictor(text)[0, -1].argmax())])
+    sampled = check(run_dtrain(["sample", str(out), "--prompt", "def ", "--tokens", "20", "--top-k", "1"], cwd=tmp_path))
+    assert sampled.stdout.rstrip("\n") == text
+
+
+@pytest.mark.slow
+def test_the_gan_predicts_samples_of_its_generator(tmp_path):
+    out = tmp_path / "gan"
+    check(run_dtrain(["train", str(ROOT / "recipes" / "gan_digits.yaml"), "train.max_steps=4", "tracking.enabled=false",
+                      "train.eval_every_steps=0", "checkpoint.every_steps=0", f"output_dir={out}"], cwd=tmp_path))
+    predictor = dtrain.load(out)
+    images = predictor(16)
+    assert images.shape == (16, 1, 8, 8) and images.abs().max() <= 1
+    z = torch.randn(3, predictor.cfg.model.z_dim)
+    assert torch.equal(predictor(z), predictor(z))  # eval mode: no batch statistics, no dropout
+
+
+def test_a_user_task_predicts_in_its_own_units_from_the_run_folder(tmp_path):
+    """The guide's tabular task, trained briefly; `dtrain predict` from the task's folder on the
+    raw held-out features gives the run's own R^2 (the features' and the target's statistics
+    came back from preprocessing.safetensors)."""
+    import json
+
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import train_test_split
+
+    out = tmp_path / "tabular"
+    shutil.copytree(TABULAR, tmp_path / "task")
+    check(run_dtrain(["train", "recipe.yaml", "train.epochs=3", "tracking.enabled=false", f"output_dir={out}"],
+                     cwd=tmp_path / "task"))
+    x, y = load_diabetes(return_X_y=True)
+    _, xte, _, yte = train_test_split(x, y, test_size=0.2, random_state=0)
+    np.save(tmp_path / "features.npy", xte.astype(np.float32))
+    check(run_dtrain(["predict", str(out), str(tmp_path / "features.npy"), "--output", str(tmp_path / "pred.npy")],
+                     cwd=tmp_path / "task"))
+    pred = np.load(tmp_path / "pred.npy").astype(np.float64)
+    r2 = 1 - ((pred - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum()
+    assert r2 == pytest.approx(json.loads((out / "summary.json").read_text())["eval"]["r2"], abs=1e-4)
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "model.safetensors", "preprocessing.safetensors"}
