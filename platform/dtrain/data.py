@@ -28,7 +28,7 @@ pickle, which is why a task's dataset must be picklable when workers are on.
 from __future__ import annotations
 
 import multiprocessing
-import pickle
+import pickle  # nosec B403 # only its PicklingError, to name the key: nothing is unpickled here
 from dataclasses import dataclass
 from typing import Any, Iterator, Sized, cast
 
