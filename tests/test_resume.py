@@ -125,3 +125,46 @@ def test_resuming_into_a_new_output_dir_is_a_new_run_linked_to_the_old(store):
     assert new.data.tags["dtrain.resumed_from_run"] == straight and new.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(new.info.run_id, "train/loss")] == [44]
     assert [m.step for m in client.get_metric_history(straight, "train/loss")] == before
+
+
+@pytest.mark.slow
+def test_resuming_on_fewer_ranks_with_more_accumulation_continues_the_same_run(tmp_path):
+    """2 ranks x 32 for 10 steps (mid-epoch), then 1 rank x 2 micro-batches x 32 to step 20 ==
+    2 ranks straight to step 20 (a BatchNorm-free model: every step averages the same 64
+    samples). The checkpoint's data position is converted to the new micro-batches: a resume
+    that kept it as written (planted: the checkpoint says it was already at accumulation 2)
+    replays part of the epoch and parts visibly."""
+    mlp = ["task=helpers:MLPTask", "train.max_steps=20", "train.eval_every_steps=0", "tracking.enabled=false",
+           "checkpoint.every_steps=0"]
+
+    def run(name: str, *overrides: str, nproc: int = 2):
+        return check(run_dtrain(["train", RECIPE, *mlp, f"output_dir={tmp_path / name}", *overrides],
+                                cwd=tmp_path, nproc=nproc))
+
+    run("straight")
+    run("moved", "train.stop_at_step=10")
+    shutil.copytree(tmp_path / "moved", tmp_path / "kept")
+    proc = run("moved", "resume=auto", "data.grad_accum_steps=2", nproc=0)
+    assert "resumed at step 10" in proc.stdout
+    s = json.loads((tmp_path / "moved" / "summary.json").read_text())
+    assert (s["world_size"], s["grad_accum_steps"], s["samples_seen"]) == (1, 2, 20 * 64)
+    straight = load_params(tmp_path / "straight" / "model.pt")
+    assert max_param_diff(straight, load_params(tmp_path / "moved" / "model.pt")) < 1e-5
+
+    ckpt = tmp_path / "kept" / "checkpoints" / "step_00000010" / "trainer.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["trainer"]["grad_accum"] = 2  # its position read as 2-micro-batch steps: 5 steps, not 10
+    torch.save(state, ckpt)
+    run("kept", "resume=auto", "data.grad_accum_steps=2", nproc=0)
+    assert max_param_diff(straight, load_params(tmp_path / "kept" / "model.pt")) > 1e-4
+
+
+def test_another_global_batch_on_resume_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    base = [*COMMON, "train.max_steps=2", "tracking.enabled=false", f"output_dir={out}"]
+    check(run_dtrain(["train", RECIPE, *base, "train.stop_at_step=1", "train.max_steps=2"], cwd=tmp_path))
+    proc = run_dtrain(["train", RECIPE, *base, "resume=auto", "data.global_batch_size=32"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "data.global_batch_size=32: the checkpoint was trained with 64, the batch its schedule, data position and "
+        "step count are in; resume with it (on fewer ranks, raise data.grad_accum_steps to keep it)"), proc.stderr

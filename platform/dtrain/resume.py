@@ -92,10 +92,13 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
     def validate(client: dict[str, Any]) -> None:
         saved = TrainState(**client["trainer"])
         saved_world = saved.world_size or len(client["rng"])
-        if saved.global_batch and (saved.global_batch, saved.grad_accum) != (state.global_batch, state.grad_accum):
+        if saved.global_batch and saved.global_batch != state.global_batch:
             raise checkpoint.ResumeRefused(
-                f"data.global_batch_size={state.global_batch}, data.grad_accum_steps={state.grad_accum}: the "
-                f"checkpoint was trained with {saved.global_batch} and {saved.grad_accum}; resume with those")
+                f"data.global_batch_size={state.global_batch}: the checkpoint was trained with {saved.global_batch}, "
+                "the batch its schedule, data position and step count are in; resume with it (on fewer ranks, "
+                "raise data.grad_accum_steps to keep it)")
+        if saved.grad_accum and saved.grad_accum != state.grad_accum:
+            refuse_or_warn_accumulation(cfg, engines, saved.grad_accum, state.grad_accum)
         REGISTRY[cfg.engine].check_resume(saved_world, world)
         refuse_changed_optimizer(cfg, client.get("recipe", {}))
         task.load_extra_state(client.get("task", {}))
@@ -108,17 +111,37 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
             client = checkpoint.load(folder, engines, validate)
     except CheckpointError as e:
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
-    _continue(cfg, state, client, folder, ckpt_root)
+    _continue(cfg, task, state, client, folder, ckpt_root)
     return folder
 
 
-def _continue(cfg: Config, state: TrainState, client: dict[str, Any], folder: Path, ckpt_root: Path) -> None:
+def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: int, now: int) -> None:
+    """Another accumulation at the same global batch (fewer ranks, more micro-batches each):
+    every step averages the gradient of the same samples, so DDP and FSDP2 continue the same
+    run. BatchNorm then normalises over other micro-batches (said, not refused); DeepSpeed keeps
+    its own accumulation state, so it resumes with the one it saved."""
+    if cfg.engine == "deepspeed":
+        raise checkpoint.ResumeRefused(
+            f"data.grad_accum_steps={now}: the DeepSpeed checkpoint was trained with {saved}; resume with it "
+            "(engine=ddp and engine=fsdp resume with another accumulation at the same global batch)")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for e in engines.values() for m in e.module.modules()):
+        log.warning("resume: data.grad_accum_steps %d -> %d at the same global batch: BatchNorm statistics are now "
+                    "over other micro-batches (close to the straight run, not equal to it)", saved, now)
+
+
+def _continue(cfg: Config, task: Task, state: TrainState, client: dict[str, Any], folder: Path,
+              ckpt_root: Path) -> None:
     """`state` and this rank's random streams from a loaded checkpoint's client state."""
     world, rank = distributed.world_size(), distributed.rank()
     saved = TrainState(**client["trainer"])
     for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
                 "best_value", "best_step", "evals_since_best", "best_checkpoint"):
         setattr(state, key, getattr(saved, key))
+    if saved.grad_accum and saved.grad_accum != state.grad_accum:
+        # The epoch's position in loader batches per rank: the same samples (the same global
+        # steps) in the new accumulation's micro-batches.
+        state.batch_in_epoch = (saved.batch_in_epoch // task.micro_batches_per_step(saved.grad_accum)
+                                * task.micro_batches_per_step(state.grad_accum))
     if saved.best_step and not saved.best_checkpoint:  # written before the path was kept: beside it
         state.best_checkpoint = str((folder.parent / f"step_{saved.best_step:08d}").resolve())
     if folder.parent.resolve() != ckpt_root.resolve():
