@@ -1,8 +1,6 @@
 """Predictions from a finished run (`dtrain.load`, `dtrain predict`): the run folder alone gives
 the model its preprocessing back, so raw held-out inputs reproduce the run's own evaluation."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,6 @@ import dtrain
 from dtrain import datasets
 from dtrain.config import ConfigError
 from helpers import CNN, LM, ROOT, TINY_CNN, TINY_LM, check, run_dtrain
-
-TABULAR = ROOT / "examples" / "tabular"
 
 
 @pytest.fixture(scope="module")
@@ -80,27 +76,3 @@ def test_the_gan_predicts_samples_of_its_generator(tmp_path):
     assert images.shape == (16, 1, 8, 8) and images.abs().max() <= 1
     z = torch.randn(3, predictor.cfg.model.z_dim)
     assert torch.equal(predictor(z), predictor(z))  # eval mode: no batch statistics, no dropout
-
-
-def test_a_user_task_predicts_in_its_own_units_from_the_run_folder(tmp_path):
-    """The guide's tabular task, trained briefly; `dtrain predict` from the task's folder on the
-    raw held-out features gives the run's own R^2 (the features' and the target's statistics
-    came back from preprocessing.safetensors)."""
-    import json
-
-    from sklearn.datasets import load_diabetes
-    from sklearn.model_selection import train_test_split
-
-    out = tmp_path / "tabular"
-    shutil.copytree(TABULAR, tmp_path / "task")
-    check(run_dtrain(["train", "recipe.yaml", "train.epochs=3", "tracking.enabled=false", f"output_dir={out}"],
-                     cwd=tmp_path / "task"))
-    x, y = load_diabetes(return_X_y=True)
-    _, xte, _, yte = train_test_split(x, y, test_size=0.2, random_state=0)
-    np.save(tmp_path / "features.npy", xte.astype(np.float32))
-    check(run_dtrain(["predict", str(out), str(tmp_path / "features.npy"), "--output", str(tmp_path / "pred.npy")],
-                     cwd=tmp_path / "task"))
-    pred = np.load(tmp_path / "pred.npy").astype(np.float64)
-    r2 = 1 - ((pred - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum()
-    assert r2 == pytest.approx(json.loads((out / "summary.json").read_text())["eval"]["r2"], abs=1e-4)
-    assert {p.name for p in out.iterdir()} >= {"config.yaml", "model.safetensors", "preprocessing.safetensors"}

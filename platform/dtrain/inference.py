@@ -44,7 +44,13 @@ def load(run_dir: str | Path, trust: bool = False) -> Predictor:
     for name in ("config.yaml", "model.safetensors"):
         if not (run / name).is_file():
             raise ConfigError("run", str(run), f"has no {name}: give the output_dir of a finished dtrain run")
-    cfg = load_config(run / "config.yaml", beside=trust)
+    try:
+        cfg = load_config(run / "config.yaml", beside=trust)
+    except ConfigError as e:
+        if e.key != "task" or "cannot import" not in e.expected:
+            raise
+        raise ConfigError("task", e.value, f"{e.expected}; the task module is not in the run folder (its config.yaml "
+                          "never brings code): run from the module's folder, or put that folder on PYTHONPATH") from None
     task = get_task(cfg.task)(cfg)
     if (run / safeload.PREPROCESSING).is_file():
         task.load_preprocessing(safeload.load_weights(run / safeload.PREPROCESSING))
