@@ -45,6 +45,14 @@ class DataConfig:
     """Task-defined light augmentation of training samples."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: load in the training process)."""
+    tokens: str = ""
+    """A token folder, memory-mapped (never read whole): `dtrain prepare-text`'s (train.bin,
+    val.bin, meta.json) or nanoGPT's (train.bin, val.bin as uint16, meta.pkl or none). The
+    Transformer reads it in place of data.path; a task of yours reads it with
+    `dtrain.tokens.load(self.cfg.data.tokens, block, eval_blocks, self.cfg.data.vocab_size)`."""
+    vocab_size: int = 0
+    """The vocabulary size of a token folder without meta.json or meta.pkl (e.g. nanoGPT's
+    GPT-2 BPE files: 50257). 0: read it from the folder."""
 
 
 @dataclass

@@ -140,6 +140,13 @@ def load_numpy_pickle(path: Path) -> Any:
         return _Restricted(f, _NUMPY_CLASSES, str(path), encoding="bytes").load()
 
 
+def load_plain_pickle(path: Path) -> Any:
+    """A pickle of builtin values only (dicts, lists, strings, numbers: nanoGPT's meta.pkl),
+    built without looking up any class or function, so nothing it names can run."""
+    with open(path, "rb") as f:
+        return _Restricted(f, set(), str(path)).load()
+
+
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """A state_dict as safetensors, atomically (tied tensors are written once per name: a
     safetensors file shares no storage, and `load_state_dict` ties them again)."""

@@ -1,21 +1,28 @@
 """Token files: a corpus encoded once, on disk, memory-mapped by every rank and worker.
 
-nanoGPT's layout, in a folder written by `dtrain prepare-text TEXT... --output DIR`:
+nanoGPT's layout: `train.bin` and `val.bin`, each a flat array of token ids. Two folders of it
+are read as they are:
 
-    train.bin   the training tokens, one after another (uint16, or uint32 past 65,536 symbols)
-    val.bin     the held-out tokens (the last `--val-fraction` of the text)
-    meta.json   {"dtype": "uint16", "vocab": [...characters...], "train_tokens": N, "val_tokens": M}
+- `dtrain prepare-text TEXT... --output DIR` writes uint16 ids (uint32 past 65,536 symbols) in
+  its own character vocabulary, where id 0 is kept for characters the vocabulary has not seen,
+  and `meta.json`: {"dtype", "vocab": [...characters by id...], "train_tokens", "val_tokens"}.
+- nanoGPT's own `prepare.py` writes uint16 ids and, for its character datasets, `meta.pkl`
+  ({"vocab_size", "itos", "stoi"}: read without building any class, so it runs nothing), or no
+  metadata at all for GPT-2 BPE ids (then `data.vocab_size` says how many there are).
 
-`data.tokens=DIR` trains the Transformer recipe on it. Nothing is read into memory up front: a
-sample is the `block_size + 1` tokens at one offset, read through `np.memmap` when the loader
-asks for it, so a corpus larger than RAM trains (the page cache keeps what is hot), and the
-sampler's offsets, checkpointed mid-epoch, resume exactly.
+`data.tokens=DIR` trains the Transformer recipe on either; `load` gives any task the same
+blocks. Nothing is read into memory up front: a sample is the `block_size + 1` tokens at one
+offset, read through `np.memmap` when the loader asks for it, so a corpus larger than RAM trains
+(the page cache keeps what is hot), and the sampler's offsets, checkpointed mid-epoch, resume
+exactly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle  # nosec B403 # only its UnpicklingError: meta.pkl is read by safeload's restricted unpickler
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -109,30 +116,67 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     return meta
 
 
-def load(folder: str | os.PathLike[str], block: int, eval_blocks: int) -> tuple[list[str], "TokenBlocks", "TokenBlocks"]:
-    """`data.tokens`: the folder's vocabulary (UNK first), training blocks (every offset) and
-    evaluation blocks (non-overlapping, at most `eval_blocks`)."""
+@dataclass
+class TokenData:
+    """A token folder's blocks and what its ids mean."""
 
-    meta = read_meta(folder)
-    if not meta["vocab"] or meta["vocab"][0] != UNK:
-        raise ConfigError("data.tokens", str(folder), "meta.json's vocab is not a character vocabulary "
-                                                      "written by `dtrain prepare-text`")
+    train: TokenBlocks
+    """Every offset of train.bin."""
+    val: TokenBlocks
+    """Non-overlapping blocks of val.bin (at most `eval_blocks`)."""
+    vocab_size: int
+    chars: list[str] | None
+    """The character of each id, when the folder says (None: BPE ids without metadata)."""
+    unk: bool
+    """Id 0 is `dtrain prepare-text`'s slot for unseen characters (`Vocab`'s layout)."""
+
+
+def load(folder: str | os.PathLike[str], block: int, eval_blocks: int, vocab_size: int = 0) -> TokenData:
+    """`data.tokens`: dtrain's or nanoGPT's token folder (see the module's docstring)."""
     path = Path(folder)
-    train = TokenBlocks(path / "train.bin", meta["dtype"], block)
-    val = TokenBlocks(path / "val.bin", meta["dtype"], block, stride=block, limit=eval_blocks)
+    for name in ("train.bin", "val.bin"):
+        if not (path / name).is_file():
+            raise ConfigError("data.tokens", str(folder), f"has no {name} (write the folder with "
+                                                          "`dtrain prepare-text TEXT... --output DIR`, or nanoGPT's prepare.py)")
+    chars, dtype, unk = _vocabulary(path, vocab_size)
+    size = len(chars) if chars is not None else vocab_size
+    train = TokenBlocks(path / "train.bin", dtype, block)
+    val = TokenBlocks(path / "val.bin", dtype, block, stride=block, limit=eval_blocks)
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError("data.tokens", str(folder), f"too few tokens ({meta['train_tokens']} train, "
-                                                      f"{meta['val_tokens']} val) for model.block_size={block}")
-    return list(meta["vocab"]), train, val
+        raise ConfigError("data.tokens", str(folder), f"too few tokens ({train.n_tokens} train, {val.n_tokens} val) "
+                                                      f"for model.block_size={block}")
+    return TokenData(train, val, size, chars, unk)
+
+
+def _vocabulary(path: Path, vocab_size: int) -> tuple[list[str] | None, str, bool]:
+    """(characters by id or None, the ids' dtype, whether id 0 is UNK) from meta.json, meta.pkl
+    or `data.vocab_size`."""
+    from dtrain.safeload import UnsafeFile, load_plain_pickle
+
+    if (path / "meta.json").is_file():
+        meta = read_meta(path)
+        if not meta.get("vocab") or meta["vocab"][0] != UNK:
+            raise ConfigError("data.tokens", str(path), "meta.json's vocab is not a character vocabulary "
+                                                        "written by `dtrain prepare-text`")
+        return list(meta["vocab"]), str(meta["dtype"]), True
+    if (path / "meta.pkl").is_file():
+        try:
+            meta = load_plain_pickle(path / "meta.pkl")
+            itos = meta["itos"]
+            chars = [str(itos[i]) for i in range(int(meta["vocab_size"]))]
+        except (UnsafeFile, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise ConfigError("data.tokens", str(path), f"meta.pkl is not nanoGPT's character metadata "
+                                                        f"({{'vocab_size', 'itos', 'stoi'}}): {e}") from None
+        return chars, "uint16", False
+    if vocab_size > 0:
+        return None, "uint16", False
+    raise ConfigError("data.tokens", str(path), "has no meta.json (dtrain prepare-text) or meta.pkl (nanoGPT's "
+                                                "character datasets); for ids without either (GPT-2 BPE: 50257), "
+                                                "give data.vocab_size")
 
 
 def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder)
-    for name in ("meta.json", "train.bin", "val.bin"):
-        if not (path / name).is_file():
-            raise ConfigError("data.tokens", str(folder), f"has no {name} (write the folder with "
-                                                          "`dtrain prepare-text TEXT... --output DIR`)")
-    meta: dict[str, Any] = json.loads((path / "meta.json").read_text())
+    meta: dict[str, Any] = json.loads((Path(folder) / "meta.json").read_text())
     return meta
 
 
@@ -163,9 +207,20 @@ class TokenBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 class Vocab:
-    def __init__(self, chars: list[str]):
-        self.chars = [UNK] + [c for c in chars if c != UNK]
+    """Characters by id. `unk` (dtrain's layout): id 0 is kept for characters it has not seen;
+    off, the ids are the given list's (nanoGPT's meta.pkl; placeholders for BPE ids)."""
+
+    def __init__(self, chars: list[str], unk: bool = True):
+        self.unk = unk
+        self.chars = [UNK] + [c for c in chars if c != UNK] if unk else list(chars)
         self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def of(cls, data: TokenData) -> "Vocab":
+        """A token folder's vocabulary; BPE ids without metadata print as <id>."""
+        if data.chars is None:
+            return cls([f"<{i}>" for i in range(data.vocab_size)], unk=False)
+        return cls(data.chars[1:], unk=True) if data.unk else cls(data.chars, unk=False)
 
     @classmethod
     def from_text(cls, text: str) -> "Vocab":

@@ -46,10 +46,10 @@ class TransformerTask(Task):
 
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d, m = self.cfg.data, self.cfg.model
-        if d.tokens:  # a prepared token folder, memory-mapped
-            chars, train_blocks, val_blocks = tokens.load(d.tokens, m.block_size, d.eval_blocks)
-            self.vocab, self.chars = Vocab(chars[1:]), train_blocks.n_tokens + val_blocks.n_tokens
-            return train_blocks, val_blocks
+        if d.tokens:  # a prepared token folder (dtrain's or nanoGPT's), memory-mapped
+            data = tokens.load(d.tokens, m.block_size, d.eval_blocks, d.vocab_size)
+            self.vocab, self.chars = Vocab.of(data), data.train.n_tokens + data.val.n_tokens
+            return data.train, data.val
         text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
         split = int(len(text) * (1 - d.val_fraction))
         if split < m.block_size + 2 or len(text) - split < m.block_size + 2:
@@ -123,10 +123,17 @@ class TransformerTask(Task):
         return out
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
-        return {"vocab": torch.tensor([ord(c) for c in self.vocab.chars], dtype=torch.int32)}
+        if any(len(c) != 1 for c in self.vocab.chars):  # BPE ids: only their count
+            return {"vocab_size": torch.tensor(len(self.vocab))}
+        return {"vocab": torch.tensor([ord(c) for c in self.vocab.chars], dtype=torch.int32),
+                "unk": torch.tensor(self.vocab.unk)}
 
     def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
-        self.vocab = Vocab([chr(c) for c in state["vocab"].tolist()[1:]])
+        if "vocab_size" in state:
+            self.vocab = Vocab([f"<{i}>" for i in range(int(state["vocab_size"]))], unk=False)
+            return
+        chars, unk = [chr(c) for c in state["vocab"].tolist()], bool(state["unk"])
+        self.vocab = Vocab(chars[1:] if unk else chars, unk=unk)
 
     def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         """Next-character probabilities (N, T, vocab) after each position of a text, a list of
@@ -142,12 +149,18 @@ class TransformerTask(Task):
     def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
                       seed: int) -> str:
         """`dtrain sample`: continue `prompt` with the run's weights (model.safetensors, else
-        model.pt) and vocab.json."""
+        model.pt) and its vocabulary (preprocessing.safetensors; vocab.json of older runs)."""
         weights = safeload.weights_file(run_dir)
-        for path in (weights, run_dir / "vocab.json"):
+        vocab_file = run_dir / safeload.PREPROCESSING
+        vocab_file = vocab_file if vocab_file.exists() else run_dir / "vocab.json"
+        for path in (weights, vocab_file):
             if not path.exists():
                 raise ConfigError("run", str(run_dir), f"has no {path.name} (is the run finished?)")
-        vocab = Vocab(json.loads((run_dir / "vocab.json").read_text())[1:])
+        if vocab_file.suffix == ".json":
+            self.vocab = Vocab(json.loads(vocab_file.read_text())[1:])
+        else:
+            self.load_preprocessing(safeload.load_weights(vocab_file))
+        vocab = self.vocab
         model = CharTransformer(self.cfg.model, len(vocab))
         model.load_state_dict(safeload.load_weights(weights))
         model.eval()

@@ -16,9 +16,6 @@ class TextDataConfig(DataConfig):
     """Held-out blocks scored at each evaluation (non-overlapping, from the held-out text)."""
     val_fraction: float = 0.1
     global_batch_size: int = 64
-    tokens: str = ""
-    """A folder written by `dtrain prepare-text` (train.bin, val.bin, meta.json): memory-mapped,
-    never read whole, so the corpus may be larger than RAM. Replaces data.path and max_chars."""
 
 
 @dataclass
