@@ -141,3 +141,10 @@ class PlantedHeadline(PlantedCurve):
 
     def headline_metric(self) -> tuple[str, bool]:
         return "score", True
+
+
+class PixelTokens(CNNTask):
+    """The digits CNN counting each image's 64 pixels as its tokens (the tokens/s hook's test)."""
+
+    def tokens_per_sample(self) -> int:
+        return 64

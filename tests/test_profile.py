@@ -3,6 +3,8 @@ operators, and the step-time breakdown in summary.json and MLflow."""
 
 import json
 
+import torch
+
 import pytest
 import mlflow
 
@@ -43,3 +45,32 @@ def test_off_writes_nothing(tmp_path):
     check(run_dtrain(["train", CNN, "train.max_steps=3", "tracking.enabled=false", f"output_dir={out}"], cwd=tmp_path))
     assert not (out / "profile").exists()
     assert "profile" not in json.loads((out / "summary.json").read_text())
+
+
+def test_any_task_that_counts_tokens_gets_tokens_per_second_and_mfu(tmp_path):
+    """`Task.tokens_per_sample` alone gives tokens/s in MLflow and summary.json, and MFU from the
+    6 x parameters estimate when the peak is known (stated here: a CPU has no table entry).
+    A task that counts no tokens gets neither."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["train.max_steps=6", "train.eval_every_steps=0", "checkpoint.every_steps=0", "tracking.log_every=3",
+              f"tracking.uri={uri}", "tracking.experiment=tokens"]
+    check(run_dtrain(["train", CNN, *common, "task=planted:PixelTokens", "model.peak_tflops=1",
+                      f"output_dir={tmp_path / 'tokens'}"], cwd=tmp_path))
+    s = json.loads((tmp_path / "tokens" / "summary.json").read_text())
+    params = sum(p.numel() for p in torch.load(tmp_path / "tokens" / "model.pt", weights_only=True).values()
+                 if p.is_floating_point()) - _bn_buffers(tmp_path / "tokens" / "model.pt")
+    assert s["tokens_per_s"] == pytest.approx(s["throughput"] * 64)
+    assert s["mfu"] == pytest.approx(s["tokens_per_s"] * 6 * params / 1e12)
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(s["run_id"], "train/tokens_per_s")
+    assert [m.step for m in history] == [3, 6] and all(m.value > 0 for m in history)
+
+    check(run_dtrain(["train", CNN, *common, f"output_dir={tmp_path / 'plain'}"], cwd=tmp_path))
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert "tokens_per_s" not in plain and "mfu" not in plain
+
+
+def _bn_buffers(path) -> int:
+    """Elements of model.pt that are BatchNorm running statistics, not parameters."""
+    state = torch.load(path, weights_only=True)
+    return sum(v.numel() for k, v in state.items() if k.endswith(("running_mean", "running_var")))

@@ -75,6 +75,9 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
+    peak_tflops: float = 0.0
+    """Peak bf16 TFLOP/s of one GPU, for MFU (a task with tokens: `Task.tokens_per_sample`);
+    0: look the GPU up in a table of known ones."""
     sync_bn: bool = False
     """Synchronise BatchNorm statistics across ranks (torch SyncBatchNorm on CUDA,
     dtrain's differentiable all-reduce version on CPU)."""

@@ -198,6 +198,17 @@ class Task:
         """model.pt: a plain state_dict (collective: every rank calls it)."""
         return engines["model"].consolidated_state_dict()
 
+    def tokens_per_sample(self) -> int:
+        """Tokens in one training sample (a sequence model's context length): the loop then
+        logs `train/tokens_per_s` (and `train/mfu` on a GPU of known peak), and summary.json
+        `tokens_per_s` / `mfu`. 0: samples are not counted in tokens."""
+        return 0
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token for MFU. 0: estimated as 6 x the parameters (forward and
+        backward of a dense model, Kaplan et al.), without attention's own FLOPs."""
+        return 0.0
+
     def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
         """Extra metrics derived from the logged ones (e.g. bits per char, tokens/s)."""
         return {}

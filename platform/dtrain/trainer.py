@@ -21,7 +21,7 @@ from typing import Any, Iterator, Literal, Sized, cast
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dtrain import checkpoint, data, distributed, preemption, recipe, redact, report, resume, tracking
+from dtrain import checkpoint, data, distributed, preemption, profiling, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.errors import WorkFailed
 from dtrain.ema import EMA
@@ -60,6 +60,8 @@ class Parts:
     fp32_matmuls: str | None
     """tf32 or ieee on CUDA (`allow_tf32`), None elsewhere."""
     ema: EMA | None
+    parameters: int
+    """The models' parameters, counted before any engine shards them."""
 
     def saved(self) -> dict[str, Any]:
         """What a checkpoint holds beside the trainer's state."""
@@ -96,11 +98,12 @@ def build(cfg: Config, device: torch.device) -> Parts:
     for spec in specs.values():
         if spec.optim.warmup_epochs > 0:
             spec.optim.warmup_steps = round(spec.optim.warmup_epochs * per_epoch * spec.optimizer_steps_per_step)
+    parameters = sum(p.numel() for spec in specs.values() for p in spec.module.parameters())
     engines = build_engines(cfg, specs, device, plan, total_steps)
     fp32_matmuls = set_fp32_matmuls(cfg.allow_tf32, device)
     ema = EMA(cfg.ema, engines, plan.global_batch, cfg.optim.base_batch_size) if cfg.ema.decay else None
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / noise (augmentation has per-sample ones)
-    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema)
+    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema, parameters)
 
 
 def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: TrainState) -> tracking.NullTracker:
@@ -211,7 +214,7 @@ class Loop:
         self.cfg, self.task, self.engines, self.loader, self.device = cfg, parts.task, parts.engines, parts.loader, device
         self.plan, self.micro, self.per_epoch = parts.plan, parts.micro, parts.per_epoch
         self.total_steps, self.state, self.tracker, self.progress = parts.total_steps, state, tracker, progress
-        self.ema = parts.ema
+        self.ema, self.parameters = parts.ema, parts.parameters
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved())
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
@@ -347,12 +350,19 @@ class Loop:
         scale = first.loss_scale()
         if scale is not None:  # fp16: the loss scale the scaler settled on
             metrics["train/loss_scale"] = scale
+        metrics.update({f"train/{k}": v for k, v in self._token_rates(rate).items()})
         metrics.update(self.task.train_metrics(metrics))
         self.tracker.log_metrics(metrics, state.step)
         self.progress.update(state.step, self.total_steps, metrics,
                              (self.total_steps - state.step) * self.samples_per_step / max(rate, 1e-9))
         self.final_loss = metrics["train/loss"]
         self.window.reset()
+
+    def _token_rates(self, samples_per_s: float) -> dict[str, float]:
+        task = self.task
+        return profiling.token_rates(task.tokens_per_sample(), samples_per_s,
+                                     task.flops_per_token() or 6.0 * self.parameters, self.plan.world_size,
+                                     self.device, self.cfg.model.peak_tflops)
 
     def _summary(self) -> dict[str, Any]:
         state, plan, first = self.state, self.plan, next(iter(self.engines.values()))
@@ -371,6 +381,7 @@ class Loop:
             **({"best": {"metric": self.stopper.cfg.metric, "value": state.best_value, "step": state.best_step,
                          "checkpoint": state.best_checkpoint}} if self.stopper is not None else {}),
             "throughput": throughput,
+            **self._token_rates(throughput or 0.0),
             "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
             "peak_memory_mb": report.peak_memory_mb(self.device),

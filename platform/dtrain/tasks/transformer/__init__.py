@@ -35,7 +35,6 @@ from dtrain.tasks.transformer.data import default_corpus as default_corpus
 from dtrain.tasks.transformer.data import read_text as read_text
 from dtrain.tasks.transformer.model import Attention as Attention
 from dtrain.tasks.transformer.model import CharTransformer as CharTransformer
-from dtrain.tasks.transformer.model import gpu_peak_flops as gpu_peak_flops
 from dtrain.tokens import Vocab as Vocab
 
 
@@ -84,22 +83,14 @@ class TransformerTask(Task):
         nats = sums["nll_sum"] / sums["tokens"]
         return {"loss": nats, "bpc": nats / math.log(2), "perplexity": math.exp(nats)}
 
-    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
-        tokens_per_s = logged["train/samples_per_s"] * self.cfg.model.block_size
-        out = {"train/bpc": logged["train/loss"] / math.log(2), "train/tokens_per_s": tokens_per_s}
-        mfu = self.mfu(tokens_per_s)
-        if mfu is not None:
-            out["train/mfu"] = mfu
-        return out
+    def tokens_per_sample(self) -> int:
+        return self.cfg.model.block_size
 
-    def mfu(self, tokens_per_s: float) -> float | None:
-        if not torch.cuda.is_available():
-            return None
-        peak = self.cfg.model.peak_tflops * 1e12 or gpu_peak_flops(torch.cuda.get_device_name())
-        if not peak:
-            return None
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return tokens_per_s / world * self.model_ref.flops_per_token() / peak
+    def flops_per_token(self) -> float:
+        return self.model_ref.flops_per_token()  # 6N plus attention's scores (PaLM's count)
+
+    def train_metrics(self, logged: dict[str, float]) -> dict[str, float]:
+        return {"train/bpc": logged["train/loss"] / math.log(2)}
 
     def extra_state(self) -> dict[str, Any]:
         return {"vocab": self.vocab.chars}
@@ -114,13 +105,8 @@ class TransformerTask(Task):
                                 "resume on the text the run was trained on")
 
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
-        tokens_per_s = (summary["throughput"] or 0.0) * self.cfg.model.block_size
-        out = {"vocab_size": len(self.vocab), "corpus_chars": self.chars, "tokens_per_s": tokens_per_s,
-               "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
-        mfu = self.mfu(tokens_per_s)
-        if mfu is not None:
-            out["mfu"] = mfu
-        return out
+        return {"vocab_size": len(self.vocab), "corpus_chars": self.chars,
+                "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
         if any(len(c) != 1 for c in self.vocab.chars):  # BPE ids: only their count

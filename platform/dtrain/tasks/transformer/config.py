@@ -36,8 +36,6 @@ class TransformerModelConfig(ModelConfig):
     """Learned absolute position embeddings, or rotary embeddings on q and k."""
     tie_weights: bool = True
     """Share the token embedding with the output projection."""
-    peak_tflops: float = 0.0
-    """Peak bf16 TFLOP/s of one GPU for MFU; 0: look the GPU up in a table of known ones."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing of the training loss (evaluation reports the plain loss)."""
 

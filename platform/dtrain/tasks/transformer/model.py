@@ -13,10 +13,6 @@ from dtrain.norm import make_norm
 from dtrain.tasks.transformer.config import TransformerModelConfig
 
 # Dense bf16 peak FLOP/s of known GPUs (model FLOPs utilisation); `train.peak_tflops` overrides.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
-
-
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels (RoFormer) of x: (B, H, T, D)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -118,10 +114,3 @@ class CharTransformer(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             idx = torch.cat([idx, torch.multinomial(F.softmax(logits, -1), 1)], dim=1)
         return idx
-
-
-def gpu_peak_flops(device_name: str) -> float:
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12
-    return 0.0
