@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import platform
 import resource
 from pathlib import Path
@@ -18,6 +19,8 @@ from dtrain import checkpoint, data, distributed, safeload, tracking
 from dtrain.config import Config
 from dtrain.fileio import atomic_write
 from dtrain.protocols import Engine, LRInfo, Task
+
+log = logging.getLogger("dtrain")
 
 
 def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engines: dict[str, Engine]) -> dict[str, Any]:
@@ -95,7 +98,12 @@ def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: 
     checkpoint.atomic_save(weights, model_path)
     safeload.save_weights(weights, out_dir / "model.safetensors")  # the file to share: loading it runs no code
     written = [out_dir / "config.yaml"]
-    preprocessing = task.preprocessing()
+    try:
+        preprocessing = task.preprocessing()
+    except (AttributeError, KeyError, TypeError) as e:  # a subclass whose datasets() set other attributes
+        log.warning("%s not written (task.preprocessing(): %s): dtrain.load needs it; the model is saved",
+                    safeload.PREPROCESSING, e)
+        preprocessing = {}
     if preprocessing:  # what `dtrain.load` needs besides the weights (input statistics, a vocabulary)
         written.append(out_dir / safeload.PREPROCESSING)
         safeload.save_weights(preprocessing, written[-1])

@@ -110,6 +110,10 @@ def random_shift(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Gen
 class CNNTask(Task):
     config_class = CNNConfig
     cfg: CNNConfig
+    # The inputs' standardisation, for predictions: set by `datasets()` from the training split;
+    # a subclass with datasets of its own that standardise sets them too (else: none).
+    mean: torch.Tensor = torch.zeros(1, 1, 1)
+    std: torch.Tensor = torch.ones(1, 1, 1)
 
     def headline_metric(self) -> tuple[str, bool]:
         return "accuracy", True
