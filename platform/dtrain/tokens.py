@@ -217,10 +217,15 @@ class Vocab:
 
     @classmethod
     def of(cls, data: TokenData) -> "Vocab":
-        """A token folder's vocabulary; BPE ids without metadata print as <id>."""
+        """A token folder's vocabulary."""
         if data.chars is None:
-            return cls([f"<{i}>" for i in range(data.vocab_size)], unk=False)
+            return cls.ids_only(data.vocab_size)
         return cls(data.chars[1:], unk=True) if data.unk else cls(data.chars, unk=False)
+
+    @classmethod
+    def ids_only(cls, size: int) -> "Vocab":
+        """Ids whose text is unknown (BPE ids without metadata): each prints as <id>."""
+        return cls([f"<{i}>" for i in range(size)], unk=False)
 
     @classmethod
     def from_text(cls, text: str) -> "Vocab":

@@ -116,7 +116,7 @@ class TransformerTask(Task):
 
     def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
         if "vocab_size" in state:
-            self.vocab = Vocab([f"<{i}>" for i in range(int(state["vocab_size"]))], unk=False)
+            self.vocab = Vocab.ids_only(int(state["vocab_size"]))
             return
         chars, unk = [chr(c) for c in state["vocab"].tolist()], bool(state["unk"])
         self.vocab = Vocab(chars[1:] if unk else chars, unk=unk)
