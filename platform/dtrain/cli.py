@@ -46,7 +46,9 @@ def _train_and_check(sub: Any) -> None:
     k = _recipe_command(sub, "check", "dtrain.job:check_command", "sanity checks before a long run: init loss, overfit a batch, "
                         "batch independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)",
                         "run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
-    k.add_argument("--only", default="", help="comma-separated check names (default: all)")
+    k.add_argument("--only", default="", help="comma-separated check names (default: all but invariance, which "
+                   "is asked for alone: --only invariance --nproc-per-node N)")
+    k.add_argument("--trace-to", default="", help=argparse.SUPPRESS)  # invariance's own N ranks record here
 
 
 def _search(sub: Any) -> None:

@@ -219,6 +219,18 @@ class MonitorConfig:
 
 
 @dataclass
+class CheckConfig:
+    """Settings of `dtrain check` (they change nothing in training)."""
+
+    steps: int = 3
+    """`--only invariance`: optimizer steps run at world size 1 and at N and compared."""
+    tolerance: float = 0.0
+    """`--only invariance`: the relative difference (L2 norm of the difference over the
+    reference's) above which two tensors differ. 0: derived from fp32's rounding and the
+    model's size, and printed."""
+
+
+@dataclass
 class ProfileConfig:
     enabled: bool = False
     """Profile training steps with torch.profiler: a Chrome/Perfetto trace and the top operators
@@ -343,6 +355,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -366,6 +379,8 @@ class Config:
         _positive(self.checkpoint, "checkpoint", "keep")
         _non_negative(self.monitor, "monitor", "every", "vanish_below")
         _positive(self.monitor, "monitor", "explode_above")
+        _positive(self.check, "check", "steps")
+        _non_negative(self.check, "check", "tolerance")
         _non_negative(self.profile, "profile", "wait", "warmup")
         _positive(self.profile, "profile", "active", "repeat")
         _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")

@@ -23,7 +23,8 @@ from typing import Callable, NoReturn, Sequence
 import torch
 
 from dtrain import allocator, check, data, distributed, engines, launch, preemption
-from dtrain.config import Config
+from dtrain.check import trace
+from dtrain.config import Config, ConfigError
 from dtrain.environments import DistEnv
 from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
 from dtrain.fileio import first_line
@@ -52,14 +53,30 @@ def train(args: argparse.Namespace) -> NoReturn:
 
 
 def check_command(args: argparse.Namespace) -> NoReturn:
-    """`dtrain check`: the sanity checks of `dtrain.check`, on this process or under torchrun."""
+    """`dtrain check`: the sanity checks of `dtrain.check`, on this process or under torchrun.
+    `--only invariance` runs here and starts its N ranks itself, which record (`--trace-to`)."""
+    if args.trace_to:
+        run_on_ranks(args, (), lambda cfg, env, device: trace.trace_rank(cfg, device, args.trace_to))
+    if check.select_quietly(args.only) == ["invariance"]:
+        run_on_ranks(args, (), lambda cfg, env, device: check.run_invariance(
+            cfg, device, args.recipe, args.overrides, args.nproc_per_node), lambda: invariance_launch(args),
+                     relaunch=False)
     run_on_ranks(args, ("check", f"--only={args.only}"), lambda cfg, env, device: check.run(cfg, device, args.only),
                  lambda: check.select(args.only))
 
 
+def invariance_launch(args: argparse.Namespace) -> None:
+    """Where `--only invariance` can run: a plain process that can start N >= 2 ranks."""
+    if distributed.read_env().launcher != "single":
+        raise ConfigError("--only", "invariance", "runs a 1-process reference and starts its N ranks itself: run "
+                          "`dtrain check RECIPE --only invariance --nproc-per-node N` from a shell, not under a launcher")
+    if args.nproc_per_node < 2:
+        raise ConfigError("--nproc-per-node", args.nproc_per_node, "the world size to compare with 1 process: 2 or more")
+
+
 def run_on_ranks(args: argparse.Namespace, command: Sequence[str], body: Body,
-                 validate: Callable[[], object] = lambda: None) -> NoReturn:
-    env, cfg = prepare(args, command, validate)
+                 validate: Callable[[], object] = lambda: None, relaunch: bool = True) -> NoReturn:
+    env, cfg = prepare(args, command, validate, relaunch)
     device = join(env, cfg)
     code, clean = FAILED, False
     try:
@@ -77,10 +94,11 @@ def run_on_ranks(args: argparse.Namespace, command: Sequence[str], body: Body,
     sys.exit(code)
 
 
-def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable[[], object]) -> tuple[DistEnv, Config]:
+def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable[[], object],
+            relaunch: bool = True) -> tuple[DistEnv, Config]:
     """This rank's launch environment and validated recipe (and `validate()`), or one line and
-    exit 2; with --nproc-per-node in a plain process, torchrun replaces this process to run
-    `command` on N ranks."""
+    exit 2; with --nproc-per-node in a plain process (and `relaunch`), torchrun replaces this
+    process to run `command` on N ranks."""
     rank = 0
     try:
         env = distributed.read_env()
@@ -95,7 +113,7 @@ def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable
         validate()
     except Failure as e:
         fail(str(e), e.exit_code, rank)
-    if args.nproc_per_node and env.launcher == "single":
+    if relaunch and args.nproc_per_node and env.launcher == "single":
         launch.exec_torchrun(args.nproc_per_node, args.recipe, args.overrides, command)
     return env, cfg
 

@@ -15,9 +15,11 @@ exits 1 when any check FAILs (so CI can gate on it), 0 otherwise.
 | `lr_range` | `lr_range` | loss under an exponentially growing LR; a suggested range against the recipe's |
 | `data` | `data` | class balance, train/test duplicates, inputs as the model sees them |
 | `distributed` | `dist` | ranks see different samples, start equal, and get the mean of the local gradients |
+| `invariance` | `invariance` | the first steps at world size 1 and N agree; if not, the step, module and cause |
 
 The checks run in fp32 on fresh models seeded like training. `distributed` runs on every
-rank; the others on rank 0 while the rest wait.
+rank; the others on rank 0 while the rest wait. `invariance` runs the recipe itself, twice: it
+is asked for alone (`--only invariance --nproc-per-node N`) and starts its N ranks itself.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable
 import torch
 
 from dtrain import distributed, tracking
+from dtrain.check import invariance
 from dtrain.check.context import VERDICTS, Context, Result
 from dtrain.check.data import check_data
 from dtrain.check.dist import check_distributed
@@ -61,7 +64,7 @@ CHECKS: dict[str, tuple[Check, bool]] = {
     "data": (check_data, False),
     "distributed": (check_distributed, True),
 }
-NAMES = (*CHECKS, "causal")
+NAMES = (*CHECKS, "causal", "invariance")
 
 
 def select(only: str) -> list[str]:
@@ -72,8 +75,21 @@ def select(only: str) -> list[str]:
     unknown = [x for x in asked if x not in NAMES]
     if unknown or not asked:
         raise ConfigError("--only", only, f"names checks, comma-separated, of: {', '.join(NAMES)}")
+    if "invariance" in asked and len(asked) > 1:
+        raise ConfigError("--only", only, "invariance runs the recipe at two world sizes: ask for it alone "
+                          "(--only invariance)")
+    if asked == ["invariance"]:
+        return asked
     wanted = {"batch_independence" if x == "causal" else x for x in asked}
     return [name for name in CHECKS if name in wanted]
+
+
+def select_quietly(only: str) -> list[str]:
+    """`select`, or [] for names it refuses (the caller's validation says why, in one line)."""
+    try:
+        return select(only)
+    except ConfigError:
+        return []
 
 
 def run_one(name: str, ctx: Context) -> list[Result]:
@@ -98,12 +114,32 @@ def run(cfg: Config, device: torch.device, only: str = "") -> int:
     for name in names:
         results += run_one(name, ctx)
         distributed.barrier()  # the other ranks wait for rank 0's local checks here
-    code = 1 if any(r.verdict == "FAIL" for r in results) else 0
     if distributed.is_main():
-        print(report(results), flush=True)
-        write(results, ctx.out_dir)
-        log_to_mlflow(cfg, results, ctx.out_dir)
-    return int(distributed.broadcast_object(code))  # every rank exits alike
+        finish(cfg, results, ctx.out_dir)
+    return int(distributed.broadcast_object(exit_code(results)))  # every rank exits alike
+
+
+def run_invariance(cfg: Config, device: torch.device, recipe: str, overrides: list[str], nproc: int) -> int:
+    """`--only invariance` in this (plain) process: it starts the N-rank run itself."""
+    results, details = invariance.run(cfg, device, recipe, overrides, nproc)
+    out_dir = Path(cfg.output_dir)
+    if details:
+        out_dir.joinpath("check").mkdir(parents=True, exist_ok=True)
+        invariance.plot(details, out_dir / "check" / "invariance.png")
+    finish(cfg, results, out_dir, {"invariance": details} if details else {}, invariance.module_table(details))
+    return exit_code(results)
+
+
+def exit_code(results: list[Result]) -> int:
+    return 1 if any(r.verdict == "FAIL" for r in results) else 0
+
+
+def finish(cfg: Config, results: list[Result], out_dir: Path, extra: dict[str, object] | None = None,
+           notes: str = "") -> None:
+    """Print the report (and `notes`), write check.json, log the MLflow run."""
+    print(report(results) + (f"\n{notes}" if notes else ""), flush=True)
+    write(results, out_dir, extra or {})
+    log_to_mlflow(cfg, results, out_dir)
 
 
 def report(results: list[Result]) -> str:
@@ -118,9 +154,9 @@ def report(results: list[Result]) -> str:
     return "\n".join([line(("check", "verdict", "value", "expected", "detail")), *map(line, rows), summary])
 
 
-def write(results: list[Result], out_dir: Path) -> None:
+def write(results: list[Result], out_dir: Path, extra: dict[str, object]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"checks": [r.as_dict() for r in results]}, indent=2) + "\n"
+    text = json.dumps({"checks": [r.as_dict() for r in results], **extra}, indent=2) + "\n"
     atomic_write(out_dir / "check.json", lambda tmp: tmp.write_text(text))
 
 
