@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from dtrain.config import Config
+from dtrain.tasks import Task
 from dtrain.tasks.cnn import CNNTask
 from dtrain.tasks.transformer import Attention, CharTransformer, TransformerTask
 
@@ -148,3 +150,136 @@ class PixelTokens(CNNTask):
 
     def tokens_per_sample(self) -> int:
         return 64
+
+
+# ------------------------------------------------------------------ world-size invariance
+# Each task below has exactly one reason why 2 ranks x 32 do not train like 1 rank x 64
+# (`dtrain check --only invariance`'s tests); all are small MLPs on the digits.
+
+
+def mlp(classes: int, *middle: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), *middle, nn.ReLU(), nn.Linear(32, classes))
+
+
+class PlainBatchNorm(CNNTask):
+    """BatchNorm that normalises with each rank's part of the batch (run with model.sync_bn=false)."""
+
+    def build_model(self) -> nn.Module:
+        return mlp(self.num_classes, nn.BatchNorm1d(32))
+
+
+class GlobalDropout(CNNTask):
+    """Dropout: its masks come from the global RNG, which dtrain seeds per rank."""
+
+    def build_model(self) -> nn.Module:
+        return mlp(self.num_classes, nn.Dropout(0.3))
+
+
+def noise_from_the_global_rng(sample, generator):
+    """Augmentation that ignores the sample's generator and draws from torch's global RNG."""
+    x, y = sample
+    return x + 0.1 * torch.randn_like(x), y
+
+
+class GlobalAugmentation(CNNTask):
+    def build_model(self) -> nn.Module:
+        return mlp(self.num_classes)
+
+    def augmentation(self):
+        return noise_from_the_global_rng
+
+
+class OwnOrder(torch.utils.data.Dataset):
+    """A dataset that reads in its own order: item i is the next sample, whatever i is."""
+
+    def __init__(self, inner):
+        self.inner, self.next = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.next = (self.next + 1) % len(self.inner)
+        return self.inner[self.next - 1]
+
+
+class IgnoresSamplerIndex(CNNTask):
+    """Every rank reads the same samples: the training set ignores the index the sampler gives."""
+
+    def datasets(self):
+        train, test = super().datasets()
+        return OwnOrder(train), test
+
+    def build_model(self) -> nn.Module:
+        return mlp(self.num_classes)
+
+
+class Counted(nn.Module):
+    """A step counter kept as a buffer, counted on rank 0 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self.calls += 1
+        return x
+
+
+class RankZeroBuffer(CNNTask):
+    def build_model(self) -> nn.Module:
+        return mlp(self.num_classes, Counted())
+
+
+class ScatterSum(nn.Module):
+    """Each pixel summed 16 times (scaled 1..2) into its own bin with index_put_(accumulate=True):
+    per image, so no sample depends on another; but the 16 copies are laid out repeat-major, so
+    CPU threads add into the same bins at once, in an order that changes from run to run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        scale = torch.linspace(1, 2, 16, device=x.device)[:, None, None]
+        values = (x.flatten(1)[None] * scale).flatten() * 1e3
+        bins = torch.arange(n * 64, device=x.device).repeat(16)
+        return torch.zeros(n * 64, device=x.device).index_put_((bins,), values, accumulate=True).view(n, 64)
+
+
+class NondeterministicScatter(CNNTask):
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(ScatterSum(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, self.num_classes))
+
+
+class PaddedTokens(Task):
+    """Sequences of random length padded with ignore_index: the loss is the mean over each rank's
+    valid tokens, and the mean of those means is not the mean over the global batch's tokens."""
+
+    config_class = Config
+
+    def headline_metric(self):
+        return "loss", False
+
+    def datasets(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 16, (512, 12), generator=g)
+        y = torch.roll(x, -1, dims=1)
+        lengths = torch.randint(2, 13, (512, 1), generator=g)
+        y = torch.where(torch.arange(12) < lengths, y, torch.full_like(y, -100))
+        return TensorDataset(x[:448], y[:448]), TensorDataset(x[448:], y[448:])
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Embedding(16, 16), nn.Linear(16, 16))
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+
+    def eval_sums(self, model, batch):
+        x, y = batch
+        return {"loss_sum": F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"),
+                "count": (y != -100).sum()}
+
+    def eval_metrics(self, sums):
+        return {"loss": sums["loss_sum"] / sums["count"]}
