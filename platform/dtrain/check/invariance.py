@@ -47,6 +47,11 @@ def tolerance(cfg: Config, parameters: int) -> float:
     return TOLERANCE_ULPS * EPS32 * math.sqrt(math.log2(max(parameters, 2)))
 
 
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| (L2; inf when the shapes differ)."""
+    return float((a.double() - b.double()).norm()) if a.shape == b.shape else math.inf
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| in L2 norms (inf when the shapes differ; 0 for two zero tensors)."""
     if a.shape != b.shape:
@@ -145,12 +150,19 @@ def compare_calls(ref: Record, ranks: list[Record], tol: float, kinds: dict[str,
 
 def compare_tensors(part: str, ref: dict[str, dict[str, torch.Tensor]], other: dict[str, dict[str, torch.Tensor]],
                     rank: int = 0) -> Finding:
+    """Per model, |a - b| / |b| over all its tensors at once (a tensor whose entries cancel to
+    near zero, e.g. a bias before a normalisation, is judged against the model's scale, not
+    its own), naming the tensor that differs most; the largest over the models."""
     worst = Finding(part, 0.0)
     for model, tensors in ref.items():
-        for name, t in tensors.items():
-            value = rel(other.get(model, {}).get(name, torch.zeros(0)), t)
-            if value > worst.value:
-                worst = Finding(part, value, f"{model.split('#')[0]}.{name}", {"model": model, "rank": rank})
+        theirs = other.get(model, {})
+        diffs = {n: distance(theirs.get(n, torch.zeros(0)), t) for n, t in tensors.items()}
+        norm = math.sqrt(sum(float(t.double().norm()) ** 2 for t in tensors.values()))
+        total = math.sqrt(sum(d * d for d in diffs.values()))
+        value = total / norm if norm > 0 else (0.0 if total == 0 else math.inf)
+        if value > worst.value:
+            name = max(diffs, key=lambda n: diffs[n])
+            worst = Finding(part, value, f"{model.split('#')[0]}.{name}", {"model": model, "rank": rank})
     return worst
 
 

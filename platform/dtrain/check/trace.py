@@ -7,7 +7,7 @@ Per step, on this rank:
 
 - `indices`, `digests`: each sample's dataset index (from the sampler) and content hash;
 - `loss`, `metrics`, `lr`: the step's loss (this rank's), its other metrics, each model's LR;
-- `calls`: every forward of a model (its root module) in the step: the input, and each
+- `calls` (the first step): every forward of a model (its root module): the input, and each
   submodule's output in completion order (children before their parent), with the modules that
   drew from the global random stream while running (`drew`);
 - `grads` (rank 0): each gradient as the optimizer sees it (reduced, before clipping), per
@@ -99,6 +99,9 @@ class Recorder:
     def __init__(self, engines: dict[str, Engine], device: torch.device):
         self.engines, self.device = engines, device
         self.active = False
+        """Record forwards (the first step)."""
+        self.grads_on = False
+        """Record gradients (every step)."""
         self.calls: list[Record] = []
         self.grads: dict[str, dict[str, torch.Tensor]] = {}
         self.kinds: dict[str, str] = {}
@@ -149,7 +152,7 @@ class Recorder:
 
     def _gradients(self, model: str, engine: Engine) -> None:
         grads = engine.full_grads()  # a collective under sharding: every rank calls it
-        if self.active and distributed.is_main():
+        if self.grads_on and distributed.is_main():
             k = sum(key.startswith(f"{model}#") for key in self.grads)
             self.grads[f"{model}#{k}"] = {n: _cpu(g) for n, g in grads.items()}
 
@@ -160,10 +163,13 @@ def record(cfg: Config, device: torch.device, steps: int) -> Record:
     recorder = Recorder(parts.engines, device)
     sampled = list(_steps(parts.loader, parts.micro, parts.per_epoch, steps))
     out: list[Record] = []
-    for keys, batches in sampled:
-        recorder.active, recorder.calls, recorder.grads = True, [], {}
+    for step, (keys, batches) in enumerate(sampled):
+        # Forwards on the first step only: there a difference is where it starts; later, a
+        # module's output also carries what earlier steps' roundings grew into.
+        recorder.active, recorder.calls, recorder.grads = step == 0, [], {}
+        recorder.grads_on = True
         result = parts.task.train_step(parts.engines, [data.move(b, device) for b in batches])
-        recorder.active = False
+        recorder.active = recorder.grads_on = False
         params = {m: {n: _cpu(p) for n, p in e.full_params().items()} for m, e in parts.engines.items()}
         out.append({
             "indices": [_index(k) for k in keys],
