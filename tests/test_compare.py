@@ -52,6 +52,10 @@ def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
     assert linear["within_tolerance"] and abs(linear["gap"]) <= 0.01, v
     assert -none["gap"] > max(0.01, abs(linear["gap"])) and not none["within_tolerance"], v  # a larger gap
     assert not v["ok"] and "does NOT converge like the baseline" in proc.stdout
+    # The run outside the tolerance gets the command that finds where it parts from 1 rank (and only it).
+    assert (f"dtrain check {root / '2x256-none' / 'config.yaml'} --only invariance --nproc-per-node 2 "
+            f"output_dir={root / '2x256-none'}-invariance") in proc.stdout
+    assert "2x256-linear/config.yaml" not in proc.stdout
 
     runs = {r["run_id"]: r for r in report["runs"]}
     assert runs[ids["2x256-linear"]]["scaled_lr"] == pytest.approx(0.2)  # 0.025 x 256 / 32

@@ -44,6 +44,8 @@ class RunInfo:
     final_train_loss: float
     final_metric: float
     start_time_ms: int = 0
+    output_dir: str = ""
+    """Where the run wrote its config.yaml (its `output_dir` param)."""
     time_to_target_s: float | None = None
     curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict, repr=False)
     """metric -> [(samples seen, seconds since start, value)]"""
@@ -84,7 +86,7 @@ def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str], 
             scale_rule=tags.get("dtrain.scale_rule", "?"), steps=steps, samples=steps * gb, wall_time_s=wall,
             samples_per_s=metrics.get("throughput", steps * gb / wall if wall > 0 else math.nan),
             final_train_loss=loss[-1][2] if loss else math.nan, final_metric=evals[-1][2] if evals else math.nan,
-            start_time_ms=run.info.start_time,
+            start_time_ms=run.info.start_time, output_dir=run.data.params.get("output_dir", ""),
             curves={"train/loss": loss, metric: evals}))
     if not out:
         raise CompareError(f"no dtrain runs with metric {metric!r} found"
@@ -117,7 +119,7 @@ def verdict(runs: list[RunInfo], metric: str, tolerance: float, higher_is_better
         worse_by = -gap if higher_is_better else gap
         checks.append({"run_id": r.run_id, "world_size": r.world_size, "global_batch": r.global_batch,
                        "scale_rule": r.scale_rule, "final": r.final_metric, "gap": gap,
-                       "within_tolerance": worse_by <= tolerance})
+                       "within_tolerance": worse_by <= tolerance, "output_dir": r.output_dir})
     return {"metric": metric, "higher_is_better": higher_is_better, "tolerance": tolerance, "target": target,
             "baseline": {"run_id": base.run_id, "world_size": base.world_size, "final": base.final_metric,
                          "chosen_as": f"the newest FINISHED run at the smallest world size ({smallest})"},
@@ -215,4 +217,16 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {c['world_size']} ranks (batch {c['global_batch']}, {c['scale_rule']}): final {c['final']:.4f}, "
                      f"gap {c['gap']:+.4f} -> {'within tolerance' if c['within_tolerance'] else 'OUTSIDE tolerance'}")
     lines.append("verdict: " + ("converges like the baseline" if result["ok"] else "does NOT converge like the baseline"))
-    return lines
+    return lines + invariance_commands(result)
+
+
+def invariance_commands(result: dict[str, Any]) -> list[str]:
+    """For each multi-rank run outside the tolerance, the check that finds the step, module and
+    cause where its recipe parts from 1 rank (its own config.yaml, at its world size)."""
+    found = sorted({(c["world_size"], c["output_dir"]) for c in result["checks"]
+                    if not c["within_tolerance"] and c["world_size"] > 1 and c.get("output_dir")})
+    if not found:
+        return []
+    return ["where the runs part (the first step, module and likely cause, in seconds):"] + [
+        f"  dtrain check {Path(out) / 'config.yaml'} --only invariance --nproc-per-node {world} "
+        f"output_dir={out}-invariance" for world, out in found]

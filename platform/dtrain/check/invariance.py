@@ -83,7 +83,8 @@ def compare_samples(ref: Record, ranks: list[Record]) -> Finding:
     per_rank = [set(r["digests"]) for r in ranks]
     shared = sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
     missing = sum((Counter(ref["digests"]) - union).values())
-    idx_ref, idx_union = Counter(ref["indices"]), Counter(i for r in ranks for i in r["indices"])
+    idx_ref: Counter[int] = Counter(ref["indices"])
+    idx_union: Counter[int] = Counter(i for r in ranks for i in r["indices"])
     stable = all(s for x in [ref, *ranks] for s in x["stable"])
     return Finding("samples", float(missing), extra={"shared": shared, "missing": missing,
                                                      "same_indices": idx_ref == idx_union and -1 not in idx_ref,
@@ -131,13 +132,13 @@ def compare_calls(ref: Record, ranks: list[Record], tol: float, kinds: dict[str,
             return Finding("forward", math.inf, ref_call["model"], {"call": i, "inputs": True})
         rows = []
         for j, (name, ref_out) in enumerate(ref_call["outputs"]):
-            outs = [c[i]["outputs"][j] if j < len(c[i]["outputs"]) else ["", None] for c in calls]
-            if any(o[0] != name for o in outs):
+            if any(j >= len(c[i]["outputs"]) or c[i]["outputs"][j][0] != name for c in calls):
                 break  # control flow differs from here on
+            outs: list[torch.Tensor] = [c[i]["outputs"][j][1] for c in calls]
             if ref_out.dim() == 0 or len(ref_out) != len(ref_call["input"]) or \
-                    any(o[1].shape[:1] != m.shape for o, m in zip(outs, maps)):
+                    any(o.shape[:1] != m.shape for o, m in zip(outs, maps)):
                 continue  # not one row per sample: not comparable row by row
-            value = rel(torch.cat([o[1] for o in outs]), torch.cat([ref_out[m] for m in maps]))
+            value = rel(torch.cat(outs), torch.cat([ref_out[m] for m in maps]))
             drew = name in ref_call["drew"] or any(name in c[i]["drew"] for c in calls)
             rows.append((name, value, kinds.get(name, ""), drew))
         bad = [r for r in rows if r[1] > tol]
@@ -347,12 +348,12 @@ def _headline(first: int, bad: dict[str, Finding], noise: Finding, tol: float, s
     first difference's cause (the non-determinism itself when it is that large)."""
     want = f"relative difference <= {tol:.2g} at every step"
     if not first:
-        worst = max(f.value for p, f in seen.items() if p != "samples")
+        largest = max(f.value for p, f in seen.items() if p != "samples")
         if noise.value:
             cause, fix = diagnose({}, noise)
-            return Result("invariance", "WARN", worst, want, f"the runs agree within the tolerance, but {cause} -> "
+            return Result("invariance", "WARN", largest, want, f"the runs agree within the tolerance, but {cause} -> "
                           f"fix: {fix}. ({setting})")
-        return Result("invariance", "PASS", worst, want, f"the runs agree: {setting}")
+        return Result("invariance", "PASS", largest, want, f"the runs agree: {setting}")
     loud = noise if noise.value > tol else None
     cause, fix = diagnose(bad, loud)
     worst = loud or bad[next(p for p in PARTS if p in bad)]

@@ -180,8 +180,8 @@ def record(cfg: Config, device: torch.device, steps: int) -> Record:
             "params": params if distributed.is_main() else {},
             "buffers": {m: {n: _cpu(b) for n, b in e.module.named_buffers()} for m, e in parts.engines.items()},
         })
-    for step, (keys, _) in zip(out, sampled):
-        step["stable"] = [_rereads_alike(parts.loader, k) for k in keys]
+    for done, (keys, _) in zip(out, sampled):
+        done["stable"] = [_rereads_alike(parts.loader, k) for k in keys]
     return {"world": distributed.world_size(), "rank": distributed.rank(), "engine": cfg.engine,
             "kinds": recorder.kinds, "steps": out,
             "parameters": sum(p.numel() for e in parts.engines.values() for p in e.full_params().values())}
