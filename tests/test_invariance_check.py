@@ -5,6 +5,7 @@ are each named as that reason, at the right step and module. Every run is the re
 
 import json
 
+import mlflow
 import pytest
 
 from helpers import ROOT, run_dtrain
@@ -16,10 +17,10 @@ TABULAR = str(ROOT / "examples" / "tabular" / "recipe.yaml")
 SMALL_LM = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block_size=32"]
 
 
-def invariance(tmp_path, recipe, *overrides, nproc=2, **env):
+def invariance(tmp_path, recipe, *overrides, nproc=2, tracking=False, **env):
     out = tmp_path / "out"
     proc = run_dtrain(["check", recipe, "--only", "invariance", "--nproc-per-node", str(nproc), f"output_dir={out}",
-                       "tracking.enabled=false", *overrides], cwd=tmp_path, **env)
+                       *([] if tracking else ["tracking.enabled=false"]), *overrides], cwd=tmp_path, **env)
     report = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else {}
     results = {c["name"]: c for c in report.get("checks", [])}
     return proc, results, report
@@ -35,7 +36,8 @@ def passes(proc, results):
 
 
 def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
-    proc, results, report = invariance(tmp_path, CNN)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc, results, report = invariance(tmp_path, CNN, f"tracking.uri={uri}", tracking=True)
     passes(proc, results)
     head = results["invariance"]
     assert "3 step(s), 1 rank x 64 vs 2 ranks x 32, ddp, fp32; tolerance" in head["detail"]
@@ -44,6 +46,11 @@ def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
         "samples", "lr", "forward", "loss", "grads", "params", "buffers", "determinism"))}
     assert (tmp_path / "out" / "check" / "invariance.png").stat().st_size > 0
     assert "the runs agree" in proc.stdout and "s (with process start)" in proc.stdout
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits-checks").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["check.invariance"] == "PASS"
+    assert run.data.metrics["check/invariance"] == pytest.approx(head["value"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "check")] == ["check/invariance.png"]
 
 
 @pytest.mark.slow

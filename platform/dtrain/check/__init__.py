@@ -178,7 +178,8 @@ def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
         tracker.log_metrics({f"check/{r.name}": r.value for r in results if r.value is not None}, 0)
         tracker.log_artifact(out_dir / "check.json")
         for path in sorted((out_dir / "check").glob("*")):
-            tracker.log_artifact(path, "check")
+            if path.is_file():  # the plots; not invariance's per-rank records (megabytes, kept on disk)
+                tracker.log_artifact(path, "check")
         status = "FAILED" if failed else "FINISHED"
     finally:
         tracker.finish(status)
