@@ -170,21 +170,21 @@ def record(cfg: Config, device: torch.device, steps: int) -> Record:
         recorder.grads_on = True
         result = parts.task.train_step(parts.engines, [data.move(b, device) for b in batches])
         recorder.active = recorder.grads_on = False
-        params = {m: {n: _cpu(p) for n, p in e.full_params().items()} for m, e in parts.engines.items()}
+        full = {m: e.full_params() for m, e in parts.engines.items()}  # a collective under sharding: every rank
+        params = {m: {n: _cpu(p) for n, p in ps.items()} for m, ps in full.items()} if distributed.is_main() else {}
         out.append({
             "indices": [_index(k) for k in keys],
             "digests": [d for b in batches for d in sample_digests(b)],
             "loss": float(result.loss), "metrics": {k: float(v) for k, v in result.metrics.items()},
             "lr": {m: float(e.lr) for m, e in parts.engines.items()},
             "calls": recorder.calls, "grads": recorder.grads,
-            "params": params if distributed.is_main() else {},
+            "params": params,
             "buffers": {m: {n: _cpu(b) for n, b in e.module.named_buffers()} for m, e in parts.engines.items()},
         })
     for done, (keys, _) in zip(out, sampled):
         done["stable"] = [_rereads_alike(parts.loader, k) for k in keys]
     return {"world": distributed.world_size(), "rank": distributed.rank(), "engine": cfg.engine,
-            "kinds": recorder.kinds, "steps": out,
-            "parameters": sum(p.numel() for e in parts.engines.values() for p in e.full_params().values())}
+            "kinds": recorder.kinds, "steps": out, "parameters": parts.parameters}
 
 
 def _steps(loader: DataLoader[Any], micro: int, per_epoch: int, steps: int) -> Iterator[tuple[list[Any], list[Any]]]:
