@@ -87,9 +87,7 @@ def test_a_planted_cause_is_named_at_its_step_and_module(tmp_path, task):
     if task == "PaddedTokens":  # not an image task: a recipe of its own
         recipe = tmp_path / "tokens.yaml"
         recipe.write_text("task: planted:PaddedTokens\ndata: {global_batch_size: 32}\noptim: {name: adamw, lr: 0.01}\n")
-    # The scatter is non-deterministic only with several threads (the tests' default is one).
-    proc, results, report = invariance(tmp_path, str(recipe), f"task=planted:{task}", *overrides,
-                                       OMP_NUM_THREADS="2" if task == "NondeterministicScatter" else "1")
+    proc, results, report = invariance(tmp_path, str(recipe), f"task=planted:{task}", *overrides)
     head, found = results["invariance"], results[f"invariance/{part}"]
     assert cause in head["detail"] and fix in head["detail"], head["detail"]
     assert where in found["detail"], proc.stdout
