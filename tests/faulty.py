@@ -8,12 +8,17 @@ nothing of this reaches a production run). Named in recipes as `faulty:FaultyTas
     fill_disk   that rank fills the file system of output_dir at that step (real ENOSPC later)
     slow_eval   that rank's evaluations take STEP seconds more (it prints "slow evaluation" first)
     nan         from that step on, every rank's inputs are NaN (RANK unused): non-finite gradients
+    kill        that rank SIGKILLs itself before that step, in a job's first attempt only
+                (TORCHELASTIC_RESTART_COUNT 0), as the OOM killer or a lost node would
+    slow_checkpoint  that rank's checkpoints take 0.1 s more before that step, 0.8 s more from it on;
+                its steps 5 ms more (a step time that does not depend on the machine's load)
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +67,8 @@ class FaultyTask(MLPTask):
 
     def train_step(self, engines, micro_batches):
         self.steps += 1
+        if self.kind == "slow_checkpoint" and self.rank == _rank():
+            time.sleep(0.005)
         if self.kind == "nan" and self.steps >= self.at:
             micro_batches = [(x * float("nan"), y) for x, y in micro_batches]
         if self.rank == _rank() and self.at == self.steps:
@@ -72,7 +79,14 @@ class FaultyTask(MLPTask):
                 raise RuntimeError(f"boom in user code on rank {self.rank} at step {self.steps}")
             if self.kind == "fill_disk":
                 _fill(Path(self.cfg.output_dir) / "filler")
+            if self.kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().train_step(engines, micro_batches)
+
+    def extra_state(self):
+        if self.kind == "slow_checkpoint" and self.rank == _rank():
+            time.sleep(0.1 if self.steps < self.at else 0.8)
+        return super().extra_state()
 
     def eval_sums(self, model, batch):
         self.forwards = getattr(self, "forwards", 0) + 1

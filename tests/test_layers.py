@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom up; the README's Architecture 
                   "dtrain.allocator", "dtrain.profiling", "dtrain.launch"]),
     ("the step", ["dtrain.steps", "dtrain.engines", "dtrain.blocks", "dtrain.tasks"]),
     ("the loop", ["dtrain.trainer", "dtrain.loop_parts", "dtrain.report", "dtrain.resume", "dtrain.ema",
-                  "dtrain.preemption", "dtrain.progress", "dtrain.monitor", "dtrain.trial", "dtrain.check",
+                  "dtrain.preemption", "dtrain.goodput", "dtrain.progress", "dtrain.monitor", "dtrain.trial", "dtrain.check",
                   "dtrain.search", "dtrain.average", "dtrain.sweep", "dtrain.inference"]),
     ("command line", ["dtrain.cli", "dtrain.job", "dtrain.commands", "dtrain.__main__"]),
 ]

@@ -141,6 +141,7 @@ class Pending:
                  error: str):
         self.root, self.step, self.tmp, self.final, self.keep = root, step, tmp, final, keep
         self.futures, self.error = futures, error
+        self.started = time.perf_counter()
 
     def written(self) -> bool:
         """This rank's writes have ended (well or not)."""

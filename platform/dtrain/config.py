@@ -182,8 +182,17 @@ class TrackingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0
-    """Save every N optimizer steps (and always at the end). 0: only at the end."""
+    every_steps: int | Literal["auto"] = 0
+    """Save every N optimizer steps (and always at the end). 0: only at the end. `auto`: the
+    interval that loses the least time to checkpoints and failures (Young/Daly:
+    tau = sqrt(2 x checkpoint time x `mtbf_hours`)), from the checkpoint time measured at a
+    first checkpoint after 5 steps and re-measured at each one after; printed and logged
+    (`checkpoint/every_steps`)."""
+    mtbf_hours: float = 0.0
+    """The job's mean time between failures, for `every_steps: auto`: a node's MTBF divided by
+    the number of nodes (e.g. 6,000 h per 8-GPU node: 1,024 GPUs = 128 nodes -> 47 h). 0:
+    6,000 h per node / this job's nodes (from Llama 3's 419 interruptions in 54 days on 2,048
+    nodes)."""
     keep: int = 2
     """How many of the newest checkpoints to keep."""
     keep_best: bool = False
@@ -375,7 +384,9 @@ class Config:
         _positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
         validate_optim(self.optim, "optim")
         _positive(self.tracking, "tracking", "log_every")
-        _non_negative(self.checkpoint, "checkpoint", "every_steps")
+        if self.checkpoint.every_steps != "auto":
+            _non_negative(self.checkpoint, "checkpoint", "every_steps")
+        _non_negative(self.checkpoint, "checkpoint", "mtbf_hours")
         _positive(self.checkpoint, "checkpoint", "keep")
         _non_negative(self.monitor, "monitor", "every", "vanish_below")
         _positive(self.monitor, "monitor", "explode_above")

@@ -228,6 +228,11 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return t
 
 
+def all_reduce_max_async(t: torch.Tensor, group: Any = None) -> Any:
+    """Start a max all-reduce of `t` in place; returns its work handle (`.wait()`)."""
+    return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True)
+
+
 def side_group() -> Any:
     """The side gloo group (CPU tensors, never a GPU stream), or the default group where
     there is none (a gloo-only test group)."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Sized, cast
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, data, distributed, recipe, tracking
+from dtrain import checkpoint, data, distributed, goodput, recipe, tracking
 from dtrain.config import Config, ConfigError, EarlyStopConfig
 from dtrain.ema import EMA
 from dtrain.engines import evaluation_weights
@@ -26,14 +27,24 @@ from dtrain.trial import Pruned, TrialReporter
 
 
 class Checkpointer:
-    """Knows where checkpoints live and when to write one; every rank calls it alike."""
+    """Knows where checkpoints live and when to write one (every N steps, or under `auto` at
+    Young/Daly's interval from the measured checkpoint time); every rank calls it alike."""
 
     def __init__(self, cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, progress: Progress,
-                 saved: dict[str, Any]):
+                 saved: dict[str, Any], ledger: goodput.Ledger, tracker: tracking.NullTracker):
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.saved = saved
         """What a checkpoint holds beside the trainer's state: the engines (and the EMA)."""
-        self.every, self.keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep
+        every = cfg.checkpoint.every_steps
+        self.every, self.keep = every if isinstance(every, int) else 0, cfg.checkpoint.keep
+        self.ledger, self.tracker = ledger, tracker
+        self.auto: goodput.Interval | None = None
+        if every == "auto":
+            nodes = max(1, distributed.world_size() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            hours = cfg.checkpoint.mtbf_hours or goodput.NODE_MTBF_HOURS / nodes
+            self.auto = goodput.Interval(hours * 3600.0, given=bool(cfg.checkpoint.mtbf_hours))
+        self.last_step = state.step
+        """The step of the last checkpoint this attempt wrote (its first step before one)."""
         self.background = cfg.checkpoint.async_
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
         self.pending: checkpoint.Pending | None = None
@@ -44,13 +55,27 @@ class Checkpointer:
 
     def due(self, total_steps: int) -> bool:
         step = self.state.step
-        return bool(self.every) and step % self.every == 0 and step < total_steps
+        if step >= total_steps:
+            return False
+        if self.auto is not None:
+            return step - self.last_step >= (self.auto.steps or goodput.FIRST_AFTER)
+        return bool(self.every) and step % self.every == 0
+
+    def retune(self, seconds: float, total_steps: int) -> None:
+        """Under `auto`: a checkpoint blocked training `seconds`; set the interval from it."""
+        assert self.auto is not None
+        step_time = self.ledger.step_time()
+        if self.auto.update(seconds, step_time, total_steps):
+            self.progress.write(self.auto.describe(step_time, self.ledger.restart_estimate()))
+        self.tracker.log_metrics({"checkpoint/every_steps": self.auto.steps, "checkpoint/delta_s": self.auto.delta_s,
+                                  "checkpoint/tau_s": self.auto.tau()}, self.state.step)
 
     def save(self, wait: bool = False) -> float:
         """Write one checkpoint of the current state; returns the seconds training waited.
         Under `checkpoint.async` the files are written while training goes on, unless `wait`
         (the last checkpoint of a run, or one before stopping)."""
         t0 = time.perf_counter()
+        self.last_step = self.state.step
         self.finish()  # the previous one is published (or its failure raised) before the next starts
         if self.last_state == repr(asdict(self.state)):  # nothing happened since (the best one's, at the end)
             return time.perf_counter() - t0
@@ -77,6 +102,7 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.finish()
+            self.ledger.written(time.perf_counter() - pending.started)
 
     def settle(self, wait_s: float) -> None:
         """On the way out after an error: a checkpoint still being written is finished and

@@ -4,8 +4,13 @@ Kubernetes (pod deletion, node drain, spot reclaim) sends SIGTERM and SIGKILLs a
 grace period (30 s by default); SLURM sends the signal named by `--signal` (SIGUSR1 in
 dtrain's batch script) before the time limit; torchrun forwards the signals it handles to
 its workers. The handler only records the signal: the loop asks `requested()` after each
-step, the ranks agree (one tiny all-reduce on the side gloo group, so a GPU stream is never
-synchronised for it), and every rank checkpoints after the same step and exits.
+step, the ranks agree, and every rank checkpoints after the same step and exits.
+
+The agreement is one tiny all-reduce on the side gloo group (a GPU stream is never
+synchronised for it), started after step k without waiting and read after step k+1: by
+then it has long completed, so no step waits on the slowest rank for it (a blocking one
+cost 7 % of a 14 ms step with 2 ranks). Every rank reads the same result after the same
+step, so they still stop together, one step after the signal's step.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ _in_step = False
 _holding = False
 _grace_s = 0.0
 _deadline: threading.Timer | None = None
+_agreeing: tuple[object, torch.Tensor] | None = None
+"""The all-reduce of the stop flag started at the last boundary, and its tensor."""
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -122,8 +129,8 @@ def install() -> None:
 def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
     """Inside: a stop signal is only recorded, and acted on after the step (`requested`). A
     rank that has not reached the next boundary `grace_s` after the signal exits (0: waits)."""
-    global _in_loop, _grace_s
-    _in_loop, _grace_s = True, grace_s
+    global _in_loop, _grace_s, _agreeing
+    _in_loop, _grace_s, _agreeing = True, grace_s, None  # none left from an earlier run in this process
     try:
         yield
     finally:
@@ -131,12 +138,35 @@ def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
 
 
 def requested() -> bool:
-    """Collective: True on every rank when any rank has received a stop signal."""
+    """Collective: True on every rank, after the same step, when any rank had received a stop
+    signal by the previous step boundary (on one process: by this one)."""
+    global _agreeing
     _cancel_deadline()  # at a boundary: the checkpoint may take what it takes
-    local = torch.tensor([1 if _received else 0], dtype=torch.int32)
+    if distributed.world_size() == 1:
+        return bool(_received)
+    stop = _agreed()
+    if not stop:
+        local = torch.tensor([1 if _received else 0], dtype=torch.int32)
+        _agreeing = (distributed.all_reduce_max_async(local, group=distributed.side_group()), local)
+    return stop
+
+
+def _agreed() -> bool:
+    """The result of the agreement started at the previous boundary (False if none was)."""
+    global _agreeing
+    if _agreeing is None:
+        return False
+    (work, flag), _agreeing = _agreeing, None
+    work.wait()  # type: ignore[attr-defined]
+    return bool(flag.item())
+
+
+def settle() -> None:
+    """After the loop, on every rank: the agreement still in flight is completed, so the
+    collectives that follow on the side group pair up (its result no longer matters: the
+    run checkpoints at its end anyway)."""
     if distributed.world_size() > 1:
-        distributed.all_reduce_max(local, group=distributed.side_group())
-    return bool(local.item())
+        _agreed()
 
 
 def signal_number() -> int:

@@ -113,16 +113,38 @@ def key_of(attr: str) -> str:
     return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
 
 
+def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    """`X | None`, or e.g. `int | Literal["auto"]`: the first member the value converts to."""
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    for tp in inner[:-1]:
+        try:
+            return convert(value, tp, key)
+        except ConfigError:
+            pass
+    try:
+        return convert(value, inner[-1], key)
+    except ConfigError as e:
+        if len(inner) == 1:
+            raise
+        raise ConfigError(key, value, "must be " + " or ".join(_kind(a) for a in inner)) from e
+
+
+def _kind(tp: Any) -> str:
+    """How a union's member reads in an error line."""
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
 def convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to type `tp`, or raise ConfigError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return convert(value, inner[0], key)
+        return _convert_union(value, args, key)
     if origin is Literal:
         if value in args:
             return value

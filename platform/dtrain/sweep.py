@@ -66,6 +66,6 @@ def sweep_overrides(cfg: Config, n: int, base: int, keep: str) -> list[str]:
     for key, steps in (("train.max_steps", cfg.train.max_steps), ("train.eval_every_steps", cfg.train.eval_every_steps),
                        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                        ("optim.warmup_steps", cfg.optim.warmup_steps)):
-        if steps:
+        if isinstance(steps, int) and steps:  # (checkpoint.every_steps=auto measures its own interval)
             out.append(f"{key}={max(1, round(steps * base / n))}")
     return out

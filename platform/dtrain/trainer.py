@@ -14,14 +14,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sized, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dtrain import checkpoint, data, distributed, preemption, profiling, recipe, redact, report, resume, tracking
+from dtrain import checkpoint, data, distributed, goodput, preemption, profiling, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.errors import WorkFailed
 from dtrain.ema import EMA
@@ -138,12 +138,14 @@ class Outcome:
 
 def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
     """Train `cfg` on this rank (the process group is already up) and say how it ended."""
+    goodput.mark("begin")
     out_dir = Path(cfg.output_dir)
     resume.refuse_to_overwrite(cfg, out_dir / "checkpoints")
     parts = build(cfg, device)
     state = TrainState(world_size=parts.plan.world_size, global_batch=parts.plan.global_batch,
                        grad_accum=parts.plan.accum)
     resumed_from = resume.resume(cfg, parts.task, parts.saved(), state, out_dir / "checkpoints")
+    goodput.mark("loaded")
     check_metric_keys(cfg, parts.task, parts.engines, parts.eval_loader, device)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,7 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
     finally:
         preemption.hold()
         if loop is not None:  # an error or a stop left a background write in flight
+            loop.ledger.write()  # how far this attempt got, for the next one's account
             loop.checkpointer.settle(min(cfg.train.collective_timeout_s, 60.0))
         progress.close()
         tracker.finish(status)
@@ -215,7 +218,12 @@ class Loop:
         self.plan, self.micro, self.per_epoch = parts.plan, parts.micro, parts.per_epoch
         self.total_steps, self.state, self.tracker, self.progress = parts.total_steps, state, tracker, progress
         self.ema, self.parameters = parts.ema, parts.parameters
-        self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved())
+        self.ledger = goodput.Ledger(Path(cfg.output_dir) / goodput.FILE, distributed.is_main())
+        self.ledger.open(continues=bool(cfg.resume), step=state.step)
+        self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved(), self.ledger,
+                                         tracker)
+        if self.checkpointer.auto is not None and self.ledger.delta_estimate():  # measured by the earlier attempts
+            self.checkpointer.retune(self.ledger.delta_estimate(), self.total_steps)
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
         self.stopper = EarlyStopping.of(cfg, self.task, state)
@@ -241,9 +249,20 @@ class Loop:
         return self.stopper is not None and self.stopper.exhausted
 
     def run(self) -> Outcome:
-        state = self.state
         with self.profiler:
             self._train()
+        preemption.settle()
+        outcome = self._end()
+        totals = self.ledger.end(outcome.status)
+        self.tracker.log_metrics(goodput.metrics(totals), self.state.step)
+        self.progress.write(totals.line())
+        if outcome.status == "finished":
+            outcome.summary["goodput"] = {**asdict(totals), "by_attempt": self.ledger.records()}
+        return outcome
+
+    def _end(self) -> Outcome:
+        """After the last step: the final evaluation and checkpoint, and how the run ended."""
+        state = self.state
         if self.preempted_by:
             return Outcome("preempted", state.step, signum=self.preempted_by)
         if self.evaluator.pruned is not None:
@@ -267,7 +286,9 @@ class Loop:
 
     def _evaluate(self) -> None:
         """Evaluate; under early stopping, checkpoint an improvement and mark it `best`."""
-        self.window.pause(self.evaluator.run(self.state))
+        seconds = self.evaluator.run(self.state)
+        self.window.pause(seconds)
+        self.ledger.charge("eval", seconds)
         if self.stopper is not None and self.stopper.improved(self.evaluator.last, self.state.step):
             self.state.best_checkpoint = str((self.checkpointer.root / f"step_{self.state.step:08d}").resolve())
             self._checkpoint("")
@@ -283,9 +304,10 @@ class Loop:
                 with self.monitor.watch(state.step + 1), preemption.step():
                     out = self.task.train_step(self.engines, batches)
                 self._after_step(out)
+                self.ledger.stepped(state.step, self.window.due(state.step, self.total_steps))
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0
                 self.profiler.step()
-                if not self.done() and preemption.requested():  # collective: all ranks stop after one step
+                if not self.done() and preemption.requested():  # collective: all ranks stop after the same step
                     self._checkpoint(f"preempted by signal {preemption.signal_number()} at step {state.step}")
                     self.preempted_by = preemption.signal_number()
                 if self.done():
@@ -333,8 +355,14 @@ class Loop:
             self._checkpoint("", wait=False)
 
     def _checkpoint(self, reason: str, wait: bool = True) -> None:
+        """Write one; `wait=False`: a periodic one (in the background under `checkpoint.async`)."""
         seconds = self.checkpointer.save(wait)
         self.window.pause(seconds)
+        self.ledger.charge("checkpoint", seconds)
+        if not wait and self.checkpointer.auto is not None:
+            self.checkpointer.retune(seconds, self.total_steps)
+        self.ledger.write()
+        self.tracker.log_metrics(goodput.metrics(self.ledger.totals()), self.state.step)
         if reason:
             self.progress.write(f"{reason}: checkpoint written in {seconds:.2f}s to {self.checkpointer.root}; "
                                 f"resume=auto continues from step {self.state.step}")
