@@ -102,13 +102,16 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dtrain-goodput-"))
 
-    # Calibration, no failures: δ, step time and startup from the ledger of a run with checkpoints.
-    calib = run(tmp / "calibrate", "20", 100, args.mtbf, [], 0)["goodput"]
-    (a,) = calib["by_attempt"]
+    # Calibration, no failures: δ, step time and startup from the ledger of a run with checkpoints
+    # (and δ of the same checkpoints written in the background, for the arithmetic at the end).
+    (a,) = run(tmp / "calibrate", "20", 100, args.mtbf, [], 0)["goodput"]["by_attempt"]
+    (b,) = run(tmp / "calibrate-async", "20", 100, args.mtbf, [], 0, ["checkpoint.async=true"])["goodput"]["by_attempt"]
     delta, step = a["checkpoint_s"] / a["checkpoints"], a["step_s"] / a["steps"]
+    delta_async = b["checkpoint_s"] / b["checkpoints"]
     tau = math.sqrt(2 * delta * args.mtbf)
     print(f"calibration: checkpoint {delta:.3f}s, step {step:.3f}s, startup {a['to_first_step_s']:.1f}s; "
-          f"Young/Daly tau = sqrt(2 x {delta:.3f} x {args.mtbf:g}) = {tau:.2f}s = {tau / step:.0f} steps", flush=True)
+          f"Young/Daly tau = sqrt(2 x {delta:.3f} x {args.mtbf:g}) = {tau:.2f}s = {tau / step:.0f} steps; "
+          f"checkpoint.async: {delta_async:.3f}s blocking", flush=True)
 
     rng = random.Random(args.seed)
     kills, t = [], 0.0
@@ -139,6 +142,28 @@ def main() -> None:
         print(f"| {interval} | {n:.0f} steps = {n * step:.1f}s | {kills_} | {g['attempts']} | {g['wall_s']:.1f} | "
               f"{g['productive_s']:.1f} | {g['lost_s']:.1f} | {g['restart_s']:.1f} | {g['downtime_s']:.1f} | "
               f"{g['checkpoint_s']:.1f} | {g['goodput']:.3f} | {model:.3f} |")
+    restarts = [a for _, _, _, g, _ in rows for a in g["by_attempt"][1:]]
+    restart = sum(a["to_first_step_s"] for a in restarts) / max(1, len(restarts))
+    downtime = sum(g["downtime_s"] for _, _, _, g, _ in rows) / max(1, len(restarts))
+    arithmetic(delta, delta_async, restart + downtime)
+
+
+def arithmetic(delta: float, delta_async: float, restart: float) -> None:
+    """Young/Daly at scale with this machine's δ and restart time: a node (8 GPUs) fails every
+    NODE_MTBF_HOURS; the job's MTBF is that over its nodes."""
+    from dtrain.goodput import NODE_MTBF_HOURS, Interval
+
+    print(f"\nAt scale, with these measured costs (checkpoint {delta:.2f}s, async {delta_async:.3f}s blocking; restart "
+          f"{restart:.1f}s) and a node MTBF of {NODE_MTBF_HOURS:g} h:\n")
+    print("| GPUs | job MTBF | checkpoint | restart | tau | expected loss | goodput |")
+    print("|---|---|---|---|---|---|---|")
+    for gpus in (1024, 16384):
+        mtbf_s = NODE_MTBF_HOURS * 3600 / (gpus // 8)
+        for name, d in (("blocking", delta), ("async", delta_async)):
+            for r in (restart, 600.0):
+                i = Interval(mtbf_s, delta_s=d)
+                print(f"| {gpus:,} | {mtbf_s / 3600:.1f} h | {name} {d:.2f}s | {r:.0f}s | {i.tau():.0f}s | "
+                      f"{i.expected_loss(r):.2%} | {1 - i.expected_loss(r):.2%} |")
 
 
 if __name__ == "__main__":

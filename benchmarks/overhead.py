@@ -52,7 +52,7 @@ def plain(nproc: int, steps: int, cwd: Path, same_malloc: bool = False) -> float
 def dtrain(nproc: int, steps: int, cwd: Path, tracking: bool) -> float:
     out_dir = cwd / f"dtrain-{nproc}-{tracking}"
     overrides = [f"train.max_steps={steps}", "data.global_batch_size=64", "data.augment=false", "model.sync_bn=false",
-                 "train.eval_every_steps=1000000", "checkpoint.every_steps=0", f"output_dir={out_dir}",
+                 "train.eval_every_steps=1000000", "checkpoint.every_steps=0", "checkpoint.overwrite=true", f"output_dir={out_dir}",
                  f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{cwd}/mlflow.db",
                  "tracking.experiment=overhead"]
     run(launch(nproc, ["-m", "dtrain", "train", str(ROOT / "recipes" / "cnn_digits.yaml"), *overrides]), cwd)

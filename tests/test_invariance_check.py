@@ -1,7 +1,8 @@
 """`dtrain check --only invariance`: the shipped recipes and the guide's example PASS at 2 (and
 3) ranks under every engine; user tasks with exactly one reason to differ (tests/planted.py)
-are each named as that reason, at the right step and module. Every run is the real command: a
-1-process reference here and N gloo ranks under torchrun."""
+are each named as that reason, at the right step and module. The recipes run the real command
+(a 1-process reference and N gloo ranks under torchrun); the planted tasks are recorded by the
+same functions in two process groups shared by all of them, and compared as the command does."""
 
 import json
 
@@ -80,27 +81,67 @@ PLANTED = {
 }
 
 
-@pytest.mark.parametrize("task", PLANTED)
-def test_a_planted_cause_is_named_at_its_step_and_module(tmp_path, task):
-    overrides, part, where, cause, fix = PLANTED[task]
+def _planted_config(root, task):
+    from dtrain.tasks import load_config
+
     recipe = CNN
     if task == "PaddedTokens":  # not an image task: a recipe of its own
-        recipe = tmp_path / "tokens.yaml"
+        recipe = root / "tokens.yaml"
         recipe.write_text("task: planted:PaddedTokens\ndata: {global_batch_size: 32}\noptim: {name: adamw, lr: 0.01}\n")
-    proc, results, report = invariance(tmp_path, str(recipe), f"task=planted:{task}", *overrides)
+    return load_config(str(recipe), [f"task=planted:{task}", "tracking.enabled=false", f"output_dir={root / task}",
+                                     *PLANTED[task][0]])
+
+
+def _record_planted(rank, world, root):
+    """What `--only invariance` records, for every planted task in this one process group: at
+    world size 1 twice (the reference and its repeat), at world size 2 once per rank."""
+    import torch
+
+    from dtrain.check.trace import for_tracing, record
+
+    for task in PLANTED:
+        cfg = _planted_config(root, task)
+        records = [record(for_tracing(cfg), torch.device("cpu"), cfg.check.steps) for _ in range(3 - world)]
+        torch.save(records, root / f"{task}-world{world}-rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The records of the planted tasks, made in two process groups shared by all (the command's
+    own launch is tested above and below): {task: (config, reference runs, rank runs)}."""
+    import torch
+
+    from helpers import spawn
+
+    root = tmp_path_factory.mktemp("planted")
+    spawn(_record_planted, 1, root)
+    spawn(_record_planted, 2, root)
+    load = lambda name: torch.load(root / name, weights_only=True)  # noqa: E731
+    return {task: (_planted_config(root, task), load(f"{task}-world1-rank0.pt"),
+                   [load(f"{task}-world2-rank{r}.pt")[0] for r in range(2)]) for task in PLANTED}
+
+
+@pytest.mark.parametrize("task", PLANTED)
+def test_a_planted_cause_is_named_at_its_step_and_module(planted, task):
+    from dtrain.check import exit_code, invariance as check_invariance
+
+    overrides, part, where, cause, fix = PLANTED[task]
+    cfg, ref, ranks = planted[task]
+    found_results, details = check_invariance.compare(cfg, ref, ranks, 2, "")
+    results = {r.name: r for r in found_results}
     head, found = results["invariance"], results[f"invariance/{part}"]
-    assert cause in head["detail"] and fix in head["detail"], head["detail"]
-    assert where in found["detail"], proc.stdout
+    assert cause in head.detail and fix in head.detail, head.detail
+    assert where in found.detail, found.detail
     if part == "determinism":  # rounding-level differences between two identical runs: a warning
-        assert proc.returncode == 0 and head["verdict"] == found["verdict"] == "WARN", proc.stdout
-        assert "agree within the tolerance" in head["detail"] and "at step 1" in found["detail"]
+        assert exit_code(found_results) == 0 and head.verdict == found.verdict == "WARN", head.detail
+        assert "agree within the tolerance" in head.detail and "at step 1" in found.detail
         return
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert head["verdict"] == found["verdict"] == "FAIL" and "first difference at step 1" in head["detail"], proc.stdout
+    assert exit_code(found_results) == 1
+    assert head.verdict == found.verdict == "FAIL" and "first difference at step 1" in head.detail, head.detail
     earlier = ("samples", "lr", "forward", "loss", "grads", "params", "buffers")
     for before in earlier[:earlier.index(part)] if part in earlier else ():
-        assert results[f"invariance/{before}"]["verdict"] == "PASS", (before, proc.stdout)
-    assert report["invariance"]["first_step"] == 1
+        assert results[f"invariance/{before}"].verdict == "PASS", (before, head.detail)
+    assert details["first_step"] == 1
 
 
 def test_the_module_table_starts_where_the_difference_starts(tmp_path):

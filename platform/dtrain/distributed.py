@@ -228,9 +228,35 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return t
 
 
-def all_reduce_max_async(t: torch.Tensor, group: Any = None) -> Any:
-    """Start a max all-reduce of `t` in place; returns its work handle (`.wait()`)."""
-    return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True)
+class LaggedAny:
+    """Whether a flag is set on any rank, asked at one step boundary and answered at the next:
+    `start(flag)` launches the all-reduce on the side group without waiting, `read()` (at the
+    next boundary, on every rank alike) waits for it, long done by then, and says. So no step
+    waits on the slowest rank for a question that is almost always "no". One process: no lag."""
+
+    def __init__(self) -> None:
+        self._work: tuple[Any, torch.Tensor] | None = None
+        self._local: bool | None = None
+
+    def start(self, flag: bool) -> None:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            self._local = flag
+            return
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        self._work = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=side_group(), async_op=True), t)
+
+    def read(self) -> bool | None:
+        """The answer to the last `start` (None: none asked since the last read)."""
+        local, self._local = self._local, None
+        if self._work is None:
+            return local
+        (work, t), self._work = self._work, None
+        work.wait()
+        return bool(t.item())
+
+    def drain(self) -> None:
+        """Every rank alike: complete what is in flight and forget its answer."""
+        self.read()
 
 
 def side_group() -> Any:

@@ -48,6 +48,8 @@ class Checkpointer:
         self.background = cfg.checkpoint.async_
         self.task, self.engines, self.state, self.progress = task, engines, state, progress
         self.pending: checkpoint.Pending | None = None
+        self.unfinished = distributed.LaggedAny()
+        """Whether any rank's background write is still going, asked at one step, read at the next."""
         self.recipe = {k: str(v) for k, v in recipe.flatten(recipe.to_dict(cfg)).items()}
         """The recipe as strings (weights_only-loadable), for what a resume may not change."""
         self.last_state = ""
@@ -91,15 +93,22 @@ class Checkpointer:
         return time.perf_counter() - t0
 
     def poll(self) -> None:
-        """After each step: publish a checkpoint written in the background as soon as every
-        rank's writes have ended (one small all-reduce per step while one is in flight), so
-        `latest` moves promptly and a failed write is reported at the next step."""
-        if self.pending is not None and distributed.agree(self.pending.written()):
+        """After each step: publish a checkpoint written in the background soon after every
+        rank's writes have ended, so `latest` moves promptly and a failed write is reported
+        within steps. The ranks agree without waiting: asked after one step, answered after
+        the next (`LaggedAny`)."""
+        if self.pending is None:
+            return
+        unfinished = self.unfinished.read()
+        if unfinished is False:
             self.finish()
+        else:
+            self.unfinished.start(not self.pending.written())
 
     def finish(self) -> None:
         """Publish the checkpoint being written, once every rank's files are on disk."""
         pending, self.pending = self.pending, None
+        self.unfinished.drain()  # a question about this checkpoint must not answer for the next
         if pending is not None:
             pending.finish()
             self.ledger.written(time.perf_counter() - pending.started)

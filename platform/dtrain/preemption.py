@@ -3,14 +3,16 @@
 Kubernetes (pod deletion, node drain, spot reclaim) sends SIGTERM and SIGKILLs after the
 grace period (30 s by default); SLURM sends the signal named by `--signal` (SIGUSR1 in
 dtrain's batch script) before the time limit; torchrun forwards the signals it handles to
-its workers. The handler only records the signal: the loop asks `requested()` after each
+its workers. The handler only records the signal: the loop asks `requested(step)` after a
 step, the ranks agree, and every rank checkpoints after the same step and exits.
 
 The agreement is one tiny all-reduce on the side gloo group (a GPU stream is never
-synchronised for it), started after step k without waiting and read after step k+1: by
-then it has long completed, so no step waits on the slowest rank for it (a blocking one
-cost 7 % of a 14 ms step with 2 ranks). Every rank reads the same result after the same
-step, so they still stop together, one step after the signal's step.
+synchronised for it), started at one boundary without waiting and read at the next: by then
+it has long completed, so no step waits on the slowest rank for it (a blocking one cost 7 %
+of a 14 ms step with 2 ranks). Even starting one costs ~0.3 ms, so after the first steps the
+ranks ask only every k steps, k set once from rank 0's step time (`pace`: about every
+`POLL_S`). Every rank reads the same result after the same step, so they still stop
+together, at most ~2 x `POLL_S` after the signal.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import sys
 import threading
 from typing import Iterator
 
-import torch
-
 from dtrain import distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -34,8 +34,12 @@ _in_step = False
 _holding = False
 _grace_s = 0.0
 _deadline: threading.Timer | None = None
-_agreeing: tuple[object, torch.Tensor] | None = None
-"""The all-reduce of the stop flag started at the last boundary, and its tensor."""
+_agreeing = distributed.LaggedAny()
+"""The stop flag's agreement, started at one boundary and read at the next."""
+POLL_S = 0.1
+"""About how often (seconds) the ranks ask one another whether a stop signal came."""
+_every = 1
+"""Ask at the boundaries of steps that are multiples of this (`pace`)."""
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -129,44 +133,41 @@ def install() -> None:
 def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
     """Inside: a stop signal is only recorded, and acted on after the step (`requested`). A
     rank that has not reached the next boundary `grace_s` after the signal exits (0: waits)."""
-    global _in_loop, _grace_s, _agreeing
-    _in_loop, _grace_s, _agreeing = True, grace_s, None  # none left from an earlier run in this process
+    global _in_loop, _grace_s, _agreeing, _every
+    _in_loop, _grace_s, _agreeing, _every = True, grace_s, distributed.LaggedAny(), 1  # none left from an earlier run
     try:
         yield
     finally:
         _in_loop = False
 
 
-def requested() -> bool:
+def pace(step_time_s: float) -> None:
+    """Collective, once the step time is known: from now on ask every k steps, k from rank 0's
+    step time so that the ranks ask about every `POLL_S` (every rank must use the same k)."""
+    global _every
+    k = max(1, min(1000, int(POLL_S / step_time_s))) if step_time_s > 0 else 1
+    _every = int(distributed.broadcast_object(k))
+
+
+def requested(step: int) -> bool:
     """Collective: True on every rank, after the same step, when any rank had received a stop
-    signal by the previous step boundary (on one process: by this one)."""
-    global _agreeing
+    signal by the previous time they asked (on one process: by this step's end)."""
     _cancel_deadline()  # at a boundary: the checkpoint may take what it takes
     if distributed.world_size() == 1:
         return bool(_received)
-    stop = _agreed()
-    if not stop:
-        local = torch.tensor([1 if _received else 0], dtype=torch.int32)
-        _agreeing = (distributed.all_reduce_max_async(local, group=distributed.side_group()), local)
-    return stop
-
-
-def _agreed() -> bool:
-    """The result of the agreement started at the previous boundary (False if none was)."""
-    global _agreeing
-    if _agreeing is None:
+    if step % _every:
         return False
-    (work, flag), _agreeing = _agreeing, None
-    work.wait()  # type: ignore[attr-defined]
-    return bool(flag.item())
+    stop = bool(_agreeing.read())
+    if not stop:
+        _agreeing.start(bool(_received))
+    return stop
 
 
 def settle() -> None:
     """After the loop, on every rank: the agreement still in flight is completed, so the
-    collectives that follow on the side group pair up (its result no longer matters: the
+    collectives that follow on the side group pair up (its answer no longer matters: the
     run checkpoints at its end anyway)."""
-    if distributed.world_size() > 1:
-        _agreed()
+    _agreeing.drain()
 
 
 def signal_number() -> int:

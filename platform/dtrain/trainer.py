@@ -307,7 +307,7 @@ class Loop:
                 self.ledger.stepped(state.step, self.window.due(state.step, self.total_steps))
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0
                 self.profiler.step()
-                if not self.done() and preemption.requested():  # collective: all ranks stop after the same step
+                if not self.done() and preemption.requested(state.step):  # collective: all ranks stop after the same step
                     self._checkpoint(f"preempted by signal {preemption.signal_number()} at step {state.step}")
                     self.preempted_by = preemption.signal_number()
                 if self.done():
@@ -348,6 +348,7 @@ class Loop:
         if state.step == self.steady_from:
             self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
             self.steady_samples = state.samples_seen
+            preemption.pace(self.ledger.step_time())  # collective, once
         if self.evaluator.due_after_step(state.step):
             self._evaluate()
         self.checkpointer.poll()
