@@ -2,7 +2,7 @@
 its workers SIGKILLed at times drawn from an exponential distribution (a seeded mean time
 between failures), run with fixed checkpoint intervals and with `checkpoint.every_steps=auto`.
 
-    python benchmarks/goodput.py [--mtbf 30] [--steps 600] [--factors 0.25,1,4] [--seed 0]
+    python benchmarks/goodput.py [--mtbf 30] [--steps 300] [--factors 0.25,1,4] [--seed 0]
 
 Every run meets the same failure times (common random numbers: the k-th SIGKILL comes at the
 same second of every run's wall clock), so the runs differ only in their interval. A first,
@@ -96,7 +96,7 @@ def predict(g: dict, steps: int, n: float, delta: float, step: float, restart: f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mtbf", type=float, default=30.0, help="mean seconds between SIGKILLs")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--factors", default="0.25,1,4", help="fixed intervals as multiples of Young/Daly's tau")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -66,14 +66,16 @@ def test_auto_sets_the_interval_from_the_measured_checkpoint_time_and_follows_it
     for delta, tau in ((delta1, tau1), (delta2, tau2)):
         assert tau == pytest.approx(math.sqrt(2 * delta * 0.72), abs=0.06)  # MTBF 0.0002 h = 0.72 s
     assert later > 1.4 * first, proc.stdout
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["goodput"]["checkpoint_s"] > 0.1 * summary["goodput"]["attempts"]
+    g = json.loads((tmp_path / "out" / "summary.json").read_text())["goodput"]
+    assert g["checkpoint_s"] >= 0.1 * g["by_attempt"][0]["checkpoints"]  # every one waited for the planted time
 
 
 @pytest.mark.slow
 def test_the_parts_add_up_over_a_sigkill_restart_and_count_the_redone_steps(tmp_path):
     uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
-    overrides = [*FAULTY, "model.fault=kill:1:29", "train.max_steps=40", "checkpoint.every_steps=20",
+    # Under FSDP2 with checkpoints written in the background: δ is the copy, the account the same.
+    overrides = [*FAULTY, "engine=fsdp", "checkpoint.async=true", "model.fault=kill:1:29", "train.max_steps=40",
+                 "checkpoint.every_steps=20",
                  "train.eval_every_steps=15", "tracking.log_every=1", "resume=auto", f"tracking.uri={uri}",
                  "tracking.experiment=goodput", f"output_dir={out}"]
     proc = subprocess.run(torchrun_cmd(2, RECIPE, overrides, max_restarts=1), cwd=tmp_path,
@@ -87,6 +89,7 @@ def test_the_parts_add_up_over_a_sigkill_restart_and_count_the_redone_steps(tmp_
     assert g["lost_s"] == pytest.approx(g["lost_steps"] * first["step_s"] / first["steps"])
     assert second["first_step"] == 20 and second["to_group_s"] < second["to_loaded_s"] < second["to_first_step_s"]
     assert g["restart_s"] == second["to_first_step_s"] > 0 and g["downtime_s"] > 0 and g["eval_s"] > 0
+    assert g["checkpoint_write_s"] > 0 and second["checkpoints"] >= 1
     assert all(g[p] >= 0 for p in PARTS), g
     assert sum(g[p] for p in PARTS) == pytest.approx(g["wall_s"], rel=1e-6)
     assert g["other_s"] < 0.05 * g["wall_s"], g  # the named parts account for the time

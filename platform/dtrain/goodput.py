@@ -186,8 +186,8 @@ class Ledger:
         the step's metrics (`logged`) and at least every `BEAT_S`, so a killed attempt's last
         record is at most a log interval old."""
         now = time.perf_counter()
-        if self.now.to_first_step_s == 0.0:
-            self.now.to_first_step_s = time.time() - self.now.started
+        if self.now.to_first_step_s == 0.0:  # (a checkpoint or evaluation after it is charged as such)
+            self.now.to_first_step_s = time.time() - self.now.started - self._charged
         else:
             self.now.step_s += now - self._lap - self._charged
             self.now.steps += 1
