@@ -243,14 +243,16 @@ def small_disk(tmp_path):
 @pytest.mark.parametrize("write", ["sync", "async"])
 @pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk, tmp_path, write):
-    """Rank 0 fills the disk at step 6; the step-8 checkpoint fails on a real ENOSPC. Written
+    """Rank 0 fills the disk at step 7; the step-8 checkpoint fails on a real ENOSPC. Written
     asynchronously, the failure comes out of the writer thread when the next checkpoint (the
-    last, at step 12) waits for it: the same line, the same state on disk."""
+    last, at step 12) waits for it: the same line, the same state on disk. (Step 7: a
+    background checkpoint is published after the step its ranks agreed it was written, the
+    step-4 one after step 6.)"""
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # the tracking store is on another disk
     out = small_disk / "out"
     args = ["train", RECIPE, *FAULTY, "train.max_steps=12", "checkpoint.every_steps=4", f"tracking.uri={uri}",
             "tracking.experiment=full", f"output_dir={out}", f"checkpoint.async={write == 'async'}"]
-    proc = run_dtrain([*args, "model.fault=fill_disk:0:6"], cwd=tmp_path, nproc=2, timeout=240)
+    proc = run_dtrain([*args, "model.fault=fill_disk:0:7"], cwd=tmp_path, nproc=2, timeout=240)
     assert proc.returncode == 1
     line = one_line(proc)
     assert line.startswith("dtrain: error: checkpoint at step 8 not written: ") and "No space left on device" in line

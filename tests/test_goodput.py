@@ -55,10 +55,15 @@ def _auto_lines(stdout: str) -> list[tuple[int, float, float]]:
 
 @pytest.mark.slow
 def test_auto_sets_the_interval_from_the_measured_checkpoint_time_and_follows_it(tmp_path):
-    # Checkpoints take 0.1 s more until step 60, 0.8 s more after: the interval must grow.
-    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "model.fault=slow_checkpoint:0:60", "tracking.enabled=false",
+    # Rank 0's checkpoints take 0.1 s more until step 60, 0.8 s more after: the interval must
+    # grow. Written in the background, rank 1's checkpoints block it for none of that: were the
+    # interval its own, the ranks would checkpoint at different steps and hang (the timeout
+    # turns that into a failure here).
+    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "model.fault=slow_checkpoint:0:60", "checkpoint.async=true",
+                             "tracking.enabled=false",
                              "train.max_steps=400", "train.eval_every_steps=0", "checkpoint.every_steps=auto",
-                             "checkpoint.mtbf_hours=0.0002", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+                             "checkpoint.mtbf_hours=0.0002", "train.collective_timeout_s=20",
+                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=180))
     lines = _auto_lines(proc.stdout)
     assert len(lines) >= 2, proc.stdout
     (first, delta1, tau1), (later, delta2, tau2) = lines[0], lines[-1]

@@ -62,7 +62,7 @@ def test_off_logs_nothing(tmp_path):
 def test_sharded_engines_report_whole_weights(tmp_path):
     """Under ZeRO-3 every rank holds a shard: the monitor gathers whole gradients and weights."""
     proc, metrics, _ = monitored(tmp_path, "monitor.every=10", "engine=deepspeed", "deepspeed.zero_stage=3",
-                                 nproc=2)
+                                 "train.max_steps=10", "model.sync_bn=false", nproc=2)
     check(proc)
     assert metrics["monitor/grad_norm/fc.weight"] > 0
     assert 1e-6 < metrics["monitor/update_ratio/fc.weight"] < 1e-1

@@ -64,9 +64,11 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0
 
     def retune(self, seconds: float, total_steps: int) -> None:
-        """Under `auto`: a checkpoint blocked training `seconds`; set the interval from it."""
+        """Under `auto`: a checkpoint blocked training `seconds`; set the interval from it.
+        Collective: every rank takes rank 0's measurements, so all checkpoint at the same steps
+        (intervals from each rank's own clock would differ, and the ranks hang apart)."""
         assert self.auto is not None
-        step_time = self.ledger.step_time()
+        seconds, step_time = distributed.broadcast_object((seconds, self.ledger.step_time()))
         if self.auto.update(seconds, step_time, total_steps):
             self.progress.write(self.auto.describe(step_time, self.ledger.restart_estimate()))
         self.tracker.log_metrics({"checkpoint/every_steps": self.auto.steps, "checkpoint/delta_s": self.auto.delta_s,

@@ -222,8 +222,8 @@ class Loop:
         self.ledger.open(continues=bool(cfg.resume), step=state.step)
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved(), self.ledger,
                                          tracker)
-        if self.checkpointer.auto is not None and self.ledger.delta_estimate():  # measured by the earlier attempts
-            self.checkpointer.retune(self.ledger.delta_estimate(), self.total_steps)
+        if self.checkpointer.auto is not None and distributed.broadcast_object(self.ledger.delta_estimate()):
+            self.checkpointer.retune(self.ledger.delta_estimate(), self.total_steps)  # the earlier attempts' δ
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
         self.stopper = EarlyStopping.of(cfg, self.task, state)
