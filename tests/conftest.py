@@ -19,6 +19,16 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The longest module fixtures and tests, started first: under `-n 2` the suite's last minutes
+# are then short tests on both workers, not one 4-minute fixture on one while the other idles.
+LONGEST_FIRST = ("test_matrix.py", "test_compare.py", "test_first_hour.py", "test_search.py", "test_launchers.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest as collected
+
+
 @pytest.fixture(autouse=True)
 def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test sees, and leaves, the same environment; no test may write to a tracking
