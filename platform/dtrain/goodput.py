@@ -209,26 +209,26 @@ class Ledger:
         """A checkpoint's files are all on disk, `seconds` after it began."""
         self.now.checkpoint_write_s += seconds
 
-    def write(self) -> None:
-        """The ledger as of now, to `goodput.json` (rank 0)."""
+    def write(self) -> Totals:
+        """The ledger as of now, to `goodput.json` (rank 0); returns the totals written."""
         self._written = time.perf_counter()
+        totals = self.totals()
         if not self.writes:
-            return
+            return totals
         self.now.seen = time.time()
-        text = json.dumps({"attempts": self.records(),
-                           "totals": asdict(self.totals())}, indent=1) + "\n"
+        text = json.dumps({"attempts": self.records(), "totals": asdict(totals)}, indent=1) + "\n"
         try:
             atomic_write(self.path, lambda tmp: tmp.write_text(text))
         except OSError:
             pass  # an account, not the run's state: a full disk is reported by the checkpoint itself
+        return totals
 
     def records(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in [*self.attempts, self.now]]
 
     def end(self, how: str) -> Totals:
         self.now.ended = how
-        self.write()
-        return self.totals()
+        return self.write()
 
     def totals(self) -> Totals:
         everyone = [*self.attempts, self.now]

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,8 +39,7 @@ class Checkpointer:
         self.ledger, self.tracker = ledger, tracker
         self.auto: goodput.Interval | None = None
         if every == "auto":
-            nodes = max(1, distributed.world_size() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-            hours = cfg.checkpoint.mtbf_hours or goodput.NODE_MTBF_HOURS / nodes
+            hours = cfg.checkpoint.mtbf_hours or goodput.NODE_MTBF_HOURS / distributed.read_env().num_nodes
             self.auto = goodput.Interval(hours * 3600.0, given=bool(cfg.checkpoint.mtbf_hours))
         self.last_step = state.step
         """The step of the last checkpoint this attempt wrote (its first step before one)."""
@@ -69,6 +67,8 @@ class Checkpointer:
         (intervals from each rank's own clock would differ, and the ranks hang apart)."""
         assert self.auto is not None
         seconds, step_time = distributed.broadcast_object((seconds, self.ledger.step_time()))
+        if not seconds:  # nothing measured yet (a first attempt): the first checkpoint measures it
+            return
         if self.auto.update(seconds, step_time, total_steps):
             self.progress.write(self.auto.describe(step_time, self.ledger.restart_estimate()))
         self.tracker.log_metrics({"checkpoint/every_steps": self.auto.steps, "checkpoint/delta_s": self.auto.delta_s,

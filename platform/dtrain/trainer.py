@@ -222,8 +222,8 @@ class Loop:
         self.ledger.open(continues=bool(cfg.resume), step=state.step)
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved(), self.ledger,
                                          tracker)
-        if self.checkpointer.auto is not None and distributed.broadcast_object(self.ledger.delta_estimate()):
-            self.checkpointer.retune(self.ledger.delta_estimate(), self.total_steps)  # the earlier attempts' δ
+        if self.checkpointer.auto is not None:  # from the δ the earlier attempts measured, if any
+            self.checkpointer.retune(self.ledger.delta_estimate(), self.total_steps)
         self.evaluator = Evaluator(cfg, self.task, self.engines, parts.eval_loader, device, tracker, progress, self.ema)
         self.window = MetricsWindow(cfg.tracking.log_every)
         self.stopper = EarlyStopping.of(cfg, self.task, state)
@@ -362,8 +362,7 @@ class Loop:
         self.ledger.charge("checkpoint", seconds)
         if not wait and self.checkpointer.auto is not None:
             self.checkpointer.retune(seconds, self.total_steps)
-        self.ledger.write()
-        self.tracker.log_metrics(goodput.metrics(self.ledger.totals()), self.state.step)
+        self.tracker.log_metrics(goodput.metrics(self.ledger.write()), self.state.step)
         if reason:
             self.progress.write(f"{reason}: checkpoint written in {seconds:.2f}s to {self.checkpointer.root}; "
                                 f"resume=auto continues from step {self.state.step}")
