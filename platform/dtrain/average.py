@@ -54,15 +54,15 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
     if bn_batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed))
-        torch.optim.swa_utils.update_bn(_first(loader, bn_batches), model)
+        torch.optim.swa_utils.update_bn(first_batches(loader, bn_batches), model)
     if output.suffix == ".safetensors":
         safeload.save_weights(model.state_dict(), output)
     else:
         checkpoint.atomic_save(model.state_dict(), output)
-    return cfg, _evaluate(task, model, eval_ds, cfg.data.eval_batch_size)
+    return cfg, evaluate_model(task, model, eval_ds, cfg.data.eval_batch_size)
 
 
-def _first(loader: DataLoader[Any], n: int) -> list[Any]:
+def first_batches(loader: DataLoader[Any], n: int) -> list[Any]:
     batches: list[Any] = []
     for batch in loader:
         if len(batches) == n:
@@ -72,7 +72,7 @@ def _first(loader: DataLoader[Any], n: int) -> list[Any]:
 
 
 @torch.no_grad()
-def _evaluate(task: Task, model: nn.Module, eval_ds: Any, batch_size: int) -> dict[str, float]:
+def evaluate_model(task: Task, model: nn.Module, eval_ds: Any, batch_size: int) -> dict[str, float]:
     """The task's eval metrics of `model` in this process (sums over the whole set)."""
     eval_sums, eval_metrics = getattr(task, "eval_sums", None), getattr(task, "eval_metrics", None)
     if eval_sums is None or eval_metrics is None:

@@ -106,6 +106,45 @@ def average_command(args: argparse.Namespace) -> None:
           + (" | eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) if metrics else ""))
 
 
+def _floats(key: str, text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(key, text, "must be comma-separated numbers") from None
+
+
+def soup_command(args: argparse.Namespace) -> None:
+    """Combine runs by their weights (uniform, greedy or weighted soup) into a run folder."""
+    from dtrain import soup
+
+    out = soup.soup(args.runs, args.method, Path(args.output), args.bn_batches, _floats("--weights", args.weights),
+                    args.trust)
+    m = out["metric"]
+    parts = ", ".join(f"{Path(i['run']).name} {i[m]:.4g} (x{i['weight']:.2f})" for i in out["ingredients"])
+    print(f"soup ({args.method}): {m} {out['soup'][m]:.4g} from {parts} -> {args.output}")
+
+
+def interpolate_command(args: argparse.Namespace) -> None:
+    """The held-out metric along the line between two runs' weights."""
+    from dtrain import soup
+
+    alphas = _floats("--alphas", args.alphas)
+    if len(alphas) < 2 or alphas != sorted(alphas):
+        raise ConfigError("--alphas", args.alphas, "two or more increasing values (0: A, 1: B)")
+    out = soup.interpolate(args.a, args.b, alphas, Path(args.output), args.bn_batches, args.trust)
+    m = out["metric"]
+    curve = " ".join(f"{p['alpha']:g}:{p[m]:.4g}" for p in out["points"])
+    print(f"interpolate {m}: {curve} | barrier {out['barrier']:.4g} -> {args.output}/interpolation.png")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """A run's held-out metrics, the recipe changed by overrides."""
+    from dtrain import soup
+
+    metrics = soup.evaluate(args.run, args.overrides, args.trust)
+    print(f"evaluate {args.run}" + "".join(f" {k}={v:.6g}" for k, v in metrics.items()))
+
+
 def prepare_text_command(args: argparse.Namespace) -> None:
     """Encode text files into a token folder for `data.tokens` (streamed: any size)."""
     try:

@@ -321,6 +321,56 @@ class EMAConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""
+    """The model to learn from: a finished run's output_dir (its own architecture and task, read
+    from its config.yaml) or a weights file (model.safetensors / model.pt) of the student's
+    architecture. Empty: no distillation."""
+    temperature: float = 4.0
+    """Both models' logits are divided by this before the softmax (Hinton et al. 2015)."""
+    alpha: float = 0.9
+    """loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss (T^2 keeps the soft
+    term's gradients at the hard term's scale as T changes)."""
+    kind: Literal["logits", "features"] = "logits"
+    """logits: match the output distributions (per token for a sequence model); features: match
+    the outputs of the modules `distill.layers` names (mean squared error)."""
+    layers: list[str] = field(default_factory=list)
+    """kind=features: `student.module=teacher.module` pairs, e.g. `layers.3=layers.3`."""
+
+
+@dataclass
+class EWCConfig:
+    from_: str = ""
+    """Elastic Weight Consolidation: a finished run's output_dir whose task must not be forgotten.
+    Its weights are the anchor (and the start, unless model.init_from says otherwise); its
+    diagonal Fisher information is estimated on its own training data at the start of this run.
+    Empty: off."""
+    lambda_: float = 10.0
+    """Penalty weight: loss += lambda / 2 * sum_i F_i (theta_i - theta*_i)^2."""
+    samples: int = 512
+    """Samples of the old task's training data the Fisher is averaged over (shared out over the ranks)."""
+
+
+@dataclass
+class PruneConfig:
+    amount: float = 0.0
+    """Fraction of the prunable weights (every Conv and Linear weight) set to zero and kept there.
+    0: off."""
+    kind: Literal["magnitude", "structured"] = "magnitude"
+    """magnitude: the smallest |w| over all prunable weights (one global threshold);
+    structured: whole output channels of each layer, smallest L2 norm first."""
+    schedule: Literal["once", "gradual"] = "once"
+    """once: all at `prune.start_step`; gradual: from start_step to end_step every
+    every_steps, on Zhu & Gupta's cubic curve s_t = amount * (1 - (1 - t)^3)."""
+    start_step: int = 0
+    """The step after which pruning starts (0: before the first step, e.g. a model.init_from model)."""
+    end_step: int = 0
+    """gradual: the step at which the sparsity reaches `amount` (0: half way through the run)."""
+    every_steps: int = 10
+    """gradual: steps between two pruning rounds."""
+
+
+@dataclass
 class FSDPConfig:
     reshard_after_forward: bool = True
     """Free each block's gathered parameters after its forward and gather them again for
@@ -370,6 +420,9 @@ class Config:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def validate(self) -> None:
         """Range checks that types alone do not express. Raises ConfigError."""
@@ -399,8 +452,33 @@ class Config:
         _non_negative(self.ema, "ema", "base_batch_size")
         _positive(self.early_stop, "early_stop", "patience")
         _non_negative(self.early_stop, "early_stop", "min_delta")
+        self._validate_combining()
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")
+
+    def _validate_combining(self) -> None:
+        """The sections that train from other models (distill, ewc) or prune this one."""
+        d, e, p = self.distill, self.ewc, self.prune
+        for key, where in (("distill.teacher", d.teacher), ("ewc.from", e.from_)):
+            if where and not Path(where).exists():
+                raise ConfigError(key, where, "no such run folder or weights file")
+        _check("distill.temperature", d.temperature, d.temperature > 0, "must be > 0")
+        _check("distill.alpha", d.alpha, 0 < d.alpha <= 1, "must be in (0, 1]")
+        _check("distill.layers", d.layers, d.kind == "logits" or (bool(d.layers) and all(
+            x.count("=") == 1 and all(x.split("=")) for x in d.layers)), "needs `student.module=teacher.module` pairs "
+               "with distill.kind=features")
+        _check("ewc.lambda", e.lambda_, e.lambda_ >= 0, "must be >= 0")
+        _positive(e, "ewc", "samples")
+        _check("prune.amount", p.amount, 0 <= p.amount < 1, "must be in [0, 1) (0: off)")
+        _non_negative(p, "prune", "start_step", "end_step")
+        _positive(p, "prune", "every_steps")
+        _check("prune.end_step", p.end_step, p.schedule == "once" or p.end_step == 0 or p.end_step > p.start_step,
+               f"must be after prune.start_step ({p.start_step})")
+        used = [(k, v) for k, v in (("distill.teacher", d.teacher), ("ewc.from", e.from_), ("prune.amount", p.amount)) if v]
+        if used and getattr(self, "gan", None) is not None:
+            raise ConfigError(*used[0], "not for a GAN (two models, its own step): a task with one model and a loss")
+        _check("ema.save", self.ema.save, not (p.amount and self.ema.decay and self.ema.save),
+               "not with prune.amount: an average of the weights is not sparse (the EMA is still evaluated)")
 
 
 def optim_sections(cfg: Any, prefix: str = "") -> list[tuple[str, OptimConfig]]:

@@ -17,23 +17,30 @@ from dtrain.profiling import region
 from dtrain.protocols import Engine, StepOutput
 
 
-def train_step(engine: Engine, task: Any, micro_batches: list[Any]) -> StepOutput:
-    """One optimizer step over `len(micro_batches)` micro-batches of this rank."""
+def train_step(engine: Engine, task: Any, micro_batches: list[Any], objective: Any = None) -> StepOutput:
+    """One optimizer step over `len(micro_batches)` micro-batches of this rank. `objective`
+    (`dtrain.objective.Objective`): the loss is the task's plus distillation / EWC terms."""
     n = len(micro_batches)
     loss_sum = torch.zeros((), device=engine.device)
+    term_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         # DDP all-reduces gradients bucket by bucket during the last micro-step's backward;
         # the earlier micro-steps only accumulate locally, so one step costs one all-reduce.
         with engine.no_sync(skip=i < n - 1):
             with engine.precision.autocast(), region("forward"):
-                loss = task.loss(engine.model, batch)
+                if objective is None:
+                    loss, terms = task.loss(engine.model, batch), {}
+                else:
+                    loss, terms = objective.loss(task, engine, batch)
             with region("backward"):
                 engine.backward(loss, n)
         loss_sum += loss.detach().float()
+        for k, v in terms.items():
+            term_sums[k] = term_sums[k] + v / n if k in term_sums else v / n
     with region("optimizer"):
         grad_norm, stepped = engine.step()
     engine.precision.update()
-    return StepOutput(loss_sum / n, grad_norm, stepped)
+    return StepOutput(loss_sum / n, grad_norm, stepped, term_sums)
 
 
 @torch.no_grad()
@@ -44,7 +51,12 @@ def evaluate(engine: Engine, task: Any, loader: Any, device: torch.device) -> di
     number of batches (padded shards, see `data.ExactShardSampler`); the padding is cut off
     before the sums, or, for a batch of padding only, its sums are weighted by zero.
     """
-    model = engine.module
+    return evaluate_model(engine.module, task, loader, device, engine.precision.autocast)
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, task: Any, loader: Any, device: torch.device, autocast: Any) -> dict[str, float]:
+    """`evaluate` of any model of the task (a distillation teacher's too), under `autocast()`."""
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -53,7 +65,7 @@ def evaluate(engine: Engine, task: Any, loader: Any, device: torch.device) -> di
         n = batch_len(batch)
         keep = min(n, real_left)
         real_left -= keep
-        with engine.precision.autocast():
+        with autocast():
             out = task.eval_sums(model, move(head(batch, keep) if 0 < keep < n else batch, device))
         for k, v in out.items():  # a batch of padding only still names the keys, with zeros
             part = v.detach().double() if keep else torch.zeros_like(v, dtype=torch.float64)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Literal, Sized, cast
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dtrain import checkpoint, data, distributed, goodput, preemption, profiling, recipe, redact, report, resume, tracking
+from dtrain import checkpoint, data, distributed, goodput, objective, preemption, profiling, recipe, redact, report, resume, tracking
 from dtrain.config import Config, ConfigError
 from dtrain.errors import WorkFailed
 from dtrain.ema import EMA
@@ -62,6 +62,8 @@ class Parts:
     ema: EMA | None
     parameters: int
     """The models' parameters, counted before any engine shards them."""
+    combined: objective.Combined
+    """Distillation, EWC and pruning, when the recipe asks for them."""
 
     def saved(self) -> dict[str, Any]:
         """What a checkpoint holds beside the trainer's state."""
@@ -102,8 +104,12 @@ def build(cfg: Config, device: torch.device) -> Parts:
     engines = build_engines(cfg, specs, device, plan, total_steps)
     fp32_matmuls = set_fp32_matmuls(cfg.allow_tf32, device)
     ema = EMA(cfg.ema, engines, plan.global_batch, cfg.optim.base_batch_size) if cfg.ema.decay else None
+    combined = objective.build(cfg, task, engines, eval_dl, device, total_steps)
+    if combined.objective is not None:
+        setattr(task, "objective", combined.objective)  # the supervised step's extra loss terms
     seed_everything(cfg.seed + rank)  # per-rank streams for dropout / noise (augmentation has per-sample ones)
-    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema, parameters)
+    return Parts(task, plan, loader, eval_dl, micro, per_epoch, total_steps, engines, fp32_matmuls, ema, parameters,
+                 combined)
 
 
 def start_tracking(cfg: Config, env: distributed.DistEnv, parts: Parts, state: TrainState) -> tracking.NullTracker:
@@ -159,8 +165,10 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
                        + (f" | {parts.ema.describe()}" if parts.ema else "")
                        + (f" | resumed at step {state.step} from {resumed_from.name}" if resumed_from else "")
                        + (f" | mlflow run {state.run_id}" if state.run_id else ""))
-        for line in report.lr_warnings(parts.engines, parts.plan):
+        for line in [*parts.combined.lines, *report.lr_warnings(parts.engines, parts.plan)]:
             progress.write(line)
+        if parts.combined.teacher_eval:  # constant: beside the student's curves from the start
+            tracker.log_metrics({f"teacher/{k}": v for k, v in parts.combined.teacher_eval.items()}, state.step)
         if links := tracker.links():
             progress.write(links)
         loop = Loop(cfg, parts, device, state, tracker, progress)
@@ -218,6 +226,9 @@ class Loop:
         self.plan, self.micro, self.per_epoch = parts.plan, parts.micro, parts.per_epoch
         self.total_steps, self.state, self.tracker, self.progress = parts.total_steps, state, tracker, progress
         self.ema, self.parameters = parts.ema, parts.parameters
+        self.pruner, self.teacher_eval = parts.combined.pruner, parts.combined.teacher_eval
+        if self.pruner is not None:
+            self._pruned(self.pruner.begin(state.step))
         self.ledger = goodput.Ledger(Path(cfg.output_dir) / goodput.FILE, distributed.is_main())
         self.ledger.open(continues=bool(cfg.resume), step=state.step)
         self.checkpointer = Checkpointer(cfg, self.task, self.engines, state, progress, parts.saved(), self.ledger,
@@ -332,6 +343,8 @@ class Loop:
         state.step += 1
         state.batch_in_epoch += self.micro
         state.samples_seen += self.samples_per_step
+        if self.pruner is not None:  # before the EMA sees the weights
+            self._pruned(self.pruner.after_step(state.step))
         if self.ema is not None and out.stepped:
             self.ema.update()
         self.window.add(out, self.samples_per_step)
@@ -354,6 +367,12 @@ class Loop:
         self.checkpointer.poll()
         if self.checkpointer.due(self.total_steps):
             self._checkpoint("", wait=False)
+
+    def _pruned(self, sparsity: float | None) -> None:
+        """After a pruning round: the sparsity it reached, logged and said."""
+        if sparsity is not None:
+            self.tracker.log_metrics({"prune/sparsity": sparsity}, self.state.step)
+            self.progress.write(f"prune: step {self.state.step}, {sparsity:.2%} of the prunable weights are zero")
 
     def _checkpoint(self, reason: str, wait: bool = True) -> None:
         """Write one; `wait=False`: a periodic one (in the background under `checkpoint.async`)."""
@@ -403,6 +422,8 @@ class Loop:
             "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
             "final_loss": self.final_loss, "eval": self.evaluator.last,
             **({"eval_ema": self.evaluator.last_ema} if self.ema is not None else {}),
+            **({"teacher_eval": self.teacher_eval} if self.teacher_eval else {}),
+            **({"sparsity": self.pruner.measure()} if self.pruner is not None else {}),
             **({"early_stop": {"metric": self.cfg.early_stop.metric, "best_value": state.best_value,
                                "best_step": state.best_step, "stopped_early": self.converged()}}
                if self.stopper is not None and self.stopper.stops else {}),

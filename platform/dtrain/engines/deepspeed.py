@@ -132,6 +132,10 @@ class DeepSpeedEngine:
             if o.name == "adafactor" and stage > 0:
                 raise ConfigError(f"{key}.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO "
                                   "flattens parameters, which silently turns Adafactor's factored moments into full ones")
+        for key, on in (("ewc.from", cfg.ewc.from_), ("prune.amount", cfg.prune.amount)):
+            if on:
+                raise ConfigError(key, on, "not with engine=deepspeed (it changes parameters in place, and DeepSpeed "
+                                  "keeps the weights it steps in flattened partitions of its own); use ddp or fsdp")
         if cfg.ema.decay and stage == 3:
             raise ConfigError("ema.decay", cfg.ema.decay, "not with DeepSpeed ZeRO-3 (its module holds no whole "
                               "parameters to average); use stage 0-2 or fsdp")

@@ -46,7 +46,19 @@ class Task(protocols.Task):
         return self.build_model()
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Mean loss of one micro-batch (already on the device)."""
+        """Mean loss of one micro-batch (already on the device). Default: `output_loss` of
+        `outputs`; a task that implements those two can be distilled (`dtrain.distill`)."""
+        return self.output_loss(self.outputs(model, batch), batch)
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's logits for a batch, (..., classes): what distillation matches between a
+        teacher and a student, and what the Fisher information of `ewc` is taken from. Default:
+        `model(batch[0])`."""
+        out: torch.Tensor = model(batch[0])
+        return out
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The task's loss given `outputs(model, batch)` (implement it, or `loss`)."""
         raise NotImplementedError
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -86,14 +98,19 @@ class Task(protocols.Task):
         model = self.build_model()
         initialize(model, self.cfg.model.init)
         self.init_weights(model)
-        if self.cfg.model.init_from:
-            finetune.init_from(model, self.cfg.model.init_from)
+        start = self.cfg.model.init_from or self.cfg.ewc.from_  # EWC continues from the run it anchors to
+        if start:
+            finetune.init_from(model, start)
         finetune.freeze(model, self.cfg.model.freeze)
         return {"model": ModelSpec(model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn,
                                    blocks=self.blocks(model))}
 
+    objective: Any = None
+    """Set by the trainer when the recipe distills, consolidates (ewc) or prunes: the loss
+    terms beside the task's own (`dtrain.objective.Objective`)."""
+
     def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
-        return steps.train_step(engines["model"], self, micro_batches)
+        return steps.train_step(engines["model"], self, micro_batches, self.objective)
 
     def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
         return steps.evaluate(engines["model"], self, loader, device)

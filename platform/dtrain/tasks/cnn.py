@@ -12,10 +12,10 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dtrain import data, datasets
-from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
 from dtrain.tasks import Task
 
 
@@ -44,6 +44,10 @@ class ImageDataConfig(DataConfig):
     decode: Literal["memory", "lazy"] = "memory"
     """Image folders: decode every image into memory at start (small sets), or each one when the
     loader asks for it, in the data.num_workers DataLoader processes (sets larger than RAM)."""
+    classes: list[int] = field(default_factory=list)
+    """Train and evaluate on these labels only, the softmax taken over them (one head per subset
+    of classes, as in task-incremental learning: a run on 0-4, then one on 5-9 with ewc.from).
+    The model keeps an output for every label of the data. Empty: all."""
 
 
 @dataclass
@@ -96,6 +100,12 @@ class ResNet(nn.Module):
         return logits
 
 
+def _only(ds: Dataset[Any], labels: torch.Tensor) -> Dataset[Any]:
+    """The samples of `ds` whose label is one of `labels`."""
+    y = ds.labels if isinstance(ds, datasets.ImageFiles) else cast(TensorDataset, ds).tensors[1]
+    return Subset(ds, torch.isin(torch.as_tensor(y), labels).nonzero().flatten().tolist())
+
+
 def random_shift(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
                  max_shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Translate one (C, H, W) image by up to `max_shift` pixels each way (zero padding), the
@@ -130,6 +140,9 @@ class CNNTask(Task):
         self.class_counts = torch.bincount(y, minlength=self.num_classes)
         standardised = cast("datasets.Images | datasets.ImageFiles", train)  # both keep their statistics
         self.mean, self.std = standardised.mean, standardised.std
+        self.subset = self._subset(getattr(d, "classes", []))
+        if self.subset is not None:
+            train, test = (_only(ds, self.subset) for ds in (train, test))
         return train, test
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
@@ -168,13 +181,34 @@ class CNNTask(Task):
     def augmentation(self) -> data.Augment | None:
         return random_shift if self.cfg.data.augment else None
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.model.label_smoothing)
+    subset: torch.Tensor | None = None
+    """With `data.classes`: the labels trained on, in order (the outputs' columns)."""
+
+    def _subset(self, classes: list[int]) -> torch.Tensor | None:
+        if not classes:
+            return None
+        if sorted(set(classes)) != sorted(classes) or not all(0 <= c < self.num_classes for c in classes):
+            raise ConfigError("data.classes", classes, f"must be distinct labels of the data, 0..{self.num_classes - 1}")
+        return torch.tensor(classes)
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits: torch.Tensor = model(batch[0])
+        return logits if self.subset is None else logits[:, self.subset.to(logits.device)]
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels as columns of `outputs` (their place in data.classes)."""
+        if self.subset is None:
+            return y
+        column = torch.full((self.num_classes,), -1, dtype=torch.long)
+        column[self.subset] = torch.arange(len(self.subset))
+        return column.to(y.device)[y]
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs, self._targets(batch[1]), label_smoothing=self.cfg.model.label_smoothing)
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = model(x)
+        logits, y = self.outputs(model, batch), self._targets(y)
         return {"loss_sum": F.cross_entropy(logits.float(), y, reduction="sum"),
                 "correct": (logits.argmax(1) == y).sum(),
                 "count": torch.tensor(len(y), device=y.device)}

@@ -67,10 +67,9 @@ class TransformerTask(Task):
         # Embeddings, final norm and the (tied) head join the root; a subclass's own model has none.
         return list(model.blocks) if isinstance(model, CharTransformer) else []
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        y = batch[1]
+        return F.cross_entropy(outputs.float().view(-1, outputs.size(-1)), y.view(-1),
                                label_smoothing=self.cfg.model.label_smoothing)
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
