@@ -61,15 +61,11 @@ class Teacher:
 
     def _shard(self, cfg: Config) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from dtrain.engines.precision import DTYPES
+        from dtrain.engines.fsdp import shard
 
         mesh = init_device_mesh(self.model_device.type, (distributed.world_size(),))
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None)
-        for block in getattr(self.task, "blocks", lambda m: [])(self.model):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        shard(self.model, getattr(self.task, "blocks", lambda m: [])(self.model), cfg, mesh)
 
     @property
     def model_device(self) -> torch.device:

@@ -54,7 +54,8 @@ def target(cfg: PruneConfig, step: int, total_steps: int) -> float | None:
     if step < cfg.start_step or step > end or ((step - cfg.start_step) % cfg.every_steps and step != end):
         return None
     done = (step - cfg.start_step) / (end - cfg.start_step)
-    return cfg.amount * (1 - (1 - done) ** 3)  # Zhu & Gupta 2017: fast first, slow near the end
+    amount = cfg.amount * (1 - (1 - done) ** 3)  # Zhu & Gupta 2017: fast first, slow near the end
+    return amount or None  # the first round of a gradual schedule prunes nothing
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

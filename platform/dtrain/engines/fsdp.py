@@ -47,6 +47,27 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def shard(module: nn.Module, blocks: list[nn.Module], cfg: Config, mesh: Any,
+          offload: OffloadPolicy | None = None) -> None:
+    """`fully_shard` each block, then the root, in `cfg.precision` (a distillation teacher too)."""
+    f, offload = cfg.fsdp, offload or OffloadPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,
+                                  reduce_dtype=DTYPES[f.reduce_dtype])
+    if cfg.precision != "fp32":
+        # BatchNorm computes in fp32, as autocast runs it: a unit of its own gathers fp32
+        # parameters, takes its input in fp32 and hands its output on in the compute dtype.
+        norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=DTYPES[f.reduce_dtype],
+                                           output_dtype=DTYPES[cfg.precision])
+        for norm in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            fully_shard(norm, mesh=mesh, mp_policy=norm_policy, offload_policy=offload)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=policy,
+                    offload_policy=offload)
+    # The root's parameters are gathered last in backward's order anyway: keeping them
+    # unsharded after forward saves one all-gather per step (torchtitan does the same).
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
+
+
 class FSDPEngine(DDPEngine):
     name = "fsdp"
 
@@ -87,18 +108,9 @@ class FSDPEngine(DDPEngine):
         self.device = device
         # The policy casts parameters and inputs; an autocast on top would only cast again.
         self.precision = AmpPrecision(cfg.precision, device, loss_scaling=False, autocast=False)
-        mesh = init_device_mesh(device.type, (distributed.world_size(),))
-        f = cfg.fsdp
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,
-                                      reduce_dtype=DTYPES[f.reduce_dtype])
-        offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if f.offload else OffloadPolicy()
-        module = module.to("cpu" if f.offload else device)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=policy,
-                        offload_policy=offload)
-        # The root's parameters are gathered last in backward's order anyway: keeping them
-        # unsharded after forward saves one all-gather per step (torchtitan does the same).
-        fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.fsdp.offload else OffloadPolicy()
+        module = module.to("cpu" if cfg.fsdp.offload else device)
+        shard(module, blocks, cfg, init_device_mesh(device.type, (distributed.world_size(),)), offload)
         self.module = self.model = module
         self._optimize(o, global_batch, total_steps)
         self._writer_group: Any = None
