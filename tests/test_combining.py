@@ -211,6 +211,9 @@ def test_a_pruned_run_resumes_exactly_and_leaves_a_plain_sparse_model(runs):
 
     model = dtrain.load(straight).model
     assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    # The last FSDP2 checkpoint (DCP shards) is read whole by the soup tools: the same model.
+    last = resumed / "checkpoints" / "step_00000014"
+    assert max_param_diff(soup.read(last).weights, w) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- soups
@@ -233,9 +236,23 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(runs):
     assert max_param_diff(weights(uniform), mean) <= 1e-6
 
 
-def test_interpolation_ends_are_the_runs_and_another_architecture_is_refused(runs):
-    first = runs("first")
-    a, b = runs("ft-0.4"), runs("ft-1.6")
+def test_weighted_soups_follow_their_weights_and_pruned_ingredients_keep_their_zeros(runs):
+    ingredients = [str(runs(f"ft-{lr}")) for lr in (0.4, 0.8)]
+    out = runs.root / "soup-weighted"
+    soup.soup(ingredients, "weighted", out, bn_batches=0, weights=[1, 3])
+    expected = soup.mix([weights(Path(i)) for i in ingredients], [1, 3])
+    assert max_param_diff(weights(out), expected) <= 1e-6
+    first = weights(Path(ingredients[0]))["fc.weight"]
+    assert max_param_diff({"w": expected["fc.weight"]}, {"w": 0.25 * first + 0.75 * weights(Path(ingredients[1]))["fc.weight"]}) <= 1e-6
+    # Two pruned models with different masks: their soup is zero wherever either is.
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    a[0], b[:, 0] = 0, 0
+    mixed = soup.mix([{"w.weight": a}, {"w.weight": b}], [1, 1])["w.weight"]
+    assert (mixed[0] == 0).all() and (mixed[:, 0] == 0).all() and (mixed[1:, 1:] != 0).all()
+
+
+def test_interpolation_ends_are_the_runs_tracked_in_mlflow_and_another_architecture_is_refused(runs):
+    a, b = runs("taught"), runs("alone")  # one architecture; the first was tracked, so is the line
     out = runs.root / "line"
     check(run_dtrain(["interpolate", str(a), str(b), "--alphas", "0,0.5,1", "--output", str(out)], cwd=runs.root))
     report = json.loads((out / "interpolation.json").read_text())
@@ -243,6 +260,15 @@ def test_interpolation_ends_are_the_runs_and_another_architecture_is_refused(run
     assert ends == [evaluate(a), evaluate(b)] and (out / "interpolation.png").stat().st_size > 1000
     assert soup.line(weights(a)["fc.weight"], weights(b)["fc.weight"], 0.0).equal(weights(a)["fc.weight"])
     assert soup.line(weights(a)["fc.weight"], weights(b)["fc.weight"], 1.0).equal(weights(b)["fc.weight"])
-    proc = run_dtrain(["soup", str(first), str(runs("teacher")), "--output", str(runs.root / "no")], cwd=runs.root)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs.root}/mlflow.db")
+    found = client.search_runs(client.get_run(summary(a)["run_id"]).info.experiment_id,
+                               "tags.`dtrain.kind` = 'interpolate'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    curve = client.get_metric_history(found[0].info.run_id, "eval/accuracy")
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == [p["accuracy"] for p in report["points"]]
+    proc = run_dtrain(["soup", str(runs("first")), str(runs("teacher")), "--output", str(runs.root / "no")],
+                      cwd=runs.root)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has another architecture than the first" in proc.stderr and not (runs.root / "no").exists()
