@@ -17,7 +17,7 @@ import torch
 from filelock import FileLock
 
 from dtrain import distill, ewc, prune, safeload, soup
-from helpers import CNN, check, max_param_diff, run_dtrain
+from helpers import CNN, DDP_BASELINE, check, max_param_diff, run_dtrain
 
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
          "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
@@ -127,6 +127,35 @@ def test_magnitude_pruning_reaches_exactly_the_amount_and_structured_prunes_whol
         assert set(rows.tolist()) <= {0.0, float(m[0].numel())} and int((rows == 0).sum()) == round(0.5 * len(m))
 
 
+@pytest.mark.parametrize("overrides, line", [
+    (["distill.teacher={run}", "distill.alpha=0"], "distill.alpha=0.0: must be in (0, 1]"),
+    (["distill.teacher={run}", "distill.kind=features"], "distill.layers=[]: needs `student.module=teacher.module` pairs"),
+    (["prune.amount=1"], "prune.amount=1.0: must be in [0, 1) (0: off)"),
+    (["prune.amount=0.5", "ema.decay=0.9", "ema.save=true"], "ema.save=True: not with prune.amount"),
+    (["ewc.from={run}", "engine=deepspeed"], "ewc.from='{run}': not with engine=deepspeed"),
+    (["prune.amount=0.5", "engine=deepspeed"], "prune.amount=0.5: not with engine=deepspeed"),
+    (["ewc.from=nowhere"], "ewc.from='nowhere': no such run folder or weights file"),
+])
+def test_bad_combining_keys_are_refused_before_any_rank_starts(tmp_path, overrides, line):
+    from dtrain.config import ConfigError
+    from dtrain.engines import validate
+    from dtrain.tasks import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(CNN, [o.format(run=run) for o in overrides]))
+    assert str(e.value).startswith(line.format(run=run))
+
+
+def test_a_gan_refuses_distillation_in_one_line(tmp_path):
+    proc = run_dtrain(["train", str(Path(CNN).with_name("gan_digits.yaml")), f"distill.teacher={tmp_path}",
+                       "--nproc-per-node", "2"], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"distill.teacher='{tmp_path}': not for a GAN (two models, "
+                                                         "its own step): a task with one model and a loss")
+
+
 # ----------------------------------------------------------------------------- distillation
 
 def test_a_distilled_student_beats_the_same_student_trained_alone(runs):
@@ -171,6 +200,15 @@ def test_a_teacher_of_another_task_shape_is_refused_before_training(runs, tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "do not match the student's [" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_a_transformer_distils_per_token_from_a_wider_teacher(tiny_runs):
+    """The LM teacher (64 wide) teaches a 32-wide student; the KL is taken at every position."""
+    teacher = tiny_runs("ddp", *DDP_BASELINE)
+    student = tiny_runs("lm-distilled", "model.n_embd=32", f"distill.teacher={teacher}", "distill.alpha=0.5")
+    s = summary(student)
+    assert s["teacher_eval"]["loss"] == pytest.approx(summary(teacher)["eval"]["loss"], rel=1e-6)
+    assert s["final_loss"] < s["initial_loss"] and s["parameters"] < summary(teacher)["parameters"]
 
 
 # ----------------------------------------------------------------------------- EWC

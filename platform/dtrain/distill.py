@@ -42,7 +42,7 @@ class Teacher:
     def __init__(self, cfg: Config, student_task: Any, device: torch.device):
         where = Path(cfg.distill.teacher)
         if where.is_dir():  # a run: its own task and architecture
-            predictor = inference.load(where)
+            predictor = inference.load(where, key="distill.teacher")
             self.task, model = predictor.task, predictor.model
         else:  # weights of the student's architecture
             self.task, model = student_task, student_task.inference_model()

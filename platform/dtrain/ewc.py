@@ -69,7 +69,7 @@ class EWC:
 
     def __init__(self, cfg: Config, module: nn.Module, device: torch.device):
         self.lam, where = cfg.ewc.lambda_, cfg.ewc.from_
-        old = inference.load(where)
+        old = inference.load(where, key="ewc.from")
         if not hasattr(old.task, "outputs"):
             raise ConfigError("ewc.from", where, f"its task ({type(old.task).__name__}) has no outputs() to take the "
                               "Fisher information of: a task with one model and a loss (dtrain.tasks.Task)")

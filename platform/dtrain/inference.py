@@ -38,12 +38,13 @@ class Predictor:
             return self.task.predict(self.model, inputs)
 
 
-def load(run_dir: str | Path, trust: bool = False) -> Predictor:
-    """The run's model (its final weights, model.safetensors) and its task's preprocessing."""
+def load(run_dir: str | Path, trust: bool = False, key: str = "run") -> Predictor:
+    """The run's model (its final weights, model.safetensors) and its task's preprocessing.
+    `key`: the recipe key or argument that named the folder, for the one-line error."""
     run = Path(run_dir)
     for name in ("config.yaml", "model.safetensors"):
         if not (run / name).is_file():
-            raise ConfigError("run", str(run), f"has no {name}: give the output_dir of a finished dtrain run")
+            raise ConfigError(key, str(run), f"has no {name}: give the output_dir of a finished dtrain run")
     try:
         cfg = load_config(run / "config.yaml", beside=trust)
     except ConfigError as e:
@@ -58,7 +59,7 @@ def load(run_dir: str | Path, trust: bool = False) -> Predictor:
     try:
         model.load_state_dict(safeload.load_weights(run / "model.safetensors"))
     except (RuntimeError, ValueError) as e:  # a file of another model, or damaged
-        raise ConfigError("run", str(run), f"model.safetensors does not fit the task's model: {str(e)[:300]}") from None
+        raise ConfigError(key, str(run), f"model.safetensors does not fit the task's model: {str(e)[:300]}") from None
     return Predictor(task, model.eval(), cfg)
 
 
