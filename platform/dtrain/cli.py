@@ -149,33 +149,31 @@ def _tools(sub: Any) -> None:
 
 
 def _combining(sub: Any) -> None:
-    trust = "the run folders are yours: import a task module found in them, read DeepSpeed checkpoints"
-    bn = "training batches to recompute BatchNorm statistics on for a mixed model (0: mix them too)"
+    def common(p: argparse.ArgumentParser, func: str, output: str, mixes: bool = True) -> None:
+        if mixes:
+            p.add_argument("--output", required=True, help=output)
+            p.add_argument("--bn-batches", type=int, default=100, help="training batches to recompute BatchNorm "
+                           "statistics on for a mixed model (0: mix them too)")
+        p.add_argument("--trust", action="store_true", help="the run folders are yours: import a task module found "
+                       "in them, read DeepSpeed checkpoints")
+        p.set_defaults(func=f"dtrain.commands:{func}")
+
     s = sub.add_parser("soup", help="combine runs fine-tuned from one start by averaging their weights")
     s.add_argument("runs", nargs="+", help="finished runs' output_dirs or step_* checkpoint folders (one architecture)")
     s.add_argument("--method", choices=["uniform", "greedy", "weighted"], default="greedy",
                    help="uniform mean; greedy: add a run only if the held-out score does not drop (default); "
                         "weighted: by training-set size (FedAvg) or --weights")
     s.add_argument("--weights", default="", help="comma-separated weights for --method weighted")
-    s.add_argument("--output", required=True, help="the soup's run folder (model.safetensors, config.yaml, soup.json)")
-    s.add_argument("--bn-batches", type=int, default=100, help=bn)
-    s.add_argument("--trust", action="store_true", help=trust)
-    s.set_defaults(func="dtrain.commands:soup_command")
-
+    common(s, "soup_command", "the soup's run folder (model.safetensors, config.yaml, soup.json)")
     i = sub.add_parser("interpolate", help="evaluate the weights on the line between two runs (do they share a basin?)")
     i.add_argument("a")
     i.add_argument("b")
     i.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="comma-separated, 0: A, 1: B")
-    i.add_argument("--output", required=True, help="folder for interpolation.json and interpolation.png")
-    i.add_argument("--bn-batches", type=int, default=100, help=bn)
-    i.add_argument("--trust", action="store_true", help=trust)
-    i.set_defaults(func="dtrain.commands:interpolate_command")
-
+    common(i, "interpolate_command", "folder for interpolation.json and interpolation.png")
     e = sub.add_parser("evaluate", help="a run's model on its task's held-out set, the recipe changed by overrides")
     e.add_argument("run", help="a finished run's output_dir or a step_* checkpoint folder")
     e.add_argument("overrides", nargs="*", help="e.g. data.classes=[0,1,2,3,4] (an earlier task's data)")
-    e.add_argument("--trust", action="store_true", help=trust)
-    e.set_defaults(func="dtrain.commands:evaluate_command")
+    common(e, "evaluate_command", "", mixes=False)
 
 
 def main(argv: list[str] | None = None) -> None:
