@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from dtrain import checkpoint, safeload
+from dtrain import checkpoint, dcp, safeload
 from helpers import PY, ROOT, check, run_dtrain, spawn
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -166,8 +166,8 @@ def test_crafted_bytes_inside_a_shard_are_refused(tmp_path):
     state_dict_saver.save({"x": _Payload(marker)}, checkpoint_id=tmp_path / "ck", no_dist=True)
     assert not marker.exists()
     with pytest.raises(Exception) as e:
-        safeload.dcp_load({"x": 0}, tmp_path / "ck", no_dist=True)
-    assert not marker.exists() and "not plain data" in safeload.first_cause(e.value)
+        dcp.dcp_load({"x": 0}, tmp_path / "ck", no_dist=True)
+    assert not marker.exists() and "not plain data" in dcp.first_cause(e.value)
 
 
 def test_cifar_pickles_load_numbers_and_refuse_code(tmp_path):

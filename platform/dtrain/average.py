@@ -49,7 +49,7 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
         raise ConfigError("task", cfg.task, f"has {len(specs)} models; average takes a one-model task "
                           "(a GAN averages its generator with gan.ema_decay)")
     model = specs["model"].module
-    engine = engines.REGISTRY[cfg.engine]  # each engine reads its own checkpoint format
+    engine = engines.engine_class(cfg.engine)  # each engine reads its own checkpoint format
     model.load_state_dict(uniform_average([engine.read_weights(f / "model", model, trust) for f in folders]))
     if bn_batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,

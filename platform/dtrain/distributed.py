@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from typing import Any, Mapping
 
@@ -188,6 +189,24 @@ def sync_buffers(module: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP2 shard), checked without importing DTensor where none can exist."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(t, tensor.DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's tensor on this rank: its shard under FSDP2 (differentiable), else itself."""
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def shard_like(whole: torch.Tensor, like: Any) -> torch.Tensor:
+    """This rank's part of `whole`, cut as FSDP2 cut the parameter `like` (a DTensor)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
 
 
 def world_size() -> int:

@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint import state_dict_saver
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from dtrain import safeload
+from dtrain import distributed
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import EMAConfig
 from dtrain.protocols import Engine
@@ -71,7 +68,7 @@ class EMA:
         # One foreach call per kind of tensor: under FSDP2 the parameters are DTensor shards and
         # the BatchNorm buffers plain tensors, which one foreach op may not mix.
         for sharded in (True, False):
-            keys = [k for k, t in self.live.items() if isinstance(t, DTensor) == sharded]
+            keys = [k for k, t in self.live.items() if distributed.is_sharded(t) == sharded]
             if keys:
                 live = [self.live[k].detach() if self.live[k].dtype == torch.float32 else self.live[k].detach().float()
                         for k in keys]
@@ -98,6 +95,8 @@ class EMA:
         `reshard_after_forward=False`) and computes the next forward with them: only the shards
         are swapped here, so every module is resharded first, and its next forward gathers
         what the shards hold."""
+        from torch.distributed.fsdp import FSDPModule
+
         for module in self.modules:
             for m in module.modules():
                 if isinstance(m, FSDPModule):
@@ -111,6 +110,8 @@ class EMA:
     def save(self, folder: Path, background: bool = False) -> Future[None] | None:
         """Collective (DCP): replicated shadows are written once, shards by their ranks. (Written
         before returning: the average is small next to the optimizer state the engines write.)"""
+        from torch.distributed.checkpoint import state_dict_saver
+
         with _single_process_is_intended():
             state_dict_saver.save(self._state(), checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
         return None
@@ -121,12 +122,14 @@ class EMA:
                         "weights", folder.parent.name)
             self.shadow = {k: t.detach().float().clone() for k, t in self.live.items()}
             return
+        from dtrain import dcp
+
         state = self._state()
         try:
             with _single_process_is_intended():
-                safeload.dcp_load(state, folder, no_dist=not torch.distributed.is_initialized())
+                dcp.dcp_load(state, folder, no_dist=not torch.distributed.is_initialized())
         except Exception as e:  # a truncated shard, a crafted file: the checkpoint is skipped like any broken one
-            raise CheckpointError(f"cannot load {folder}: {safeload.first_cause(e)}") from None
+            raise CheckpointError(f"cannot load {folder}: {dcp.first_cause(e)}") from None
         self.updates = int(state["updates"])
 
 

@@ -23,7 +23,6 @@ from typing import Any, Sized, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import default_collate
 
 from dtrain import distributed, inference
@@ -59,11 +58,6 @@ def penalty(terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lam: f
     return lam / 2 * torch.stack([(f * (theta.float() - anchor) ** 2).sum() for theta, f, anchor in terms]).sum()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's tensor on this rank: its shard under FSDP2 (differentiable), else itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class EWC:
     """The penalty toward the old run's weights, for the model this run trains."""
 
@@ -86,16 +80,15 @@ class EWC:
         for name, p in module.named_parameters():
             if name in matched:
                 f, a = fisher[name], anchor[name]
-                if isinstance(p, DTensor):  # this rank's slice, as FSDP2 sharded the parameter
-                    f = distribute_tensor(f, p.device_mesh, p.placements).to_local()
-                    a = distribute_tensor(a, p.device_mesh, p.placements).to_local()
+                if distributed.is_sharded(p):  # this rank's slice, as FSDP2 sharded the parameter
+                    f, a = distributed.shard_like(f, p), distributed.shard_like(a, p)
                 self.terms.append((p, f, a))
-        self.sharded = any(isinstance(p, DTensor) for p, _, _ in self.terms)
+        self.sharded = any(distributed.is_sharded(p) for p, _, _ in self.terms)
         self.matched = len(self.terms)
 
     def penalty(self) -> torch.Tensor:
         """This rank's part of the penalty (the whole of it unless sharded)."""
-        return penalty([(_local(p), f, a) for p, f, a in self.terms], self.lam)
+        return penalty([(distributed.local_part(p), f, a) for p, f, a in self.terms], self.lam)
 
     def describe(self) -> str:
         return f"ewc: {self.matched} tensors anchored, lambda {self.lam:g}, mean Fisher {self.fisher_mean:.3g}"

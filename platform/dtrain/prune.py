@@ -18,7 +18,6 @@ from typing import cast
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import prune
 
 from dtrain import distributed
@@ -58,10 +57,6 @@ def target(cfg: PruneConfig, step: int, total_steps: int) -> float | None:
     return amount or None  # the first round of a gradual schedule prunes nothing
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class Pruner:
     """The masks of one model's prunable weights; rounds and re-application after each step."""
 
@@ -77,7 +72,7 @@ class Pruner:
         if step == 0 and target(self.cfg, 0, self.total_steps) is not None:
             return self.after_step(0)
         if step > self.cfg.start_step:
-            self.masks = [(_local(w.detach()) != 0).to(w.dtype) for w in self.weights]
+            self.masks = [(distributed.local_part(w.detach()) != 0).to(w.dtype) for w in self.weights]
             self.sparsity = self.measure()
         return None
 
@@ -86,15 +81,14 @@ class Pruner:
         the masks applied again."""
         amount = target(self.cfg, step, self.total_steps)
         if amount is not None:
-            whole = [w.detach().full_tensor() if isinstance(w, DTensor) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
+            whole = [w.detach().full_tensor() if distributed.is_sharded(w) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
             masks = masks_for(whole, amount, self.cfg.kind)
-            self.masks = [(distribute_tensor(m.to(w.device), w.device_mesh, w.placements).to_local()
-                           if isinstance(w, DTensor) else m.to(w.device)).to(w.dtype)
+            self.masks = [(distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
                           for m, w in zip(masks, self.weights)]
         if self.masks is not None:
             with torch.no_grad():
                 for w, m in zip(self.weights, self.masks):
-                    _local(w).mul_(m)
+                    distributed.local_part(w).mul_(m)
         if amount is None:
             return None
         self.sparsity = self.measure()
@@ -102,9 +96,9 @@ class Pruner:
 
     def measure(self) -> float:
         """Collective: the fraction of the prunable weights that are zero."""
-        zeros = sum(int((_local(w) == 0).sum()) for w in self.weights)
-        count = sum(_local(w).numel() for w in self.weights)
-        if any(isinstance(w, DTensor) for w in self.weights):
+        zeros = sum(int((distributed.local_part(w) == 0).sum()) for w in self.weights)
+        count = sum(distributed.local_part(w).numel() for w in self.weights)
+        if any(distributed.is_sharded(w) for w in self.weights):
             both = torch.tensor([zeros, count], dtype=torch.float64, device=self.weights[0].device)
             zeros, count = (int(x) for x in distributed.all_reduce_sum(both).tolist())
         return zeros / max(count, 1)

@@ -18,7 +18,7 @@ import torch
 from dtrain import checkpoint, distributed
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import Config, ConfigError
-from dtrain.engines import REGISTRY
+from dtrain.engines import engine_class
 from dtrain.protocols import Engine, Task
 
 log = logging.getLogger("dtrain")
@@ -99,7 +99,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
                 "raise data.grad_accum_steps to keep it)")
         if saved.grad_accum and saved.grad_accum != state.grad_accum:
             refuse_or_warn_accumulation(cfg, engines, saved.grad_accum, state.grad_accum)
-        REGISTRY[cfg.engine].check_resume(saved_world, world)
+        engine_class(cfg.engine).check_resume(saved_world, world)
         refuse_changed_optimizer(cfg, client.get("recipe", {}))
         task.load_extra_state(client.get("task", {}))
 

@@ -54,7 +54,7 @@ def read(path: str | Path, trust: bool = False, overrides: Sequence[str] = ()) -
         task = get_task(cfg.task)(cfg)
         task.datasets()  # the model's shape may depend on the data (classes, vocabulary)
         model = task.inference_model()
-        return Ingredient(str(p), cfg, engines.REGISTRY[cfg.engine].read_weights(p / "model", model, trust))
+        return Ingredient(str(p), cfg, engines.engine_class(cfg.engine).read_weights(p / "model", model, trust))
     if not (p / "config.yaml").is_file() or not safeload.weights_file(p).is_file():
         raise ConfigError("run", str(p), "is neither a finished run's output_dir (config.yaml, model.safetensors) nor a "
                                          "step_* checkpoint folder")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 from typing import Iterator
 
@@ -30,19 +31,25 @@ from dtrain.config import Config
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.deepspeed import DeepSpeedEngine
-from dtrain.engines.fsdp import FSDPEngine
 from dtrain.engines.precision import AmpPrecision
 from dtrain.norm import convert_sync_batchnorm
 from dtrain.protocols import Engine, ModelSpec
 
-REGISTRY: dict[str, type[DDPEngine] | type[DeepSpeedEngine]] = {
-    "ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}
-"""`engine=` name -> class (importing them imports neither deepspeed nor anything heavy)."""
+REGISTRY: dict[str, str] = {"ddp": "dtrain.engines.ddp:DDPEngine", "deepspeed": "dtrain.engines.deepspeed:DeepSpeedEngine",
+                            "fsdp": "dtrain.engines.fsdp:FSDPEngine"}
+"""`engine=` name -> its class, imported when a job names it (`engine_class`): a DDP job
+never imports FSDP2's checkpoint machinery, nor DeepSpeed."""
+
+
+def engine_class(name: str) -> type[DDPEngine] | type[DeepSpeedEngine]:
+    module, _, attr = REGISTRY[name].partition(":")
+    cls: type[DDPEngine] | type[DeepSpeedEngine] = getattr(importlib.import_module(module), attr)
+    return cls
 
 
 def validate(cfg: Config) -> None:
     """What the recipe's engine refuses in it, as one ConfigError line, before any rank starts."""
-    REGISTRY[cfg.engine].validate(cfg)
+    engine_class(cfg.engine).validate(cfg)
 
 
 @contextlib.contextmanager
@@ -58,7 +65,7 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
                   total_steps: int) -> dict[str, Engine]:
     """One engine per model; the DDP engines share one precision object (one GradScaler,
     updated once per iteration)."""
-    engine_class = REGISTRY[cfg.engine]
+    cls = engine_class(cfg.engine)
     precision = AmpPrecision(cfg.precision, device)
     engines: dict[str, Engine] = {}
     for name, spec in specs.items():
@@ -67,6 +74,6 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
             module = convert_sync_batchnorm(module, device)
         steps = math.ceil(total_steps * spec.optimizer_steps_per_step)
         blocks.prepare(module, spec.blocks, cfg.model.activation_checkpointing, cfg.compile, name)
-        engines[name] = engine_class.build(dataclasses.replace(spec, module=module), cfg, device=device, plan=plan,
+        engines[name] = cls.build(dataclasses.replace(spec, module=module), cfg, device=device, plan=plan,
                                            total_steps=steps, precision=precision)
     return engines

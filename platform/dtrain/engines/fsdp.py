@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import checkpoint, distributed, safeload
+from dtrain import checkpoint, dcp, distributed
 from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
@@ -90,9 +90,9 @@ class FSDPEngine(DDPEngine):
         """DCP shards of any world size, read whole into the plain model's tensors."""
         state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
         try:
-            safeload.dcp_load(state, folder, no_dist=True)
+            dcp.dcp_load(state, folder, no_dist=True)
         except Exception as e:  # DCP's errors name every rank; the first is the cause
-            raise checkpoint.CheckpointError(f"cannot read {folder}: {safeload.first_cause(e)}") from None
+            raise checkpoint.CheckpointError(f"cannot read {folder}: {dcp.first_cause(e)}") from None
         weights: dict[str, torch.Tensor] = state["model"]
         return weights
 
@@ -162,10 +162,10 @@ class FSDPEngine(DDPEngine):
             raise checkpoint.CheckpointError(f"{folder} holds no FSDP (DCP) checkpoint")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         try:  # DCP loads in place, into the tensors of this job's sharding
-            safeload.dcp_load({"model": model_sd, "optimizer": optim_sd}, folder)
+            dcp.dcp_load({"model": model_sd, "optimizer": optim_sd}, folder)
             set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         except Exception as e:  # DCP wraps every rank's failure; one line of the first is enough
-            raise checkpoint.CheckpointError(f"cannot load {folder}: {safeload.first_cause(e)}") from None
+            raise checkpoint.CheckpointError(f"cannot load {folder}: {dcp.first_cause(e)}") from None
         extra = checkpoint.load_file(folder / EXTRA, self.device)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
