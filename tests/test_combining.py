@@ -17,66 +17,82 @@ import torch
 from filelock import FileLock
 
 from dtrain import distill, ewc, prune, safeload, soup
-from helpers import CNN, DDP_BASELINE, check, max_param_diff, run_dtrain
+from helpers import CNN, DDP_BASELINE, check, max_param_diff, run_dtrain, spawn
 
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
          "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
 FIRST, SECOND = "data.classes=[0,1,2,3,4]", "data.classes=[5,6,7,8,9]"
+# One xdist worker takes the whole module (`--dist loadgroup`): the other never waits for its runs.
+pytestmark = pytest.mark.xdist_group("combining")
 
 
 TEACHER = ("model.widths=[32,64]", "model.blocks_per_stage=2", "optim.lr=0.2", "train.epochs=10", "optim.warmup_steps=50")
 PRUNE = ("engine=fsdp", "prune.amount=0.6", "prune.schedule=gradual", "prune.every_steps=3", "prune.end_step=9",
          "train.max_steps=14", "model.init_from={first}")
-RUNS: dict[str, tuple[str, ...]] = {
-    # name: overrides of SMALL; {name} is that run's folder (trained first)
-    "teacher": TEACHER,
-    "alone": ("train.epochs=4",),
-    "taught": ("train.epochs=4", "distill.teacher={teacher}", "tracking.enabled=true",
-               "tracking.uri=sqlite:///{root}/mlflow.db", "tracking.log_every=20"),
-    "alone-12": ("train.max_steps=12",),
-    "taught-ddp": ("train.max_steps=12", "distill.teacher={teacher}"),
-    "taught-fsdp": ("train.max_steps=12", "distill.teacher={teacher}", "engine=fsdp"),
-    "taught-zero3": ("train.max_steps=12", "distill.teacher={teacher}", "engine=deepspeed", "deepspeed.zero_stage=3"),
-    "features": ("train.max_steps=6", "distill.teacher={teacher}", "distill.kind=features", "distill.layers=[stem=stem]",
-                 "model.widths=[32]", "engine=fsdp", "precision=bf16"),
-    "first": (FIRST, "train.epochs=15"),
-    "plain": (SECOND, "train.epochs=8", "model.init_from={first}"),
-    "ewc": (SECOND, "train.epochs=8", "ewc.from={first}"),
-    "plain-6": (SECOND, "train.max_steps=6", "model.init_from={first}"),
-    "ewc-ddp-6": (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100"),
-    "ewc-fsdp-6": (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp",
-                   "train.stop_at_step=3"),
-    "pruned": PRUNE,
-    "pruned-resumed": (*PRUNE, "train.stop_at_step=5"),
-    **{f"ft-{lr}": (SECOND, "train.max_steps=30", "model.init_from={first}", f"optim.lr={lr}", f"seed={i}")
-       for i, lr in enumerate((0.4, 0.8, 1.6))},
-}
+ONE_RANK: list[tuple[str, tuple[str, ...]]] = [  # what the tests only use: on 1 rank, first
+    ("teacher", TEACHER),
+    ("first", (FIRST, "train.epochs=15")),
+    *[(f"ft-{lr}", (SECOND, "train.max_steps=30", "model.init_from={first}", f"optim.lr={lr}", f"seed={i}"))
+      for i, lr in enumerate((0.4, 0.8, 1.6))],
+]
+TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [  # in order; {name} is that run's folder
+    ("alone", ("train.epochs=4",)),
+    ("taught", ("train.epochs=4", "distill.teacher={teacher}", "tracking.enabled=true",
+                "tracking.uri=sqlite:///{root}/mlflow.db", "tracking.log_every=20")),
+    ("alone-12", ("train.max_steps=12",)),
+    ("taught-ddp", ("train.max_steps=12", "distill.teacher={teacher}")),
+    ("taught-fsdp", ("train.max_steps=12", "distill.teacher={teacher}", "engine=fsdp")),
+    ("taught-zero3", ("train.max_steps=12", "distill.teacher={teacher}", "engine=deepspeed", "deepspeed.zero_stage=3")),
+    ("features", ("train.max_steps=6", "distill.teacher={teacher}", "distill.kind=features", "distill.layers=[stem=stem]",
+                  "model.widths=[32]", "engine=fsdp", "precision=bf16")),
+    ("plain", (SECOND, "train.epochs=8", "model.init_from={first}")),
+    ("ewc", (SECOND, "train.epochs=8", "ewc.from={first}")),
+    ("plain-6", (SECOND, "train.max_steps=6", "model.init_from={first}")),
+    ("ewc-ddp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100")),
+    # Stopped after step 3 and resumed: the Fisher is estimated again, alike.
+    ("ewc-fsdp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp",
+                    "train.stop_at_step=3")),
+    ("ewc-fsdp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp", "resume=auto")),
+    ("pruned", PRUNE),
+    ("pruned-resumed", (*PRUNE, "train.stop_at_step=5")),
+    ("pruned-resumed", (*PRUNE, "resume=auto")),
+]
+
+
+def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Every run in order, in this one process group (no process start-up per run)."""
+    from dtrain.distributed import DistEnv
+    from dtrain.tasks import load_config
+    from dtrain.trainer import fit
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
+    names = {n for n, _ in ONE_RANK + TWO_RANKS}
+    for name, overrides in runs:
+        given = [o.format(root=root, **{n: f"{root}/{n}" for n in names}) for o in overrides]
+        cfg = load_config(CNN, [*SMALL, f"output_dir={root}/{name}", *given])
+        outcome = fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
+        assert outcome.status in ("finished", "stopped"), (name, outcome)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`runs(name, *more)`: the 2-rank run RUNS[name] (plus `more` overrides), trained once. The
-    runs are shared by both xdist workers of one session (a file lock per run: the worker that
-    needs a run first trains it, the other waits for it), never across sessions; `more` with
-    resume=auto trains again."""
+    """`runs(name)`: the folder of a run above, all trained once per session: the first xdist
+    worker to need them trains them (a file lock), the other waits and reads them."""
     session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     base = tmp_path_factory.getbasetemp()
     root = base.parent / f"combining-{session}" if session else base / "combining"
     root.mkdir(exist_ok=True)
+    with FileLock(str(root / "runs.lock")):
+        if not (root / "trained").exists():
+            spawn(_train, 1, str(root), ONE_RANK)
+            spawn(_train, 2, str(root), TWO_RANKS)
+            (root / "trained").touch()
 
-    def train(name: str, *more: str) -> Path:
-        out = root / name
-        overrides = list(RUNS[name])
-        for dep in {d for o in overrides for d in RUNS if "{" + d + "}" in o}:
-            train(dep)
-        overrides = [o.format(root=root, **{d: root / d for d in RUNS}) for o in [*overrides, *more]]
-        with FileLock(str(root / f"{name}.lock")):
-            if not (out / "model.safetensors").exists() or "resume=auto" in more:
-                check(run_dtrain(["train", CNN, *SMALL, f"output_dir={out}", *overrides], cwd=root, nproc=2))
-        return out
+    def run(name: str) -> Path:
+        return root / name
 
-    train.root = root  # type: ignore[attr-defined]
-    return train
+    run.root = root  # type: ignore[attr-defined]
+    return run
 
 
 def summary(run: Path) -> dict:
@@ -148,6 +164,7 @@ def test_bad_combining_keys_are_refused_before_any_rank_starts(tmp_path, overrid
     assert str(e.value).startswith(line.format(run=run))
 
 
+@pytest.mark.slow
 def test_a_gan_refuses_distillation_in_one_line(tmp_path):
     proc = run_dtrain(["train", str(Path(CNN).with_name("gan_digits.yaml")), f"distill.teacher={tmp_path}",
                        "--nproc-per-node", "2"], cwd=tmp_path)
@@ -158,6 +175,7 @@ def test_a_gan_refuses_distillation_in_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- distillation
 
+@pytest.mark.slow
 def test_a_distilled_student_beats_the_same_student_trained_alone(runs):
     teacher, alone, taught, root = runs("teacher"), runs("alone"), runs("taught"), runs.root
     t, a, d = (summary(r)["eval"]["accuracy"] for r in (teacher, alone, taught))
@@ -173,6 +191,7 @@ def test_a_distilled_student_beats_the_same_student_trained_alone(runs):
     assert {"train/task_loss", "train/distill_loss"} <= set(logged)
 
 
+@pytest.mark.slow
 def test_distillation_under_fsdp2_with_a_sharded_teacher_and_under_zero_3_matches_ddp(runs):
     ddp, alone = runs("taught-ddp"), runs("alone-12")
     for engine in ("taught-fsdp", "taught-zero3"):
@@ -181,6 +200,7 @@ def test_distillation_under_fsdp2_with_a_sharded_teacher_and_under_zero_3_matche
     assert max_param_diff(weights(ddp), weights(alone)) > 1e-2  # the teacher moved the student
 
 
+@pytest.mark.slow
 def test_features_distillation_matches_named_modules_and_refuses_other_shapes(runs):
     """Under FSDP2 in bf16: the hooks see the sharded models' outputs, in bf16."""
     teacher = runs("teacher")
@@ -193,6 +213,7 @@ def test_features_distillation_matches_named_modules_and_refuses_other_shapes(ru
     assert "distill.layers='stem=stem': outputs differ in shape: student [" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_teacher_of_another_task_shape_is_refused_before_training(runs, tmp_path):
     teacher = runs("teacher")
     proc = run_dtrain(["train", CNN, *SMALL, FIRST, "train.max_steps=2", f"distill.teacher={teacher}",
@@ -202,6 +223,7 @@ def test_a_teacher_of_another_task_shape_is_refused_before_training(runs, tmp_pa
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_transformer_distils_per_token_from_a_wider_teacher(tiny_runs):
     """The LM teacher (64 wide) teaches a 32-wide student; the KL is taken at every position."""
     teacher = tiny_runs("ddp", *DDP_BASELINE)
@@ -213,6 +235,7 @@ def test_a_transformer_distils_per_token_from_a_wider_teacher(tiny_runs):
 
 # ----------------------------------------------------------------------------- EWC
 
+@pytest.mark.slow
 def test_ewc_keeps_the_first_task_where_plain_fine_tuning_forgets_it(runs):
     first, plain, kept = runs("first"), runs("plain"), runs("ewc")
     scores = {name: (evaluate(r, FIRST), evaluate(r, SECOND)) for name, r in
@@ -223,21 +246,20 @@ def test_ewc_keeps_the_first_task_where_plain_fine_tuning_forgets_it(runs):
     assert scores["ewc"][0] > 0.9 and scores["ewc"][1] > 0.9  # learnt the second, kept the first
 
 
+@pytest.mark.slow
 def test_ewc_under_fsdp2_penalises_the_shards_as_ddp_penalises_the_whole_and_resumes_exactly(runs):
-    """The FSDP2 run stops after step 3 and resumes (the Fisher is estimated again, alike)."""
+    """The FSDP2 run stopped after step 3 and resumed (the Fisher is estimated again, alike)."""
     ddp, plain = runs("ewc-ddp-6"), runs("plain-6")
-    runs("ewc-fsdp-6")
-    fsdp = runs("ewc-fsdp-6", "train.stop_at_step=0", "resume=auto")
+    fsdp = runs("ewc-fsdp-6")
     assert max_param_diff(weights(ddp), weights(fsdp)) <= 1e-5
     assert max_param_diff(weights(ddp), weights(plain)) > 1e-3  # the penalty changed the steps
 
 
 # ----------------------------------------------------------------------------- pruning
 
+@pytest.mark.slow
 def test_a_pruned_run_resumes_exactly_and_leaves_a_plain_sparse_model(runs):
-    straight = runs("pruned")
-    runs("pruned-resumed")  # stops after step 5
-    resumed = runs("pruned-resumed", "train.stop_at_step=0", "resume=auto")
+    straight, resumed = runs("pruned"), runs("pruned-resumed")  # the second stopped after step 5, then resumed
     w, r = weights(straight), weights(resumed)
     assert max_param_diff(w, r) <= 1e-6
     prunable = [k for k, v in w.items() if k.endswith("weight") and v.dim() >= 2]
@@ -256,6 +278,7 @@ def test_a_pruned_run_resumes_exactly_and_leaves_a_plain_sparse_model(runs):
 
 # ----------------------------------------------------------------------------- soups
 
+@pytest.mark.slow
 def test_greedy_soup_never_scores_below_its_best_ingredient(runs):
     ingredients = [runs(f"ft-{lr}") for lr in (0.4, 0.8, 1.6)]
     out = runs.root / "soup-greedy"
@@ -274,6 +297,7 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(runs):
     assert max_param_diff(weights(uniform), mean) <= 1e-6
 
 
+@pytest.mark.slow
 def test_weighted_soups_follow_their_weights_and_pruned_ingredients_keep_their_zeros(runs):
     ingredients = [str(runs(f"ft-{lr}")) for lr in (0.4, 0.8)]
     out = runs.root / "soup-weighted"
@@ -289,6 +313,7 @@ def test_weighted_soups_follow_their_weights_and_pruned_ingredients_keep_their_z
     assert (mixed[0] == 0).all() and (mixed[:, 0] == 0).all() and (mixed[1:, 1:] != 0).all()
 
 
+@pytest.mark.slow
 def test_interpolation_ends_are_the_runs_tracked_in_mlflow_and_another_architecture_is_refused(runs):
     a, b = runs("taught"), runs("alone")  # one architecture; the first was tracked, so is the line
     out = runs.root / "line"
