@@ -17,7 +17,7 @@ import torch
 from filelock import FileLock
 
 from dtrain import distill, ewc, prune, safeload, soup
-from helpers import CNN, DDP_BASELINE, check, max_param_diff, run_dtrain, spawn
+from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn
 
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
          "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
@@ -56,7 +56,11 @@ TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [  # in order; {name} is that run
     ("pruned", PRUNE),
     ("pruned-resumed", (*PRUNE, "train.stop_at_step=5")),
     ("pruned-resumed", (*PRUNE, "resume=auto")),
+    ("lm-teacher", ()),
+    ("lm-student", ("model.n_embd=32", "distill.teacher={lm-teacher}", "distill.alpha=0.5")),
 ]
+LM_RUNS = {"lm-teacher", "lm-student"}
+"""The Transformer's runs: the tiny LM of helpers.TINY_LM, not SMALL's CNN."""
 
 
 def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ...]]]) -> None:
@@ -66,10 +70,13 @@ def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ..
     from dtrain.trainer import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
-    names = {n for n, _ in ONE_RANK + TWO_RANKS}
     for name, overrides in runs:
-        given = [o.format(root=root, **{n: f"{root}/{n}" for n in names}) for o in overrides]
-        cfg = load_config(CNN, [*SMALL, f"output_dir={root}/{name}", *given])
+        given = list(overrides)
+        for placeholder in ("teacher", "first", "lm-teacher"):
+            given = [o.replace("{" + placeholder + "}", f"{root}/{placeholder}") for o in given]
+        given = [o.replace("{root}", root) for o in given]
+        recipe, base = (LM, TINY_LM) if name in LM_RUNS else (CNN, SMALL)
+        cfg = load_config(recipe, [*base, f"output_dir={root}/{name}", *given])
         outcome = fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
         assert outcome.status in ("finished", "stopped"), (name, outcome)
 
@@ -224,10 +231,9 @@ def test_a_teacher_of_another_task_shape_is_refused_before_training(runs, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_transformer_distils_per_token_from_a_wider_teacher(tiny_runs):
+def test_a_transformer_distils_per_token_from_a_wider_teacher(runs):
     """The LM teacher (64 wide) teaches a 32-wide student; the KL is taken at every position."""
-    teacher = tiny_runs("ddp", *DDP_BASELINE)
-    student = tiny_runs("lm-distilled", "model.n_embd=32", f"distill.teacher={teacher}", "distill.alpha=0.5")
+    teacher, student = runs("lm-teacher"), runs("lm-student")
     s = summary(student)
     assert s["teacher_eval"]["loss"] == pytest.approx(summary(teacher)["eval"]["loss"], rel=1e-6)
     assert s["final_loss"] < s["initial_loss"] and s["parameters"] < summary(teacher)["parameters"]
