@@ -22,8 +22,6 @@ from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
          "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
 FIRST, SECOND = "data.classes=[0,1,2,3,4]", "data.classes=[5,6,7,8,9]"
-# One xdist worker takes the whole module (`--dist loadgroup`): the other never waits for its runs.
-pytestmark = pytest.mark.xdist_group("combining")
 
 
 TEACHER = ("model.widths=[32,64]", "model.blocks_per_stage=2", "optim.lr=0.2", "train.epochs=10", "optim.warmup_steps=50")
