@@ -65,7 +65,7 @@ class Teacher:
         from dtrain.engines.fsdp import shard
 
         mesh = init_device_mesh(self.model_device.type, (distributed.world_size(),))
-        shard(self.model, getattr(self.task, "blocks", lambda m: [])(self.model), cfg, mesh)
+        shard(self.model, getattr(self.task, "blocks", lambda m: [])(self.model), cfg, mesh, keep_root=False)
 
     @property
     def model_device(self) -> torch.device:

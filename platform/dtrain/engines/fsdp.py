@@ -48,8 +48,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard(module: nn.Module, blocks: list[nn.Module], cfg: Config, mesh: Any,
-          offload: OffloadPolicy | None = None) -> None:
-    """`fully_shard` each block, then the root, in `cfg.precision` (a distillation teacher too)."""
+          offload: OffloadPolicy | None = None, keep_root: bool = True) -> None:
+    """`fully_shard` each block, then the root, in `cfg.precision` (a distillation teacher too).
+    `keep_root=False`: the root's parameters are freed after forward as well (a model that
+    never runs backward would otherwise hold them whole for good)."""
     f, offload = cfg.fsdp, offload or OffloadPolicy()
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,
                                   reduce_dtype=DTYPES[f.reduce_dtype])
@@ -65,7 +67,7 @@ def shard(module: nn.Module, blocks: list[nn.Module], cfg: Config, mesh: Any,
                     offload_policy=offload)
     # The root's parameters are gathered last in backward's order anyway: keeping them
     # unsharded after forward saves one all-gather per step (torchtitan does the same).
-    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
+    fully_shard(module, mesh=mesh, reshard_after_forward=not keep_root, mp_policy=policy, offload_policy=offload)
 
 
 class FSDPEngine(DDPEngine):
