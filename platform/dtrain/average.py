@@ -51,15 +51,21 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
     model = specs["model"].module
     engine = engines.engine_class(cfg.engine)  # each engine reads its own checkpoint format
     model.load_state_dict(uniform_average([engine.read_weights(f / "model", model, trust) for f in folders]))
-    if bn_batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        torch.optim.swa_utils.update_bn(first_batches(loader, bn_batches), model)
+    refresh_bn(model, train_ds, cfg, bn_batches)
     if output.suffix == ".safetensors":
         safeload.save_weights(model.state_dict(), output)
     else:
         checkpoint.atomic_save(model.state_dict(), output)
     return cfg, evaluate_model(task, model, eval_ds, cfg.data.eval_batch_size)
+
+
+def refresh_bn(model: nn.Module, train_ds: Any, cfg: Config, batches: int) -> None:
+    """BatchNorm running statistics recomputed for the weights `model` holds, on `batches`
+    seeded training batches (nothing without BatchNorm, or with `batches` 0)."""
+    if batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        torch.optim.swa_utils.update_bn(first_batches(loader, batches), model)
 
 
 def first_batches(loader: DataLoader[Any], n: int) -> list[Any]:

@@ -30,10 +30,9 @@ from typing import Any, Sequence, Sized, cast
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
-from dtrain import checkpoint, engines, recipe, safeload, tracking
-from dtrain.average import first_batches, evaluate_model
+from dtrain import average, checkpoint, engines, recipe, safeload, tracking
+from dtrain.average import evaluate_model
 from dtrain.config import Config, ConfigError
 from dtrain.fileio import atomic_write
 from dtrain.tasks import get_task, load_config
@@ -87,11 +86,8 @@ class Bench:
 
     def score(self, weights: dict[str, torch.Tensor], refresh_bn: bool) -> dict[str, float]:
         self.model.load_state_dict(weights)
-        if refresh_bn and self.bn_batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                  for m in self.model.modules()):
-            loader = DataLoader(self.train, batch_size=self.cfg.data.eval_batch_size, shuffle=True,
-                                generator=torch.Generator().manual_seed(self.cfg.seed))
-            torch.optim.swa_utils.update_bn(first_batches(loader, self.bn_batches), self.model)
+        if refresh_bn:
+            average.refresh_bn(self.model, self.train, self.cfg, self.bn_batches)
         return evaluate_model(self.task, self.model, self.eval, self.cfg.data.eval_batch_size)
 
     def better(self, a: float, b: float) -> bool:
