@@ -9,7 +9,8 @@ nothing of this reaches a production run). Named in recipes as `faulty:FaultyTas
     slow_eval   that rank's evaluations take STEP seconds more (it prints "slow evaluation" first)
     nan         from that step on, every rank's inputs are NaN (RANK unused): non-finite gradients
     kill        that rank SIGKILLs itself before that step, in a job's first attempt only
-                (TORCHELASTIC_RESTART_COUNT 0), as the OOM killer or a lost node would
+                (TORCHELASTIC_RESTART_COUNT 0 and no .killed-rankN marker in output_dir yet), as
+                the OOM killer or a lost node would
     slow_checkpoint  that rank's checkpoints take 0.1 s more before that step, 0.8 s more from it on;
                 its steps 5 ms more (a step time that does not depend on the machine's load)
 """
@@ -79,7 +80,9 @@ class FaultyTask(MLPTask):
                 raise RuntimeError(f"boom in user code on rank {self.rank} at step {self.steps}")
             if self.kind == "fill_disk":
                 _fill(Path(self.cfg.output_dir) / "filler")
-            if self.kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            marker = Path(self.cfg.output_dir) / f".killed-rank{self.rank}"  # for launchers that count no restarts (Ray)
+            if self.kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not marker.exists():
+                marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().train_step(engines, micro_batches)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from dtrain import compat
 from dtrain.config import ConfigError
 from dtrain.data import seeded
 from dtrain.tasks.cnn import CNNConfig, CNNModelConfig, CNNTask
@@ -31,34 +30,12 @@ class VisionConfig(CNNConfig):
     model: VisionModelConfig = field(default_factory=VisionModelConfig)
 
 
-def import_torchvision() -> ModuleType:
-    """torchvision, also where its compiled ops cannot load against this torch (the CUDA
-    torchvision wheel beside a CPU-only torch): its import registers fake kernels for two of
-    those ops, so their schemas are declared first. Models and transforms are pure Python;
-    only torchvision.ops' compiled kernels (nms, roi_align, ...) stay unavailable."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.origin is None:
-        raise ConfigError("task", "vision_task:VisionTask", 'needs torchvision: pip install -e ".[vision]"')
-    libs = sorted(Path(spec.origin).parent.glob("_C*.so"))
-    try:
-        torch.ops.load_library(str(libs[0]))
-    except (OSError, RuntimeError, IndexError):
-        for op in ("nms", "qnms"):
-            if not torch._C._dispatch_has_kernel(f"torchvision::{op}"):
-                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-
-    return torchvision
-
-
 def flip_and_crop(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
                   size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip and a random crop after 4 pixels of zero padding, drawn from the
     sample's own stream (world-size invariant, exact on resume, any number of workers). Runs
     in worker processes, which start fresh (dtrain.data), hence the import here."""
-    import_torchvision()
+    compat.torchvision("task", "vision_task:VisionTask")
     from torchvision.transforms import v2
 
     x, y = sample
@@ -72,7 +49,7 @@ class VisionTask(CNNTask):
     cfg: VisionConfig
 
     def build_model(self) -> nn.Module:
-        tv = import_torchvision()
+        tv = compat.torchvision("task", "vision_task:VisionTask")
         if self.cfg.model.arch not in tv.models.list_models(module=tv.models):
             raise ConfigError("model.arch", self.cfg.model.arch, "is not a torchvision classification model "
                                                                  "(e.g. resnet18, mobilenet_v3_small, efficientnet_b0)")

@@ -41,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_and_check(sub: Any) -> None:
-    _recipe_command(sub, "train", "dtrain.job:train", "train a recipe (1 process, or under torchrun / deepspeed / "
-                    "accelerate / srun)", "validate, then run N ranks on this machine via torchrun --standalone")
+    t = _recipe_command(sub, "train", "dtrain.job:train", "train a recipe (1 process, or under torchrun / deepspeed / "
+                        "accelerate / srun, or as a Ray Train job)",
+                        "validate, then run N ranks on this machine via torchrun --standalone")
+    t.add_argument("--ray-workers", type=int, default=0, metavar="N", help="run as a Ray Train job of N workers "
+                   "(ray.train.torch.TorchTrainer; the ray extra)")
+    t.add_argument("--ray-address", default="", help="the Ray cluster to join (e.g. auto); default: a local instance")
+    t.add_argument("--ray-max-failures", type=int, default=0, metavar="K", help="worker-group restarts Ray may make "
+                   "(FailureConfig.max_failures); each continues from the newest checkpoint")
+    t.add_argument("--ray-gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
     k = _recipe_command(sub, "check", "dtrain.job:check_command", "sanity checks before a long run: init loss, overfit a batch, "
                         "batch independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)",
                         "run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
@@ -127,6 +134,8 @@ def _tools(sub: Any) -> None:
     t.add_argument("--output", required=True, help="the token folder (train.bin, val.bin, meta.json)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="the last part of the text held out")
     t.add_argument("--max-chars", type=int, default=0, help="stop after this many characters (0: all)")
+    t.add_argument("--tokenizer", default="", help="a Hugging Face tokenizer saved locally (folder or tokenizer.json) "
+                   "to encode with, instead of a character vocabulary (the hf extra)")
     t.set_defaults(func="dtrain.commands:prepare_text_command")
 
     p = sub.add_parser("predict", help="a finished run's predictions for a .npy of inputs")

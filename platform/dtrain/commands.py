@@ -149,8 +149,9 @@ def prepare_text_command(args: argparse.Namespace) -> None:
     """Encode text files into a token folder for `data.tokens` (streamed: any size)."""
     try:
         meta = tokens.prepare(args.inputs, Path(args.output), args.val_fraction, args.max_chars,
-                              show_progress=sys.stderr.isatty())
+                              show_progress=sys.stderr.isatty(), tokenizer=args.tokenizer)
     except OSError as e:  # an unwritable folder, a full disk: the temporary files are already removed
         raise WorkFailed(f"prepare-text: {e.filename or args.output}: {e.strerror or e}") from None
     print(f"prepare-text: {len(meta['sources'])} file(s), {meta['train_tokens']:,} train + {meta['val_tokens']:,} val "
-          f"tokens ({meta['dtype']}, {len(meta['vocab'])} symbols) -> {args.output}; train with data.tokens={args.output}")
+          f"tokens ({meta['dtype']}, {meta.get('vocab_size') or len(meta['vocab'])} symbols) -> {args.output}; "
+          f"train with data.tokens={args.output}")

@@ -7,6 +7,7 @@ host-side agreement (preemption, failed writes) and for naming stuck ranks after
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
@@ -15,7 +16,7 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,12 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     device = pick_device(env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if env.world_size == 1 or dist.is_initialized():
+    global _monitor
+    if env.world_size == 1:
+        return device
+    if dist.is_initialized():  # made by the launcher (Ray Train): keep it, add the side group
+        if _monitor is None:
+            _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         return device
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
@@ -65,7 +71,6 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
                     torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
-    global _monitor
     # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
     _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return device
@@ -223,6 +228,18 @@ def is_main() -> bool:
 
 def backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "none"
+
+
+@contextlib.contextmanager
+def local_first() -> Iterator[None]:
+    """Local rank 0 of each machine runs the block first, then the machine's other ranks: for
+    work that fills a per-machine cache (a dataset converted to Arrow) and must not race."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()
 
 
 def barrier() -> None:

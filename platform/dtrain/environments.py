@@ -27,7 +27,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "single"
-    """single, torchrun, accelerate, deepspeed, slurm, env or kubeflow."""
+    """single, torchrun, accelerate, deepspeed, ray, slurm, env or kubeflow."""
 
 
 class LaunchError(Failure):
@@ -86,6 +86,19 @@ class DeepSpeedLauncher:
     @staticmethod
     def read(env: Env) -> DistEnv:
         return _from_rank_env(env, "deepspeed")
+
+
+class RayTrain:
+    """A Ray Train worker (`dtrain train --ray-workers N`, or a user's own TorchTrainer): Ray
+    made the process group and exports torchrun's variables, plus NODE_RANK, in its actor."""
+
+    @staticmethod
+    def detect(env: Env) -> bool:
+        return _rank_env(env) and "RAY_JOB_ID" in env and "NODE_RANK" in env
+
+    @staticmethod
+    def read(env: Env) -> DistEnv:
+        return _from_rank_env(env, "ray")
 
 
 class RankVariables:
@@ -150,7 +163,7 @@ def _slurm_head_node(env: Env) -> str:
     raise LaunchError("SLURM: cannot find the head node; export MASTER_ADDR in the batch script")
 
 
-DETECTORS = (Accelerate, TorchElastic, DeepSpeedLauncher, RankVariables, KubeflowPod, Srun)
+DETECTORS = (Accelerate, TorchElastic, DeepSpeedLauncher, RayTrain, RankVariables, KubeflowPod, Srun)
 """In order: the first whose `detect` holds reads the environment; none: one process."""
 
 

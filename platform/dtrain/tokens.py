@@ -24,7 +24,7 @@ import os
 import pickle  # nosec B403 # only its UnpicklingError: meta.pkl is read by safeload's restricted unpickler
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,9 +67,11 @@ def _chunks(files: list[Path], max_chars: int) -> Iterator[str]:
 
 
 def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction: float = 0.1,
-            max_chars: int = 0, show_progress: bool = True) -> dict[str, Any]:
+            max_chars: int = 0, show_progress: bool = True, tokenizer: str = "") -> dict[str, Any]:
     """Two streaming passes (count and collect the characters; encode and append), then the
-    three files written atomically. Returns meta.json's content."""
+    three files written atomically. Returns meta.json's content. `tokenizer`: a locally saved
+    Hugging Face tokenizer (folder or tokenizer.json) encodes instead of the character
+    vocabulary; meta.json then names it and its size (`hf` extra)."""
     from tqdm import tqdm
 
 
@@ -85,7 +87,14 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     if split == 0 or split == total:
         raise ConfigError("prepare-text", [str(i) for i in inputs], f"too little text ({total} characters)")
     vocab = Vocab(sorted(chars))
-    dtype = np.uint16 if len(vocab) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    encode: Callable[[str], Iterable[int]] = lambda text: (lookup[c] for c in text)  # noqa: E731
+    size = len(vocab)
+    if tokenizer:
+        from dtrain.tasks.hf import load_tokenizer
+
+        hf = load_tokenizer(tokenizer, key="--tokenizer")
+        encode, size = (lambda text: hf(text, add_special_tokens=False)["input_ids"]), len(hf)  # noqa: E731
+    dtype = np.uint16 if size <= np.iinfo(np.uint16).max + 1 else np.uint32
     lookup = vocab.index
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -98,10 +107,10 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
                 tqdm(total=total, desc="prepare-text: encode", unit="char", unit_scale=True,
                      disable=not show_progress) as bar:
             for chunk in _chunks(files, max_chars):
-                ids = np.fromiter((lookup[c] for c in chunk), dtype=dtype, count=len(chunk))
-                cut = max(0, min(len(chunk), split - seen))
-                train.write(ids[:cut].tobytes())
-                val.write(ids[cut:].tobytes())
+                cut = max(0, min(len(chunk), split - seen))  # the split falls between characters
+                for part, out in ((chunk[:cut], train), (chunk[cut:], val)):
+                    if part:
+                        out.write(np.fromiter(encode(part), dtype=dtype).tobytes())
                 seen += len(chunk)
                 bar.update(len(chunk))
     except BaseException:  # a full disk, Ctrl-C, a file changed between the passes: no half files left
@@ -110,8 +119,10 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
         raise
     for name, path in tmp.items():
         os.replace(path, output / name)
-    meta = {"dtype": np.dtype(dtype).name, "vocab": vocab.chars, "train_tokens": split, "val_tokens": total - split,
+    counts = {name: (output / name).stat().st_size // np.dtype(dtype).itemsize for name in ("train.bin", "val.bin")}
+    meta = {"dtype": np.dtype(dtype).name, "train_tokens": counts["train.bin"], "val_tokens": counts["val.bin"],
             "sources": [str(f) for f in files]}
+    meta.update({"tokenizer": str(Path(tokenizer).resolve()), "vocab_size": size} if tokenizer else {"vocab": vocab.chars})
     atomic_write(output / "meta.json", lambda p: p.write_text(json.dumps(meta)))
     return meta
 
@@ -139,6 +150,8 @@ def load(folder: str | os.PathLike[str], block: int, eval_blocks: int, vocab_siz
             raise ConfigError("data.tokens", str(folder), f"has no {name} (write the folder with "
                                                           "`dtrain prepare-text TEXT... --output DIR`, or nanoGPT's prepare.py)")
     chars, dtype, unk = _vocabulary(path, vocab_size)
+    if chars is None and not vocab_size and (path / "meta.json").is_file():  # ids of a tokenizer
+        vocab_size = int(read_meta(path)["vocab_size"])
     size = len(chars) if chars is not None else vocab_size
     train = TokenBlocks(path / "train.bin", dtype, block)
     val = TokenBlocks(path / "val.bin", dtype, block, stride=block, limit=eval_blocks)
@@ -155,6 +168,8 @@ def _vocabulary(path: Path, vocab_size: int) -> tuple[list[str] | None, str, boo
 
     if (path / "meta.json").is_file():
         meta = read_meta(path)
+        if meta.get("tokenizer") and meta.get("vocab_size"):  # `prepare-text --tokenizer`: ids only
+            return None, str(meta["dtype"]), False
         if not meta.get("vocab") or meta["vocab"][0] != UNK:
             raise ConfigError("data.tokens", str(path), "meta.json's vocab is not a character vocabulary "
                                                         "written by `dtrain prepare-text`")

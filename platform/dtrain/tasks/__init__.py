@@ -29,7 +29,8 @@ log = logging.getLogger("dtrain")
 __all__ = ["BUILTIN", "Task", "ModelSpec", "StepOutput", "get_task", "load_config"]
 
 BUILTIN = {"cnn": "dtrain.tasks.cnn:CNNTask", "transformer": "dtrain.tasks.transformer:TransformerTask",
-           "gan": "dtrain.tasks.gan:GANTask"}
+           "gan": "dtrain.tasks.gan:GANTask", "hf_causal_lm": "dtrain.tasks.hf:CausalLMTask",
+           "hf_sequence_classification": "dtrain.tasks.hf:SequenceClassificationTask"}
 
 
 class Task(protocols.Task):

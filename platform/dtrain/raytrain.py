@@ -1,0 +1,108 @@
+"""`dtrain train RECIPE --ray-workers N`: the job as a Ray Train job (the `ray` extra; never
+imported otherwise).
+
+This process validates the recipe, joins a Ray cluster (`--ray-address`, e.g. `auto` inside
+a KubeRay or Anyscale job; none: a local instance) and hands `ray.train.torch.TorchTrainer`
+N workers. Ray starts them, sets up their process group (gloo on CPUs, NCCL on GPUs) and
+exports RANK / WORLD_SIZE / LOCAL_RANK; each worker then runs dtrain's normal loop on that
+group (`environments.RayTrain` reads the variables, `distributed.init` keeps Ray's group).
+
+The run folder is Ray's storage: `storage_path` is output_dir's parent and the Ray run's name
+is output_dir's own name, so dtrain's checkpoints are where Ray keeps the run, on storage
+every node must reach (a shared file system) when the job spans machines.
+
+Failures: `--ray-max-failures K` is Ray's `FailureConfig(max_failures=K)`. When a worker dies
+Ray restarts the group, and each attempt runs with `resume=auto`: it continues exactly from
+the newest checkpoint, in the same MLflow run (the checkpoint carries its id). That is safe
+because this process refuses, before Ray starts anything, an output_dir that already holds
+another run's checkpoints (as every fresh dtrain start does), so the only checkpoints an attempt
+can find are this job's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dtrain import checkpoint, compat, data, distributed, engines
+from dtrain.config import ConfigError
+from dtrain.errors import WorkFailed
+from dtrain.fileio import first_line
+from dtrain.tasks import load_config
+
+log = logging.getLogger("dtrain")
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Validate, then run the recipe on `args.ray_workers` Ray workers; the exit code."""
+    if args.nproc_per_node:
+        raise ConfigError("--nproc-per-node", args.nproc_per_node, "is torchrun's; with --ray-workers Ray starts the "
+                          "ranks: leave it out")
+    if args.ray_workers < 1:
+        raise ConfigError("--ray-workers", args.ray_workers, "must be 1 or more")
+    if args.ray_max_failures < 0:
+        raise ConfigError("--ray-max-failures", args.ray_max_failures, "must be 0 or more (-1 is not offered: "
+                          "a job that can never fail never ends)")
+    cfg = load_config(args.recipe, args.overrides)
+    data.plan_batches(cfg, args.ray_workers)
+    engines.validate(cfg)
+    out = Path(cfg.output_dir).resolve()
+    earlier = checkpoint.candidates(out / "checkpoints")
+    if earlier and not cfg.resume:  # the workers run with resume=auto: a fresh start must find none
+        if not cfg.checkpoint.overwrite:
+            raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
+                              f"{earlier[0].name}); continue it with resume=auto, or start over with another "
+                              "output_dir or checkpoint.overwrite=true")
+        removed = checkpoint.clear(out / "checkpoints")
+        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, out)
+    ray = compat.require("ray", "ray", "--ray-workers", args.ray_workers)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address or None, log_to_driver=True)
+    overrides = [*args.overrides, f"output_dir={out}"]
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"recipe": str(Path(args.recipe).resolve()), "overrides": overrides},
+        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=args.ray_gpu),
+        torch_config=TorchConfig(backend="nccl" if args.ray_gpu else "gloo",
+                                 timeout_s=int(cfg.train.collective_timeout_s)),
+        run_config=RunConfig(name=out.name, storage_path=str(out.parent),
+                             failure_config=FailureConfig(max_failures=args.ray_max_failures)))
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray's TrainingFailedError and kin: the workers' cause, one line
+        cause = e.__cause__ or e
+        raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
+                         f"(--ray-max-failures): {first_line(cause)}") from None
+    return 0
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray worker: dtrain's loop on the process group Ray made. A restarted attempt (or a
+    first one: its output_dir has none of this job's checkpoints yet) continues with resume=auto."""
+    from dtrain import job
+    from dtrain.trainer import fit
+
+    env = distributed.read_env()
+    job.setup_logging(env.rank)
+    cfg = load_config(config["recipe"], config["overrides"])
+    if not cfg.resume:
+        cfg.resume = "auto"
+        cfg.checkpoint.overwrite = False  # done before launch; a restart must never clear this job's own
+    data.plan_batches(cfg, env.world_size)
+    device = distributed.init(env, cfg.train.collective_timeout_s)
+    try:
+        outcome = fit(cfg, env, device)
+    except BaseException as e:
+        line, _ = job.explain(e, cfg)
+        if line:  # a known failure: its line, not a traceback (Ray then restarts or reports it)
+            print(f"dtrain[rank {env.rank}]: {line}", file=sys.stderr, flush=True)
+            raise RuntimeError(line) from None
+        raise
+    if outcome.status == "preempted":  # Ray's own restart continues it from the checkpoint just written
+        raise RuntimeError(f"preempted by signal {outcome.signum} after a checkpoint")

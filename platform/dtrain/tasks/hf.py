@@ -1,0 +1,362 @@
+"""Hugging Face `transformers` models as dtrain tasks (the `hf` extra): `task: hf_causal_lm` (any
+`AutoModelForCausalLM` architecture) and `task: hf_sequence_classification`.
+
+The model is built from a config (`model.config: {model_type: llama, hidden_size: ...}`, random
+weights) or loaded from a local `save_pretrained` folder (`model.pretrained`). Nothing is
+downloaded, no code from the folder runs (no `trust_remote_code`), and pickled `*.bin` weights
+are refused: safetensors only.
+
+The model's repeated layers are its blocks, for activation checkpointing, `compile` and FSDP2
+units: the classes its authors list in `_no_split_modules` (what keeps a layer on one device
+when transformers splits a model), found in the model, not named per architecture.
+
+Data: a token folder (`data.tokens`, from `dtrain prepare-text`, with or without
+`--tokenizer`), or a table (`data.path`: Parquet, JSON, Arrow, CSV or a `save_to_disk` folder,
+`dtrain.hfdata`) whose text column is tokenised per sample by a locally saved tokenizer
+(`data.tokenizer`), or whose `input_ids` column was tokenised ahead of time. A row is cut to
+`model.block_size + 1` tokens; shorter rows are padded, and padding is left out of the loss.
+
+At the end the model is also written as `hf/` in the run folder, `save_pretrained` with
+safetensors and the tokenizer beside it, so `from_pretrained` loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dtrain import compat, hfdata, safeload, tokens
+from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
+from dtrain.protocols import Engine
+from dtrain.tasks import Task
+
+IGNORE = -100
+"""Targets the loss skips (padding): the value transformers' own losses ignore."""
+
+
+@dataclass
+class HFModelConfig(ModelConfig):
+    pretrained: str = ""
+    """A local folder written by `save_pretrained` (config.json and *.safetensors): training
+    starts from its architecture and weights. Nothing is downloaded."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Without `pretrained`: the architecture, with random weights: `model_type` (gpt2, llama,
+    qwen2, bert, ...) and that config's fields. With it: fields of its config to change (e.g.
+    dropout). `vocab_size` defaults to the data's."""
+    block_size: int = 128
+    """Tokens per sample: the context trained on."""
+
+
+@dataclass
+class HFDataConfig(DataConfig):
+    tokenizer: str = ""
+    """A tokenizer saved locally (a `save_pretrained` folder, or a `tokenizers` tokenizer.json)
+    for a table's text column; saved beside the trained model in hf/."""
+    text_column: str = "text"
+    """The table's column of text, tokenised per sample."""
+    ids_column: str = "input_ids"
+    """The table's column of token ids, where it was tokenised ahead of time (used when present)."""
+    label_column: str = "label"
+    """The table's column of integer class labels (`hf_sequence_classification`)."""
+    eval_blocks: int = 256
+    """Held-out samples scored at each evaluation (at most)."""
+    val_fraction: float = 0.1
+
+
+@dataclass
+class HFOptimConfig(OptimConfig):
+    name: OptimizerName = "adamw"
+    lr: float = 3e-4
+    scale_rule: Literal["linear", "sqrt", "none"] = "sqrt"
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    clip_grad_norm: float = 1.0
+
+
+@dataclass
+class HFConfig(Config):
+    task: str = "hf_causal_lm"
+    data: HFDataConfig = field(default_factory=HFDataConfig)
+    model: HFModelConfig = field(default_factory=HFModelConfig)
+    optim: HFOptimConfig = field(default_factory=HFOptimConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        m, d = self.model, self.data
+        if not m.pretrained and not m.config.get("model_type"):
+            raise ConfigError("model.pretrained", "", "name a local save_pretrained folder, or give model.config.model_type "
+                              "(e.g. gpt2, llama) to build the architecture with random weights")
+        if m.pretrained and "model_type" in m.config:
+            raise ConfigError("model.config.model_type", m.config["model_type"], "comes from model.pretrained's "
+                              "config.json: leave it out, or leave model.pretrained empty")
+        if not d.tokens and not d.path:
+            raise ConfigError("data.path", "", "needs a table (Parquet, JSON, Arrow, CSV, a save_to_disk folder) or "
+                              "data.tokens a token folder (dtrain prepare-text)")
+
+
+def load_tokenizer(path: str, key: str = "data.tokenizer") -> Any:
+    """A tokenizer from a local folder (AutoTokenizer, no remote code) or a tokenizer.json."""
+    transformers = compat.transformers(key, path)
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(key, path, "no such file or folder (a save_pretrained folder or tokenizer.json)")
+    if p.is_file():
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(p))
+    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+
+
+class TextRows:
+    """A table row as a causal-LM sample: (ids[:-1], ids[1:]) of its first block + 1 tokens,
+    padded with `pad`, the padding's targets IGNORE. A picklable object, for loader workers."""
+
+    def __init__(self, block: int, text_column: str, ids_column: str, tokenizer: Any, pad: int):
+        self.block, self.text, self.ids, self.tokenizer, self.pad = block, text_column, ids_column, tokenizer, pad
+
+    def ids_of(self, row: dict[str, Any]) -> list[int]:
+        if self.ids in row:
+            return list(row[self.ids])[:self.block + 1]
+        return list(self.tokenizer(row[self.text], truncation=True, max_length=self.block + 1)["input_ids"])
+
+    def __call__(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.ids_of(row)
+        n = len(ids) - 1
+        x = torch.full((self.block,), self.pad, dtype=torch.int64)
+        y = torch.full((self.block,), IGNORE, dtype=torch.int64)
+        if n > 0:
+            x[:n], y[:n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        return x, y
+
+
+class LabelledRows(TextRows):
+    """A table row as a classification sample: (ids, attention mask, label), `block` tokens."""
+
+    def __init__(self, block: int, text_column: str, ids_column: str, tokenizer: Any, pad: int, label: str):
+        super().__init__(block - 1, text_column, ids_column, tokenizer, pad)
+        self.label = label
+
+    def __call__(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ids = self.ids_of(row)
+        x = torch.full((self.block + 1,), self.pad, dtype=torch.int64)
+        x[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        mask = (torch.arange(self.block + 1) < len(ids)).long()
+        return x, mask, torch.tensor(int(row[self.label]))
+
+
+class HFTask(Task):
+    """What both tasks share: the model, its blocks, its tokenizer, the save_pretrained folder."""
+
+    config_class = HFConfig
+    cfg: HFConfig
+    auto_class = "AutoModelForCausalLM"
+    tokenizer: Any = None
+    vocab_size = 0
+
+    # ------------------------------------------------------------------ model
+
+    def hf_config(self) -> Any:
+        """The model's transformers config: the pretrained folder's, changed by `model.config`,
+        or one built from `model.config` alone. No cache: training never generates."""
+        m = self.cfg.model
+        transformers = compat.transformers("model.pretrained" if m.pretrained else "model.config", m.pretrained or m.config)
+        fields = dict(m.config)
+        if m.pretrained:
+            if not (Path(m.pretrained) / "config.json").is_file():
+                raise ConfigError("model.pretrained", m.pretrained, "has no config.json (a folder save_pretrained wrote)")
+            config = transformers.AutoConfig.from_pretrained(m.pretrained, local_files_only=True, trust_remote_code=False,
+                                                             **fields)
+        else:
+            model_type = fields.pop("model_type")
+            if self.vocab_size:
+                fields.setdefault("vocab_size", self.vocab_size)
+            try:
+                config = transformers.AutoConfig.for_model(model_type, **fields)
+            except ValueError as e:
+                raise ConfigError("model.config.model_type", model_type, str(e).splitlines()[0][:200]) from None
+        config.use_cache = False
+        self.extra_config(config)
+        if self.vocab_size > config.vocab_size:
+            raise ConfigError("model.config.vocab_size", config.vocab_size,
+                              f"is smaller than the data's vocabulary ({self.vocab_size} ids)")
+        return config
+
+    def extra_config(self, config: Any) -> None:
+        """What this task sets in the config (a classifier's labels and padding id)."""
+
+    def build_model(self) -> nn.Module:
+        transformers = compat.transformers("model.pretrained", self.cfg.model.pretrained)
+        auto = getattr(transformers, self.auto_class)
+        config = self.hf_config()
+        if self.cfg.model.pretrained:
+            weights = list(Path(self.cfg.model.pretrained).glob("*.safetensors"))
+            if not weights:
+                raise ConfigError("model.pretrained", self.cfg.model.pretrained, "has no *.safetensors weights (pickled "
+                                  "*.bin files are refused: loading them can run code)")
+            model: nn.Module = auto.from_pretrained(self.cfg.model.pretrained, config=config, local_files_only=True,
+                                                    use_safetensors=True, trust_remote_code=False)
+        else:
+            model = auto.from_config(config)
+        self.model_ref = model
+        return model
+
+    def inference_model(self) -> nn.Module:
+        transformers = compat.transformers("model.config", self.cfg.model.config)
+        model: nn.Module = getattr(transformers, self.auto_class).from_config(self.hf_config())
+        return model
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        found = [m for m in model.modules() if type(m).__name__ in names]
+        if found:
+            return found
+        lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]  # a model that lists none
+        return list(max(lists, key=len)) if lists else []
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits: torch.Tensor = model(input_ids=batch[0]).logits
+        return logits
+
+    def expected_init_loss(self, model: nn.Module, batch: Any) -> float | None:
+        with torch.no_grad():
+            classes = self.outputs(model, batch).shape[-1]
+        return math.log(classes)
+
+    def zero_inputs(self, batch: Any) -> Any:
+        return (torch.zeros_like(batch[0]), *batch[1:])
+
+    def tokens_per_sample(self) -> int:
+        return self.cfg.model.block_size
+
+    # ------------------------------------------------------------------ data
+
+    def open_table(self) -> tuple[Any, Any]:
+        d = self.cfg.data
+        train, val = hfdata.open_splits(d.path, d.val_fraction)
+        if d.ids_column not in train.column_names:
+            hfdata.columns(train, {"data.text_column": d.text_column}, d.path)
+            if not d.tokenizer:
+                raise ConfigError("data.tokenizer", "", f"is needed to tokenise column {d.text_column!r} of {d.path} "
+                                  f"(it has no {d.ids_column!r} column): a tokenizer saved locally")
+        if d.tokenizer:
+            self.tokenizer = load_tokenizer(d.tokenizer)
+            self.vocab_size = len(self.tokenizer)
+        return train, val
+
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    # ------------------------------------------------------------------ outputs
+
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        return {"vocab_size": torch.tensor(self.vocab_size)}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        self.vocab_size = int(state["vocab_size"])
+
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return {"parameters": sum(p.numel() for p in self.model_ref.parameters()), "vocab_size": self.vocab_size}
+
+    def write_artifacts(self, out_dir: Path, engines: dict[str, Engine]) -> list[Path]:
+        """hf/: the final weights as `save_pretrained` writes them (safetensors; tied weights
+        once), with the tokenizer, so `AutoModel*.from_pretrained(run/"hf")` needs nothing else."""
+        model = self.inference_model()
+        model.load_state_dict(safeload.load_weights(out_dir / "model.safetensors"))
+        folder = out_dir / "hf"
+        model.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+        return sorted(folder.iterdir())
+
+
+class CausalLMTask(HFTask):
+    """Next-token prediction: loss and perplexity over the tokens that are not padding."""
+
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        d, block = self.cfg.data, self.cfg.model.block_size
+        if d.tokens:
+            data = tokens.load(d.tokens, block, d.eval_blocks, d.vocab_size)
+            self.vocab_size = data.vocab_size
+            named = d.tokenizer or (tokens.read_meta(d.tokens).get("tokenizer", "") if data.chars is None
+                                    and (Path(d.tokens) / "meta.json").is_file() else "")
+            if named:  # the tokenizer that wrote the ids (prepare-text --tokenizer) goes into hf/ too
+                self.tokenizer = load_tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
+            return data.train, data.val
+        train, val = self.open_table()
+        rows = TextRows(block, d.text_column, d.ids_column, self.tokenizer, self.pad_id())
+        return hfdata.Rows(train, rows), hfdata.Rows(val, rows, limit=d.eval_blocks)
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.float().view(-1, outputs.size(-1)), batch[1].view(-1), ignore_index=IGNORE)
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        y = batch[1]
+        logits = self.outputs(model, batch).float()
+        return {"nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
+                                           reduction="sum"),
+                "tokens": (y != IGNORE).sum()}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        nats = sums["nll_sum"] / max(sums["tokens"], 1)
+        return {"loss": nats, "perplexity": math.exp(min(nats, 50.0))}
+
+
+class SequenceClassificationTask(HFTask):
+    """A label per text: cross-entropy, accuracy. Rows come from a table (`data.path`)."""
+
+    auto_class = "AutoModelForSequenceClassification"
+    num_labels = 0
+
+    def headline_metric(self) -> tuple[str, bool]:
+        return "accuracy", True
+
+    def extra_config(self, config: Any) -> None:
+        if self.num_labels:
+            config.num_labels = self.num_labels
+        if config.pad_token_id is None:  # decoder classifiers read the last token before padding
+            config.pad_token_id = self.pad_id()
+
+    def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
+        d = self.cfg.data
+        if not d.path:
+            raise ConfigError("data.path", "", "hf_sequence_classification reads a table with a text and a label column")
+        train, val = self.open_table()
+        hfdata.columns(train, {"data.label_column": d.label_column}, d.path)
+        labels = train.unique(d.label_column)
+        if not all(isinstance(v, int) for v in labels):
+            raise ConfigError("data.label_column", d.label_column, "must hold integer class labels 0..C-1")
+        self.num_labels = max(labels) + 1
+        rows = LabelledRows(self.cfg.model.block_size, d.text_column, d.ids_column, self.tokenizer, self.pad_id(),
+                            d.label_column)
+        return hfdata.Rows(train, rows), hfdata.Rows(val, rows, limit=d.eval_blocks)
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits: torch.Tensor = model(input_ids=batch[0], attention_mask=batch[1]).logits
+        return logits
+
+    def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), batch[-1])
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        logits, y = self.outputs(model, batch).float(), batch[-1]
+        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"), "correct": (logits.argmax(-1) == y).sum(),
+                "count": torch.tensor(len(y))}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+
+    def preprocessing(self) -> dict[str, torch.Tensor]:
+        return {**super().preprocessing(), "num_labels": torch.tensor(self.num_labels)}
+
+    def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_preprocessing(state)
+        self.num_labels = int(state["num_labels"])
+
+    def tokens_per_sample(self) -> int:
+        return 0
