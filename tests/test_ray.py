@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import mlflow
 import pytest
 import torch
 
 from dtrain.environments import read_env
-from helpers import CNN, DDP_BASELINE, TINY_CNN, check, load_params, max_param_diff, run_dtrain, spawn
+from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain, spawn
 
 pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
 
@@ -82,9 +83,11 @@ FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tr
 @pytest.mark.slow
 def test_a_sigkilled_ray_worker_is_restarted_and_the_job_resumes_exactly_in_one_mlflow_run(tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_dtrain(["train", CNN, *FAULTY, "model.fault=kill:1:13", f"output_dir={out}", f"tracking.uri={uri}",
-                       "tracking.experiment=ray", "tracking.log_every=4", *RAY, "--ray-max-failures", "1"],
-                      cwd=tmp_path, **RAY_ENV)
+    # Through the Python API of examples/ray (the CLI's --ray-max-failures builds the same trainer).
+    proc = subprocess.run([PY, str(ROOT / "examples" / "ray" / "train_on_ray.py"), CNN, *FAULTY, "model.fault=kill:1:13",
+                           f"output_dir={out}", f"tracking.uri={uri}", "tracking.experiment=ray", "tracking.log_every=4",
+                           "--workers", "2", "--max-failures", "1"],
+                          cwd=tmp_path, env=env_for_cli(**RAY_ENV), capture_output=True, text=True, timeout=600)
     check(proc)
     assert (out / ".killed-rank1").exists()  # the fault happened: rank 1 died by SIGKILL before step 13
     assert "resumed at step 10" in proc.stdout + proc.stderr  # the new group continued from the newest checkpoint

@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dtrain import checkpoint, compat, data, distributed, engines
 from dtrain.config import ConfigError
@@ -37,17 +37,33 @@ log = logging.getLogger("dtrain")
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Validate, then run the recipe on `args.ray_workers` Ray workers; the exit code."""
+    """`dtrain train --ray-workers N`: validate, run, and say in one line why a job failed."""
     if args.nproc_per_node:
         raise ConfigError("--nproc-per-node", args.nproc_per_node, "is torchrun's; with --ray-workers Ray starts the "
                           "ranks: leave it out")
-    if args.ray_workers < 1:
-        raise ConfigError("--ray-workers", args.ray_workers, "must be 1 or more")
-    if args.ray_max_failures < 0:
-        raise ConfigError("--ray-max-failures", args.ray_max_failures, "must be 0 or more (-1 is not offered: "
-                          "a job that can never fail never ends)")
-    cfg = load_config(args.recipe, args.overrides)
-    data.plan_batches(cfg, args.ray_workers)
+    job = trainer(args.recipe, args.overrides, args.ray_workers, max_failures=args.ray_max_failures,
+                  use_gpu=args.ray_gpu, address=args.ray_address)
+    try:
+        job.fit()
+    except Exception as e:  # Ray's TrainingFailedError and kin: the workers' cause, one line
+        cause = e.__cause__ or e
+        raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
+                         f"(--ray-max-failures): {first_line(cause)}") from None
+    return 0
+
+
+def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures: int = 0, use_gpu: bool = False,
+            address: str = "") -> Any:
+    """A `ray.train.torch.TorchTrainer` that runs the recipe on `workers` Ray workers, validated
+    before Ray starts anything (a ConfigError otherwise); `.fit()` runs it. The Python API for a
+    script of one's own (examples/ray), and what `dtrain train --ray-workers` runs."""
+    if workers < 1:
+        raise ConfigError("--ray-workers", workers, "must be 1 or more")
+    if max_failures < 0:
+        raise ConfigError("--ray-max-failures", max_failures, "must be 0 or more (-1 is not offered: a job that can "
+                          "never fail never ends)")
+    cfg = load_config(recipe, overrides)
+    data.plan_batches(cfg, workers)
     engines.validate(cfg)
     out = Path(cfg.output_dir).resolve()
     earlier = checkpoint.candidates(out / "checkpoints")
@@ -58,32 +74,23 @@ def launch(args: argparse.Namespace) -> int:
                               "output_dir or checkpoint.overwrite=true")
         removed = checkpoint.clear(out / "checkpoints")
         log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, out)
-    ray = compat.require("ray", "ray", "--ray-workers", args.ray_workers)
+    ray = compat.require("ray", "ray", "--ray-workers", workers)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=args.ray_address or None, log_to_driver=True)
-    overrides = [*args.overrides, f"output_dir={out}"]
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"recipe": str(Path(args.recipe).resolve()), "overrides": overrides},
-        scaling_config=ScalingConfig(num_workers=args.ray_workers, use_gpu=args.ray_gpu),
-        torch_config=TorchConfig(backend="nccl" if args.ray_gpu else "gloo",
-                                 timeout_s=int(cfg.train.collective_timeout_s)),
+        ray.init(address=address or None)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"recipe": str(Path(recipe).resolve()), "overrides": [*overrides, f"output_dir={out}"]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
         run_config=RunConfig(name=out.name, storage_path=str(out.parent),
-                             failure_config=FailureConfig(max_failures=args.ray_max_failures)))
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray's TrainingFailedError and kin: the workers' cause, one line
-        cause = e.__cause__ or e
-        raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
-                         f"(--ray-max-failures): {first_line(cause)}") from None
-    return 0
+                             failure_config=FailureConfig(max_failures=max_failures)))
 
 
-def _worker(config: dict[str, Any]) -> None:
-    """One Ray worker: dtrain's loop on the process group Ray made. A restarted attempt (or a
+def train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: dtrain's loop on the process group Ray made. A restarted attempt (or a
     first one: its output_dir has none of this job's checkpoints yet) continues with resume=auto."""
     from dtrain import job
     from dtrain.trainer import fit

@@ -216,7 +216,8 @@ class HFTask(Task):
         if found:
             return found
         lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]  # a model that lists none
-        return list(max(lists, key=len)) if lists else []
+        longest = max(lists, key=lambda m: len(m), default=None)
+        return list(longest) if longest is not None else []
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         logits: torch.Tensor = model(input_ids=batch[0]).logits
