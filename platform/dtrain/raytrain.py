@@ -30,7 +30,6 @@ from typing import Any, Sequence
 from dtrain import checkpoint, compat, data, distributed, engines
 from dtrain.config import ConfigError
 from dtrain.errors import WorkFailed
-from dtrain.fileio import first_line
 from dtrain.tasks import load_config
 
 log = logging.getLogger("dtrain")
@@ -45,11 +44,24 @@ def launch(args: argparse.Namespace) -> int:
                   use_gpu=args.ray_gpu, address=args.ray_address)
     try:
         job.fit()
-    except Exception as e:  # Ray's TrainingFailedError and kin: the workers' cause, one line
-        cause = e.__cause__ or e
+    except Exception as e:  # Ray's TrainingFailedError and kin: the first worker's cause, one line
+        failures = getattr(e, "worker_failures", None) or {}
+        # The worker that failed first, not the ones whose collectives broke because it went away.
+        ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))
+        rank, cause = ranked[0] if ranked else (None, e.__cause__ or e)
+        who = f"worker {rank}: " if rank is not None else ""
         raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
-                         f"(--ray-max-failures): {first_line(cause)}") from None
+                         f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
     return 0
+
+
+def _cause_line(e: BaseException) -> str:
+    """The line that says why: dtrain's own line (an error's last line), or Ray's word for a
+    worker that died (its first line: the process is gone, with nothing more to say)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if type(e).__name__ == "WorkerHealthCheckFailedError":
+        return "its process died (killed, out of memory, or its node lost); Ray's logs name the cause"
+    return lines[-1][:300] if lines else type(e).__name__
 
 
 def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures: int = 0, use_gpu: bool = False,

@@ -177,8 +177,12 @@ class HFTask(Task):
                 fields.setdefault("vocab_size", self.vocab_size)
             try:
                 config = transformers.AutoConfig.for_model(model_type, **fields)
-            except ValueError as e:
-                raise ConfigError("model.config.model_type", model_type, str(e).splitlines()[0][:200]) from None
+            except ValueError:
+                import difflib
+
+                close = difflib.get_close_matches(str(model_type), list(transformers.CONFIG_MAPPING.keys()), n=3)
+                raise ConfigError("model.config.model_type", model_type, "is not an architecture this transformers "
+                                  f"knows{' (close: ' + ', '.join(close) + ')' if close else ''}") from None
         config.use_cache = False
         self.extra_config(config)
         if self.vocab_size > config.vocab_size:
