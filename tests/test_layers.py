@@ -18,13 +18,14 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom up; the README's Architecture 
                   "dtrain.keys", "dtrain.seeding", "dtrain.shards", "dtrain.tokens", "dtrain.data", "dtrain.datasets",
                   "dtrain.distributed", "dtrain.optim", "dtrain.norm", "dtrain.initialization", "dtrain.finetune",
                   "dtrain.checkpoint", "dtrain.safeload", "dtrain.tracking", "dtrain.compare", "dtrain.gan_eval",
-                  "dtrain.allocator", "dtrain.profiling", "dtrain.launch", "dtrain.prune", "dtrain.dcp"]),
+                  "dtrain.allocator", "dtrain.profiling", "dtrain.launch", "dtrain.prune", "dtrain.dcp",
+                  "dtrain.compat", "dtrain.hfdata"]),
     ("the step", ["dtrain.steps", "dtrain.engines", "dtrain.blocks", "dtrain.tasks"]),
     ("the loop", ["dtrain.trainer", "dtrain.loop_parts", "dtrain.report", "dtrain.resume", "dtrain.ema",
                   "dtrain.preemption", "dtrain.goodput", "dtrain.progress", "dtrain.monitor", "dtrain.trial", "dtrain.check",
                   "dtrain.search", "dtrain.average", "dtrain.sweep", "dtrain.inference", "dtrain.objective",
                   "dtrain.distill", "dtrain.ewc", "dtrain.soup"]),
-    ("command line", ["dtrain.cli", "dtrain.job", "dtrain.commands", "dtrain.__main__"]),
+    ("command line", ["dtrain.cli", "dtrain.job", "dtrain.commands", "dtrain.__main__", "dtrain.raytrain"]),
 ]
 NOTHING_OF_DTRAIN = ("dtrain.protocols", "dtrain.errors")
 MAX_FUNCTION_LINES = 50

@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "ray_workers", 0):  # train as a Ray Train job: this process only submits it
+        args.func = "dtrain.raytrain:launch"
     module, name = args.func.split(":")
     func = getattr(importlib.import_module(module), name)
     try:

@@ -15,6 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -66,3 +67,15 @@ def datasets(key: str, value: object) -> ModuleType:
     module.logging.set_verbosity_error()
     module.disable_progress_bars()  # a bar per rank per file interleaves with the run's own lines
     return module
+
+
+def tokenizer(path: str, key: str = "data.tokenizer") -> Any:
+    """A Hugging Face tokenizer saved locally: a `save_pretrained` folder (AutoTokenizer, never
+    remote code) or a `tokenizers` tokenizer.json. Nothing is downloaded."""
+    hf = transformers(key, path)
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(key, path, "no such file or folder (a save_pretrained folder or tokenizer.json)")
+    if p.is_file():
+        return hf.PreTrainedTokenizerFast(tokenizer_file=str(p))
+    return hf.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)

@@ -36,11 +36,7 @@ Body = Callable[[Config, DistEnv, torch.device], int]
 
 
 def train(args: argparse.Namespace) -> NoReturn:
-    """`dtrain train`: `fit` on this rank (or on N ranks via torchrun, or N Ray workers)."""
-    if getattr(args, "ray_workers", 0):
-        from dtrain import raytrain
-
-        sys.exit(raytrain.launch(args))
+    """`dtrain train`: `fit` on this rank (or on N ranks via torchrun)."""
     allocator.tune()
     # SIGTERM / SIGUSR1 (preemption, torchrun stopping its workers) end in a checkpoint at the
     # next step boundary inside the loop, and in an exception elsewhere, so `finally` blocks

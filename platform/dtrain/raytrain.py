@@ -35,7 +35,7 @@ from dtrain.tasks import load_config
 log = logging.getLogger("dtrain")
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(args: argparse.Namespace) -> None:
     """`dtrain train --ray-workers N`: validate, run, and say in one line why a job failed."""
     if args.nproc_per_node:
         raise ConfigError("--nproc-per-node", args.nproc_per_node, "is torchrun's; with --ray-workers Ray starts the "
@@ -52,7 +52,6 @@ def launch(args: argparse.Namespace) -> int:
         who = f"worker {rank}: " if rank is not None else ""
         raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
                          f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
-    return 0
 
 
 def _cause_line(e: BaseException) -> str:

@@ -74,7 +74,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     vocabulary; meta.json then names it and its size (`hf` extra)."""
     from tqdm import tqdm
 
-
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError("--val-fraction", val_fraction, "must be between 0 and 1 (exclusive)")
     files = text_files(inputs, TEXT_SUFFIXES)
@@ -87,19 +86,9 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     if split == 0 or split == total:
         raise ConfigError("prepare-text", [str(i) for i in inputs], f"too little text ({total} characters)")
     vocab = Vocab(sorted(chars))
-    encode: Callable[[str], Iterable[int]] = lambda text: (lookup[c] for c in text)  # noqa: E731
-    size = len(vocab)
-    if tokenizer:
-        from dtrain.tasks.hf import load_tokenizer
-
-        hf = load_tokenizer(tokenizer, key="--tokenizer")
-        encode, size = (lambda text: hf(text, add_special_tokens=False)["input_ids"]), len(hf)  # noqa: E731
+    encode, size = _encoder(vocab, tokenizer)
     dtype = np.uint16 if size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    lookup = vocab.index
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError("--output", str(output), f"cannot be created: {e.strerror or e}") from None
+    _make_folder(output)
     tmp = {name: output / f".{name}.tmp" for name in ("train.bin", "val.bin")}
     seen = 0
     try:
@@ -125,6 +114,23 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     meta.update({"tokenizer": str(Path(tokenizer).resolve()), "vocab_size": size} if tokenizer else {"vocab": vocab.chars})
     atomic_write(output / "meta.json", lambda p: p.write_text(json.dumps(meta)))
     return meta
+
+
+def _make_folder(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--output", str(output), f"cannot be created: {e.strerror or e}") from None
+
+
+def _encoder(vocab: "Vocab", tokenizer: str) -> tuple[Callable[[str], Iterable[int]], int]:
+    """(text -> ids, how many ids there are): the character vocabulary's, or the tokenizer's."""
+    if not tokenizer:
+        return (lambda text: (vocab.index[c] for c in text)), len(vocab)
+    from dtrain.compat import tokenizer as load_tokenizer
+
+    hf = load_tokenizer(tokenizer, key="--tokenizer")
+    return (lambda text: hf(text, add_special_tokens=False)["input_ids"]), len(hf)
 
 
 @dataclass

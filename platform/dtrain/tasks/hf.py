@@ -101,17 +101,6 @@ class HFConfig(Config):
                               "data.tokens a token folder (dtrain prepare-text)")
 
 
-def load_tokenizer(path: str, key: str = "data.tokenizer") -> Any:
-    """A tokenizer from a local folder (AutoTokenizer, no remote code) or a tokenizer.json."""
-    transformers = compat.transformers(key, path)
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(key, path, "no such file or folder (a save_pretrained folder or tokenizer.json)")
-    if p.is_file():
-        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(p))
-    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-
-
 class TextRows:
     """A table row as a causal-LM sample: (ids[:-1], ids[1:]) of its first block + 1 tokens,
     padded with `pad`, the padding's targets IGNORE. A picklable object, for loader workers."""
@@ -249,7 +238,7 @@ class HFTask(Task):
                 raise ConfigError("data.tokenizer", "", f"is needed to tokenise column {d.text_column!r} of {d.path} "
                                   f"(it has no {d.ids_column!r} column): a tokenizer saved locally")
         if d.tokenizer:
-            self.tokenizer = load_tokenizer(d.tokenizer)
+            self.tokenizer = compat.tokenizer(d.tokenizer)
             self.vocab_size = len(self.tokenizer)
         return train, val
 
@@ -291,7 +280,7 @@ class CausalLMTask(HFTask):
             named = d.tokenizer or (tokens.read_meta(d.tokens).get("tokenizer", "") if data.chars is None
                                     and (Path(d.tokens) / "meta.json").is_file() else "")
             if named:  # the tokenizer that wrote the ids (prepare-text --tokenizer) goes into hf/ too
-                self.tokenizer = load_tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
+                self.tokenizer = compat.tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
             return data.train, data.val
         train, val = self.open_table()
         rows = TextRows(block, d.text_column, d.ids_column, self.tokenizer, self.pad_id())
