@@ -46,6 +46,12 @@ TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("fsdp-ac", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "model.activation_checkpointing=full")),
     ("zero3", (LLAMA, "data.tokens={root}/tokens", "engine=deepspeed", "deepspeed.zero_stage=3")),
     ("fsdp-compiled", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "compile=true")),
+    # Stopped after step 4 and resumed (the tokenizer's ids, the step, the data position).
+    ("fsdp-resumed", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "model.activation_checkpointing=full",
+                      "train.stop_at_step=4", "checkpoint.every_steps=4")),
+    ("fsdp-resumed", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "model.activation_checkpointing=full",
+                      "resume=auto", "checkpoint.every_steps=4")),
+    ("fsdp-bf16", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "precision=bf16")),
     ("gpt2", (GPT2, "data.tokens=", "data.path={root}/text.parquet", "data.tokenizer={root}/tokenizer", "train.max_steps=12")),
     ("classifier", ("task=hf_sequence_classification", "model.pretrained={root}/gpt2/hf", "model.config={}",
                     "data.tokens=", "data.path={root}/labelled.parquet", "data.tokenizer={root}/tokenizer", "train.max_steps=30",
@@ -73,7 +79,8 @@ def _train(rank: int, world: int, root: str) -> None:
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     for name, overrides in TWO_RANKS:
         cfg = load_config(RECIPE, [*BASE, f"output_dir={root}/{name}", *(o.replace("{root}", root) for o in overrides)])
-        assert fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu")).status == "finished"
+        outcome = fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
+        assert outcome.status in ("finished", "stopped"), (name, outcome)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +111,15 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ models and engines
 
 @pytest.mark.slow
-def test_fsdp_with_activation_checkpointing_zero3_and_compile_train_the_llama_to_ddps_parameters(runs):
+def test_fsdp_with_activation_checkpointing_zero3_compile_and_a_resume_train_the_llama_to_ddps_parameters(runs):
     ddp = weights(runs / "ddp")
     assert max_param_diff(weights(runs / "fsdp-ac"), ddp) <= 1e-5
     assert max_param_diff(weights(runs / "zero3"), ddp) <= 1e-5
     assert max_param_diff(weights(runs / "fsdp-compiled"), ddp) <= 1e-4  # inductor's own kernels round differently
+    assert max_param_diff(weights(runs / "fsdp-resumed"), weights(runs / "fsdp-ac")) <= 1e-6
+    bf16 = json.loads((runs / "fsdp-bf16" / "summary.json").read_text())
+    assert bf16["precision"] == "bf16" and abs(bf16["eval"]["loss"] - json.loads(
+        (runs / "ddp" / "summary.json").read_text())["eval"]["loss"]) < 0.05  # bf16's rounding, not another model
     # The bounds exclude what a wrong engine would give: one step fewer moves the weights far more.
     assert max_param_diff(weights(runs / "ddp-7"), ddp) > 1e-3
     summary = json.loads((runs / "ddp" / "summary.json").read_text())
