@@ -35,7 +35,9 @@ else
     || pip_install "torch==${TORCH_CPU}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
-pip_install -e ".[test]"
+# The optional integrations (Hugging Face models and datasets, Ray Train) come too: their tests
+# run here. A user's own `pip install -e .` stays without them.
+pip_install -e ".[test,hf,ray]"
 
 # torchvision (the `vision` extra, examples/image_folder): the release made for this torch
 # (torch 2.X pairs with torchvision 0.(X+15)), pinned so that pip never swaps torch for it.

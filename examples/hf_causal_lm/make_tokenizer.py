@@ -3,7 +3,7 @@ it as transformers saves one (tokenizer.json + tokenizer_config.json): what
 `dtrain prepare-text --tokenizer` and `data.tokenizer` read. A tokenizer of your own saved with
 `save_pretrained` works the same; nothing here is downloaded.
 
-    python make_tokenizer.py TEXT_FILE... --output tokenizer [--vocab-size 2048]
+    python make_tokenizer.py TEXT_FILES_OR_FOLDERS... --output tokenizer [--vocab-size 2048]
 """
 
 from __future__ import annotations
@@ -31,5 +31,7 @@ if __name__ == "__main__":
     p.add_argument("--output", required=True)
     p.add_argument("--vocab-size", type=int, default=2048)
     args = p.parse_args()
-    make_tokenizer(Path(args.output), args.text, args.vocab_size)
+    from dtrain.tokens import TEXT_SUFFIXES, text_files  # a folder's text files, as prepare-text reads them
+
+    make_tokenizer(Path(args.output), [str(f) for f in text_files(args.text, TEXT_SUFFIXES)], args.vocab_size)
     print(f"tokenizer ({args.vocab_size} ids) -> {args.output}")
