@@ -52,7 +52,7 @@ BAD = [
     (["data.path=/no/such/dir"], "data.path='/no/such/dir': no such file or folder"),
     (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': no such checkpoint"),
     (["data.global_batch_size=63"], "data.global_batch_size=63: must be divisible by world size x data.grad_accum_steps = 1 x 2"),
-    (["task=cnnn"], "task='cnnn': must be one of cnn|transformer|gan or package.module:Class (did you mean cnn?)"),
+    (["task=cnnn"], "task='cnnn': must be one of cnn|transformer|gan|hf_causal_lm|hf_sequence_classification or package.module:Class (did you mean cnn?)"),
     (["optim"], "override 'optim' is not of the form key.sub=value"),
     (["train.max_steps=.inf"], "train.max_steps=inf: must be an integer"),  # was an OverflowError traceback
     (["optim.lr=.nan"], "optim.lr=nan: must be a number"),

@@ -34,6 +34,7 @@ sys.path.insert(0, str(EXAMPLE))
 from make_tokenizer import make_tokenizer  # noqa: E402  (the example's own, as a user runs it)
 
 RECIPE = str(EXAMPLE / "recipe.yaml")
+CLASSIFY = str(EXAMPLE / "classify.yaml")  # fine-tunes what recipe.yaml trained (its hf/ folder)
 LLAMA = ("model.config={model_type: llama, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, "
          "hidden_size: 64, intermediate_size: 128, max_position_embeddings: 64}")
 GPT2 = "model.config={model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 64}"
@@ -53,9 +54,8 @@ TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [
                       "resume=auto", "checkpoint.every_steps=4")),
     ("fsdp-bf16", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "precision=bf16")),
     ("gpt2", (GPT2, "data.tokens=", "data.path={root}/text.parquet", "data.tokenizer={root}/tokenizer", "train.max_steps=12")),
-    ("classifier", ("task=hf_sequence_classification", "model.pretrained={root}/gpt2/hf", "model.config={}",
-                    "data.tokens=", "data.path={root}/labelled.parquet", "data.tokenizer={root}/tokenizer", "train.max_steps=30",
-                    "optim.lr=0.001", "data.global_batch_size=16")),
+    ("classifier", ("model.pretrained={root}/gpt2/hf", "data.path={root}/labelled.parquet",
+                    "data.tokenizer={root}/gpt2/hf", "train.max_steps=30", "optim.lr=0.001", "data.global_batch_size=16")),
 ]
 
 
@@ -78,7 +78,8 @@ def _train(rank: int, world: int, root: str) -> None:
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     for name, overrides in TWO_RANKS:
-        cfg = load_config(RECIPE, [*BASE, f"output_dir={root}/{name}", *(o.replace("{root}", root) for o in overrides)])
+        recipe = CLASSIFY if name == "classifier" else RECIPE
+        cfg = load_config(recipe, [*BASE, f"output_dir={root}/{name}", *(o.replace("{root}", root) for o in overrides)])
         outcome = fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
         assert outcome.status in ("finished", "stopped"), (name, outcome)
 
