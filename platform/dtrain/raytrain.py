@@ -12,11 +12,12 @@ is output_dir's own name, so dtrain's checkpoints are where Ray keeps the run, o
 every node must reach (a shared file system) when the job spans machines.
 
 Failures: `--ray-max-failures K` is Ray's `FailureConfig(max_failures=K)`. When a worker dies
-Ray restarts the group, and each attempt runs with `resume=auto`: it continues exactly from
-the newest checkpoint, in the same MLflow run (the checkpoint carries its id). That is safe
-because this process refuses, before Ray starts anything, an output_dir that already holds
-another run's checkpoints (as every fresh dtrain start does), so the only checkpoints an attempt
-can find are this job's.
+Ray restarts the group. Ray tells an attempt nothing of earlier ones, so the first attempt
+leaves a marker in output_dir (`.ray-<job id>`, removed when the job ends): an attempt that
+finds it continues with `resume=auto` exactly from the newest checkpoint written since, in the
+same MLflow run (the checkpoint carries its id), or, where the first attempt wrote none, starts
+as the first did (the recipe's own `resume`). A fresh start is refused before Ray starts
+anything when output_dir holds another run's checkpoints, as every dtrain start does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,6 +56,24 @@ def launch(args: argparse.Namespace) -> None:
                          f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
 
 
+def _continue_an_earlier_attempt(cfg: Any, marker: Path, rank: int) -> None:
+    """Every rank looks for the first attempt's marker before rank 0 of the first attempt
+    writes it (a barrier between), so all agree on whether this is a restart. A restart
+    resumes from the newest checkpoint written since the marker; none: it starts as the first."""
+    restart = marker.exists()
+    distributed.barrier()
+    if restart:
+        since = marker.stat().st_mtime
+        ours = [p for p in checkpoint.candidates(Path(cfg.output_dir) / "checkpoints") if p.stat().st_mtime >= since]
+        if ours:
+            cfg.resume = "auto"  # the newest checkpoint is this job's
+            cfg.checkpoint.overwrite = False
+            log.info("ray: a restarted attempt; continuing from %s", ours[0].name)
+    elif rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
 def _cause_line(e: BaseException) -> str:
     """The line that says why: dtrain's own line (an error's last line), or Ray's word for a
     worker that died (its first line: the process is gone, with nothing more to say)."""
@@ -78,13 +98,11 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
     engines.validate(cfg)
     out = Path(cfg.output_dir).resolve()
     earlier = checkpoint.candidates(out / "checkpoints")
-    if earlier and not cfg.resume:  # the workers run with resume=auto: a fresh start must find none
-        if not cfg.checkpoint.overwrite:
-            raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
-                              f"{earlier[0].name}); continue it with resume=auto, or start over with another "
-                              "output_dir or checkpoint.overwrite=true")
-        removed = checkpoint.clear(out / "checkpoints")
-        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, out)
+    if earlier and not cfg.resume and not cfg.checkpoint.overwrite:  # what the first attempt would refuse, now
+        raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
+                          f"{earlier[0].name}); continue it with resume=auto, or start over with another "
+                          "output_dir or checkpoint.overwrite=true")
+    job_id = uuid.uuid4().hex[:12]
     ray = compat.require("ray", "ray", "--ray-workers", workers)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -93,7 +111,8 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
         ray.init(address=address or None)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"recipe": str(Path(recipe).resolve()), "overrides": [*overrides, f"output_dir={out}"]},
+        train_loop_config={"recipe": str(Path(recipe).resolve()), "overrides": [*overrides, f"output_dir={out}"],
+                           "job_id": job_id},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
         run_config=RunConfig(name=out.name, storage_path=str(out.parent),
@@ -109,11 +128,10 @@ def train_loop(config: dict[str, Any]) -> None:
     env = distributed.read_env()
     job.setup_logging(env.rank)
     cfg = load_config(config["recipe"], config["overrides"])
-    if not cfg.resume:
-        cfg.resume = "auto"
-        cfg.checkpoint.overwrite = False  # done before launch; a restart must never clear this job's own
     data.plan_batches(cfg, env.world_size)
     device = distributed.init(env, cfg.train.collective_timeout_s)
+    marker = Path(cfg.output_dir) / f".ray-{config['job_id']}"
+    _continue_an_earlier_attempt(cfg, marker, env.rank)
     try:
         outcome = fit(cfg, env, device)
     except BaseException as e:
@@ -124,3 +142,5 @@ def train_loop(config: dict[str, Any]) -> None:
         raise
     if outcome.status == "preempted":  # Ray's own restart continues it from the checkpoint just written
         raise RuntimeError(f"preempted by signal {outcome.signum} after a checkpoint")
+    if env.rank == 0:
+        marker.unlink(missing_ok=True)
