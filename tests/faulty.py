@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Subset
 
+from dtrain.tasks.cnn import CNNTask
 from helpers import MLPConfig, MLPModelConfig, MLPTask
 
 
@@ -125,3 +126,19 @@ def _fill(path: Path) -> None:
                     break
                 chunk = chunk[: len(chunk) // 2]
         os.fsync(f.fileno())
+
+
+class KillOnceCNN(CNNTask):
+    """The CNN recipe's own task, except that rank R SIGKILLs itself before its attempt's step S,
+    once per output_dir (`DTRAIN_TEST_KILL=R:S` in the environment; a marker in output_dir
+    remembers the death across restarts, for launchers that count none, such as Ray)."""
+
+    def train_step(self, engines, micro_batches):
+        self.steps = getattr(self, "steps", 0) + 1
+        if os.environ.get("DTRAIN_TEST_KILL"):
+            rank, step = (int(v) for v in os.environ["DTRAIN_TEST_KILL"].split(":"))
+            marker = Path(self.cfg.output_dir) / f".killed-rank{rank}"
+            if _rank() == rank and self.steps == step and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().train_step(engines, micro_batches)

@@ -60,6 +60,22 @@ def spawn(fn, world: int, *args) -> None:
         mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True)
 
 
+def trained_once(tmp_path_factory, name: str, train) -> Path:
+    """A folder that `train(folder)` fills once per test session: the first xdist worker to ask
+    trains (behind a file lock), another that asks meanwhile waits, later ones read it."""
+    from filelock import FileLock
+
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / f"{name}-{session}" if session else base / name
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "runs.lock")):
+        if not (root / "trained").exists():
+            train(root)
+            (root / "trained").touch()
+    return root
+
+
 def _dtrain_modules() -> list[str]:
     import pkgutil
 

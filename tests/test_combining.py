@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from dtrain import distill, ewc, prune, safeload, soup
-from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn
+from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn, trained_once
 
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
          "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
@@ -83,15 +82,11 @@ def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ..
 def runs(tmp_path_factory):
     """`runs(name)`: the folder of a run above, all trained once per session: the first xdist
     worker to need them trains them (a file lock), the other waits and reads them."""
-    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent / f"combining-{session}" if session else base / "combining"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root / "runs.lock")):
-        if not (root / "trained").exists():
-            spawn(_train, 1, str(root), ONE_RANK)
-            spawn(_train, 2, str(root), TWO_RANKS)
-            (root / "trained").touch()
+    def train(root: Path) -> None:
+        spawn(_train, 1, str(root), ONE_RANK)
+        spawn(_train, 2, str(root), TWO_RANKS)
+
+    root = trained_once(tmp_path_factory, "combining", train)
 
     def run(name: str) -> Path:
         return root / name

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from dtrain import safeload, tokens
 from dtrain.config import ConfigError
 from dtrain.tasks import get_task, load_config
-from helpers import check, max_param_diff, run_dtrain, spawn
+from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm"
 transformers = pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
@@ -86,23 +85,17 @@ def _train(rank: int, world: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The folder of each run above, trained once per session (a file lock: one xdist worker
-    trains, another that needs them waits)."""
-    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent / f"hf-{session}" if session else base / "hf"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root / "runs.lock")):
-        if not (root / "trained").exists():
-            stdlib = Path(sysconfig.get_paths()["stdlib"])
-            sources = [str(stdlib / "json" / f) for f in ("decoder.py", "encoder.py", "__init__.py")]
-            make_tokenizer(root / "tokenizer", sources)
-            check(run_dtrain(["prepare-text", *sources, "--tokenizer", str(root / "tokenizer"),
-                              "--output", str(root / "tokens")], cwd=root))
-            make_tables(root, [line for f in sources for line in Path(f).read_text().splitlines() if line.strip()])
-            spawn(_train, 2, str(root))
-            (root / "trained").touch()
-    return root
+    """The folder of each run above, trained once per session."""
+    def train(root: Path) -> None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        sources = [str(stdlib / "json" / f) for f in ("decoder.py", "encoder.py", "__init__.py")]
+        make_tokenizer(root / "tokenizer", sources)
+        check(run_dtrain(["prepare-text", *sources, "--tokenizer", str(root / "tokenizer"),
+                          "--output", str(root / "tokens")], cwd=root))
+        make_tables(root, [line for f in sources for line in Path(f).read_text().splitlines() if line.strip()])
+        spawn(_train, 2, str(root))
+
+    return trained_once(tmp_path_factory, "hf", train)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

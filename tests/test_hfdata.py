@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 from dtrain import data, hfdata, safeload
 from dtrain.config import ConfigError
-from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn
+from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn, trained_once
 
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
 
@@ -51,17 +50,12 @@ def _train(rank: int, world: int, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent / f"hfdata-{session}" if session else base / "hfdata"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root / "runs.lock")):
-        if not (root / "trained").exists():
-            make_table(root / "digits.parquet")
-            spawn(_train, 1, str(root))
-            spawn(_train, 2, str(root))
-            (root / "trained").touch()
-    return root
+    def train(root: Path) -> None:
+        make_table(root / "digits.parquet")
+        spawn(_train, 1, str(root))
+        spawn(_train, 2, str(root))
+
+    return trained_once(tmp_path_factory, "hfdata", train)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ same MLflow run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import mlflow
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from dtrain.environments import read_env
-from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain, spawn
+from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain
 
 pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
 
@@ -36,24 +35,55 @@ def test_bad_ray_options_are_refused_before_ray_starts(tmp_path):
     assert "--ray-max-failures=-1" in proc.stderr
     proc = run_dtrain(["train", CNN, "--ray-workers", "3", "data.global_batch_size=64"], cwd=tmp_path)
     assert proc.returncode == 2 and "data.global_batch_size=64" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "earlier" / "checkpoints" / "step_00000010").mkdir(parents=True)  # another run's
+    proc = run_dtrain(["train", CNN, f"output_dir={tmp_path / 'earlier'}", *RAY], cwd=tmp_path)
+    assert proc.returncode == 2 and "holds checkpoints of an earlier run (newest step_00000010)" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr  # refused before Ray started anything
 
 
 @pytest.mark.slow
-def test_ray_workers_train_the_cnn_to_the_parameters_of_torchrun_ranks(tmp_path, tiny_runs):
+def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resumes_exactly(tmp_path, tiny_runs):
+    """One Ray job of 2 workers, through examples/ray's script: rank 1 dies by SIGKILL before
+    step 13; Ray restarts the group, which resumes at step 10's checkpoint, finishes the 20 steps
+    in the same MLflow run and ends at the parameters of 2 torchrun ranks trained straight."""
     reference = tiny_runs("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
-    out = tmp_path / "ray"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["train", CNN, *TINY_CNN, *DDP_BASELINE, f"output_dir={out}", "tracking.enabled=true",
-                             f"tracking.uri={uri}", *RAY], cwd=tmp_path, **RAY_ENV))
+    out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([PY, str(ROOT / "examples" / "ray" / "train_on_ray.py"), CNN, *TINY_CNN, *DDP_BASELINE,
+                           "task=faulty:KillOnceCNN", "checkpoint.every_steps=5", f"output_dir={out}",
+                           "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=ray",
+                           "tracking.log_every=4", "--workers", "2", "--max-failures", "1"],
+                          cwd=tmp_path, env=env_for_cli(DTRAIN_TEST_KILL="1:13", **RAY_ENV), capture_output=True,
+                          text=True, timeout=600)
+    check(proc)
+    assert (out / ".killed-rank1").exists()  # the fault happened: rank 1 died before step 13
+    assert "resumed at step 10" in proc.stdout + proc.stderr  # the new group continued from the newest checkpoint
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 20
-    run = mlflow.MlflowClient(uri).get_run(summary["run_id"])
-    assert run.data.tags["dtrain.launcher"] == "ray" and run.info.status == "FINISHED", proc.stderr[-2000:]
-    ray_params, torchrun_params = load_params(out / "model.pt"), load_params(reference / "model.pt")
-    assert max_param_diff(ray_params, torchrun_params, buffers=True) <= 1e-6
-    # What the bound tells apart: 20 steps moved every parameter tensor far beyond it.
-    init = _initial_cnn()
-    assert max_param_diff(ray_params, init) > 1e-2
+    assert summary["world_size"] == 2 and summary["steps"] == 20 and summary["samples_seen"] == 20 * 64
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["dtrain.launcher"] == "ray" and run.data.tags["dtrain.resumed"] == "true"
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}) == [4, 8, 12, 16, 20]
+    ray_params = load_params(out / "model.pt")
+    assert max_param_diff(ray_params, load_params(reference / "model.pt"), buffers=True) <= 1e-6
+    # What the bound tells apart: 20 steps moved the weights far beyond it from where they began.
+    assert max_param_diff(ray_params, _initial_cnn()) > 1e-2
+    assert not list(out.glob(".ray-*"))  # the job's marker is gone once it finished
+
+
+@pytest.mark.slow
+def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_path):
+    out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_dtrain(["train", CNN, *TINY_CNN, "task=faulty:KillOnceCNN", f"output_dir={out}", "tracking.enabled=true",
+                       f"tracking.uri={uri}", "tracking.experiment=ray", *RAY], cwd=tmp_path,
+                      DTRAIN_TEST_KILL="1:2", **RAY_ENV)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dtrain: error: ray: the job failed after 0 restart(s) allowed (--ray-max-failures): "
+                           "worker 1: its process died"), last
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
+    assert run.info.status != "RUNNING"  # rank 0 closed it as the group broke
 
 
 def _initial_cnn() -> dict[str, torch.Tensor]:
@@ -64,40 +94,3 @@ def _initial_cnn() -> dict[str, torch.Tensor]:
     task.datasets()
     torch.manual_seed(cfg.seed)
     return task.models()["model"].module.state_dict()
-
-
-def _straight(rank: int, world: int, out: str, overrides: list[str]) -> None:
-    from dtrain.distributed import DistEnv
-    from dtrain.tasks import load_config
-    from dtrain.trainer import fit
-
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    fit(load_config(CNN, [*overrides, f"output_dir={out}"]), DistEnv(rank=rank, world_size=world, local_world_size=world),
-        torch.device("cpu"))
-
-
-FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "train.max_steps=24",
-          "checkpoint.every_steps=5", "train.eval_every_steps=0"]
-
-
-@pytest.mark.slow
-def test_a_sigkilled_ray_worker_is_restarted_and_the_job_resumes_exactly_in_one_mlflow_run(tmp_path):
-    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
-    # Through the Python API of examples/ray (the CLI's --ray-max-failures builds the same trainer).
-    proc = subprocess.run([PY, str(ROOT / "examples" / "ray" / "train_on_ray.py"), CNN, *FAULTY, "model.fault=kill:1:13",
-                           f"output_dir={out}", f"tracking.uri={uri}", "tracking.experiment=ray", "tracking.log_every=4",
-                           "--workers", "2", "--max-failures", "1"],
-                          cwd=tmp_path, env=env_for_cli(**RAY_ENV), capture_output=True, text=True, timeout=600)
-    check(proc)
-    assert (out / ".killed-rank1").exists()  # the fault happened: rank 1 died by SIGKILL before step 13
-    assert "resumed at step 10" in proc.stdout + proc.stderr  # the new group continued from the newest checkpoint
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 24 and summary["samples_seen"] == 24 * 64
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
-    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
-    assert run.data.tags["dtrain.resumed"] == "true"
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}) == list(range(4, 25, 4))
-    # Exactly where an uninterrupted run ends (the same 2 ranks, without the fault).
-    spawn(_straight, 2, str(tmp_path / "straight"), [*FAULTY, "tracking.enabled=false"])
-    assert max_param_diff(load_params(out / "model.pt"), load_params(tmp_path / "straight" / "model.pt")) <= 1e-6

@@ -44,9 +44,12 @@ def launch(args: argparse.Namespace) -> None:
                           "ranks: leave it out")
     job = trainer(args.recipe, args.overrides, args.ray_workers, max_failures=args.ray_max_failures,
                   use_gpu=args.ray_gpu, address=args.ray_address)
+    import ray
+
     try:
         job.fit()
     except Exception as e:  # Ray's TrainingFailedError and kin: the first worker's cause, one line
+        ray.shutdown()  # before the line: Ray's log threads would otherwise print after it
         failures = getattr(e, "worker_failures", None) or {}
         # The worker that failed first, not the ones whose collectives broke because it went away.
         ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))
@@ -54,6 +57,7 @@ def launch(args: argparse.Namespace) -> None:
         who = f"worker {rank}: " if rank is not None else ""
         raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
                          f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
+    ray.shutdown()
 
 
 def _continue_an_earlier_attempt(cfg: Any, marker: Path, rank: int) -> None:

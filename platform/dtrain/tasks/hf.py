@@ -216,6 +216,12 @@ class HFTask(Task):
         logits: torch.Tensor = model(input_ids=batch[0]).logits
         return logits
 
+    def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """Probabilities for token ids (N, T): of the next token after each position (causal
+        LM), or of each class (classifier; no padding assumed)."""
+        ids = torch.as_tensor(inputs, dtype=torch.int64)
+        return F.softmax(self.outputs(model, (ids, torch.ones_like(ids))).float(), dim=-1)
+
     def expected_init_loss(self, model: nn.Module, batch: Any) -> float | None:
         with torch.no_grad():
             classes = self.outputs(model, batch).shape[-1]
@@ -271,6 +277,8 @@ class HFTask(Task):
 
 class CausalLMTask(HFTask):
     """Next-token prediction: loss and perplexity over the tokens that are not padding."""
+
+    causal = True  # `dtrain check`'s causality check applies
 
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d, block = self.cfg.data, self.cfg.model.block_size
