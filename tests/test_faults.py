@@ -6,6 +6,7 @@ The user task `faulty:FaultyTask` (tests/faulty.py) misbehaves on purpose where 
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from dtrain.tasks import load_config
 from dtrain.engines.precision import AmpPrecision
 from dtrain.steps import evaluate
 from dtrain.tasks.cnn import CNNTask
-from helpers import PY, ROOT, check, run_dtrain, env_for_cli, load_params, max_param_diff, torchrun_cmd, torchrun_env
+from helpers import PY, ROOT, check, run_dtrain, env_for_cli, load_params, max_param_diff, spawn, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # The BN-free MLP on digits, without augmentation (its shifts come from each rank's own RNG):
@@ -327,19 +328,30 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
 # --------------------------------------------------------------------------- combinations
 
 
+def _zero0_and_ddp(rank: int, world: int, root: str) -> None:
+    """The two runs of the test below, in one process group (no process start-up per run)."""
+    from dtrain.distributed import DistEnv
+    from dtrain.trainer import fit
+
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
+    common = [*FAULTY, "train.max_steps=10", "train.max_nonfinite_steps=3", "tracking.log_every=2",
+              "checkpoint.every_steps=0", "optim.clip_grad_norm=1.0"]
+    for overrides in (["engine=deepspeed", "deepspeed.zero_stage=0", "tracking.enabled=true",
+                       f"tracking.uri=sqlite:///{root}/mlflow.db", f"output_dir={root}/ds"],
+                      ["tracking.enabled=false", f"output_dir={root}/ddp"]):
+        fit(load_config(RECIPE, [*common, *overrides]), DistEnv(rank=rank, world_size=world, local_world_size=world),
+            torch.device("cpu"))
+
+
 @pytest.mark.slow
 def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     """ZeRO stage 0 in fp32 returns no norm from its plain optimizer; dtrain measures it, so
     steps are not counted non-finite, and the run matches DDP."""
-    common = ["train", RECIPE, *FAULTY, "train.max_steps=25", "train.max_nonfinite_steps=3",
-              "tracking.log_every=5", "checkpoint.every_steps=0", "optim.clip_grad_norm=1.0"]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    check(run_dtrain([*common, "engine=deepspeed", "deepspeed.zero_stage=0", f"tracking.uri={uri}",
-                  "tracking.experiment=z0", f"output_dir={tmp_path / 'ds'}"], cwd=tmp_path, nproc=2, timeout=300))
-    check(run_dtrain([*common, "tracking.enabled=false", f"output_dir={tmp_path / 'ddp'}"], cwd=tmp_path, nproc=2))
+    spawn(_zero0_and_ddp, 2, str(tmp_path))
     s = json.loads((tmp_path / "ds" / "summary.json").read_text())
-    norms = [m.value for m in mlflow.MlflowClient(uri).get_metric_history(s["run_id"], "train/grad_norm")]
-    assert len(norms) == 5 and all(0 < n < 1e3 for n in norms), norms
+    norms = [m.value for m in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+        s["run_id"], "train/grad_norm")]
+    assert s["steps"] == 10 and len(norms) == 5 and all(0 < n < 1e3 for n in norms), norms
     assert max_param_diff(load_params(tmp_path / "ds" / "model.pt"), load_params(tmp_path / "ddp" / "model.pt")) < 1e-5
 
 
