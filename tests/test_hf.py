@@ -171,6 +171,14 @@ def test_an_architecture_or_a_folder_is_needed_and_pickled_weights_are_refused(t
     cfg = load_config(RECIPE, [f"model.pretrained={tmp_path}", "model.config={}", "data.tokens=x"])
     with pytest.raises(ConfigError, match=r"no \*\.safetensors weights \(pickled"):
         get_task(cfg.task)(cfg).build_model()
+    custom = tmp_path / "custom"  # a folder whose config names modeling code of its own: never run
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "mine.Config"}}))
+    (custom / "mine.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    cfg = load_config(RECIPE, [f"model.pretrained={custom}", "model.config={}", "data.tokens=x"])
+    with pytest.raises(ConfigError, match="contains custom code"):
+        get_task(cfg.task)(cfg).build_model()
+    assert not (tmp_path / "ran").exists()
     cfg = load_config(RECIPE, ["model.config={model_type: no_such_model}", "data.tokens=x"])
     with pytest.raises(ConfigError, match="model.config.model_type='no_such_model': is not an architecture"):
         get_task(cfg.task)(cfg).build_model()

@@ -158,8 +158,12 @@ class HFTask(Task):
         if m.pretrained:
             if not (Path(m.pretrained) / "config.json").is_file():
                 raise ConfigError("model.pretrained", m.pretrained, "has no config.json (a folder save_pretrained wrote)")
-            config = transformers.AutoConfig.from_pretrained(m.pretrained, local_files_only=True, trust_remote_code=False,
-                                                             **fields)
+            try:
+                config = transformers.AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
+                                                                 trust_remote_code=False, **fields)
+            except (ValueError, OSError) as e:  # custom code it would have to run, a malformed config.json
+                raise ConfigError("model.pretrained", m.pretrained, f"cannot be loaded without running code or as it "
+                                  f"is: {str(e).splitlines()[0][:200]}") from None
         else:
             model_type = fields.pop("model_type")
             if self.vocab_size:
