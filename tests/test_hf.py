@@ -179,6 +179,14 @@ def test_an_architecture_or_a_folder_is_needed_and_pickled_weights_are_refused(t
     with pytest.raises(ConfigError, match="contains custom code"):
         get_task(cfg.task)(cfg).build_model()
     assert not (tmp_path / "ran").exists()
+    saved = tmp_path / "saved"  # a real folder whose weights were cut short in transfer
+    transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=1,
+                                                                          vocab_size=16)).save_pretrained(str(saved))
+    weights_file = saved / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:200])
+    cfg = load_config(RECIPE, [f"model.pretrained={saved}", "model.config={}", "data.tokens=x"])
+    with pytest.raises(ConfigError, match="its weights cannot be loaded"):
+        get_task(cfg.task)(cfg).build_model()
     cfg = load_config(RECIPE, ["model.config={model_type: no_such_model}", "data.tokens=x"])
     with pytest.raises(ConfigError, match="model.config.model_type='no_such_model': is not an architecture"):
         get_task(cfg.task)(cfg).build_model()

@@ -191,12 +191,18 @@ class HFTask(Task):
         auto = getattr(transformers, self.auto_class)
         config = self.hf_config()
         if self.cfg.model.pretrained:
+            from safetensors import SafetensorError
+
             weights = list(Path(self.cfg.model.pretrained).glob("*.safetensors"))
             if not weights:
                 raise ConfigError("model.pretrained", self.cfg.model.pretrained, "has no *.safetensors weights (pickled "
                                   "*.bin files are refused: loading them can run code)")
-            model: nn.Module = auto.from_pretrained(self.cfg.model.pretrained, config=config, local_files_only=True,
-                                                    use_safetensors=True, trust_remote_code=False)
+            try:
+                model: nn.Module = auto.from_pretrained(self.cfg.model.pretrained, config=config, local_files_only=True,
+                                                        use_safetensors=True, trust_remote_code=False)
+            except (ValueError, OSError, RuntimeError, SafetensorError) as e:  # truncated or mismatched weights
+                raise ConfigError("model.pretrained", self.cfg.model.pretrained,
+                                  f"its weights cannot be loaded: {str(e).splitlines()[0][:200]}") from None
         else:
             model = auto.from_config(config)
         self.model_ref = model
