@@ -86,6 +86,20 @@ def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_p
     assert run.info.status != "RUNNING"  # rank 0 closed it as the group broke
 
 
+def test_a_run_its_stopped_workers_left_running_is_closed_by_the_launching_process(tmp_path):
+    from dtrain.raytrain import close_left_running
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("ray")
+    ours, other = (client.create_run(experiment) for _ in range(2))
+    client.log_param(ours.info.run_id, "output_dir", str(tmp_path / "ours"))
+    client.log_param(other.info.run_id, "output_dir", str(tmp_path / "other"))
+    close_left_running(CNN, [f"output_dir={tmp_path / 'ours'}", f"tracking.uri={uri}", "tracking.experiment=ray"])
+    assert client.get_run(ours.info.run_id).info.status == "FAILED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"  # another job's: untouched
+
+
 def _initial_cnn() -> dict[str, torch.Tensor]:
     from dtrain.tasks import get_task, load_config
 

@@ -26,7 +26,11 @@ def main() -> None:
     args = p.parse_args()
     trainer = raytrain.trainer(args.recipe, args.overrides, args.workers, max_failures=args.max_failures,
                                address=args.address)
-    result = trainer.fit()  # raises if the job still fails after --max-failures restarts
+    try:
+        result = trainer.fit()  # raises if the job still fails after --max-failures restarts
+    except Exception:
+        raytrain.close_left_running(args.recipe, args.overrides)  # Ray stopped the workers before rank 0 could
+        raise
     print(f"ray: done; the run folder is {result.path}")
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from dtrain import checkpoint, compat, data, distributed, engines
+from dtrain import checkpoint, compat, data, distributed, engines, tracking
 from dtrain.config import ConfigError
 from dtrain.errors import WorkFailed
 from dtrain.tasks import load_config
@@ -50,6 +51,7 @@ def launch(args: argparse.Namespace) -> None:
         job.fit()
     except Exception as e:  # Ray's TrainingFailedError and kin: the first worker's cause, one line
         ray.shutdown()  # before the line: Ray's log threads would otherwise print after it
+        close_left_running(args.recipe, args.overrides)
         failures = getattr(e, "worker_failures", None) or {}
         # The worker that failed first, not the ones whose collectives broke because it went away.
         ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))
@@ -58,6 +60,38 @@ def launch(args: argparse.Namespace) -> None:
         raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
                          f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
     ray.shutdown()
+
+
+def close_left_running(recipe: str, overrides: Sequence[str]) -> None:
+    """After a job that failed for good: its MLflow run marked FAILED where still RUNNING. Ray
+    stops the surviving workers of a broken group at once, so rank 0 may not have closed it;
+    this process outlives them all. Found by its output_dir; never fatal."""
+    cfg = load_config(recipe, overrides)
+    if not cfg.tracking.enabled:
+        return
+    import mlflow
+
+    out = str(Path(cfg.output_dir).resolve())
+    try:
+        client = mlflow.MlflowClient(_absolute(tracking.resolve_uri(cfg.tracking.uri)))
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None or "'" in out:
+            return
+        for run in client.search_runs([experiment.experiment_id],
+                                      f"params.output_dir = '{out}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.info("ray: MLflow run %s marked FAILED (its workers were stopped before they could)", run.info.run_id)
+    except Exception as e:  # a tracking outage must not hide the job's own error line
+        log.warning("ray: could not close the MLflow run of %s: %s", out, str(e).splitlines()[0][:200])
+
+
+def _absolute(uri: str) -> str:
+    """A relative SQLite store (MLflow's default, ./mlflow.db) as an absolute one: the workers'
+    working directory may not be this process's."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def _continue_an_earlier_attempt(cfg: Any, marker: Path, rank: int) -> None:
@@ -115,8 +149,9 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
         ray.init(address=address or None)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"recipe": str(Path(recipe).resolve()), "overrides": [*overrides, f"output_dir={out}"],
-                           "job_id": job_id},
+        train_loop_config={"recipe": str(Path(recipe).resolve()), "job_id": job_id, "cwd": os.getcwd(),
+                           "overrides": [*overrides, f"output_dir={out}",
+                                         f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}"]},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
         run_config=RunConfig(name=out.name, storage_path=str(out.parent),
@@ -129,6 +164,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from dtrain import job
     from dtrain.trainer import fit
 
+    if os.path.isdir(config["cwd"]):  # relative data paths as where the command ran (when this node has it)
+        os.chdir(config["cwd"])
     env = distributed.read_env()
     job.setup_logging(env.rank)
     cfg = load_config(config["recipe"], config["overrides"])
