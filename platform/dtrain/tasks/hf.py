@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dtrain import compat, hfdata, safeload, tokens
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
+from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
+from dtrain.tasks.transformer.config import TransformerOptimConfig
 
 IGNORE = -100
 """Targets the loss skips (padding): the value transformers' own losses ignore."""
@@ -71,13 +72,12 @@ class HFDataConfig(DataConfig):
 
 
 @dataclass
-class HFOptimConfig(OptimConfig):
-    name: OptimizerName = "adamw"
+class HFOptimConfig(TransformerOptimConfig):
+    """The Transformer recipe's AdamW defaults (sqrt rule, decay 0.1, clipping at 1), with the
+    lower peak LR and shorter warmup usual for these models."""
+
     lr: float = 3e-4
-    scale_rule: Literal["linear", "sqrt", "none"] = "sqrt"
-    weight_decay: float = 0.1
     warmup_steps: int = 50
-    clip_grad_norm: float = 1.0
 
 
 @dataclass
