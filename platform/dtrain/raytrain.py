@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from dtrain import checkpoint, compat, data, distributed, engines, tracking
 from dtrain.config import ConfigError
-from dtrain.errors import WorkFailed
+from dtrain.errors import WorkFailed, shown
 from dtrain.tasks import load_config
 
 log = logging.getLogger("dtrain")
@@ -113,11 +113,11 @@ def _continue_an_earlier_attempt(cfg: Any, marker: Path, rank: int) -> None:
 
 
 def _cause_line(e: BaseException) -> str:
-    """The line that says why: dtrain's own line (an error's last line), or Ray's word for a
-    worker that died (its first line: the process is gone, with nothing more to say)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    """The line that says why: dtrain's own line (an error's last line), or, for a worker whose
+    process died (Ray's health check lost it, with nothing more to say), that it died."""
     if type(e).__name__ == "WorkerHealthCheckFailedError":
         return "its process died (killed, out of memory, or its node lost); Ray's logs name the cause"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(e).__name__
 
 
@@ -159,8 +159,8 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker`: dtrain's loop on the process group Ray made. A restarted attempt (or a
-    first one: its output_dir has none of this job's checkpoints yet) continues with resume=auto."""
+    """`train_loop_per_worker`: dtrain's loop on the process group Ray made. A restarted attempt
+    continues from the newest checkpoint this job wrote (`_continue_an_earlier_attempt`)."""
     from dtrain import job
     from dtrain.trainer import fit
 
@@ -178,7 +178,7 @@ def train_loop(config: dict[str, Any]) -> None:
     except BaseException as e:
         line, _ = job.explain(e, cfg)
         if line:  # a known failure: its line, not a traceback (Ray then restarts or reports it)
-            print(f"dtrain[rank {env.rank}]: {line}", file=sys.stderr, flush=True)
+            print(shown(line, env.rank), file=sys.stderr, flush=True)
             raise RuntimeError(line) from None
         raise
     if outcome.status == "preempted":  # Ray's own restart continues it from the checkpoint just written

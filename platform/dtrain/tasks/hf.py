@@ -105,13 +105,18 @@ class TextRows:
     """A table row as a causal-LM sample: (ids[:-1], ids[1:]) of its first block + 1 tokens,
     padded with `pad`, the padding's targets IGNORE. A picklable object, for loader workers."""
 
+    keep_extra = 1
+    """Tokens kept beyond `block`: the LM's inputs and targets are one apart."""
+
     def __init__(self, block: int, text_column: str, ids_column: str, tokenizer: Any, pad: int):
         self.block, self.text, self.ids, self.tokenizer, self.pad = block, text_column, ids_column, tokenizer, pad
 
     def ids_of(self, row: dict[str, Any]) -> list[int]:
+        """The row's first block + keep_extra ids: its ids column, else its text tokenised."""
+        keep = self.block + self.keep_extra
         if self.ids in row:
-            return list(row[self.ids])[:self.block + 1]
-        return list(self.tokenizer(row[self.text], truncation=True, max_length=self.block + 1)["input_ids"])
+            return list(row[self.ids])[:keep]
+        return list(self.tokenizer(row[self.text], truncation=True, max_length=keep)["input_ids"])
 
     def __call__(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.ids_of(row)
@@ -126,15 +131,17 @@ class TextRows:
 class LabelledRows(TextRows):
     """A table row as a classification sample: (ids, attention mask, label), `block` tokens."""
 
+    keep_extra = 0
+
     def __init__(self, block: int, text_column: str, ids_column: str, tokenizer: Any, pad: int, label: str):
-        super().__init__(block - 1, text_column, ids_column, tokenizer, pad)
+        super().__init__(block, text_column, ids_column, tokenizer, pad)
         self.label = label
 
     def __call__(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ids = self.ids_of(row)
-        x = torch.full((self.block + 1,), self.pad, dtype=torch.int64)
+        x = torch.full((self.block,), self.pad, dtype=torch.int64)
         x[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        mask = (torch.arange(self.block + 1) < len(ids)).long()
+        mask = (torch.arange(self.block) < len(ids)).long()
         return x, mask, torch.tensor(int(row[self.label]))
 
 
@@ -236,9 +243,6 @@ class HFTask(Task):
         with torch.no_grad():
             classes = self.outputs(model, batch).shape[-1]
         return math.log(classes)
-
-    def zero_inputs(self, batch: Any) -> Any:
-        return (torch.zeros_like(batch[0]), *batch[1:])
 
     def tokens_per_sample(self) -> int:
         return self.cfg.model.block_size
