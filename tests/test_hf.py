@@ -21,14 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import safeload, tokens
+from dtrain import compat, safeload, tokens
 from dtrain.config import ConfigError
 from dtrain.tasks import get_task, load_config
 from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm"
-transformers = pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
+pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
+# Through dtrain's import, as the tasks do: PyPI's torchvision beside this CPU torch fails to
+# import on its own, and transformers imports torchvision when it is installed.
+transformers = compat.transformers("tests", "test_hf")
 sys.path.insert(0, str(EXAMPLE))
 from make_tokenizer import make_tokenizer  # noqa: E402  (the example's own, as a user runs it)
 
