@@ -64,7 +64,7 @@ def distillation(root: Path, args: argparse.Namespace) -> None:
 
 
 def accuracy(run: Path, classes: str) -> float:
-    from dtrain import soup
+    from dtrain.postrun import soup
 
     return soup.evaluate(str(run), [f"data.classes={classes}"])["accuracy"]
 

@@ -6,7 +6,8 @@ set -uo pipefail
 OUT=${OUT:-runs/gan_sweep}
 mkdir -p "$OUT"
 python - <<'PY'
-from dtrain import datasets, gan_eval
+from dtrain.data import images
+from dtrain.tasks.gan import quality
 train, _ = datasets.digits(0.2, normalize=False)
 gan_eval.digits_classifier(*train.tensors)  # train and cache the feature classifier once, before the runs
 PY

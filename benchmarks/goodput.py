@@ -167,7 +167,7 @@ def at_rate(g: dict, mtbf_s: float) -> float:
 def arithmetic(delta: float, delta_async: float, restart: float) -> None:
     """Young/Daly at scale with this machine's δ and restart time: a node (8 GPUs) fails every
     NODE_MTBF_HOURS; the job's MTBF is that over its nodes."""
-    from dtrain.goodput import NODE_MTBF_HOURS, Interval
+    from dtrain.features.goodput import NODE_MTBF_HOURS, Interval
 
     print(f"\nAt scale, with these measured costs (checkpoint {delta:.2f}s, async {delta_async:.3f}s blocking; restart "
           f"{restart:.1f}s) and a node MTBF of {NODE_MTBF_HOURS:g} h:\n")

@@ -5,7 +5,7 @@ GPU's allocator would hold, without the allocator's caching).
 
     python benchmarks/memory.py [--layers 8] [--embd 256] [--batch 16] [--block 128]
 
-One training step (forward, backward, AdamW step) through dtrain's own `trainer.build` and
+One training step (forward, backward, AdamW step) through dtrain's own `fit.build` and
 the task's `train_step`, after one warm-up step so that the optimizer state exists. Prints a
 Markdown table for the README.
 """
@@ -32,14 +32,15 @@ def measure(rank: int, world: int, store: str, overrides: list[str], out: str) -
     import torch.distributed as dist
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from dtrain import data, trainer
+    from dtrain import data
+    from dtrain.train import fit
     from dtrain.tasks import load_config
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     cfg = load_config(RECIPE, ["tracking.enabled=false", "data.max_chars=300000", *overrides])
-    parts = trainer.build(cfg, torch.device("cpu"))
+    parts = fit.build(cfg, torch.device("cpu"))
     batches = iter(parts.loader)
 
     def step() -> None:

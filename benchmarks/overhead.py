@@ -41,7 +41,7 @@ def run(cmd: list[str], cwd: Path, **extra: str) -> str:
 
 
 def plain(nproc: int, steps: int, cwd: Path, same_malloc: bool = False) -> float:
-    from dtrain.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+    from dtrain.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     out = run(launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]), cwd,

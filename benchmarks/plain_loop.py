@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dtrain.datasets import digits
+from dtrain.data.images import digits
 from dtrain.tasks.cnn import ResNet
 
 p = argparse.ArgumentParser()

@@ -67,7 +67,7 @@ def plain_loop(steps: int) -> float:
 
 def plain(cwd: Path, steps: int) -> float:
     """The plain loop in its own process, with dtrain's malloc thresholds, like the dtrain runs."""
-    from dtrain.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+    from dtrain.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD), "PYTHONPATH": str(ROOT / "platform")}

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from dtrain.launch import torchrun_cmd, torchrun_env
-from dtrain.distributed import shutdown
+from dtrain.runtime.launch import torchrun_cmd, torchrun_env
+from dtrain.runtime.distributed import shutdown
 from dtrain.config import Config
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 

@@ -74,7 +74,7 @@ class Cell:
 
 @functools.lru_cache(maxsize=None)
 def _base() -> tuple[dict, type]:
-    from dtrain import recipe
+    from dtrain.config import recipe
     from dtrain.tasks import get_task
 
     raw = recipe.read_raw(LM, BASE)
@@ -83,7 +83,7 @@ def _base() -> tuple[dict, type]:
 
 @functools.lru_cache(maxsize=None)
 def _refusal(values: frozenset[tuple[str, object]]) -> str:
-    from dtrain import recipe
+    from dtrain.config import recipe
     from dtrain.config import ConfigError
     from dtrain.engines import validate
 

@@ -1,5 +1,5 @@
 """A user task whose training set is a stream of tar shards (`data.path`: a folder of *.tar
-written by `dtrain.shards.write_shards`): the digits MLP of helpers.MLPTask, fed by TarShards."""
+written by `dtrain.data.shards.write_shards`): the digits MLP of helpers.MLPTask, fed by TarShards."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtrain.datasets import digits
-from dtrain.shards import Sample, TarShards
+from dtrain.data.images import digits
+from dtrain.data.shards import Sample, TarShards
 from helpers import MLPTask
 
 

@@ -4,7 +4,7 @@ from DDP and from FSDP2 (sharded, DCP) checkpoints alike."""
 import pytest
 import torch
 
-from dtrain.average import uniform_average
+from dtrain.postrun.average import uniform_average
 from helpers import CNN, TINY_CNN, check, load_params, run_dtrain
 
 

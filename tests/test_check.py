@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dtrain import check
-from dtrain.check import dist as dist_check
-from dtrain.check.context import Context
+from dtrain.studies import check
+from dtrain.studies.check import dist as dist_check
+from dtrain.studies.check.context import Context
 from dtrain.engines import build_engines
 from dtrain.tasks import load_config
 from helpers import ROOT, run_dtrain, spawn

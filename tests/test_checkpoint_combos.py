@@ -15,7 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from dtrain import checkpoint, dcp, safeload
+from dtrain import checkpoint
+from dtrain.checkpoint import dcp
+from dtrain.checkpoint import safeload
 from helpers import PY, ROOT, check, run_dtrain, spawn
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -173,18 +175,18 @@ def test_crafted_bytes_inside_a_shard_are_refused(tmp_path):
 def test_cifar_pickles_load_numbers_and_refuse_code(tmp_path):
     import numpy as np
 
-    from dtrain import datasets
+    from dtrain.data import images
     from dtrain.config import ConfigError
 
     batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [1, 2]}
     for name in ("data_batch_1", "test_batch"):
         (tmp_path / name).write_bytes(pickle.dumps(batch))
-    train, test = datasets.cifar10(tmp_path)
+    train, test = images.cifar10(tmp_path)
     assert len(train) == 2 and len(test) == 2
     marker = tmp_path / "pwned"
     (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": [1]}))
     with pytest.raises(ConfigError, match="posix.system"):
-        datasets.cifar10(tmp_path)
+        images.cifar10(tmp_path)
     assert not marker.exists()
 
 

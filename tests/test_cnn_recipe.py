@@ -6,7 +6,7 @@ import pytest
 import mlflow
 import torch
 
-from dtrain.datasets import digits
+from dtrain.data.images import digits
 from dtrain.tasks.cnn import ResNet
 from helpers import ROOT, check, run_dtrain
 

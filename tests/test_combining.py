@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import distill, ewc, prune, safeload, soup
+from dtrain.features import distill
+from dtrain.features import ewc
+from dtrain.features import prune
+from dtrain.checkpoint import safeload
+from dtrain.postrun import soup
 from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn, trained_once
 
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
@@ -62,9 +66,9 @@ LM_RUNS = {"lm-teacher", "lm-student"}
 
 def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ...]]]) -> None:
     """Every run in order, in this one process group (no process start-up per run)."""
-    from dtrain.distributed import DistEnv
+    from dtrain.runtime.distributed import DistEnv
     from dtrain.tasks import load_config
-    from dtrain.trainer import fit
+    from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
     for name, overrides in runs:

@@ -10,7 +10,7 @@ import json
 import mlflow
 import pytest
 
-from dtrain.sweep import sweep_overrides
+from dtrain.studies.sweep import sweep_overrides
 from dtrain.tasks import load_config
 from helpers import ROOT, check, run_dtrain
 
@@ -131,7 +131,7 @@ def test_weak_scaling_shrinks_what_is_counted_in_steps():
 def test_baseline_is_the_newest_one_rank_run():
     """Two finished 1-rank runs: the one started last is the baseline, whatever its batch or id
     (choosing by largest global batch, then run id, would take the older one here)."""
-    from dtrain.compare import RunInfo, verdict
+    from dtrain.tracking.compare import RunInfo, verdict
 
     def run(run_id: str, world: int, batch: int, start: int, final: float) -> RunInfo:
         return RunInfo(run_id, run_id, "FINISHED", world, batch, 0.1, "linear", 10, 10 * batch, 1.0, 1.0, 0.1,
@@ -153,7 +153,7 @@ def test_the_plot_marks_sparse_curves_and_shades_the_tolerance_band(tmp_path, mo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dtrain.compare import RunInfo, plot, verdict
+    from dtrain.tracking.compare import RunInfo, plot, verdict
 
     def run(world: int, accs: list[float]) -> RunInfo:
         curve = [(64 * (i + 1), float(i + 1), a) for i, a in enumerate(accs)]

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from dtrain import cli, recipe
+from dtrain import cli
+from dtrain.config import recipe
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.cnn import CNNConfig
@@ -143,7 +144,7 @@ def test_the_schema_and_recipe_loading_import_no_torch():
     import sys
 
     probe = "import sys, {}; print('torch' in sys.modules)"
-    light = "dtrain.config, dtrain.recipe, dtrain.protocols, dtrain.environments, dtrain.cli"
+    light = "dtrain.config, dtrain.config.recipe, dtrain.protocols, dtrain.runtime.environments, dtrain.cli"
     run = lambda mods: subprocess.run([sys.executable, "-c", probe.format(mods)], capture_output=True,  # noqa: E731
                                       text=True, check=True).stdout.strip()
     assert run(light) == "False"

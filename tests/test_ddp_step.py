@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from dtrain.config import OptimConfig
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import AmpPrecision
-from dtrain.steps import train_step
+from dtrain.tasks.supervised import train_step
 from helpers import spawn
 
 CPU = torch.device("cpu")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dtrain.config import ConfigError, EarlyStopConfig
-from dtrain.loop_parts import EarlyStopping
-from dtrain.resume import TrainState
+from dtrain.train.loop_parts import EarlyStopping
+from dtrain.train.resume import TrainState
 from helpers import CNN, check, load_params, max_param_diff, run_dtrain
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import ConfigError, EMAConfig, OptimConfig
-from dtrain.ema import EMA
+from dtrain.features.ema import EMA
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import AmpPrecision
 from dtrain.tasks import load_config

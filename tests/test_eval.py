@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from dtrain.engines.precision import AmpPrecision
 from dtrain.data import ExactShardSampler, eval_loader
-from dtrain.steps import evaluate
+from dtrain.tasks.supervised import evaluate
 from helpers import spawn
 
 N = 11  # not divisible by 2 or 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dtrain import finetune
+from dtrain.tasks import finetune
 from dtrain.config import ConfigError
 from helpers import CNN, ROOT, check, load_params, run_dtrain, write_image_folder
 

@@ -22,7 +22,7 @@ import torch
 from dtrain import checkpoint, data
 from dtrain.tasks import load_config
 from dtrain.engines.precision import AmpPrecision
-from dtrain.steps import evaluate
+from dtrain.tasks.supervised import evaluate
 from dtrain.tasks.cnn import CNNTask
 from helpers import PY, ROOT, check, run_dtrain, env_for_cli, load_params, max_param_diff, spawn, torchrun_cmd, torchrun_env
 
@@ -124,7 +124,7 @@ def test_a_ctrl_c_ignored_inside_a_finalizer_stops_the_run_at_the_next_step(monk
     ignored" and the run trained on. The interrupt is remembered and raised at the next step."""
     import os
 
-    from dtrain import preemption
+    from dtrain.runtime import preemption
 
     monkeypatch.setattr(preemption, "_interrupted", False)
     monkeypatch.setattr(preemption, "_holding", False)  # an in-process run earlier in the session held signals
@@ -210,13 +210,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpo
 def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, tmp_path):
     out = _copy(three_checkpoints, tmp_path / "out")
     for folder in (out / "checkpoints").glob("step_*"):
-        (folder / "trainer.pt").write_bytes(b"truncated")
+        (folder / "fit.pt").write_bytes(b"truncated")
     proc = run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"],
                   cwd=tmp_path)
     assert proc.returncode == 2
     line = one_line(proc)
     assert line.startswith("dtrain: error: resume=auto: no checkpoint in") and \
-        str(out / "checkpoints" / "step_00000012" / "trainer.pt") in line, line
+        str(out / "checkpoints" / "step_00000012" / "fit.pt") in line, line
 
 
 @pytest.mark.parametrize("overrides,names", [([*FAULTY, "model.hidden=48"], "size mismatch for 1.weight"),
@@ -330,8 +330,8 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
 
 def _zero0_and_ddp(rank: int, world: int, root: str) -> None:
     """The two runs of the test below, in one process group (no process start-up per run)."""
-    from dtrain.distributed import DistEnv
-    from dtrain.trainer import fit
+    from dtrain.runtime.distributed import DistEnv
+    from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
     common = [*FAULTY, "train.max_steps=10", "train.max_nonfinite_steps=3", "tracking.log_every=2",

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dtrain import blocks
+from dtrain.engines import blocks
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from dtrain.tasks.transformer import CharTransformer

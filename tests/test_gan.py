@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dtrain import data, gan_eval
+from dtrain import data
+from dtrain.tasks.gan import quality
 from dtrain.tasks import load_config
 from dtrain.tasks import gan
 from dtrain.engines import build_engines
@@ -137,38 +138,38 @@ def test_penalties_match_hand_computation():
 
 
 def test_ring_and_grid_geometry():
-    modes, std = gan_eval.mixture_modes("ring")
+    modes, std = quality.mixture_modes("ring")
     assert len(torch.unique(modes.round(decimals=4), dim=0)) == 8 and std == 0.01  # no repeated mode
     assert torch.allclose(modes.norm(dim=1), torch.ones(8))
-    grid, std = gan_eval.mixture_modes("grid")
+    grid, std = quality.mixture_modes("grid")
     assert grid.shape == (25, 2) and std == 0.05 and set(grid[:, 0].tolist()) == {-4.0, -2.0, 0.0, 2.0, 4.0}
 
 
 def test_mode_metrics_on_real_and_collapsed_samples():
     g = torch.Generator().manual_seed(0)
     for kind, k in (("ring", 8), ("grid", 25)):
-        real = gan_eval.mode_metrics(gan_eval.sample_mixture(kind, 2500, g), kind)
+        real = quality.mode_metrics(quality.sample_mixture(kind, 2500, g), kind)
         # In 2-D, P(|x - mode| <= 3 std) = 1 - exp(-9/2) = 0.989 for real samples.
         assert real["modes"] == k and abs(real["high_quality"] - 0.989) < 0.01 and real["kl_uniform"] < 0.02
-    modes, std = gan_eval.mixture_modes("ring")
-    collapsed = gan_eval.mode_metrics(modes[3] + std * torch.randn(2500, 2, generator=g), "ring")
+    modes, std = quality.mixture_modes("ring")
+    collapsed = quality.mode_metrics(modes[3] + std * torch.randn(2500, 2, generator=g), "ring")
     assert collapsed["modes"] == 1 and collapsed["kl_uniform"] == pytest.approx(math.log(8))
-    assert gan_eval.mode_metrics(torch.zeros(100, 2), "ring")["high_quality"] == 0.0
+    assert quality.mode_metrics(torch.zeros(100, 2), "ring")["high_quality"] == 0.0
 
 
 def test_image_metrics_separate_real_from_degenerate():
-    from dtrain.datasets import digits
+    from dtrain.data.images import digits
 
     train, test = digits(0.2, normalize=False)
-    clf = gan_eval.digits_classifier(*train.tensors)
+    clf = quality.digits_classifier(*train.tensors)
     real_train, held_out = train.tensors[0], test.tensors[0]
-    real = gan_eval.image_metrics(clf, real_train, held_out)
+    real = quality.image_metrics(clf, real_train, held_out)
     assert real["frechet"] < 0.2 and real["precision"] > 0.8 and real["recall"] > 0.8 and real["density"] > 0.8
     # 360 held-out images cannot cover all 1,437 reference balls; with equal counts coverage is ~1.
     assert real["coverage"] > 0.5 and real["class_coverage"] == 1.0
     g = torch.Generator().manual_seed(0)
-    noise = gan_eval.image_metrics(clf, real_train, torch.rand(held_out.shape, generator=g) * 2 - 1)
-    one = gan_eval.image_metrics(clf, real_train, held_out[:1].expand(len(held_out), -1, -1, -1))
+    noise = quality.image_metrics(clf, real_train, torch.rand(held_out.shape, generator=g) * 2 - 1)
+    one = quality.image_metrics(clf, real_train, held_out[:1].expand(len(held_out), -1, -1, -1))
     assert noise["frechet"] > 20 * real["frechet"] and noise["precision"] < 0.2 and noise["coverage"] < 0.05
     assert one["recall"] < 0.05 and one["coverage"] < 0.05 and one["class_coverage"] == 0.1
 

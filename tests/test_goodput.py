@@ -9,7 +9,7 @@ import subprocess
 import mlflow
 import pytest
 
-from dtrain import goodput
+from dtrain.features import goodput
 from dtrain.config import ConfigError
 from dtrain.tasks import load_config
 from helpers import ROOT, check, run_dtrain, env_for_cli, torchrun_cmd, torchrun_env

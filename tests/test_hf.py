@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import compat, safeload, tokens
+from dtrain.runtime import optional
+from dtrain.checkpoint import safeload
+from dtrain.data import tokens
 from dtrain.config import ConfigError
 from dtrain.tasks import get_task, load_config
 from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
@@ -31,7 +33,7 @@ pytest.importorskip("transformers", reason='transformers is not installed (pip i
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
 # Through dtrain's import, as the tasks do: PyPI's torchvision beside this CPU torch fails to
 # import on its own, and transformers imports torchvision when it is installed.
-transformers = compat.transformers("tests", "test_hf")
+transformers = optional.transformers("tests", "test_hf")
 sys.path.insert(0, str(EXAMPLE))
 from make_tokenizer import make_tokenizer  # noqa: E402  (the example's own, as a user runs it)
 
@@ -75,8 +77,8 @@ def make_tables(root: Path, lines: list[str]) -> None:
 
 
 def _train(rank: int, world: int, root: str) -> None:
-    from dtrain.distributed import DistEnv
-    from dtrain.trainer import fit
+    from dtrain.runtime.distributed import DistEnv
+    from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     for name, overrides in TWO_RANKS:

@@ -1,4 +1,4 @@
-"""Tables read through Hugging Face `datasets` (`dtrain.hfdata`, examples/hf_datasets) keep the
+"""Tables read through Hugging Face `datasets` (`dtrain.data.tables`, examples/hf_datasets) keep the
 guarantees of dtrain's own loaders: every row once per epoch at any world size and with loader
 workers, a 2-rank run resumed mid-epoch equal to the straight run, and per-row augmentation
 that makes 1 rank and 2 ranks train alike."""
@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import data, hfdata, safeload
+from dtrain import data
+from dtrain.data import tables
+from dtrain.checkpoint import safeload
 from dtrain.config import ConfigError
 from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn, trained_once
 
@@ -37,9 +39,9 @@ def make_table(output: Path, *flags: str) -> None:
 
 
 def _train(rank: int, world: int, root: str) -> None:
-    from dtrain.distributed import DistEnv
+    from dtrain.runtime.distributed import DistEnv
     from dtrain.tasks import load_config
-    from dtrain.trainer import fit
+    from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     sys.path.insert(0, str(EXAMPLE))
@@ -63,7 +65,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tables(tmp_path_factory):
+def table_dir(tmp_path_factory):
     """The digits as each kind of table make_table.py writes."""
     root = tmp_path_factory.mktemp("tables")
     for name in ("digits.parquet", "digits.jsonl", "digits.arrow"):
@@ -73,17 +75,17 @@ def tables(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["digits.parquet", "digits.jsonl", "digits.arrow", "digits_hf"])
-def test_every_kind_of_table_gives_the_same_rows_and_split(tables, name):
-    train, held_out = hfdata.open_splits(str(tables / name), 0.1)
+def test_every_kind_of_table_gives_the_same_rows_and_split(table_dir, name):
+    train, held_out = tables.open_splits(str(table_dir / name), 0.1)
     assert (len(train), len(held_out)) == (1617, 180)
     assert train[5]["id"] == 5 and held_out[0]["id"] == 1617 and len(train[5]["pixels"]) == 64
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_row_once_per_epoch_at_any_world_size(tables, world, workers):
-    train, _ = hfdata.open_splits(str(tables / "digits.parquet"), 0.1)
-    rows = hfdata.Rows(train.select(range(60)), operator.itemgetter("id"))  # 60 rows: whole batches at 1, 2 and 3
+def test_every_row_once_per_epoch_at_any_world_size(table_dir, world, workers):
+    train, _ = tables.open_splits(str(table_dir / "digits.parquet"), 0.1)
+    rows = tables.Rows(train.select(range(60)), operator.itemgetter("id"))  # 60 rows: whole batches at 1, 2 and 3
     plan = data.BatchPlan(global_batch=5 * world, per_rank=5, accum=1, world_size=world)
     epochs = []
     for epoch in (0, 1):
@@ -107,8 +109,8 @@ def test_a_two_rank_run_resumed_mid_epoch_equals_the_straight_run_and_one_rank(r
     assert max_param_diff(weights(runs / "plain"), straight) > 1e-3
 
 
-def test_a_column_that_is_not_there_is_named_in_one_line(tables, tmp_path):
-    proc = run_dtrain(["train", RECIPE, *BASE, f"data.path={tables / 'digits.parquet'}", "data.label_column=label",
+def test_a_column_that_is_not_there_is_named_in_one_line(table_dir, tmp_path):
+    proc = run_dtrain(["train", RECIPE, *BASE, f"data.path={table_dir / 'digits.parquet'}", "data.label_column=label",
                        f"output_dir={tmp_path}/out"], cwd=EXAMPLE)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.label_column='label': is not a column of" in proc.stderr and "id, pixels, digit" in proc.stderr
@@ -118,6 +120,6 @@ def test_a_file_that_is_not_a_table_is_refused_naming_it(tmp_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(ConfigError, match="data.path=.*broken.parquet.*cannot be read as a table"):
-        hfdata.open_splits(str(bad), 0.1)
+        tables.open_splits(str(bad), 0.1)
     with pytest.raises(ConfigError, match="no such file or folder"):
-        hfdata.open_splits(str(tmp_path / "missing.parquet"), 0.1)
+        tables.open_splits(str(tmp_path / "missing.parquet"), 0.1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtrain.data import BatchPlan, train_loader
-from dtrain.datasets import ImageFiles
+from dtrain.data.images import ImageFiles
 from dtrain.tasks import load_config
 from dtrain.tasks.cnn import CNNTask
 from helpers import CNN, write_image_folder

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dtrain
-from dtrain import datasets
+from dtrain.data import images
 from dtrain.config import ConfigError
 from helpers import CNN, LM, ROOT, TINY_CNN, TINY_LM, check, run_dtrain
 
@@ -25,7 +25,7 @@ def test_raw_images_give_the_runs_own_held_out_accuracy(cnn_run):
     import json
 
     predictor = dtrain.load(cnn_run)
-    _, _, x, y = datasets._digits_split(predictor.cfg.data.val_fraction)
+    _, _, x, y = images._digits_split(predictor.cfg.data.val_fraction)
     probs = predictor(x)
     assert probs.shape == (len(y), 10) and torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-5)
     accuracy = float((probs.argmax(1) == torch.as_tensor(y)).double().mean())
@@ -37,7 +37,7 @@ def test_raw_images_give_the_runs_own_held_out_accuracy(cnn_run):
 
 
 def test_predict_writes_the_same_probabilities_and_refuses_bad_input_in_one_line(cnn_run, tmp_path):
-    _, _, x, _ = datasets._digits_split(0.2)
+    _, _, x, _ = images._digits_split(0.2)
     np.save(tmp_path / "digits.npy", x[:50])
     proc = check(run_dtrain(["predict", str(cnn_run), str(tmp_path / "digits.npy"), "--output",
                              str(tmp_path / "probs.npy"), "--batch-size", "16"], cwd=tmp_path))

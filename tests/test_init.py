@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import ConfigError
-from dtrain.initialization import initialize
+from dtrain.tasks.initialization import initialize
 from dtrain.tasks import load_config
 from dtrain.tasks.cnn import BasicBlock, CNNTask
 from helpers import CNN

@@ -97,7 +97,7 @@ def _record_planted(rank, world, root):
     world size 1 twice (the reference and its repeat), at world size 2 once per rank."""
     import torch
 
-    from dtrain.check.trace import for_tracing, record
+    from dtrain.studies.check.trace import for_tracing, record
 
     for task in PLANTED:
         cfg = _planted_config(root, task)
@@ -123,7 +123,7 @@ def planted(tmp_path_factory):
 
 @pytest.mark.parametrize("task", PLANTED)
 def test_a_planted_cause_is_named_at_its_step_and_module(planted, task):
-    from dtrain.check import exit_code, invariance as check_invariance
+    from dtrain.studies.check import exit_code, invariance as check_invariance
 
     overrides, part, where, cause, fix = PLANTED[task]
     cfg, ref, ranks = planted[task]

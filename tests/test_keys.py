@@ -2,7 +2,7 @@
 
 import pytest
 
-from dtrain import keys
+from dtrain.config import keys
 from dtrain.tasks import load_config
 from helpers import ROOT, check, run_dtrain
 

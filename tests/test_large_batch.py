@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dtrain import optim
+from dtrain.engines import optim
 from dtrain.config import ConfigError, OptimConfig
 from dtrain.tasks import load_config
 from helpers import CNN

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dtrain.distributed import DistEnv, LaunchError, read_env
+from dtrain.runtime.distributed import DistEnv, LaunchError, read_env
 
 
 def test_single_process():
@@ -72,7 +72,7 @@ def test_kubeflow_multi_process_pod_needs_torchrun():
 
 
 def test_backend_is_nccl_with_a_gpu_per_rank_and_gloo_when_ranks_share_one():
-    from dtrain.distributed import pick_backend
+    from dtrain.runtime.distributed import pick_backend
 
     assert pick_backend("cuda", 8, 8) == "nccl" and pick_backend("cuda", 1, 1) == "nccl"
     assert pick_backend("cuda", 2, 1) == "gloo"  # two ranks on one GPU: NCCL would refuse

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtrain.config import ConfigError, OptimConfig
-from dtrain.optim import build, scaled_lr
+from dtrain.engines.optim import build, scaled_lr
 
 
 @pytest.mark.parametrize("rule,expected", [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
@@ -126,7 +126,7 @@ def test_a_stated_lr_is_the_lr_unless_a_base_batch_is_stated(tmp_path):
     """A user task's recipe says `lr: 1e-3` for its batch of 12: it trains at 1e-3 (the default
     used to scale it from a base batch of 256 the user never stated, to 4.69e-5). A stated base
     batch far from the run's still scales, and the run says so in a warning line."""
-    from dtrain import report
+    from dtrain.train import report
     from dtrain.data import BatchPlan
 
     m = torch.nn.Linear(3, 1)

@@ -22,9 +22,9 @@ TOLERANCE = {"same": 1e-6, "fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
 def _fit(rank: int, world: int, overrides: list[str], refusal_to: str = "") -> None:
     """One run; with `refusal_to`, a run that must be refused at resume: its line goes there."""
     from dtrain.checkpoint import ResumeRefused
-    from dtrain.distributed import DistEnv
+    from dtrain.runtime.distributed import DistEnv
     from dtrain.tasks import load_config
-    from dtrain.trainer import fit
+    from dtrain.train.fit import fit
 
     cfg = load_config(matrix.LM, overrides)
     try:

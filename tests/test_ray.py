@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from dtrain.environments import read_env
+from dtrain.runtime.environments import read_env
 from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain
 
 pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
@@ -87,7 +87,7 @@ def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_p
 
 
 def test_a_run_its_stopped_workers_left_running_is_closed_by_the_launching_process(tmp_path):
-    from dtrain.raytrain import close_left_running
+    from dtrain.train.ray_job import close_left_running
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)

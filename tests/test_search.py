@@ -179,7 +179,7 @@ def test_a_key_the_task_does_not_have_is_refused_before_any_trial(tmp_path):
 
 def test_space_conditions_and_types(tmp_path):
     """`when:` searches a key only where its condition holds; values keep their types."""
-    from dtrain.search.space import load_space, suggest
+    from dtrain.studies.search.space import load_space, suggest
 
     cfg = load_config(CNN, ["tracking.enabled=false"])
     path = tmp_path / "space.yaml"
@@ -201,8 +201,8 @@ def test_space_conditions_and_types(tmp_path):
 
 
 def test_plots_name_the_metric_and_a_best_value_at_a_range_edge_is_warned(tmp_path):
-    from dtrain.search import edge_warnings, plots
-    from dtrain.search.space import Param
+    from dtrain.studies.search import edge_warnings, plots
+    from dtrain.studies.search.space import Param
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: -(t.suggest_float("optim.lr", 1e-4, 1.0, log=True) - 0.01) ** 2
@@ -228,7 +228,7 @@ def test_a_trial_is_pruned_only_after_the_warm_up(tmp_path, warmup, startup, pru
     cutting a trial at its first, noisy report; warm-up 0 shows the cut they prevent, and
     5 startup trials (more than have completed) none at all."""
     from dtrain.config import TrialConfig
-    from dtrain.trial import TrialReporter, make_pruner
+    from dtrain.features.trial import TrialReporter, make_pruner
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize",

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dtrain.datasets import digits
-from dtrain.shards import TarShards, write_shards
+from dtrain.data.images import digits
+from dtrain.data.shards import TarShards, write_shards
 from helpers import CNN, check, load_params, max_param_diff, run_dtrain
 from streamed import decode, encode
 

@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from dtrain.norm import DistributedBatchNorm, convert_sync_batchnorm
+from dtrain.engines.norm import DistributedBatchNorm, convert_sync_batchnorm
 from helpers import spawn
 
 

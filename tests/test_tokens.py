@@ -10,7 +10,7 @@ import pytest
 import numpy as np
 import torch
 
-from dtrain import tokens
+from dtrain.data import tokens
 from dtrain.tasks.transformer import Blocks, Vocab, read_text
 from helpers import LM, check, load_params, max_param_diff, run_dtrain
 

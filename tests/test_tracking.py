@@ -206,8 +206,9 @@ def test_sigterm_during_the_last_flush_does_not_lose_it(tmp_path):
 def test_a_stop_signal_while_the_run_is_being_opened_ends_it_killed(tmp_path, monkeypatch):
     """SIGTERM between creating the run and logging its params left it RUNNING for good (the
     run was not yet the job's, so nothing finished it). A real signal, at that point."""
-    from dtrain import preemption, tracking
-    from dtrain.preemption import SignalInterrupt
+    from dtrain import tracking
+    from dtrain.runtime import preemption
+    from dtrain.runtime.preemption import SignalInterrupt
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     real = mlflow.MlflowClient.log_batch

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from dtrain.launch import torchrun_env
+from dtrain.runtime.launch import torchrun_env
 from helpers import ROOT, check, env_for_cli, run_dtrain
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint, safeload
-from dtrain.resume import TrainState
+from dtrain import checkpoint
+from dtrain.checkpoint import safeload
+from dtrain.train.resume import TrainState
 from helpers import CNN, DDP_BASELINE, PY, ROOT, check, load_params, max_param_diff, run_dtrain
 
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tracking.enabled=false"]

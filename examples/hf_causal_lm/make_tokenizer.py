@@ -31,7 +31,7 @@ if __name__ == "__main__":
     p.add_argument("--output", required=True)
     p.add_argument("--vocab-size", type=int, default=2048)
     args = p.parse_args()
-    from dtrain.tokens import TEXT_SUFFIXES, text_files  # a folder's text files, as prepare-text reads them
+    from dtrain.data.tokens import TEXT_SUFFIXES, text_files  # a folder's text files, as prepare-text reads them
 
     make_tokenizer(Path(args.output), [str(f) for f in text_files(args.text, TEXT_SUFFIXES)], args.vocab_size)
     print(f"tokenizer ({args.vocab_size} ids) -> {args.output}")

@@ -1,6 +1,6 @@
 """A task of your own on a table that Hugging Face `datasets` reads: `data.path` is a Parquet,
 JSON Lines, CSV or Arrow file (or a folder of them, or a `save_to_disk` folder), opened
-memory-mapped by `dtrain.hfdata` and read row by row through dtrain's sampler: sharded over the
+memory-mapped by `dtrain.data.tables` and read row by row through dtrain's sampler: sharded over the
 ranks, resumed exactly mid-epoch, each row's augmentation drawn from its own random stream.
 The columns are named by recipe keys. Needs the hf extra: pip install -e ".[hf]"."""
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtrain import hfdata
+from dtrain.data import tables
 from dtrain.config import Config, DataConfig, ModelConfig
 from dtrain.tasks import Task
 
@@ -60,12 +60,12 @@ class DigitsTableTask(Task):
     config_class = TableConfig
     cfg: TableConfig
 
-    def datasets(self) -> tuple[hfdata.Rows, hfdata.Rows]:
+    def datasets(self) -> tuple[tables.Rows, tables.Rows]:
         d = self.cfg.data
-        train, held_out = hfdata.open_splits(d.path, d.val_fraction)
-        hfdata.columns(train, {"data.features_column": d.features_column, "data.label_column": d.label_column}, d.path)
+        train, held_out = tables.open_splits(d.path, d.val_fraction)
+        tables.columns(train, {"data.features_column": d.features_column, "data.label_column": d.label_column}, d.path)
         sample = Sample(d.features_column, d.label_column)
-        return hfdata.Rows(train, sample), hfdata.Rows(held_out, sample)
+        return tables.Rows(train, sample), tables.Rows(held_out, sample)
 
     def augmentation(self) -> Any:
         return jitter if self.cfg.data.augment else None

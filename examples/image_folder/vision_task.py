@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dtrain import compat
+from dtrain.runtime import optional
 from dtrain.config import ConfigError
 from dtrain.data import seeded
 from dtrain.tasks.cnn import CNNConfig, CNNModelConfig, CNNTask
@@ -35,7 +35,7 @@ def flip_and_crop(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Ge
     """Random horizontal flip and a random crop after 4 pixels of zero padding, drawn from the
     sample's own stream (world-size invariant, exact on resume, any number of workers). Runs
     in worker processes, which start fresh (dtrain.data), hence the import here."""
-    compat.torchvision("task", "vision_task:VisionTask")
+    optional.torchvision("task", "vision_task:VisionTask")
     from torchvision.transforms import v2
 
     x, y = sample
@@ -49,7 +49,7 @@ class VisionTask(CNNTask):
     cfg: VisionConfig
 
     def build_model(self) -> nn.Module:
-        tv = compat.torchvision("task", "vision_task:VisionTask")
+        tv = optional.torchvision("task", "vision_task:VisionTask")
         if self.cfg.model.arch not in tv.models.list_models(module=tv.models):
             raise ConfigError("model.arch", self.cfg.model.arch, "is not a torchvision classification model "
                                                                  "(e.g. resnet18, mobilenet_v3_small, efficientnet_b0)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from dtrain import raytrain
+from dtrain.train import ray_job
 
 
 def main() -> None:
@@ -24,12 +24,12 @@ def main() -> None:
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts Ray may make")
     p.add_argument("--address", default="", help="a running Ray cluster (auto); default: start one here")
     args = p.parse_args()
-    trainer = raytrain.trainer(args.recipe, args.overrides, args.workers, max_failures=args.max_failures,
+    trainer = ray_job.trainer(args.recipe, args.overrides, args.workers, max_failures=args.max_failures,
                                address=args.address)
     try:
         result = trainer.fit()  # raises if the job still fails after --max-failures restarts
     except Exception:
-        raytrain.close_left_running(args.recipe, args.overrides)  # Ray stopped the workers before rank 0 could
+        ray_job.close_left_running(args.recipe, args.overrides)  # Ray stopped the workers before rank 0 could
         raise
     print(f"ray: done; the run folder is {result.path}")
 

@@ -1,6 +1,6 @@
 """The errors dtrain shows as one line: `str()` is the line, `exit_code` the process's exit.
 
-Every command maps them in one place (`dtrain.cli.main`, and `dtrain.job` on each rank), so
+Every command maps them in one place (`dtrain.cli.main`, and `dtrain.train.job` on each rank), so
 a module raises what went wrong and never prints or exits itself. Imports nothing.
 """
 

@@ -1,7 +1,7 @@
 """The interfaces the rest of dtrain is written against, and nothing else.
 
 - `Engine`: how one model is wrapped, stepped and saved (DDP, DeepSpeed, ...). The step
-  (`dtrain.steps.train_step`) and the trainer only ever call what is declared here.
+  (`dtrain.tasks.supervised.train_step`) and the trainer only ever call what is declared here.
 - `Precision`: the autocast context of forward and, under fp16, the loss scaler: one object
   per job, shared by the engines it scales (Lightning Fabric's precision plugin).
 - `Task`: what a recipe trains (data, models, loss, evaluation), with `ModelSpec` (one
@@ -96,7 +96,7 @@ class Checkpointed(Protocol):
 
 
 class LRSchedule(Protocol):
-    """An engine's LR schedule (`dtrain.optim.Schedule`), stepped inside `Engine.step`."""
+    """An engine's LR schedule (`dtrain.engines.optim.Schedule`), stepped inside `Engine.step`."""
 
     plateau: dict[str, float]
     """Under `optim.schedule=plateau`: "scale", the product of the drops so far."""
@@ -122,7 +122,7 @@ class Engine(Checkpointed, Protocol):
         """The LR schedule, stepped inside `step`."""
     on_gradients: Callable[[], None] | None
     """Called inside `step` once the gradients are final (reduced and unscaled, before
-    clipping and the optimizer): where `full_grads` reads them (`dtrain.monitor`)."""
+    clipping and the optimizer): where `full_grads` reads them (`dtrain.features.monitor`)."""
 
     def no_sync(self, skip: bool) -> ContextManager[Any]:
         """Suppress the gradient all-reduce on a non-final micro-step when `skip`."""

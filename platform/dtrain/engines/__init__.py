@@ -6,7 +6,7 @@
 | `deepspeed` | `engines/deepspeed.py` | ZeRO 0-3 | DeepSpeed's own (autocast for inputs) |
 | `fsdp` | `engines/fsdp.py` | FSDP2, per block | FSDP's MixedPrecisionPolicy (bf16) |
 
-Before an engine wraps a model, `dtrain.blocks.prepare` applies activation checkpointing
+Before an engine wraps a model, `dtrain.engines.blocks.prepare` applies activation checkpointing
 and `torch.compile` to its blocks (in place).
 
 `REGISTRY` is the one place that decides what combines: each engine class declares, in its
@@ -26,13 +26,14 @@ from typing import Iterator
 
 import torch
 
-from dtrain import blocks, distributed
+from dtrain.engines import blocks
+from dtrain.runtime import distributed
 from dtrain.config import Config
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.deepspeed import DeepSpeedEngine
 from dtrain.engines.precision import AmpPrecision
-from dtrain.norm import convert_sync_batchnorm
+from dtrain.engines.norm import convert_sync_batchnorm
 from dtrain.protocols import Engine, ModelSpec
 
 REGISTRY: dict[str, str] = {"ddp": "dtrain.engines.ddp:DDPEngine", "deepspeed": "dtrain.engines.deepspeed:DeepSpeedEngine",

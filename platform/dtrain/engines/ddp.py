@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain import checkpoint, distributed, optim
+from dtrain import checkpoint
+from dtrain.runtime import distributed
+from dtrain.engines import optim
 from dtrain.config import Config, OptimConfig
 from dtrain.data import BatchPlan
 from dtrain.engines.precision import AmpPrecision

@@ -3,7 +3,7 @@
 The DeepSpeed config is derived from the recipe (batch sizes, accumulation, clipping,
 precision, ZeRO stage), then `deepspeed.config` is merged over it. The optimizer and the
 LR schedule are the very objects the DDP engine uses (torch.optim + the LambdaLR of
-`dtrain.optim`), handed to `deepspeed.initialize` as client optimizer and scheduler, so
+`dtrain.engines.optim`), handed to `deepspeed.initialize` as client optimizer and scheduler, so
 the scaling rule, warmup and schedule are identical across engines.
 """
 
@@ -19,7 +19,9 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dtrain import distributed, optim, safeload
+from dtrain.runtime import distributed
+from dtrain.engines import optim
+from dtrain.checkpoint import safeload
 from dtrain.checkpoint import CheckpointError, ResumeRefused
 from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
 from dtrain.data import BatchPlan

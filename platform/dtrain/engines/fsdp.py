@@ -32,7 +32,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import checkpoint, dcp, distributed
+from dtrain import checkpoint
+from dtrain.checkpoint import dcp
+from dtrain.runtime import distributed
 from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine

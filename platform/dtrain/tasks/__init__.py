@@ -19,9 +19,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from dtrain import finetune, protocols, recipe, steps
+from dtrain import protocols
+from dtrain.tasks import finetune
+from dtrain.config import recipe
+from dtrain.tasks import supervised
 from dtrain.config import Config, ConfigError
-from dtrain.initialization import initialize
+from dtrain.tasks.initialization import initialize
 from dtrain.protocols import Engine, ModelSpec, StepOutput
 
 log = logging.getLogger("dtrain")
@@ -34,8 +37,8 @@ BUILTIN = {"cnn": "dtrain.tasks.cnn:CNNTask", "transformer": "dtrain.tasks.trans
 
 
 class Task(protocols.Task):
-    """The supervised task: one model called `model`, stepped by `dtrain.steps.train_step`
-    and evaluated by `dtrain.steps.evaluate`. A task implements `datasets`, `build_model`,
+    """The supervised task: one model called `model`, stepped by `dtrain.tasks.supervised.train_step`
+    and evaluated by `dtrain.tasks.supervised.evaluate`. A task implements `datasets`, `build_model`,
     `loss`, `eval_sums` and `eval_metrics`; the rest has defaults (see `protocols.Task`)."""
 
     config_class: type[Config] = Config
@@ -48,7 +51,7 @@ class Task(protocols.Task):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss of one micro-batch (already on the device). Default: `output_loss` of
-        `outputs`; a task that implements those two can be distilled (`dtrain.distill`)."""
+        `outputs`; a task that implements those two can be distilled (`dtrain.features.distill`)."""
         return self.output_loss(self.outputs(model, batch), batch)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -108,13 +111,13 @@ class Task(protocols.Task):
 
     objective: Any = None
     """Set by the trainer when the recipe distills, consolidates (ewc) or prunes: the loss
-    terms beside the task's own (`dtrain.objective.Objective`)."""
+    terms beside the task's own (`dtrain.train.objective.Objective`)."""
 
     def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
-        return steps.train_step(engines["model"], self, micro_batches, self.objective)
+        return supervised.train_step(engines["model"], self, micro_batches, self.objective)
 
     def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
-        return steps.evaluate(engines["model"], self, loader, device)
+        return supervised.evaluate(engines["model"], self, loader, device)
 
 
 def get_task(name: str, search: Sequence[str | os.PathLike[str]] = ()) -> type[protocols.Task]:

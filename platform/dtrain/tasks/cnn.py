@@ -1,7 +1,7 @@
 """Image classification with a small ResNet-style CNN (BatchNorm, residual blocks).
 
 Data: scikit-learn's 8x8 digits by default; `data.path` may point at a CIFAR-10 python
-folder or an image folder. See `dtrain.datasets`.
+folder or an image folder. See `dtrain.data.images`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from dtrain import data, datasets
+from dtrain import data
+from dtrain.data import images
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
 from dtrain.tasks import Task
 
@@ -102,7 +103,7 @@ class ResNet(nn.Module):
 
 def _only(ds: Dataset[Any], labels: torch.Tensor) -> Dataset[Any]:
     """The samples of `ds` whose label is one of `labels`."""
-    y = ds.labels if isinstance(ds, datasets.ImageFiles) else cast(TensorDataset, ds).tensors[1]
+    y = ds.labels if isinstance(ds, images.ImageFiles) else cast(TensorDataset, ds).tensors[1]
     return Subset(ds, torch.isin(torch.as_tensor(y), labels).nonzero().flatten().tolist())
 
 
@@ -131,14 +132,14 @@ class CNNTask(Task):
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d = self.cfg.data
         lazy = getattr(d, "decode", "memory") == "lazy"  # (a subclass's config may keep the plain DataConfig)
-        train, test = datasets.load_images(d.path, self.cfg.model.image_size, d.val_fraction, lazy)
-        if isinstance(train, datasets.ImageFiles):
+        train, test = images.load_images(d.path, self.cfg.model.image_size, d.val_fraction, lazy)
+        if isinstance(train, images.ImageFiles):
             self.in_channels, y = train.channels, train.labels
         else:
             self.in_channels, y = cast(TensorDataset, train).tensors[0].shape[1], cast(TensorDataset, train).tensors[1]
         self.num_classes = int(y.max()) + 1
         self.class_counts = torch.bincount(y, minlength=self.num_classes)
-        standardised = cast("datasets.Images | datasets.ImageFiles", train)  # both keep their statistics
+        standardised = cast("images.Images | images.ImageFiles", train)  # both keep their statistics
         self.mean, self.std = standardised.mean, standardised.std
         self.subset = self._subset(getattr(d, "classes", []))
         if self.subset is not None:

@@ -12,7 +12,7 @@ when transformers splits a model), found in the model, not named per architectur
 
 Data: a token folder (`data.tokens`, from `dtrain prepare-text`, with or without
 `--tokenizer`), or a table (`data.path`: Parquet, JSON, Arrow, CSV or a `save_to_disk` folder,
-`dtrain.hfdata`) whose text column is tokenised per sample by a locally saved tokenizer
+`dtrain.data.tables`) whose text column is tokenised per sample by a locally saved tokenizer
 (`data.tokenizer`), or whose `input_ids` column was tokenised ahead of time. A row is cut to
 `model.block_size + 1` tokens; shorter rows are padded, and padding is left out of the loss.
 
@@ -32,7 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dtrain import compat, hfdata, safeload, tokens
+from dtrain.runtime import optional
+from dtrain.data import tables
+from dtrain.checkpoint import safeload
+from dtrain.data import tokens
 from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
@@ -160,7 +163,7 @@ class HFTask(Task):
         """The model's transformers config: the pretrained folder's, changed by `model.config`,
         or one built from `model.config` alone. No cache: training never generates."""
         m = self.cfg.model
-        transformers = compat.transformers("model.pretrained" if m.pretrained else "model.config", m.pretrained or m.config)
+        transformers = optional.transformers("model.pretrained" if m.pretrained else "model.config", m.pretrained or m.config)
         fields = dict(m.config)
         if m.pretrained:
             if not (Path(m.pretrained) / "config.json").is_file():
@@ -194,7 +197,7 @@ class HFTask(Task):
         """What this task sets in the config (a classifier's labels and padding id)."""
 
     def build_model(self) -> nn.Module:
-        transformers = compat.transformers("model.pretrained", self.cfg.model.pretrained)
+        transformers = optional.transformers("model.pretrained", self.cfg.model.pretrained)
         auto = getattr(transformers, self.auto_class)
         config = self.hf_config()
         if self.cfg.model.pretrained:
@@ -216,7 +219,7 @@ class HFTask(Task):
         return model
 
     def inference_model(self) -> nn.Module:
-        transformers = compat.transformers("model.config", self.cfg.model.config)
+        transformers = optional.transformers("model.config", self.cfg.model.config)
         model: nn.Module = getattr(transformers, self.auto_class).from_config(self.hf_config())
         return model
 
@@ -251,14 +254,14 @@ class HFTask(Task):
 
     def open_table(self) -> tuple[Any, Any]:
         d = self.cfg.data
-        train, val = hfdata.open_splits(d.path, d.val_fraction)
+        train, val = tables.open_splits(d.path, d.val_fraction)
         if d.ids_column not in train.column_names:
-            hfdata.columns(train, {"data.text_column": d.text_column}, d.path)
+            tables.columns(train, {"data.text_column": d.text_column}, d.path)
             if not d.tokenizer:
                 raise ConfigError("data.tokenizer", "", f"is needed to tokenise column {d.text_column!r} of {d.path} "
                                   f"(it has no {d.ids_column!r} column): a tokenizer saved locally")
         if d.tokenizer:
-            self.tokenizer = compat.tokenizer(d.tokenizer)
+            self.tokenizer = optional.tokenizer(d.tokenizer)
             self.vocab_size = len(self.tokenizer)
         return train, val
 
@@ -302,11 +305,11 @@ class CausalLMTask(HFTask):
             named = d.tokenizer or (tokens.read_meta(d.tokens).get("tokenizer", "") if data.chars is None
                                     and (Path(d.tokens) / "meta.json").is_file() else "")
             if named:  # the tokenizer that wrote the ids (prepare-text --tokenizer) goes into hf/ too
-                self.tokenizer = compat.tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
+                self.tokenizer = optional.tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
             return data.train, data.val
         train, val = self.open_table()
         rows = TextRows(block, d.text_column, d.ids_column, self.tokenizer, self.pad_id())
-        return hfdata.Rows(train, rows), hfdata.Rows(val, rows, limit=d.eval_blocks)
+        return tables.Rows(train, rows), tables.Rows(val, rows, limit=d.eval_blocks)
 
     def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.float().view(-1, outputs.size(-1)), batch[1].view(-1), ignore_index=IGNORE)
@@ -343,14 +346,14 @@ class SequenceClassificationTask(HFTask):
         if not d.path:
             raise ConfigError("data.path", "", "hf_sequence_classification reads a table with a text and a label column")
         train, val = self.open_table()
-        hfdata.columns(train, {"data.label_column": d.label_column}, d.path)
+        tables.columns(train, {"data.label_column": d.label_column}, d.path)
         labels = train.unique(d.label_column)
         if not all(isinstance(v, int) for v in labels):
             raise ConfigError("data.label_column", d.label_column, "must hold integer class labels 0..C-1")
         self.num_labels = max(labels) + 1
         rows = LabelledRows(self.cfg.model.block_size, d.text_column, d.ids_column, self.tokenizer, self.pad_id(),
                             d.label_column)
-        return hfdata.Rows(train, rows), hfdata.Rows(val, rows, limit=d.eval_blocks)
+        return tables.Rows(train, rows), tables.Rows(val, rows, limit=d.eval_blocks)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         logits: torch.Tensor = model(input_ids=batch[0], attention_mask=batch[1]).logits

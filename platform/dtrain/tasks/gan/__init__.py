@@ -37,7 +37,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dtrain import datasets, distributed, gan_eval
+from dtrain.data import images
+from dtrain.runtime import distributed
+from dtrain.tasks.gan import quality
 from dtrain.protocols import Engine, ModelSpec, StepOutput, Task
 from dtrain.tasks.gan.config import GANConfig, GanDataConfig, GanModelConfig, GanSection
 from dtrain.tasks.gan.losses import d_loss, g_loss, grad_penalty_r1, grad_penalty_wgan_gp, input_gradients
@@ -69,18 +71,18 @@ class GANTask(Task):
     def datasets(self) -> tuple[TensorDataset, TensorDataset]:
         d = self.cfg.data
         if d.dataset == "digits":
-            train, test = datasets.digits(d.val_fraction, normalize=False)
+            train, test = images.digits(d.val_fraction, normalize=False)
             self.data_shape = (1, 8, 8)
-            self.classifier = gan_eval.digits_classifier(*train.tensors)
+            self.classifier = quality.digits_classifier(*train.tensors)
             # Scored against held-out images: a generator that memorised the training set would
             # score perfectly against those. The train-set scores are reported too (train_*), so
             # memorisation shows as train scores well above the held-out ones.
             self.real_reference, self.train_reference = test.tensors[0], train.tensors[0]
             return TensorDataset(train.tensors[0]), test
         rng = torch.Generator().manual_seed(self.cfg.seed)
-        points = gan_eval.sample_mixture(d.dataset, d.num_samples, rng)
+        points = quality.sample_mixture(d.dataset, d.num_samples, rng)
         self.data_shape = (2,)
-        return TensorDataset(points), TensorDataset(gan_eval.sample_mixture(d.dataset, 1000, rng))
+        return TensorDataset(points), TensorDataset(quality.sample_mixture(d.dataset, 1000, rng))
 
     def models(self) -> dict[str, ModelSpec]:
         m, gan = self.cfg.model, self.cfg.gan
@@ -262,10 +264,10 @@ class GANTask(Task):
         # Every rank holds the same G-EMA and uses the same noise: the same numbers, no collective.
         fake = self.samples(engines, self.cfg.gan.eval_samples)
         if self.cfg.data.dataset == "digits":
-            held_out = gan_eval.image_metrics(self.classifier, self.real_reference, fake)
-            train = gan_eval.image_metrics(self.classifier, self.train_reference, fake)
+            held_out = quality.image_metrics(self.classifier, self.real_reference, fake)
+            train = quality.image_metrics(self.classifier, self.train_reference, fake)
             return held_out | {f"train_{k}": v for k, v in train.items() if k != "class_coverage"}
-        return gan_eval.mode_metrics(fake, self.cfg.data.dataset)
+        return quality.mode_metrics(fake, self.cfg.data.dataset)
 
     def final_state_dict(self, engines: dict[str, Engine]) -> dict[str, torch.Tensor]:
         """model.pt: the generator used for samples (the EMA when on), as a plain state_dict."""
@@ -286,7 +288,7 @@ class GANTask(Task):
         """samples.png: a grid of digits, or the 2-D samples over the modes' 3-sigma circles."""
         fake, path = self.samples(engines, self.cfg.gan.eval_samples), out_dir / "samples.png"
         if self.cfg.data.dataset == "digits":
-            gan_eval.image_grid(fake, path)
+            quality.image_grid(fake, path)
         else:
-            gan_eval.scatter_plot(fake, self.cfg.data.dataset, path)
+            quality.scatter_plot(fake, self.cfg.data.dataset, path)
         return [path]

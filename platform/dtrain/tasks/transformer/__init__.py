@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dtrain import safeload, tokens
+from dtrain.checkpoint import safeload
+from dtrain.data import tokens
 from dtrain.checkpoint import ResumeRefused
 from dtrain.config import ConfigError
 from dtrain.protocols import Engine
@@ -35,7 +36,7 @@ from dtrain.tasks.transformer.data import default_corpus as default_corpus
 from dtrain.tasks.transformer.data import read_text as read_text
 from dtrain.tasks.transformer.model import Attention as Attention
 from dtrain.tasks.transformer.model import CharTransformer as CharTransformer
-from dtrain.tokens import Vocab as Vocab
+from dtrain.data.tokens import Vocab as Vocab
 
 
 class TransformerTask(Task):

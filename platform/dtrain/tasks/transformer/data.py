@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from dtrain import tokens
+from dtrain.data import tokens
 
 
 def default_corpus() -> Path:

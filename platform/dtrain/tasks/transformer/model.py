@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtrain.norm import make_norm
+from dtrain.engines.norm import make_norm
 from dtrain.tasks.transformer.config import TransformerModelConfig
 
 # Dense bf16 peak FLOP/s of known GPUs (model FLOPs utilisation); `train.peak_tflops` overrides.

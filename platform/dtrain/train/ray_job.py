@@ -1,0 +1,189 @@
+"""`dtrain train RECIPE --ray-workers N`: the job as a Ray Train job (the `ray` extra; never
+imported otherwise).
+
+This process validates the recipe, joins a Ray cluster (`--ray-address`, e.g. `auto` inside
+a KubeRay or Anyscale job; none: a local instance) and hands `ray.train.torch.TorchTrainer`
+N workers. Ray starts them, sets up their process group (gloo on CPUs, NCCL on GPUs) and
+exports RANK / WORLD_SIZE / LOCAL_RANK; each worker then runs dtrain's normal loop on that
+group (`environments.RayTrain` reads the variables, `distributed.init` keeps Ray's group).
+
+The run folder is Ray's storage: `storage_path` is output_dir's parent and the Ray run's name
+is output_dir's own name, so dtrain's checkpoints are where Ray keeps the run, on storage
+every node must reach (a shared file system) when the job spans machines.
+
+Failures: `--ray-max-failures K` is Ray's `FailureConfig(max_failures=K)`. When a worker dies
+Ray restarts the group. Ray tells an attempt nothing of earlier ones, so the first attempt
+leaves a marker in output_dir (`.ray-<job id>`, removed when the job ends): an attempt that
+finds it continues with `resume=auto` exactly from the newest checkpoint written since, in the
+same MLflow run (the checkpoint carries its id), or, where the first attempt wrote none, starts
+as the first did (the recipe's own `resume`). A fresh start is refused before Ray starts
+anything when output_dir holds another run's checkpoints, as every dtrain start does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from dtrain import checkpoint, data, engines, tracking
+from dtrain.runtime import optional
+from dtrain.runtime import distributed
+from dtrain.config import ConfigError
+from dtrain.errors import WorkFailed, shown
+from dtrain.tasks import load_config
+
+log = logging.getLogger("dtrain")
+
+
+def launch(args: argparse.Namespace) -> None:
+    """`dtrain train --ray-workers N`: validate, run, and say in one line why a job failed."""
+    if args.nproc_per_node:
+        raise ConfigError("--nproc-per-node", args.nproc_per_node, "is torchrun's; with --ray-workers Ray starts the "
+                          "ranks: leave it out")
+    job = trainer(args.recipe, args.overrides, args.ray_workers, max_failures=args.ray_max_failures,
+                  use_gpu=args.ray_gpu, address=args.ray_address)
+    import ray
+
+    try:
+        job.fit()
+    except Exception as e:  # Ray's TrainingFailedError and kin: the first worker's cause, one line
+        ray.shutdown()  # before the line: Ray's log threads would otherwise print after it
+        close_left_running(args.recipe, args.overrides)
+        failures = getattr(e, "worker_failures", None) or {}
+        # The worker that failed first, not the ones whose collectives broke because it went away.
+        ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))
+        rank, cause = ranked[0] if ranked else (None, e.__cause__ or e)
+        who = f"worker {rank}: " if rank is not None else ""
+        raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
+                         f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
+    ray.shutdown()
+
+
+def close_left_running(recipe: str, overrides: Sequence[str]) -> None:
+    """After a job that failed for good: its MLflow run marked FAILED where still RUNNING. Ray
+    stops the surviving workers of a broken group at once, so rank 0 may not have closed it;
+    this process outlives them all. Found by its output_dir; never fatal."""
+    cfg = load_config(recipe, overrides)
+    if not cfg.tracking.enabled:
+        return
+    import mlflow
+
+    out = str(Path(cfg.output_dir).resolve())
+    try:
+        client = mlflow.MlflowClient(_absolute(tracking.resolve_uri(cfg.tracking.uri)))
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        if experiment is None or "'" in out:
+            return
+        for run in client.search_runs([experiment.experiment_id],
+                                      f"params.output_dir = '{out}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "FAILED")
+            log.info("ray: MLflow run %s marked FAILED (its workers were stopped before they could)", run.info.run_id)
+    except Exception as e:  # a tracking outage must not hide the job's own error line
+        log.warning("ray: could not close the MLflow run of %s: %s", out, str(e).splitlines()[0][:200])
+
+
+def _absolute(uri: str) -> str:
+    """A relative SQLite store (MLflow's default, ./mlflow.db) as an absolute one: the workers'
+    working directory may not be this process's."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _continue_an_earlier_attempt(cfg: Any, marker: Path, rank: int) -> None:
+    """Every rank looks for the first attempt's marker before rank 0 of the first attempt
+    writes it (a barrier between), so all agree on whether this is a restart. A restart
+    resumes from the newest checkpoint written since the marker; none: it starts as the first."""
+    restart = marker.exists()
+    distributed.barrier()
+    if restart:
+        since = marker.stat().st_mtime
+        ours = [p for p in checkpoint.candidates(Path(cfg.output_dir) / "checkpoints") if p.stat().st_mtime >= since]
+        if ours:
+            cfg.resume = "auto"  # the newest checkpoint is this job's
+            cfg.checkpoint.overwrite = False
+            log.info("ray: a restarted attempt; continuing from %s", ours[0].name)
+    elif rank == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
+def _cause_line(e: BaseException) -> str:
+    """The line that says why: dtrain's own line (an error's last line), or, for a worker whose
+    process died (Ray's health check lost it, with nothing more to say), that it died."""
+    if type(e).__name__ == "WorkerHealthCheckFailedError":
+        return "its process died (killed, out of memory, or its node lost); Ray's logs name the cause"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(e).__name__
+
+
+def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures: int = 0, use_gpu: bool = False,
+            address: str = "") -> Any:
+    """A `ray.train.torch.TorchTrainer` that runs the recipe on `workers` Ray workers, validated
+    before Ray starts anything (a ConfigError otherwise); `.fit()` runs it. The Python API for a
+    script of one's own (examples/ray), and what `dtrain train --ray-workers` runs."""
+    if workers < 1:
+        raise ConfigError("--ray-workers", workers, "must be 1 or more")
+    if max_failures < 0:
+        raise ConfigError("--ray-max-failures", max_failures, "must be 0 or more (-1 is not offered: a job that can "
+                          "never fail never ends)")
+    cfg = load_config(recipe, overrides)
+    data.plan_batches(cfg, workers)
+    engines.validate(cfg)
+    out = Path(cfg.output_dir).resolve()
+    earlier = checkpoint.candidates(out / "checkpoints")
+    if earlier and not cfg.resume and not cfg.checkpoint.overwrite:  # what the first attempt would refuse, now
+        raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
+                          f"{earlier[0].name}); continue it with resume=auto, or start over with another "
+                          "output_dir or checkpoint.overwrite=true")
+    job_id = uuid.uuid4().hex[:12]
+    ray = optional.require("ray", "ray", "--ray-workers", workers)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address or None)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"recipe": str(Path(recipe).resolve()), "job_id": job_id, "cwd": os.getcwd(),
+                           "overrides": [*overrides, f"output_dir={out}",
+                                         f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}"]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
+        run_config=RunConfig(name=out.name, storage_path=str(out.parent),
+                             failure_config=FailureConfig(max_failures=max_failures)))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: dtrain's loop on the process group Ray made. A restarted attempt
+    continues from the newest checkpoint this job wrote (`_continue_an_earlier_attempt`)."""
+    from dtrain.train import job
+    from dtrain.train.fit import fit
+
+    if os.path.isdir(config["cwd"]):  # relative data paths as where the command ran (when this node has it)
+        os.chdir(config["cwd"])
+    env = distributed.read_env()
+    job.setup_logging(env.rank)
+    cfg = load_config(config["recipe"], config["overrides"])
+    data.plan_batches(cfg, env.world_size)
+    device = distributed.init(env, cfg.train.collective_timeout_s)
+    marker = Path(cfg.output_dir) / f".ray-{config['job_id']}"
+    _continue_an_earlier_attempt(cfg, marker, env.rank)
+    try:
+        outcome = fit(cfg, env, device)
+    except BaseException as e:
+        line, _ = job.explain(e, cfg)
+        if line:  # a known failure: its line, not a traceback (Ray then restarts or reports it)
+            print(shown(line, env.rank), file=sys.stderr, flush=True)
+            raise RuntimeError(line) from None
+        raise
+    if outcome.status == "preempted":  # Ray's own restart continues it from the checkpoint just written
+        raise RuntimeError(f"preempted by signal {outcome.signum} after a checkpoint")
+    if env.rank == 0:
+        marker.unlink(missing_ok=True)

@@ -1,0 +1,192 @@
+"""Where the loop is (`TrainState`, saved in every checkpoint) and how a job continues:
+a fresh start never deletes an earlier run's checkpoints unless told to; `resume` loads a
+checkpoint into the engines, the task and the state (falling back past broken ones under
+`resume=auto`), and refuses in one line what cannot continue (another global batch, ZeRO
+state on another world size)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtrain import checkpoint
+from dtrain.runtime import distributed
+from dtrain.checkpoint import CheckpointError
+from dtrain.config import Config, ConfigError
+from dtrain.engines import engine_class
+from dtrain.protocols import Engine, Task
+
+log = logging.getLogger("dtrain")
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Loader batches of this epoch consumed per rank. Since per-rank batch x world size is
+    the global batch / accumulation, this count means the same samples at any world size."""
+    samples_seen: int = 0
+    initial_loss: float = float("nan")
+    run_id: str = ""
+    train_time_s: float = 0.0
+    world_size: int = 0
+    """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
+    global_batch: int = 0
+    grad_accum: int = 0
+    best_value: float = float("nan")
+    """`early_stop.metric` at its best evaluation so far (nan: none yet)."""
+    best_step: int = 0
+    evals_since_best: int = 0
+    best_checkpoint: str = ""
+    """The folder of the best evaluation's checkpoint (absolute: a run resumed into another
+    `output_dir` still finds it in the one it came from)."""
+    resumed_from_run: str = ""
+    """The MLflow run a run resumed into a new `output_dir` started from (its own run is new)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
+    """A fresh start never deletes an earlier run's checkpoints unless told to."""
+    found: list[Path] = distributed.broadcast_object(checkpoint.candidates(ckpt_root))  # rank 0's listing
+    if cfg.resume or not found:
+        return
+    if not cfg.checkpoint.overwrite:
+        raise ConfigError("output_dir", cfg.output_dir,
+                          f"holds checkpoints of an earlier run (newest {found[0].name}); "
+                          "continue it with resume=auto, or start over with another output_dir or "
+                          "checkpoint.overwrite=true")
+    distributed.barrier()  # every rank has looked before rank 0 removes them
+    if distributed.is_main():
+        removed = checkpoint.clear(ckpt_root)
+        log.warning("checkpoint.overwrite=true: removed %d checkpoint(s) of an earlier run in %s", removed, ckpt_root)
+    distributed.barrier()
+
+
+def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
+    """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found, pointer = distributed.broadcast_object((checkpoint.candidates(ckpt_root), checkpoint.named(ckpt_root)))
+        if not found and pointer:  # `latest` names a checkpoint that is gone: never start over silently
+            raise CheckpointError(f"resume=auto: {ckpt_root / checkpoint.LATEST} names {pointer}, which is missing, "
+                                  "and no other checkpoint is there; restore it, or start over with another "
+                                  "output_dir")
+        if not found:
+            return None
+    world = distributed.world_size()
+
+    def validate(client: dict[str, Any]) -> None:
+        saved = TrainState(**client["trainer"])
+        saved_world = saved.world_size or len(client["rng"])
+        if saved.global_batch and saved.global_batch != state.global_batch:
+            raise checkpoint.ResumeRefused(
+                f"data.global_batch_size={state.global_batch}: the checkpoint was trained with {saved.global_batch}, "
+                "the batch its schedule, data position and step count are in; resume with it (on fewer ranks, "
+                "raise data.grad_accum_steps to keep it)")
+        if saved.grad_accum and saved.grad_accum != state.grad_accum:
+            refuse_or_warn_accumulation(cfg, engines, saved.grad_accum, state.grad_accum)
+        engine_class(cfg.engine).check_resume(saved_world, world)
+        refuse_changed_optimizer(cfg, client.get("recipe", {}))
+        task.load_extra_state(client.get("task", {}))
+
+    try:
+        if cfg.resume == "auto":
+            folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
+        else:
+            folder = _chosen_by_rank0(cfg.resume, ckpt_root)
+            client = checkpoint.load(folder, engines, validate)
+    except CheckpointError as e:
+        raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
+    _continue(cfg, task, state, client, folder, ckpt_root)
+    return folder
+
+
+def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: int, now: int) -> None:
+    """Another accumulation at the same global batch (fewer ranks, more micro-batches each):
+    every step averages the gradient of the same samples, so DDP and FSDP2 continue the same
+    run. BatchNorm then normalises over other micro-batches (said, not refused); DeepSpeed keeps
+    its own accumulation state, so it resumes with the one it saved."""
+    if cfg.engine == "deepspeed":
+        raise checkpoint.ResumeRefused(
+            f"data.grad_accum_steps={now}: the DeepSpeed checkpoint was trained with {saved}; resume with it "
+            "(engine=ddp and engine=fsdp resume with another accumulation at the same global batch)")
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for e in engines.values() for m in e.module.modules()):
+        log.warning("resume: data.grad_accum_steps %d -> %d at the same global batch: BatchNorm statistics are now "
+                    "over other micro-batches (close to the straight run, not equal to it)", saved, now)
+
+
+def _continue(cfg: Config, task: Task, state: TrainState, client: dict[str, Any], folder: Path,
+              ckpt_root: Path) -> None:
+    """`state` and this rank's random streams from a loaded checkpoint's client state."""
+    world, rank = distributed.world_size(), distributed.rank()
+    saved = TrainState(**client["trainer"])
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
+                "best_value", "best_step", "evals_since_best", "best_checkpoint"):
+        setattr(state, key, getattr(saved, key))
+    if saved.grad_accum and saved.grad_accum != state.grad_accum:
+        # The epoch's position in loader batches per rank: the same samples (the same global
+        # steps) in the new accumulation's micro-batches.
+        state.batch_in_epoch = (saved.batch_in_epoch // task.micro_batches_per_step(saved.grad_accum)
+                                * task.micro_batches_per_step(state.grad_accum))
+    if saved.best_step and not saved.best_checkpoint:  # written before the path was kept: beside it
+        state.best_checkpoint = str((folder.parent / f"step_{saved.best_step:08d}").resolve())
+    if folder.parent.resolve() != ckpt_root.resolve():
+        # Another output folder is another run: its own MLflow run, tagged with where it came from
+        # (reopening the old one would mix two folders' histories and params).
+        state.resumed_from_run, state.run_id = saved.run_id, ""
+    if len(client["rng"]) == world:
+        checkpoint.set_rng_state(client["rng"][rank])
+    else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
+        log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
+                    "are re-derived", len(client["rng"]), world)
+        seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
+
+
+def _chosen_by_rank0(resume: str, ckpt_root: Path) -> Path:
+    """The folder an explicit `resume` names, as rank 0 sees it (every rank loads that one)."""
+    try:
+        chosen: Path | str = checkpoint.resolve(resume, ckpt_root) if distributed.is_main() else ""
+    except CheckpointError as e:
+        chosen = str(e)
+    chosen = distributed.broadcast_object(chosen)
+    if isinstance(chosen, str):
+        raise CheckpointError(chosen)
+    return chosen
+
+
+# Keys whose values live in the optimizer's and the schedule's checkpointed state: a resumed run
+# would silently train on the checkpoint's. Clipping and L1 are read from the recipe each step.
+_APPLIED_EACH_STEP = ("optim.clip_grad_norm", "optim.clip_grad_value", "optim.l1")
+
+
+def refuse_changed_optimizer(cfg: Config, saved_recipe: dict[str, Any]) -> None:
+    """An `optim.*` value that differs from the checkpoint's is refused in one line (what was
+    stated must be what runs); every other key applies as the recipe states it."""
+    from dtrain.config import recipe
+
+    now = recipe.flatten(recipe.to_dict(cfg))
+    changed = [(k, v, saved_recipe[k]) for k, v in now.items()
+               if k.startswith("optim.") and k not in _APPLIED_EACH_STEP and k in saved_recipe
+               and str(v) != str(saved_recipe[k])]
+    if changed:
+        key, value, was = changed[0]
+        more = f" (and {', '.join(k for k, _, _ in changed[1:])})" if changed[1:] else ""
+        raise checkpoint.ResumeRefused(
+            f"{key}={value}{more}: the checkpoint was trained with {key}={was}, and its optimizer and schedule "
+            f"state would keep it; resume with {key}={was}, or start a new run from these weights with "
+            "model.init_from=<checkpoint run's output_dir>")
