@@ -2,7 +2,8 @@
 
 import pytest
 
-from dtrain.runtime.distributed import DistEnv, LaunchError, read_env
+from dtrain.runtime.distributed import DistEnv, read_env
+from dtrain.errors import LaunchError
 
 
 def test_single_process():

@@ -21,7 +21,7 @@ TOLERANCE = {"same": 1e-6, "fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-2}
 
 def _fit(rank: int, world: int, overrides: list[str], refusal_to: str = "") -> None:
     """One run; with `refusal_to`, a run that must be refused at resume: its line goes there."""
-    from dtrain.checkpoint import ResumeRefused
+    from dtrain.errors import ResumeRefused
     from dtrain.runtime.distributed import DistEnv
     from dtrain.tasks import load_config
     from dtrain.train.fit import fit

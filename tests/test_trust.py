@@ -137,7 +137,7 @@ def test_bandit_finds_nothing_in_the_platform():
 def test_a_crafted_plain_checkpoint_file_is_refused_and_runs_nothing(tmp_path, name):
     """trainer.pt, DDP's state.pt and model.pt load with weights_only=True (dtrain's one loader
     for them, `checkpoint.load_file`; `safeload.load_weights` for init_from / sample)."""
-    from dtrain.checkpoint import CheckpointError
+    from dtrain.errors import CheckpointError
 
     marker = tmp_path / "pwned"
     path = tmp_path / name

@@ -36,6 +36,7 @@ from dtrain.runtime import distributed
 from dtrain.errors import Failure, WorkFailed
 from dtrain.runtime.files import atomic_write, first_line
 from dtrain.protocols import Checkpointed
+from dtrain.errors import CheckpointError as CheckpointError, CheckpointWriteError as CheckpointWriteError, ResumeRefused as ResumeRefused
 
 log = logging.getLogger("dtrain")
 
@@ -43,19 +44,6 @@ LATEST = "latest"
 BEST = "best"
 """Names the checkpoint of the best evaluation (`early_stop.metric`); rotation keeps it."""
 TRAINER = "trainer.pt"
-
-
-class CheckpointError(Failure):
-    """A checkpoint that cannot be used; str() is the one line to show."""
-
-
-class ResumeRefused(CheckpointError):
-    """The checkpoint loads but cannot continue this job (another world size under ZeRO,
-    another global batch, another vocabulary): no fallback to an older one helps."""
-
-
-class CheckpointWriteError(WorkFailed):
-    """Writing a checkpoint failed (disk full, I/O error); str() is the one line to show."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -17,7 +17,7 @@ from dtrain.studies import search
 from dtrain.studies import sweep
 from dtrain.data import tokens
 from dtrain.postrun.average import average
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.errors import Failure, WorkFailed
 from dtrain.tasks import get_task, load_config
 

@@ -20,7 +20,8 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from dtrain.config import redact
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
 
 

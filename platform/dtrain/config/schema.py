@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtrain.errors import Failure
-
-
-class ConfigError(Failure, ValueError):
-    """Bad input: `key=value: what would be valid` (exit 2)."""
-
-    def __init__(self, key: str, value: Any, expected: str):
-        self.key, self.value, self.expected = key, value, expected
-        Failure.__init__(self, f"{key}={value!r}: {expected}" if key else expected)
+from dtrain.errors import ConfigError as ConfigError  # (where users import it from)
 
 
 # --------------------------------------------------------------------------- sections

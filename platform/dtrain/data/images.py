@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
 from dtrain.checkpoint.safeload import UnsafeFile, load_numpy_pickle
 

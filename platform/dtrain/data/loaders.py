@@ -35,7 +35,8 @@ from typing import Any, Iterator, Sized, cast
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.data.seeding import Augment as Augment  # re-exported: tasks type their augmentation with it
 from dtrain.data.seeding import sample_generator as sample_generator
 from dtrain.data.seeding import seeded as seeded

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.data.seeding import sample_generator
 
 Sample = dict[str, bytes]

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from dtrain.runtime import optional
 from dtrain.runtime import distributed
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 

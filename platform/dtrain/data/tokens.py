@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".csv", ".html", ".xml", ".yaml", ".yml"}

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 # Selective AC keeps what is expensive to recompute (matmuls, attention) and recomputes the
 # cheap, memory-heavy rest (norms, activations, dropout masks are replayed from the RNG state):

@@ -19,6 +19,7 @@ from dtrain.config import Config, OptimConfig
 from dtrain.data import BatchPlan
 from dtrain.engines.precision import AmpPrecision
 from dtrain.protocols import ModelSpec, Precision
+from dtrain.errors import CheckpointError
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
@@ -176,7 +177,7 @@ class DDPEngine:
             self.optimizer.load_state_dict(sd["optimizer"])
             self.scheduler.load_state_dict(sd["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:  # another model: name the first mismatch
-            raise checkpoint.CheckpointError(f"holds a different model or optimizer: {mismatch_line(e)}") from None
+            raise CheckpointError(f"holds a different model or optimizer: {mismatch_line(e)}") from None
         if sd.get("scaler"):
             self.precision.scaler.load_state_dict(sd["scaler"])
         self.lr = self.optimizer.param_groups[0]["lr"]
@@ -194,8 +195,8 @@ class DDPEngine:
     def load(self, folder: Path) -> None:
         try:
             self.load_state_dict(checkpoint.load_file(folder / "state.pt", self.device))
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(str(e) if str(folder) in str(e) else f"{folder}: {e}") from None
+        except CheckpointError as e:
+            raise CheckpointError(str(e) if str(folder) in str(e) else f"{folder}: {e}") from None
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

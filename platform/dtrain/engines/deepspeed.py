@@ -22,8 +22,9 @@ import torch.nn as nn
 from dtrain.runtime import distributed
 from dtrain.engines import optim
 from dtrain.checkpoint import safeload
-from dtrain.checkpoint import CheckpointError, ResumeRefused
-from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
+from dtrain.errors import CheckpointError, ResumeRefused
+from dtrain.config import Config, OptimConfig, optim_sections
+from dtrain.errors import ConfigError
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import mismatch_line
 from dtrain.engines.precision import AmpPrecision

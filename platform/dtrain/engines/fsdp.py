@@ -35,11 +35,13 @@ from torch.distributed.tensor import DTensor
 from dtrain import checkpoint
 from dtrain.checkpoint import dcp
 from dtrain.runtime import distributed
-from dtrain.config import Config, ConfigError, OptimConfig, optim_sections
+from dtrain.config import Config, OptimConfig, optim_sections
+from dtrain.errors import ConfigError
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import DTYPES, AmpPrecision
 from dtrain.protocols import ModelSpec
+from dtrain.errors import CheckpointError
 
 EXTRA = "extra.pt"
 """Beside the DCP shards: the schedule's and the loss scaler's state (rank 0)."""
@@ -96,7 +98,7 @@ class FSDPEngine(DDPEngine):
         try:
             dcp.dcp_load(state, folder, no_dist=True)
         except Exception as e:  # DCP's errors name every rank; the first is the cause
-            raise checkpoint.CheckpointError(f"cannot read {folder}: {dcp.first_cause(e)}") from None
+            raise CheckpointError(f"cannot read {folder}: {dcp.first_cause(e)}") from None
         weights: dict[str, torch.Tensor] = state["model"]
         return weights
 
@@ -163,13 +165,13 @@ class FSDPEngine(DDPEngine):
     def load(self, folder: Path) -> None:
         """Any world size: DCP reads the saved shards into this job's sharding."""
         if not (folder / ".metadata").exists():
-            raise checkpoint.CheckpointError(f"{folder} holds no FSDP (DCP) checkpoint")
+            raise CheckpointError(f"{folder} holds no FSDP (DCP) checkpoint")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         try:  # DCP loads in place, into the tensors of this job's sharding
             dcp.dcp_load({"model": model_sd, "optimizer": optim_sd}, folder)
             set_state_dict(self.module, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         except Exception as e:  # DCP wraps every rank's failure; one line of the first is enough
-            raise checkpoint.CheckpointError(f"cannot load {folder}: {dcp.first_cause(e)}") from None
+            raise CheckpointError(f"cannot load {folder}: {dcp.first_cause(e)}") from None
         extra = checkpoint.load_file(folder / EXTRA, self.device)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.lr = self.optimizer.param_groups[0]["lr"]

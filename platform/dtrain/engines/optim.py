@@ -17,7 +17,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from dtrain.config import ConfigError, OptimConfig
+from dtrain.config import OptimConfig
+from dtrain.errors import ConfigError
 from dtrain.protocols import LRInfo
 
 

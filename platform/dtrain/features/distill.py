@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from dtrain.runtime import distributed
 from dtrain.postrun import predict
 from dtrain.checkpoint import safeload
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

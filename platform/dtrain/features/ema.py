@@ -30,7 +30,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dtrain.runtime import distributed
-from dtrain.checkpoint import CheckpointError
+from dtrain.errors import CheckpointError
 from dtrain.config import EMAConfig
 from dtrain.protocols import Engine
 

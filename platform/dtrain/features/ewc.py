@@ -27,7 +27,8 @@ from torch.utils.data import default_collate
 
 from dtrain.runtime import distributed
 from dtrain.postrun import predict
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.data import move, sample_generator
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dtrain.runtime import distributed
-from dtrain.config import ConfigError, TrialConfig
+from dtrain.config import TrialConfig
+from dtrain.errors import ConfigError
 
 
 STORAGE_ENV = "DTRAIN_TRIAL_STORAGE"

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from dtrain import checkpoint, data, engines
 from dtrain.checkpoint import safeload
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.protocols import Task
 from dtrain.tasks import get_task, load_config
 

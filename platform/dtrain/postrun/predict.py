@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import safeload
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
 from dtrain.protocols import Task
 from dtrain.tasks import get_task, load_config

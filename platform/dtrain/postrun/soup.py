@@ -36,7 +36,8 @@ from dtrain.postrun import average
 from dtrain.config import recipe
 from dtrain.checkpoint import safeload
 from dtrain.postrun.average import evaluate_model
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
 from dtrain.tasks import get_task, load_config
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from dtrain.errors import Failure
+from dtrain.errors import LaunchError as LaunchError
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,6 @@ class DistEnv:
     master_port: int = 29500
     launcher: str = "single"
     """single, torchrun, accelerate, deepspeed, ray, slurm, env or kubeflow."""
-
-
-class LaunchError(Failure):
-    """The launcher's environment is inconsistent; str() is the one line to show."""
 
 
 Env = Mapping[str, str]

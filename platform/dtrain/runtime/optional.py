@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 
 def require(module: str, extra: str, key: str, value: object) -> ModuleType:

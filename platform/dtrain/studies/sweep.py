@@ -10,7 +10,8 @@ from typing import Sequence
 
 from dtrain import data
 from dtrain.runtime import launch
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.errors import Failure, WorkFailed
 from dtrain.tasks import load_config
 

@@ -23,7 +23,8 @@ from dtrain import protocols
 from dtrain.tasks import finetune
 from dtrain.config import recipe
 from dtrain.tasks import supervised
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.tasks.initialization import initialize
 from dtrain.protocols import Engine, ModelSpec, StepOutput
 

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dtrain import data
 from dtrain.data import images
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
+from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.errors import ConfigError
 from dtrain.tasks import Task
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from dtrain.runtime import distributed
 from dtrain.checkpoint import safeload
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 
 
 def _short(names: Sequence[str], n: int = 6) -> str:

@@ -36,7 +36,8 @@ from dtrain.runtime import optional
 from dtrain.data import tables
 from dtrain.checkpoint import safeload
 from dtrain.data import tokens
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig
+from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.errors import ConfigError
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
 from dtrain.tasks.transformer.config import TransformerOptimConfig

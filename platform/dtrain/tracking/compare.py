@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtrain.errors import Failure
+from dtrain.errors import CompareError as CompareError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 KIND_TAG = "dtrain.kind"
-
-
-class CompareError(Failure):
-    """Nothing to compare; str() is the line to show."""
 
 
 @dataclass

@@ -31,7 +31,8 @@ from dtrain.config import recipe
 from dtrain.config import redact
 from dtrain.train import report
 from dtrain.train import resume
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.errors import WorkFailed
 from dtrain.features.ema import EMA
 from dtrain.engines import build_engines, evaluation_weights, validate
@@ -44,12 +45,9 @@ from dtrain.train.progress import Progress
 from dtrain.protocols import Engine, StepOutput, Task
 from dtrain.train.resume import TrainState, seed_everything
 from dtrain.tasks import get_task
+from dtrain.errors import TrainingError as TrainingError
 
 log = logging.getLogger("dtrain")
-
-
-class TrainingError(WorkFailed):
-    """Training cannot go on (e.g. gradients stay non-finite); str() is the line to show."""
 
 
 @dataclass

@@ -29,7 +29,8 @@ from dtrain.runtime import distributed
 from dtrain.runtime import launch
 from dtrain.runtime import preemption
 from dtrain.studies.check import trace
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.runtime.environments import DistEnv
 from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
 from dtrain.runtime.files import first_line

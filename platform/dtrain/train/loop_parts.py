@@ -18,7 +18,8 @@ from dtrain import checkpoint, data, tracking
 from dtrain.runtime import distributed
 from dtrain.features import goodput
 from dtrain.config import recipe
-from dtrain.config import Config, ConfigError, EarlyStopConfig
+from dtrain.config import Config, EarlyStopConfig
+from dtrain.errors import ConfigError
 from dtrain.features.ema import EMA
 from dtrain.engines import evaluation_weights
 from dtrain.engines.optim import improvement

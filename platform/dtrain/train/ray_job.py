@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from dtrain import checkpoint, data, engines, tracking
 from dtrain.runtime import optional
 from dtrain.runtime import distributed
-from dtrain.config import ConfigError
+from dtrain.errors import ConfigError
 from dtrain.errors import WorkFailed, shown
 from dtrain.tasks import load_config
 

@@ -17,10 +17,12 @@ import torch
 
 from dtrain import checkpoint
 from dtrain.runtime import distributed
-from dtrain.checkpoint import CheckpointError
-from dtrain.config import Config, ConfigError
+from dtrain.errors import CheckpointError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.engines import engine_class
 from dtrain.protocols import Engine, Task
+from dtrain.errors import ResumeRefused
 
 log = logging.getLogger("dtrain")
 
@@ -94,7 +96,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
         saved = TrainState(**client["trainer"])
         saved_world = saved.world_size or len(client["rng"])
         if saved.global_batch and saved.global_batch != state.global_batch:
-            raise checkpoint.ResumeRefused(
+            raise ResumeRefused(
                 f"data.global_batch_size={state.global_batch}: the checkpoint was trained with {saved.global_batch}, "
                 "the batch its schedule, data position and step count are in; resume with it (on fewer ranks, "
                 "raise data.grad_accum_steps to keep it)")
@@ -122,7 +124,7 @@ def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: 
     run. BatchNorm then normalises over other micro-batches (said, not refused); DeepSpeed keeps
     its own accumulation state, so it resumes with the one it saved."""
     if cfg.engine == "deepspeed":
-        raise checkpoint.ResumeRefused(
+        raise ResumeRefused(
             f"data.grad_accum_steps={now}: the DeepSpeed checkpoint was trained with {saved}; resume with it "
             "(engine=ddp and engine=fsdp resume with another accumulation at the same global batch)")
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for e in engines.values() for m in e.module.modules()):
@@ -186,7 +188,7 @@ def refuse_changed_optimizer(cfg: Config, saved_recipe: dict[str, Any]) -> None:
     if changed:
         key, value, was = changed[0]
         more = f" (and {', '.join(k for k, _, _ in changed[1:])})" if changed[1:] else ""
-        raise checkpoint.ResumeRefused(
+        raise ResumeRefused(
             f"{key}={value}{more}: the checkpoint was trained with {key}={was}, and its optimizer and schedule "
             f"state would keep it; resume with {key}={was}, or start a new run from these weights with "
             "model.init_from=<checkpoint run's output_dir>")

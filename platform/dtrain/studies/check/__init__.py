@@ -45,7 +45,8 @@ from dtrain.studies.check.model import (
     check_input_independent,
     check_overfit_batch,
 )
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write, first_line
 from dtrain.config.recipe import flatten, to_dict
 

@@ -28,12 +28,14 @@ from dtrain import tracking
 from dtrain.config import recipe
 from dtrain.config import redact
 from dtrain.runtime.launch import torchrun_cmd, torchrun_env
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.errors import Failure, WorkFailed
 from dtrain.runtime.files import atomic_write, first_line
 from dtrain.studies.search.space import Param, load_space, overrides, suggest
 from dtrain.features.trial import STORAGE_ENV
 from dtrain.tasks import load_config
+from dtrain.errors import TooManyFailures as TooManyFailures, TrialRefused as TrialRefused
 
 log = logging.getLogger("dtrain")
 FINISHED = ("COMPLETE", "PRUNED")
@@ -67,15 +69,6 @@ class SearchArgs:
 
 class TrialFailed(RuntimeError):
     pass
-
-
-class TooManyFailures(WorkFailed):
-    """`--max-failures` trials failed in this worker; str() is the one line to show."""
-
-
-class TrialRefused(Failure):
-    """A trial refused its recipe before training (exit 2: a bad key or value, e.g. `--metric`
-    naming a metric the task does not report): every further trial would too."""
 
 
 def default_storage(cfg: Config) -> str:

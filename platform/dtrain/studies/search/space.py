@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config
+from dtrain.errors import ConfigError
 from dtrain.config.recipe import apply_override, build, to_dict
 
 TYPES = ("float", "int", "categorical")

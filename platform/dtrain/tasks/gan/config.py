@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, validate_optim
+from dtrain.config import Config, DataConfig, ModelConfig, OptimConfig, validate_optim
+from dtrain.errors import ConfigError
 
 
 

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from dtrain.checkpoint import safeload
 from dtrain.data import tokens
-from dtrain.checkpoint import ResumeRefused
-from dtrain.config import ConfigError
+from dtrain.errors import ResumeRefused
+from dtrain.errors import ConfigError
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
 from dtrain.tasks.transformer.config import TextDataConfig as TextDataConfig

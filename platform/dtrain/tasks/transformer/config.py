@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dtrain.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, OptimizerName
+from dtrain.config import Config, DataConfig, ModelConfig, OptimConfig, OptimizerName
+from dtrain.errors import ConfigError
 
 
 @dataclass
