@@ -3,7 +3,7 @@ evaluation and checkpoints off) with both off, the monitor every 10 steps and ev
 the profiler recording 5 steps, side by side in one run; samples/s from each run's
 summary.json (steady state, after the first steps). Repeated `--repeats` times, interleaved,
 so that the machine's drift hits every setting alike. Also the cost of a profiling region
-when the profiler is off (`dtrain.features.profile.region`, entered 4 times per step).
+when the profiler is off (`dtrain.runtime.timing.region`, entered 4 times per step).
 
     python benchmarks/instrumentation.py [--repeats 3]
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dtrain.features.profile import region
+from dtrain.runtime.timing import region
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def loader_alone(folder: Path, image_size: int, batch: int, workers: int, batches: int) -> float:
     from dtrain.data import BatchPlan, train_loader
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
     from dtrain.tasks.cnn import CNNTask
 
     cfg = load_config(ROOT / "recipes" / "cnn_digits.yaml",

@@ -34,7 +34,7 @@ def measure(rank: int, world: int, store: str, overrides: list[str], out: str) -
 
     from dtrain import data
     from dtrain.train import fit
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

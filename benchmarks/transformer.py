@@ -32,7 +32,7 @@ def plain_loop(steps: int) -> float:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
     from dtrain.tasks.transformer import TransformerTask
 
     cfg = load_config(RECIPE, COMMON)

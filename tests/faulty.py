@@ -67,7 +67,7 @@ class FaultyTask(MLPTask):
             test = Subset(test, range(self.cfg.model.eval_size))
         return train, test
 
-    def train_step(self, engines, micro_batches):
+    def train_step(self, engines, micro_batches, terms=None):
         self.steps += 1
         if self.kind == "slow_checkpoint" and self.rank == _rank():
             time.sleep(0.005)
@@ -85,7 +85,7 @@ class FaultyTask(MLPTask):
             if self.kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not marker.exists():
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
-        return super().train_step(engines, micro_batches)
+        return super().train_step(engines, micro_batches, terms)
 
     def extra_state(self):
         if self.kind == "slow_checkpoint" and self.rank == _rank():
@@ -133,7 +133,7 @@ class KillOnceCNN(CNNTask):
     once per output_dir (`DTRAIN_TEST_KILL=R:S` in the environment; a marker in output_dir
     remembers the death across restarts, for launchers that count none, such as Ray)."""
 
-    def train_step(self, engines, micro_batches):
+    def train_step(self, engines, micro_batches, terms=None):
         self.steps = getattr(self, "steps", 0) + 1
         if os.environ.get("DTRAIN_TEST_KILL"):
             rank, step = (int(v) for v in os.environ["DTRAIN_TEST_KILL"].split(":"))
@@ -141,4 +141,4 @@ class KillOnceCNN(CNNTask):
             if _rank() == rank and self.steps == step and not marker.exists():
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
-        return super().train_step(engines, micro_batches)
+        return super().train_step(engines, micro_batches, terms)

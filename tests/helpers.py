@@ -214,3 +214,34 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 24, size: 
             img[y:y + 6, x:x + 6] = 255
             Image.fromarray(img).save(root / f"class{k}" / f"{i:03d}.png")
     return root
+
+
+class FakeRun:
+    """What a feature sees of its job (`dtrain.protocols.Run`), for unit tests of one feature
+    without a loop: a recipe, engines, a step the test moves, and what the feature asked for."""
+
+    def __init__(self, cfg, engines=None, global_batch: int = 64, task=None, metrics: list[str] = ()):
+        from dtrain.protocols import Clock
+
+        self.cfg, self.engines, self.global_batch, self.task = cfg, engines or {}, global_batch, task
+        self.world_size, self.total_steps, self.step, self.resumed = 1, 100, 0, False
+        self.output_dir, self.clock, self.device = Path(cfg.output_dir), Clock(), torch.device("cpu")
+        self.names, self.lines, self.logged, self.asked, self.stopped = list(metrics), [], [], [], None
+
+    def say(self, line):
+        self.lines.append(line)
+
+    def log(self, metrics):
+        self.logged.append(metrics)
+
+    def metric_names(self):
+        return self.names
+
+    def request_checkpoint(self, best=False):
+        self.asked.append((self.step, best))
+
+    def checkpoint_folder(self, step):
+        return self.output_dir / "checkpoints" / f"step_{step:08d}"
+
+    def stop(self, reason, halt=False):
+        self.stopped = (reason, halt)

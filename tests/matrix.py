@@ -34,16 +34,23 @@ ENGINES = {"ddp": ["engine=ddp"], "zero0": ["engine=deepspeed", "deepspeed.zero_
 PRECISIONS = {p: [f"precision={p}"] for p in ("fp32", "bf16", "fp16")}
 OPTIMIZERS = {"adamw": [], "schedulefree": ["optim.name=schedulefree_adamw", "optim.schedule=constant"],
               "lars": ["optim.name=lars", "optim.lr=0.3"], "lamb": ["optim.name=lamb"]}
-FEATURES = {  # each on or off in a cell
-    "ema": ["ema.decay=0.9"],
-    "early_stop": ["early_stop.metric=loss", "early_stop.patience=100", "train.eval_every_steps=2"],
+CORE = {  # each on or off in a cell: what the loop and the engines do themselves
     "async_checkpoint": ["checkpoint.async=true"],
     "accumulation": ["data.grad_accum_steps=2"],
     "activation_checkpointing": ["model.activation_checkpointing=full"],
-    "monitor": ["monitor.every=2"],
-    "profile": ["profile.enabled=true", "profile.wait=0", "profile.warmup=0", "profile.active=1"],
     "init_from+freeze": ["model.init_from={init}", "model.freeze=[tok]"],
 }
+
+
+def _features() -> dict[str, list[str]]:
+    """Every training feature is a factor by being one: its `matrix` overrides, from the registry
+    ({init}: weights of the model at another seed; {run}: a finished run of the same task)."""
+    from dtrain import features
+
+    return {name: list(overrides) for f in features.registry() for name, overrides in f.matrix.items()}
+
+
+FEATURES = {**CORE, **_features()}
 EVENTS = {"stopped, resumed": [], "resumed on 1 rank": [], "resumed with an override": ["data.num_workers=1"]}
 FACTORS = {"engine": list(ENGINES), "precision": list(PRECISIONS), "optimizer": list(OPTIMIZERS),
            "event": list(EVENTS), **{f: [False, True] for f in FEATURES}}
@@ -62,10 +69,10 @@ class Cell:
     def name(self) -> str:
         return f"cell{self.number:02d}"
 
-    def overrides(self, init: str = "") -> list[str]:
+    def overrides(self, init: str = "", run: str = "") -> list[str]:
         out = [*BASE, *ENGINES[self.engine], *PRECISIONS[self.precision], *OPTIMIZERS[self.optimizer]]
         for f in self.features:
-            out += [o.format(init=init) for o in FEATURES[f]]
+            out += [o.format(init=init, run=run) for o in FEATURES[f]]
         return out
 
     def describe(self) -> str:
@@ -74,23 +81,26 @@ class Cell:
 
 @functools.lru_cache(maxsize=None)
 def _base() -> tuple[dict, type]:
+    from dtrain import features
     from dtrain.config import recipe
+    from dtrain.config.schema import compose
     from dtrain.tasks import get_task
 
     raw = recipe.read_raw(LM, BASE)
-    return raw, get_task(str(raw["task"])).config_class
+    return raw, compose(get_task(str(raw["task"])).config_class, features.sections())
 
 
 @functools.lru_cache(maxsize=None)
 def _refusal(values: frozenset[tuple[str, object]]) -> str:
     from dtrain.config import recipe
     from dtrain.config import ConfigError
-    from dtrain.engines import validate
+    from dtrain.train.config import validate
 
     v = dict(values)
     overrides = [*ENGINES[str(v.get("engine", "ddp"))], *PRECISIONS[str(v.get("precision", "fp32"))],
                  *OPTIMIZERS[str(v.get("optimizer", "adamw"))],
-                 *[o for f in FEATURES if v.get(f) for o in FEATURES[f] if not o.startswith("model.init_from")]]
+                 *[o.format(init=ROOT / "recipes", run=ROOT / "recipes") for f in FEATURES if v.get(f)
+                   for o in FEATURES[f] if not o.startswith("model.init_from")]]
     raw, config_class = _base()
     raw = copy.deepcopy(raw)
     try:

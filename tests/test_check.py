@@ -13,7 +13,7 @@ from dtrain.studies import check
 from dtrain.studies.check import dist as dist_check
 from dtrain.studies.check.context import Context
 from dtrain.engines import build_engines
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import ROOT, run_dtrain, spawn
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")

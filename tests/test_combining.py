@@ -67,7 +67,7 @@ LM_RUNS = {"lm-teacher", "lm-student"}
 def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ...]]]) -> None:
     """Every run in order, in this one process group (no process start-up per run)."""
     from dtrain.runtime.distributed import DistEnv
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
     from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
@@ -158,8 +158,8 @@ def test_magnitude_pruning_reaches_exactly_the_amount_and_structured_prunes_whol
 ])
 def test_bad_combining_keys_are_refused_before_any_rank_starts(tmp_path, overrides, line):
     from dtrain.config import ConfigError
-    from dtrain.engines import validate
-    from dtrain.tasks import load_config
+    from dtrain.train.config import validate
+    from dtrain.train.config import load_config
 
     run = tmp_path / "run"
     run.mkdir()

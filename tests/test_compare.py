@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from dtrain.studies.sweep import sweep_overrides
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import ROOT, check, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")

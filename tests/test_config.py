@@ -9,7 +9,7 @@ import pytest
 from dtrain import cli
 from dtrain.config import recipe
 from dtrain.config import ConfigError
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.tasks.cnn import CNNConfig
 from helpers import ROOT, run_dtrain
 

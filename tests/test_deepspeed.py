@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.data import BatchPlan
 from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer

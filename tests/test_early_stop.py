@@ -6,26 +6,42 @@ import json
 import pytest
 import torch
 
-from dtrain.config import ConfigError, EarlyStopConfig
-from dtrain.train.loop_parts import EarlyStopping
-from dtrain.train.resume import TrainState
-from helpers import CNN, check, load_params, max_param_diff, run_dtrain
+from dtrain.errors import ConfigError
+from dtrain.features.early_stop import EarlyStop
+from dtrain.train.config import load_config
+from helpers import CNN, FakeRun, check, load_params, max_param_diff, run_dtrain
+
+
+def watching(*overrides: str, metrics=("accuracy", "loss")) -> tuple[EarlyStop, FakeRun]:
+    run = FakeRun(load_config(CNN, ["tracking.enabled=false", *overrides]), metrics=list(metrics))
+    feature = EarlyStop(run)
+    feature.setup(run)
+    return feature, run
+
+
+def evaluations(feature: EarlyStop, run: FakeRun, values: list[tuple[int, dict[str, float]]]) -> list[tuple[bool, bool]]:
+    """(improved: a best checkpoint asked for, stopped) after each evaluation."""
+    seen = []
+    for step, metrics in values:
+        run.step, asked = step, len(run.asked)
+        feature.after_eval(run, metrics)
+        seen.append((len(run.asked) > asked, run.stopped is not None))
+    return seen
 
 
 def test_stops_after_patience_evaluations_without_an_improvement_beyond_min_delta():
-    state = TrainState()
-    stop = EarlyStopping(EarlyStopConfig(metric="loss", mode="min", patience=2, min_delta=0.01), state)
-    seen = []
-    for step, loss in [(2, 1.0), (4, 0.8), (6, 0.795), (8, 0.7), (10, 0.9), (12, 0.71)]:
-        seen.append((stop.improved({"loss": loss}, step), stop.exhausted))
+    stop, run = watching("early_stop.metric=loss", "early_stop.patience=2", "early_stop.min_delta=0.01")
+    seen = evaluations(stop, run, [(2, {"loss": 1.0}), (4, {"loss": 0.8}), (6, {"loss": 0.795}), (8, {"loss": 0.7}),
+                                   (10, {"loss": 0.9}), (12, {"loss": 0.71})])
     # 0.795 is within min_delta of 0.8: not an improvement; 0.7 is; then two without.
     assert seen == [(True, False), (True, False), (False, False), (True, False), (False, False), (False, True)]
-    assert (state.best_value, state.best_step) == (0.7, 8)
-    up = EarlyStopping(EarlyStopConfig(metric="accuracy", mode="max", patience=1), TrainState())
-    assert [up.improved({"accuracy": a}, i) for i, a in enumerate([0.5, 0.6, 0.6])] == [True, True, False]
+    assert (stop.best_value, stop.best_step) == (0.7, 8) and run.asked[-1] == (8, True)
+    up, run = watching("early_stop.metric=accuracy", "early_stop.mode=max", "early_stop.patience=1")
+    assert [i for i, _ in evaluations(up, run, [(i, {"accuracy": a}) for i, a in enumerate([0.5, 0.6, 0.6])])] \
+        == [True, True, False]
     with pytest.raises(ConfigError, match=r"^early_stop.metric='acc': not an eval metric of this task; "
                                           r"it reports accuracy, loss"):
-        EarlyStopping(EarlyStopConfig(metric="acc"), TrainState()).improved({"loss": 1.0, "accuracy": 0.5}, 1)
+        watching("early_stop.metric=acc")
 
 
 def test_a_planted_curve_stops_at_the_right_step_and_model_pt_is_the_best(tmp_path):
@@ -53,11 +69,10 @@ def test_a_planted_curve_stops_at_the_right_step_and_model_pt_is_the_best(tmp_pa
 
 def test_a_nan_evaluation_is_never_the_best():
     """NaN compared false with everything and counted as an improvement (best_value NaN, never stops)."""
-    state = TrainState()
-    stop = EarlyStopping(EarlyStopConfig(metric="loss", mode="min", patience=2), state)
-    assert [stop.improved({"loss": v}, i) for i, v in enumerate([float("nan"), 1.0, float("nan"), float("nan")])] \
-        == [False, True, False, False]
-    assert state.best_value == 1.0 and stop.exhausted
+    stop, run = watching("early_stop.metric=loss", "early_stop.patience=2")
+    seen = evaluations(stop, run, [(i, {"loss": v}) for i, v in enumerate([float("nan"), 1.0, float("nan"), float("nan")])])
+    assert [i for i, _ in seen] == [False, True, False, False]
+    assert stop.best_value == 1.0 and seen[-1][1]
 
 
 @pytest.mark.slow

@@ -6,12 +6,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dtrain.config import ConfigError, EMAConfig, OptimConfig
-from dtrain.features.ema import EMA
+from dtrain.config import ConfigError, OptimConfig
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import AmpPrecision
-from dtrain.tasks import load_config
-from helpers import LM
+from dtrain.features.ema import EMA
+from dtrain.protocols import StepOutput
+from dtrain.train.config import load_config, validate
+from helpers import CNN, LM, FakeRun
+
+STEPPED = StepOutput(torch.zeros(()), torch.zeros(()), True)
+
+
+def averaged(e: DDPEngine, *overrides: str, global_batch: int = 512) -> EMA:
+    """The EMA feature of a recipe (`optim.base_batch_size=256`) over the engine `e`."""
+    cfg = load_config(CNN, ["tracking.enabled=false", "optim.base_batch_size=256", *overrides])
+    return EMA(FakeRun(cfg, {"model": e}, global_batch))
 
 
 def engine() -> DDPEngine:
@@ -30,52 +39,52 @@ def train(e: DDPEngine, ema: EMA, steps: int, decays: list[float]) -> dict[str, 
         x = torch.randn(16, 3, generator=torch.Generator().manual_seed(i))
         e.backward(e.model(x).pow(2).mean(), 1)
         e.step()
-        ema.update()
+        ema.after_step(FakeRun(load_config(CNN)), STEPPED)
         hand = {k: decays[i] * hand[k] + (1 - decays[i]) * tracked[k].detach() for k in hand}
     return hand
 
 
 def test_average_equals_the_hand_computed_one_with_the_decay_per_reference_batch():
     e = engine()
-    ema = EMA(EMAConfig(decay=0.9), {"model": e}, global_batch=512, reference_batch=256)
+    ema = averaged(e, "ema.decay=0.9")
     assert ema.decay == pytest.approx(0.81)  # 0.9 per 256 samples = 0.81 per step of 512
     hand = train(e, ema, 5, [0.81] * 5)
-    assert max((ema.shadow[f"model.{k}"] - v).abs().max().item() for k, v in hand.items()) < 1e-6
+    assert max((ema.average.shadow[f"model.{k}"] - v).abs().max().item() for k, v in hand.items()) < 1e-6
     # The check can fail: the decay not rescaled to the batch is a different average.
-    wrong = train(engine(), EMA(EMAConfig(decay=0.9), {"model": engine()}, 512, 256), 5, [0.9] * 5)
-    assert max((ema.shadow[f"model.{k}"] - v).abs().max().item() for k, v in wrong.items()) > 1e-3
+    wrong = train(engine(), averaged(engine(), "ema.decay=0.9"), 5, [0.9] * 5)
+    assert max((ema.average.shadow[f"model.{k}"] - v).abs().max().item() for k, v in wrong.items()) > 1e-3
 
 
 def test_warmup_forgets_the_initial_weights_fast():
     e = engine()
-    ema = EMA(EMAConfig(decay=0.999, warmup=True, base_batch_size=512), {"model": e}, 512, 256)
+    ema = averaged(e, "ema.decay=0.999", "ema.warmup=true", "ema.base_batch_size=512")
     decays = [min(0.999, (1 + n) / (10 + n)) for n in range(4)]
     hand = train(e, ema, 4, decays)
-    assert decays[0] == 0.1 and max((ema.shadow[f"model.{k}"] - v).abs().max().item() for k, v in hand.items()) < 1e-6
+    assert decays[0] == 0.1 and max((ema.average.shadow[f"model.{k}"] - v).abs().max().item()
+                                    for k, v in hand.items()) < 1e-6
 
 
 def test_swapped_in_for_evaluation_and_back_exactly_and_checkpointed(tmp_path):
     e = engine()
-    ema = EMA(EMAConfig(decay=0.5), {"model": e}, 256, 256)
+    ema = averaged(e, "ema.decay=0.5", global_batch=256)
     train(e, ema, 3, [0.5] * 3)
     live = {k: v.clone() for k, v in e.module.state_dict().items()}
-    with ema.swapped():
-        assert torch.equal(e.module[0].weight, ema.shadow["model.0.weight"])
-        assert torch.equal(e.module[1].running_mean, ema.shadow["model.1.running_mean"])
+    average = ema.average
+    with average.swapped():
+        assert torch.equal(e.module[0].weight, average.shadow["model.0.weight"])
+        assert torch.equal(e.module[1].running_mean, average.shadow["model.1.running_mean"])
     assert all(torch.equal(live[k], v) for k, v in e.module.state_dict().items())
 
     ema.save(tmp_path / "ema")
-    fresh = EMA(EMAConfig(decay=0.5), {"model": engine()}, 256, 256)
+    fresh = averaged(engine(), "ema.decay=0.5", global_batch=256)
     fresh.load(tmp_path / "ema")
-    assert fresh.updates == 3 and all(torch.equal(fresh.shadow[k], v) for k, v in ema.shadow.items())
+    assert fresh.average.updates == 3 and all(torch.equal(fresh.average.shadow[k], v) for k, v in average.shadow.items())
 
 
 def test_refusals_are_one_line():
     with pytest.raises(ConfigError, match=r"^ema.decay=1.0: must be in \[0, 1\)"):
         load_config(LM, ["ema.decay=1.0"])
-    from dtrain.engines import validate
-
-    with pytest.raises(ConfigError, match=r"^ema.decay=0.9: not with DeepSpeed ZeRO-3"):
+    with pytest.raises(ConfigError, match=r"^ema.decay=0.9: not with engine=deepspeed: its module holds no whole"):
         validate(load_config(LM, ["ema.decay=0.9", "engine=deepspeed", "deepspeed.zero_stage=3"]))
     with pytest.raises(ConfigError, match=r"^ema.decay=0.9: not for a GAN"):
         load_config(LM.replace("transformer_charlm", "gan_ring"), ["ema.decay=0.9"])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dtrain import checkpoint, data
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.engines.precision import AmpPrecision
 from dtrain.tasks.supervised import evaluate
 from dtrain.tasks.cnn import CNNTask

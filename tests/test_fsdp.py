@@ -11,7 +11,7 @@ import torch
 
 from dtrain.engines import blocks
 from dtrain.config import ConfigError
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.tasks.transformer import CharTransformer
 from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, check, load_params, max_param_diff, run_dtrain
 
@@ -137,7 +137,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
 
 def test_refusals_are_one_line(tmp_path):
     """The engines' refusals (`dtrain.engines.validate`, run before torchrun starts)."""
-    from dtrain.engines import validate
+    from dtrain.train.config import validate
 
     with pytest.raises(ConfigError, match=r"^engine='fsdp': not for a GAN"):
         validate(load_config(CNN.replace("cnn_digits", "gan_ring"), [FSDP]))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dtrain import data
 from dtrain.tasks.gan import quality
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.tasks import gan
 from dtrain.engines import build_engines
 from helpers import ROOT, check, run_dtrain, load_params, max_param_diff, spawn

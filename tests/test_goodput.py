@@ -11,7 +11,7 @@ import pytest
 
 from dtrain.features import goodput
 from dtrain.config import ConfigError
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import ROOT, check, run_dtrain, env_for_cli, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")

@@ -25,7 +25,8 @@ from dtrain.runtime import optional
 from dtrain.checkpoint import safeload
 from dtrain.data import tokens
 from dtrain.config import ConfigError
-from dtrain.tasks import get_task, load_config
+from dtrain.tasks import get_task
+from dtrain.train.config import load_config
 from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm"

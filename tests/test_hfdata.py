@@ -40,7 +40,7 @@ def make_table(output: Path, *flags: str) -> None:
 
 def _train(rank: int, world: int, root: str) -> None:
     from dtrain.runtime.distributed import DistEnv
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
     from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

@@ -7,7 +7,7 @@ import torch
 
 from dtrain.data import BatchPlan, train_loader
 from dtrain.data.images import ImageFiles
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.tasks.cnn import CNNTask
 from helpers import CNN, write_image_folder
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from dtrain.config import ConfigError
 from dtrain.tasks.initialization import initialize
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.tasks.cnn import BasicBlock, CNNTask
 from helpers import CNN
 

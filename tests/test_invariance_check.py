@@ -82,7 +82,7 @@ PLANTED = {
 
 
 def _planted_config(root, task):
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
 
     recipe = CNN
     if task == "PaddedTokens":  # not an image task: a recipe of its own

@@ -3,7 +3,7 @@
 import pytest
 
 from dtrain.config import keys
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import ROOT, check, run_dtrain
 
 RECIPES = ["cnn_digits", "transformer_charlm", "gan_ring"]

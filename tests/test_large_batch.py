@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from dtrain.engines import optim
 from dtrain.config import ConfigError, OptimConfig
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import CNN
 
 W, B = torch.tensor([[0.5, -1.0]]), torch.tensor([0.2])

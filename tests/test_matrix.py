@@ -23,7 +23,7 @@ def _fit(rank: int, world: int, overrides: list[str], refusal_to: str = "") -> N
     """One run; with `refusal_to`, a run that must be refused at resume: its line goes there."""
     from dtrain.errors import ResumeRefused
     from dtrain.runtime.distributed import DistEnv
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
     from dtrain.train.fit import fit
 
     cfg = load_config(matrix.LM, overrides)
@@ -51,23 +51,24 @@ def _phase(rank: int, world: int, runs: list[tuple[list[str], str]]) -> None:
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     cells = matrix.cells()
-    init = root / "init.pt"
+    init, anchor = root / "init.pt", root / "anchor"
     _write_init(init)
-    two_rank: list[tuple[list[str], str]] = []
+    # A finished run of the same task: what `ewc.from` anchors to.
+    two_rank: list[tuple[list[str], str]] = [([*matrix.BASE, "train.max_steps=2", f"output_dir={anchor}"], "")]
     one_rank: list[tuple[list[str], str]] = []
     for c in cells:
-        base = [*c.overrides(str(init)), f"output_dir={root / c.name}"]
-        two_rank.append(([*c.overrides(str(init)), f"output_dir={root / (c.name + '-straight')}"], ""))
+        base = [*c.overrides(str(init), str(anchor)), f"output_dir={root / c.name}"]
+        two_rank.append(([*c.overrides(str(init), str(anchor)), f"output_dir={root / (c.name + '-straight')}"], ""))
         two_rank.append(([*base, f"train.stop_at_step={matrix.STOP_AT}"], ""))
         resume = ([*base, "resume=auto", *matrix.EVENTS[c.event]], "")
         (one_rank if c.event == "resumed on 1 rank" else two_rank).append(resume)
     # What the check guards against: cell 0 resumed with another data order (seed) must differ.
     broken = root / "broken"
-    two_rank.append(([*cells[0].overrides(str(init)), f"output_dir={broken}", f"train.stop_at_step={matrix.STOP_AT}"], ""))
-    two_rank.append(([*cells[0].overrides(str(init)), f"output_dir={broken}", "resume=auto", "seed=7"], ""))
+    two_rank.append(([*cells[0].overrides(), f"output_dir={broken}", f"train.stop_at_step={matrix.STOP_AT}"], ""))
+    two_rank.append(([*cells[0].overrides(), f"output_dir={broken}", "resume=auto", "seed=7"], ""))
     # A ZeRO checkpoint on another world size: refused when it resumes (the table's one such line).
     zero = next(c for c in cells if c.engine.startswith("zero"))
-    one_rank.append(([*zero.overrides(str(init)), f"output_dir={root / zero.name}", "resume=auto"],
+    one_rank.append(([*zero.overrides(str(init), str(anchor)), f"output_dir={root / zero.name}", "resume=auto"],
                      str(root / "zero-refusal.txt")))
     spawn(_phase, 2, two_rank)
     spawn(_phase, 1, one_rank)
@@ -76,7 +77,8 @@ def results(tmp_path_factory):
 
 def _write_init(path):
     """The weights `model.init_from` starts from: the model at another seed."""
-    from dtrain.tasks import get_task, load_config
+    from dtrain.tasks import get_task
+    from dtrain.train.config import load_config
 
     cfg = load_config(matrix.LM, [*matrix.BASE, "seed=123"])
     torch.manual_seed(123)

@@ -101,7 +101,8 @@ def test_a_run_its_stopped_workers_left_running_is_closed_by_the_launching_proce
 
 
 def _initial_cnn() -> dict[str, torch.Tensor]:
-    from dtrain.tasks import get_task, load_config
+    from dtrain.tasks import get_task
+    from dtrain.train.config import load_config
 
     cfg = load_config(CNN, TINY_CNN)
     task = get_task(cfg.task)(cfg)

@@ -11,7 +11,7 @@ import mlflow
 import optuna
 import pytest
 
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from helpers import PY, ROOT, env_for_cli, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -227,8 +227,9 @@ def test_a_trial_is_pruned_only_after_the_warm_up(tmp_path, warmup, startup, pru
     """The defaults (3 completed trials, the first evaluation free) keep the median pruner from
     cutting a trial at its first, noisy report; warm-up 0 shows the cut they prevent, and
     5 startup trials (more than have completed) none at all."""
-    from dtrain.config import TrialConfig
-    from dtrain.features.trial import TrialReporter, make_pruner
+    from dtrain.features.trial import Trial, make_pruner
+    from dtrain.train.config import load_config
+    from helpers import FakeRun
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
@@ -239,8 +240,14 @@ def test_a_trial_is_pruned_only_after_the_warm_up(tmp_path, warmup, startup, pru
         t.report(value, 20)
         study.tell(t, value)
     trial_id = study.ask()._trial_id
-    reporter = TrialReporter(TrialConfig(storage=storage, study="s", trial_id=trial_id, metric="accuracy",
-                                         prune_startup=startup, prune_warmup=warmup))
-    stops = [reporter.report({"accuracy": 0.1}, step) for step in (10, 20)]  # far below the median
+    run = FakeRun(load_config(CNN, [f"trial.storage={storage}", "trial.study=s", f"trial.trial_id={trial_id}",
+                                    "trial.metric=accuracy", f"trial.prune_startup={startup}",
+                                    f"trial.prune_warmup={warmup}"]), metrics=["accuracy"])
+    reporter = Trial(run)
+    stops = []
+    for step in (10, 20):  # far below the median
+        run.step = step
+        reporter.after_eval(run, {"accuracy": 0.1})
+        stops.append(run.stopped is not None and run.stopped[1])
     first = next((i + 1 for i, s in enumerate(stops) if s), None)  # the loop stops at the first
     assert first == pruned_at

@@ -82,7 +82,7 @@ def test_a_run_folder_does_not_bring_code(tmp_path, command):
 
 
 def test_only_the_folder_a_task_module_is_found_in_joins_the_python_path(tmp_path, monkeypatch):
-    from dtrain.tasks import load_config
+    from dtrain.train.config import load_config
 
     before = list(sys.path)
     load_config(CNN)  # a built-in task: nothing is added

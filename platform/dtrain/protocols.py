@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Protocol
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -107,6 +107,13 @@ class LRSchedule(Protocol):
 
 class Engine(Checkpointed, Protocol):
     name: str
+
+    @classmethod
+    def capabilities(cls, cfg: Any) -> frozenset[str]:
+        """What it offers the features a recipe turns on (`Feature.requires`), under `cfg`:
+        `weights` (its module's parameters hold the trained weights, whole or as shards, for
+        a feature to read), `weights_in_place` (a feature may change them in place: they are
+        what the optimizer steps)."""
     device: torch.device
     model: nn.Module
     """The wrapped model to call forward on in training (DDP, DeepSpeed)."""
@@ -152,11 +159,15 @@ class Engine(Checkpointed, Protocol):
         """Each parameter's whole (fp32 master) value by name (a collective under sharding)."""
 
 
-class Task:
-    """What the trainer asks of a task. Every rank builds the same task. `dtrain.tasks.Task`
-    implements the supervised case (one model called `model`, `loss` and `eval_sums`); a
-    task with several models (the GAN) implements `models`, `train_step`, `evaluate` and
-    `final_state_dict` itself."""
+class BaseTask:
+    """What the loop asks of a task. Every rank builds the same task. `dtrain.Task`
+    (`dtrain.tasks.supervised.Task`) implements the supervised case (one model called `model`,
+    `loss` and `eval_sums`); a task with several models (the GAN) implements `models`,
+    `train_step`, `evaluate` and `final_state_dict` itself."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    """What this kind of task offers the features that need it (`Feature.requires`):
+    `supervised` (one model called `model` and a loss)."""
 
     config_class: type = object
     """The dataclass of this task's recipe (a subclass of `dtrain.config.Config`)."""
@@ -187,7 +198,10 @@ class Task:
         """Loader batches one training step consumes."""
         return accum
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
+    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any],
+                   terms: LossTerms | None = None) -> StepOutput:
+        """One optimizer step of every model over `micro_batches`; `terms`: what the recipe's
+        features add to the loss (a task that takes none is never given any)."""
         raise NotImplementedError
 
     def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
@@ -266,3 +280,222 @@ class Task:
     def describe_input(self, x: torch.Tensor) -> str | None:
         """One sample's input in readable form (e.g. decoded text); None: shown as numbers or an image."""
         return None
+
+
+class Tracker(Protocol):
+    """Where a run's metrics, tags and files go: MLflow on rank 0 (`dtrain.tracking`), nowhere
+    on the other ranks or with tracking off. Never raises; an outage costs no training time."""
+
+    run_id: str | None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def links(self) -> str | None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class LossTerms(Protocol):
+    """What the recipe's features add to a supervised task's loss (`Feature.loss`, composed)."""
+
+    needs_outputs: bool
+    """A term needs the model's outputs (`Task.outputs`), so the step computes the loss from them."""
+
+    def __call__(self, loss: torch.Tensor, outputs: torch.Tensor | None,
+                 batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss with every feature's term, and the terms to log (detached)."""
+
+
+@dataclass
+class Clock:
+    """When this attempt started up, and the seconds the loop spent between steps since (every rank)."""
+
+    began: float = 0.0
+    """Unix time `fit` began (the process group up)."""
+    loaded: float = 0.0
+    """Unix time the checkpoint it resumed from was loaded (or found absent)."""
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    """Time training waited for checkpoints."""
+    checkpoints: int = 0
+    last_checkpoint_s: float = 0.0
+    last_checkpoint_step: int = 0
+    checkpoint_write_s: float = 0.0
+    """Checkpoints' whole write time (with `checkpoint.async`, mostly behind training)."""
+
+
+class Run(Protocol):
+    """What a feature sees of the job it is part of (`dtrain.train.loop.Loop` is one)."""
+
+    cfg: Any
+    """The whole recipe (a feature reads its own section, `getattr(cfg, Feature.key)`)."""
+    task: BaseTask
+    engines: dict[str, Engine]
+    device: torch.device
+    total_steps: int
+    global_batch: int
+    world_size: int
+    output_dir: Path
+    train_loader: DataLoader[Any]
+    """This rank's training loader (its position is the loop's: iterate a fresh `iter()`)."""
+    eval_loader: DataLoader[Any]
+    clock: Clock
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (after `resume`, the checkpoint's)."""
+
+    @property
+    def resumed(self) -> bool:
+        """This attempt continues from a checkpoint."""
+
+    def say(self, line: str) -> None:
+        """A line on rank 0's console."""
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Metrics at the current step (MLflow; the same values on every rank, logged by rank 0)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Collective: the task's evaluation of the engines' current weights (as the loop's is)."""
+
+    def report_eval(self, prefix: str, metrics: dict[str, float]) -> None:
+        """An evaluation's metrics, logged as `<prefix>/<name>` and said as the loop's own are."""
+
+    def metric_names(self) -> list[str]:
+        """Collective: the eval metrics the task reports (from one evaluation batch per rank):
+        a key that names one is checked against these before the first step."""
+
+    def request_checkpoint(self, best: bool = False) -> None:
+        """Write a checkpoint after this hook (`best`: mark it `checkpoints/best`)."""
+
+    def checkpoint_folder(self, step: int) -> Path:
+        """Where the checkpoint of `step` is (or will be) published."""
+
+    def log_file(self, path: Path, folder: str = "") -> None:
+        """A file the run wrote, to MLflow beside its metrics (rank 0)."""
+
+    def load_weights(self, folder: Path) -> bool:
+        """Collective: the engines and the features' saved parts from the checkpoint in `folder`;
+        False (nothing loaded) when it is not there on every rank."""
+
+    def stop(self, reason: str, halt: bool = False) -> None:
+        """End training after this hook: said with `reason`; the run finishes (final evaluation,
+        checkpoint, model.pt), or with `halt` only ends (a search trial its study stopped)."""
+
+
+class Feature:
+    """A training feature: what a recipe turns on beside the task. Each is one module in
+    `dtrain/features/` holding its config section (a dataclass, `config_class`, composed into
+    every recipe as `<key>.*`) and a subclass of this class, found there by
+    `dtrain.features.registry()`: the loop, the schema, the checks before launch, resume and
+    the combination matrix all take it from there, and nothing else names it.
+
+    The loop, with each hook marked (`dtrain.train.loop` is this, in code):
+
+        build the task, its data, one engine per model
+        feature = Feature(run)                       # each enabled feature, by `order`
+        resume: the engines, feature.load(folder), feature.load_state_dict(state)
+        feature.setup(run)                           # <- SETUP (the step is known)
+        until done:
+            for each micro-batch of the step:        # (`dtrain.tasks.supervised.train_step`)
+                loss = the task's loss
+                loss, logged = feature.loss(loss, outputs, batch)   # <- LOSS
+                backward
+            optimizer step
+            feature.after_step(run, out)             # <- AFTER_STEP
+            if an evaluation is due:
+                metrics = the task's evaluation
+                feature.after_eval(run, metrics)     # <- AFTER_EVAL (may run.stop(...))
+            if a checkpoint is due (every N steps, or a feature asked):
+                the engines, feature.save(folder), feature.state_dict()
+        feature.end(run, status)                     # <- END (also "failed": no collectives then)
+        model.pt; summary.json with feature.summary()
+
+    A feature resumes through `state_dict` (small state, in `trainer.pt`) and, with
+    `folder_state`, `save`/`load` of a folder of its own in each checkpoint (sharded tensors:
+    DCP reshards them on another world size). It says in `requires` what it needs of the
+    engine and the task; a recipe that turns it on with an engine or task that lacks it is
+    refused before launch, in one line with the reason.
+    """
+
+    key: ClassVar[str] = ""
+    """Its recipe section (`ema` for `ema.*`); "" when it has none."""
+    config_class: ClassVar[type | None] = None
+    """The dataclass of its section (fields with docstrings, a `validate()` for ranges)."""
+    order: ClassVar[int] = 50
+    """Hooks run by increasing order (a feature that changes the weights before one that reads them)."""
+    requires: ClassVar[dict[str, str]] = {}
+    """Capabilities it needs of the engine (`Engine.capabilities`) or the task
+    (`BaseTask.capabilities`), each with why: the refusal's words."""
+    needs_outputs: ClassVar[bool] = False
+    """Its `loss` reads the model's outputs (`Task.outputs`)."""
+    folder_state: ClassVar[bool] = False
+    """It writes a folder of its own in each checkpoint (`save`, `load`)."""
+    required: bool = False
+    """(`Checkpointed`) A checkpoint written before it was on still loads."""
+    matrix: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Factors of the combination matrix (`tests/support/matrix.py`): a name for each way of
+    turning it on, with the overrides that do so in the matrix's tiny Transformer task."""
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        """Whether the recipe turns it on."""
+        return False
+
+    @classmethod
+    def switch(cls, cfg: Any) -> tuple[str, Any]:
+        """The key and value that turned it on, for a refusal's line."""
+        return cls.key, True
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Before launch: its keys against the rest of the recipe (ConfigError); its section's
+        own ranges are its dataclass's `validate()`."""
+
+    @classmethod
+    def start_weights(cls, cfg: Any) -> str:
+        """A run or weights file the model starts from when `model.init_from` says nothing."""
+        return ""
+
+    def __init__(self, run: Run) -> None:
+        """Built once the engines exist, before resume (what `load` fills must exist)."""
+
+    def setup(self, run: Run) -> None:
+        """After resume, before the first step: what needs the step or collectives."""
+
+    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
+             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Inside the step, per micro-batch (supervised tasks): the loss with this feature's
+        term, and what to log."""
+        return loss, {}
+
+    def after_step(self, run: Run, out: StepOutput) -> None:
+        """After every optimizer step (`out.stepped` False: skipped for a non-finite gradient)."""
+
+    def after_eval(self, run: Run, metrics: dict[str, float]) -> None:
+        """After every evaluation of the weights training goes on from."""
+
+    def end(self, run: Run, status: str) -> None:
+        """Once training stopped: finished, stopped, preempted, halted (collectives allowed;
+        the final checkpoint is written, model.pt not yet), or failed (no collectives)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resumes it: plain values and whole tensors, saved in `trainer.pt`."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save(self, folder: Path, background: bool = False) -> Future[Any] | None:
+        """With `folder_state`: collective, write its tensors under `folder`."""
+        return None
+
+    def load(self, folder: Path) -> None:
+        """With `folder_state`: read what `save` wrote (absent: written before it was on)."""
+
+    def describe(self) -> str:
+        """Its part of the start line ("" for none)."""
+        return ""
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        """Collective: its entries in summary.json (a finished run; its closing lines said here)."""
+        return {}

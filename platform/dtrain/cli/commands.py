@@ -19,7 +19,8 @@ from dtrain.data import tokens
 from dtrain.postrun.average import average
 from dtrain.errors import ConfigError
 from dtrain.errors import Failure, WorkFailed
-from dtrain.tasks import get_task, load_config
+from dtrain.tasks import get_task
+from dtrain.train.config import load_config
 
 MAXIMIZED = ("accuracy", "precision", "recall", "coverage", "density")
 """Metrics a named `--metric` maximises when `--direction` is not given."""

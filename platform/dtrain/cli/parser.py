@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_and_check(sub: Any) -> None:
-    t = _recipe_command(sub, "train", "dtrain.train.job:train", "train a recipe (1 process, or under torchrun / deepspeed / "
+    t = _recipe_command(sub, "train", "dtrain.cli.train:train", "train a recipe (1 process, or under torchrun / deepspeed / "
                         "accelerate / srun, or as a Ray Train job)",
                         "validate, then run N ranks on this machine via torchrun --standalone")
     t.add_argument("--ray-workers", type=int, default=0, metavar="N", help="run as a Ray Train job of N workers "
@@ -50,7 +50,7 @@ def _train_and_check(sub: Any) -> None:
     t.add_argument("--ray-max-failures", type=int, default=0, metavar="K", help="worker-group restarts Ray may make "
                    "(FailureConfig.max_failures); each continues from the newest checkpoint")
     t.add_argument("--ray-gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
-    k = _recipe_command(sub, "check", "dtrain.train.job:check_command", "sanity checks before a long run: init loss, overfit a batch, "
+    k = _recipe_command(sub, "check", "dtrain.cli.check:check_command", "sanity checks before a long run: init loss, overfit a batch, "
                         "batch independence, gradcheck, LR range, data, distributed (exit 1 on a FAIL)",
                         "run on N ranks of this machine via torchrun (the distributed check needs 2 or more)")
     k.add_argument("--only", default="", help="comma-separated check names (default: all but invariance, which "

@@ -207,18 +207,6 @@ class CheckpointConfig:
     code, from anywhere.)"""
 
 
-@dataclass
-class MonitorConfig:
-    every: int = 0
-    """Every N optimizer steps, log layer health to MLflow (`monitor/...`): per-layer gradient
-    norm and update-to-weight ratio, activation mean / std and dead-ReLU fraction, BatchNorm
-    layers whose running variance collapsed; warn when gradients vanish or explode. 0: off,
-    at no cost."""
-    vanish_below: float = 1e-7
-    """Warn when a weight's gradient norm is below this (vanishing gradients)."""
-    explode_above: float = 1e3
-    """Warn when the global gradient norm is above this (exploding gradients)."""
-
 
 @dataclass
 class CheckConfig:
@@ -232,47 +220,6 @@ class CheckConfig:
     model's size, and printed."""
 
 
-@dataclass
-class ProfileConfig:
-    enabled: bool = False
-    """Profile training steps with torch.profiler: a Chrome/Perfetto trace and the top operators
-    per profiled rank in output_dir/profile/ (and MLflow), a step-time breakdown in summary.json."""
-    wait: int = 1
-    """Steps skipped before each profiling cycle."""
-    warmup: int = 1
-    """Steps traced but discarded (the profiler's own start-up) before the recorded ones."""
-    active: int = 3
-    """Steps recorded per cycle."""
-    repeat: int = 1
-    """Cycles (each writes a trace)."""
-    ranks: list[int] = field(default_factory=lambda: [0])
-    """The ranks that profile; the others train unobserved."""
-    record_shapes: bool = True
-    """Record operator input shapes."""
-    profile_memory: bool = True
-    """Record tensor allocations."""
-    memory_snapshot: bool = False
-    """CUDA only: also record the allocator's history and dump a snapshot (pytorch.org/memory_viz)."""
-
-
-@dataclass
-class TrialConfig:
-    """Set by `dtrain search` when it runs this job as one trial of an Optuna study."""
-
-    storage: str = ""
-    """The study's Optuna storage URL. Empty: this run is not a trial."""
-    study: str = ""
-    """The study's name in that storage."""
-    trial_id: int = -1
-    """The trial's id in the storage."""
-    metric: str = ""
-    """The eval metric (without `eval/`) reported to the study after each evaluation."""
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    """Decides, after each report, whether the trial stops early (pruned)."""
-    prune_startup: int = 3
-    """The median pruner prunes nothing until this many trials have completed."""
-    prune_warmup: int = 1
-    """This trial's first evaluations that never prune it (a non-finite value always does)."""
 
 
 @dataclass
@@ -283,84 +230,9 @@ class DeepSpeedConfig:
     """Extra DeepSpeed config keys, merged over the ones dtrain derives from the recipe."""
 
 
-@dataclass
-class EarlyStopConfig:
-    metric: str = ""
-    """Eval metric to watch (as in summary.json's `eval`, e.g. loss or accuracy). Each time it
-    improves a checkpoint is written and marked `best` (never rotated away); after
-    `early_stop.patience` evaluations without improvement training ends. Empty: off."""
-    mode: Literal["min", "max"] = "min"
-    """Whether lower (loss) or higher (accuracy) is better."""
-    patience: int = 3
-    """Evaluations without improvement before stopping."""
-    min_delta: float = 0.0
-    """An improvement must beat the best by more than this."""
-    restore_best: bool = True
-    """model.pt holds the weights of the best evaluation (else those training ended with)."""
 
 
-@dataclass
-class EMAConfig:
-    decay: float = 0.0
-    """Per-step decay of an exponential moving average of the weights at a global batch of
-    `ema.base_batch_size` (e.g. 0.999); evaluated beside the raw weights (`eval_ema`). 0: off."""
-    base_batch_size: int = 0
-    """The global batch `ema.decay` is stated for; at another batch the per-step decay is
-    decay ** (global / base), so the average spans the same samples. 0: optim.base_batch_size."""
-    warmup: bool = False
-    """Use min(decay, (1 + n) / (10 + n)) after n updates, forgetting the initial weights fast."""
-    save: bool = False
-    """model.pt holds the average instead of the raw weights."""
 
-
-@dataclass
-class DistillConfig:
-    teacher: str = ""
-    """The model to learn from: a finished run's output_dir (its own architecture and task, read
-    from its config.yaml) or a weights file (model.safetensors / model.pt) of the student's
-    architecture. Empty: no distillation."""
-    temperature: float = 4.0
-    """Both models' logits are divided by this before the softmax (Hinton et al. 2015)."""
-    alpha: float = 0.9
-    """loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss (T^2 keeps the soft
-    term's gradients at the hard term's scale as T changes)."""
-    kind: Literal["logits", "features"] = "logits"
-    """logits: match the output distributions (per token for a sequence model); features: match
-    the outputs of the modules `distill.layers` names (mean squared error)."""
-    layers: list[str] = field(default_factory=list)
-    """kind=features: `student.module=teacher.module` pairs, e.g. `layers.3=layers.3`."""
-
-
-@dataclass
-class EWCConfig:
-    from_: str = ""
-    """Elastic Weight Consolidation: a finished run's output_dir whose task must not be forgotten.
-    Its weights are the anchor (and the start, unless model.init_from says otherwise); its
-    diagonal Fisher information is estimated on its own training data at the start of this run.
-    Empty: off."""
-    lambda_: float = 10.0
-    """Penalty weight: loss += lambda / 2 * sum_i F_i (theta_i - theta*_i)^2."""
-    samples: int = 512
-    """Samples of the old task's training data the Fisher is averaged over (shared out over the ranks)."""
-
-
-@dataclass
-class PruneConfig:
-    amount: float = 0.0
-    """Fraction of the prunable weights (every Conv and Linear weight) set to zero and kept there.
-    0: off."""
-    kind: Literal["magnitude", "structured"] = "magnitude"
-    """magnitude: the smallest |w| over all prunable weights (one global threshold);
-    structured: whole output channels of each layer, smallest L2 norm first."""
-    schedule: Literal["once", "gradual"] = "once"
-    """once: all at `prune.start_step`; gradual: from start_step to end_step every
-    every_steps, on Zhu & Gupta's cubic curve s_t = amount * (1 - (1 - t)^3)."""
-    start_step: int = 0
-    """The step after which pruning starts (0: before the first step, e.g. a model.init_from model)."""
-    end_step: int = 0
-    """gradual: the step at which the sparsity reaches `amount` (0: half way through the run)."""
-    every_steps: int = 10
-    """gradual: steps between two pruning rounds."""
 
 
 @dataclass
@@ -405,73 +277,58 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
-    trial: TrialConfig = field(default_factory=TrialConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    ewc: EWCConfig = field(default_factory=EWCConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    # The features' sections (`ema`, `early_stop`, `distill`, ...) are composed in beside these
+    # (`compose`): each feature module owns its dataclass (`dtrain.features`).
 
     def validate(self) -> None:
-        """Range checks that types alone do not express. Raises ConfigError."""
-        _positive(self.data, "data", "global_batch_size", "grad_accum_steps", "eval_batch_size")
-        _non_negative(self.data, "data", "num_workers")
-        _non_negative(self.trial, "trial", "prune_startup", "prune_warmup")
-        _check("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
+        """Range checks that types alone do not express, this section's and every composed
+        section's (`validate()` of its dataclass). Raises ConfigError."""
+        positive(self.data, "data", "global_batch_size", "grad_accum_steps", "eval_batch_size")
+        non_negative(self.data, "data", "num_workers")
+        require("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
         if self.data.path and not Path(self.data.path).exists():
             raise ConfigError("data.path", self.data.path, "no such file or folder" + (
                 "" if Path(self.data.path).is_absolute() else f" (looked in {Path.cwd()} and beside the recipe)"))
-        _non_negative(self.train, "train", "max_steps", "eval_every_steps", "stop_at_step")
-        _positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
+        non_negative(self.train, "train", "max_steps", "eval_every_steps", "stop_at_step")
+        positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
         validate_optim(self.optim, "optim")
-        _positive(self.tracking, "tracking", "log_every")
+        positive(self.tracking, "tracking", "log_every")
         if self.checkpoint.every_steps != "auto":
-            _non_negative(self.checkpoint, "checkpoint", "every_steps")
-        _non_negative(self.checkpoint, "checkpoint", "mtbf_hours")
-        _positive(self.checkpoint, "checkpoint", "keep")
-        _non_negative(self.monitor, "monitor", "every", "vanish_below")
-        _positive(self.monitor, "monitor", "explode_above")
-        _positive(self.check, "check", "steps")
-        _non_negative(self.check, "check", "tolerance")
-        _non_negative(self.profile, "profile", "wait", "warmup")
-        _positive(self.profile, "profile", "active", "repeat")
-        _check("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
-        _check("ema.decay", self.ema.decay, 0 <= self.ema.decay < 1, "must be in [0, 1) (0: off)")
-        _non_negative(self.ema, "ema", "base_batch_size")
-        _positive(self.early_stop, "early_stop", "patience")
-        _non_negative(self.early_stop, "early_stop", "min_delta")
-        self._validate_combining()
+            non_negative(self.checkpoint, "checkpoint", "every_steps")
+        non_negative(self.checkpoint, "checkpoint", "mtbf_hours")
+        positive(self.checkpoint, "checkpoint", "keep")
+        positive(self.check, "check", "steps")
+        non_negative(self.check, "check", "tolerance")
+        require("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3),
+                "must be 0, 1, 2 or 3")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            check: Any = getattr(section, "validate", None)
+            if dataclasses.is_dataclass(section) and callable(check):
+                check()
         if self.resume not in ("", "auto") and not Path(self.resume).exists():
             raise ConfigError("resume", self.resume, "no such checkpoint (use auto, a checkpoint path, or leave empty)")
 
-    def _validate_combining(self) -> None:
-        """The sections that train from other models (distill, ewc) or prune this one."""
-        d, e, p = self.distill, self.ewc, self.prune
-        for key, where in (("distill.teacher", d.teacher), ("ewc.from", e.from_)):
-            if where and not Path(where).exists():
-                raise ConfigError(key, where, "no such run folder or weights file")
-        _check("distill.temperature", d.temperature, d.temperature > 0, "must be > 0")
-        _check("distill.alpha", d.alpha, 0 < d.alpha <= 1, "must be in (0, 1]")
-        _check("distill.layers", d.layers, d.kind == "logits" or (bool(d.layers) and all(
-            x.count("=") == 1 and all(x.split("=")) for x in d.layers)), "needs `student.module=teacher.module` pairs "
-               "with distill.kind=features")
-        _check("ewc.lambda", e.lambda_, e.lambda_ >= 0, "must be >= 0")
-        _positive(e, "ewc", "samples")
-        _check("prune.amount", p.amount, 0 <= p.amount < 1, "must be in [0, 1) (0: off)")
-        _non_negative(p, "prune", "start_step", "end_step")
-        _positive(p, "prune", "every_steps")
-        _check("prune.end_step", p.end_step, p.schedule == "once" or p.end_step == 0 or p.end_step > p.start_step,
-               f"must be after prune.start_step ({p.start_step})")
-        used = [(k, v) for k, v in (("distill.teacher", d.teacher), ("ewc.from", e.from_), ("prune.amount", p.amount)) if v]
-        if used and getattr(self, "gan", None) is not None:
-            raise ConfigError(*used[0], "not for a GAN (two models, its own step): a task with one model and a loss")
-        _check("ema.save", self.ema.save, not (p.amount and self.ema.decay and self.ema.save),
-               "not with prune.amount: an average of the weights is not sparse (the EMA is still evaluated)")
+
+_COMPOSED: dict[tuple[type, tuple[tuple[str, type], ...]], type] = {}
+
+
+def compose(base: type[Config], sections: dict[str, type]) -> type[Config]:
+    """`base` (a task's config class) with `sections` beside its own (the features': key ->
+    dataclass), as one dataclass, the same one for the same inputs. It is registered in this
+    module under a name of its own, so a config pickles (a process group's broadcast)."""
+    extra = tuple((k, v) for k, v in sorted(sections.items()) if k not in {f.name for f in dataclasses.fields(base)})
+    key = (base, extra)
+    if key not in _COMPOSED:
+        name = f"{base.__name__}With{''.join(k.title().replace('_', '') for k, _ in extra)}"
+        cls = dataclasses.make_dataclass(name, [(k, v, field(default_factory=v)) for k, v in extra], bases=(base,))
+        cls.__module__, cls.__qualname__ = __name__, f"_composed_{len(_COMPOSED)}_{name}"
+        globals()[cls.__qualname__] = cls
+        _COMPOSED[key] = cls
+    return _COMPOSED[key]
 
 
 def optim_sections(cfg: Any, prefix: str = "") -> list[tuple[str, OptimConfig]]:
@@ -488,37 +345,38 @@ def optim_sections(cfg: Any, prefix: str = "") -> list[tuple[str, OptimConfig]]:
 
 def validate_optim(o: OptimConfig, prefix: str) -> None:
     """Checks shared by every optimizer section (a GAN has two)."""
-    _check(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
-    _positive(o, prefix, "step_size")
-    _non_negative(o, prefix, "base_batch_size")
-    _non_negative(o, prefix, "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
-    _check(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
-    _check(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
-    _check(f"{prefix}.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "each beta must be in [0, 1)")
-    _check(f"{prefix}.eps", o.eps, o.eps > 0, "must be > 0")
-    _check(f"{prefix}.milestones", o.milestones, o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
+    require(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
+    positive(o, prefix, "step_size")
+    non_negative(o, prefix, "base_batch_size")
+    non_negative(o, prefix, "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
+    require(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
+    require(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
+    require(f"{prefix}.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "each beta must be in [0, 1)")
+    require(f"{prefix}.eps", o.eps, o.eps > 0, "must be > 0")
+    require(f"{prefix}.milestones", o.milestones, o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
            "must be increasing positive step counts")
-    _check(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
+    require(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
            "needs optim.name=sgd or lars with momentum > 0")
-    _check(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
-    _non_negative(o, prefix, "restart_steps", "l1")
-    _positive(o, prefix, "plateau_patience")
-    _check(f"{prefix}.schedule", o.schedule, not o.name.startswith("schedulefree") or o.schedule == "constant",
+    require(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
+    non_negative(o, prefix, "restart_steps", "l1")
+    positive(o, prefix, "plateau_patience")
+    require(f"{prefix}.schedule", o.schedule, not o.name.startswith("schedulefree") or o.schedule == "constant",
            f"must be constant with {prefix}.name={o.name} (schedule-free optimizers replace the schedule; "
            "warmup is kept)")
-    _check(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
+    require(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
 
 
-def _check(key: str, value: Any, ok: bool, expected: str) -> None:
+def require(key: str, value: Any, ok: bool, expected: str) -> None:
+    """`key=value: expected` unless `ok` (the one-line refusal of every range check)."""
     if not ok:
         raise ConfigError(key, value, expected)
 
 
-def _positive(section: Any, prefix: str, *names: str) -> None:
+def positive(section: Any, prefix: str, *names: str) -> None:
     for n in names:
-        _check(f"{prefix}.{n}", getattr(section, n), getattr(section, n) > 0, "must be > 0")
+        require(f"{prefix}.{n}", getattr(section, n), getattr(section, n) > 0, "must be > 0")
 
 
-def _non_negative(section: Any, prefix: str, *names: str) -> None:
+def non_negative(section: Any, prefix: str, *names: str) -> None:
     for n in names:
-        _check(f"{prefix}.{n}", getattr(section, n), getattr(section, n) >= 0, "must be >= 0")
+        require(f"{prefix}.{n}", getattr(section, n), getattr(section, n) >= 0, "must be >= 0")

@@ -74,6 +74,11 @@ class DDPEngine:
         DDP runs every feature, precision and optimizer."""
 
     @classmethod
+    def capabilities(cls, cfg: Config) -> frozenset[str]:
+        """Whole replicas (FSDP2: sharded DTensors) that the optimizer steps in place."""
+        return frozenset({"weights", "weights_in_place"})
+
+    @classmethod
     def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
               precision: AmpPrecision) -> DDPEngine:
         """The registry's one constructor signature (`dtrain.engines.build_engines`)."""

@@ -113,6 +113,12 @@ class DeepSpeedEngine:
                                 f"ZeRO state is partitioned per rank, so resume on {saved_world} rank(s)")
 
     @classmethod
+    def capabilities(cls, cfg: Config) -> frozenset[str]:
+        """ZeRO 0-2: the module holds whole parameters (in the compute dtype; the fp32 master copy
+        DeepSpeed steps is its own); ZeRO-3: partitions, gathered only inside forward."""
+        return frozenset({"weights"}) if cfg.deepspeed.zero_stage < 3 else frozenset()
+
+    @classmethod
     def validate(cls, cfg: Config) -> None:
         stage = cfg.deepspeed.zero_stage
         if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -135,13 +141,6 @@ class DeepSpeedEngine:
             if o.name == "adafactor" and stage > 0:
                 raise ConfigError(f"{key}.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO "
                                   "flattens parameters, which silently turns Adafactor's factored moments into full ones")
-        for key, on in (("ewc.from", cfg.ewc.from_), ("prune.amount", cfg.prune.amount)):
-            if on:
-                raise ConfigError(key, on, "not with engine=deepspeed (it changes parameters in place, and DeepSpeed "
-                                  "keeps the weights it steps in flattened partitions of its own); use ddp or fsdp")
-        if cfg.ema.decay and stage == 3:
-            raise ConfigError("ema.decay", cfg.ema.decay, "not with DeepSpeed ZeRO-3 (its module holds no whole "
-                              "parameters to average); use stage 0-2 or fsdp")
         if cfg.checkpoint.async_:
             raise ConfigError("checkpoint.async", True, "not with engine=deepspeed (DeepSpeed writes its own "
                               "checkpoint); use engine=ddp or fsdp")

@@ -17,18 +17,48 @@ costs each rank 1/world of its memory; otherwise every rank holds a replica.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtrain.runtime import distributed
-from dtrain.postrun import predict
 from dtrain.checkpoint import safeload
-from dtrain.config import Config
+from dtrain.config.schema import require
 from dtrain.errors import ConfigError
+from dtrain.protocols import Feature, Run
+from dtrain.runtime import distributed
+from dtrain.tasks.runs import open_run
+from dtrain.tasks.supervised import evaluate_model
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """The model to learn from: a finished run's output_dir (its own architecture and task, read
+    from its config.yaml) or a weights file (model.safetensors / model.pt) of the student's
+    architecture. Empty: no distillation."""
+    temperature: float = 4.0
+    """Both models' logits are divided by this before the softmax (Hinton et al. 2015)."""
+    alpha: float = 0.9
+    """loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss (T^2 keeps the soft
+    term's gradients at the hard term's scale as T changes)."""
+    kind: Literal["logits", "features"] = "logits"
+    """logits: match the output distributions (per token for a sequence model); features: match
+    the outputs of the modules `distill.layers` names (mean squared error)."""
+    layers: list[str] = field(default_factory=list)
+    """kind=features: `student.module=teacher.module` pairs, e.g. `layers.3=layers.3`."""
+
+    def validate(self) -> None:
+        require("distill.teacher", self.teacher, not self.teacher or Path(self.teacher).exists(),
+                "no such run folder or weights file")
+        require("distill.temperature", self.temperature, self.temperature > 0, "must be > 0")
+        require("distill.alpha", self.alpha, 0 < self.alpha <= 1, "must be in (0, 1]")
+        require("distill.layers", self.layers, self.kind == "logits" or (bool(self.layers) and all(
+            x.count("=") == 1 and all(x.split("=")) for x in self.layers)), "needs `student.module=teacher.module` "
+                "pairs with distill.kind=features")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,11 +72,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 class Teacher:
     """The teacher model on this rank, in eval mode, without gradients."""
 
-    def __init__(self, cfg: Config, student_task: Any, device: torch.device):
+    def __init__(self, cfg: Any, student_task: Any, device: torch.device):
         where = Path(cfg.distill.teacher)
         if where.is_dir():  # a run: its own task and architecture
-            predictor = predict.load(where, key="distill.teacher")
-            self.task, model = predictor.task, predictor.model
+            _, self.task, model = open_run(where, key="distill.teacher")
         else:  # weights of the student's architecture
             self.task, model = student_task, student_task.inference_model()
             try:
@@ -62,7 +91,7 @@ class Teacher:
         if cfg.engine == "fsdp":
             self._shard(cfg)
 
-    def _shard(self, cfg: Config) -> None:
+    def _shard(self, cfg: Any) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         from dtrain.engines.fsdp import shard
@@ -115,7 +144,7 @@ class Taps:
 class Distiller:
     """The distillation term of the student's loss (`Objective` calls it in the step)."""
 
-    def __init__(self, cfg: Config, task: Any, student: nn.Module, device: torch.device):
+    def __init__(self, cfg: Any, task: Any, student: nn.Module, device: torch.device):
         self.cfg = cfg.distill
         for hook in ("outputs", "output_loss"):
             if not hasattr(task, hook):
@@ -150,3 +179,50 @@ def _eval(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was)
+
+
+class Distill(Feature):
+    key, config_class, order, needs_outputs = "distill", DistillConfig, 50, True
+    requires = {"supervised": "distillation needs a task with one model and a loss (dtrain.Task); a GAN has two "
+                              "models and its own step"}
+    matrix = {"distill": ("distill.teacher={init}", "distill.alpha=0.5")}
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.distill.teacher)
+
+    @classmethod
+    def switch(cls, cfg: Any) -> tuple[str, Any]:
+        return "distill.teacher", cfg.distill.teacher
+
+    def __init__(self, run: Run):
+        self.cfg: DistillConfig = run.cfg.distill
+        self.distiller = Distiller(run.cfg, run.task, run.engines["model"].module, run.device)
+        self.teacher_eval: dict[str, float] = {}
+
+    def setup(self, run: Run) -> None:
+        """Both models on one batch (outputs that do not match: one line), and the teacher's
+        evaluation (collective), logged beside the student's curves from the start."""
+        from dtrain.data import move, start
+
+        engine = run.engines["model"]
+        self.distiller.check(run.task, engine.module, move(next(start(run.eval_loader)), run.device))
+        teacher = self.distiller.teacher
+        self.teacher_eval = evaluate_model(teacher.model, teacher.task, run.eval_loader, run.device,
+                                           engine.precision.autocast)
+        run.log({f"teacher/{k}": v for k, v in self.teacher_eval.items()})
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.teacher_eval.items())
+        return (f"distill: teacher {self.cfg.teacher} ({type(self.distiller.teacher.model).__name__}; eval {shown}), "
+                f"{self.cfg.kind}, T {self.cfg.temperature:g}, alpha {self.cfg.alpha:g}")
+
+    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
+             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert outputs is not None
+        soft = self.distiller.loss(outputs, batch)
+        mixed = (1 - self.cfg.alpha) * loss + self.cfg.alpha * soft
+        return mixed, {"task_loss": loss.detach().float(), "distill_loss": soft.detach().float()}
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        return {"teacher_eval": self.teacher_eval}

@@ -18,6 +18,8 @@ and no parameter is gathered for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sized, cast
 
 import torch
@@ -25,11 +27,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from dtrain.runtime import distributed
-from dtrain.postrun import predict
-from dtrain.config import Config
-from dtrain.errors import ConfigError
+from dtrain.config.schema import positive, require
 from dtrain.data import move, sample_generator
+from dtrain.errors import ConfigError
+from dtrain.protocols import Feature, Run
+from dtrain.runtime import distributed
+from dtrain.tasks.runs import open_run
+
+
+@dataclass
+class EWCConfig:
+    from_: str = ""
+    """Elastic Weight Consolidation: a finished run's output_dir whose task must not be forgotten.
+    Its weights are the anchor (and the start, unless model.init_from says otherwise); its
+    diagonal Fisher information is estimated on its own training data at the start of this run.
+    Empty: off."""
+    lambda_: float = 10.0
+    """Penalty weight: loss += lambda / 2 * sum_i F_i (theta_i - theta*_i)^2."""
+    samples: int = 512
+    """Samples of the old task's training data the Fisher is averaged over (shared out over the ranks)."""
+
+    def validate(self) -> None:
+        require("ewc.from", self.from_, not self.from_ or Path(self.from_).exists(), "no such run folder or weights file")
+        require("ewc.lambda", self.lambda_, self.lambda_ >= 0, "must be >= 0")
+        positive(self, "ewc", "samples")
 
 
 def fisher_diagonal(task: Any, model: nn.Module, dataset: Any, samples: int, seed: int,
@@ -60,18 +81,18 @@ def penalty(terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lam: f
     return lam / 2 * torch.stack([(f * (theta.float() - anchor) ** 2).sum() for theta, f, anchor in terms]).sum()
 
 
-class EWC:
+class Anchor:
     """The penalty toward the old run's weights, for the model this run trains."""
 
-    def __init__(self, cfg: Config, module: nn.Module, device: torch.device):
+    def __init__(self, cfg: Any, module: nn.Module, device: torch.device):
         self.lam, where = cfg.ewc.lambda_, cfg.ewc.from_
-        old = predict.load(where, key="ewc.from")
-        if not hasattr(old.task, "outputs"):
-            raise ConfigError("ewc.from", where, f"its task ({type(old.task).__name__}) has no outputs() to take the "
-                              "Fisher information of: a task with one model and a loss (dtrain.tasks.Task)")
-        train, _ = old.task.datasets()
-        old_model = old.model.to(device)
-        fisher = fisher_diagonal(old.task, old_model, train, cfg.ewc.samples, cfg.seed, device)
+        _, old_task, old_model = open_run(where, key="ewc.from")
+        if not hasattr(old_task, "outputs"):
+            raise ConfigError("ewc.from", where, f"its task ({type(old_task).__name__}) has no outputs() to take the "
+                              "Fisher information of: a task with one model and a loss (dtrain.Task)")
+        train, _ = old_task.datasets()
+        old_model = old_model.to(device)
+        fisher = fisher_diagonal(old_task, old_model, train, cfg.ewc.samples, cfg.seed, device)
         anchor = {k: p.detach().float() for k, p in old_model.named_parameters()}
         self.terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         matched = [n for n, p in module.named_parameters()
@@ -94,3 +115,42 @@ class EWC:
 
     def describe(self) -> str:
         return f"ewc: {self.matched} tensors anchored, lambda {self.lam:g}, mean Fisher {self.fisher_mean:.3g}"
+
+
+class EWC(Feature):
+    key, config_class, order = "ewc", EWCConfig, 50
+    requires = {"supervised": "EWC needs a task with one model and a loss (dtrain.Task); a GAN has two models and "
+                              "its own step",
+                "weights_in_place": "its penalty reads the parameters the optimizer steps, and DeepSpeed keeps those "
+                                    "in flattened partitions of its own; use ddp or fsdp"}
+    matrix = {"ewc": ("ewc.from={run}", "ewc.samples=8")}
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.ewc.from_)
+
+    @classmethod
+    def switch(cls, cfg: Any) -> tuple[str, Any]:
+        return "ewc.from", cfg.ewc.from_
+
+    @classmethod
+    def start_weights(cls, cfg: Any) -> str:
+        return str(cfg.ewc.from_)  # EWC continues from the run it anchors to
+
+    def __init__(self, run: Run):
+        self.anchor: Anchor | None = None
+
+    def setup(self, run: Run) -> None:
+        """The old run's Fisher information (collective) and this model's anchored parameters."""
+        self.anchor = Anchor(run.cfg, run.engines["model"].module, run.device)
+
+    def describe(self) -> str:
+        return self.anchor.describe() if self.anchor is not None else ""
+
+    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
+             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert self.anchor is not None
+        penalty = self.anchor.penalty()
+        # Sharded: each rank holds a part; the logged value is averaged over ranks, so x world.
+        shown = penalty.detach().float() * (distributed.world_size() if self.anchor.sharded else 1)
+        return loss + penalty, {"ewc_penalty": shown}

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dtrain.protocols import Clock, Feature, Run, StepOutput
+from dtrain.runtime import distributed
 from dtrain.runtime.files import atomic_write
 
 BEAT_S = 1.0
@@ -63,15 +65,7 @@ def process_start() -> float:
         return time.time()
 
 
-_marks: dict[str, float] = {}
-"""Unix times of this process's start-up milestones: begin (`fit` called, the process group
-up), loaded (checkpoint loaded)."""
 _process_counted = False
-
-
-def mark(name: str) -> None:
-    _marks[name] = time.time()
-
 
 @dataclass
 class Attempt:
@@ -147,25 +141,27 @@ class Totals:
 class Ledger:
     """Rank 0's account of the run's attempts; every rank keeps one (cheap) but only rank 0 writes."""
 
-    def __init__(self, path: Path, writes: bool):
+    def __init__(self, path: Path, writes: bool, began: float):
+        """`began`: when this attempt's `fit` began (Unix), the process group up."""
         global _process_counted
         self.path, self.writes = path, writes
         self.attempts: list[Attempt] = []
         # A process's start counts once: a second run in one process (a search's in-process
         # trial, a test) starts when its `fit` began.
-        self.now = Attempt(started=_marks.get("begin", time.time()) if _process_counted else process_start())
+        self.now = Attempt(started=began if _process_counted else process_start())
         _process_counted = True
+        self.began = began
         self._lap = 0.0
         self._charged = 0.0
         self._written = 0.0
 
-    def open(self, continues: bool, step: int) -> None:
-        """Start this attempt at `step` (after resuming); with `continues`, after the attempts the
-        ledger file holds: the last one's steps past `step` are lost work, and the time from its
-        last record to this process's start downtime."""
+    def open(self, continues: bool, step: int, loaded: float) -> None:
+        """Start this attempt at `step`, resumed by `loaded` (Unix); with `continues`, after the
+        attempts the ledger file holds: the last one's steps past `step` are lost work, and the
+        time from its last record to this process's start downtime."""
         self.now.first_step = self.now.reached = step
-        self.now.to_group_s = _marks.get("begin", self.now.started) - self.now.started
-        self.now.to_loaded_s = _marks.get("loaded", time.time()) - self.now.started
+        self.now.to_group_s = self.began - self.now.started
+        self.now.to_loaded_s = loaded - self.now.started
         if continues and self.path.exists():
             try:
                 known = {f.name for f in fields(Attempt)}
@@ -196,14 +192,14 @@ class Ledger:
         if self.writes and (logged or now - self._written >= BEAT_S):
             self.write()
 
-    def charge(self, part: str, seconds: float) -> None:
-        """Seconds spent between steps on `eval` or `checkpoint` (not step time)."""
+    def charge(self, part: str, seconds: float, count: int = 1) -> None:
+        """Seconds spent between steps on `eval` or `count` checkpoints (not step time)."""
         self._charged += seconds
         if part == "eval":
             self.now.eval_s += seconds
         else:
             self.now.checkpoint_s += seconds
-            self.now.checkpoints += 1
+            self.now.checkpoints += count
 
     def written(self, seconds: float) -> None:
         """A checkpoint's files are all on disk, `seconds` after it began."""
@@ -300,3 +296,83 @@ class Interval:
         return (f"checkpoint.every_steps=auto: every {self.steps} steps ({self.steps * step_time_s:.1f}s; "
                 f"Young/Daly tau = sqrt(2 x {self.delta_s:.2f}s checkpoint x {mtbf} MTBF) = {self.tau():.1f}s); "
                 f"expected loss to checkpoints and failures {self.expected_loss(restart_s):.1%}")
+
+
+class Goodput(Feature):
+    """Every run's account of its wall time (`goodput.json`, `goodput/*` in MLflow, the closing
+    line), and `checkpoint.every_steps: auto`: it asks for a checkpoint at Young/Daly's interval."""
+
+    order = 10
+    matrix = {"every_steps_auto": ("checkpoint.every_steps=auto", "checkpoint.mtbf_hours=0.0001")}
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return True
+
+    def __init__(self, run: Run):
+        self.ledger = Ledger(run.output_dir / FILE, distributed.is_main(), run.clock.began)
+        self.auto: Interval | None = None
+        c = run.cfg.checkpoint
+        if c.every_steps == "auto":
+            hours = c.mtbf_hours or NODE_MTBF_HOURS / distributed.read_env().num_nodes
+            self.auto = Interval(hours * 3600.0, given=bool(c.mtbf_hours))
+        self.seen = Clock()
+        """The loop's clock when this feature last looked: what changed since is charged."""
+        self.totals: Totals | None = None
+
+    def setup(self, run: Run) -> None:
+        self.ledger.open(continues=bool(run.cfg.resume), step=run.step, loaded=run.clock.loaded)
+        self.seen = Clock(**vars(run.clock))
+        if self.auto is not None:  # from the δ the earlier attempts measured, if any
+            self._retune(run, self.ledger.delta_estimate())
+
+    def after_step(self, run: Run, out: StepOutput) -> None:
+        written = self._charge(run)
+        self.ledger.stepped(run.step, logged=False)
+        if written:
+            if self.auto is not None:
+                self._retune(run, run.clock.last_checkpoint_s)
+            run.log(metrics(self.ledger.write()))
+        if self.auto is not None and run.step < run.total_steps and \
+                run.step - run.clock.last_checkpoint_step >= (self.auto.steps or FIRST_AFTER):
+            run.request_checkpoint()
+
+    def end(self, run: Run, status: str) -> None:
+        self._charge(run)
+        if status == "failed":
+            self.ledger.write()  # how far this attempt got, for the next one's account
+            return
+        self.totals = self.ledger.end(status)
+        run.log(metrics(self.totals))
+        run.say(self.totals.line())
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        if self.totals is None:
+            return {}
+        return {"goodput": {**asdict(self.totals), "by_attempt": self.ledger.records()}}
+
+    def _charge(self, run: Run) -> bool:
+        """Eval and checkpoint time since the last look; True when a checkpoint was written."""
+        now, was = run.clock, self.seen
+        if now.eval_s > was.eval_s:
+            self.ledger.charge("eval", now.eval_s - was.eval_s)
+        written = now.checkpoints > was.checkpoints
+        if written:
+            self.ledger.charge("checkpoint", now.checkpoint_s - was.checkpoint_s, now.checkpoints - was.checkpoints)
+        if now.checkpoint_write_s > was.checkpoint_write_s:
+            self.ledger.written(now.checkpoint_write_s - was.checkpoint_write_s)
+        self.seen = Clock(**vars(now))
+        return written
+
+    def _retune(self, run: Run, seconds: float) -> None:
+        """Under `auto`: a checkpoint blocked training `seconds`; set the interval from it.
+        Collective: every rank takes rank 0's measurements, so all checkpoint at the same steps
+        (intervals from each rank's own clock would differ, and the ranks hang apart)."""
+        assert self.auto is not None
+        seconds, step_time = distributed.broadcast_object((seconds, self.ledger.step_time()))
+        if not seconds:  # nothing measured yet (a first attempt): the first checkpoint measures it
+            return
+        if self.auto.update(seconds, step_time, run.total_steps):
+            run.say(self.auto.describe(step_time, self.ledger.restart_estimate()))
+        run.log({"checkpoint/every_steps": self.auto.steps, "checkpoint/delta_s": self.auto.delta_s,
+                 "checkpoint/tau_s": self.auto.tau()})

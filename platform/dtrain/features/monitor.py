@@ -13,23 +13,40 @@ On a monitored step, for each model:
   half of its channels below 1e-5);
 and warnings when a weight's gradient norm is below `monitor.vanish_below` or the global norm
 above `monitor.explode_above`. Weights are parameters of 2 or more dimensions (biases and norm
-scales are left out). Off (`every: 0`) the loop pays one integer comparison per step.
+scales are left out). Off (`every: 0`) it is not in the loop at all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from dtrain.config import MonitorConfig
-from dtrain.protocols import Engine
+from dtrain.config.schema import non_negative, positive
+from dtrain.protocols import Engine, Feature, Run, StepOutput
 
 log = logging.getLogger("dtrain")
+
+@dataclass
+class MonitorConfig:
+    every: int = 0
+    """Every N optimizer steps, log layer health to MLflow (`monitor/...`): per-layer gradient
+    norm and update-to-weight ratio, activation mean / std and dead-ReLU fraction, BatchNorm
+    layers whose running variance collapsed; warn when gradients vanish or explode. 0: off,
+    at no cost."""
+    vanish_below: float = 1e-7
+    """Warn when a weight's gradient norm is below this (vanishing gradients)."""
+    explode_above: float = 1e3
+    """Warn when the global gradient norm is above this (exploding gradients)."""
+
+    def validate(self) -> None:
+        non_negative(self, "monitor", "every", "vanish_below")
+        positive(self, "monitor", "explode_above")
+
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Mish)
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
@@ -47,46 +64,68 @@ def watched_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-class Monitor:
-    def __init__(self, cfg: MonitorConfig, engines: dict[str, Engine]):
-        self.cfg, self.engines = cfg, engines
+class Monitor(Feature):
+    key, config_class, order = "monitor", MonitorConfig, 90  # reads the weights the others left
+    matrix = {"monitor": ("monitor.every=2",)}
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.monitor.every)
+
+    def __init__(self, run: Run):
+        self.cfg: MonitorConfig = run.cfg.monitor
+        self.engines = run.engines
         self.metrics: dict[str, float] = {}
+        self.hooks: list[Any] = []
+        self.before: dict[str, dict[str, torch.Tensor]] = {}
+        self.grads: dict[str, dict[str, float]] = {}
 
     def due(self, step: int) -> bool:
-        """Whether the step about to run (number `step`, counting from 1) is monitored."""
-        return self.cfg.every > 0 and step % self.cfg.every == 0
+        """Whether the step numbered `step` (counting from 1) is monitored."""
+        return step % self.cfg.every == 0
 
-    @contextlib.contextmanager
-    def watch(self, step: int) -> Iterator[None]:
-        """Around one training step: collects `self.metrics` when the step is monitored."""
-        if not self.due(step):
-            yield
-            return
+    def setup(self, run: Run) -> None:
+        if self.due(run.step + 1):
+            self._arm()
+
+    def after_step(self, run: Run, out: StepOutput) -> None:
+        if self.hooks or self.before:
+            self._disarm()
+            for name, engine in self.engines.items():
+                self._weights(self._prefix(name), engine, self.before[name], self.grads[name], run.step)
+            self._batch_norms()
+            run.log({f"monitor/{k}": v for k, v in self.metrics.items()})
+            self.before = {}
+        if self.due(run.step + 1):
+            self._arm()
+
+    def end(self, run: Run, status: str) -> None:
+        self._disarm()
+
+    def _prefix(self, name: str) -> str:
+        return f"{name}/" if len(self.engines) > 1 else ""
+
+    def _arm(self) -> None:
+        """Before a monitored step: activations are kept by forward hooks, the weights copied
+        (for the update ratio), and the engines hand over the gradients once final."""
         self.metrics = {}
-        hooks: list[Any] = []
-        before: dict[str, dict[str, torch.Tensor]] = {}
-        grads: dict[str, dict[str, float]] = {}
         for name, engine in self.engines.items():
-            prefix = f"{name}/" if len(self.engines) > 1 else ""
-            hooks += [m.register_forward_hook(self._activation_hook(prefix + n, m))
-                      for n, m in watched_modules(engine.module).items()]
-            before[name] = {n: p.detach().float().clone() for n, p in engine.full_params().items() if p.dim() >= 2}
-            grads[name] = {}
-            engine.on_gradients = self._grads_hook(engine, grads[name])
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            for engine in self.engines.values():
-                engine.on_gradients = None
-        for name, engine in self.engines.items():
-            self._weights(f"{name}/" if len(self.engines) > 1 else "", engine, before[name], grads[name], step)
-        self._batch_norms()
+            self.hooks += [m.register_forward_hook(self._activation_hook(self._prefix(name) + n, m))
+                           for n, m in watched_modules(engine.module).items()]
+            self.before[name] = {n: p.detach().float().clone() for n, p in engine.full_params().items() if p.dim() >= 2}
+            self.grads[name] = {}
+            engine.on_gradients = self._grads_hook(engine, self.grads[name])
 
+    def _disarm(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for engine in self.engines.values():
+            engine.on_gradients = None
     def _activation_hook(self, name: str, module: nn.Module) -> Any:
         def hook(m: nn.Module, args: Any, out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
+            # (an evaluation between arming and the step runs in eval mode: not the step's activations)
+            if not m.training or not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
                 return
             x = out.detach().float()
             self.metrics[f"act_mean/{name}"] = float(x.mean())

@@ -1,90 +1,124 @@
-"""`profile.enabled`: torch.profiler around training steps, on the chosen ranks.
+"""`profile.*`: torch.profiler around training steps, on the chosen ranks.
 
 The schedule is torch's (`wait`, `warmup`, `active`, `repeat`). Each recorded cycle writes
 `output_dir/profile/trace_rank<R>_step<S>.json` (open in Perfetto or chrome://tracing) and
 `ops_rank<R>.txt` (the top operators by self time); the run's summary gets the step-time
-breakdown of the recorded steps, from the regions the step marks (`region`): data loading,
-forward, backward, optimizer step, the time inside collectives (DDP's gradient all-reduce, the CPU
-SyncBN's all-gathers, the loss all-reduce), and the CPU SyncBN's all-gathers as a whole. Off, a region is a shared null context:
-no profiler, no record_function.
+breakdown of the recorded steps, from the regions the step marks (`dtrain.runtime.timing.region`):
+data loading, forward, backward, optimizer step, the time inside collectives (DDP's gradient
+all-reduce, the CPU SyncBN's all-gathers, the loss all-reduce), and the CPU SyncBN's all-gathers
+as a whole. Off, a region is a shared null context: no profiler, no record_function.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from pathlib import Path
-from typing import Any, ContextManager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from dtrain.runtime import distributed
-from dtrain.config import ProfileConfig
+from dtrain.config.schema import non_negative, positive
+from dtrain.protocols import Feature, Run, StepOutput
+from dtrain.runtime import distributed, timing
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = False
+    """Profile training steps with torch.profiler: a Chrome/Perfetto trace and the top operators
+    per profiled rank in output_dir/profile/ (and MLflow), a step-time breakdown in summary.json."""
+    wait: int = 1
+    """Steps skipped before each profiling cycle."""
+    warmup: int = 1
+    """Steps traced but discarded (the profiler's own start-up) before the recorded ones."""
+    active: int = 3
+    """Steps recorded per cycle."""
+    repeat: int = 1
+    """Cycles (each writes a trace)."""
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """The ranks that profile; the others train unobserved."""
+    record_shapes: bool = True
+    """Record operator input shapes."""
+    profile_memory: bool = True
+    """Record tensor allocations."""
+    memory_snapshot: bool = False
+    """CUDA only: also record the allocator's history and dump a snapshot (pytorch.org/memory_viz)."""
+
+    def validate(self) -> None:
+        non_negative(self, "profile", "wait", "warmup")
+        positive(self, "profile", "active", "repeat")
+
 
 REGIONS = ("data", "forward", "backward", "optimizer")
 SYNC_BN = ("AllGather", "AllGatherBackward")  # dtrain.engines.norm's autograd function, by its node names
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "reduce_scatter", "nccl:", "gloo:")
-_NULL = contextlib.nullcontext()
-_active = False
 
 
-def region(name: str) -> ContextManager[Any]:
-    """A named part of the step in the profile (`dtrain.<name>`); nothing when not profiling."""
-    return torch.profiler.record_function(f"dtrain.{name}") if _active else _NULL
+class Profile(Feature):
+    key, config_class, order = "profile", ProfileConfig, 80
+    matrix = {"profile": ("profile.enabled=true", "profile.wait=0", "profile.warmup=0", "profile.active=1")}
 
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.profile.enabled)
 
-class Profiler:
-    def __init__(self, cfg: ProfileConfig, out_dir: Path, device: torch.device):
-        self.cfg, self.folder, self.device = cfg, out_dir / "profile", device
+    def __init__(self, run: Run):
+        self.cfg: ProfileConfig = run.cfg.profile
+        self.folder, self.device = run.output_dir / "profile", run.device
         self.rank = distributed.rank()
-        self.files: list[Path] = []
         self.breakdown: dict[str, float] = {}
         self.prof: Any = None
-        if not cfg.enabled or self.rank not in cfg.ranks:
+        if self.rank not in self.cfg.ranks:
             return
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
+        if run.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        c = self.cfg
         self.prof = torch.profiler.profile(
-            activities=activities, record_shapes=cfg.record_shapes, profile_memory=cfg.profile_memory,
-            schedule=torch.profiler.schedule(wait=cfg.wait, warmup=cfg.warmup, active=cfg.active, repeat=cfg.repeat),
+            activities=activities, record_shapes=c.record_shapes, profile_memory=c.profile_memory,
+            schedule=torch.profiler.schedule(wait=c.wait, warmup=c.warmup, active=c.active, repeat=c.repeat),
             on_trace_ready=self._ready)
 
-    def __enter__(self) -> Profiler:
-        global _active
-        if self.prof is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if self.cfg.memory_snapshot and self.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(max_entries=100_000)
-            self.prof.__enter__()
-            _active = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        global _active
+    def setup(self, run: Run) -> None:
         if self.prof is None:
             return
-        _active = False
-        self.prof.__exit__(*exc)
+        self.folder.mkdir(parents=True, exist_ok=True)
         if self.cfg.memory_snapshot and self.device.type == "cuda":
-            path = self.folder / f"memory_rank{self.rank}.pickle"
-            torch.cuda.memory._dump_snapshot(str(path))
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self.files.append(path)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        self.prof.__enter__()
+        timing.record_regions(True)
 
-    def step(self) -> None:
-        """After each training step: advances the profiler's schedule."""
+    def after_step(self, run: Run, out: StepOutput) -> None:
         if self.prof is not None:
             self.prof.step()
+
+    def end(self, run: Run, status: str) -> None:
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        timing.record_regions(False)
+        prof.__exit__(None, None, None)
+        if self.cfg.memory_snapshot and self.device.type == "cuda":
+            torch.cuda.memory._dump_snapshot(str(self.folder / f"memory_rank{self.rank}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        """Each profiled rank's breakdown (collective), said at the end; the traces of the ranks
+        on this machine go to MLflow with the run."""
+        profiles = distributed.all_gather_object(self.breakdown)
+        found = {str(r): p for r, p in enumerate(profiles) if p}
+        for line in lines(found):
+            run.say(line)
+        for path in sorted(self.folder.glob("*")):
+            run.log_file(path, "profile")
+        return {"profile": found} if found else {}
 
     def _ready(self, prof: Any) -> None:
         trace = self.folder / f"trace_rank{self.rank}_step{prof.step_num}.json"
         prof.export_chrome_trace(str(trace))
         averages = prof.key_averages()
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = self.folder / f"ops_rank{self.rank}.txt"
-        table.write_text(averages.table(sort_by=sort, row_limit=30) + "\n")
-        self.files += [trace, table]
+        (self.folder / f"ops_rank{self.rank}.txt").write_text(averages.table(sort_by=sort, row_limit=30) + "\n")
         self.breakdown = breakdown(averages, self.cfg.active)
         (self.folder / f"breakdown_rank{self.rank}.json").write_text(json.dumps(self.breakdown, indent=2) + "\n")
 
@@ -113,26 +147,7 @@ def breakdown(averages: Any, steps: int) -> dict[str, float]:
     return out
 
 
-def token_rates(tokens_per_sample: int, samples_per_s: float, flops_per_token: float, world_size: int,
-                device: torch.device, peak_tflops: float = 0.0) -> dict[str, float]:
-    """tokens/s of the job, and its MFU (model FLOPs utilisation: the FLOPs the model needs per
-    second, per GPU, over the GPU's peak) where the peak is known."""
-    if not tokens_per_sample:
-        return {}
-    out = {"tokens_per_s": samples_per_s * tokens_per_sample}
-    peak = peak_tflops * 1e12 or (gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0)
-    if peak and flops_per_token:
-        out["mfu"] = out["tokens_per_s"] / world_size * flops_per_token / peak
-    return out
-
-
-# Peak dense bf16 TFLOP/s of one GPU, for MFU (`model.peak_tflops` overrides).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
-
-
-def gpu_peak_flops(device_name: str) -> float:
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return tflops * 1e12
-    return 0.0
+def lines(found: dict[str, dict[str, float]]) -> list[str]:
+    """Each profiled rank's breakdown, as the run's closing lines say it."""
+    return [f"profile, rank {rank} (mean ms of CPU time per recorded step; the parts overlap): "
+            + " ".join(f"{k.removesuffix('_ms')} {v:.3g}" for k, v in parts.items()) for rank, parts in found.items()]

@@ -14,14 +14,43 @@ masks back from the zeros.
 
 from __future__ import annotations
 
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from dtrain.config.schema import non_negative, positive, require
+from dtrain.errors import ConfigError
+from dtrain.protocols import Feature, Run, StepOutput
 from dtrain.runtime import distributed
-from dtrain.config import PruneConfig
+
+@dataclass
+class PruneConfig:
+    amount: float = 0.0
+    """Fraction of the prunable weights (every Conv and Linear weight) set to zero and kept there.
+    0: off."""
+    kind: Literal["magnitude", "structured"] = "magnitude"
+    """magnitude: the smallest |w| over all prunable weights (one global threshold);
+    structured: whole output channels of each layer, smallest L2 norm first."""
+    schedule: Literal["once", "gradual"] = "once"
+    """once: all at `prune.start_step`; gradual: from start_step to end_step every
+    every_steps, on Zhu & Gupta's cubic curve s_t = amount * (1 - (1 - t)^3)."""
+    start_step: int = 0
+    """The step after which pruning starts (0: before the first step, e.g. a model.init_from model)."""
+    end_step: int = 0
+    """gradual: the step at which the sparsity reaches `amount` (0: half way through the run)."""
+    every_steps: int = 10
+    """gradual: steps between two pruning rounds."""
+
+    def validate(self) -> None:
+        require("prune.amount", self.amount, 0 <= self.amount < 1, "must be in [0, 1) (0: off)")
+        non_negative(self, "prune", "start_step", "end_step")
+        positive(self, "prune", "every_steps")
+        require("prune.end_step", self.end_step, self.schedule == "once" or self.end_step == 0
+                or self.end_step > self.start_step, f"must be after prune.start_step ({self.start_step})")
+
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -65,34 +94,54 @@ class Pruner:
         self.weights = [m.weight for m in module.modules() if isinstance(m, PRUNABLE)]
         self.masks: list[torch.Tensor] | None = None
         self.sparsity = 0.0
+        self.rounds = 0
+        """Pruning rounds run so far (resumes with the run: a resumed run that pruned reads its
+        masks back from the zeros, whatever step it resumed at)."""
 
-    def begin(self, step: int) -> float | None:
-        """At the loop's start: round 0 on a fresh run, or the masks read back from a resumed
-        run's zeros. Returns the sparsity when a round ran."""
-        if step == 0 and target(self.cfg, 0, self.total_steps) is not None:
-            return self.after_step(0)
-        if step > self.cfg.start_step:
+    def begin(self, step: int) -> tuple[float | None, str]:
+        """At the loop's start (collective under FSDP2): the masks read back from a resumed run's
+        zeros; round 0 of a fresh run; or, resumed past `prune.start_step` without a round (the
+        key is new to this run), the round the schedule would have made by now. Returns the
+        sparsity when a round ran, and why when it is not the schedule's own."""
+        if self.rounds:
             self.masks = [(distributed.local_part(w.detach()) != 0).to(w.dtype) for w in self.weights]
             self.sparsity = self.measure()
-        return None
+            return None, ""
+        if step == 0:
+            return (self.after_step(0) if target(self.cfg, 0, self.total_steps) is not None else None), ""
+        if step > self.cfg.start_step:
+            end = self.cfg.end_step or max(self.cfg.start_step + 1, self.total_steps // 2)
+            done = min(1.0, (step - self.cfg.start_step) / (end - self.cfg.start_step))
+            amount = self.cfg.amount if self.cfg.schedule == "once" else self.cfg.amount * (1 - (1 - done) ** 3)
+            return self._round(amount), (f"the checkpoint of step {step} was not pruned (prune.amount is new to it): "
+                                         f"pruned now to the schedule's {amount:.0%}")
+        return None, ""
 
     def after_step(self, step: int) -> float | None:
         """Collective under FSDP2: a pruning round if one is due (returns the sparsity), else
         the masks applied again."""
         amount = target(self.cfg, step, self.total_steps)
         if amount is not None:
-            whole = [w.detach().full_tensor() if distributed.is_sharded(w) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
-            masks = masks_for(whole, amount, self.cfg.kind)
-            self.masks = [(distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
-                          for m, w in zip(masks, self.weights)]
-        if self.masks is not None:
-            with torch.no_grad():
-                for w, m in zip(self.weights, self.masks):
-                    distributed.local_part(w).mul_(m)
-        if amount is None:
-            return None
+            return self._round(amount)
+        self._apply()
+        return None
+
+    def _round(self, amount: float) -> float:
+        """Collective under FSDP2: a pruning round to `amount`; returns the sparsity reached."""
+        whole = [w.detach().full_tensor() if distributed.is_sharded(w) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
+        masks = masks_for(whole, amount, self.cfg.kind)
+        self.masks = [(distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
+                      for m, w in zip(masks, self.weights)]
+        self._apply()
+        self.rounds += 1
         self.sparsity = self.measure()
         return self.sparsity
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        """The masks on the weights again (after each optimizer step, so nothing revives them)."""
+        for w, m in zip(self.weights, self.masks or []):
+            distributed.local_part(w).mul_(m)
 
     def measure(self) -> float:
         """Collective: the fraction of the prunable weights that are zero."""
@@ -102,3 +151,60 @@ class Pruner:
             both = torch.tensor([zeros, count], dtype=torch.float64, device=self.weights[0].device)
             zeros, count = (int(x) for x in distributed.all_reduce_sum(both).tolist())
         return zeros / max(count, 1)
+
+
+class Prune(Feature):
+    key, config_class, order = "prune", PruneConfig, 5  # before the averages see the weights
+    requires = {"supervised": "pruning needs a task with one model and a loss (dtrain.Task); a GAN has two models "
+                              "and its own step",
+                "weights_in_place": "it zeroes parameters in place, and DeepSpeed keeps the weights it steps in "
+                                    "flattened partitions of its own; use ddp or fsdp"}
+    matrix = {"prune": ("prune.amount=0.5", "prune.start_step=1")}
+
+    @classmethod
+    def enabled(cls, cfg: Any) -> bool:
+        return bool(cfg.prune.amount)
+
+    @classmethod
+    def switch(cls, cfg: Any) -> tuple[str, Any]:
+        return "prune.amount", cfg.prune.amount
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        ema = getattr(cfg, "ema", None)
+        if ema is not None and ema.decay and ema.save:
+            raise ConfigError("ema.save", True, "not with prune.amount: an average of the weights is not sparse "
+                              "(the EMA is still evaluated)")
+
+    def __init__(self, run: Run):
+        self.cfg: PruneConfig = run.cfg.prune
+        self.pruner = Pruner(self.cfg, run.engines["model"].module, run.total_steps)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return f"prune: {c.kind} to {c.amount:.0%} of {len(self.pruner.weights)} weights, {c.schedule} from step {c.start_step}"
+
+    def setup(self, run: Run) -> None:
+        sparsity, why = self.pruner.begin(run.step)
+        if why:
+            run.say(f"prune: {why}")
+        self._said(run, sparsity)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.pruner.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pruner.rounds = int(state["rounds"])
+
+    def after_step(self, run: Run, out: StepOutput) -> None:
+        self._said(run, self.pruner.after_step(run.step))
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        return {"sparsity": self.pruner.measure()}
+
+    @staticmethod
+    def _said(run: Run, sparsity: float | None) -> None:
+        """After a pruning round: the sparsity it reached, logged and said."""
+        if sparsity is not None:
+            run.log({"prune/sparsity": sparsity})
+            run.say(f"prune: step {run.step}, {sparsity:.2%} of the prunable weights are zero")

@@ -18,8 +18,9 @@ from dtrain import checkpoint, data, engines
 from dtrain.checkpoint import safeload
 from dtrain.config import Config
 from dtrain.errors import ConfigError
-from dtrain.protocols import Task
-from dtrain.tasks import get_task, load_config
+from dtrain.protocols import BaseTask
+from dtrain.tasks import get_task
+from dtrain.train.config import load_config
 
 
 def uniform_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ def first_batches(loader: DataLoader[Any], n: int) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate_model(task: Task, model: nn.Module, eval_ds: Any, batch_size: int) -> dict[str, float]:
+def evaluate_model(task: BaseTask, model: nn.Module, eval_ds: Any, batch_size: int) -> dict[str, float]:
     """The task's eval metrics of `model` in this process (sums over the whole set)."""
     eval_sums, eval_metrics = getattr(task, "eval_sums", None), getattr(task, "eval_metrics", None)
     if eval_sums is None or eval_metrics is None:

@@ -18,19 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtrain.checkpoint import safeload
 from dtrain.config import Config
 from dtrain.errors import ConfigError
+from dtrain.protocols import BaseTask
 from dtrain.runtime.files import atomic_write
-from dtrain.protocols import Task
-from dtrain.tasks import get_task, load_config
+from dtrain.tasks.runs import open_run
 
 
 @dataclass
 class Predictor:
     """A trained model in eval mode with its task: `predictor(inputs)` is `task.predict`."""
 
-    task: Task
+    task: BaseTask
     model: nn.Module
     cfg: Config
 
@@ -42,26 +41,8 @@ class Predictor:
 def load(run_dir: str | Path, trust: bool = False, key: str = "run") -> Predictor:
     """The run's model (its final weights, model.safetensors) and its task's preprocessing.
     `key`: the recipe key or argument that named the folder, for the one-line error."""
-    run = Path(run_dir)
-    for name in ("config.yaml", "model.safetensors"):
-        if not (run / name).is_file():
-            raise ConfigError(key, str(run), f"has no {name}: give the output_dir of a finished dtrain run")
-    try:
-        cfg = load_config(run / "config.yaml", beside=trust)
-    except ConfigError as e:
-        if e.key != "task" or "cannot import" not in e.expected:
-            raise
-        raise ConfigError("task", e.value, f"{e.expected}; the task module is not in the run folder (its config.yaml "
-                          "never brings code): run from the module's folder, or put that folder on PYTHONPATH") from None
-    task = get_task(cfg.task)(cfg)
-    if (run / safeload.PREPROCESSING).is_file():
-        task.load_preprocessing(safeload.load_weights(run / safeload.PREPROCESSING))
-    model = task.inference_model()
-    try:
-        model.load_state_dict(safeload.load_weights(run / "model.safetensors"))
-    except (RuntimeError, ValueError) as e:  # a file of another model, or damaged
-        raise ConfigError(key, str(run), f"model.safetensors does not fit the task's model: {str(e)[:300]}") from None
-    return Predictor(task, model.eval(), cfg)
+    cfg, task, model = open_run(run_dir, trust, key)
+    return Predictor(task, model, cfg)
 
 
 def predict_file(run_dir: str | Path, inputs: Path, output: Path, batch_size: int, trust: bool = False) -> str:

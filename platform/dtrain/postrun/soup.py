@@ -39,7 +39,8 @@ from dtrain.postrun.average import evaluate_model
 from dtrain.config import Config
 from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
-from dtrain.tasks import get_task, load_config
+from dtrain.tasks import get_task
+from dtrain.train.config import load_config
 
 
 @dataclass

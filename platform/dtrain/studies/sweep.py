@@ -13,7 +13,7 @@ from dtrain.runtime import launch
 from dtrain.config import Config
 from dtrain.errors import ConfigError
 from dtrain.errors import Failure, WorkFailed
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -1,7 +1,7 @@
-"""`dtrain train` and `dtrain check` on this rank: the launch environment, the validated
-recipe, the process group, and every way out as one line and an exit code.
+"""A command on this rank (`dtrain train`, `dtrain check`): the launch environment, the
+validated recipe, the process group, and every way out as one line and an exit code.
 
-Both commands share one skeleton (`run_on_ranks`): read the launcher's environment, load and
+The commands share one skeleton (`run_on_ranks`): read the launcher's environment, load and
 validate the recipe (before torchrun starts any rank, with `--nproc-per-node`), join the
 process group, run the command's body, tear down. An error is explained in one line by the
 first rank that meets it (`explain`); an unexpected one keeps its traceback, which
@@ -22,62 +22,17 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from dtrain import data, engines
-from dtrain.runtime import allocator
-from dtrain.studies import check
-from dtrain.runtime import distributed
-from dtrain.runtime import launch
-from dtrain.runtime import preemption
-from dtrain.studies.check import trace
+from dtrain import data
 from dtrain.config import Config
-from dtrain.errors import ConfigError
-from dtrain.runtime.environments import DistEnv
 from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
+from dtrain.runtime import distributed, launch, preemption
+from dtrain.runtime.environments import DistEnv
 from dtrain.runtime.files import first_line
-from dtrain.tasks import load_config
-from dtrain.train.fit import fit
+from dtrain.train.config import load_config
+from dtrain.train.config import validate as validate_job
 
 Body = Callable[[Config, DistEnv, torch.device], int]
 """A command's work on this rank, once the process group is up; returns the exit code."""
-
-
-def train(args: argparse.Namespace) -> NoReturn:
-    """`dtrain train`: `fit` on this rank (or on N ranks via torchrun)."""
-    allocator.tune()
-    # SIGTERM / SIGUSR1 (preemption, torchrun stopping its workers) end in a checkpoint at the
-    # next step boundary inside the loop, and in an exception elsewhere, so `finally` blocks
-    # still mark the MLflow run KILLED instead of leaving it RUNNING.
-    preemption.install()
-
-    def body(cfg: Config, env: DistEnv, device: torch.device) -> int:
-        outcome = fit(cfg, env, device)
-        # Preempted: every rank stopped after the same step and checkpointed. Non-zero: the job
-        # is not done, so Kubernetes / SLURM / torchrun run it again.
-        return 128 + outcome.signum if outcome.status == "preempted" else 0
-
-    run_on_ranks(args, ("train",), body)
-
-
-def check_command(args: argparse.Namespace) -> NoReturn:
-    """`dtrain check`: the sanity checks of `dtrain.studies.check`, on this process or under torchrun.
-    `--only invariance` runs here and starts its N ranks itself, which record (`--trace-to`)."""
-    if args.trace_to:
-        run_on_ranks(args, (), lambda cfg, env, device: trace.trace_rank(cfg, device, args.trace_to))
-    if check.select_quietly(args.only) == ["invariance"]:
-        run_on_ranks(args, (), lambda cfg, env, device: check.run_invariance(
-            cfg, device, args.recipe, args.overrides, args.nproc_per_node), lambda: invariance_launch(args),
-                     relaunch=False)
-    run_on_ranks(args, ("check", f"--only={args.only}"), lambda cfg, env, device: check.run(cfg, device, args.only),
-                 lambda: check.select(args.only))
-
-
-def invariance_launch(args: argparse.Namespace) -> None:
-    """Where `--only invariance` can run: a plain process that can start N >= 2 ranks."""
-    if distributed.read_env().launcher != "single":
-        raise ConfigError("--only", "invariance", "runs a 1-process reference and starts its N ranks itself: run "
-                          "`dtrain check RECIPE --only invariance --nproc-per-node N` from a shell, not under a launcher")
-    if args.nproc_per_node < 2:
-        raise ConfigError("--nproc-per-node", args.nproc_per_node, "the world size to compare with 1 process: 2 or more")
 
 
 def run_on_ranks(args: argparse.Namespace, command: Sequence[str], body: Body,
@@ -115,7 +70,7 @@ def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable
             # torchrun restarted the workers after a failure: continue, do not start over.
             cfg.resume = "auto"
         data.plan_batches(cfg, args.nproc_per_node or env.world_size)
-        engines.validate(cfg)  # every refused combination, before torchrun starts any rank
+        validate_job(cfg)  # every refused combination, before torchrun starts any rank
         validate()
     except Failure as e:
         fail(str(e), e.exit_code, rank)

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 class Progress:
     """Other ranks construct it with enabled=False and stay quiet."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.bar: Any = None
+        self.tty = enabled and sys.stderr.isatty()
 
     def update(self, step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
         if not self.enabled:
             return
         short = {"epoch": metrics["train/epoch"], "loss": metrics["train/loss"], "lr": metrics["train/lr"],
                  "samples/s": metrics["train/samples_per_s"]}
-        if self.bar is not None:
+        if self.tty:
+            if self.bar is None:  # from the step this attempt resumed at
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
             self.bar.n = step
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=True)
         else:

@@ -30,12 +30,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from dtrain import checkpoint, data, engines, tracking
+from dtrain import checkpoint, data, tracking
 from dtrain.runtime import optional
 from dtrain.runtime import distributed
 from dtrain.errors import ConfigError
 from dtrain.errors import WorkFailed, shown
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config, validate
 
 log = logging.getLogger("dtrain")
 
@@ -135,7 +135,7 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
                           "never fail never ends)")
     cfg = load_config(recipe, overrides)
     data.plan_batches(cfg, workers)
-    engines.validate(cfg)
+    validate(cfg)
     out = Path(cfg.output_dir).resolve()
     earlier = checkpoint.candidates(out / "checkpoints")
     if earlier and not cfg.resume and not cfg.checkpoint.overwrite:  # what the first attempt would refuse, now

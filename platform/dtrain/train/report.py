@@ -1,11 +1,9 @@
-"""What a run reports about itself: the MLflow tags of its facts, the start line (world,
-batch split, the LR each optimizer really gets), and at the end model.pt, summary.json and
-the artifacts logged to MLflow."""
+"""What a run says about itself: the MLflow tags of its facts, the start line (world, batch
+split, the LR each optimizer really gets), warnings about the LR, and the closing line."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import platform
 import resource
@@ -15,12 +13,10 @@ from typing import Any
 import torch
 
 import dtrain
-from dtrain import checkpoint, data, tracking
-from dtrain.runtime import distributed
-from dtrain.checkpoint import safeload
+from dtrain import data, tracking
 from dtrain.config import Config
-from dtrain.runtime.files import atomic_write
-from dtrain.protocols import Engine, LRInfo, Task
+from dtrain.protocols import Engine, LRInfo
+from dtrain.runtime import distributed
 
 log = logging.getLogger("dtrain")
 
@@ -92,40 +88,6 @@ def peak_memory_mb(device: torch.device) -> float:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return float(distributed.all_reduce_max(torch.tensor(float(peak), device=device))) / 2**20
-
-
-def write_outputs(cfg: Config, task: Task, engines: dict[str, Engine], weights: dict[str, torch.Tensor],
-                   summary: dict[str, Any], out_dir: Path, tracker: tracking.NullTracker) -> None:
-    model_path = out_dir / "model.pt"
-    checkpoint.atomic_save(weights, model_path)
-    safeload.save_weights(weights, out_dir / "model.safetensors")  # the file to share: loading it runs no code
-    written = [out_dir / "config.yaml"]
-    try:
-        preprocessing = task.preprocessing()
-    except (AttributeError, KeyError, TypeError) as e:  # a subclass whose datasets() set other attributes
-        log.warning("%s not written (task.preprocessing(): %s): dtrain.load needs it; the model is saved",
-                    safeload.PREPROCESSING, e)
-        preprocessing = {}
-    if preprocessing:  # what `dtrain.load` needs besides the weights (input statistics, a vocabulary)
-        written.append(out_dir / safeload.PREPROCESSING)
-        safeload.save_weights(preprocessing, written[-1])
-    summary_path = out_dir / "summary.json"
-    atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
-    tracker.log_metrics({k: float(summary[k]) for k in ("throughput", "train_time_s", "initial_loss", "final_loss")
-                         if isinstance(summary.get(k), (int, float))}, summary["steps"])
-    for path in [*written, summary_path, *task.write_artifacts(out_dir, engines)]:
-        tracker.log_artifact(path)
-    for path in sorted((out_dir / "profile").glob("*")):  # traces of the ranks on this machine
-        tracker.log_artifact(path, "profile")
-    if cfg.tracking.log_model:
-        tracker.log_artifact(model_path)
-
-
-def profile_lines(summary: dict[str, Any]) -> list[str]:
-    """`profile.enabled`: each profiled rank's breakdown (see `dtrain.features.profile.breakdown`)."""
-    return [f"profile, rank {rank} (mean ms of CPU time per recorded step; the parts overlap): "
-            + " ".join(f"{k.removesuffix('_ms')} {v:.3g}" for k, v in parts.items())
-            for rank, parts in (summary.get("profile") or {}).items()]
 
 
 def closing_line(cfg: Config, summary: dict[str, Any], out_dir: Path) -> str:

@@ -1,64 +1,25 @@
-"""Where the loop is (`TrainState`, saved in every checkpoint) and how a job continues:
-a fresh start never deletes an earlier run's checkpoints unless told to; `resume` loads a
-checkpoint into the engines, the task and the state (falling back past broken ones under
-`resume=auto`), and refuses in one line what cannot continue (another global batch, ZeRO
-state on another world size)."""
+"""How a job continues: a fresh start never deletes an earlier run's checkpoints unless told
+to; `resume` loads a checkpoint into the engines, the features, the task and the `TrainState`
+(falling back past broken ones under `resume=auto`), and refuses in one line what cannot
+continue (another global batch, ZeRO state on another world size)."""
 
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dtrain import checkpoint
-from dtrain.runtime import distributed
-from dtrain.errors import CheckpointError
 from dtrain.config import Config
-from dtrain.errors import ConfigError
 from dtrain.engines import engine_class
-from dtrain.protocols import Engine, Task
-from dtrain.errors import ResumeRefused
+from dtrain.errors import CheckpointError, ConfigError, ResumeRefused
+from dtrain.protocols import BaseTask, Checkpointed, Engine
+from dtrain.runtime import distributed
+from dtrain.train.state import TrainState, seed_everything
 
 log = logging.getLogger("dtrain")
-
-
-@dataclass
-class TrainState:
-    """Where the loop is: saved in every checkpoint, restored on resume."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    """Loader batches of this epoch consumed per rank. Since per-rank batch x world size is
-    the global batch / accumulation, this count means the same samples at any world size."""
-    samples_seen: int = 0
-    initial_loss: float = float("nan")
-    run_id: str = ""
-    train_time_s: float = 0.0
-    world_size: int = 0
-    """Ranks that wrote the checkpoint (0: unknown, an older checkpoint)."""
-    global_batch: int = 0
-    grad_accum: int = 0
-    best_value: float = float("nan")
-    """`early_stop.metric` at its best evaluation so far (nan: none yet)."""
-    best_step: int = 0
-    evals_since_best: int = 0
-    best_checkpoint: str = ""
-    """The folder of the best evaluation's checkpoint (absolute: a run resumed into another
-    `output_dir` still finds it in the one it came from)."""
-    resumed_from_run: str = ""
-    """The MLflow run a run resumed into a new `output_dir` started from (its own run is new)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
@@ -78,8 +39,11 @@ def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
     distributed.barrier()
 
 
-def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainState, ckpt_root: Path) -> Path | None:
-    """Load the checkpoint `resume` names into the engines, the task and `state`. Collective."""
+def resume(cfg: Config, task: BaseTask, engines: dict[str, Engine], parts: dict[str, Checkpointed],
+           state: TrainState, ckpt_root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Load the checkpoint `resume` names into the engines, the features' folders (`parts`),
+    the task and `state`; returns its folder and client state (the features' states are in
+    it). Collective."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -93,7 +57,7 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
     world = distributed.world_size()
 
     def validate(client: dict[str, Any]) -> None:
-        saved = TrainState(**client["trainer"])
+        saved = TrainState.saved(client["trainer"])
         saved_world = saved.world_size or len(client["rng"])
         if saved.global_batch and saved.global_batch != state.global_batch:
             raise ResumeRefused(
@@ -108,14 +72,14 @@ def resume(cfg: Config, task: Task, engines: dict[str, Engine], state: TrainStat
 
     try:
         if cfg.resume == "auto":
-            folder, client = checkpoint.load_newest(ckpt_root, engines, validate)
+            folder, client = checkpoint.load_newest(ckpt_root, {**engines, **parts}, validate)
         else:
             folder = _chosen_by_rank0(cfg.resume, ckpt_root)
-            client = checkpoint.load(folder, engines, validate)
+            client = checkpoint.load(folder, {**engines, **parts}, validate)
     except CheckpointError as e:
         raise type(e)(str(e) if str(e).startswith("resume") else f"resume: {e}") from None
     _continue(cfg, task, state, client, folder, ckpt_root)
-    return folder
+    return folder, client
 
 
 def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: int, now: int) -> None:
@@ -132,21 +96,18 @@ def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: 
                     "over other micro-batches (close to the straight run, not equal to it)", saved, now)
 
 
-def _continue(cfg: Config, task: Task, state: TrainState, client: dict[str, Any], folder: Path,
+def _continue(cfg: Config, task: BaseTask, state: TrainState, client: dict[str, Any], folder: Path,
               ckpt_root: Path) -> None:
     """`state` and this rank's random streams from a loaded checkpoint's client state."""
     world, rank = distributed.world_size(), distributed.rank()
-    saved = TrainState(**client["trainer"])
-    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s",
-                "best_value", "best_step", "evals_since_best", "best_checkpoint"):
+    saved = TrainState.saved(client["trainer"])
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "initial_loss", "run_id", "train_time_s"):
         setattr(state, key, getattr(saved, key))
     if saved.grad_accum and saved.grad_accum != state.grad_accum:
         # The epoch's position in loader batches per rank: the same samples (the same global
         # steps) in the new accumulation's micro-batches.
         state.batch_in_epoch = (saved.batch_in_epoch // task.micro_batches_per_step(saved.grad_accum)
                                 * task.micro_batches_per_step(state.grad_accum))
-    if saved.best_step and not saved.best_checkpoint:  # written before the path was kept: beside it
-        state.best_checkpoint = str((folder.parent / f"step_{saved.best_step:08d}").resolve())
     if folder.parent.resolve() != ckpt_root.resolve():
         # Another output folder is another run: its own MLflow run, tagged with where it came from
         # (reopening the old one would mix two folders' histories and params).

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dtrain import data
 from dtrain.config import Config
-from dtrain.protocols import Task
+from dtrain.protocols import BaseTask
 from dtrain.tasks import Task as SupervisedTask
 from dtrain.train.fit import task_and_data
 
@@ -51,7 +51,7 @@ class Context:
     """The recipe's task and data, built alike on every rank, as training builds them."""
 
     cfg: Config
-    task: Task
+    task: BaseTask
     device: torch.device
     train_set: Dataset[Any]
     eval_set: Dataset[Any]

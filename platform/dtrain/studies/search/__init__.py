@@ -34,7 +34,7 @@ from dtrain.errors import Failure, WorkFailed
 from dtrain.runtime.files import atomic_write, first_line
 from dtrain.studies.search.space import Param, load_space, overrides, suggest
 from dtrain.features.trial import STORAGE_ENV
-from dtrain.tasks import load_config
+from dtrain.train.config import load_config
 from dtrain.errors import TooManyFailures as TooManyFailures, TrialRefused as TrialRefused
 
 log = logging.getLogger("dtrain")

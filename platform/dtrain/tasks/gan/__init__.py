@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dtrain.data import images
 from dtrain.runtime import distributed
 from dtrain.tasks.gan import quality
-from dtrain.protocols import Engine, ModelSpec, StepOutput, Task
+from dtrain.protocols import BaseTask, Engine, LossTerms, ModelSpec, StepOutput
 from dtrain.tasks.gan.config import GANConfig, GanDataConfig, GanModelConfig, GanSection
 from dtrain.tasks.gan.losses import d_loss, g_loss, grad_penalty_r1, grad_penalty_wgan_gp, input_gradients
 from dtrain.tasks.gan.networks import MLP, DCDiscriminator, DCGenerator
@@ -57,7 +57,7 @@ def noise_seed(seed: int, stream: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, stream, step]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
-class GANTask(Task):
+class GANTask(BaseTask):
     config_class = GANConfig
     cfg: GANConfig
     data_shape: tuple[int, ...]
@@ -128,7 +128,8 @@ class GANTask(Task):
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any]) -> StepOutput:
+    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any],
+                   terms: LossTerms | None = None) -> StepOutput:
         G, D = engines["g"], engines["d"]
         stats: dict[str, torch.Tensor] = {}
 

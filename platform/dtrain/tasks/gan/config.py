@@ -96,8 +96,9 @@ class GANConfig(Config):
         if self.model.init != "default":
             raise ConfigError("model.init", self.model.init, "the GAN initialises its networks itself (DCGAN's "
                               "N(0, 0.02), spectral norm's own parametrisation); use default")
-        if self.ema.decay:
-            raise ConfigError("ema.decay", self.ema.decay, "not for a GAN: it averages its generator itself "
+        ema = getattr(self, "ema", None)  # (the feature's section, composed in beside the task's)
+        if ema is not None and ema.decay:
+            raise ConfigError("ema.decay", ema.decay, "not for a GAN: it averages its generator itself "
                               "(gan.ema_decay)")
         if self.compile and self.gan.penalty != "none":
             raise ConfigError("compile", True, f"not with gan.penalty={self.gan.penalty}: the penalty's double backward "

@@ -1,0 +1,35 @@
+"""`dtrain check RECIPE [--only NAMES] [--nproc-per-node N]`: the sanity checks of
+`dtrain.studies.check`, in this process or on N ranks."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from dtrain.errors import ConfigError
+from dtrain.runtime import distributed
+from dtrain.studies import check
+from dtrain.studies.check import trace
+from dtrain.train.job import run_on_ranks
+
+
+def check_command(args: argparse.Namespace) -> NoReturn:
+    """`dtrain check`: the sanity checks of `dtrain.studies.check`, on this process or under torchrun.
+    `--only invariance` runs here and starts its N ranks itself, which record (`--trace-to`)."""
+    if args.trace_to:
+        run_on_ranks(args, (), lambda cfg, env, device: trace.trace_rank(cfg, device, args.trace_to))
+    if check.select_quietly(args.only) == ["invariance"]:
+        run_on_ranks(args, (), lambda cfg, env, device: check.run_invariance(
+            cfg, device, args.recipe, args.overrides, args.nproc_per_node), lambda: invariance_launch(args),
+                     relaunch=False)
+    run_on_ranks(args, ("check", f"--only={args.only}"), lambda cfg, env, device: check.run(cfg, device, args.only),
+                 lambda: check.select(args.only))
+
+
+def invariance_launch(args: argparse.Namespace) -> None:
+    """Where `--only invariance` can run: a plain process that can start N >= 2 ranks."""
+    if distributed.read_env().launcher != "single":
+        raise ConfigError("--only", "invariance", "runs a 1-process reference and starts its N ranks itself: run "
+                          "`dtrain check RECIPE --only invariance --nproc-per-node N` from a shell, not under a launcher")
+    if args.nproc_per_node < 2:
+        raise ConfigError("--nproc-per-node", args.nproc_per_node, "the world size to compare with 1 process: 2 or more")
