@@ -171,6 +171,10 @@ class Prune(Feature):
 
     @classmethod
     def check(cls, cfg: Any) -> None:
+        if cfg.optim.name.startswith("schedulefree"):
+            raise ConfigError("prune.amount", cfg.prune.amount, f"not with optim.name={cfg.optim.name}: a schedule-free "
+                              "optimizer keeps its own copies of the weights and rebuilds the ones it trains at from them "
+                              "(its train/eval switch), which revives every pruned weight; use adamw or sgd")
         ema = getattr(cfg, "ema", None)
         if ema is not None and ema.decay and ema.save:
             raise ConfigError("ema.save", True, "not with prune.amount: an average of the weights is not sparse "
