@@ -4,13 +4,18 @@ process group are restored after every test, and a real `mlflow server` is one f
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch.distributed as dist
 
-from helpers import LM, TINY_LM, MlflowServer, check, run_dtrain
+# The tests mirror the package's folders; what they share (helpers, the test tasks, the matrix)
+# is in support/, on the path of every test module and of every rank they start.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
+from helpers import LM, TINY_LM, MlflowServer, check, run_dtrain  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parents[1] / "platform"
+SOURCE = Path(__file__).resolve().parents[2] / "platform"
 
 LAYERS: list[tuple[str, list[str]]] = [  # bottom up: the folders of platform/dtrain/, as `ls` shows them
     ("interfaces", ["dtrain", "dtrain.protocols", "dtrain.errors"]),

@@ -19,8 +19,9 @@ from dtrain.runtime.distributed import shutdown
 from dtrain.config import Config
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parent
+"""Test tasks (faulty, planted, streamed) and this module: on the Python path of every rank the tests start."""
 PY = sys.executable
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -93,7 +94,7 @@ STRICT_WARNINGS = ",".join(f"error::{kind}:{m}" for m in _dtrain_modules()
 def env_for_cli(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # Console scripts (torchrun, accelerate, deepspeed, dtrain) of the interpreter running the tests.
     env["PATH"] = os.pathsep.join([str(Path(PY).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")

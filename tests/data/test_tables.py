@@ -22,7 +22,7 @@ from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn, t
 
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_datasets"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_datasets"
 RECIPE = str(EXAMPLE / "recipe.yaml")
 BASE = ["train.max_steps=12", "train.eval_every_steps=0", "checkpoint.every_steps=0", "tracking.enabled=false"]
 RUNS = {  # 1617 training rows / 64: an epoch is 25 steps, so step 5 is mid-epoch

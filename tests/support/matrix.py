@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 BASE = ["tracking.enabled=false", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
         "data.global_batch_size=16", "data.max_chars=20000", "data.eval_blocks=16", "train.max_steps=4",

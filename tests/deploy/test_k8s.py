@@ -21,7 +21,7 @@ import yaml
 from helpers import ROOT, env_for_cli, free_port, load_params, max_param_diff
 
 K8S = ROOT / "k8s"
-SCHEMAS = Path(__file__).parent / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[1] / "support" / "schemas"
 CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
 CUSTOM_KINDS = {"PyTorchJob", "Kustomization", "TrainJob", "ClusterTrainingRuntime"}
 

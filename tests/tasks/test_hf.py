@@ -29,7 +29,7 @@ from dtrain.tasks import get_task
 from dtrain.train.config import load_config
 from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_causal_lm"
 pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
 # Through dtrain's import, as the tasks do: PyPI's torchvision beside this CPU torch fails to
