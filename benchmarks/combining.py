@@ -31,8 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
-STUDENT = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
-           "data.augment=false", "train.eval_every_steps=0"]
+STUDENT = [
+    "model.widths=[16]",
+    "model.blocks_per_stage=1",
+    "optim.lr=0.8",
+    "optim.warmup_steps=10",
+    "data.augment=false",
+    "train.eval_every_steps=0",
+]
 QUIET = ["tracking.enabled=false", "checkpoint.every_steps=0"]
 
 
@@ -56,8 +62,11 @@ def distillation(root: Path, args: argparse.Namespace) -> None:
         for seed in seeds:
             base = [*STUDENT, f"train.max_steps={n}", f"seed={seed}"]
             acc["alone"].append(train(root / f"a{n}-{seed}", args.nproc, *base)["eval"]["accuracy"])
-            acc["distilled"].append(train(root / f"d{n}-{seed}", args.nproc, *base,
-                                          f"distill.teacher={root / 'teacher'}")["eval"]["accuracy"])
+            acc["distilled"].append(
+                train(root / f"d{n}-{seed}", args.nproc, *base, f"distill.teacher={root / 'teacher'}")["eval"][
+                    "accuracy"
+                ]
+            )
         cell = {k: f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for k, v in acc.items()}
         gap = 100 * (statistics.mean(acc["distilled"]) - statistics.mean(acc["alone"]))
         print(f"| {n} | {cell['alone']} | {cell['distilled']} | {gap:+.1f} |", flush=True)
@@ -73,12 +82,25 @@ def consolidation(root: Path, args: argparse.Namespace) -> None:
     first, second = "[0,1,2,3,4]", "[5,6,7,8,9]"
     train(root / "first", args.nproc, *STUDENT, f"data.classes={first}", "train.epochs=15")
     rows = [("after 0-4 only", root / "first")]
-    train(root / "plain", args.nproc, *STUDENT, f"data.classes={second}", "train.epochs=8",
-          f"model.init_from={root / 'first'}")
+    train(
+        root / "plain",
+        args.nproc,
+        *STUDENT,
+        f"data.classes={second}",
+        "train.epochs=8",
+        f"model.init_from={root / 'first'}",
+    )
     rows.append(("then 5-9, plain fine-tuning", root / "plain"))
     for lam in args.lambdas.split(","):
-        train(root / f"ewc{lam}", args.nproc, *STUDENT, f"data.classes={second}", "train.epochs=8",
-              f"ewc.from={root / 'first'}", f"ewc.lambda={lam}")
+        train(
+            root / f"ewc{lam}",
+            args.nproc,
+            *STUDENT,
+            f"data.classes={second}",
+            "train.epochs=8",
+            f"ewc.from={root / 'first'}",
+            f"ewc.lambda={lam}",
+        )
         rows.append((f"then 5-9, ewc.lambda={lam}", root / f"ewc{lam}"))
     print("\n| model | accuracy on 0-4 | accuracy on 5-9 |\n|---|---|---|")
     for name, run in rows:

@@ -35,9 +35,11 @@ def main() -> None:
         z3 = ["engine=deepspeed", "deepspeed.zero_stage=3"]
         train(root, "zero3-resumed", *z3, "train.stop_at_step=10")
         resumed = train(root, "zero3-resumed", *z3, "resume=auto")
-        fsdp = {"FSDP2": train(root, "fsdp", "engine=fsdp"),
-                "FSDP2, 2 micro-steps": train(root, "fsdp-accum", "engine=fsdp", "data.grad_accum_steps=2"),
-                "FSDP2, gradients reduced in bf16": train(root, "fsdp-bf16", "engine=fsdp", "fsdp.reduce_dtype=bf16")}
+        fsdp = {
+            "FSDP2": train(root, "fsdp", "engine=fsdp"),
+            "FSDP2, 2 micro-steps": train(root, "fsdp-accum", "engine=fsdp", "data.grad_accum_steps=2"),
+            "FSDP2, gradients reduced in bf16": train(root, "fsdp-bf16", "engine=fsdp", "fsdp.reduce_dtype=bf16"),
+        }
         ac = ["engine=fsdp", "checkpoint.every_steps=4", "checkpoint.async=true"]
         train(root, "fsdp-re", *ac, "train.stop_at_step=8")
         train(root, "fsdp-re", *ac, "train.stop_at_step=14", "resume=auto", nproc=1)
@@ -47,12 +49,15 @@ def main() -> None:
     print(f"commit {commit.stdout.strip()}, torch {torch.__version__}")
     for stage, params in zero.items():
         print(f"DeepSpeed ZeRO-{stage} vs DDP: max |param diff| {max_param_diff(ddp, params):.2g}")
-    print(f"ZeRO-3 stopped at 10 and resumed vs straight through: max |param diff| "
-          f"{max_param_diff(zero[3], resumed):.2g}")
+    print(
+        f"ZeRO-3 stopped at 10 and resumed vs straight through: max |param diff| {max_param_diff(zero[3], resumed):.2g}"
+    )
     for name, params in fsdp.items():
         print(f"{name} vs DDP: max |param diff| {max_param_diff(ddp, params):.2g}")
-    print(f"FSDP2 2 ranks -> 1 rank -> 2 ranks (resumed at 8 and 14) vs FSDP2 straight: max |param diff| "
-          f"{max_param_diff(fsdp['FSDP2'], resharded):.2g}")
+    print(
+        f"FSDP2 2 ranks -> 1 rank -> 2 ranks (resumed at 8 and 14) vs FSDP2 straight: max |param diff| "
+        f"{max_param_diff(fsdp['FSDP2'], resharded):.2g}"
+    )
     print(f"compiled vs eager, DDP: max |param diff| {max_param_diff(ddp, compiled['ddp']):.2g}")
     print(f"compiled vs eager, FSDP2: max |param diff| {max_param_diff(fsdp['FSDP2'], compiled['fsdp']):.2g}")
 

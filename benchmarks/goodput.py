@@ -44,9 +44,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "transformer_charlm.yaml")
 # A 7M-parameter Transformer with AdamW: an 85 MB checkpoint, steps of ~0.1 s on 2 CPU ranks.
-MODEL = ["model.n_layer=4", "model.n_embd=384", "model.n_head=6", "model.block_size=64", "data.global_batch_size=16",
-         "data.max_chars=300000", "train.eval_every_steps=0", "tracking.enabled=false", "tracking.log_every=10",
-         "optim.warmup_steps=20", "data.eval_blocks=32"]
+MODEL = [
+    "model.n_layer=4",
+    "model.n_embd=384",
+    "model.n_head=6",
+    "model.block_size=64",
+    "data.global_batch_size=16",
+    "data.max_chars=300000",
+    "train.eval_every_steps=0",
+    "tracking.enabled=false",
+    "tracking.log_every=10",
+    "optim.warmup_steps=20",
+    "data.eval_blocks=32",
+]
 
 
 def workers(agent: psutil.Process) -> list[psutil.Process]:
@@ -56,13 +66,29 @@ def workers(agent: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def run(out: Path, interval: str, steps: int, mtbf_s: float, kills: list[float], restarts: int,
-        extra: list[str] = ()) -> dict:
+def run(
+    out: Path, interval: str, steps: int, mtbf_s: float, kills: list[float], restarts: int, extra: list[str] = ()
+) -> dict:
     """One job; SIGKILLs a random worker at each of `kills` (seconds after launch)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", "-m", "dtrain", "train", RECIPE, *MODEL, f"train.max_steps={steps}",
-           f"checkpoint.every_steps={interval}", f"checkpoint.mtbf_hours={mtbf_s / 3600}", "resume=auto",
-           f"output_dir={out}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={restarts}",
+        "-m",
+        "dtrain",
+        "train",
+        RECIPE,
+        *MODEL,
+        f"train.max_steps={steps}",
+        f"checkpoint.every_steps={interval}",
+        f"checkpoint.mtbf_hours={mtbf_s / 3600}",
+        "resume=auto",
+        f"output_dir={out}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent)
@@ -92,8 +118,13 @@ def run(out: Path, interval: str, steps: int, mtbf_s: float, kills: list[float],
 def predict(g: dict, steps: int, n: float, delta: float, step: float, restart: float, downtime: float) -> float:
     """The model's goodput for the failures this run met (module docstring)."""
     failures = g["attempts"] - 1
-    wall = (g["by_attempt"][0]["to_first_step_s"] + steps * step + steps / n * delta + g["eval_s"]
-            + failures * (restart + downtime + (n * step + delta) / 2))
+    wall = (
+        g["by_attempt"][0]["to_first_step_s"]
+        + steps * step
+        + steps / n * delta
+        + g["eval_s"]
+        + failures * (restart + downtime + (n * step + delta) / 2)
+    )
     return steps * step / wall
 
 
@@ -113,9 +144,12 @@ def main() -> None:
     delta, step = a["checkpoint_s"] / a["checkpoints"], a["step_s"] / a["steps"]
     delta_async = b["checkpoint_s"] / b["checkpoints"]
     tau = math.sqrt(2 * delta * args.mtbf)
-    print(f"calibration: checkpoint {delta:.3f}s, step {step:.3f}s, startup {a['to_first_step_s']:.1f}s; "
-          f"Young/Daly tau = sqrt(2 x {delta:.3f} x {args.mtbf:g}) = {tau:.2f}s = {tau / step:.0f} steps; "
-          f"checkpoint.async: {delta_async:.3f}s blocking", flush=True)
+    print(
+        f"calibration: checkpoint {delta:.3f}s, step {step:.3f}s, startup {a['to_first_step_s']:.1f}s; "
+        f"Young/Daly tau = sqrt(2 x {delta:.3f} x {args.mtbf:g}) = {tau:.2f}s = {tau / step:.0f} steps; "
+        f"checkpoint.async: {delta_async:.3f}s blocking",
+        flush=True,
+    )
 
     rng = random.Random(args.seed)
     kills, t = [], 0.0
@@ -130,22 +164,33 @@ def main() -> None:
         later = g["by_attempt"][1:]
         restart = sum(x["to_first_step_s"] for x in later) / len(later) if later else a["to_first_step_s"]
         downtime = g["downtime_s"] / len(later) if later else 0.0
-        n = float(interval) if interval != "auto" else (
-            float(r["auto"][-1].split("every ")[1].split(" ")[0]) if r["auto"] else args.steps)
+        n = (
+            float(interval)
+            if interval != "auto"
+            else (float(r["auto"][-1].split("every ")[1].split(" ")[0]) if r["auto"] else args.steps)
+        )
         rows.append((interval, n, len(r["kills"]), g, predict(g, args.steps, n, delta, step, restart, downtime)))
-        print(f"every {interval}: goodput {g['goodput']:.3f}, {len(r['kills'])} kills, "
-              f"{g['attempts']} attempts", flush=True)
+        print(
+            f"every {interval}: goodput {g['goodput']:.3f}, {len(r['kills'])} kills, {g['attempts']} attempts",
+            flush=True,
+        )
 
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"2 gloo ranks, {args.steps} steps; SIGKILL every {args.mtbf:g}s on average (seed {args.seed}); "
-          f"checkpoint {delta:.3f}s, step {step:.3f}s, tau {tau:.2f}s\n")
-    print("| checkpoint.every_steps | interval | kills | attempts | wall s | productive s | redone s | "
-          "restarts s | downtime s | checkpoints s | goodput | model | goodput at 1/M |")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"2 gloo ranks, {args.steps} steps; SIGKILL every {args.mtbf:g}s on average (seed {args.seed}); "
+        f"checkpoint {delta:.3f}s, step {step:.3f}s, tau {tau:.2f}s\n"
+    )
+    print(
+        "| checkpoint.every_steps | interval | kills | attempts | wall s | productive s | redone s | "
+        "restarts s | downtime s | checkpoints s | goodput | model | goodput at 1/M |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for interval, n, kills_, g, model in rows:
-        print(f"| {interval} | {n:.0f} steps = {n * step:.1f}s | {kills_} | {g['attempts']} | {g['wall_s']:.1f} | "
-              f"{g['productive_s']:.1f} | {g['lost_s']:.1f} | {g['restart_s']:.1f} | {g['downtime_s']:.1f} | "
-              f"{g['checkpoint_s']:.1f} | {g['goodput']:.3f} | {model:.3f} | {at_rate(g, args.mtbf):.3f} |")
+        print(
+            f"| {interval} | {n:.0f} steps = {n * step:.1f}s | {kills_} | {g['attempts']} | {g['wall_s']:.1f} | "
+            f"{g['productive_s']:.1f} | {g['lost_s']:.1f} | {g['restart_s']:.1f} | {g['downtime_s']:.1f} | "
+            f"{g['checkpoint_s']:.1f} | {g['goodput']:.3f} | {model:.3f} | {at_rate(g, args.mtbf):.3f} |"
+        )
     restarts = [a for _, _, _, g, _ in rows for a in g["by_attempt"][1:]]
     restart = sum(a["to_first_step_s"] for a in restarts) / max(1, len(restarts))
     downtime = sum(g["downtime_s"] for _, _, _, g, _ in rows) / max(1, len(restarts))
@@ -169,8 +214,10 @@ def arithmetic(delta: float, delta_async: float, restart: float) -> None:
     NODE_MTBF_HOURS; the job's MTBF is that over its nodes."""
     from dtrain.features.goodput import NODE_MTBF_HOURS, Interval
 
-    print(f"\nAt scale, with these measured costs (checkpoint {delta:.2f}s, async {delta_async:.3f}s blocking; restart "
-          f"{restart:.1f}s) and a node MTBF of {NODE_MTBF_HOURS:g} h:\n")
+    print(
+        f"\nAt scale, with these measured costs (checkpoint {delta:.2f}s, async {delta_async:.3f}s blocking; restart "
+        f"{restart:.1f}s) and a node MTBF of {NODE_MTBF_HOURS:g} h:\n"
+    )
     print("| GPUs | job MTBF | checkpoint | restart | tau | expected loss | goodput |")
     print("|---|---|---|---|---|---|---|")
     for gpus in (1024, 16384):
@@ -178,8 +225,10 @@ def arithmetic(delta: float, delta_async: float, restart: float) -> None:
         for name, d in (("blocking", delta), ("async", delta_async)):
             for r in (restart, 600.0):
                 i = Interval(mtbf_s, delta_s=d)
-                print(f"| {gpus:,} | {mtbf_s / 3600:.1f} h | {name} {d:.2f}s | {r:.0f}s | {i.tau():.0f}s | "
-                      f"{i.expected_loss(r):.2%} | {1 - i.expected_loss(r):.2%} |")
+                print(
+                    f"| {gpus:,} | {mtbf_s / 3600:.1f} h | {name} {d:.2f}s | {r:.0f}s | {i.tau():.0f}s | "
+                    f"{i.expected_loss(r):.2%} | {1 - i.expected_loss(r):.2%} |"
+                )
 
 
 if __name__ == "__main__":

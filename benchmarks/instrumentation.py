@@ -25,17 +25,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import run_dtrain  # noqa: E402  (the tests' launcher)
 
-COMMON = ["tracking.enabled=false", "train.max_steps=300", "train.eval_every_steps=1000000", "checkpoint.every_steps=0",
-          "data.augment=false"]
-SETTINGS = {"off": ["monitor.every=0"], "monitor every 10 steps": ["monitor.every=10"],
-            "monitor every step": ["monitor.every=1"],
-            "profile 5 of 300 steps": ["profile.enabled=true", "profile.wait=100", "profile.active=5"]}
+COMMON = [
+    "tracking.enabled=false",
+    "train.max_steps=300",
+    "train.eval_every_steps=1000000",
+    "checkpoint.every_steps=0",
+    "data.augment=false",
+]
+SETTINGS = {
+    "off": ["monitor.every=0"],
+    "monitor every 10 steps": ["monitor.every=10"],
+    "monitor every step": ["monitor.every=1"],
+    "profile 5 of 300 steps": ["profile.enabled=true", "profile.wait=100", "profile.active=5"],
+}
 
 
 def throughput(root: Path, name: str, setting: list[str]) -> float:
     out = root / name
-    proc = run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), *COMMON, *setting, f"output_dir={out}",
-                       "checkpoint.overwrite=true"], cwd=root)
+    proc = run_dtrain(
+        [
+            "train",
+            str(ROOT / "recipes" / "cnn_digits.yaml"),
+            *COMMON,
+            *setting,
+            f"output_dir={out}",
+            "checkpoint.overwrite=true",
+        ],
+        cwd=root,
+    )
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     return float(json.loads((out / "summary.json").read_text())["throughput"])
@@ -49,8 +66,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for label, setting in SETTINGS.items():
-                rates[label].append(throughput(Path(tmp), f"{i}-{len(rates[label])}-{label.replace(' ', '_')}",
-                                               setting))
+                rates[label].append(
+                    throughput(Path(tmp), f"{i}-{len(rates[label])}-{label.replace(' ', '_')}", setting)
+                )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"commit {commit.stdout.strip()}, torch {torch.__version__}, {args.repeats} repeats, median samples/s")
     base = statistics.median(rates["off"])

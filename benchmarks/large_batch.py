@@ -24,8 +24,18 @@ RECIPE = ROOT / "recipes" / "cnn_digits.yaml"
 
 def train(cwd: Path, name: str, overrides: list[str]) -> dict:
     out = cwd / name
-    cmd = [sys.executable, "-m", "dtrain", "train", str(RECIPE), "tracking.enabled=false", "checkpoint.every_steps=0",
-           "data.augment=false", f"output_dir={out}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "train",
+        str(RECIPE),
+        "tracking.enabled=false",
+        "checkpoint.every_steps=0",
+        "data.augment=false",
+        f"output_dir={out}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
@@ -37,8 +47,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lars-lr", type=float, default=0.25, help="LARS LR at batch 32 (scaled by the linear rule)")
     args = p.parse_args()
-    common = [f"train.epochs={args.epochs}", "optim.base_batch_size=32", "optim.scale_rule=linear",
-              "optim.warmup_epochs=5", "optim.warmup_steps=0"]
+    common = [
+        f"train.epochs={args.epochs}",
+        "optim.base_batch_size=32",
+        "optim.scale_rule=linear",
+        "optim.warmup_epochs=5",
+        "optim.warmup_steps=0",
+    ]
     sgd = ["optim.name=sgd", "optim.lr=0.025"]
     lars = ["optim.name=lars", f"optim.lr={args.lars_lr}"]
     rows = []
@@ -49,10 +64,14 @@ def main() -> None:
         for mult in (4, 16):
             batch = 32 * mult
             for name, opt in (("SGD", sgd), ("LARS", lars)):
-                rows.append((name, batch, train(cwd, f"{name}-{batch}", [*common, *opt, f"data.global_batch_size={batch}"])))
+                rows.append(
+                    (name, batch, train(cwd, f"{name}-{batch}", [*common, *opt, f"data.global_batch_size={batch}"]))
+                )
     acc0 = base["eval"]["accuracy"]
-    print(f"\nDigits CNN, {args.epochs} epochs per run, linear rule from batch 32 + 5 warmup epochs, 1 process; "
-          f"{platform.machine()}, {os.cpu_count()} cores\n")
+    print(
+        f"\nDigits CNN, {args.epochs} epochs per run, linear rule from batch 32 + 5 warmup epochs, 1 process; "
+        f"{platform.machine()}, {os.cpu_count()} cores\n"
+    )
     print("| optimizer | global batch | steps | scaled LR | test accuracy | gap to batch 32 |")
     print("|---|---|---|---|---|---|")
     for name, batch, s in rows:

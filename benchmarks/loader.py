@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def loader_alone(folder: Path, image_size: int, batch: int, workers: int, batches: int) -> float:
     from dtrain.data import BatchPlan, train_loader
-    from dtrain.train.config import load_config
     from dtrain.tasks.cnn import CNNTask
+    from dtrain.train.config import load_config
 
-    cfg = load_config(ROOT / "recipes" / "cnn_digits.yaml",
-                      [f"data.path={folder}", f"model.image_size={image_size}", "data.decode=lazy"])
+    cfg = load_config(
+        ROOT / "recipes" / "cnn_digits.yaml",
+        [f"data.path={folder}", f"model.image_size={image_size}", "data.decode=lazy"],
+    )
     task = CNNTask(cfg)
     train, _ = task.datasets()
     loader = train_loader(train, BatchPlan(batch, batch, 1, 1), 0, 0, workers, False, task.augmentation())
@@ -62,10 +64,24 @@ def step_alone(image_size: int, batch: int, steps: int) -> float:
 
 
 def training(folder: Path, image_size: int, batch: int, workers: int, steps: int, out: Path) -> float:
-    cmd = [sys.executable, "-m", "dtrain", "train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"data.path={folder}",
-           f"model.image_size={image_size}", "data.decode=lazy", f"data.num_workers={workers}",
-           f"data.global_batch_size={batch}", f"train.max_steps={steps}", "tracking.enabled=false",
-           "train.eval_every_steps=1000000", "checkpoint.every_steps=0", "model.sync_bn=false", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "train",
+        str(ROOT / "recipes" / "cnn_digits.yaml"),
+        f"data.path={folder}",
+        f"model.image_size={image_size}",
+        "data.decode=lazy",
+        f"data.num_workers={workers}",
+        f"data.global_batch_size={batch}",
+        f"train.max_steps={steps}",
+        "tracking.enabled=false",
+        "train.eval_every_steps=1000000",
+        "checkpoint.every_steps=0",
+        "model.sync_bn=false",
+        f"output_dir={out}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=out.parent)
     return float(json.loads((out / "summary.json").read_text())["throughput"])
 
@@ -82,8 +98,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dtrain-loader-"))
     folder = write_image_folder(tmp / "images", classes=3, per_class=args.images // 3, size=args.size)
-    print(f"{args.images} PNGs of {args.size}x{args.size} -> {args.image_size}x{args.image_size}, batch {args.batch}; "
-          f"{os.cpu_count()} CPUs ({platform.machine()}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}\n")
+    print(
+        f"{args.images} PNGs of {args.size}x{args.size} -> {args.image_size}x{args.image_size}, batch {args.batch}; "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}\n"
+    )
     step = step_alone(args.image_size, args.batch, args.batches)
     print("| workers | loader alone, samples/s | step alone, samples/s | training run, samples/s |")
     print("|---|---|---|---|")

@@ -19,12 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "transformer_charlm.yaml"
 KINDS = ["PARAM", "GRAD", "OPT", "ACT", "TEMP"]
-CASES = [("DDP", ["engine=ddp"]),
-         ("FSDP2", ["engine=fsdp"]),
-         ("FSDP2, no reshard after forward", ["engine=fsdp", "fsdp.reshard_after_forward=false"]),
-         ("FSDP2 + selective AC", ["engine=fsdp", "model.activation_checkpointing=selective"]),
-         ("FSDP2 + full AC", ["engine=fsdp", "model.activation_checkpointing=full"]),
-         ("DDP + full AC", ["engine=ddp", "model.activation_checkpointing=full"])]
+CASES = [
+    ("DDP", ["engine=ddp"]),
+    ("FSDP2", ["engine=fsdp"]),
+    ("FSDP2, no reshard after forward", ["engine=fsdp", "fsdp.reshard_after_forward=false"]),
+    ("FSDP2 + selective AC", ["engine=fsdp", "model.activation_checkpointing=selective"]),
+    ("FSDP2 + full AC", ["engine=fsdp", "model.activation_checkpointing=full"]),
+    ("DDP + full AC", ["engine=ddp", "model.activation_checkpointing=full"]),
+]
 
 
 def measure(rank: int, world: int, store: str, overrides: list[str], out: str) -> None:
@@ -49,8 +51,7 @@ def measure(rank: int, world: int, store: str, overrides: list[str], out: str) -
 
     step()  # the optimizer state exists from here on
     tracker = MemTracker()
-    tracker.track_external(*[e.module for e in parts.engines.values()],
-                           *[e.optimizer for e in parts.engines.values()])  # type: ignore[attr-defined]
+    tracker.track_external(*[e.module for e in parts.engines.values()], *[e.optimizer for e in parts.engines.values()])  # type: ignore[attr-defined]
     with tracker:
         step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
@@ -70,20 +71,32 @@ def main() -> None:
     import torch
     import torch.multiprocessing as mp
 
-    model = [f"model.n_layer={args.layers}", f"model.n_embd={args.embd}", "model.n_head=8",
-             f"model.block_size={args.block}", f"data.global_batch_size={args.batch}", "model.dropout=0.0"]
+    model = [
+        f"model.n_layer={args.layers}",
+        f"model.n_embd={args.embd}",
+        "model.n_head=8",
+        f"model.block_size={args.block}",
+        f"data.global_batch_size={args.batch}",
+        "model.dropout=0.0",
+    ]
     rows = []
     for name, extra in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "peak")
-            mp.spawn(measure, args=(2, os.path.join(tmp, "store"), [*model, *extra, f"output_dir={tmp}/o"], out),
-                     nprocs=2, join=True)
-            peak = eval(Path(out).read_text())  # noqa: S307 (our own repr of a dict of ints)
+            mp.spawn(
+                measure,
+                args=(2, os.path.join(tmp, "store"), [*model, *extra, f"output_dir={tmp}/o"], out),
+                nprocs=2,
+                join=True,
+            )
+            peak = eval(Path(out).read_text())
         rows.append((name, peak))
-    n_params = 12 * args.layers * args.embd ** 2
-    print(f"\nTransformer, {args.layers} x {args.embd} (~{n_params / 1e6:.1f} M parameters in the blocks), "
-          f"{args.batch} x {args.block} tokens per step over 2 ranks, fp32, AdamW; peak MiB on rank 0 by kind "
-          f"(torch MemTracker), torch {torch.__version__}\n")
+    n_params = 12 * args.layers * args.embd**2
+    print(
+        f"\nTransformer, {args.layers} x {args.embd} (~{n_params / 1e6:.1f} M parameters in the blocks), "
+        f"{args.batch} x {args.block} tokens per step over 2 ranks, fp32, AdamW; peak MiB on rank 0 by kind "
+        f"(torch MemTracker), torch {torch.__version__}\n"
+    )
     print("| engine | parameters | gradients | optimizer | activations | temporaries | peak total |")
     print("|---|---|---|---|---|---|---|")
     for name, peak in rows:

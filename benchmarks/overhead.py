@@ -44,17 +44,29 @@ def plain(nproc: int, steps: int, cwd: Path, same_malloc: bool = False) -> float
     from dtrain.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-    out = run(launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]), cwd,
-              **(env if same_malloc else {}))
+    out = run(
+        launch(nproc, [str(ROOT / "benchmarks" / "plain_loop.py"), f"--steps={steps}", "--batch=64"]),
+        cwd,
+        **(env if same_malloc else {}),
+    )
     return json.loads(out.strip().splitlines()[-1])["throughput"]
 
 
 def dtrain(nproc: int, steps: int, cwd: Path, tracking: bool) -> float:
     out_dir = cwd / f"dtrain-{nproc}-{tracking}"
-    overrides = [f"train.max_steps={steps}", "data.global_batch_size=64", "data.augment=false", "model.sync_bn=false",
-                 "train.eval_every_steps=1000000", "checkpoint.every_steps=0", "checkpoint.overwrite=true", f"output_dir={out_dir}",
-                 f"tracking.enabled={str(tracking).lower()}", f"tracking.uri=sqlite:///{cwd}/mlflow.db",
-                 "tracking.experiment=overhead"]
+    overrides = [
+        f"train.max_steps={steps}",
+        "data.global_batch_size=64",
+        "data.augment=false",
+        "model.sync_bn=false",
+        "train.eval_every_steps=1000000",
+        "checkpoint.every_steps=0",
+        "checkpoint.overwrite=true",
+        f"output_dir={out_dir}",
+        f"tracking.enabled={str(tracking).lower()}",
+        f"tracking.uri=sqlite:///{cwd}/mlflow.db",
+        "tracking.experiment=overhead",
+    ]
     run(launch(nproc, ["-m", "dtrain", "train", str(ROOT / "recipes" / "cnn_digits.yaml"), *overrides]), cwd)
     return json.loads((out_dir / "summary.json").read_text())["throughput"]
 
@@ -75,19 +87,27 @@ def main() -> None:
                 got["plain+malloc"].append(plain(nproc, args.steps, cwd, same_malloc=True))
                 got["dtrain"].append(dtrain(nproc, args.steps, cwd, tracking=False))
                 got["dtrain+mlflow"].append(dtrain(nproc, args.steps, cwd, tracking=True))
-                print(f"nproc {nproc} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items()),
-                      file=sys.stderr)
+                print(
+                    f"nproc {nproc} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in got.items()),
+                    file=sys.stderr,
+                )
             med = {k: statistics.median(v) for k, v in got.items()}
             rows.append((nproc, med))
-    print(f"\nSteady-state samples/s, CNN digits, global batch 64, {args.steps} steps, median of {args.rounds} rounds; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| ranks | plain loop | plain loop, same malloc | dtrain | dtrain + MLflow | dtrain / plain | "
-          "dtrain / plain (same malloc) | MLflow on / off |")
+    print(
+        f"\nSteady-state samples/s, CNN digits, global batch 64, {args.steps} steps, median of {args.rounds} rounds; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n"
+    )
+    print(
+        "| ranks | plain loop | plain loop, same malloc | dtrain | dtrain + MLflow | dtrain / plain | "
+        "dtrain / plain (same malloc) | MLflow on / off |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for nproc, m in rows:
-        print(f"| {nproc} | {m['plain']:.0f} | {m['plain+malloc']:.0f} | {m['dtrain']:.0f} | {m['dtrain+mlflow']:.0f} | "
-              f"{m['dtrain'] / m['plain']:.3f} | {m['dtrain'] / m['plain+malloc']:.3f} | "
-              f"{m['dtrain+mlflow'] / m['dtrain']:.3f} |")
+        print(
+            f"| {nproc} | {m['plain']:.0f} | {m['plain+malloc']:.0f} | {m['dtrain']:.0f} | {m['dtrain+mlflow']:.0f} | "
+            f"{m['dtrain'] / m['plain']:.3f} | {m['dtrain'] / m['plain+malloc']:.3f} | "
+            f"{m['dtrain+mlflow'] / m['dtrain']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,21 @@ if world > 1:
 decay = [p for p in model.parameters() if p.ndim >= 2]
 no_decay = [p for p in model.parameters() if p.ndim < 2]
 lr = 0.2 * args.batch / 256
-opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=lr, momentum=0.9, nesterov=True)
+opt = torch.optim.SGD(
+    [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=lr,
+    momentum=0.9,
+    nesterov=True,
+)
 warmup = 50
 sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(1, args.steps - warmup), 1))))
+    opt,
+    lambda s: (
+        (s + 1) / warmup
+        if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(1, args.steps - warmup), 1)))
+    ),
+)
 
 step, epoch, t0, samples = 0, 0, None, 0
 while step < args.steps:

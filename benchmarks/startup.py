@@ -26,9 +26,23 @@ def one(tracking: list[str], out: Path) -> tuple[float, float]:
     """(seconds to the line of step 1, seconds to exit) of one run."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dtrain", "train", str(ROOT / "recipes" / "cnn_digits.yaml"),
-                             *ARGS, *tracking, f"output_dir={out}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=out.parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "train",
+            str(ROOT / "recipes" / "cnn_digits.yaml"),
+            *ARGS,
+            *tracking,
+            f"output_dir={out}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=out.parent,
+    )
     first = float("nan")
     for line in proc.stdout:
         if line.startswith("step 1/"):

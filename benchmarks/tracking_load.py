@@ -57,11 +57,21 @@ def free_port() -> int:
 def start_server(backend: str, root: Path, workers: int = 2, timeout_s: float = 120, *extra: str) -> Server:
     """The one-command launcher: SQLite, or a local PostgreSQL cluster with `--postgres`."""
     port = free_port()
-    cmd = ["bash", str(ROOT / "launchers" / "mlflow_server.sh"), "--dir", str(root), "--port", str(port),
-           "--workers", str(workers), *extra] + (["--postgres"] if backend == "postgres" else [])
+    cmd = [
+        "bash",
+        str(ROOT / "launchers" / "mlflow_server.sh"),
+        "--dir",
+        str(root),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *extra,
+    ] + (["--postgres"] if backend == "postgres" else [])
     log = open(root.parent / f"{root.name}-launcher.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHON": PY})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHON": PY}
+    )
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         text = Path(log.name).read_text()
@@ -75,19 +85,34 @@ def start_server(backend: str, root: Path, workers: int = 2, timeout_s: float = 
 
 
 def job_cmd(nproc: int, uri: str, experiment: str, name: str, out: Path, steps: int, *extra: str) -> list[str]:
-    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
-        else [PY]
-    return [*launcher, "-m", "dtrain", "train", str(RECIPE), f"train.max_steps={steps}", "tracking.log_every=1",
-            "train.eval_every_steps=0", "checkpoint.every_steps=0", "data.augment=false", f"tracking.uri={uri}",
-            f"tracking.experiment={experiment}", f"tracking.run_name={name}", f"output_dir={out}", *extra]
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    return [
+        *launcher,
+        "-m",
+        "dtrain",
+        "train",
+        str(RECIPE),
+        f"train.max_steps={steps}",
+        "tracking.log_every=1",
+        "train.eval_every_steps=0",
+        "checkpoint.every_steps=0",
+        "data.augment=false",
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        f"tracking.run_name={name}",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
-def run_jobs(cmds: list[list[str]], cwd: Path, env: dict[str, str] | None = None,
-             timeout_s: float = 900) -> tuple[float, list[subprocess.CompletedProcess]]:
+def run_jobs(
+    cmds: list[list[str]], cwd: Path, env: dict[str, str] | None = None, timeout_s: float = 900
+) -> tuple[float, list[subprocess.CompletedProcess]]:
     """Start every command at once; wall time until the last ends, and each one's result."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
+    procs = [
+        subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds
+    ]
     done = [subprocess.CompletedProcess(p.args, p.wait(timeout=timeout_s), *p.communicate()) for p in procs]
     return time.perf_counter() - start, done
 
@@ -105,10 +130,16 @@ def audit(uri: str, experiment: str, names: set[str] | None = None) -> list[dict
             continue
         keys = [k for k in run.data.metrics if not k.startswith("system/")]
         histories = {k: client.get_metric_history(run.info.run_id, k) for k in keys}
-        rows.append({"name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
-                     "sent": int(run.data.tags.get("dtrain.metric_points", -1)),
-                     "stored": sum(len(h) for h in histories.values()),
-                     "steps": {k: sorted(m.step for m in h) for k, h in histories.items()}})
+        rows.append(
+            {
+                "name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "sent": int(run.data.tags.get("dtrain.metric_points", -1)),
+                "stored": sum(len(h) for h in histories.values()),
+                "steps": {k: sorted(m.step for m in h) for k, h in histories.items()},
+            }
+        )
     return rows
 
 
@@ -160,8 +191,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=200, help="points per unbatched client")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    print(f"{args.jobs} jobs x {args.nproc} ranks at once, {args.steps} steps, logging every step; "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n")
+    print(
+        f"{args.jobs} jobs x {args.nproc} ranks at once, {args.steps} steps, logging every step; "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}\n"
+    )
     print("| store | round | wall s | runs FINISHED | points sent | points stored | missing | job failures |")
     print("|---|---|---|---|---|---|---|---|")
     for backend in ("postgres", "sqlite"):
@@ -170,8 +203,10 @@ def main() -> None:
             os.chmod(tmp, 0o755)  # PostgreSQL runs as `postgres`: it must enter the folder
             server = start_server(backend, tmp / "server")
             try:
-                cmds = [job_cmd(args.nproc, server.uri, "load", f"job{i}", tmp / f"job{i}", args.steps)
-                        for i in range(args.jobs)]
+                cmds = [
+                    job_cmd(args.nproc, server.uri, "load", f"job{i}", tmp / f"job{i}", args.steps)
+                    for i in range(args.jobs)
+                ]
                 wall, results = run_jobs(cmds, tmp, env)
                 rows = audit(server.uri, "load")
             finally:
@@ -180,8 +215,11 @@ def main() -> None:
             sent, stored = sum(r["sent"] for r in rows), sum(r["stored"] for r in rows)
             failures = sum(r.returncode != 0 for r in results)
             warned = sum("MLflow tracking" in r.stderr for r in results)
-            print(f"| {backend} | {rnd + 1} | {wall:.1f} | {finished}/{args.jobs} | {sent} | {stored} | "
-                  f"{sent - stored} | {failures} (tracking warnings: {warned}) |", flush=True)
+            print(
+                f"| {backend} | {rnd + 1} | {wall:.1f} | {finished}/{args.jobs} | {sent} | {stored} | "
+                f"{sent - stored} | {failures} (tracking warnings: {warned}) |",
+                flush=True,
+            )
     print(f"\n{args.clients} clients at once, each {args.points} points one call each (no batching, no retries)\n")
     print("| store | wall s | calls/s | stored | errors |")
     print("|---|---|---|---|---|")
@@ -193,7 +231,9 @@ def main() -> None:
             wall, ok, errors = unbatched(server.uri, args.clients, args.points)
         finally:
             server.stop()
-        print(f"| {backend} | {wall:.1f} | {ok / wall:.0f} | {ok}/{args.clients * args.points} | {errors} |", flush=True)
+        print(
+            f"| {backend} | {wall:.1f} | {ok / wall:.0f} | {ok}/{args.clients * args.points} | {errors} |", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch.distributed as dist
 # is in support/, on the path of every test module and of every rank they start.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
-from helpers import LM, TINY_LM, MlflowServer, check, run_dtrain  # noqa: E402
+from helpers import LM, TINY_LM, MlflowServer, check, run_dtrain
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,8 +74,12 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         if not overrides and name in asked:  # a look-up of a run trained earlier under its own overrides
             return out
         if "resume=auto" not in overrides:  # one name, one run: a second definition would get the first's
-            assert asked.setdefault(name, (overrides, recipe, tuple(base), nproc)) == (overrides, recipe, tuple(base),
-                                                                                      nproc), f"tiny_runs({name!r}) asked differently"
+            assert asked.setdefault(name, (overrides, recipe, tuple(base), nproc)) == (
+                overrides,
+                recipe,
+                tuple(base),
+                nproc,
+            ), f"tiny_runs({name!r}) asked differently"
         if not (out / "model.pt").exists() or "resume=auto" in overrides:
             check(run_dtrain(["train", recipe, *base, f"output_dir={out}", *overrides], cwd=root, nproc=nproc))
         return out
@@ -94,8 +98,11 @@ def postgres() -> Iterator[str]:
 
     from helpers import free_port
 
-    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
-        if shutil.which("pg_config") else ""
+    bindir = (
+        subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+        if shutil.which("pg_config")
+        else ""
+    )
     if not bindir or not Path(bindir, "initdb").exists():
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     try:
@@ -107,10 +114,27 @@ def postgres() -> Iterator[str]:
     data = root / "data"
     shutil.chown(root, "postgres")
     port = free_port()
-    subprocess.run([*as_postgres, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {port} -c listen_addresses=127.0.0.1 -k {root}", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_postgres,
+            f"{bindir}/pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -c listen_addresses=127.0.0.1 -k {root}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)

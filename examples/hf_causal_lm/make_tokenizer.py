@@ -19,10 +19,18 @@ def make_tokenizer(folder: Path, text_files: list[str], vocab_size: int = 512) -
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train(text_files, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"],
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="<eos>").save_pretrained(str(folder))
+    bpe.train(
+        text_files,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<pad>", "<unk>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    ).save_pretrained(str(folder))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ def make_table(output: Path, save_to_disk: bool = False) -> int:
 
     datasets.disable_progress_bars()
     x, y = load_digits(return_X_y=True)
-    table = datasets.Dataset.from_dict({"id": list(range(len(y))), "pixels": x.astype("float32").tolist(),
-                                        "digit": y.tolist()})
+    table = datasets.Dataset.from_dict(
+        {"id": list(range(len(y))), "pixels": x.astype("float32").tolist(), "digit": y.tolist()}
+    )
     if save_to_disk:
         table.save_to_disk(str(output))
     elif output.suffix == ".parquet":

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtrain.data import tables
 from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.data import tables
 from dtrain.tasks import Task
 
 
@@ -83,8 +83,11 @@ class DigitsTableTask(Task):
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x)
-        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"), "correct": (logits.argmax(1) == y).sum(),
-                "count": torch.tensor(len(y))}
+        return {
+            "loss_sum": F.cross_entropy(logits, y, reduction="sum"),
+            "correct": (logits.argmax(1) == y).sum(),
+            "count": torch.tensor(len(y)),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dtrain.runtime import optional
 from dtrain.config import ConfigError
 from dtrain.data import seeded
+from dtrain.runtime import optional
 from dtrain.tasks.cnn import CNNConfig, CNNModelConfig, CNNTask
 
 
@@ -30,8 +30,9 @@ class VisionConfig(CNNConfig):
     model: VisionModelConfig = field(default_factory=VisionModelConfig)
 
 
-def flip_and_crop(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
-                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def flip_and_crop(
+    sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip and a random crop after 4 pixels of zero padding, drawn from the
     sample's own stream (world-size invariant, exact on resume, any number of workers). Runs
     in worker processes, which start fresh (dtrain.data), hence the import here."""
@@ -51,8 +52,11 @@ class VisionTask(CNNTask):
     def build_model(self) -> nn.Module:
         tv = optional.torchvision("task", "vision_task:VisionTask")
         if self.cfg.model.arch not in tv.models.list_models(module=tv.models):
-            raise ConfigError("model.arch", self.cfg.model.arch, "is not a torchvision classification model "
-                                                                 "(e.g. resnet18, mobilenet_v3_small, efficientnet_b0)")
+            raise ConfigError(
+                "model.arch",
+                self.cfg.model.arch,
+                "is not a torchvision classification model (e.g. resnet18, mobilenet_v3_small, efficientnet_b0)",
+            )
         model: nn.Module = tv.models.get_model(self.cfg.model.arch, weights=None, num_classes=self.num_classes)
         return model
 

@@ -24,8 +24,9 @@ def main() -> None:
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts Ray may make")
     p.add_argument("--address", default="", help="a running Ray cluster (auto); default: start one here")
     args = p.parse_args()
-    trainer = ray_job.trainer(args.recipe, args.overrides, args.workers, max_failures=args.max_failures,
-                               address=args.address)
+    trainer = ray_job.trainer(
+        args.recipe, args.overrides, args.workers, max_failures=args.max_failures, address=args.address
+    )
     try:
         result = trainer.fit()  # raises if the job still fails after --max-failures restarts
     except Exception:

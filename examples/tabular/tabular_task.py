@@ -47,8 +47,10 @@ class DiabetesTask(Task):
         self.y_mean, self.y_std = float(ytr.mean()), float(ytr.std())
 
         def table(x: Any, y: Any) -> TensorDataset:
-            return TensorDataset((torch.tensor(x, dtype=torch.float32) - self.x_mean) / self.x_std,
-                                 torch.tensor((y - self.y_mean) / self.y_std, dtype=torch.float32))
+            return TensorDataset(
+                (torch.tensor(x, dtype=torch.float32) - self.x_mean) / self.x_std,
+                torch.tensor((y - self.y_mean) / self.y_std, dtype=torch.float32),
+            )
 
         return table(xtr, ytr), table(xte, yte)
 
@@ -68,8 +70,9 @@ class DiabetesTask(Task):
 
     def build_model(self) -> nn.Module:
         h, p = self.cfg.model.hidden, self.cfg.model.dropout
-        return nn.Sequential(nn.Linear(10, h), nn.ReLU(), nn.Dropout(p),
-                             nn.Linear(h, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, 1))
+        return nn.Sequential(
+            nn.Linear(10, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, h), nn.ReLU(), nn.Dropout(p), nn.Linear(h, 1)
+        )
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
@@ -82,8 +85,13 @@ class DiabetesTask(Task):
         pred = model(x).squeeze(-1).double() * self.y_std + self.y_mean
         target = y.double() * self.y_std + self.y_mean
         err = pred - target
-        return {"sse": (err ** 2).sum(), "sae": err.abs().sum(), "y_sum": target.sum(),
-                "y_sq": (target ** 2).sum(), "count": torch.tensor(len(y), dtype=torch.float64)}
+        return {
+            "sse": (err**2).sum(),
+            "sae": err.abs().sum(),
+            "y_sum": target.sum(),
+            "y_sq": (target**2).sum(),
+            "count": torch.tensor(len(y), dtype=torch.float64),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = sums["count"]

@@ -13,9 +13,17 @@ the bottom of the layers, imports nothing above it):
 
 __version__ = "0.1.0"
 
-_API = {"Task": "dtrain.tasks.supervised", "Config": "dtrain.config.schema", "DataConfig": "dtrain.config.schema",
-        "ModelConfig": "dtrain.config.schema", "ConfigError": "dtrain.errors", "load_config": "dtrain.train.config",
-        "load": "dtrain.postrun.predict", "sample_generator": "dtrain.data.seeding", "seeded": "dtrain.data.seeding"}
+_API = {
+    "Task": "dtrain.tasks.supervised",
+    "Config": "dtrain.config.schema",
+    "DataConfig": "dtrain.config.schema",
+    "ModelConfig": "dtrain.config.schema",
+    "ConfigError": "dtrain.errors",
+    "load_config": "dtrain.train.config",
+    "load": "dtrain.postrun.predict",
+    "sample_generator": "dtrain.data.seeding",
+    "seeded": "dtrain.data.seeding",
+}
 
 
 def __getattr__(name: str) -> object:

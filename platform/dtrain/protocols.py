@@ -114,6 +114,7 @@ class Engine(Checkpointed, Protocol):
         `weights` (its module's parameters hold the trained weights, whole or as shards, for
         a feature to read), `weights_in_place` (a feature may change them in place: they are
         what the optimizer steps)."""
+
     device: torch.device
     model: nn.Module
     """The wrapped model to call forward on in training (DDP, DeepSpeed)."""
@@ -127,6 +128,7 @@ class Engine(Checkpointed, Protocol):
     @property
     def scheduler(self) -> LRSchedule:
         """The LR schedule, stepped inside `step`."""
+
     on_gradients: Callable[[], None] | None
     """Called inside `step` once the gradients are final (reduced and unscaled, before
     clipping and the optimizer): where `full_grads` reads them (`dtrain.features.monitor`)."""
@@ -198,8 +200,9 @@ class BaseTask:
         """Loader batches one training step consumes."""
         return accum
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any],
-                   terms: LossTerms | None = None) -> StepOutput:
+    def train_step(
+        self, engines: dict[str, Engine], micro_batches: list[Any], terms: LossTerms | None = None
+    ) -> StepOutput:
         """One optimizer step of every model over `micro_batches`; `terms`: what the recipe's
         features add to the loss (a task that takes none is never given any)."""
         raise NotImplementedError
@@ -301,8 +304,9 @@ class LossTerms(Protocol):
     needs_outputs: bool
     """A term needs the model's outputs (`Task.outputs`), so the step computes the loss from them."""
 
-    def __call__(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-                 batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, loss: torch.Tensor, outputs: torch.Tensor | None, batch: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss with every feature's term, and the terms to log (detached)."""
 
 
@@ -463,8 +467,9 @@ class Feature:
     def setup(self, run: Run) -> None:
         """After resume, before the first step: what needs the step or collectives."""
 
-    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, loss: torch.Tensor, outputs: torch.Tensor | None, batch: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Inside the step, per micro-batch (supervised tasks): the loss with this feature's
         term, and what to log."""
         return loss, {}

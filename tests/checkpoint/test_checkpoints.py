@@ -14,11 +14,10 @@ import textwrap
 
 import pytest
 import torch
+from helpers import PY, ROOT, check, run_dtrain, spawn
 
 from dtrain import checkpoint
 from dtrain.checkpoint import dcp
-from dtrain.checkpoint import safeload
-from helpers import PY, ROOT, check, run_dtrain, spawn
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tracking.enabled=false"]
@@ -30,8 +29,16 @@ def test_error_while_a_background_write_is_in_flight_publishes_it(tmp_path):
     step-4 write was still unpublished when the error came (it stayed `.tmp-step_4` and
     resume=auto started at 0). Now it is published on the way out and resumed from."""
     out = tmp_path / "out"
-    args = ["train", RECIPE, *FAULTY, "train.max_steps=12", "checkpoint.every_steps=4", "checkpoint.async=true",
-            "train.max_nonfinite_steps=1", f"output_dir={out}"]
+    args = [
+        "train",
+        RECIPE,
+        *FAULTY,
+        "train.max_steps=12",
+        "checkpoint.every_steps=4",
+        "checkpoint.async=true",
+        "train.max_nonfinite_steps=1",
+        f"output_dir={out}",
+    ]
     proc = run_dtrain([*args, "model.fault=nan:0:5"], cwd=tmp_path, nproc=2)
     assert proc.returncode != 0 and "non-finite" in proc.stderr
     assert "the checkpoint of step 4, written in the background, was published" in proc.stdout + proc.stderr
@@ -51,7 +58,7 @@ def _checkpoint_folder(root, step):
 KILL_AT_RENAME = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from dtrain import checkpoint
+    from dtrain.checkpoint import store
     real = os.replace
     def replace(src, dst):
         if Path(src).name.startswith(".tmp-"):  # the new folder's rename: die just before it
@@ -59,7 +66,7 @@ KILL_AT_RENAME = textwrap.dedent("""
         return real(src, dst)
     os.replace = replace
     root = Path(sys.argv[1])
-    checkpoint._publish(root, root / ".tmp-step_00000008", root / "step_00000008", keep=1)
+    store._publish(root, root / ".tmp-step_00000008", root / "step_00000008", keep=1)
 """)
 
 
@@ -107,8 +114,23 @@ def fsdp_ema_run(tmp_path_factory):
     """A 2-rank FSDP2 run with EMA, checkpoints at steps 4 and 8 (DCP parts `model/`, `ema/`)."""
     root = tmp_path_factory.mktemp("fsdp_ema")
     out = root / "out"
-    check(run_dtrain(["train", RECIPE, *FAULTY, "engine=fsdp", "ema.decay=0.9", "train.max_steps=8",
-                      "checkpoint.every_steps=4", "checkpoint.keep=2", f"output_dir={out}"], cwd=root, nproc=2))
+    check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "engine=fsdp",
+                "ema.decay=0.9",
+                "train.max_steps=8",
+                "checkpoint.every_steps=4",
+                "checkpoint.keep=2",
+                f"output_dir={out}",
+            ],
+            cwd=root,
+            nproc=2,
+        )
+    )
     return out
 
 
@@ -124,8 +146,22 @@ def test_a_truncated_dcp_shard_falls_back_to_the_previous_checkpoint(fsdp_ema_ru
     out = _copy(fsdp_ema_run, tmp_path / "out")
     shard = out / "checkpoints" / "step_00000008" / "ema" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "engine=fsdp", "ema.decay=0.9", "train.max_steps=10",
-                             "resume=auto", f"output_dir={out}"], cwd=tmp_path, nproc=2))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "engine=fsdp",
+                "ema.decay=0.9",
+                "train.max_steps=10",
+                "resume=auto",
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+        )
+    )
     assert "resume: skipping step_00000008" in proc.stderr and "resumed at step 4" in proc.stdout
     assert "Traceback" not in proc.stderr
 
@@ -147,13 +183,26 @@ def test_a_crafted_dcp_metadata_is_refused_and_runs_nothing(fsdp_ema_run, tmp_pa
     out = _copy(fsdp_ema_run, tmp_path / "out")
     marker = tmp_path / "pwned"
     (out / "checkpoints" / "step_00000008" / part).write_bytes(pickle.dumps(_Payload(marker)))
-    proc = run_dtrain(["train", RECIPE, *FAULTY, "engine=fsdp", "ema.decay=0.9", "train.max_steps=10",
-                       "resume=auto", f"output_dir={out}"], cwd=tmp_path, nproc=2)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *FAULTY,
+            "engine=fsdp",
+            "ema.decay=0.9",
+            "train.max_steps=10",
+            "resume=auto",
+            f"output_dir={out}",
+        ],
+        cwd=tmp_path,
+        nproc=2,
+    )
     assert not marker.exists(), "the crafted pickle ran"
     assert proc.returncode == 0 and "references posix.system" in proc.stderr
     assert "resumed at step 4" in proc.stdout
     # The guard is what stops it: torch's own reader runs the payload.
     from torch.distributed.checkpoint import FileSystemReader
+
     with pytest.raises(AttributeError):  # os.system's exit code is no Metadata: after it ran
         FileSystemReader(out / "checkpoints" / "step_00000008" / part.split("/")[0]).read_metadata()
     assert marker.exists()
@@ -175,8 +224,8 @@ def test_crafted_bytes_inside_a_shard_are_refused(tmp_path):
 def test_cifar_pickles_load_numbers_and_refuse_code(tmp_path):
     import numpy as np
 
-    from dtrain.data import images
     from dtrain.config import ConfigError
+    from dtrain.data import images
 
     batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [1, 2]}
     for name in ("data_batch_1", "test_batch"):

@@ -9,15 +9,14 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import CNN, DDP_BASELINE, PY, ROOT, check, load_params, max_param_diff, run_dtrain
 
 from dtrain import checkpoint
 from dtrain.checkpoint import safeload
 from dtrain.train.resume import TrainState
-from helpers import CNN, DDP_BASELINE, PY, ROOT, check, load_params, max_param_diff, run_dtrain
 
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tracking.enabled=false"]
 
@@ -41,8 +40,15 @@ def test_a_deepspeed_checkpoint_from_elsewhere_loads_only_when_trusted(tmp_path)
     checkpoint.atomic_save(client, folder / checkpoint.TRAINER)
     marker = tmp_path / "pwned"
     torch.save(_Payload(marker), folder / "model" / "state" / "mp_rank_00_model_states.pt")
-    args = ["train", CNN, *FAULTY, "engine=deepspeed", "train.max_steps=6", f"resume={folder}",
-            f"output_dir={tmp_path / 'out'}"]
+    args = [
+        "train",
+        CNN,
+        *FAULTY,
+        "engine=deepspeed",
+        "train.max_steps=6",
+        f"resume={folder}",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     proc = run_dtrain(args, cwd=tmp_path, DS_ACCELERATOR="cpu")
     assert proc.returncode == 2 and not marker.exists(), proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -56,8 +62,10 @@ def _run_folder_with_a_module(tmp_path, marker):
     run = tmp_path / "received-run"
     run.mkdir()
     (run / "config.yaml").write_text("task: evil:Task\n")
-    (run / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                 "from dtrain.tasks.transformer import TransformerTask as Task\n")
+    (run / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from dtrain.tasks.transformer import TransformerTask as Task\n"
+    )
     return run
 
 
@@ -103,11 +111,26 @@ def test_model_safetensors_holds_model_pt_and_init_from_reads_it(tiny_runs, tmp_
     pt, st = load_params(run / "model.pt"), safeload.load_weights(run / "model.safetensors")
     assert set(pt) == set(st) and max_param_diff(pt, st, buffers=True) == 0
     shutil.copy(run / "model.safetensors", tmp_path / "shared.safetensors")
-    proc = check(run_dtrain(["train", str(ROOT / "recipes" / "transformer_charlm.yaml"), "train.max_steps=1",
-                             "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-                             "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000",
-                             "train.eval_every_steps=0", f"model.init_from={tmp_path / 'shared.safetensors'}",
-                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                str(ROOT / "recipes" / "transformer_charlm.yaml"),
+                "train.max_steps=1",
+                "tracking.enabled=false",
+                "model.n_layer=2",
+                "model.n_embd=64",
+                "model.n_head=4",
+                "model.block_size=64",
+                "data.global_batch_size=16",
+                "data.max_chars=200000",
+                "train.eval_every_steps=0",
+                f"model.init_from={tmp_path / 'shared.safetensors'}",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert f"loaded {len(pt)} of {len(pt)} tensors" in proc.stdout
 
 
@@ -124,11 +147,15 @@ def test_a_truncated_safetensors_file_is_one_line(tmp_path):
 def test_bandit_finds_nothing_in_the_platform():
     """Every ignore is justified where it stands (`# nosec BXXX # why`)."""
     pytest.importorskip("bandit")
-    proc = subprocess.run([PY, "-m", "bandit", "-q", "-r", str(ROOT / "platform" / "dtrain"), "-c",
-                           str(ROOT / "pyproject.toml")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [PY, "-m", "bandit", "-q", "-r", str(ROOT / "platform" / "dtrain"), "-c", str(ROOT / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    nosec = subprocess.run(["grep", "-rn", "--include=*.py", "nosec", str(ROOT / "platform" / "dtrain")],
-                           capture_output=True, text=True).stdout
+    nosec = subprocess.run(
+        ["grep", "-rn", "--include=*.py", "nosec", str(ROOT / "platform" / "dtrain")], capture_output=True, text=True
+    ).stdout
     reasons = [line.split("nosec", 1)[1].partition("#")[2].strip() for line in nosec.splitlines()]
     assert reasons and all(len(r) > 10 for r in reasons), nosec  # each says why
 
@@ -145,7 +172,7 @@ def test_a_crafted_plain_checkpoint_file_is_refused_and_runs_nothing(tmp_path, n
     torch.save({"model": _Payload(marker)}, path)
     with pytest.raises(CheckpointError, match="cannot load"):
         checkpoint.load_file(path)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (safetensors' own error type: what matters is that nothing ran)
         safeload.load_weights(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # what weights_only prevents

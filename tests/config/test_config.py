@@ -5,20 +5,28 @@ from __future__ import annotations
 import re
 
 import pytest
+from helpers import ROOT, run_dtrain
 
 from dtrain import cli
-from dtrain.config import recipe
-from dtrain.config import ConfigError
-from dtrain.train.config import load_config
+from dtrain.config import ConfigError, recipe
 from dtrain.tasks.cnn import CNNConfig
-from helpers import ROOT, run_dtrain
+from dtrain.train.config import load_config
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
 def test_recipe_and_overrides_are_typed():
-    cfg = load_config(RECIPE, ["optim.lr=1e-3", "data.global_batch_size=128", "model.sync_bn=false",
-                               "optim.betas=[0.5, 0.99]", "optim.milestones=[10,20]", "precision=bf16"])
+    cfg = load_config(
+        RECIPE,
+        [
+            "optim.lr=1e-3",
+            "data.global_batch_size=128",
+            "model.sync_bn=false",
+            "optim.betas=[0.5, 0.99]",
+            "optim.milestones=[10,20]",
+            "precision=bf16",
+        ],
+    )
     assert isinstance(cfg, CNNConfig)
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # PyYAML reads 1e-3 as a string
     assert cfg.data.global_batch_size == 128 and cfg.model.sync_bn is False
@@ -28,11 +36,31 @@ def test_recipe_and_overrides_are_typed():
 
 def test_required_keys_exist():
     cfg = load_config(RECIPE)
-    for key in ["task", "seed", "engine", "precision", "output_dir", "resume", "data.global_batch_size",
-                "data.path", "train.max_steps", "train.epochs", "model.sync_bn", "optim.name", "optim.lr",
-                "optim.base_batch_size", "optim.scale_rule", "optim.warmup_steps", "optim.schedule",
-                "optim.weight_decay", "optim.clip_grad_norm", "optim.clip_grad_value", "tracking.uri",
-                "tracking.experiment", "checkpoint.every_steps"]:
+    for key in [
+        "task",
+        "seed",
+        "engine",
+        "precision",
+        "output_dir",
+        "resume",
+        "data.global_batch_size",
+        "data.path",
+        "train.max_steps",
+        "train.epochs",
+        "model.sync_bn",
+        "optim.name",
+        "optim.lr",
+        "optim.base_batch_size",
+        "optim.scale_rule",
+        "optim.warmup_steps",
+        "optim.schedule",
+        "optim.weight_decay",
+        "optim.clip_grad_norm",
+        "optim.clip_grad_value",
+        "tracking.uri",
+        "tracking.experiment",
+        "checkpoint.every_steps",
+    ]:
         node = cfg
         for part in key.split("."):
             assert hasattr(node, part), key  # a key renamed or dropped fails here
@@ -47,13 +75,24 @@ BAD = [
     (["optim.lr=fast"], "optim.lr='fast': must be a number"),
     (["data.global_batch_size=0"], "data.global_batch_size=0: must be > 0"),
     (["data.global_batch_size=6.5"], "data.global_batch_size=6.5: must be an integer"),
-    (["optim.name=adamm"], "optim.name='adamm': must be one of sgd|adam|adamw|rmsprop|adagrad|adafactor|lars|lamb|schedulefree_adamw|schedulefree_sgd (did you mean adam?)"),
+    (
+        ["optim.name=adamm"],
+        "optim.name='adamm': must be one of sgd|adam|adamw|rmsprop|adagrad|adafactor|lars|lamb|schedulefree_adamw|"
+        "schedulefree_sgd (did you mean adam?)",
+    ),
     (["precision=fp8"], "precision='fp8': must be one of fp32|bf16|fp16"),
     (["model.sync_bn=maybe"], "model.sync_bn='maybe': must be true or false"),
     (["data.path=/no/such/dir"], "data.path='/no/such/dir': no such file or folder"),
     (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': no such checkpoint"),
-    (["data.global_batch_size=63"], "data.global_batch_size=63: must be divisible by world size x data.grad_accum_steps = 1 x 2"),
-    (["task=cnnn"], "task='cnnn': must be one of cnn|transformer|gan|hf_causal_lm|hf_sequence_classification or package.module:Class (did you mean cnn?)"),
+    (
+        ["data.global_batch_size=63"],
+        "data.global_batch_size=63: must be divisible by world size x data.grad_accum_steps = 1 x 2",
+    ),
+    (
+        ["task=cnnn"],
+        "task='cnnn': must be one of cnn|transformer|gan|hf_causal_lm|hf_sequence_classification or "
+        "package.module:Class (did you mean cnn?)",
+    ),
     (["optim"], "override 'optim' is not of the form key.sub=value"),
     (["train.max_steps=.inf"], "train.max_steps=inf: must be an integer"),  # was an OverflowError traceback
     (["optim.lr=.nan"], "optim.lr=nan: must be a number"),
@@ -83,8 +122,9 @@ def test_an_image_folder_with_an_empty_class_is_one_line(tmp_path, capsys, monke
     with pytest.raises(SystemExit) as e:
         cli.main(["train", RECIPE, f"data.path={tmp_path / 'images'}", "tracking.enabled=false"])
     line = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and line.startswith(f"dtrain: error: data.path='{tmp_path / 'images' / 'cats'}': holds "
-                                                 "no image (.bmp"), line
+    assert e.value.code == 2 and line.startswith(
+        f"dtrain: error: data.path='{tmp_path / 'images' / 'cats'}': holds no image (.bmp"
+    ), line
 
 
 def test_prepare_text_into_a_place_it_cannot_write_is_one_line(capsys):
@@ -100,8 +140,11 @@ def test_missing_and_malformed_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", str(tmp_path / "nope.yaml")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("dtrain: error: recipe=") and err.endswith(
-        "no such file (pass a YAML recipe, e.g. recipes/cnn_digits.yaml)")
+    assert (
+        e.value.code == 2
+        and err.startswith("dtrain: error: recipe=")
+        and err.endswith("no such file (pass a YAML recipe, e.g. recipes/cnn_digits.yaml)")
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: cnn\noptim:\n  lr: [0.1\n")
     with pytest.raises(SystemExit) as e:
@@ -118,8 +161,10 @@ def test_bad_input_multi_rank_launch_is_one_line(tmp_path):
     """`dtrain train --nproc-per-node 2` validates before torchrun starts any rank."""
     proc = run_dtrain(["train", RECIPE, "--nproc-per-node", "2", "data.global_batch_size=63"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("dtrain: error: data.global_batch_size=63: must be divisible by world size x "
-                                   "data.grad_accum_steps = 2 x 1 (the nearest: 62 or 64)"), proc.stderr
+    assert proc.stderr.strip() == (
+        "dtrain: error: data.global_batch_size=63: must be divisible by world size x "
+        "data.grad_accum_steps = 2 x 1 (the nearest: 62 or 64)"
+    ), proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -129,10 +174,10 @@ def test_bad_input_under_raw_torchrun(tmp_path):
     rank's error file) instead of torchrun's own "To enable traceback see" line."""
     proc = run_dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
     assert proc.returncode != 0
-    ours = [l for l in proc.stderr.splitlines() if l.startswith("dtrain:") or l.startswith("dtrain[")]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("dtrain:") or line.startswith("dtrain[")]
     assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr
     assert "exitcode  : 2" in proc.stderr and not (tmp_path / "runs").exists()
-    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]  # the rank that failed first: either
+    root_cause = proc.stderr[proc.stderr.index("Root Cause") :]  # the rank that failed first: either
     assert re.search(r"traceback : dtrain(\[rank 1\])?: error: optim.lr=-1.0: must be > 0\n", root_cause), proc.stderr
     assert "new message format" not in proc.stderr  # the file is in the layout torch's `record` writes
 
@@ -145,8 +190,12 @@ def test_the_schema_and_recipe_loading_import_no_torch():
 
     probe = "import sys, {}; print('torch' in sys.modules)"
     light = "dtrain.config, dtrain.config.recipe, dtrain.protocols, dtrain.runtime.environments, dtrain.cli"
-    run = lambda mods: subprocess.run([sys.executable, "-c", probe.format(mods)], capture_output=True,  # noqa: E731
-                                      text=True, check=True).stdout.strip()
+
+    def run(mods: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", probe.format(mods)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     assert run(light) == "False"
     assert run("dtrain.data") == "True"
 
@@ -154,12 +203,24 @@ def test_the_schema_and_recipe_loading_import_no_torch():
 def test_a_refused_combination_costs_no_rank_start_up(tmp_path):
     """The engine's refusal comes from the one process `dtrain train --nproc-per-node` runs
     before torchrun: no torchrun agent starts (its ChildFailedError report would follow)."""
-    proc = run_dtrain(["train", RECIPE, "engine=deepspeed", "optim.name=schedulefree_adamw", "optim.schedule=constant",
-                       "optim.nesterov=false",
-                       "--nproc-per-node", "2", "tracking.enabled=false"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            "engine=deepspeed",
+            "optim.name=schedulefree_adamw",
+            "optim.schedule=constant",
+            "optim.nesterov=false",
+            "--nproc-per-node",
+            "2",
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "dtrain: error: optim.name='schedulefree_adamw': not with engine=deepspeed (its averaged weights need the "
-        "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp"), proc.stderr
+        "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp"
+    ), proc.stderr
     assert "torch.distributed" not in proc.stderr and not (tmp_path / "runs").exists()
 
 

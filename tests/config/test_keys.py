@@ -1,10 +1,10 @@
 """`dtrain keys`: every key of a recipe's task, with its value, type, default and docstring."""
 
 import pytest
+from helpers import ROOT, check, run_dtrain
 
 from dtrain.config import keys
 from dtrain.train.config import load_config
-from helpers import ROOT, check, run_dtrain
 
 RECIPES = ["cnn_digits", "transformer_charlm", "gan_ring"]
 
@@ -17,8 +17,11 @@ def test_every_key_of_every_shipped_task_documents_itself(recipe):
 
 
 def test_the_listing_shows_the_recipes_values_and_the_defaults(tmp_path):
-    proc = check(run_dtrain(["keys", str(ROOT / "recipes" / "cnn_digits.yaml"), "checkpoint.async=true",
-                             "--changed"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            ["keys", str(ROOT / "recipes" / "cnn_digits.yaml"), "checkpoint.async=true", "--changed"], cwd=tmp_path
+        )
+    )
     out = proc.stdout
     assert "optim.lr = 0.2   [float]   (default 0.1)\n    Peak learning rate" in out
     assert "checkpoint.async = True   [bool]   (default False)" in out  # the keyword field, by its key

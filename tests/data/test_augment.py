@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CNN, check, load_params, max_param_diff, run_dtrain
 from torch.utils.data import DataLoader, TensorDataset
 
 from dtrain.data import Augmented, ResumableDistributedSampler
 from dtrain.tasks.cnn import random_shift
-from helpers import CNN, check, load_params, max_param_diff, run_dtrain
 
 N = 24
 
@@ -32,8 +32,13 @@ def _seen(augment, world: int, workers: int, epochs: int = 2, start_at: int = 0)
     seen = {}
     for rank in range(world):
         sampler = ResumableDistributedSampler(Augmented(_dataset(), augment, seed=7), world, rank, seed=7, keyed=True)
-        loader = DataLoader(sampler.dataset, batch_size=2, sampler=sampler, num_workers=workers,
-                            generator=torch.Generator().manual_seed(rank))
+        loader = DataLoader(
+            sampler.dataset,
+            batch_size=2,
+            sampler=sampler,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(rank),
+        )
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             sampler.start_index = start_at if epoch == epochs - 1 else 0
@@ -47,8 +52,9 @@ def test_per_sample_streams_do_not_depend_on_world_size_workers_or_resume():
     assert len(one) == 2 * N
     assert any(not torch.equal(one[0, i], one[1, i]) for i in range(N))  # a new draw each epoch
     for world, workers in ((2, 0), (3, 2)):
-        assert {k: v.tolist() for k, v in _seen(random_shift, world, workers).items()} == \
-               {k: v.tolist() for k, v in one.items()}
+        assert {k: v.tolist() for k, v in _seen(random_shift, world, workers).items()} == {
+            k: v.tolist() for k, v in one.items()
+        }
     # resumed 4 samples into the last epoch: the rest of the epoch is augmented as before
     resumed = _seen(random_shift, world=2, workers=2, start_at=4)
     assert all(torch.equal(img, one[key]) for key, img in resumed.items())
@@ -59,8 +65,12 @@ def test_per_sample_streams_do_not_depend_on_world_size_workers_or_resume():
 
 @pytest.mark.slow
 def test_shipped_cnn_recipe_with_augmentation_is_world_size_invariant_and_resumes(tmp_path):
-    common = ["train.max_steps=30", "tracking.enabled=false", "train.eval_every_steps=0",
-              "checkpoint.every_steps=0"]  # the recipe as shipped otherwise: data.augment=true
+    common = [
+        "train.max_steps=30",
+        "tracking.enabled=false",
+        "train.eval_every_steps=0",
+        "checkpoint.every_steps=0",
+    ]  # the recipe as shipped otherwise: data.augment=true
     check(run_dtrain(["train", CNN, *common, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
     two = [*common, f"output_dir={tmp_path / 'two'}", "data.num_workers=2"]
     check(run_dtrain(["train", CNN, *two, "train.stop_at_step=13"], cwd=tmp_path, nproc=2))

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CNN, check, load_params, max_param_diff, run_dtrain
+from streamed import decode, encode
 from torch.utils.data import DataLoader
 
 from dtrain.data.images import digits
 from dtrain.data.shards import TarShards, write_shards
-from helpers import CNN, check, load_params, max_param_diff, run_dtrain
-from streamed import decode, encode
 
 N = 23
 
@@ -50,18 +50,31 @@ def test_streamed_training_resumes_exactly_mid_epoch(tmp_path):
     train, _ = digits(0.2)
     folder = tmp_path / "shards"
     write_shards((encode(x, y) for x, y in zip(*train.tensors)), folder, per_shard=200)
-    common = ["task=streamed:StreamedDigitsTask", f"data.path={folder}", "data.global_batch_size=32",
-              "train.max_steps=12", "tracking.enabled=false", "train.eval_every_steps=0", "model.sync_bn=false"]
-    check(run_dtrain(["train", CNN, *common, "checkpoint.every_steps=0", f"output_dir={tmp_path / 'straight'}"],
-                     cwd=tmp_path, nproc=2))
+    common = [
+        "task=streamed:StreamedDigitsTask",
+        f"data.path={folder}",
+        "data.global_batch_size=32",
+        "train.max_steps=12",
+        "tracking.enabled=false",
+        "train.eval_every_steps=0",
+        "model.sync_bn=false",
+    ]
+    check(
+        run_dtrain(
+            ["train", CNN, *common, "checkpoint.every_steps=0", f"output_dir={tmp_path / 'straight'}"],
+            cwd=tmp_path,
+            nproc=2,
+        )
+    )
     resumed = [*common, "data.num_workers=2", "checkpoint.every_steps=5", f"output_dir={tmp_path / 'resumed'}"]
     check(run_dtrain(["train", CNN, *resumed, "train.stop_at_step=5"], cwd=tmp_path, nproc=2))
     proc = check(run_dtrain(["train", CNN, *resumed, "resume=auto"], cwd=tmp_path, nproc=2))
     assert "resumed at step 5" in proc.stdout  # 44 steps per epoch: mid-epoch
     a, b = load_params(tmp_path / "straight" / "model.pt"), load_params(tmp_path / "resumed" / "model.pt")
     assert max_param_diff(a, b) < 1e-6
-    step10 = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000010" / "model" / "state.pt",
-                        weights_only=True)["model"]
+    step10 = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "step_00000010" / "model" / "state.pt", weights_only=True
+    )["model"]
     assert max_param_diff(b, step10) > 1e-4  # what the bound would catch: two steps fewer
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn, trained_once
 
 from dtrain import data
-from dtrain.data import tables
 from dtrain.checkpoint import safeload
 from dtrain.config import ConfigError
-from helpers import PY, check, env_for_cli, max_param_diff, run_dtrain, spawn, trained_once
+from dtrain.data import tables
 
 pytest.importorskip("datasets", reason='datasets is not installed (pip install -e ".[hf]")')
 
@@ -27,15 +27,27 @@ RECIPE = str(EXAMPLE / "recipe.yaml")
 BASE = ["train.max_steps=12", "train.eval_every_steps=0", "checkpoint.every_steps=0", "tracking.enabled=false"]
 RUNS = {  # 1617 training rows / 64: an epoch is 25 steps, so step 5 is mid-epoch
     1: [("one-rank", ())],
-    2: [("straight", ()), ("resumed", ("train.stop_at_step=5",)), ("resumed", ("resume=auto",)),
-        ("plain", ("data.augment=false",)), ("workers", ("data.num_workers=2",))],
+    2: [
+        ("straight", ()),
+        ("resumed", ("train.stop_at_step=5",)),
+        ("resumed", ("resume=auto",)),
+        ("plain", ("data.augment=false",)),
+        ("workers", ("data.num_workers=2",)),
+    ],
 }
 
 
 def make_table(output: Path, *flags: str) -> None:
     """The example's own script, as a user runs it."""
-    check(subprocess.run([PY, str(EXAMPLE / "make_table.py"), "--output", str(output), *flags], capture_output=True,
-                         text=True, env=env_for_cli(), timeout=300))
+    check(
+        subprocess.run(
+            [PY, str(EXAMPLE / "make_table.py"), "--output", str(output), *flags],
+            capture_output=True,
+            text=True,
+            env=env_for_cli(),
+            timeout=300,
+        )
+    )
 
 
 def _train(rank: int, world: int, root: str) -> None:
@@ -110,8 +122,17 @@ def test_a_two_rank_run_resumed_mid_epoch_equals_the_straight_run_and_one_rank(r
 
 
 def test_a_column_that_is_not_there_is_named_in_one_line(table_dir, tmp_path):
-    proc = run_dtrain(["train", RECIPE, *BASE, f"data.path={table_dir / 'digits.parquet'}", "data.label_column=label",
-                       f"output_dir={tmp_path}/out"], cwd=EXAMPLE)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *BASE,
+            f"data.path={table_dir / 'digits.parquet'}",
+            "data.label_column=label",
+            f"output_dir={tmp_path}/out",
+        ],
+        cwd=EXAMPLE,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.label_column='label': is not a column of" in proc.stderr and "id, pixels, digit" in proc.stderr
 

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT
 
-DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu", ROOT / "docker" / "Dockerfile.mlflow"]
+DOCKERFILES = [
+    ROOT / "docker" / "Dockerfile",
+    ROOT / "docker" / "Dockerfile.cpu",
+    ROOT / "docker" / "Dockerfile.mlflow",
+]
 
 
 def hadolint() -> str:
@@ -22,8 +25,9 @@ def hadolint() -> str:
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_clean_at_warning_level(path):
-    proc = subprocess.run([hadolint(), "--failure-threshold", "warning", "--no-color", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [hadolint(), "--failure-threshold", "warning", "--no-color", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -39,7 +43,9 @@ def test_pinned_bases_and_non_root(path):
     for base in re.findall(r"^FROM\s+(\S+)", text, re.M):
         assert ":" in base and not base.endswith(":latest"), base
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"  # numeric: runAsNonRoot can check it
+    assert (
+        users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    )  # numeric: runAsNonRoot can check it
     assert re.search(r"(dtrain|mlflow) --version", text)  # the documented smoke test
 
 

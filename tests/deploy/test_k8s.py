@@ -17,7 +17,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from helpers import ROOT, env_for_cli, free_port, load_params, max_param_diff
 
 K8S = ROOT / "k8s"
@@ -60,9 +59,12 @@ def pytorchjob_validator() -> jsonschema.Draft7Validator:
 
 
 def trainer_validators() -> dict[str, jsonschema.Draft7Validator]:
-    return {"TrainJob": crd_validator(SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
-            "ClusterTrainingRuntime": crd_validator(SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
-                                                    "v1alpha1")}
+    return {
+        "TrainJob": crd_validator(SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
+        "ClusterTrainingRuntime": crd_validator(
+            SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1"
+        ),
+    }
 
 
 PET_RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
@@ -89,8 +91,10 @@ def trainer_rule_errors(doc: dict) -> list[str]:
             errors.append(f"mlPolicy must be torch only, got {policies}")
         jobs = {j["name"]: j for j in doc["spec"]["template"]["spec"]["replicatedJobs"]}
         node = jobs.get("node")
-        if node is None or node["template"]["metadata"]["labels"].get(
-                "trainer.kubeflow.org/trainjob-ancestor-step") != "trainer":
+        if (
+            node is None
+            or node["template"]["metadata"]["labels"].get("trainer.kubeflow.org/trainjob-ancestor-step") != "trainer"
+        ):
             errors.append("no replicated Job `node` labelled trainjob-ancestor-step: trainer")
         elif "node" not in [c["name"] for c in node["template"]["spec"]["template"]["spec"]["containers"]]:
             errors.append("Job `node` has no container `node`")
@@ -120,8 +124,11 @@ def webhook_errors(job: dict) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("name,doc", [d for d in documents() if d[1]["kind"] not in CUSTOM_KINDS],
-                         ids=lambda x: x if isinstance(x, str) else x["kind"])
+@pytest.mark.parametrize(
+    "name,doc",
+    [d for d in documents() if d[1]["kind"] not in CUSTOM_KINDS],
+    ids=lambda x: x if isinstance(x, str) else x["kind"],
+)
 def test_builtin_kinds_validate_strictly(name, doc):
     kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
@@ -161,9 +168,13 @@ def test_pods_run_non_root_with_shm_and_shared_runs_volume():
     for name, doc in documents():
         if doc["kind"] not in ("PyTorchJob", "Job", "Deployment", "StatefulSet", "ClusterTrainingRuntime"):
             continue
-        pods = ([s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
-                if doc["kind"] == "PyTorchJob" else [runtime_pod(doc)] if doc["kind"] == "ClusterTrainingRuntime"
-                else [doc["spec"]["template"]])
+        pods = (
+            [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
+            if doc["kind"] == "PyTorchJob"
+            else [runtime_pod(doc)]
+            if doc["kind"] == "ClusterTrainingRuntime"
+            else [doc["spec"]["template"]]
+        )
         for pod in pods:
             spec = pod["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -171,7 +182,8 @@ def test_pods_run_non_root_with_shm_and_shared_runs_volume():
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
                 # The runtime's node container gets its resources from the TrainJob (resourcesPerNode).
                 assert doc["kind"] == "ClusterTrainingRuntime" or (
-                    c["resources"]["requests"] and c["resources"]["limits"]), (name, c["name"])
+                    c["resources"]["requests"] and c["resources"]["limits"]
+                ), (name, c["name"])
             if doc["kind"] in ("PyTorchJob", "Job", "ClusterTrainingRuntime"):
                 vols = {v["name"]: v for v in spec["volumes"]}
                 assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
@@ -193,19 +205,31 @@ def _container(kind: str, name: str | None = None) -> dict:
     return doc["spec"]["template"]["spec"]["containers"][0]
 
 
-def _run_pods(container: dict, pod_envs: list[dict], tmp_path: Path, **overrides: str) -> list[subprocess.CompletedProcess]:
+def _run_pods(
+    container: dict, pod_envs: list[dict], tmp_path: Path, **overrides: str
+) -> list[subprocess.CompletedProcess]:
     """Run the container's command as it is written, one process per 'pod', on loopback."""
     base = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # pod_envs resolve the rest
     procs = []
     for pod_env in pod_envs:
         env = env_for_cli(**{**base, **overrides, **pod_env})
-        procs.append(subprocess.Popen(container["command"] + container["args"], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                container["command"] + container["args"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
-FAST = "data.max_chars=100000 model.n_layer=1 model.n_embd=32 model.block_size=32 train.max_steps=6 " \
-       "train.eval_every_steps=0 checkpoint.every_steps=0 tracking.enabled=false data.eval_blocks=8"
+FAST = (
+    "data.max_chars=100000 model.n_layer=1 model.n_embd=32 model.block_size=32 train.max_steps=6 "
+    "train.eval_every_steps=0 checkpoint.every_steps=0 tracking.enabled=false data.eval_blocks=8"
+)
 
 
 @pytest.fixture
@@ -218,9 +242,17 @@ def recipe_file(tmp_path):
 
 @pytest.mark.slow
 def test_indexed_job_command_for_two_pods(tmp_path, recipe_file):
-    results = _run_pods(_container("Job"), [{"JOB_COMPLETION_INDEX": "0"}, {"JOB_COMPLETION_INDEX": "1"}], tmp_path,
-                        RDZV_HOST="127.0.0.1", RDZV_PORT=str(free_port()), NPROC_PER_NODE="1",
-                        RECIPE=str(recipe_file), OUTPUT_DIR=str(tmp_path / "out"), EXTRA_ARGS=FAST)
+    results = _run_pods(
+        _container("Job"),
+        [{"JOB_COMPLETION_INDEX": "0"}, {"JOB_COMPLETION_INDEX": "1"}],
+        tmp_path,
+        RDZV_HOST="127.0.0.1",
+        RDZV_PORT=str(free_port()),
+        NPROC_PER_NODE="1",
+        RECIPE=str(recipe_file),
+        OUTPUT_DIR=str(tmp_path / "out"),
+        EXTRA_ARGS=FAST,
+    )
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -232,11 +264,23 @@ def test_pytorchjob_command_with_the_operator_env(tmp_path, recipe_file):
     """The env training-operator 1.9 gives Master-0 and Worker-0 of a 2-pod job (nprocPerNode 1),
     with the Service name of the master replaced by loopback."""
     port = str(free_port())
-    operator_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "PET_NNODES": "2",
-                    "PET_NPROC_PER_NODE": "1", "PYTHONUNBUFFERED": "0"}
+    operator_env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "WORLD_SIZE": "2",
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PYTHONUNBUFFERED": "0",
+    }
     pods = [{**operator_env, "RANK": "0", "PET_NODE_RANK": "0"}, {**operator_env, "RANK": "1", "PET_NODE_RANK": "1"}]
-    results = _run_pods(_container("PyTorchJob", "dtrain-transformer"), pods, tmp_path,
-                        RECIPE=str(recipe_file), OUTPUT_DIR=str(tmp_path / "out"), EXTRA_ARGS=FAST)
+    results = _run_pods(
+        _container("PyTorchJob", "dtrain-transformer"),
+        pods,
+        tmp_path,
+        RECIPE=str(recipe_file),
+        OUTPUT_DIR=str(tmp_path / "out"),
+        EXTRA_ARGS=FAST,
+    )
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -255,8 +299,11 @@ def test_trainer_v2_manifests_validate_against_the_crds_and_rules():
         assert not errs and not trainer_rule_errors(doc), (doc["kind"], errs, trainer_rule_errors(doc))
     job = next(d for d in docs if d["kind"] == "TrainJob")
     runtime = next(d for d in docs if d["kind"] == "ClusterTrainingRuntime")
-    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                                         "name": runtime["metadata"]["name"]}
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": runtime["metadata"]["name"],
+    }
 
 
 def test_trainer_v2_validation_catches_mistakes():
@@ -319,17 +366,22 @@ def _trainjob_pod_envs(tmp_path: Path, nodes: int, nproc: int, **job_env: str) -
     port = str(free_port())
     pods = []
     for node_rank in range(nodes):
-        resolved = {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(node_rank),
-                    "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}
+        resolved = {
+            "PET_NNODES": str(nodes),
+            "PET_NPROC_PER_NODE": str(nproc),
+            "PET_NODE_RANK": str(node_rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": port,
+        }
         for name, e in env.items():
             if "valueFrom" in e:
                 assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
                 value = job["metadata"]["name"]
             else:
-                value = re.sub(r"\$\((\w+)\)", lambda m: resolved[m.group(1)], e["value"])
+                value = re.sub(r"\$\((\w+)\)", lambda m, known=resolved: known[m.group(1)], e["value"])
             for path, local in mounts.items():
                 if value.startswith(path + "/"):
-                    value = str(local) + value[len(path):]
+                    value = str(local) + value[len(path) :]
             resolved[name] = value
         pods.append(resolved)
     return container, pods
@@ -401,10 +453,16 @@ def test_the_kustomization_builds_with_generated_secrets_every_reference_resolve
 
 def _pods_by_labels() -> dict[str, dict]:
     pods = {}
-    for name, doc in documents():
-        templates = ([s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()] if doc["kind"] == "PyTorchJob"
-                     else [runtime_pod(doc)] if doc["kind"] == "ClusterTrainingRuntime"
-                     else [doc["spec"]["template"]] if doc["kind"] in ("Job", "Deployment", "StatefulSet") else [])
+    for _, doc in documents():
+        templates = (
+            [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
+            if doc["kind"] == "PyTorchJob"
+            else [runtime_pod(doc)]
+            if doc["kind"] == "ClusterTrainingRuntime"
+            else [doc["spec"]["template"]]
+            if doc["kind"] in ("Job", "Deployment", "StatefulSet")
+            else []
+        )
         for i, t in enumerate(templates):
             pods[f"{doc['kind']}/{doc['metadata']['name']}/{i}"] = t.get("metadata", {}).get("labels", {})
     return pods
@@ -412,11 +470,18 @@ def _pods_by_labels() -> dict[str, dict]:
 
 def _admitted(policy: dict, pods: dict[str, dict]) -> tuple[set[str], set[str]]:
     """(pods the policy protects, pods it lets in) by label selectors."""
+
     def match(sel, labels):
         return all(labels.get(k) == v for k, v in sel["matchLabels"].items())
+
     protected = {p for p, labels in pods.items() if match(policy["spec"]["podSelector"], labels)}
-    allowed = {p for p, labels in pods.items() for rule in policy["spec"]["ingress"] for src in rule["from"]
-               if match(src["podSelector"], labels)}
+    allowed = {
+        p
+        for p, labels in pods.items()
+        for rule in policy["spec"]["ingress"]
+        for src in rule["from"]
+        if match(src["podSelector"], labels)
+    }
     return protected, allowed
 
 
@@ -443,17 +508,28 @@ def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres):
     sql = script.split("<<'SQL'\n", 1)[1].rsplit("SQL", 1)[0]
     port = postgres.rsplit(":", 1)[1].split("/")[0]
     with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-        for stmt in ("DROP DATABASE IF EXISTS mlflow", "DROP DATABASE IF EXISTS mlflow_auth", "DROP ROLE IF EXISTS mlflow"):
+        for stmt in (
+            "DROP DATABASE IF EXISTS mlflow",
+            "DROP DATABASE IF EXISTS mlflow_auth",
+            "DROP ROLE IF EXISTS mlflow",
+        ):
             conn.execute(stmt)
-    proc = subprocess.run(["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "postgres", "-v",
-                           "ON_ERROR_STOP=1"], input=sql, env={**env_for_cli(), "MLFLOW_DB_PASSWORD": "pw-from-env"},
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1"],
+        input=sql,
+        env={**env_for_cli(), "MLFLOW_DB_PASSWORD": "pw-from-env"},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     with psycopg.connect(postgres.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-        role = conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolpassword IS NOT NULL FROM pg_authid "
-                            "WHERE rolname = 'mlflow'").fetchone()
-        owners = conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname LIKE 'mlflow%' "
-                              "ORDER BY datname").fetchall()
+        role = conn.execute(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolpassword IS NOT NULL FROM pg_authid "
+            "WHERE rolname = 'mlflow'"
+        ).fetchone()
+        owners = conn.execute(
+            "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname LIKE 'mlflow%' ORDER BY datname"
+        ).fetchall()
         stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'mlflow'").fetchone()[0]
     assert role == (False, False, False, True) and owners == [("mlflow", "mlflow"), ("mlflow_auth", "mlflow")]
     assert stored.startswith("SCRAM-SHA-256$")  # the password from the environment, stored hashed

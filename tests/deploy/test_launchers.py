@@ -8,23 +8,48 @@ import subprocess
 import uuid
 
 import pytest
-
-from helpers import PY, ROOT, check, run_dtrain, env_for_cli, free_port, load_params, max_param_diff
+from helpers import PY, ROOT, check, env_for_cli, free_port, load_params, max_param_diff, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
-FAST = ["tracking.enabled=false", "train.max_steps=12", "data.augment=false", "checkpoint.every_steps=0",
-        "train.eval_every_steps=0", "model.sync_bn=true"]
+FAST = [
+    "tracking.enabled=false",
+    "train.max_steps=12",
+    "data.augment=false",
+    "checkpoint.every_steps=0",
+    "train.eval_every_steps=0",
+    "model.sync_bn=true",
+]
 
 
 def agent_cmd(endpoint: str, out, prefix: list[str] = (), extra: list[str] = (), rdzv_id: str = "dt") -> list[str]:
-    return [*prefix, PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}", "--max_restarts=0", *extra,
-            "-m", "dtrain", "train", CNN, *FAST, f"output_dir={out}"]
+    return [
+        *prefix,
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={endpoint}",
+        f"--rdzv_id={rdzv_id}",
+        "--max_restarts=0",
+        *extra,
+        "-m",
+        "dtrain",
+        "train",
+        CNN,
+        *FAST,
+        f"output_dir={out}",
+    ]
 
 
 def run_two_agents(cmds: list[list[str]], cwd, env=None) -> None:
-    procs = [subprocess.Popen(c, cwd=cwd, env=env or env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c in cmds]
+    procs = [
+        subprocess.Popen(
+            c, cwd=cwd, env=env or env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for c in cmds
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -83,9 +108,20 @@ def test_two_nodes_in_network_namespaces(single_node, tmp_path):
         endpoint = f"10.231.0.1:{free_port()}"
         # Both "hosts" share this machine's host name, so tell torchrun which agent hosts the
         # rendezvous store and which address each advertises to the workers.
-        run_two_agents([agent_cmd(endpoint, tmp_path / "out", ["ip", "netns", "exec", ns],
-                                  [f"--rdzv_conf=is_host={int(ns == a)}", f"--local_addr={ip}"], tag)
-                        for ns, ip in ((a, "10.231.0.1"), (b, "10.231.0.2"))], tmp_path, env)
+        run_two_agents(
+            [
+                agent_cmd(
+                    endpoint,
+                    tmp_path / "out",
+                    ["ip", "netns", "exec", ns],
+                    [f"--rdzv_conf=is_host={int(ns == a)}", f"--local_addr={ip}"],
+                    tag,
+                )
+                for ns, ip in ((a, "10.231.0.1"), (b, "10.231.0.2"))
+            ],
+            tmp_path,
+            env,
+        )
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -94,9 +130,20 @@ def test_two_nodes_in_network_namespaces(single_node, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch(tmp_path):
-    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "launchers" / "accelerate" / "multi_process.yaml"),
-           "--main_process_port", str(free_port()), "-m", "dtrain", "train", CNN, *FAST,
-           f"output_dir={tmp_path / 'out'}"]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(ROOT / "launchers" / "accelerate" / "multi_process.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "dtrain",
+        "train",
+        CNN,
+        *FAST,
+        f"output_dir={tmp_path / 'out'}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -107,10 +154,24 @@ def test_accelerate_launch(tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_launcher(tmp_path):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dtrain", "train", CNN,
-           *FAST, "engine=deepspeed", "deepspeed.zero_stage=1", f"output_dir={tmp_path / 'out'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for_cli(DS_ACCELERATOR="cpu"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dtrain",
+        "train",
+        CNN,
+        *FAST,
+        "engine=deepspeed",
+        "deepspeed.zero_stage=1",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env_for_cli(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["engine"] == "deepspeed"

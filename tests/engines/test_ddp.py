@@ -2,21 +2,21 @@
 and one all-reduce per optimizer step under gradient accumulation."""
 
 import contextlib
-import gc
 import copy
+import gc
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import spawn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dtrain.config import OptimConfig
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import AmpPrecision
 from dtrain.tasks.supervised import train_step
-from helpers import spawn
 
 CPU = torch.device("cpu")
 
@@ -52,7 +52,9 @@ def _allreduce_and_clip(rank: int, world: int) -> None:
     ref = copy.deepcopy(model)
     max_norm, lr = 0.05, 0.1
     o = OptimConfig(name="sgd", lr=lr, base_batch_size=8 * world, momentum=0.0, clip_grad_norm=max_norm)
-    engine = DDPEngine(model, o, precision=AmpPrecision("fp32", CPU), device=CPU, global_batch=8 * world, total_steps=10)
+    engine = DDPEngine(
+        model, o, precision=AmpPrecision("fp32", CPU), device=CPU, global_batch=8 * world, total_steps=10
+    )
     x, y = _rank_batch(rank)
 
     F.mse_loss(ref(x), y).backward()  # this rank's own gradient, no communication
@@ -94,7 +96,7 @@ def _count_allreduces(rank: int, world: int, break_no_sync: bool) -> None:
     if break_no_sync:
         engine.no_sync = lambda skip: contextlib.nullcontext()
     x, y = _rank_batch(rank)
-    micro = [(x[i * 2:(i + 1) * 2], y[i * 2:(i + 1) * 2]) for i in range(4)]
+    micro = [(x[i * 2 : (i + 1) * 2], y[i * 2 : (i + 1) * 2]) for i in range(4)]
     train_step(engine, MSETask(), micro)
     buckets = 1  # this small model fits one DDP bucket
     assert len(calls) == (4 if break_no_sync else 1) * buckets, len(calls)

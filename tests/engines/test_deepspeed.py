@@ -3,12 +3,13 @@
 import json
 
 import pytest
+from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, load_params, max_param_diff, run_dtrain
+from helpers import TINY_LM as TINY
 
-from dtrain.train.config import load_config
 from dtrain.data import BatchPlan
 from dtrain.engines.deepspeed import ds_config
 from dtrain.tasks.transformer import CharTransformer
-from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, TINY_LM as TINY, run_dtrain, load_params, max_param_diff
+from dtrain.train.config import load_config
 
 
 @pytest.fixture
@@ -58,8 +59,15 @@ def test_cnn_recipe_on_both_engines(lm):
 
 
 def test_config_is_derived_from_the_recipe():
-    cfg = load_config(LM, ["precision=bf16", "deepspeed.zero_stage=2", "optim.clip_grad_norm=0.7",
-                           "deepspeed.config={zero_optimization: {overlap_comm: true}, steps_per_print: 5}"])
+    cfg = load_config(
+        LM,
+        [
+            "precision=bf16",
+            "deepspeed.zero_stage=2",
+            "optim.clip_grad_norm=0.7",
+            "deepspeed.config={zero_optimization: {overlap_comm: true}, steps_per_print: 5}",
+        ],
+    )
     c = ds_config(cfg, BatchPlan(global_batch=64, per_rank=16, accum=2, world_size=2))
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (64, 16, 2)
     assert c["gradient_clipping"] == 0.7 and c["bf16"] == {"enabled": True} and "fp16" not in c
@@ -69,5 +77,7 @@ def test_config_is_derived_from_the_recipe():
 def test_value_clipping_is_refused_with_deepspeed(tmp_path):
     proc = run_dtrain(["train", LM, *TINY, "engine=deepspeed", "optim.clip_grad_value=1.0"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("dtrain: error: optim.clip_grad_value=1.0: not supported with "
-                                                    "engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: optim.clip_grad_value=1.0: not supported with "
+        "engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)"
+    )

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
-from dtrain.engines import blocks
-from dtrain.config import ConfigError
-from dtrain.train.config import load_config
-from dtrain.tasks.transformer import CharTransformer
 from helpers import CNN, DDP_BASELINE, LM, TINY_CNN, check, load_params, max_param_diff, run_dtrain
+
+from dtrain.config import ConfigError
+from dtrain.engines import blocks
+from dtrain.tasks.transformer import CharTransformer
+from dtrain.train.config import load_config
 
 FSDP = "engine=fsdp"
 # The straight FSDP2 run every comparison shares; its EMA (which does not change training) is
@@ -96,8 +96,9 @@ def test_compiled_matches_eager(tiny_runs, engine):
 
 
 def _lm(mode: str) -> CharTransformer:
-    cfg = load_config(LM, ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64",
-                           "model.dropout=0.1"])
+    cfg = load_config(
+        LM, ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=64", "model.dropout=0.1"]
+    )
     torch.manual_seed(0)
     model = CharTransformer(cfg.model, 65)
     blocks.prepare(model, list(model.blocks), mode, compile=False)
@@ -145,12 +146,23 @@ def test_refusals_are_one_line(tmp_path):
         load_config(CNN.replace("cnn_digits", "gan_ring"), ["compile=true"])
     with pytest.raises(ConfigError, match=r"^checkpoint.async=True: not with engine=deepspeed"):
         validate(load_config(LM, ["engine=deepspeed", "checkpoint.async=true"]))
-    proc = run_dtrain(["train", LM, FSDP, "precision=fp16", "train.max_steps=1", "tracking.enabled=false",
-                       f"output_dir={tmp_path}/o"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            LM,
+            FSDP,
+            "precision=fp16",
+            "train.max_steps=1",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path}/o",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "dtrain: error: precision='fp16': not supported with engine=fsdp (FSDP2 keeps fp32 master weights and "
-        "computes in bf16 without loss scaling): use precision=bf16")
+        "computes in bf16 without loss scaling): use precision=bf16"
+    )
 
 
 def test_tf32_is_used_where_the_gpu_has_it_and_the_recipe_allows():
@@ -168,6 +180,9 @@ def test_dtrain_average_reads_sharded_checkpoints(tiny_runs, tmp_path):
     """The last checkpoint of the resharded run (written by 2 ranks as DCP shards), read back in
     one process by `dtrain average`, is exactly the model.pt the run wrote."""
     run = tiny_runs("fsdp-resharded")  # trained by the resume test above
-    check(run_dtrain(["average", str(run / "checkpoints" / "step_00000020"), "--output", str(tmp_path / "m.pt")],
-                     cwd=tmp_path))
+    check(
+        run_dtrain(
+            ["average", str(run / "checkpoints" / "step_00000020"), "--output", str(tmp_path / "m.pt")], cwd=tmp_path
+        )
+    )
     assert max_param_diff(load_params(run / "model.pt"), load_params(tmp_path / "m.pt")) == 0

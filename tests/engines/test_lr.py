@@ -39,16 +39,22 @@ def test_warmup_then_cosine():
     assert 0.02 < got[109] < 0.02 + 1e-3  # ... and the last step taken is just above min_lr
 
 
-@pytest.mark.parametrize("schedule,extra,checks", [
-    ("step", {"step_size": 30, "gamma": 0.5}, {5: 0.1, 34: 0.1, 35: 0.05, 65: 0.025}),
-    ("multistep", {"milestones": [10, 40], "gamma": 0.1}, {14: 0.1, 15: 0.01, 44: 0.01, 45: 0.001}),
-    ("exponential", {"gamma": 0.9}, {5: 0.1, 7: 0.1 * 0.81}),
-    ("linear", {"min_lr": 0.0}, {5: 0.1, 55: 0.05}),
-    ("constant", {}, {5: 0.1, 99: 0.1}),
-    # SGDR: cycles of 20, then 40 steps after warmup, each starting again at the peak.
-    ("cosine_restarts", {"restart_steps": 20, "restart_mult": 2.0},
-     {5: 0.1, 15: 0.05, 24: 0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)), 25: 0.1, 45: 0.05, 65: 0.1}),
-])
+@pytest.mark.parametrize(
+    "schedule,extra,checks",
+    [
+        ("step", {"step_size": 30, "gamma": 0.5}, {5: 0.1, 34: 0.1, 35: 0.05, 65: 0.025}),
+        ("multistep", {"milestones": [10, 40], "gamma": 0.1}, {14: 0.1, 15: 0.01, 44: 0.01, 45: 0.001}),
+        ("exponential", {"gamma": 0.9}, {5: 0.1, 7: 0.1 * 0.81}),
+        ("linear", {"min_lr": 0.0}, {5: 0.1, 55: 0.05}),
+        ("constant", {}, {5: 0.1, 99: 0.1}),
+        # SGDR: cycles of 20, then 40 steps after warmup, each starting again at the peak.
+        (
+            "cosine_restarts",
+            {"restart_steps": 20, "restart_mult": 2.0},
+            {5: 0.1, 15: 0.05, 24: 0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)), 25: 0.1, 45: 0.05, 65: 0.1},
+        ),
+    ],
+)
 def test_schedules_after_warmup(schedule, extra, checks):
     o = OptimConfig(lr=0.1, base_batch_size=100, scale_rule="sqrt", warmup_steps=5, schedule=schedule, **extra)
     got = lrs(o, 100, 105)
@@ -89,8 +95,14 @@ def test_l1_adds_the_subgradient_to_matrices_only():
     cpu = torch.device("cpu")
     m = torch.nn.Linear(3, 2)
     w, b = m.weight.detach().clone(), m.bias.detach().clone()
-    e = DDPEngine(m, OptimConfig(name="sgd", lr=0.1, momentum=0.0, base_batch_size=8, l1=0.01, schedule="constant"),
-                  precision=AmpPrecision("fp32", cpu), device=cpu, global_batch=8, total_steps=1)
+    e = DDPEngine(
+        m,
+        OptimConfig(name="sgd", lr=0.1, momentum=0.0, base_batch_size=8, l1=0.01, schedule="constant"),
+        precision=AmpPrecision("fp32", cpu),
+        device=cpu,
+        global_batch=8,
+        total_steps=1,
+    )
     x = torch.randn(8, 3)
     e.backward(m(x).pow(2).mean(), 1)
     gw, gb = m.weight.grad.clone(), m.bias.grad.clone()
@@ -101,8 +113,16 @@ def test_l1_adds_the_subgradient_to_matrices_only():
 
 def test_plateau_drops_the_lr_after_patience_evaluations_and_resumes_with_the_checkpoint():
 
-    o = OptimConfig(lr=0.1, base_batch_size=64, scale_rule="none", warmup_steps=2, schedule="plateau", gamma=0.5,
-                    plateau_patience=2, min_lr=0.02)
+    o = OptimConfig(
+        lr=0.1,
+        base_batch_size=64,
+        scale_rule="none",
+        warmup_steps=2,
+        schedule="plateau",
+        gamma=0.5,
+        plateau_patience=2,
+        min_lr=0.02,
+    )
     m = torch.nn.Linear(2, 1)
     opt, sched, _ = build(m, o, 64, 100)
     for _ in range(5):
@@ -126,8 +146,8 @@ def test_a_stated_lr_is_the_lr_unless_a_base_batch_is_stated(tmp_path):
     """A user task's recipe says `lr: 1e-3` for its batch of 12: it trains at 1e-3 (the default
     used to scale it from a base batch of 256 the user never stated, to 4.69e-5). A stated base
     batch far from the run's still scales, and the run says so in a warning line."""
-    from dtrain.train import report
     from dtrain.data import BatchPlan
+    from dtrain.train import report
 
     m = torch.nn.Linear(3, 1)
     assert build(m, OptimConfig(lr=1e-3), 12, 10)[2].peak == pytest.approx(1e-3)
@@ -135,7 +155,9 @@ def test_a_stated_lr_is_the_lr_unless_a_base_batch_is_stated(tmp_path):
     engine = type("E", (), {"lr_info": build(m, OptimConfig(lr=1e-3, base_batch_size=256), 12, 10)[2]})()
     assert engine.lr_info.peak == pytest.approx(1e-3 * 12 / 256)
     (line,) = report.lr_warnings({"model": engine}, plan)
-    assert line.startswith("warning: optim.lr=0.001 is stated for a global batch of 256 (optim.base_batch_size); "
-                           "this run's 12 gets 4.69e-05 by the linear rule"), line
+    assert line.startswith(
+        "warning: optim.lr=0.001 is stated for a global batch of 256 (optim.base_batch_size); "
+        "this run's 12 gets 4.69e-05 by the linear rule"
+    ), line
     near = type("E", (), {"lr_info": build(m, OptimConfig(lr=1e-3, base_batch_size=16), 12, 10)[2]})()
     assert report.lr_warnings({"model": near}, plan) == []

@@ -6,11 +6,11 @@ import io
 import pytest
 import torch
 import torch.nn as nn
-
-from dtrain.engines import optim
-from dtrain.config import ConfigError, OptimConfig
-from dtrain.train.config import load_config
 from helpers import CNN
+
+from dtrain.config import ConfigError, OptimConfig
+from dtrain.engines import optim
+from dtrain.train.config import load_config
 
 W, B = torch.tensor([[0.5, -1.0]]), torch.tensor([0.2])
 GW, GB = torch.tensor([[0.1, 0.3]]), torch.tensor([0.05])
@@ -59,7 +59,7 @@ def test_lamb_matches_the_hand_computed_update():
             p = (w if name == "w" else b) * (1 - lr * decay)  # decoupled weight decay
             r = mom[name] / (sq[name].sqrt() + eps)
             trust = p.norm() / (r.norm() + eps) if name == "w" else 1.0  # none for the bias
-            p = p - lr / (1 - b1 ** t) * trust * r  # the first moment bias-corrected
+            p = p - lr / (1 - b1**t) * trust * r  # the first moment bias-corrected
             w, b = (p, b) if name == "w" else (w, p)
     assert torch.allclose(model.w, w, atol=1e-5) and torch.allclose(model.b, b, atol=1e-5)
     # The check can fail: Adam (no trust ratio) moves the weight elsewhere.
@@ -75,8 +75,18 @@ def test_the_trust_coefficient_is_checked():
 def test_refused_where_the_trust_ratio_would_be_wrong_or_fail(tmp_path):
     from helpers import run_dtrain
 
-    proc = run_dtrain(["train", CNN, "optim.name=lars", "engine=fsdp", "train.max_steps=1", "tracking.enabled=false",
-                       f"output_dir={tmp_path}/o"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            CNN,
+            "optim.name=lars",
+            "engine=fsdp",
+            "train.max_steps=1",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path}/o",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: optim.name='lars': not with engine=fsdp")
 
@@ -87,9 +97,14 @@ def sf_engine():
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    return DDPEngine(nn.Linear(3, 2), OptimConfig(name="schedulefree_adamw", lr=0.01, base_batch_size=8,
-                                                  schedule="constant", betas=(0.9, 0.999)),
-                     precision=AmpPrecision("fp32", cpu), device=cpu, global_batch=8, total_steps=10)
+    return DDPEngine(
+        nn.Linear(3, 2),
+        OptimConfig(name="schedulefree_adamw", lr=0.01, base_batch_size=8, schedule="constant", betas=(0.9, 0.999)),
+        precision=AmpPrecision("fp32", cpu),
+        device=cpu,
+        global_batch=8,
+        total_steps=10,
+    )
 
 
 def sf_step(e, i):
@@ -120,6 +135,9 @@ def test_schedule_free_evaluates_the_average_and_trains_on_and_resumes_exactly()
 
 
 def test_schedule_free_replaces_the_schedule():
-    with pytest.raises(ConfigError, match=r"^optim.schedule='cosine': must be constant with "
-                                          r"optim.name=schedulefree_sgd"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^optim.schedule='cosine': must be constant with "
+        r"optim.name=schedulefree_sgd",
+    ):
         load_config(CNN, ["optim.name=schedulefree_sgd", "optim.nesterov=false"])

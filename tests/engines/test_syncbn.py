@@ -4,9 +4,9 @@ import copy
 
 import torch
 import torch.nn as nn
+from helpers import spawn
 
 from dtrain.engines.norm import DistributedBatchNorm, convert_sync_batchnorm
-from helpers import spawn
 
 
 def _compare(rank: int, world: int, sync: bool, mean: float = 1.0, std: float = 3.0) -> None:
@@ -16,8 +16,11 @@ def _compare(rank: int, world: int, sync: bool, mean: float = 1.0, std: float = 
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
-    bn = convert_sync_batchnorm(nn.Sequential(copy.deepcopy(ref)), torch.device("cpu"))[0] if sync \
-        else nn.BatchNorm2d(3, momentum=0.2)  # (the conversion keeps the Parameters: convert a copy)
+    bn = (
+        convert_sync_batchnorm(nn.Sequential(copy.deepcopy(ref)), torch.device("cpu"))[0]
+        if sync
+        else nn.BatchNorm2d(3, momentum=0.2)
+    )  # (the conversion keeps the Parameters: convert a copy)
     if not sync:
         bn.load_state_dict(ref.state_dict())
     assert isinstance(bn, DistributedBatchNorm) == sync
@@ -26,15 +29,15 @@ def _compare(rank: int, world: int, sync: bool, mean: float = 1.0, std: float = 
     w = torch.randn(full.shape, generator=torch.Generator().manual_seed(1))  # a loss that is not symmetric
     (ref(x_ref) * w).sum().backward()
 
-    x = full[rank * 6:(rank + 1) * 6].clone().requires_grad_()
+    x = full[rank * 6 : (rank + 1) * 6].clone().requires_grad_()
     y = bn(x)
-    (y * w[rank * 6:(rank + 1) * 6]).sum().backward()
+    (y * w[rank * 6 : (rank + 1) * 6]).sum().backward()
 
     # Parameter gradients are summed over ranks by DDP; here we sum them by hand.
     gw = bn.weight.grad.clone()
     torch.distributed.all_reduce(gw)
-    out_err = (y - _train_forward(ref, full)[rank * 6:(rank + 1) * 6]).abs().max().item()
-    grad_err = (x.grad - x_ref.grad[rank * 6:(rank + 1) * 6]).abs().max().item()
+    out_err = (y - _train_forward(ref, full)[rank * 6 : (rank + 1) * 6]).abs().max().item()
+    grad_err = (x.grad - x_ref.grad[rank * 6 : (rank + 1) * 6]).abs().max().item()
     wgrad_err = (gw - ref.weight.grad).abs().max().item()
     mean_err = (bn.running_mean - ref.running_mean).abs().max().item()
     var_err = (bn.running_var - ref.running_var).abs().max().item()

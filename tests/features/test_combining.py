@@ -14,45 +14,86 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dtrain.features import distill
-from dtrain.features import ewc
-from dtrain.features import prune
-from dtrain.checkpoint import safeload
-from dtrain.postrun import soup
 from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn, trained_once
 
-SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "optim.lr=0.8", "optim.warmup_steps=10",
-         "tracking.enabled=false", "checkpoint.every_steps=0", "data.augment=false", "train.eval_every_steps=0"]
+from dtrain.checkpoint import safeload
+from dtrain.features import distill, ewc, prune
+from dtrain.postrun import soup
+
+SMALL = [
+    "model.widths=[16]",
+    "model.blocks_per_stage=1",
+    "optim.lr=0.8",
+    "optim.warmup_steps=10",
+    "tracking.enabled=false",
+    "checkpoint.every_steps=0",
+    "data.augment=false",
+    "train.eval_every_steps=0",
+]
 FIRST, SECOND = "data.classes=[0,1,2,3,4]", "data.classes=[5,6,7,8,9]"
 
 
-TEACHER = ("model.widths=[32,64]", "model.blocks_per_stage=2", "optim.lr=0.2", "train.epochs=10", "optim.warmup_steps=50")
-PRUNE = ("engine=fsdp", "prune.amount=0.6", "prune.schedule=gradual", "prune.every_steps=3", "prune.end_step=9",
-         "train.max_steps=14", "model.init_from={first}")
+TEACHER = (
+    "model.widths=[32,64]",
+    "model.blocks_per_stage=2",
+    "optim.lr=0.2",
+    "train.epochs=10",
+    "optim.warmup_steps=50",
+)
+PRUNE = (
+    "engine=fsdp",
+    "prune.amount=0.6",
+    "prune.schedule=gradual",
+    "prune.every_steps=3",
+    "prune.end_step=9",
+    "train.max_steps=14",
+    "model.init_from={first}",
+)
 ONE_RANK: list[tuple[str, tuple[str, ...]]] = [  # what the tests only use: on 1 rank, first
     ("teacher", TEACHER),
     ("first", (FIRST, "train.epochs=15")),
-    *[(f"ft-{lr}", (SECOND, "train.max_steps=30", "model.init_from={first}", f"optim.lr={lr}", f"seed={i}"))
-      for i, lr in enumerate((0.4, 0.8, 1.6))],
+    *[
+        (f"ft-{lr}", (SECOND, "train.max_steps=30", "model.init_from={first}", f"optim.lr={lr}", f"seed={i}"))
+        for i, lr in enumerate((0.4, 0.8, 1.6))
+    ],
 ]
 TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [  # in order; {name} is that run's folder
     ("alone", ("train.epochs=4",)),
-    ("taught", ("train.epochs=4", "distill.teacher={teacher}", "tracking.enabled=true",
-                "tracking.uri=sqlite:///{root}/mlflow.db", "tracking.log_every=20")),
+    (
+        "taught",
+        (
+            "train.epochs=4",
+            "distill.teacher={teacher}",
+            "tracking.enabled=true",
+            "tracking.uri=sqlite:///{root}/mlflow.db",
+            "tracking.log_every=20",
+        ),
+    ),
     ("alone-12", ("train.max_steps=12",)),
     ("taught-ddp", ("train.max_steps=12", "distill.teacher={teacher}")),
     ("taught-fsdp", ("train.max_steps=12", "distill.teacher={teacher}", "engine=fsdp")),
     ("taught-zero3", ("train.max_steps=12", "distill.teacher={teacher}", "engine=deepspeed", "deepspeed.zero_stage=3")),
-    ("features", ("train.max_steps=6", "distill.teacher={teacher}", "distill.kind=features", "distill.layers=[stem=stem]",
-                  "model.widths=[32]", "engine=fsdp", "precision=bf16")),
+    (
+        "features",
+        (
+            "train.max_steps=6",
+            "distill.teacher={teacher}",
+            "distill.kind=features",
+            "distill.layers=[stem=stem]",
+            "model.widths=[32]",
+            "engine=fsdp",
+            "precision=bf16",
+        ),
+    ),
     ("plain", (SECOND, "train.epochs=8", "model.init_from={first}")),
     ("ewc", (SECOND, "train.epochs=8", "ewc.from={first}")),
     ("plain-6", (SECOND, "train.max_steps=6", "model.init_from={first}")),
     ("ewc-ddp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100")),
     # Stopped after step 3 and resumed: the Fisher is estimated again, alike.
-    ("ewc-fsdp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp",
-                    "train.stop_at_step=3")),
+    (
+        "ewc-fsdp-6",
+        (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp", "train.stop_at_step=3"),
+    ),
     ("ewc-fsdp-6", (SECOND, "train.max_steps=6", "ewc.from={first}", "ewc.lambda=100", "engine=fsdp", "resume=auto")),
     ("pruned", PRUNE),
     ("pruned-resumed", (*PRUNE, "train.stop_at_step=5")),
@@ -86,6 +127,7 @@ def _train(rank: int, world: int, root: str, runs: list[tuple[str, tuple[str, ..
 def runs(tmp_path_factory):
     """`runs(name)`: the folder of a run above, all trained once per session: the first xdist
     worker to need them trains them (a file lock), the other waits and reads them."""
+
     def train(root: Path) -> None:
         spawn(_train, 1, str(root), ONE_RANK)
         spawn(_train, 2, str(root), TWO_RANKS)
@@ -113,6 +155,7 @@ def evaluate(run: Path, *overrides: str) -> float:
 
 
 # ----------------------------------------------------------------------------- the formulas
+
 
 def test_distillation_loss_equals_the_hand_computed_value():
     """Two classes, T=2: the softened distributions differ by a logit gap of 0.5, so
@@ -147,19 +190,24 @@ def test_magnitude_pruning_reaches_exactly_the_amount_and_structured_prunes_whol
         assert set(rows.tolist()) <= {0.0, float(m[0].numel())} and int((rows == 0).sum()) == round(0.5 * len(m))
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["distill.teacher={run}", "distill.alpha=0"], "distill.alpha=0.0: must be in (0, 1]"),
-    (["distill.teacher={run}", "distill.kind=features"], "distill.layers=[]: needs `student.module=teacher.module` pairs"),
-    (["prune.amount=1"], "prune.amount=1.0: must be in [0, 1) (0: off)"),
-    (["prune.amount=0.5", "ema.decay=0.9", "ema.save=true"], "ema.save=True: not with prune.amount"),
-    (["ewc.from={run}", "engine=deepspeed"], "ewc.from='{run}': not with engine=deepspeed"),
-    (["prune.amount=0.5", "engine=deepspeed"], "prune.amount=0.5: not with engine=deepspeed"),
-    (["ewc.from=nowhere"], "ewc.from='nowhere': no such run folder or weights file"),
-])
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["distill.teacher={run}", "distill.alpha=0"], "distill.alpha=0.0: must be in (0, 1]"),
+        (
+            ["distill.teacher={run}", "distill.kind=features"],
+            "distill.layers=[]: needs `student.module=teacher.module` pairs",
+        ),
+        (["prune.amount=1"], "prune.amount=1.0: must be in [0, 1) (0: off)"),
+        (["prune.amount=0.5", "ema.decay=0.9", "ema.save=true"], "ema.save=True: not with prune.amount"),
+        (["ewc.from={run}", "engine=deepspeed"], "ewc.from='{run}': not with engine=deepspeed"),
+        (["prune.amount=0.5", "engine=deepspeed"], "prune.amount=0.5: not with engine=deepspeed"),
+        (["ewc.from=nowhere"], "ewc.from='nowhere': no such run folder or weights file"),
+    ],
+)
 def test_bad_combining_keys_are_refused_before_any_rank_starts(tmp_path, overrides, line):
     from dtrain.config import ConfigError
-    from dtrain.train.config import validate
-    from dtrain.train.config import load_config
+    from dtrain.train.config import load_config, validate
 
     run = tmp_path / "run"
     run.mkdir()
@@ -170,14 +218,22 @@ def test_bad_combining_keys_are_refused_before_any_rank_starts(tmp_path, overrid
 
 @pytest.mark.slow
 def test_a_gan_refuses_distillation_in_one_line(tmp_path):
-    proc = run_dtrain(["train", str(Path(CNN).with_name("gan_digits.yaml")), f"distill.teacher={tmp_path}",
-                       "--nproc-per-node", "2"], cwd=tmp_path)
+    proc = run_dtrain(
+        ["train", str(Path(CNN).with_name("gan_digits.yaml")), f"distill.teacher={tmp_path}", "--nproc-per-node", "2"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith(f"distill.teacher='{tmp_path}': not for a GAN (two models, "
-                                                         "its own step): a task with one model and a loss")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"distill.teacher='{tmp_path}': not for a GAN (two models, its own step): a task with one model and a loss"
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- distillation
+
 
 @pytest.mark.slow
 def test_a_distilled_student_beats_the_same_student_trained_alone(runs):
@@ -211,8 +267,19 @@ def test_features_distillation_matches_named_modules_and_refuses_other_shapes(ru
     out = runs("features")
     s = summary(out)
     assert s["steps"] == 6 and s["final_loss"] < s["initial_loss"]
-    proc = run_dtrain(["train", CNN, *SMALL, "train.max_steps=2", f"distill.teacher={teacher}", "distill.kind=features",
-                       "distill.layers=[stem=stem]", f"output_dir={runs.root / 'bad'}"], cwd=runs.root)
+    proc = run_dtrain(
+        [
+            "train",
+            CNN,
+            *SMALL,
+            "train.max_steps=2",
+            f"distill.teacher={teacher}",
+            "distill.kind=features",
+            "distill.layers=[stem=stem]",
+            f"output_dir={runs.root / 'bad'}",
+        ],
+        cwd=runs.root,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "distill.layers='stem=stem': outputs differ in shape: student [" in proc.stderr
 
@@ -220,8 +287,18 @@ def test_features_distillation_matches_named_modules_and_refuses_other_shapes(ru
 @pytest.mark.slow
 def test_a_teacher_of_another_task_shape_is_refused_before_training(runs, tmp_path):
     teacher = runs("teacher")
-    proc = run_dtrain(["train", CNN, *SMALL, FIRST, "train.max_steps=2", f"distill.teacher={teacher}",
-                       f"output_dir={tmp_path / 'x'}"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            CNN,
+            *SMALL,
+            FIRST,
+            "train.max_steps=2",
+            f"distill.teacher={teacher}",
+            f"output_dir={tmp_path / 'x'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "do not match the student's [" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x" / "checkpoints").exists()
@@ -238,11 +315,14 @@ def test_a_transformer_distils_per_token_from_a_wider_teacher(runs):
 
 # ----------------------------------------------------------------------------- EWC
 
+
 @pytest.mark.slow
 def test_ewc_keeps_the_first_task_where_plain_fine_tuning_forgets_it(runs):
     first, plain, kept = runs("first"), runs("plain"), runs("ewc")
-    scores = {name: (evaluate(r, FIRST), evaluate(r, SECOND)) for name, r in
-              (("first", first), ("plain", plain), ("ewc", kept))}
+    scores = {
+        name: (evaluate(r, FIRST), evaluate(r, SECOND))
+        for name, r in (("first", first), ("plain", plain), ("ewc", kept))
+    }
     print("accuracy on (0-4, 5-9):", scores)
     assert scores["first"][0] > 0.95
     assert scores["plain"][0] < 0.85 and scores["plain"][1] > 0.9  # learnt the second, forgot the first
@@ -259,6 +339,7 @@ def test_ewc_under_fsdp2_penalises_the_shards_as_ddp_penalises_the_whole_and_res
 
 
 # ----------------------------------------------------------------------------- pruning
+
 
 @pytest.mark.slow
 def test_a_pruned_run_resumes_exactly_and_leaves_a_plain_sparse_model(runs):
@@ -281,12 +362,14 @@ def test_a_pruned_run_resumes_exactly_and_leaves_a_plain_sparse_model(runs):
 
 # ----------------------------------------------------------------------------- soups
 
+
 @pytest.mark.slow
 def test_greedy_soup_never_scores_below_its_best_ingredient(runs):
     ingredients = [runs(f"ft-{lr}") for lr in (0.4, 0.8, 1.6)]
     out = runs.root / "soup-greedy"
-    proc = check(run_dtrain(["soup", *map(str, ingredients), "--method", "greedy", "--output", str(out)],
-                            cwd=runs.root))
+    proc = check(
+        run_dtrain(["soup", *map(str, ingredients), "--method", "greedy", "--output", str(out)], cwd=runs.root)
+    )
     report = json.loads((out / "soup.json").read_text())
     best = max(i["accuracy"] for i in report["ingredients"])
     print(proc.stdout.strip())
@@ -294,8 +377,12 @@ def test_greedy_soup_never_scores_below_its_best_ingredient(runs):
     proc = check(run_dtrain(["evaluate", str(out)], cwd=runs.root))  # a run folder: evaluate takes it
     assert f"accuracy={report['soup']['accuracy']:.6g}" in proc.stdout
     uniform = runs.root / "soup-uniform"
-    check(run_dtrain(["soup", *map(str, ingredients), "--method", "uniform", "--bn-batches", "0", "--output",
-                      str(uniform)], cwd=runs.root))
+    check(
+        run_dtrain(
+            ["soup", *map(str, ingredients), "--method", "uniform", "--bn-batches", "0", "--output", str(uniform)],
+            cwd=runs.root,
+        )
+    )
     mean = soup.mix([weights(i) for i in ingredients], [1, 1, 1])
     assert max_param_diff(weights(uniform), mean) <= 1e-6
 
@@ -308,7 +395,12 @@ def test_weighted_soups_follow_their_weights_and_pruned_ingredients_keep_their_z
     expected = soup.mix([weights(Path(i)) for i in ingredients], [1, 3])
     assert max_param_diff(weights(out), expected) <= 1e-6
     first = weights(Path(ingredients[0]))["fc.weight"]
-    assert max_param_diff({"w": expected["fc.weight"]}, {"w": 0.25 * first + 0.75 * weights(Path(ingredients[1]))["fc.weight"]}) <= 1e-6
+    assert (
+        max_param_diff(
+            {"w": expected["fc.weight"]}, {"w": 0.25 * first + 0.75 * weights(Path(ingredients[1]))["fc.weight"]}
+        )
+        <= 1e-6
+    )
     # Two pruned models with different masks: their soup is zero wherever either is.
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     a[0], b[:, 0] = 0, 0
@@ -329,12 +421,14 @@ def test_interpolation_ends_are_the_runs_tracked_in_mlflow_and_another_architect
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{runs.root}/mlflow.db")
-    found = client.search_runs(client.get_run(summary(a)["run_id"]).info.experiment_id,
-                               "tags.`dtrain.kind` = 'interpolate'")
+    found = client.search_runs(
+        client.get_run(summary(a)["run_id"]).info.experiment_id, "tags.`dtrain.kind` = 'interpolate'"
+    )
     assert len(found) == 1 and found[0].info.status == "FINISHED"
     curve = client.get_metric_history(found[0].info.run_id, "eval/accuracy")
     assert [m.value for m in sorted(curve, key=lambda m: m.step)] == [p["accuracy"] for p in report["points"]]
-    proc = run_dtrain(["soup", str(runs("first")), str(runs("teacher")), "--output", str(runs.root / "no")],
-                      cwd=runs.root)
+    proc = run_dtrain(
+        ["soup", str(runs("first")), str(runs("teacher")), "--output", str(runs.root / "no")], cwd=runs.root
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has another architecture than the first" in proc.stderr and not (runs.root / "no").exists()

@@ -5,6 +5,7 @@ multi-rank and resume-on-another-world-size paths run in tests/test_fsdp.py."""
 import pytest
 import torch
 import torch.nn as nn
+from helpers import CNN, LM, FakeRun
 
 from dtrain.config import ConfigError, OptimConfig
 from dtrain.engines.ddp import DDPEngine
@@ -12,7 +13,6 @@ from dtrain.engines.precision import AmpPrecision
 from dtrain.features.ema import EMA
 from dtrain.protocols import StepOutput
 from dtrain.train.config import load_config, validate
-from helpers import CNN, LM, FakeRun
 
 STEPPED = StepOutput(torch.zeros(()), torch.zeros(()), True)
 
@@ -27,8 +27,14 @@ def engine() -> DDPEngine:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     cpu = torch.device("cpu")
-    return DDPEngine(model, OptimConfig(name="sgd", lr=0.1, base_batch_size=256), precision=AmpPrecision("fp32", cpu),
-                     device=cpu, global_batch=512, total_steps=10)
+    return DDPEngine(
+        model,
+        OptimConfig(name="sgd", lr=0.1, base_batch_size=256),
+        precision=AmpPrecision("fp32", cpu),
+        device=cpu,
+        global_batch=512,
+        total_steps=10,
+    )
 
 
 def train(e: DDPEngine, ema: EMA, steps: int, decays: list[float]) -> dict[str, torch.Tensor]:
@@ -60,8 +66,10 @@ def test_warmup_forgets_the_initial_weights_fast():
     ema = averaged(e, "ema.decay=0.999", "ema.warmup=true", "ema.base_batch_size=512")
     decays = [min(0.999, (1 + n) / (10 + n)) for n in range(4)]
     hand = train(e, ema, 4, decays)
-    assert decays[0] == 0.1 and max((ema.average.shadow[f"model.{k}"] - v).abs().max().item()
-                                    for k, v in hand.items()) < 1e-6
+    assert (
+        decays[0] == 0.1
+        and max((ema.average.shadow[f"model.{k}"] - v).abs().max().item() for k, v in hand.items()) < 1e-6
+    )
 
 
 def test_swapped_in_for_evaluation_and_back_exactly_and_checkpointed(tmp_path):
@@ -78,7 +86,9 @@ def test_swapped_in_for_evaluation_and_back_exactly_and_checkpointed(tmp_path):
     ema.save(tmp_path / "ema")
     fresh = averaged(engine(), "ema.decay=0.5", global_batch=256)
     fresh.load(tmp_path / "ema")
-    assert fresh.average.updates == 3 and all(torch.equal(fresh.average.shadow[k], v) for k, v in average.shadow.items())
+    assert fresh.average.updates == 3 and all(
+        torch.equal(fresh.average.shadow[k], v) for k, v in average.shadow.items()
+    )
 
 
 def test_refusals_are_one_line():

@@ -8,11 +8,11 @@ import subprocess
 
 import mlflow
 import pytest
+from helpers import ROOT, check, env_for_cli, run_dtrain, torchrun_cmd, torchrun_env
 
-from dtrain.features import goodput
 from dtrain.config import ConfigError
+from dtrain.features import goodput
 from dtrain.train.config import load_config
-from helpers import ROOT, check, run_dtrain, env_for_cli, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false"]
@@ -28,7 +28,8 @@ def test_young_daly_interval_follows_the_checkpoint_time():
     assert interval.delta_s == pytest.approx(2.5) and interval.steps == round(math.sqrt(2 * 2.5 * 3600) / 0.1)
     assert interval.update(4.5, 0.1, max_steps=100) and interval.steps == 100  # never past the run's end
     assert goodput.Interval(3600.0, delta_s=0.5).expected_loss(restart_s=30.0) == pytest.approx(
-        0.5 / 60 + (30 + 30) / 3600)
+        0.5 / 60 + (30 + 30) / 3600
+    )
     # The property the interval exists for: τ minimises the expected loss (the failure it guards
     # against: a fixed interval a user guessed, 10 x shorter or longer, loses more).
     best = goodput.Interval(3600.0, delta_s=0.5)
@@ -59,11 +60,27 @@ def test_auto_sets_the_interval_from_the_measured_checkpoint_time_and_follows_it
     # grow. Written in the background, rank 1's checkpoints block it for none of that: were the
     # interval its own, the ranks would checkpoint at different steps and hang (the timeout
     # turns that into a failure here).
-    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "model.fault=slow_checkpoint:0:60", "checkpoint.async=true",
-                             "tracking.enabled=false",
-                             "train.max_steps=400", "train.eval_every_steps=0", "checkpoint.every_steps=auto",
-                             "checkpoint.mtbf_hours=0.0002", "train.collective_timeout_s=20",
-                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=180))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "model.fault=slow_checkpoint:0:60",
+                "checkpoint.async=true",
+                "tracking.enabled=false",
+                "train.max_steps=400",
+                "train.eval_every_steps=0",
+                "checkpoint.every_steps=auto",
+                "checkpoint.mtbf_hours=0.0002",
+                "train.collective_timeout_s=20",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+            timeout=180,
+        )
+    )
     lines = _auto_lines(proc.stdout)
     assert len(lines) >= 2, proc.stdout
     (first, delta1, tau1), (later, delta2, tau2) = lines[0], lines[-1]
@@ -79,12 +96,28 @@ def test_auto_sets_the_interval_from_the_measured_checkpoint_time_and_follows_it
 def test_the_parts_add_up_over_a_sigkill_restart_and_count_the_redone_steps(tmp_path):
     uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
     # Under FSDP2 with checkpoints written in the background: δ is the copy, the account the same.
-    overrides = [*FAULTY, "engine=fsdp", "checkpoint.async=true", "model.fault=kill:1:29", "train.max_steps=40",
-                 "checkpoint.every_steps=20",
-                 "train.eval_every_steps=15", "tracking.log_every=1", "resume=auto", f"tracking.uri={uri}",
-                 "tracking.experiment=goodput", f"output_dir={out}"]
-    proc = subprocess.run(torchrun_cmd(2, RECIPE, overrides, max_restarts=1), cwd=tmp_path,
-                          env=torchrun_env(env_for_cli()), capture_output=True, text=True, timeout=600)
+    overrides = [
+        *FAULTY,
+        "engine=fsdp",
+        "checkpoint.async=true",
+        "model.fault=kill:1:29",
+        "train.max_steps=40",
+        "checkpoint.every_steps=20",
+        "train.eval_every_steps=15",
+        "tracking.log_every=1",
+        "resume=auto",
+        f"tracking.uri={uri}",
+        "tracking.experiment=goodput",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        torchrun_cmd(2, RECIPE, overrides, max_restarts=1),
+        cwd=tmp_path,
+        env=torchrun_env(env_for_cli()),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "resumed at step 20" in proc.stdout, proc.stderr[-3000:]
     g = json.loads((out / "summary.json").read_text())["goodput"]
     first, second = g["by_attempt"]

@@ -1,9 +1,8 @@
 """`monitor.every`: layer health logged to MLflow during training, warnings on vanishing or
 exploding gradients; nothing logged (and nothing hooked) when off."""
 
-import pytest
 import mlflow
-
+import pytest
 from helpers import ROOT, check, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -12,12 +11,26 @@ SHORT = ["train.max_steps=20", "train.eval_every_steps=0", "checkpoint.every_ste
 
 def monitored(tmp_path, *overrides, nproc=0, name="run"):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_dtrain(["train", CNN, *SHORT, f"tracking.uri={uri}", f"tracking.experiment={name}",
-                       f"output_dir={tmp_path / name}", *overrides], cwd=tmp_path, nproc=nproc)
+    proc = run_dtrain(
+        [
+            "train",
+            CNN,
+            *SHORT,
+            f"tracking.uri={uri}",
+            f"tracking.experiment={name}",
+            f"output_dir={tmp_path / name}",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        nproc=nproc,
+    )
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
-               for k in run.data.metrics if k.startswith("monitor/")}
+    history = {
+        k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+        for k in run.data.metrics
+        if k.startswith("monitor/")
+    }
     return proc, run.data.metrics, history
 
 
@@ -61,8 +74,15 @@ def test_off_logs_nothing(tmp_path):
 @pytest.mark.slow
 def test_sharded_engines_report_whole_weights(tmp_path):
     """Under ZeRO-3 every rank holds a shard: the monitor gathers whole gradients and weights."""
-    proc, metrics, _ = monitored(tmp_path, "monitor.every=10", "engine=deepspeed", "deepspeed.zero_stage=3",
-                                 "train.max_steps=10", "model.sync_bn=false", nproc=2)
+    proc, metrics, _ = monitored(
+        tmp_path,
+        "monitor.every=10",
+        "engine=deepspeed",
+        "deepspeed.zero_stage=3",
+        "train.max_steps=10",
+        "model.sync_bn=false",
+        nproc=2,
+    )
     check(proc)
     assert metrics["monitor/grad_norm/fc.weight"] > 0
     assert 1e-6 < metrics["monitor/update_ratio/fc.weight"] < 1e-1

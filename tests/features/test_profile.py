@@ -3,11 +3,9 @@ operators, and the step-time breakdown in summary.json and MLflow."""
 
 import json
 
-import torch
-
-import pytest
 import mlflow
-
+import pytest
+import torch
 from helpers import ROOT, check, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -17,10 +15,27 @@ CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 def test_only_the_chosen_rank_profiles_and_the_trace_loads(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
-    proc = check(run_dtrain(["train", CNN, "train.max_steps=8", "train.eval_every_steps=0", "checkpoint.every_steps=0",
-                             "profile.enabled=true", "profile.ranks=[1]", "profile.wait=1", "profile.warmup=1",
-                             "profile.active=2", f"tracking.uri={uri}", "tracking.experiment=prof",
-                             f"output_dir={out}"], cwd=tmp_path, nproc=2))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                CNN,
+                "train.max_steps=8",
+                "train.eval_every_steps=0",
+                "checkpoint.every_steps=0",
+                "profile.enabled=true",
+                "profile.ranks=[1]",
+                "profile.wait=1",
+                "profile.warmup=1",
+                "profile.active=2",
+                f"tracking.uri={uri}",
+                "tracking.experiment=prof",
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+        )
+    )
     files = sorted(p.name for p in (out / "profile").iterdir())
     assert files == ["breakdown_rank1.json", "ops_rank1.txt", "trace_rank1_step4.json"], files  # rank 1 only
     trace = json.loads((out / "profile" / "trace_rank1_step4.json").read_text())
@@ -33,7 +48,7 @@ def test_only_the_chosen_rank_profiles_and_the_trace_loads(tmp_path):
     assert set(parts) == {"data_ms", "forward_ms", "backward_ms", "optimizer_ms", "collectives_ms", "sync_bn_ms"}
     assert parts["forward_ms"] > 0 and parts["backward_ms"] > 0 and parts["collectives_ms"] > 0  # DDP + SyncBN
     assert 0 < parts["sync_bn_ms"] < parts["forward_ms"] + parts["backward_ms"]
-    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("profile, rank 1 ")]  # printed at the end
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("profile, rank 1 ")]  # printed at the end
     assert "(mean ms of CPU time per recorded step; the parts overlap): data " in line, line
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("prof").experiment_id])
@@ -52,13 +67,33 @@ def test_any_task_that_counts_tokens_gets_tokens_per_second_and_mfu(tmp_path):
     6 x parameters estimate when the peak is known (stated here: a CPU has no table entry).
     A task that counts no tokens gets neither."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = ["train.max_steps=6", "train.eval_every_steps=0", "checkpoint.every_steps=0", "tracking.log_every=3",
-              f"tracking.uri={uri}", "tracking.experiment=tokens"]
-    check(run_dtrain(["train", CNN, *common, "task=planted:PixelTokens", "model.peak_tflops=1",
-                      f"output_dir={tmp_path / 'tokens'}"], cwd=tmp_path))
+    common = [
+        "train.max_steps=6",
+        "train.eval_every_steps=0",
+        "checkpoint.every_steps=0",
+        "tracking.log_every=3",
+        f"tracking.uri={uri}",
+        "tracking.experiment=tokens",
+    ]
+    check(
+        run_dtrain(
+            [
+                "train",
+                CNN,
+                *common,
+                "task=planted:PixelTokens",
+                "model.peak_tflops=1",
+                f"output_dir={tmp_path / 'tokens'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     s = json.loads((tmp_path / "tokens" / "summary.json").read_text())
-    params = sum(p.numel() for p in torch.load(tmp_path / "tokens" / "model.pt", weights_only=True).values()
-                 if p.is_floating_point()) - _bn_buffers(tmp_path / "tokens" / "model.pt")
+    params = sum(
+        p.numel()
+        for p in torch.load(tmp_path / "tokens" / "model.pt", weights_only=True).values()
+        if p.is_floating_point()
+    ) - _bn_buffers(tmp_path / "tokens" / "model.pt")
     assert s["tokens_per_s"] == pytest.approx(s["throughput"] * 64)
     assert s["mfu"] == pytest.approx(s["tokens_per_s"] * 6 * params / 1e12)
     client = mlflow.MlflowClient(uri)

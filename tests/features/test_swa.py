@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import CNN, FakeRun, load_params, max_param_diff, spawn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dtrain.config import OptimConfig
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import AmpPrecision
-from dtrain.config import OptimConfig
 from dtrain.errors import ConfigError
 from dtrain.features.swa import SWA
 from dtrain.protocols import StepOutput
 from dtrain.tasks import Task
 from dtrain.train.config import load_config
-from helpers import CNN, FakeRun, load_params, max_param_diff, spawn
 
 STEPPED = StepOutput(torch.zeros(()), torch.zeros(()), True)
 
@@ -28,8 +28,14 @@ def averaging(*overrides: str) -> tuple[SWA, FakeRun, DDPEngine]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     cpu = torch.device("cpu")
-    e = DDPEngine(model, OptimConfig(name="sgd", lr=0.1), precision=AmpPrecision("fp32", cpu), device=cpu,
-                  global_batch=16, total_steps=10)
+    e = DDPEngine(
+        model,
+        OptimConfig(name="sgd", lr=0.1),
+        precision=AmpPrecision("fp32", cpu),
+        device=cpu,
+        global_batch=16,
+        total_steps=10,
+    )
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     run = FakeRun(load_config(CNN, ["tracking.enabled=false", *overrides]), {"model": e}, task=Task.__new__(Task))
     run.train_loader = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=16)
@@ -92,9 +98,21 @@ def _runs(rank: int, world: int, root: str, plan: list[tuple[str, list[str]]]) -
         fit(cfg, DistEnv(rank=rank, world_size=world, local_world_size=world), torch.device("cpu"))
 
 
-SMALL = ["tracking.enabled=false", "model.widths=[8]", "model.blocks_per_stage=1", "data.augment=false",
-         "train.max_steps=8", "checkpoint.every_steps=2", "train.eval_every_steps=4", "swa.start_step=3",
-         "swa.bn_batches=3", "model.sync_bn=true", "optim.schedule=constant", "optim.lr=0.2", "data.global_batch_size=32"]
+SMALL = [
+    "tracking.enabled=false",
+    "model.widths=[8]",
+    "model.blocks_per_stage=1",
+    "data.augment=false",
+    "train.max_steps=8",
+    "checkpoint.every_steps=2",
+    "train.eval_every_steps=4",
+    "swa.start_step=3",
+    "swa.bn_batches=3",
+    "model.sync_bn=true",
+    "optim.schedule=constant",
+    "optim.lr=0.2",
+    "data.global_batch_size=32",
+]
 
 
 @pytest.mark.slow
@@ -103,6 +121,7 @@ def test_stopped_and_resumed_on_another_world_size_the_run_ends_at_the_straight_
     spawn(_runs, 1, str(tmp_path), [("two", ["resume=auto"])])
     straight, resumed = load_params(tmp_path / "straight" / "model.pt"), load_params(tmp_path / "two" / "model.pt")
     assert max_param_diff(straight, resumed) < 1e-5  # another world size: reassociated sums only
-    last = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000008" / "model" / "state.pt",
-                      weights_only=True)["model"]
+    last = torch.load(
+        tmp_path / "straight" / "checkpoints" / "step_00000008" / "model" / "state.pt", weights_only=True
+    )["model"]
     assert max_param_diff(last, straight) > 1e-3  # model.pt is the average, not the last weights

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-
 from helpers import ROOT, check, run_dtrain
 
 GUIDE = ROOT / "docs" / "guide.md"
@@ -18,7 +17,7 @@ def guide_code(name: str, lang: str) -> str:
     """The code block the guide shows for `examples/tabular/<name>`."""
     text = GUIDE.read_text()
     marker = f"<!-- guide-code: examples/tabular/{name} -->\n```{lang}\n"
-    return text[text.index(marker) + len(marker):].split("```", 1)[0]
+    return text[text.index(marker) + len(marker) :].split("```", 1)[0]
 
 
 @pytest.mark.slow
@@ -45,27 +44,66 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     assert "rmse" in two.stdout
 
     # The two runs side by side: the same recipe at 1 and 2 ranks agrees.
-    compared = check(run_dtrain(["compare", "--experiment", "tabular", "--uri", uri, "--metric", "eval/r2",
-                                 "--tolerance", "0.05", "--output", "compare"], cwd=work))
+    compared = check(
+        run_dtrain(
+            [
+                "compare",
+                "--experiment",
+                "tabular",
+                "--uri",
+                uri,
+                "--metric",
+                "eval/r2",
+                "--tolerance",
+                "0.05",
+                "--output",
+                "compare",
+            ],
+            cwd=work,
+        )
+    )
     assert (work / "compare" / "comparison.png").exists() and "verdict: converges like the baseline" in compared.stdout
 
     # `dtrain check` passes the guide's task and catches a planted bug: the (N, 1) output against
     # (N,) targets, which MSE broadcasts to (N, N) (PyTorch only warns).
-    assert check(run_dtrain(["check", recipe, "--only", "overfit_batch,batch_independence", *tracked],
-                            cwd=work)).returncode == 0
+    assert (
+        check(
+            run_dtrain(["check", recipe, "--only", "overfit_batch,batch_independence", *tracked], cwd=work)
+        ).returncode
+        == 0
+    )
     buggy = tmp_path / "buggy"
     buggy.mkdir()
-    (buggy / "tabular_task.py").write_text((task / "tabular_task.py").read_text().replace(
-        "F.mse_loss(model(x).squeeze(-1), y)", "F.mse_loss(model(x), y)"))
+    (buggy / "tabular_task.py").write_text(
+        (task / "tabular_task.py").read_text().replace("F.mse_loss(model(x).squeeze(-1), y)", "F.mse_loss(model(x), y)")
+    )
     (buggy / "recipe.yaml").write_text((task / "recipe.yaml").read_text())
     caught = run_dtrain(["check", "../buggy/recipe.yaml", "--only", "overfit_batch", *tracked], cwd=work)
     assert caught.returncode == 1 and re.search(r"^overfit_batch\s+FAIL", caught.stdout, re.M), caught.stdout
 
     # A small search over the LR: trials are runs of the recipe; best.yaml is a recipe.
     (work / "space.yaml").write_text("optim.lr: {type: categorical, choices: [0.001, 0.003]}\n")
-    searched = check(run_dtrain(["search", recipe, "train.epochs=3", *tracked, "--space", "space.yaml",
-                                "--sampler", "grid", "--trials", "2", "--metric", "eval/r2", "--output", "search"],
-                               cwd=work))
+    searched = check(
+        run_dtrain(
+            [
+                "search",
+                recipe,
+                "train.epochs=3",
+                *tracked,
+                "--space",
+                "space.yaml",
+                "--sampler",
+                "grid",
+                "--trials",
+                "2",
+                "--metric",
+                "eval/r2",
+                "--output",
+                "search",
+            ],
+            cwd=work,
+        )
+    )
     assert "search: 2 trials" in searched.stdout and (work / "search" / "best.yaml").exists()
 
     # Predictions from the 2-rank run's folder, on raw held-out features: the run's own R^2.
@@ -77,8 +115,7 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     np.save(work / "features.npy", xte.astype(np.float32))
     lost = run_dtrain(["predict", "runs/two", "features.npy", "--output", "pred.npy"], cwd=work)
     assert lost.returncode == 2 and "put that folder on PYTHONPATH" in lost.stderr  # the run folder brings no code
-    check(run_dtrain(["predict", "runs/two", "features.npy", "--output", "pred.npy"], cwd=work,
-                     PYTHONPATH=str(task)))
+    check(run_dtrain(["predict", "runs/two", "features.npy", "--output", "pred.npy"], cwd=work, PYTHONPATH=str(task)))
     pred = np.load(work / "pred.npy").astype(np.float64)
     r2 = 1 - ((pred - yte) ** 2).sum() / ((yte - yte.mean()) ** 2).sum()
     assert r2 == pytest.approx(s["eval"]["r2"], abs=1e-4)

@@ -47,7 +47,7 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from the package, `level - 1` folders up
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*up, base] if base else up)
                 # `from pkg import sub` imports the module `sub`; `from pkg import name`, pkg itself
                 targets = [f"{base}.{a.name}" for a in node.names]
@@ -117,10 +117,14 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
 
 
 def long_functions(mods: dict[str, Path]) -> list[str]:
-    return [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
-            for name, path in mods.items() for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    return [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, path in mods.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,9 @@ def test_the_walk_finds_a_back_import_inside_a_function(tmp_path):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "dtrain/train/fit.py").write_text("from dtrain.data import loaders\n")
-    (tmp_path / "dtrain/data/loaders.py").write_text("def f():\n    from dtrain.train.fit import fit\n" + "    x = 1\n" * 49)
+    (tmp_path / "dtrain/data/loaders.py").write_text(
+        "def f():\n    from dtrain.train.fit import fit\n" + "    x = 1\n" * 49
+    )
     mods = modules(tmp_path)
     graph = imports(mods)
     assert cycles(graph) == [["dtrain.data.loaders", "dtrain.train.fit"]]

@@ -3,9 +3,9 @@ from DDP and from FSDP2 (sharded, DCP) checkpoints alike."""
 
 import pytest
 import torch
+from helpers import CNN, TINY_CNN, check, load_params, run_dtrain
 
 from dtrain.postrun.average import uniform_average
-from helpers import CNN, TINY_CNN, check, load_params, run_dtrain
 
 
 def state(folder):
@@ -16,16 +16,29 @@ def state(folder):
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("avg")
     out = root / "out"
-    check(run_dtrain(["train", CNN, *TINY_CNN, "train.max_steps=15", "checkpoint.every_steps=5", "checkpoint.keep=3",
-                      f"output_dir={out}"], cwd=root))
+    check(
+        run_dtrain(
+            [
+                "train",
+                CNN,
+                *TINY_CNN,
+                "train.max_steps=15",
+                "checkpoint.every_steps=5",
+                "checkpoint.keep=3",
+                f"output_dir={out}",
+            ],
+            cwd=root,
+        )
+    )
     return root, out / "checkpoints"
 
 
 def test_the_average_is_the_mean_of_the_checkpoints(run):
     root, ckpts = run
     folders = [ckpts / f"step_{s:08d}" for s in (5, 10, 15)]
-    proc = check(run_dtrain(["average", *map(str, folders), "--output", str(root / "avg.pt"), "--bn-batches", "0"],
-                            cwd=root))
+    proc = check(
+        run_dtrain(["average", *map(str, folders), "--output", str(root / "avg.pt"), "--bn-batches", "0"], cwd=root)
+    )
     assert "average: 3 checkpoint(s)" in proc.stdout and "accuracy" in proc.stdout
     avg, inputs = load_params(root / "avg.pt"), [state(f) for f in folders]
     for key, value in avg.items():
@@ -51,9 +64,13 @@ def test_checkpoints_of_two_runs_are_refused_in_one_line(run, tmp_path):
     root, ckpts = run
     other = tmp_path / "elsewhere" / "checkpoints" / "step_00000005"
     other.mkdir(parents=True)
-    proc = run_dtrain(["average", str(ckpts / "step_00000005"), str(other), "--output", str(tmp_path / "x.pt")],
-                      cwd=tmp_path)
+    proc = run_dtrain(
+        ["average", str(ckpts / "step_00000005"), str(other), "--output", str(tmp_path / "x.pt")], cwd=tmp_path
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("must be checkpoints of one run (step_* folders under "
-                                                         "the same output_dir/checkpoints)")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("must be checkpoints of one run (step_* folders under the same output_dir/checkpoints)")
+    )
     assert not (tmp_path / "x.pt").exists()

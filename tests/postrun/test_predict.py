@@ -4,11 +4,11 @@ the model its preprocessing back, so raw held-out inputs reproduce the run's own
 import numpy as np
 import pytest
 import torch
+from helpers import CNN, LM, ROOT, TINY_CNN, TINY_LM, check, run_dtrain
 
 import dtrain
-from dtrain.data import images
 from dtrain.config import ConfigError
-from helpers import CNN, LM, ROOT, TINY_CNN, TINY_LM, check, run_dtrain
+from dtrain.data import images
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,27 @@ def test_raw_images_give_the_runs_own_held_out_accuracy(cnn_run):
 def test_predict_writes_the_same_probabilities_and_refuses_bad_input_in_one_line(cnn_run, tmp_path):
     _, _, x, _ = images._digits_split(0.2)
     np.save(tmp_path / "digits.npy", x[:50])
-    proc = check(run_dtrain(["predict", str(cnn_run), str(tmp_path / "digits.npy"), "--output",
-                             str(tmp_path / "probs.npy"), "--batch-size", "16"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            [
+                "predict",
+                str(cnn_run),
+                str(tmp_path / "digits.npy"),
+                "--output",
+                str(tmp_path / "probs.npy"),
+                "--batch-size",
+                "16",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert proc.stdout.strip() == f"predict: 50 inputs [1, 8, 8] -> {tmp_path / 'probs.npy'} [50, 10] (cnn)"
     assert np.allclose(np.load(tmp_path / "probs.npy"), dtrain.load(cnn_run)(x[:50]).numpy(), atol=1e-6)
 
     np.save(tmp_path / "wrong.npy", np.zeros((4, 3, 5), dtype=np.float32))  # not (N, 1, 8, 8)
-    bad = run_dtrain(["predict", str(cnn_run), str(tmp_path / "wrong.npy"), "--output", str(tmp_path / "o.npy")],
-                     cwd=tmp_path)
+    bad = run_dtrain(
+        ["predict", str(cnn_run), str(tmp_path / "wrong.npy"), "--output", str(tmp_path / "o.npy")], cwd=tmp_path
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "inputs=" in bad.stderr and "float32[4, 3, 5]" in bad.stderr and "the model cannot take these" in bad.stderr
     assert not (tmp_path / "o.npy").exists()
@@ -62,15 +75,29 @@ def test_the_transformer_predicts_what_dtrain_sample_generates(tmp_path):
     text = "def "
     for _ in range(20):
         text += predictor.task.vocab.decode([int(predictor(text)[0, -1].argmax())])
-    sampled = check(run_dtrain(["sample", str(out), "--prompt", "def ", "--tokens", "20", "--top-k", "1"], cwd=tmp_path))
+    sampled = check(
+        run_dtrain(["sample", str(out), "--prompt", "def ", "--tokens", "20", "--top-k", "1"], cwd=tmp_path)
+    )
     assert sampled.stdout.rstrip("\n") == text
 
 
 @pytest.mark.slow
 def test_the_gan_predicts_samples_of_its_generator(tmp_path):
     out = tmp_path / "gan"
-    check(run_dtrain(["train", str(ROOT / "recipes" / "gan_digits.yaml"), "train.max_steps=4", "tracking.enabled=false",
-                      "train.eval_every_steps=0", "checkpoint.every_steps=0", f"output_dir={out}"], cwd=tmp_path))
+    check(
+        run_dtrain(
+            [
+                "train",
+                str(ROOT / "recipes" / "gan_digits.yaml"),
+                "train.max_steps=4",
+                "tracking.enabled=false",
+                "train.eval_every_steps=0",
+                "checkpoint.every_steps=0",
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     predictor = dtrain.load(out)
     images = predictor(16)
     assert images.shape == (16, 1, 8, 8) and images.abs().max() <= 1

@@ -7,10 +7,9 @@ import signal
 import subprocess
 import time
 
-import pytest
 import mlflow
 import psutil
-
+import pytest
 from helpers import ROOT, env_for_cli, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -18,9 +17,15 @@ RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 def torchrun(args: list[str], cwd, restarts: int = 1) -> subprocess.Popen:
     """The command and environment `dtrain train --nproc-per-node 2` runs, with restarts."""
-    return subprocess.Popen(torchrun_cmd(2, RECIPE, args, max_restarts=restarts), cwd=cwd,
-                            env=torchrun_env(env_for_cli()), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        torchrun_cmd(2, RECIPE, args, max_restarts=restarts),
+        cwd=cwd,
+        env=torchrun_env(env_for_cli()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def workers(agent: subprocess.Popen) -> list[psutil.Process]:
@@ -31,8 +36,17 @@ def workers(agent: subprocess.Popen) -> list[psutil.Process]:
 def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "out"
-    agent = torchrun(["train.max_steps=80", "checkpoint.every_steps=10", "tracking.log_every=10",
-                      f"tracking.uri={uri}", "tracking.experiment=elastic", f"output_dir={out}"], tmp_path)
+    agent = torchrun(
+        [
+            "train.max_steps=80",
+            "checkpoint.every_steps=10",
+            "tracking.log_every=10",
+            f"tracking.uri={uri}",
+            "tracking.experiment=elastic",
+            f"output_dir={out}",
+        ],
+        tmp_path,
+    )
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000020"):
@@ -57,12 +71,23 @@ def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
 @pytest.mark.slow
 def test_hung_rank_ends_the_job_with_its_name(tmp_path):
     t0 = time.time()
-    agent = torchrun(["task=faulty:FaultyTask", "model.fault=hang:1:5", "train.max_steps=40",
-                      "train.collective_timeout_s=8", "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"],
-                     tmp_path, restarts=0)
+    agent = torchrun(
+        [
+            "task=faulty:FaultyTask",
+            "model.fault=hang:1:5",
+            "train.max_steps=40",
+            "train.collective_timeout_s=8",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        tmp_path,
+        restarts=0,
+    )
     stdout, stderr = agent.communicate(timeout=240)
     assert agent.returncode != 0
-    ours = [l for l in stderr.splitlines() if l.startswith("dtrain: error:")]
-    assert ours == ["dtrain: error: a collective waited longer than train.collective_timeout_s=8s: "
-                    "rank(s) 1 never joined it (hung or dead)"], stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if line.startswith("dtrain: error:")]
+    assert ours == [
+        "dtrain: error: a collective waited longer than train.collective_timeout_s=8s: "
+        "rank(s) 1 never joined it (hung or dead)"
+    ], stderr[-3000:]
     assert time.time() - t0 < 120

@@ -8,13 +8,13 @@ import mlflow
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import ROOT, run_dtrain, spawn
 
+from dtrain.engines import build_engines
 from dtrain.studies import check
 from dtrain.studies.check import dist as dist_check
 from dtrain.studies.check.context import Context
-from dtrain.engines import build_engines
 from dtrain.train.config import load_config
-from helpers import ROOT, run_dtrain, spawn
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
@@ -22,8 +22,9 @@ GAN = str(ROOT / "recipes" / "gan_digits.yaml")
 
 
 def dtrain_check(tmp_path, recipe, *args, nproc=0, name="out"):
-    proc = run_dtrain(["check", recipe, f"output_dir={tmp_path / name}", "tracking.enabled=false", *args],
-                      cwd=tmp_path, nproc=nproc)
+    proc = run_dtrain(
+        ["check", recipe, f"output_dir={tmp_path / name}", "tracking.enabled=false", *args], cwd=tmp_path, nproc=nproc
+    )
     path = tmp_path / name / "check.json"
     results = {c["name"]: c for c in json.loads(path.read_text())["checks"]} if path.exists() else {}
     return proc, results
@@ -80,11 +81,15 @@ def test_the_gan_recipe_passes_what_applies(tmp_path):
 @pytest.mark.slow
 def test_distributed_passes_on_two_ranks_under_deepspeed_with_accumulation(tmp_path):
     """(DDP: `test_ranks_that_build_different_models` below.)"""
-    proc, results = dtrain_check(tmp_path, CNN, "engine=deepspeed", "data.grad_accum_steps=2",
-                                 "--only=distributed", nproc=2)
+    proc, results = dtrain_check(
+        tmp_path, CNN, "engine=deepspeed", "data.grad_accum_steps=2", "--only=distributed", nproc=2
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert verdicts(results) == {"distributed/samples": "PASS", "distributed/params": "PASS",
-                                 "distributed/grads": "PASS"}, results
+    assert verdicts(results) == {
+        "distributed/samples": "PASS",
+        "distributed/params": "PASS",
+        "distributed/grads": "PASS",
+    }, results
     assert results["distributed/grads"]["value"] < 1e-6
 
 
@@ -93,8 +98,9 @@ def test_distributed_passes_on_two_ranks_under_deepspeed_with_accumulation(tmp_p
 
 @pytest.mark.slow
 def test_a_model_that_ignores_its_input(tmp_path):
-    proc, results = dtrain_check(tmp_path, CNN, "task=planted:IgnoresInput",
-                                 "--only=overfit_batch,input_independent,batch_independence")
+    proc, results = dtrain_check(
+        tmp_path, CNN, "task=planted:IgnoresInput", "--only=overfit_batch,input_independent,batch_independence"
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     v = verdicts(results)
     assert v == {"overfit_batch": "FAIL", "input_independent": "WARN", "batch_independence": "WARN"}, proc.stdout
@@ -130,8 +136,9 @@ def test_a_causal_mask_that_leaks_the_next_token(tmp_path):
 
 
 def test_a_model_with_only_the_last_positions_output_skips_the_causal_check_saying_why(tmp_path):
-    proc, results = dtrain_check(tmp_path, LM, "task=planted:LastPositionOnly", "model.n_layer=1",
-                                 "--only=batch_independence")
+    proc, results = dtrain_check(
+        tmp_path, LM, "task=planted:LastPositionOnly", "model.n_layer=1", "--only=batch_independence"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr  # it used to FAIL with IndexError
     assert results["batch_independence"]["verdict"] == "PASS"
     assert results["causal"]["verdict"] == "SKIP"
@@ -140,8 +147,9 @@ def test_a_model_with_only_the_last_positions_output_skips_the_causal_check_sayi
 
 def test_a_split_with_duplicated_samples(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc, results = dtrain_check(tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data",
-                                 "tracking.enabled=true", f"tracking.uri={uri}")
+    proc, results = dtrain_check(
+        tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data", "tracking.enabled=true", f"tracking.uri={uri}"
+    )
     assert proc.returncode == 1
     assert results["data/duplicates"]["verdict"] == "FAIL"
     assert results["data/duplicates"]["detail"].startswith("40 of 360 test inputs")
@@ -153,8 +161,11 @@ def test_a_split_with_duplicated_samples(tmp_path):
 def test_ranks_that_build_different_models(tmp_path):
     proc, results = dtrain_check(tmp_path, CNN, "task=planted:PerRankInit", "--only=distributed", nproc=2)
     assert proc.returncode == 0  # a WARN: DDP broadcasts rank 0's weights, training is consistent
-    assert verdicts(results) == {"distributed/samples": "PASS", "distributed/params": "WARN",
-                                 "distributed/grads": "PASS"}, results
+    assert verdicts(results) == {
+        "distributed/samples": "PASS",
+        "distributed/params": "WARN",
+        "distributed/grads": "PASS",
+    }, results
     assert results["distributed/grads"]["value"] < 1e-6  # DDP's reduction, from rank 0's weights
 
 
@@ -183,5 +194,5 @@ def test_bad_check_names_are_one_line(tmp_path):
     proc, _ = dtrain_check(tmp_path, CNN, "--only=init_loss,overfit")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "dtrain: error: --only='init_loss,overfit': names checks, comma-separated, of: "
-        + ", ".join(check.NAMES)]
+        "dtrain: error: --only='init_loss,overfit': names checks, comma-separated, of: " + ", ".join(check.NAMES)
+    ]

@@ -8,7 +8,6 @@ import json
 
 import mlflow
 import pytest
-
 from helpers import ROOT, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
@@ -20,8 +19,21 @@ SMALL_LM = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.block
 
 def invariance(tmp_path, recipe, *overrides, nproc=2, tracking=False, **env):
     out = tmp_path / "out"
-    proc = run_dtrain(["check", recipe, "--only", "invariance", "--nproc-per-node", str(nproc), f"output_dir={out}",
-                       *([] if tracking else ["tracking.enabled=false"]), *overrides], cwd=tmp_path, **env)
+    proc = run_dtrain(
+        [
+            "check",
+            recipe,
+            "--only",
+            "invariance",
+            "--nproc-per-node",
+            str(nproc),
+            f"output_dir={out}",
+            *([] if tracking else ["tracking.enabled=false"]),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        **env,
+    )
     report = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else {}
     results = {c["name"]: c for c in report.get("checks", [])}
     return proc, results, report
@@ -43,8 +55,10 @@ def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
     head = results["invariance"]
     assert "3 step(s), 1 rank x 64 vs 2 ranks x 32, ddp, fp32; tolerance" in head["detail"]
     assert head["value"] < report["invariance"]["tolerance"] / 10  # far inside, not at the edge
-    assert set(results) == {"invariance", *(f"invariance/{p}" for p in (
-        "samples", "lr", "forward", "loss", "grads", "params", "buffers", "determinism"))}
+    assert set(results) == {
+        "invariance",
+        *(f"invariance/{p}" for p in ("samples", "lr", "forward", "loss", "grads", "params", "buffers", "determinism")),
+    }
     assert (tmp_path / "out" / "check" / "invariance.png").stat().st_size > 0
     assert "the runs agree" in proc.stdout and "s (with process start)" in proc.stdout
     client = mlflow.MlflowClient(uri)
@@ -55,13 +69,17 @@ def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, overrides, nproc", [
-    (CNN, ["data.global_batch_size=48"], 3),
-    (LM, [*SMALL_LM, "engine=fsdp"], 2),
-    (LM, [*SMALL_LM, "engine=deepspeed", "deepspeed.zero_stage=3", "data.grad_accum_steps=2"], 2),
-    (GAN, [], 2),
-    (TABULAR, ["model.dropout=0"], 2),
-], ids=["cnn-3-ranks", "transformer-fsdp", "transformer-zero3-accum", "gan", "guide-tabular"])
+@pytest.mark.parametrize(
+    "recipe, overrides, nproc",
+    [
+        (CNN, ["data.global_batch_size=48"], 3),
+        (LM, [*SMALL_LM, "engine=fsdp"], 2),
+        (LM, [*SMALL_LM, "engine=deepspeed", "deepspeed.zero_stage=3", "data.grad_accum_steps=2"], 2),
+        (GAN, [], 2),
+        (TABULAR, ["model.dropout=0"], 2),
+    ],
+    ids=["cnn-3-ranks", "transformer-fsdp", "transformer-zero3-accum", "gan", "guide-tabular"],
+)
 def test_shipped_recipes_agree(tmp_path, recipe, overrides, nproc):
     passes(*invariance(tmp_path, recipe, *overrides, nproc=nproc)[:2])
 
@@ -71,7 +89,13 @@ def test_shipped_recipes_agree(tmp_path, recipe, overrides, nproc):
 
 PLANTED = {
     # task: (overrides, the part that differs first, where, words of the cause, words of the fix)
-    "PlainBatchNorm": (["model.sync_bn=false"], "forward", "model.2", "BatchNorm statistics per rank", "model.sync_bn=true"),
+    "PlainBatchNorm": (
+        ["model.sync_bn=false"],
+        "forward",
+        "model.2",
+        "BatchNorm statistics per rank",
+        "model.sync_bn=true",
+    ),
     "GlobalDropout": ([], "forward", "model.2", "draws from the global RNG", "sample_generator"),
     "GlobalAugmentation": ([], "samples", "", "the same indices give different samples", "sample_generator"),
     "IgnoresSamplerIndex": ([], "samples", "", "not split across ranks", "index it is given"),
@@ -88,8 +112,9 @@ def _planted_config(root, task):
     if task == "PaddedTokens":  # not an image task: a recipe of its own
         recipe = root / "tokens.yaml"
         recipe.write_text("task: planted:PaddedTokens\ndata: {global_batch_size: 32}\noptim: {name: adamw, lr: 0.01}\n")
-    return load_config(str(recipe), [f"task=planted:{task}", "tracking.enabled=false", f"output_dir={root / task}",
-                                     *PLANTED[task][0]])
+    return load_config(
+        str(recipe), [f"task=planted:{task}", "tracking.enabled=false", f"output_dir={root / task}", *PLANTED[task][0]]
+    )
 
 
 def _record_planted(rank, world, root):
@@ -110,20 +135,26 @@ def planted(tmp_path_factory):
     """The records of the planted tasks, made in two process groups shared by all (the command's
     own launch is tested above and below): {task: (config, reference runs, rank runs)}."""
     import torch
-
     from helpers import spawn
 
     root = tmp_path_factory.mktemp("planted")
     spawn(_record_planted, 1, root)
     spawn(_record_planted, 2, root)
     load = lambda name: torch.load(root / name, weights_only=True)  # noqa: E731
-    return {task: (_planted_config(root, task), load(f"{task}-world1-rank0.pt"),
-                   [load(f"{task}-world2-rank{r}.pt")[0] for r in range(2)]) for task in PLANTED}
+    return {
+        task: (
+            _planted_config(root, task),
+            load(f"{task}-world1-rank0.pt"),
+            [load(f"{task}-world2-rank{r}.pt")[0] for r in range(2)],
+        )
+        for task in PLANTED
+    }
 
 
 @pytest.mark.parametrize("task", PLANTED)
 def test_a_planted_cause_is_named_at_its_step_and_module(planted, task):
-    from dtrain.studies.check import exit_code, invariance as check_invariance
+    from dtrain.studies.check import exit_code
+    from dtrain.studies.check import invariance as check_invariance
 
     overrides, part, where, cause, fix = PLANTED[task]
     cfg, ref, ranks = planted[task]
@@ -139,7 +170,7 @@ def test_a_planted_cause_is_named_at_its_step_and_module(planted, task):
     assert exit_code(found_results) == 1
     assert head.verdict == found.verdict == "FAIL" and "first difference at step 1" in head.detail, head.detail
     earlier = ("samples", "lr", "forward", "loss", "grads", "params", "buffers")
-    for before in earlier[:earlier.index(part)] if part in earlier else ():
+    for before in earlier[: earlier.index(part)] if part in earlier else ():
         assert results[f"invariance/{before}"].verdict == "PASS", (before, head.detail)
     assert details["first_step"] == 1
 
@@ -156,11 +187,14 @@ def test_the_module_table_starts_where_the_difference_starts(tmp_path):
 # ------------------------------------------------------------------ refused in one line
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--only", "invariance"], "--nproc-per-node"),
-    (["--only", "invariance,data", "--nproc-per-node", "2"], "ask for it alone"),
-    (["--only", "invariance", "--nproc-per-node", "3"], "data.global_batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--only", "invariance"], "--nproc-per-node"),
+        (["--only", "invariance,data", "--nproc-per-node", "2"], "ask for it alone"),
+        (["--only", "invariance", "--nproc-per-node", "3"], "data.global_batch_size"),
+    ],
+)
 def test_what_it_cannot_compare_is_one_line(tmp_path, args, words):
     proc = run_dtrain(["check", CNN, *args, "tracking.enabled=false", f"output_dir={tmp_path}/out"], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -169,7 +203,10 @@ def test_what_it_cannot_compare_is_one_line(tmp_path, args, words):
 
 
 def test_under_a_launcher_it_says_how_to_start_it(tmp_path):
-    proc = run_dtrain(["check", CNN, "--only=invariance", "tracking.enabled=false", f"output_dir={tmp_path}/out"],
-                      cwd=tmp_path, nproc=2)
+    proc = run_dtrain(
+        ["check", CNN, "--only=invariance", "tracking.enabled=false", f"output_dir={tmp_path}/out"],
+        cwd=tmp_path,
+        nproc=2,
+    )
     # torchrun's agent adds its own failure summary; the ranks' line is the one that says why.
     assert proc.returncode != 0 and "from a shell, not under a launcher" in proc.stderr

@@ -10,13 +10,18 @@ import time
 import mlflow
 import optuna
 import pytest
-
-from dtrain.train.config import load_config
 from helpers import PY, ROOT, env_for_cli, run_dtrain
 
+from dtrain.train.config import load_config
+
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
-SHORT = ["train.max_steps=20", "train.eval_every_steps=10", "tracking.log_every=10", "data.augment=false",
-         "checkpoint.every_steps=0"]
+SHORT = [
+    "train.max_steps=20",
+    "train.eval_every_steps=10",
+    "tracking.log_every=10",
+    "data.augment=false",
+    "checkpoint.every_steps=0",
+]
 # 2 good learning rates and an obviously bad one, each with and without warmup: a grid of 6.
 GRID = """optim.lr: {type: categorical, choices: [0.8, 0.4, 1.0e-6]}
 optim.warmup_steps: {type: categorical, choices: [0, 5]}
@@ -25,8 +30,21 @@ optim.warmup_steps: {type: categorical, choices: [0, 5]}
 
 def search_cmd(tmp_path, *args, uri=None):
     uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
-    return [PY, "-m", "dtrain", "search", CNN, *SHORT, f"tracking.uri={uri}", "tracking.experiment=search",
-            "--space", str(tmp_path / "space.yaml"), "--output", str(tmp_path / "out"), *args]
+    return [
+        PY,
+        "-m",
+        "dtrain",
+        "search",
+        CNN,
+        *SHORT,
+        f"tracking.uri={uri}",
+        "tracking.experiment=search",
+        "--space",
+        str(tmp_path / "space.yaml"),
+        "--output",
+        str(tmp_path / "out"),
+        *args,
+    ]
 
 
 def finished(summary):
@@ -37,8 +55,9 @@ def finished(summary):
 def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     (tmp_path / "space.yaml").write_text(GRID)
     cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6", "--prune-startup", "2")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not (tmp_path / "out" / "trial_001").exists() and time.time() < deadline:
         time.sleep(0.5)
@@ -54,8 +73,11 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     states = [t["state"] for t in summary["trials"]]
     assert len(finished(summary)) == 6 and states.count("FAIL") == 1, states  # the killed trial
     assert "PRUNED" in states and len(states) == len({t["number"] for t in summary["trials"]})
-    assert all(t["params"]["optim.lr"] > 1e-3 for t in summary["trials"] if t["state"] == "COMPLETE"
-               and t["value"] == summary["best"]["value"])
+    assert all(
+        t["params"]["optim.lr"] > 1e-3
+        for t in summary["trials"]
+        if t["state"] == "COMPLETE" and t["value"] == summary["best"]["value"]
+    )
     assert "search: trial" in again.stdout and "pruned" in again.stdout
     best = load_config(tmp_path / "out" / "best.yaml")  # a recipe that loads
     assert best.optim.lr == summary["best"]["params"]["optim.lr"]
@@ -82,9 +104,14 @@ def test_failing_trials_stop_the_search_and_every_trial_starts_in_a_clean_folder
     stale = tmp_path / "out" / "trial_000"
     stale.mkdir(parents=True)
     (stale / "pruned.json").write_text('{"pruned_at_step": 10, "value": 0.5}\n')
-    proc = subprocess.run(search_cmd(tmp_path, "--trials", "1", "--max-failures", "2", "task=faulty:FaultyTask",
-                                     "model.fault=raise:0:2"), cwd=tmp_path, env=env_for_cli(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        search_cmd(tmp_path, "--trials", "1", "--max-failures", "2", "task=faulty:FaultyTask", "model.fault=raise:0:2"),
+        cwd=tmp_path,
+        env=env_for_cli(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback (most recent call last)" not in proc.stderr.split("boom in user code")[-1]
     line = proc.stderr.strip().splitlines()[-1]
@@ -100,9 +127,23 @@ def test_a_stopped_search_kills_a_trial_that_ignores_the_stop(tmp_path):
     """A trial stuck in a step with a grace timer longer than the search waits never exits
     on SIGTERM; it was left running, orphaned. Now it is SIGKILLed after --stop-grace."""
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
-    search = subprocess.Popen(search_cmd(tmp_path, "--trials", "1", "--stop-grace", "2", "task=faulty:FaultyTask",
-                                         "model.fault=hang:0:2", "train.collective_timeout_s=100000"),
-                              cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    search = subprocess.Popen(
+        search_cmd(
+            tmp_path,
+            "--trials",
+            "1",
+            "--stop-grace",
+            "2",
+            "task=faulty:FaultyTask",
+            "model.fault=hang:0:2",
+            "train.collective_timeout_s=100000",
+        ),
+        cwd=tmp_path,
+        env=env_for_cli(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def trial_processes():
         ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
@@ -122,27 +163,52 @@ def test_a_stopped_search_kills_a_trial_that_ignores_the_stop(tmp_path):
 @pytest.mark.slow
 def test_a_metric_the_task_does_not_report_stops_the_search_after_one_trial(tmp_path):
     (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0}\n")
-    proc = subprocess.run(search_cmd(tmp_path, "--trials", "3", "--metric", "eval/acc"), cwd=tmp_path,
-                          env=env_for_cli(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        search_cmd(tmp_path, "--trials", "3", "--metric", "eval/acc"),
+        cwd=tmp_path,
+        env=env_for_cli(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("dtrain: error: search: trial 0 refused the recipe"), lines
-    assert any("trial.metric='acc': not an eval metric of this task; it reports accuracy, loss" in l for l in lines)
+    assert any(
+        "trial.metric='acc': not an eval metric of this task; it reports accuracy, loss" in line for line in lines
+    )
     assert "step 1/" not in proc.stdout
 
 
 @pytest.mark.slow
 def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, postgres):
-    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
-                                         "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"
-                                         "optim.warmup_steps: {type: int, low: 0, high: 10}\n")
+    (tmp_path / "space.yaml").write_text(
+        "optim.lr: {type: float, low: 0.1, high: 1.0, log: true}\n"
+        "optim.weight_decay: {type: float, low: 0.0, high: 1.0e-3}\n"
+        "optim.warmup_steps: {type: int, low: 0, high: 10}\n"
+    )
     # A password in the URL (this test server trusts loopback, so any works) reaches no file, MLflow
     # param or trial command line: trials get the URL in their environment.
     secret = "s3cret-pw-9f1c"
     storage = postgres.replace("postgres@", f"postgres:{secret}@")
-    cmd = search_cmd(tmp_path, "--trials", "4", "--storage", storage, "--study", "shared", "--pruner", "none",
-                     "--nproc-per-node", "2")
-    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd = search_cmd(
+        tmp_path,
+        "--trials",
+        "4",
+        "--storage",
+        storage,
+        "--study",
+        "shared",
+        "--pruner",
+        "none",
+        "--nproc-per-node",
+        "2",
+    )
+    workers = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     commands: set[str] = set()
     while any(w.poll() is None for w in workers):
         ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
@@ -169,8 +235,18 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
 
 def test_a_key_the_task_does_not_have_is_refused_before_any_trial(tmp_path):
     (tmp_path / "space.yaml").write_text("model.norm: {type: categorical, choices: [layernorm, rmsnorm]}\n")
-    proc = run_dtrain(["search", CNN, "--space", str(tmp_path / "space.yaml"), "--output", str(tmp_path / "out"),
-                       "tracking.enabled=false"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "search",
+            CNN,
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--output",
+            str(tmp_path / "out"),
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("dtrain: error: space.model.norm=") and "unknown key" in line, line
@@ -183,9 +259,11 @@ def test_space_conditions_and_types(tmp_path):
 
     cfg = load_config(CNN, ["tracking.enabled=false"])
     path = tmp_path / "space.yaml"
-    path.write_text("optim.name: {type: categorical, choices: [sgd, adamw]}\n"
-                    "optim.momentum: {type: float, low: 0.5, high: 0.99, when: {optim.name: sgd}}\n"
-                    "optim.warmup_steps: {type: int, low: 0, high: 100, step: 10}\n")
+    path.write_text(
+        "optim.name: {type: categorical, choices: [sgd, adamw]}\n"
+        "optim.momentum: {type: float, low: 0.5, high: 0.99, when: {optim.name: sgd}}\n"
+        "optim.warmup_steps: {type: int, low: 0, high: 100, step: 10}\n"
+    )
     params = load_space(path, cfg)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
@@ -205,8 +283,12 @@ def test_plots_name_the_metric_and_a_best_value_at_a_range_edge_is_warned(tmp_pa
     from dtrain.studies.search.space import Param
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda t: -(t.suggest_float("optim.lr", 1e-4, 1.0, log=True) - 0.01) ** 2
-                   + 0 * t.suggest_int("model.width", 8, 64), n_trials=8)
+    study.optimize(
+        lambda t: (
+            -((t.suggest_float("optim.lr", 1e-4, 1.0, log=True) - 0.01) ** 2) + 0 * t.suggest_int("model.width", 8, 64)
+        ),
+        n_trials=8,
+    )
     made = {p.name for p in plots(study, tmp_path, "eval/accuracy")}
     assert made == {"history.png", "slice.png", "importances.png"}
     one = optuna.create_study()
@@ -214,8 +296,11 @@ def test_plots_name_the_metric_and_a_best_value_at_a_range_edge_is_warned(tmp_pa
     (tmp_path / "one").mkdir()
     assert {p.name for p in plots(one, tmp_path / "one", "eval/loss")} == {"history.png", "slice.png"}
 
-    space = [Param("optim.lr", "float", 1e-4, 1.0, log=True), Param("model.width", "int", 8, 64),
-             Param("optim.name", "categorical", choices=["sgd", "adamw"])]
+    space = [
+        Param("optim.lr", "float", 1e-4, 1.0, log=True),
+        Param("model.width", "int", 8, 64),
+        Param("optim.name", "categorical", choices=["sgd", "adamw"]),
+    ]
     assert edge_warnings(space, {"params": {"optim.lr": 0.01, "model.width": 32, "optim.name": "sgd"}}) == []
     (line,) = edge_warnings(space, {"params": {"optim.lr": 1.2e-4, "model.width": 32, "optim.name": "sgd"}})
     assert line.startswith("search: warning: the best optim.lr=0.00012 lies at the low edge of its range")
@@ -227,22 +312,35 @@ def test_a_trial_is_pruned_only_after_the_warm_up(tmp_path, warmup, startup, pru
     """The defaults (3 completed trials, the first evaluation free) keep the median pruner from
     cutting a trial at its first, noisy report; warm-up 0 shows the cut they prevent, and
     5 startup trials (more than have completed) none at all."""
-    from dtrain.features.trial import Trial, make_pruner
-    from dtrain.train.config import load_config
     from helpers import FakeRun
 
+    from dtrain.features.trial import Trial, make_pruner
+    from dtrain.train.config import load_config
+
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
-                                pruner=make_pruner("median", startup))
+    study = optuna.create_study(
+        storage=storage, study_name="s", direction="maximize", pruner=make_pruner("median", startup)
+    )
     for value in (0.8, 0.85, 0.9):  # three trials completed, each reporting at steps 10 and 20
         t = study.ask()
         t.report(value - 0.1, 10)
         t.report(value, 20)
         study.tell(t, value)
     trial_id = study.ask()._trial_id
-    run = FakeRun(load_config(CNN, [f"trial.storage={storage}", "trial.study=s", f"trial.trial_id={trial_id}",
-                                    "trial.metric=accuracy", f"trial.prune_startup={startup}",
-                                    f"trial.prune_warmup={warmup}"]), metrics=["accuracy"])
+    run = FakeRun(
+        load_config(
+            CNN,
+            [
+                f"trial.storage={storage}",
+                "trial.study=s",
+                f"trial.trial_id={trial_id}",
+                "trial.metric=accuracy",
+                f"trial.prune_startup={startup}",
+                f"trial.prune_warmup={warmup}",
+            ],
+        ),
+        metrics=["accuracy"],
+    )
     reporter = Trial(run)
     stops = []
     for step in (10, 20):  # far below the median

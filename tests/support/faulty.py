@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import MLPConfig, MLPModelConfig, MLPTask
 from torch.utils.data import Subset
 
 from dtrain.tasks.cnn import CNNTask
-from helpers import MLPConfig, MLPModelConfig, MLPTask
 
 
 @dataclass
@@ -81,7 +81,9 @@ class FaultyTask(MLPTask):
                 raise RuntimeError(f"boom in user code on rank {self.rank} at step {self.steps}")
             if self.kind == "fill_disk":
                 _fill(Path(self.cfg.output_dir) / "filler")
-            marker = Path(self.cfg.output_dir) / f".killed-rank{self.rank}"  # for launchers that count no restarts (Ray)
+            marker = (
+                Path(self.cfg.output_dir) / f".killed-rank{self.rank}"
+            )  # for launchers that count no restarts (Ray)
             if self.kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and not marker.exists():
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)

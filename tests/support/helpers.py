@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from dtrain.runtime.launch import torchrun_cmd, torchrun_env
-from dtrain.runtime.distributed import shutdown
 from dtrain.config import Config
+from dtrain.runtime.distributed import shutdown
+from dtrain.runtime.launch import torchrun_cmd, torchrun_env
 from dtrain.tasks.cnn import CNNModelConfig, CNNTask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,15 +26,30 @@ PY = sys.executable
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 # A small LM so that 20 steps take seconds; fp32, clipping on.
-TINY_LM = ["train.max_steps=20", "tracking.enabled=false", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-           "model.block_size=64", "data.global_batch_size=16", "data.max_chars=200000", "train.eval_every_steps=0",
-           "checkpoint.every_steps=0", "optim.clip_grad_norm=0.5"]
+TINY_LM = [
+    "train.max_steps=20",
+    "tracking.enabled=false",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=4",
+    "model.block_size=64",
+    "data.global_batch_size=16",
+    "data.max_chars=200000",
+    "train.eval_every_steps=0",
+    "checkpoint.every_steps=0",
+    "optim.clip_grad_norm=0.5",
+]
 # The DDP baselines the other engines are compared with (`tiny_runs("ddp" / "cnn-ddp", *DDP_BASELINE)`):
 # with an EMA, which changes no training step, so that its evaluation can be compared too.
 DDP_BASELINE = ("ema.decay=0.9",)
 # The digits CNN (synchronised BatchNorm), 20 steps, no augmentation.
-TINY_CNN = ["tracking.enabled=false", "train.max_steps=20", "data.augment=false", "checkpoint.every_steps=0",
-            "train.eval_every_steps=0"]
+TINY_CNN = [
+    "tracking.enabled=false",
+    "train.max_steps=20",
+    "data.augment=false",
+    "checkpoint.every_steps=0",
+    "train.eval_every_steps=0",
+]
 
 
 def free_port() -> int:
@@ -87,13 +102,17 @@ def _dtrain_modules() -> list[str]:
 
 # -W's module field is matched literally, so every module of dtrain is named: a deprecation
 # raised from dtrain's own code is an error in the ranks the tests start, as in pytest itself.
-STRICT_WARNINGS = ",".join(f"error::{kind}:{m}" for m in _dtrain_modules()
-                           for kind in ("FutureWarning", "DeprecationWarning"))
+STRICT_WARNINGS = ",".join(
+    f"error::{kind}:{m}" for m in _dtrain_modules() for kind in ("FutureWarning", "DeprecationWarning")
+)
 
 
 def env_for_cli(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                     "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCHELASTIC", "PET_", "SLURM_"))
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # Console scripts (torchrun, accelerate, deepspeed, dtrain) of the interpreter running the tests.
     env["PATH"] = os.pathsep.join([str(Path(PY).parent), env.get("PATH", "")])
@@ -115,7 +134,9 @@ def run_dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, *
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -148,8 +169,9 @@ class MLPTask(CNNTask):
     config_class = MLPConfig
 
     def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, self.cfg.model.hidden), nn.Tanh(),
-                             nn.Linear(self.cfg.model.hidden, 10))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(64, self.cfg.model.hidden), nn.Tanh(), nn.Linear(self.cfg.model.hidden, 10)
+        )
 
 
 # ------------------------------------------------------------------ a real MLflow server
@@ -164,17 +186,31 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.log = None
 
-    def start(self, timeout: float = 90) -> "MlflowServer":
+    def start(self, timeout: float = 90) -> MlflowServer:
         import time
         import urllib.request
 
-        cmd = [PY, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-               "--artifacts-destination", (self.root / "artifacts").as_uri()]
+        cmd = [
+            PY,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/server.db",
+            "--artifacts-destination",
+            (self.root / "artifacts").as_uri(),
+        ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.log = open(self.root / "server.log", "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.root, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -212,7 +248,7 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 24, size: 
             img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
             img[..., k % 3] += 120
             y, x = rng.integers(0, size - 6, 2)
-            img[y:y + 6, x:x + 6] = 255
+            img[y : y + 6, x : x + 6] = 255
             Image.fromarray(img).save(root / f"class{k}" / f"{i:03d}.png")
     return root
 

@@ -22,18 +22,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
-BASE = ["tracking.enabled=false", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32",
-        "data.global_batch_size=16", "data.max_chars=20000", "data.eval_blocks=16", "train.max_steps=4",
-        "train.eval_every_steps=0", "checkpoint.every_steps=2", "optim.clip_grad_norm=1.0", "optim.lr=0.003",
-        "optim.warmup_steps=2"]
+BASE = [
+    "tracking.enabled=false",
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=32",
+    "data.global_batch_size=16",
+    "data.max_chars=20000",
+    "data.eval_blocks=16",
+    "train.max_steps=4",
+    "train.eval_every_steps=0",
+    "checkpoint.every_steps=2",
+    "optim.clip_grad_norm=1.0",
+    "optim.lr=0.003",
+    "optim.warmup_steps=2",
+]
 STOP_AT = 2
 
-ENGINES = {"ddp": ["engine=ddp"], "zero0": ["engine=deepspeed", "deepspeed.zero_stage=0"],
-           "zero1": ["engine=deepspeed", "deepspeed.zero_stage=1"], "zero2": ["engine=deepspeed", "deepspeed.zero_stage=2"],
-           "zero3": ["engine=deepspeed", "deepspeed.zero_stage=3"], "fsdp": ["engine=fsdp"]}
+ENGINES = {
+    "ddp": ["engine=ddp"],
+    "zero0": ["engine=deepspeed", "deepspeed.zero_stage=0"],
+    "zero1": ["engine=deepspeed", "deepspeed.zero_stage=1"],
+    "zero2": ["engine=deepspeed", "deepspeed.zero_stage=2"],
+    "zero3": ["engine=deepspeed", "deepspeed.zero_stage=3"],
+    "fsdp": ["engine=fsdp"],
+}
 PRECISIONS = {p: [f"precision={p}"] for p in ("fp32", "bf16", "fp16")}
-OPTIMIZERS = {"adamw": [], "schedulefree": ["optim.name=schedulefree_adamw", "optim.schedule=constant"],
-              "lars": ["optim.name=lars", "optim.lr=0.3"], "lamb": ["optim.name=lamb"]}
+OPTIMIZERS = {
+    "adamw": [],
+    "schedulefree": ["optim.name=schedulefree_adamw", "optim.schedule=constant"],
+    "lars": ["optim.name=lars", "optim.lr=0.3"],
+    "lamb": ["optim.name=lamb"],
+}
 CORE = {  # each on or off in a cell: what the loop and the engines do themselves
     "async_checkpoint": ["checkpoint.async=true"],
     "accumulation": ["data.grad_accum_steps=2"],
@@ -52,8 +73,13 @@ def _features() -> dict[str, list[str]]:
 
 FEATURES = {**CORE, **_features()}
 EVENTS = {"stopped, resumed": [], "resumed on 1 rank": [], "resumed with an override": ["data.num_workers=1"]}
-FACTORS = {"engine": list(ENGINES), "precision": list(PRECISIONS), "optimizer": list(OPTIMIZERS),
-           "event": list(EVENTS), **{f: [False, True] for f in FEATURES}}
+FACTORS = {
+    "engine": list(ENGINES),
+    "precision": list(PRECISIONS),
+    "optimizer": list(OPTIMIZERS),
+    "event": list(EVENTS),
+    **{f: [False, True] for f in FEATURES},
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +105,7 @@ class Cell:
         return " ".join([self.engine, self.precision, self.optimizer, *self.features, f"| {self.event}"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base() -> tuple[dict, type]:
     from dtrain import features
     from dtrain.config import recipe
@@ -90,17 +116,24 @@ def _base() -> tuple[dict, type]:
     return raw, compose(get_task(str(raw["task"])).config_class, features.sections())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _refusal(values: frozenset[tuple[str, object]]) -> str:
-    from dtrain.config import recipe
-    from dtrain.config import ConfigError
+    from dtrain.config import ConfigError, recipe
     from dtrain.train.config import validate
 
     v = dict(values)
-    overrides = [*ENGINES[str(v.get("engine", "ddp"))], *PRECISIONS[str(v.get("precision", "fp32"))],
-                 *OPTIMIZERS[str(v.get("optimizer", "adamw"))],
-                 *[o.format(init=ROOT / "recipes", run=ROOT / "recipes") for f in FEATURES if v.get(f)
-                   for o in FEATURES[f] if not o.startswith("model.init_from")]]
+    overrides = [
+        *ENGINES[str(v.get("engine", "ddp"))],
+        *PRECISIONS[str(v.get("precision", "fp32"))],
+        *OPTIMIZERS[str(v.get("optimizer", "adamw"))],
+        *[
+            o.format(init=ROOT / "recipes", run=ROOT / "recipes")
+            for f in FEATURES
+            if v.get(f)
+            for o in FEATURES[f]
+            if not o.startswith("model.init_from")
+        ],
+    ]
     raw, config_class = _base()
     raw = copy.deepcopy(raw)
     try:
@@ -111,8 +144,10 @@ def _refusal(values: frozenset[tuple[str, object]]) -> str:
     except ConfigError as e:
         return str(e)
     if v.get("event") == "resumed on 1 rank" and cfg.engine == "deepspeed":  # refused when it resumes
-        return ("resume: the checkpoint was written by 2 DeepSpeed rank(s), this job has 1: ZeRO state is "
-                "partitioned per rank, so resume on 2 rank(s)")
+        return (
+            "resume: the checkpoint was written by 2 DeepSpeed rank(s), this job has 1: ZeRO state is "
+            "partitioned per rank, so resume on 2 rank(s)"
+        )
     return ""
 
 
@@ -144,8 +179,17 @@ def cells() -> list[Cell]:
             row[name] = max(options, key=lambda v: (len(_pairs({**row, name: v}) & todo), -FACTORS[name].index(v)))
         rows.append(row)
         todo -= _pairs(row)
-    return [Cell(i, str(r["engine"]), str(r["precision"]), str(r["optimizer"]), str(r["event"]),
-                 tuple(f for f in FEATURES if r[f])) for i, r in enumerate(rows)]
+    return [
+        Cell(
+            i,
+            str(r["engine"]),
+            str(r["precision"]),
+            str(r["optimizer"]),
+            str(r["event"]),
+            tuple(f for f in FEATURES if r[f]),
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def table() -> str:
@@ -161,8 +205,15 @@ def table() -> str:
             if (engine, value) in covered:
                 cols.append("yes")
                 continue
-            key = ("precision" if value in PRECISIONS else "optimizer" if value in OPTIMIZERS
-                   else "event" if value in EVENTS else value)
+            key = (
+                "precision"
+                if value in PRECISIONS
+                else "optimizer"
+                if value in OPTIMIZERS
+                else "event"
+                if value in EVENTS
+                else value
+            )
             why = refusal({"engine": engine, key: True if value in FEATURES else value})
             if why:
                 reasons.setdefault(why, len(reasons) + 1)
@@ -176,16 +227,27 @@ def table() -> str:
 
 def _accepted_pairs() -> set[tuple[tuple[str, object], tuple[str, object]]]:
     names = list(FACTORS)
-    return {pair for a, b in itertools.combinations(names, 2) for va in FACTORS[a] for vb in FACTORS[b]
-            if not refusal({a: va, b: vb}) for pair in _pairs({a: va, b: vb})}
+    return {
+        pair
+        for a, b in itertools.combinations(names, 2)
+        for va in FACTORS[a]
+        for vb in FACTORS[b]
+        if not refusal({a: va, b: vb})
+        for pair in _pairs({a: va, b: vb})
+    }
 
 
 def pairs_uncovered() -> list[tuple[tuple[str, object], tuple[str, object]]]:
     """Accepted pairs of values of any two factors that no cell runs (must stay empty)."""
     covered: set[tuple[tuple[str, object], tuple[str, object]]] = set()
     for c in cells():
-        row = {"engine": c.engine, "precision": c.precision, "optimizer": c.optimizer, "event": c.event,
-               **{f: f in c.features for f in FEATURES}}
+        row = {
+            "engine": c.engine,
+            "precision": c.precision,
+            "optimizer": c.optimizer,
+            "event": c.event,
+            **{f: f in c.features for f in FEATURES},
+        }
         covered |= _pairs(row)
     return sorted(_accepted_pairs() - covered, key=repr)
 

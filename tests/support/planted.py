@@ -249,7 +249,9 @@ class ScatterSum(nn.Module):
         values = (x.flatten(1)[None] * scale).flatten() * 1e3
         bins = torch.arange(n * 64, device=x.device).repeat(16)
         order = torch.randperm(len(bins), generator=torch.Generator().manual_seed(time.perf_counter_ns()))
-        return torch.zeros(n * 64, device=x.device).index_put_((bins[order],), values[order], accumulate=True).view(n, 64)
+        return (
+            torch.zeros(n * 64, device=x.device).index_put_((bins[order],), values[order], accumulate=True).view(n, 64)
+        )
 
 
 class NondeterministicScatter(CNNTask):
@@ -283,8 +285,10 @@ class PaddedTokens(Task):
 
     def eval_sums(self, model, batch):
         x, y = batch
-        return {"loss_sum": F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"),
-                "count": (y != -100).sum()}
+        return {
+            "loss_sum": F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"),
+            "count": (y != -100).sum(),
+        }
 
     def eval_metrics(self, sums):
         return {"loss": sums["loss_sum"] / sums["count"]}

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from helpers import MLPTask
 
 from dtrain.data.images import digits
 from dtrain.data.shards import Sample, TarShards
-from helpers import MLPTask
 
 
 def encode(x: torch.Tensor, y: int) -> Sample:

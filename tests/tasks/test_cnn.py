@@ -2,20 +2,21 @@
 
 import json
 
-import pytest
 import mlflow
+import pytest
 import torch
+from helpers import ROOT, check, run_dtrain
 
 from dtrain.data.images import digits
 from dtrain.tasks.cnn import ResNet
-from helpers import ROOT, check, run_dtrain
 
 
 @pytest.mark.slow
 def test_default_recipe_two_ranks(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"],
-                        cwd=tmp_path, nproc=2))
+    proc = check(
+        run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"], cwd=tmp_path, nproc=2)
+    )
     out = tmp_path / "runs" / "cnn_digits"
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["global_batch_size"] == 64 and s["per_rank_batch_size"] == 32

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn as nn
+from helpers import spawn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from dtrain.engines.precision import AmpPrecision
 from dtrain.data import ExactShardSampler, eval_loader
+from dtrain.engines.precision import AmpPrecision
 from dtrain.tasks.supervised import evaluate
-from helpers import spawn
 
 N = 11  # not divisible by 2 or 3
 

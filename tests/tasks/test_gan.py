@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import ROOT, check, load_params, max_param_diff, run_dtrain, spawn
 
 from dtrain import data
+from dtrain.engines import build_engines
+from dtrain.tasks import gan
 from dtrain.tasks.gan import quality
 from dtrain.train.config import load_config
-from dtrain.tasks import gan
-from dtrain.engines import build_engines
-from helpers import ROOT, check, run_dtrain, load_params, max_param_diff, spawn
 
 RING = str(ROOT / "recipes" / "gan_ring.yaml")
 DIGITS = str(ROOT / "recipes" / "gan_digits.yaml")
@@ -66,15 +66,41 @@ def _replicas_identical(rank: int, world: int, recipe: str, overrides: list[str]
         assert moved and all(moved), moved
 
 
-@pytest.mark.parametrize("name,recipe,overrides", [
-    ("mlp-hinge-sn-ncritic2", RING, ["gan.loss=hinge", "gan.penalty=none", "model.spectral_norm_d=true",
-                                     "gan.n_critic=2", "data.global_batch_size=64"]),
-    ("dcgan-syncbn-wgangp", DIGITS, ["gan.loss=wgan", "gan.penalty=wgan_gp", "model.sync_bn=true",
-                                     "data.global_batch_size=32", "model.channels=8"]),
-    ("lazy-r1", RING, ["gan.penalty=r1", "gan.penalty_every=2", "data.global_batch_size=64"]),
-    # The penalty-only step unscales the critic's optimizer a second time: it needs an update between.
-    ("lazy-r1-fp16", RING, ["precision=fp16", "gan.penalty=r1", "gan.penalty_every=2", "data.global_batch_size=64"]),
-], ids=lambda x: x if isinstance(x, str) and "/" not in x else None)
+@pytest.mark.parametrize(
+    "name,recipe,overrides",
+    [
+        (
+            "mlp-hinge-sn-ncritic2",
+            RING,
+            [
+                "gan.loss=hinge",
+                "gan.penalty=none",
+                "model.spectral_norm_d=true",
+                "gan.n_critic=2",
+                "data.global_batch_size=64",
+            ],
+        ),
+        (
+            "dcgan-syncbn-wgangp",
+            DIGITS,
+            [
+                "gan.loss=wgan",
+                "gan.penalty=wgan_gp",
+                "model.sync_bn=true",
+                "data.global_batch_size=32",
+                "model.channels=8",
+            ],
+        ),
+        ("lazy-r1", RING, ["gan.penalty=r1", "gan.penalty_every=2", "data.global_batch_size=64"]),
+        # The penalty-only step unscales the critic's optimizer a second time: it needs an update between.
+        (
+            "lazy-r1-fp16",
+            RING,
+            ["precision=fp16", "gan.penalty=r1", "gan.penalty_every=2", "data.global_batch_size=64"],
+        ),
+    ],
+    ids=lambda x: x if isinstance(x, str) and "/" not in x else None,
+)
 @pytest.mark.slow
 def test_replicas_identical_after_steps(name, recipe, overrides):
     spawn(_replicas_identical, 2, recipe, overrides, 5)
@@ -99,15 +125,24 @@ def test_penalty_only_backward_without_zero_term_breaks_ddp():
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(tmp_path):
-    common = ["tracking.enabled=false", "train.max_steps=20", "data.global_batch_size=64", "train.eval_every_steps=0",
-              "checkpoint.every_steps=0", "gan.penalty=r1", "model.spectral_norm_d=true"]
+    common = [
+        "tracking.enabled=false",
+        "train.max_steps=20",
+        "data.global_batch_size=64",
+        "train.eval_every_steps=0",
+        "checkpoint.every_steps=0",
+        "gan.penalty=r1",
+        "model.spectral_norm_d=true",
+    ]
     check(run_dtrain(["train", RING, *common, f"output_dir={tmp_path / 'one'}"], cwd=tmp_path))
     check(run_dtrain(["train", RING, *common, f"output_dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2))
     one, two = load_params(tmp_path / "one" / "model.pt"), load_params(tmp_path / "two" / "model.pt")
     assert max_param_diff(one, two, buffers=True) < 1e-5  # model.pt: G-EMA
     for name in ("g", "d"):  # the trained G and D themselves, from the final checkpoint
-        a, b = (torch.load(tmp_path / run / "checkpoints" / "step_00000020" / name / "state.pt",
-                           weights_only=True)["model"] for run in ("one", "two"))
+        a, b = (
+            torch.load(tmp_path / run / "checkpoints" / "step_00000020" / name / "state.pt", weights_only=True)["model"]
+            for run in ("one", "two")
+        )
         assert max_param_diff(a, b, buffers=True) < 1e-5, name
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["world_size"] == 2 and {"modes", "high_quality", "kl_uniform"} <= set(s["eval"])
@@ -123,7 +158,7 @@ def test_penalties_match_hand_computation():
     assert torch.allclose(grads, 2 * a * x.detach())
     norms = torch.tensor([2 * a * 5.0, 2 * a * 1.0])
     assert gan.grad_penalty_wgan_gp(grads).item() == pytest.approx(((norms - 1) ** 2).mean().item())
-    assert gan.grad_penalty_r1(grads).item() == pytest.approx((norms ** 2).mean().item())
+    assert gan.grad_penalty_r1(grads).item() == pytest.approx((norms**2).mean().item())
     # Under fp16 the AMP recipe differentiates the scaled output and unscales: same value.
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x2 = x.detach().clone().requires_grad_(True)

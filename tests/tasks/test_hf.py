@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
-from dtrain.runtime import optional
 from dtrain.checkpoint import safeload
-from dtrain.data import tokens
 from dtrain.config import ConfigError
+from dtrain.data import tokens
+from dtrain.runtime import optional
 from dtrain.tasks import get_task
 from dtrain.train.config import load_config
-from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_causal_lm"
 pytest.importorskip("transformers", reason='transformers is not installed (pip install -e ".[hf]")')
@@ -40,12 +40,22 @@ from make_tokenizer import make_tokenizer  # noqa: E402  (the example's own, as 
 
 RECIPE = str(EXAMPLE / "recipe.yaml")
 CLASSIFY = str(EXAMPLE / "classify.yaml")  # fine-tunes what recipe.yaml trained (its hf/ folder)
-LLAMA = ("model.config={model_type: llama, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, "
-         "hidden_size: 64, intermediate_size: 128, max_position_embeddings: 64}")
+LLAMA = (
+    "model.config={model_type: llama, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, "
+    "hidden_size: 64, intermediate_size: 128, max_position_embeddings: 64}"
+)
 GPT2 = "model.config={model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 64}"
-BASE = ["model.block_size=32", "data.global_batch_size=8", "train.max_steps=8", "train.eval_every_steps=0",
-        "optim.warmup_steps=2", "optim.lr=0.003", "tracking.enabled=false", "checkpoint.every_steps=0",
-        "data.eval_blocks=16"]
+BASE = [
+    "model.block_size=32",
+    "data.global_batch_size=8",
+    "train.max_steps=8",
+    "train.eval_every_steps=0",
+    "optim.warmup_steps=2",
+    "optim.lr=0.003",
+    "tracking.enabled=false",
+    "checkpoint.every_steps=0",
+    "data.eval_blocks=16",
+]
 TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("ddp", (LLAMA, "data.tokens={root}/tokens")),
     ("ddp-7", (LLAMA, "data.tokens={root}/tokens", "train.max_steps=7")),  # one step short: what a bound must exclude
@@ -53,14 +63,50 @@ TWO_RANKS: list[tuple[str, tuple[str, ...]]] = [
     ("zero3", (LLAMA, "data.tokens={root}/tokens", "engine=deepspeed", "deepspeed.zero_stage=3")),
     ("fsdp-compiled", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "compile=true")),
     # Stopped after step 4 and resumed (the tokenizer's ids, the step, the data position).
-    ("fsdp-resumed", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "model.activation_checkpointing=full",
-                      "train.stop_at_step=4", "checkpoint.every_steps=4")),
-    ("fsdp-resumed", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "model.activation_checkpointing=full",
-                      "resume=auto", "checkpoint.every_steps=4")),
+    (
+        "fsdp-resumed",
+        (
+            LLAMA,
+            "data.tokens={root}/tokens",
+            "engine=fsdp",
+            "model.activation_checkpointing=full",
+            "train.stop_at_step=4",
+            "checkpoint.every_steps=4",
+        ),
+    ),
+    (
+        "fsdp-resumed",
+        (
+            LLAMA,
+            "data.tokens={root}/tokens",
+            "engine=fsdp",
+            "model.activation_checkpointing=full",
+            "resume=auto",
+            "checkpoint.every_steps=4",
+        ),
+    ),
     ("fsdp-bf16", (LLAMA, "data.tokens={root}/tokens", "engine=fsdp", "precision=bf16")),
-    ("gpt2", (GPT2, "data.tokens=", "data.path={root}/text.parquet", "data.tokenizer={root}/tokenizer", "train.max_steps=12")),
-    ("classifier", ("model.pretrained={root}/gpt2/hf", "data.path={root}/labelled.parquet",
-                    "data.tokenizer={root}/gpt2/hf", "train.max_steps=30", "optim.lr=0.001", "data.global_batch_size=16")),
+    (
+        "gpt2",
+        (
+            GPT2,
+            "data.tokens=",
+            "data.path={root}/text.parquet",
+            "data.tokenizer={root}/tokenizer",
+            "train.max_steps=12",
+        ),
+    ),
+    (
+        "classifier",
+        (
+            "model.pretrained={root}/gpt2/hf",
+            "data.path={root}/labelled.parquet",
+            "data.tokenizer={root}/gpt2/hf",
+            "train.max_steps=30",
+            "optim.lr=0.001",
+            "data.global_batch_size=16",
+        ),
+    ),
 ]
 
 
@@ -72,8 +118,10 @@ def make_tables(root: Path, lines: list[str]) -> None:
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in lines]), root / "text.parquet")
     rng = random.Random(0)
     words = [["alpha", "beta", "gamma"], ["delta", "omega", "sigma"]]
-    rows = [{"text": " ".join(rng.choice(words[i % 2]) for _ in range(rng.randint(3, 10))), "label": i % 2}
-            for i in range(320)]
+    rows = [
+        {"text": " ".join(rng.choice(words[i % 2]) for _ in range(rng.randint(3, 10))), "label": i % 2}
+        for i in range(320)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), root / "labelled.parquet")
 
 
@@ -92,12 +140,17 @@ def _train(rank: int, world: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The folder of each run above, trained once per session."""
+
     def train(root: Path) -> None:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         sources = [str(stdlib / "json" / f) for f in ("decoder.py", "encoder.py", "__init__.py")]
         make_tokenizer(root / "tokenizer", sources)
-        check(run_dtrain(["prepare-text", *sources, "--tokenizer", str(root / "tokenizer"),
-                          "--output", str(root / "tokens")], cwd=root))
+        check(
+            run_dtrain(
+                ["prepare-text", *sources, "--tokenizer", str(root / "tokenizer"), "--output", str(root / "tokens")],
+                cwd=root,
+            )
+        )
         make_tables(root, [line for f in sources for line in Path(f).read_text().splitlines() if line.strip()])
         spawn(_train, 2, str(root))
 
@@ -110,6 +163,7 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ models and engines
 
+
 @pytest.mark.slow
 def test_fsdp_with_activation_checkpointing_zero3_compile_and_a_resume_train_the_llama_to_ddps_parameters(runs):
     ddp = weights(runs / "ddp")
@@ -118,8 +172,10 @@ def test_fsdp_with_activation_checkpointing_zero3_compile_and_a_resume_train_the
     assert max_param_diff(weights(runs / "fsdp-compiled"), ddp) <= 1e-4  # inductor's own kernels round differently
     assert max_param_diff(weights(runs / "fsdp-resumed"), weights(runs / "fsdp-ac")) <= 1e-6
     bf16 = json.loads((runs / "fsdp-bf16" / "summary.json").read_text())
-    assert bf16["precision"] == "bf16" and abs(bf16["eval"]["loss"] - json.loads(
-        (runs / "ddp" / "summary.json").read_text())["eval"]["loss"]) < 0.05  # bf16's rounding, not another model
+    assert (
+        bf16["precision"] == "bf16"
+        and abs(bf16["eval"]["loss"] - json.loads((runs / "ddp" / "summary.json").read_text())["eval"]["loss"]) < 0.05
+    )  # bf16's rounding, not another model
     # The bounds exclude what a wrong engine would give: one step fewer moves the weights far more.
     assert max_param_diff(weights(runs / "ddp-7"), ddp) > 1e-3
     summary = json.loads((runs / "ddp" / "summary.json").read_text())
@@ -134,7 +190,9 @@ def test_the_blocks_are_the_models_own_layers_found_from_it():
         model = task.build_model()
         blocks = task.blocks(model)
         assert [type(b).__name__ for b in blocks] == [layer, layer]
-        assert task.blocks(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 3))) != []  # none named: the longest list
+        assert (
+            task.blocks(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 3))) != []
+        )  # none named: the longest list
 
 
 @pytest.mark.slow
@@ -151,7 +209,9 @@ def test_the_trained_model_leaves_as_a_save_pretrained_folder_that_from_pretrain
     ours.load_state_dict(weights(runs / "gpt2"))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ours.eval()(ids).logits)
-        assert not torch.equal(model(ids).logits, transformers.AutoModelForCausalLM.from_config(model.config)(ids).logits)
+        assert not torch.equal(
+            model(ids).logits, transformers.AutoModelForCausalLM.from_config(model.config)(ids).logits
+        )
 
 
 @pytest.mark.slow
@@ -166,6 +226,7 @@ def test_a_saved_model_fine_tunes_as_a_classifier_from_its_folder(runs):
 
 
 # ------------------------------------------------------------------ bad input, one line
+
 
 def test_an_architecture_or_a_folder_is_needed_and_pickled_weights_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.pretrained"):
@@ -186,8 +247,9 @@ def test_an_architecture_or_a_folder_is_needed_and_pickled_weights_are_refused(t
         get_task(cfg.task)(cfg).build_model()
     assert not (tmp_path / "ran").exists()
     saved = tmp_path / "saved"  # a real folder whose weights were cut short in transfer
-    transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=1,
-                                                                          vocab_size=16)).save_pretrained(str(saved))
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16)
+    ).save_pretrained(str(saved))
     weights_file = saved / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:200])
     cfg = load_config(RECIPE, [f"model.pretrained={saved}", "model.config={}", "data.tokens=x"])
@@ -203,8 +265,18 @@ def test_a_text_column_without_a_tokenizer_is_refused_naming_both(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"text": f"line {i}"} for i in range(20)]), tmp_path / "t.parquet")
-    proc = run_dtrain(["train", RECIPE, GPT2, f"data.path={tmp_path}/t.parquet", "data.tokens=", "tracking.enabled=false",
-                       f"output_dir={tmp_path}/out"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            GPT2,
+            f"data.path={tmp_path}/t.parquet",
+            "data.tokens=",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path}/out",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.tokenizer" in proc.stderr and "'text'" in proc.stderr
 
@@ -218,4 +290,4 @@ def test_prepare_text_with_a_tokenizer_writes_its_ids_and_names_it(tmp_path):
     assert meta["vocab_size"] == data.vocab_size == 512 and data.chars is None
     text = source.read_text()
     first = data.train[0][0].tolist()
-    assert tokenizer.decode(first) == text[:len(tokenizer.decode(first))]  # the ids are the tokenizer's, in order
+    assert tokenizer.decode(first) == text[: len(tokenizer.decode(first))]  # the ids are the tokenizer's, in order

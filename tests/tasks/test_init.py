@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import CNN
 
 from dtrain.config import ConfigError
+from dtrain.tasks.cnn import BasicBlock, CNNTask
 from dtrain.tasks.initialization import initialize
 from dtrain.train.config import load_config
-from dtrain.tasks.cnn import BasicBlock, CNNTask
-from helpers import CNN
 
 
 def layers() -> nn.Sequential:
@@ -74,8 +74,12 @@ def test_regularisation_keys_reach_the_model_and_the_loss():
 
     losses = []
     for smoothing in (0.0, 0.1):
-        task = TransformerTask(load_config(CNN.replace("cnn_digits", "transformer_charlm"),
-                                           ["data.max_chars=20000", "model.n_layer=1", f"model.label_smoothing={smoothing}"]))
+        task = TransformerTask(
+            load_config(
+                CNN.replace("cnn_digits", "transformer_charlm"),
+                ["data.max_chars=20000", "model.n_layer=1", f"model.label_smoothing={smoothing}"],
+            )
+        )
         train, _ = task.datasets()
         torch.manual_seed(0)
         model = task.build_model().eval()

@@ -9,16 +9,24 @@ import json
 
 import mlflow
 import pytest
+from helpers import ROOT, check, run_dtrain
 
 from dtrain.studies.sweep import sweep_overrides
 from dtrain.train.config import load_config
-from helpers import ROOT, check, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # LR tuned for batch 32; the same number of epochs (= samples) for every run; 5 warmup epochs
 # (Goyal et al.) for every run, whatever its steps per epoch.
-COMMON = ["optim.lr=0.025", "optim.base_batch_size=32", "optim.warmup_epochs=5", "optim.warmup_steps=0",
-          "train.epochs=30", "checkpoint.every_steps=0", "tracking.log_every=5", "tracking.experiment=parity"]
+COMMON = [
+    "optim.lr=0.025",
+    "optim.base_batch_size=32",
+    "optim.warmup_epochs=5",
+    "optim.warmup_steps=0",
+    "train.epochs=30",
+    "checkpoint.every_steps=0",
+    "tracking.log_every=5",
+    "tracking.experiment=parity",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +34,26 @@ def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     uri = f"sqlite:///{root}/mlflow.db"
     ids = {}
-    for name, nproc, extra in [("1x32", 0, ["data.global_batch_size=32"]),
-                               ("2x256-linear", 2, ["data.global_batch_size=256"]),
-                               ("2x256-none", 2, ["data.global_batch_size=256", "optim.scale_rule=none"])]:
-        check(run_dtrain(["train", RECIPE, *COMMON, *extra, f"tracking.uri={uri}", f"tracking.run_name={name}",
-                      f"output_dir={root / name}"], cwd=root, nproc=nproc))
+    for name, nproc, extra in [
+        ("1x32", 0, ["data.global_batch_size=32"]),
+        ("2x256-linear", 2, ["data.global_batch_size=256"]),
+        ("2x256-none", 2, ["data.global_batch_size=256", "optim.scale_rule=none"]),
+    ]:
+        check(
+            run_dtrain(
+                [
+                    "train",
+                    RECIPE,
+                    *COMMON,
+                    *extra,
+                    f"tracking.uri={uri}",
+                    f"tracking.run_name={name}",
+                    f"output_dir={root / name}",
+                ],
+                cwd=root,
+                nproc=nproc,
+            )
+        )
         ids[name] = json.loads((root / name / "summary.json").read_text())["run_id"]
     return root, uri, ids
 
@@ -53,8 +76,10 @@ def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
     assert -none["gap"] > max(0.01, abs(linear["gap"])) and not none["within_tolerance"], v  # a larger gap
     assert not v["ok"] and "does NOT converge like the baseline" in proc.stdout
     # The run outside the tolerance gets the command that finds where it parts from 1 rank (and only it).
-    assert (f"dtrain check {root / '2x256-none' / 'config.yaml'} --only invariance --nproc-per-node 2 "
-            f"output_dir={root / '2x256-none'}-invariance") in proc.stdout
+    assert (
+        f"dtrain check {root / '2x256-none' / 'config.yaml'} --only invariance --nproc-per-node 2 "
+        f"output_dir={root / '2x256-none'}-invariance"
+    ) in proc.stdout
     assert "2x256-linear/config.yaml" not in proc.stdout
 
     runs = {r["run_id"]: r for r in report["runs"]}
@@ -88,12 +113,14 @@ def test_compare_given_runs_only(parity):
 def test_compare_bad_input_is_one_line(parity):
     root, uri, ids = parity
     proc = compare(root, uri, "--experiment", "nope")
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        "dtrain: error: --experiment='nope': no such experiment in the tracking store"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "dtrain: error: --experiment='nope': no such experiment in the tracking store"
+    )
     proc = compare(root, uri, "--runs", *ids.values(), "--metric", "eval/acc")  # the runs' metrics, listed
     assert proc.returncode == 2 and proc.stderr.strip().startswith(
-        "dtrain: error: --metric='eval/acc': none of the 3 runs reports it; they report eval/accuracy, eval/loss"), \
-        proc.stderr
+        "dtrain: error: --metric='eval/acc': none of the 3 runs reports it; they report eval/accuracy, eval/loss"
+    ), proc.stderr
 
 
 @pytest.mark.slow
@@ -103,10 +130,26 @@ def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):
     on a 2-core machine: slow, but it must work, and under FSDP2 as under DDP (the parity runs
     above): sharded on 2 and 4 ranks, one unit of everything on 1."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["sweep-world-sizes", RECIPE, "--world-sizes", "1,2,4", "--keep", "per-rank",
-                             "train.max_steps=10", "engine=fsdp", "tracking.log_every=5", "train.eval_every_steps=10",
-                             f"tracking.uri={uri}", "tracking.experiment=sweep", f"output_dir={tmp_path / 'sweep'}"],
-                            cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            [
+                "sweep-world-sizes",
+                RECIPE,
+                "--world-sizes",
+                "1,2,4",
+                "--keep",
+                "per-rank",
+                "train.max_steps=10",
+                "engine=fsdp",
+                "tracking.log_every=5",
+                "train.eval_every_steps=10",
+                f"tracking.uri={uri}",
+                "tracking.experiment=sweep",
+                f"output_dir={tmp_path / 'sweep'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     report = json.loads((tmp_path / "sweep" / "comparison" / "comparison.json").read_text())
     runs = sorted(report["runs"], key=lambda r: r["world_size"])
     assert [r["world_size"] for r in runs] == [1, 2, 4]
@@ -118,11 +161,17 @@ def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):
 
 
 def test_weak_scaling_shrinks_what_is_counted_in_steps():
-    cfg = load_config(RECIPE, ["train.max_steps=40", "train.eval_every_steps=10", "checkpoint.every_steps=0",
-                               "data.grad_accum_steps=2"])
+    cfg = load_config(
+        RECIPE,
+        ["train.max_steps=40", "train.eval_every_steps=10", "checkpoint.every_steps=0", "data.grad_accum_steps=2"],
+    )
     assert sweep_overrides(cfg, 4, 1, "global") == []
-    assert sweep_overrides(cfg, 4, 2, "per-rank") == ["data.global_batch_size=128", "train.max_steps=20",
-                                                      "train.eval_every_steps=5", "optim.warmup_steps=25"]
+    assert sweep_overrides(cfg, 4, 2, "per-rank") == [
+        "data.global_batch_size=128",
+        "train.max_steps=20",
+        "train.eval_every_steps=5",
+        "optim.warmup_steps=25",
+    ]
     # An LR stated for the recipe's own batch (no base batch): the rule scales from that batch.
     unstated = load_config(RECIPE, ["optim.base_batch_size=0", "train.max_steps=40"])
     assert sweep_overrides(unstated, 2, 1, "per-rank")[:2] == ["data.global_batch_size=128", "optim.base_batch_size=64"]
@@ -134,8 +183,22 @@ def test_baseline_is_the_newest_one_rank_run():
     from dtrain.tracking.compare import RunInfo, verdict
 
     def run(run_id: str, world: int, batch: int, start: int, final: float) -> RunInfo:
-        return RunInfo(run_id, run_id, "FINISHED", world, batch, 0.1, "linear", 10, 10 * batch, 1.0, 1.0, 0.1,
-                       final, start_time_ms=start)
+        return RunInfo(
+            run_id,
+            run_id,
+            "FINISHED",
+            world,
+            batch,
+            0.1,
+            "linear",
+            10,
+            10 * batch,
+            1.0,
+            1.0,
+            0.1,
+            final,
+            start_time_ms=start,
+        )
 
     older = run("ffff", 1, 64, start=1_000, final=0.90)
     newer = run("0000", 1, 32, start=2_000, final=0.95)
@@ -157,8 +220,23 @@ def test_the_plot_marks_sparse_curves_and_shades_the_tolerance_band(tmp_path, mo
 
     def run(world: int, accs: list[float]) -> RunInfo:
         curve = [(64 * (i + 1), float(i + 1), a) for i, a in enumerate(accs)]
-        return RunInfo(f"r{world}", f"{world}x", "FINISHED", world, 64, 0.05, "linear", 3, 192, 3.0, 64.0, 0.5,
-                       accs[-1], start_time_ms=world, curves={"eval/accuracy": curve, "train/loss": curve})
+        return RunInfo(
+            f"r{world}",
+            f"{world}x",
+            "FINISHED",
+            world,
+            64,
+            0.05,
+            "linear",
+            3,
+            192,
+            3.0,
+            64.0,
+            0.5,
+            accs[-1],
+            start_time_ms=world,
+            curves={"eval/accuracy": curve, "train/loss": curve},
+        )
 
     runs = [run(1, [0.5, 0.8, 0.9]), run(2, [0.4, 0.7, 0.85])]
     result = verdict(runs, "eval/accuracy", 0.01, True, None)
@@ -173,8 +251,8 @@ def test_the_plot_marks_sparse_curves_and_shades_the_tolerance_band(tmp_path, mo
     plot(runs, "eval/accuracy", tmp_path / "c.png", result)
     fig = seen["fig"]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-    lines = [l for ax in fig.axes for l in ax.get_lines()]
-    assert lines and all(l.get_marker() == "o" for l in lines)
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert lines and all(line.get_marker() == "o" for line in lines)
     band = [p for p in fig.axes[1].patches]  # axes[0][1]: the metric against samples seen
     assert len(band) == 1 and band[0].get_label().startswith("within tolerance 0.01")
     (legend,) = fig.legends

@@ -9,20 +9,32 @@ import time
 
 import mlflow
 import pytest
-
-from helpers import PY, ROOT, check, run_dtrain, env_for_cli
+from helpers import PY, ROOT, check, env_for_cli, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
 def warnings_in(stderr: str) -> list[str]:
-    return [l for l in stderr.splitlines() if "MLflow tracking" in l]
+    return [line for line in stderr.splitlines() if "MLflow tracking" in line]
 
 
 @pytest.mark.slow
 def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
-    check(run_dtrain(["train", RECIPE, "train.max_steps=30", "tracking.log_every=10", f"tracking.uri={mlflow_server.uri}",
-                  "tracking.experiment=http", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
+    check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                "train.max_steps=30",
+                "tracking.log_every=10",
+                f"tracking.uri={mlflow_server.uri}",
+                "tracking.experiment=http",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+        )
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     client = mlflow.MlflowClient(mlflow_server.uri)  # read back over HTTP, as the UI does
     run = client.get_run(summary["run_id"])
@@ -36,20 +48,36 @@ def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
 
 def test_the_last_line_says_where_the_run_is_and_how_to_see_it(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = check(run_dtrain(["train", RECIPE, "train.max_steps=2", f"tracking.uri={uri}",
-                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            ["train", RECIPE, "train.max_steps=2", f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}"],
+            cwd=tmp_path,
+        )
+    )
     run_id = json.loads((tmp_path / "out" / "summary.json").read_text())["run_id"]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("done: 2 steps | eval loss ") and " accuracy " in last, last
-    assert last.endswith(f"{tmp_path / 'out'} (model.safetensors, summary.json) | mlflow run {run_id}; "
-                         f"to see it: mlflow ui --backend-store-uri {uri}"), last
+    assert last.endswith(
+        f"{tmp_path / 'out'} (model.safetensors, summary.json) | mlflow run {run_id}; "
+        f"to see it: mlflow ui --backend-store-uri {uri}"
+    ), last
     params = mlflow.MlflowClient(uri).get_run(run_id).data.params  # what MLflow's compare view shows
     assert (params["world_size"], params["per_rank_batch_size"], params["data.global_batch_size"]) == ("1", "64", "64")
 
 
 def test_unreachable_store_warns_once_and_trains(tmp_path):
-    proc = check(run_dtrain(["train", RECIPE, "train.max_steps=20", "tracking.uri=http://127.0.0.1:9",
-                         f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                "train.max_steps=20",
+                "tracking.uri=http://127.0.0.1:9",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert len(warnings_in(proc.stderr)) == 1, proc.stderr
     assert "unavailable, training without it" in warnings_in(proc.stderr)[0]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 20
@@ -66,8 +94,13 @@ def test_silent_store_host_costs_seconds_not_retries(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes handshakes; nobody ever reads or replies
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        proc = check(run_dtrain(["train", RECIPE, "train.max_steps=10", f"tracking.uri={uri}",
-                             f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2))
+        proc = check(
+            run_dtrain(
+                ["train", RECIPE, "train.max_steps=10", f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}"],
+                cwd=tmp_path,
+                nproc=2,
+            )
+        )
     (warning,) = warnings_in(proc.stderr)
     assert "unavailable, training without it: no answer within 5s" in warning, proc.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 10
@@ -109,8 +142,17 @@ def test_processes_opening_a_new_sqlite_store_together_all_get_it(tmp_path, how)
     failures = 0
     for attempt in range(1 if how == "locked" else 5):
         uri = f"sqlite:///{tmp_path}/{attempt}.db"
-        procs = [subprocess.Popen([PY, "-c", _OPEN_AT, uri, how], env=env_for_cli(), stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", _OPEN_AT, uri, how],
+                env=env_for_cli(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
         for p in procs:
             assert p.stdout.readline() == "ready\n", p.communicate()[1]
         for p in procs:
@@ -128,14 +170,28 @@ def test_processes_opening_a_new_sqlite_store_together_all_get_it(tmp_path, how)
 
 
 def _start(args, cwd):
-    return subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *args], cwd=cwd, env=env_for_cli(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PY, "-m", "dtrain", "train", RECIPE, *args],
+        cwd=cwd,
+        env=env_for_cli(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp_path):
-    proc = _start(["train.max_steps=600", "tracking.log_every=5", f"tracking.uri={mlflow_server.uri}",
-                   "tracking.experiment=dies", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    proc = _start(
+        [
+            "train.max_steps=600",
+            "tracking.log_every=5",
+            f"tracking.uri={mlflow_server.uri}",
+            "tracking.experiment=dies",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        tmp_path,
+    )
     _wait_for_running_run(mlflow_server.uri, "dies", proc)
     mlflow_server.stop()
     out, err = proc.communicate(timeout=300)
@@ -147,8 +203,16 @@ def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = _start(["train.max_steps=100000", "tracking.log_every=5", f"tracking.uri={uri}",
-                   "tracking.experiment=ctrlc", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    proc = _start(
+        [
+            "train.max_steps=100000",
+            "tracking.log_every=5",
+            f"tracking.uri={uri}",
+            "tracking.experiment=ctrlc",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        tmp_path,
+    )
     run_id = _wait_for_running_run(uri, "ctrlc", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -161,9 +225,20 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
 def test_training_failure_marks_the_run_failed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # An absurd LR with no clipping blows the weights up: the gradient becomes non-finite.
-    proc = run_dtrain(["train", RECIPE, "optim.lr=1e12", "optim.clip_grad_norm=0", "train.max_nonfinite_steps=3",
-                   "train.max_steps=200", f"tracking.uri={uri}", "tracking.experiment=fails",
-                   f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            "optim.lr=1e12",
+            "optim.clip_grad_norm=0",
+            "train.max_nonfinite_steps=3",
+            "train.max_steps=200",
+            f"tracking.uri={uri}",
+            "tracking.experiment=fails",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "non-finite for 3 consecutive steps" in proc.stderr.strip().splitlines()[-1]
     client = mlflow.MlflowClient(uri)

@@ -15,19 +15,19 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
-from dtrain.runtime.launch import torchrun_env
 from helpers import ROOT, check, env_for_cli, run_dtrain
 
+from dtrain.runtime.launch import torchrun_env
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import tracking_load  # noqa: E402  (the benchmark's load and audit, run here at a small size)
+import tracking_load
 
 JOBS, STEPS = 4, 12
 EXPERIMENT = "load"
 
 
 @pytest.fixture(scope="module")
-def pg_server(postgres):  # noqa: ARG001 (skips, with its reason, where PostgreSQL is not installed)
+def pg_server(postgres):
     root = Path(tempfile.mkdtemp(prefix="dtrain-mlflow-pg-"))
     os.chmod(root, 0o755)  # the cluster runs as `postgres`, which must enter this folder
     server = tracking_load.start_server("postgres", root / "server", workers=2)
@@ -40,8 +40,7 @@ def pg_server(postgres):  # noqa: ARG001 (skips, with its reason, where PostgreS
 def concurrent_jobs(pg_server, tmp_path_factory):
     """Four 2-rank jobs started together, each logging every step into the PostgreSQL-backed server."""
     tmp = tmp_path_factory.mktemp("load")
-    cmds = [tracking_load.job_cmd(2, pg_server.uri, EXPERIMENT, f"job{i}", tmp / f"job{i}", STEPS)
-            for i in range(JOBS)]
+    cmds = [tracking_load.job_cmd(2, pg_server.uri, EXPERIMENT, f"job{i}", tmp / f"job{i}", STEPS) for i in range(JOBS)]
     _, results = tracking_load.run_jobs(cmds, tmp, torchrun_env(env_for_cli()))
     return tmp, results
 
@@ -62,12 +61,16 @@ def test_four_two_rank_jobs_at_once_lose_no_metric_point_on_postgresql(pg_server
     # The links every job printed lead to its run in this server's UI.
     for r, i in zip(results, range(JOBS)):
         run_id = json.loads((tmp / f"job{i}" / "summary.json").read_text())["run_id"]
-        lines = [l for l in r.stdout.splitlines() if l.startswith("mlflow run: ")]
-        assert len(lines) == 2 and all(f"{pg_server.uri}/#/experiments/" in l and f"/runs/{run_id} " in l
-                                       for l in lines), r.stdout[-2000:]
+        lines = [line for line in r.stdout.splitlines() if line.startswith("mlflow run: ")]
+        assert len(lines) == 2 and all(
+            f"{pg_server.uri}/#/experiments/" in line and f"/runs/{run_id} " in line for line in lines
+        ), r.stdout[-2000:]
     # ... and `dtrain compare` reads them back from the same server.
-    proc = check(run_dtrain(["compare", "--experiment", EXPERIMENT, "--uri", pg_server.uri,
-                             "--output", str(tmp / "cmp")], cwd=tmp))
+    proc = check(
+        run_dtrain(
+            ["compare", "--experiment", EXPERIMENT, "--uri", pg_server.uri, "--output", str(tmp / "cmp")], cwd=tmp
+        )
+    )
     compared = json.loads((tmp / "cmp" / "comparison.json").read_text())
     assert len(compared["runs"]) == JOBS, proc.stdout
 
@@ -96,15 +99,36 @@ def chromium() -> str:
 
 def render(url: str, *flags: str) -> subprocess.CompletedProcess:
     """Headless Chromium on `url`: 15 s of virtual time lets the single-page app fetch and draw."""
-    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                           "--window-size=1600,900", *flags, url], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=15000",
+            "--window-size=1600,900",
+            *flags,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
 def test_the_runs_table_and_compare_view_show_one_and_two_rank_runs(pg_server, concurrent_jobs, tmp_path):
     tmp, _ = concurrent_jobs
-    check(subprocess.run(tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS),
-                         cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300))
+    check(
+        subprocess.run(
+            tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS),
+            cwd=tmp_path,
+            env=env_for_cli(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     (job0,) = tracking_load.audit(pg_server.uri, EXPERIMENT, names={"job0"})
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     exp_id = _experiment_id(pg_server.uri)
@@ -113,8 +137,10 @@ def test_the_runs_table_and_compare_view_show_one_and_two_rank_runs(pg_server, c
     for name in ("one-rank", "job0", "job3"):
         assert f">{name}<" in dom, f"{name} not in the rendered runs table ({len(dom)} chars)"
     ids = [summary["run_id"], job0["run_id"]]
-    compare = (f"{pg_server.uri}/#/compare-runs?runs={quote(json.dumps(ids, separators=(',', ':')))}"
-               f"&experiments={quote(json.dumps([exp_id]))}")
+    compare = (
+        f"{pg_server.uri}/#/compare-runs?runs={quote(json.dumps(ids, separators=(',', ':')))}"
+        f"&experiments={quote(json.dumps([exp_id]))}"
+    )
     dom = render(compare, "--dump-dom").stdout
     assert ">one-rank<" in dom and ">job0<" in dom and "train/loss" in dom
     assert ">job1<" not in dom  # the compare view shows the two runs asked for, not the table
@@ -142,14 +168,22 @@ def test_the_local_postgresql_asks_every_user_for_a_password(pg_server):
     port, folder = _pg_port(pg_server.root), pg_server.root / "postgres"
     as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     for host in ("127.0.0.1", str(folder)):
-        proc = subprocess.run([*as_nobody, "psql", "-w", "-h", host, "-p", port, "-U", "postgres", "-c", "SELECT 1"],
-                              capture_output=True, text=True)
-        assert proc.returncode != 0 and ("no password supplied" in proc.stderr or "Permission denied" in proc.stderr), \
+        proc = subprocess.run(
+            [*as_nobody, "psql", "-w", "-h", host, "-p", port, "-U", "postgres", "-c", "SELECT 1"],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode != 0 and ("no password supplied" in proc.stderr or "Permission denied" in proc.stderr), (
             proc.stderr
+        )
     env = {**os.environ, "PGPASSFILE": str(pg_server.root / "secrets" / "pgpass")}
     psql = ["psql", "-w", "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "-d", "mlflow", "-tA", "-c"]
-    role = subprocess.run([*psql, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = 'mlflow'"],
-                          env=env, capture_output=True, text=True)
+    role = subprocess.run(
+        [*psql, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = 'mlflow'"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert role.stdout.strip() == "f|f|f", role.stderr
     copy = subprocess.run([*psql, "COPY (SELECT 1) TO PROGRAM 'id'"], env=env, capture_output=True, text=True)
     assert copy.returncode != 0 and "must be superuser" in copy.stderr, copy.stderr
@@ -173,8 +207,12 @@ def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
         launcher_log = (tmp_path / "server-launcher.log").read_text()
         password = (tmp_path / "server" / "secrets" / "mlflow-admin.password").read_text().strip()
         assert "MLFLOW_TRACKING_PASSWORD=$(cat " in launcher_log and password not in launcher_log
-        request = urllib.request.Request(f"{server.uri}/api/2.0/mlflow/experiments/create", method="POST",
-                                         data=b'{"name": "anonymous"}', headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{server.uri}/api/2.0/mlflow/experiments/create",
+            method="POST",
+            data=b'{"name": "anonymous"}',
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 401

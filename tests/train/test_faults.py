@@ -18,13 +18,24 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 import torch
+from helpers import (
+    PY,
+    ROOT,
+    check,
+    env_for_cli,
+    load_params,
+    max_param_diff,
+    run_dtrain,
+    spawn,
+    torchrun_cmd,
+    torchrun_env,
+)
 
 from dtrain import checkpoint, data
-from dtrain.train.config import load_config
 from dtrain.engines.precision import AmpPrecision
-from dtrain.tasks.supervised import evaluate
 from dtrain.tasks.cnn import CNNTask
-from helpers import PY, ROOT, check, run_dtrain, env_for_cli, load_params, max_param_diff, spawn, torchrun_cmd, torchrun_env
+from dtrain.tasks.supervised import evaluate
+from dtrain.train.config import load_config
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # The BN-free MLP on digits, without augmentation (its shifts come from each rank's own RNG):
@@ -51,15 +62,24 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.slow
 def test_rerun_never_deletes_checkpoints(tmp_path):
     out = tmp_path / "out"
-    args = ["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=6", "checkpoint.every_steps=3",
-            f"output_dir={out}"]
+    args = [
+        "train",
+        RECIPE,
+        *FAULTY,
+        "tracking.enabled=false",
+        "train.max_steps=6",
+        "checkpoint.every_steps=3",
+        f"output_dir={out}",
+    ]
     check(run_dtrain(args, cwd=tmp_path))
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     again = run_dtrain(args, cwd=tmp_path)  # the same command twice: the most common thing a user does
     assert again.returncode == 2
-    assert one_line(again) == (f"dtrain: error: output_dir={str(out)!r}: holds checkpoints of an earlier run (newest "
-                               "step_00000006); continue it with resume=auto, or start over with another output_dir "
-                               "or checkpoint.overwrite=true")
+    assert one_line(again) == (
+        f"dtrain: error: output_dir={str(out)!r}: holds checkpoints of an earlier run (newest "
+        "step_00000006); continue it with resume=auto, or start over with another output_dir "
+        "or checkpoint.overwrite=true"
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     proc = check(run_dtrain([*args, "resume=auto", "train.max_steps=9"], cwd=tmp_path))
     assert "resumed at step 6" in proc.stdout
@@ -86,10 +106,25 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: floa
 def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     """Preempted at step >= 60 of 160 with checkpoint.every_steps=200: resume at that step, not 0."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [RECIPE, *FAULTY, "train.max_steps=160", "checkpoint.every_steps=200", "tracking.log_every=10",
-            f"tracking.uri={uri}", "tracking.experiment=preempt", f"output_dir={tmp_path / 'out'}"]
-    agent = subprocess.Popen(torchrun_cmd(2, args[0], args[1:]), cwd=tmp_path, env=torchrun_env(env_for_cli()), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    args = [
+        RECIPE,
+        *FAULTY,
+        "train.max_steps=160",
+        "checkpoint.every_steps=200",
+        "tracking.log_every=10",
+        f"tracking.uri={uri}",
+        "tracking.experiment=preempt",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    agent = subprocess.Popen(
+        torchrun_cmd(2, args[0], args[1:]),
+        cwd=tmp_path,
+        env=torchrun_env(env_for_cli()),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(target=_read_lines, args=(agent.stdout, lines), daemon=True).start()
     _wait_for(lines, "step 60/160", agent)
@@ -131,6 +166,7 @@ def test_a_ctrl_c_ignored_inside_a_finalizer_stops_the_run_at_the_next_step(monk
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *preemption.SIGNALS)}
     preemption.install()
     try:
+
         class Finalized:
             def __del__(self) -> None:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -148,9 +184,25 @@ def test_a_ctrl_c_ignored_inside_a_finalizer_stops_the_run_at_the_next_step(monk
 
 def _sigusr1_when(tmp_path, seen: str, *overrides: str) -> tuple[subprocess.Popen, list[str]]:
     """One process training until it prints `seen`, then SIGUSR1 (as SLURM sends it); ended."""
-    proc = subprocess.Popen([PY, "-m", "dtrain", "train", RECIPE, *FAULTY, "tracking.enabled=false",
-                             "train.max_steps=100000", *overrides, f"output_dir={tmp_path / 'out'}"],
-                            cwd=tmp_path, env=env_for_cli(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "dtrain",
+            "train",
+            RECIPE,
+            *FAULTY,
+            "tracking.enabled=false",
+            "train.max_steps=100000",
+            *overrides,
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=env_for_cli(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     lines: list[str] = []
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     _wait_for(lines, seen, proc)
@@ -171,8 +223,13 @@ def test_sigusr1_to_a_worker_checkpoints_and_exits(tmp_path):
 def test_a_signal_during_a_long_evaluation_checkpoints_instead_of_giving_up(tmp_path):
     """The grace timer (`train.collective_timeout_s`) covers steps only: a healthy rank in a
     4 s evaluation with a 1 s grace used to exit "stuck in a step" without a checkpoint."""
-    proc, lines = _sigusr1_when(tmp_path, "slow evaluation", "train.eval_every_steps=4", "model.fault=slow_eval:0:4",
-                                "train.collective_timeout_s=1")
+    proc, lines = _sigusr1_when(
+        tmp_path,
+        "slow evaluation",
+        "train.eval_every_steps=4",
+        "model.fault=slow_eval:0:4",
+        "train.collective_timeout_s=1",
+    )
     assert "stuck in a step" not in proc.stderr.read()
     assert any(line.startswith(f"preempted by signal {int(signal.SIGUSR1)} at step 4") for line in lines), lines[-5:]
     assert checkpoint.latest(tmp_path / "out" / "checkpoints").name == "step_00000004"
@@ -182,8 +239,21 @@ def test_a_signal_during_a_long_evaluation_checkpoints_instead_of_giving_up(tmp_
 def three_checkpoints(tmp_path_factory):
     """One short run with checkpoints at steps 4, 8 and 12, copied fresh for each test."""
     root = tmp_path_factory.mktemp("ckpts")
-    check(run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=12",
-                  "checkpoint.every_steps=4", "checkpoint.keep=3", f"output_dir={root / 'out'}"], cwd=root))
+    check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "tracking.enabled=false",
+                "train.max_steps=12",
+                "checkpoint.every_steps=4",
+                "checkpoint.keep=3",
+                f"output_dir={root / 'out'}",
+            ],
+            cwd=root,
+        )
+    )
     return root / "out"
 
 
@@ -199,8 +269,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpo
     state = ckpts / "step_00000012" / "model" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a crash
     shutil.rmtree(ckpts / "step_00000008" / "model")  # an engine folder missing
-    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "train.max_steps=14",
-                         "resume=auto", f"output_dir={out}"], cwd=tmp_path))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "tracking.enabled=false",
+                "train.max_steps=14",
+                "resume=auto",
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     warned = [line for line in proc.stderr.splitlines() if "resume: skipping" in line]
     assert len(warned) == 2 and "step_00000012" in warned[0] and "step_00000008" in warned[1], proc.stderr
     assert "resumed at step 4 from step_00000004" in proc.stdout
@@ -211,21 +293,29 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, t
     out = _copy(three_checkpoints, tmp_path / "out")
     for folder in (out / "checkpoints").glob("step_*"):
         (folder / "fit.pt").write_bytes(b"truncated")
-    proc = run_dtrain(["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"],
-                  cwd=tmp_path)
+    proc = run_dtrain(
+        ["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"], cwd=tmp_path
+    )
     assert proc.returncode == 2
     line = one_line(proc)
-    assert line.startswith("dtrain: error: resume=auto: no checkpoint in") and \
-        str(out / "checkpoints" / "step_00000012" / "fit.pt") in line, line
+    assert (
+        line.startswith("dtrain: error: resume=auto: no checkpoint in")
+        and str(out / "checkpoints" / "step_00000012" / "fit.pt") in line
+    ), line
 
 
-@pytest.mark.parametrize("overrides,names", [([*FAULTY, "model.hidden=48"], "size mismatch for 1.weight"),
-                                             (["task=cnn"], "holds a different model")], ids=["width", "task"])
+@pytest.mark.parametrize(
+    "overrides,names",
+    [([*FAULTY, "model.hidden=48"], "size mismatch for 1.weight"), (["task=cnn"], "holds a different model")],
+    ids=["width", "task"],
+)
 @pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_line(three_checkpoints, tmp_path, overrides, names):
     out = _copy(three_checkpoints, tmp_path / "out")
-    proc = run_dtrain(["train", RECIPE, *overrides, "tracking.enabled=false", f"resume={out / 'checkpoints'}",
-                   f"output_dir={out}"], cwd=tmp_path)
+    proc = run_dtrain(
+        ["train", RECIPE, *overrides, "tracking.enabled=false", f"resume={out / 'checkpoints'}", f"output_dir={out}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert names in one_line(proc)
 
@@ -251,8 +341,17 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
     step-4 one after step 6.)"""
     uri = f"sqlite:///{tmp_path}/mlflow.db"  # the tracking store is on another disk
     out = small_disk / "out"
-    args = ["train", RECIPE, *FAULTY, "train.max_steps=12", "checkpoint.every_steps=4", f"tracking.uri={uri}",
-            "tracking.experiment=full", f"output_dir={out}", f"checkpoint.async={write == 'async'}"]
+    args = [
+        "train",
+        RECIPE,
+        *FAULTY,
+        "train.max_steps=12",
+        "checkpoint.every_steps=4",
+        f"tracking.uri={uri}",
+        "tracking.experiment=full",
+        f"output_dir={out}",
+        f"checkpoint.async={write == 'async'}",
+    ]
     proc = run_dtrain([*args, "model.fault=fill_disk:0:7"], cwd=tmp_path, nproc=2, timeout=240)
     assert proc.returncode == 1
     line = one_line(proc)
@@ -276,18 +375,43 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
 def test_error_on_one_rank_ends_every_rank_promptly(tmp_path):
     """A data file missing on one node: that rank's line, and no rank waits for the timeout."""
     t0 = time.time()
-    proc = run_dtrain(["train", RECIPE, *FAULTY, "model.fault=unreadable:1:0", "train.collective_timeout_s=300",
-                   "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=240)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *FAULTY,
+            "model.fault=unreadable:1:0",
+            "train.collective_timeout_s=300",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        nproc=2,
+        timeout=240,
+    )
     assert proc.returncode != 0 and time.time() - t0 < 120
     line = one_line(proc)
-    assert line == (f"dtrain[rank 1]: error: {tmp_path / 'out' / 'shard-only-on-the-other-node.bin'}: "
-                    "No such file or directory"), proc.stderr[-2000:]
+    assert line == (
+        f"dtrain[rank 1]: error: {tmp_path / 'out' / 'shard-only-on-the-other-node.bin'}: No such file or directory"
+    ), proc.stderr[-2000:]
 
 
 def test_exception_in_user_code_on_one_rank_ends_the_job_with_its_traceback(tmp_path):
     t0 = time.time()
-    proc = run_dtrain(["train", RECIPE, *FAULTY, "model.fault=raise:1:3", "train.collective_timeout_s=300",
-                   "tracking.enabled=false", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=240)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *FAULTY,
+            "model.fault=raise:1:3",
+            "train.collective_timeout_s=300",
+            "tracking.enabled=false",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        nproc=2,
+        timeout=240,
+    )
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert "RuntimeError: boom in user code on rank 1 at step 3" in proc.stderr  # torchrun's summary names it
     assert not error_lines(proc.stderr), proc.stderr[-3000:]  # rank 0, which lost its peer, adds nothing
@@ -311,16 +435,45 @@ def test_zero3_eval_with_unequal_shards_and_partitioned_parameters(tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0): a forward is a
     collective. Every rank runs 2 evaluation forwards and the 359 samples count once each."""
     ds = '{"zero_optimization": {"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0}}'
-    proc = check(run_dtrain(["train", RECIPE, *FAULTY, "engine=deepspeed", "deepspeed.zero_stage=3",
-                         f"deepspeed.config={ds}", "model.eval_size=359", "data.eval_batch_size=179",
-                         "train.max_steps=4", "train.collective_timeout_s=120", "tracking.enabled=false",
-                         f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, nproc=2, timeout=300))
+    proc = check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *FAULTY,
+                "engine=deepspeed",
+                "deepspeed.zero_stage=3",
+                f"deepspeed.config={ds}",
+                "model.eval_size=359",
+                "data.eval_batch_size=179",
+                "train.max_steps=4",
+                "train.collective_timeout_s=120",
+                "tracking.enabled=false",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+            timeout=300,
+        )
+    )
     ev = json.loads((tmp_path / "out" / "summary.json").read_text())["eval"]
     assert ev["samples"] == 359 and ev["forwards_rank0"] == ev["forwards_rank1"] == 2, ev
     assert "samples 359 " in proc.stdout  # an integer prints as one
     # ZeRO state is partitioned per rank: resuming it on 1 rank is refused in one line.
-    proc = run_dtrain(["train", RECIPE, *FAULTY, "engine=deepspeed", "deepspeed.zero_stage=3", "train.max_steps=6",
-                       "tracking.enabled=false", "resume=auto", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *FAULTY,
+            "engine=deepspeed",
+            "deepspeed.zero_stage=3",
+            "train.max_steps=6",
+            "tracking.enabled=false",
+            "resume=auto",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "written by 2 DeepSpeed rank(s), this job has 1" in one_line(proc)
 
@@ -334,13 +487,29 @@ def _zero0_and_ddp(rank: int, world: int, root: str) -> None:
     from dtrain.train.fit import fit
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # what a launcher sets (DeepSpeed reads it)
-    common = [*FAULTY, "train.max_steps=10", "train.max_nonfinite_steps=3", "tracking.log_every=2",
-              "checkpoint.every_steps=0", "optim.clip_grad_norm=1.0"]
-    for overrides in (["engine=deepspeed", "deepspeed.zero_stage=0", "tracking.enabled=true",
-                       f"tracking.uri=sqlite:///{root}/mlflow.db", f"output_dir={root}/ds"],
-                      ["tracking.enabled=false", f"output_dir={root}/ddp"]):
-        fit(load_config(RECIPE, [*common, *overrides]), DistEnv(rank=rank, world_size=world, local_world_size=world),
-            torch.device("cpu"))
+    common = [
+        *FAULTY,
+        "train.max_steps=10",
+        "train.max_nonfinite_steps=3",
+        "tracking.log_every=2",
+        "checkpoint.every_steps=0",
+        "optim.clip_grad_norm=1.0",
+    ]
+    for overrides in (
+        [
+            "engine=deepspeed",
+            "deepspeed.zero_stage=0",
+            "tracking.enabled=true",
+            f"tracking.uri=sqlite:///{root}/mlflow.db",
+            f"output_dir={root}/ds",
+        ],
+        ["tracking.enabled=false", f"output_dir={root}/ddp"],
+    ):
+        fit(
+            load_config(RECIPE, [*common, *overrides]),
+            DistEnv(rank=rank, world_size=world, local_world_size=world),
+            torch.device("cpu"),
+        )
 
 
 @pytest.mark.slow
@@ -349,8 +518,12 @@ def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     steps are not counted non-finite, and the run matches DDP."""
     spawn(_zero0_and_ddp, 2, str(tmp_path))
     s = json.loads((tmp_path / "ds" / "summary.json").read_text())
-    norms = [m.value for m in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
-        s["run_id"], "train/grad_norm")]
+    norms = [
+        m.value
+        for m in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+            s["run_id"], "train/grad_norm"
+        )
+    ]
     assert s["steps"] == 10 and len(norms) == 5 and all(0 < n < 1e3 for n in norms), norms
     assert max_param_diff(load_params(tmp_path / "ds" / "model.pt"), load_params(tmp_path / "ddp" / "model.pt")) < 1e-5
 
@@ -360,8 +533,21 @@ def test_without_syncbn_the_metric_is_of_the_saved_model(tmp_path):
     """model.sync_bn=false on 2 ranks: each rank's BatchNorm statistics drift apart; the
     reported metric must be exactly that of model.pt (rank 0's buffers)."""
     out = tmp_path / "out"
-    check(run_dtrain(["train", RECIPE, "model.sync_bn=false", "train.max_steps=30", "train.eval_every_steps=0",
-                  "tracking.enabled=false", f"output_dir={out}"], cwd=tmp_path, nproc=2))
+    check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                "model.sync_bn=false",
+                "train.max_steps=30",
+                "train.eval_every_steps=0",
+                "tracking.enabled=false",
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+            nproc=2,
+        )
+    )
     reported = json.loads((out / "summary.json").read_text())["eval"]
     cfg = load_config(out / "config.yaml")
     task = CNNTask(cfg)
@@ -386,11 +572,13 @@ def test_resume_on_another_world_size(tmp_path):
     a, b = load_params(tmp_path / "straight" / "model.pt"), load_params(tmp_path / "moved" / "model.pt")
     assert max_param_diff(a, b) < 1e-5
     # A global batch that changed would change what a step means: one line, not a silent drift.
-    proc = run_dtrain([*common, "resume=auto", "data.global_batch_size=128", f"output_dir={tmp_path / 'moved'}"],
-                  cwd=tmp_path)
+    proc = run_dtrain(
+        [*common, "resume=auto", "data.global_batch_size=128", f"output_dir={tmp_path / 'moved'}"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and one_line(proc).endswith(
         "data.global_batch_size=128: the checkpoint was trained with 64, the batch its schedule, data position and "
-        "step count are in; resume with it (on fewer ranks, raise data.grad_accum_steps to keep it)")
+        "step count are in; resume with it (on fewer ranks, raise data.grad_accum_steps to keep it)"
+    )
 
 
 @pytest.mark.slow
@@ -398,9 +586,18 @@ def test_transformer_resume_on_other_text_is_one_line(tmp_path):
     text_a, text_b = tmp_path / "a.txt", tmp_path / "b.txt"
     text_a.write_text("def f(x):\n    return x + 1\n" * 400)
     text_b.write_text("SELECT * FROM t WHERE q = 'z';\n" * 400)
-    common = ["train", str(ROOT / "recipes" / "transformer_charlm.yaml"), "tracking.enabled=false",
-              "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16",
-              "data.global_batch_size=8", "data.max_chars=0", f"output_dir={tmp_path / 'out'}"]
+    common = [
+        "train",
+        str(ROOT / "recipes" / "transformer_charlm.yaml"),
+        "tracking.enabled=false",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "model.block_size=16",
+        "data.global_batch_size=8",
+        "data.max_chars=0",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     check(run_dtrain([*common, f"data.path={text_a}", "train.max_steps=3"], cwd=tmp_path))
     sampled = check(run_dtrain(["sample", str(tmp_path / "out"), "--prompt", "def ", "--tokens", "20"], cwd=tmp_path))
     assert sampled.stdout.startswith("def ") and len(sampled.stdout.rstrip("\n")) == 24  # sampling: the task's

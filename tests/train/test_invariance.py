@@ -6,12 +6,16 @@ tests can fail.
 """
 
 import pytest
-
-from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
+from helpers import ROOT, check, load_params, max_param_diff, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
-COMMON = ["tracking.enabled=false", "train.max_steps=30", "data.augment=false", "checkpoint.every_steps=0",
-          "train.eval_every_steps=0"]
+COMMON = [
+    "tracking.enabled=false",
+    "train.max_steps=30",
+    "data.augment=false",
+    "checkpoint.every_steps=0",
+    "train.eval_every_steps=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,9 @@ def runs(tmp_path_factory):
 
     def run(name: str, nproc: int, *overrides: str):
         if not (root / name / "model.pt").exists():
-            check(run_dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", *overrides], cwd=root, nproc=nproc))
+            check(
+                run_dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", *overrides], cwd=root, nproc=nproc)
+            )
         return load_params(root / name / "model.pt")
 
     return run

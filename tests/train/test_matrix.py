@@ -1,17 +1,16 @@
 """The combination matrix (tests/matrix.py) run for real: every cell trains straight, then
 stopped at step 2 and resumed through its event, on 2 gloo ranks sharing one process group for
 all cells (a 1-rank group for the cells resumed on another world size); the resumed run ends
-in the straight run's state. The README's table is the one `python tests/matrix.py` prints."""
+in the straight run's state. The table in docs/engines.md is the one `python tests/support/matrix.py` prints."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import matrix
 import pytest
 import torch
-
-import matrix
 from helpers import ROOT, load_params, max_param_diff, spawn
 
 # Same world size: the same operations in the same order, so float rounding cannot differ.
@@ -68,8 +67,12 @@ def results(tmp_path_factory):
     two_rank.append(([*cells[0].overrides(), f"output_dir={broken}", "resume=auto", "seed=7"], ""))
     # A ZeRO checkpoint on another world size: refused when it resumes (the table's one such line).
     zero = next(c for c in cells if c.engine.startswith("zero"))
-    one_rank.append(([*zero.overrides(str(init), str(anchor)), f"output_dir={root / zero.name}", "resume=auto"],
-                     str(root / "zero-refusal.txt")))
+    one_rank.append(
+        (
+            [*zero.overrides(str(init), str(anchor)), f"output_dir={root / zero.name}", "resume=auto"],
+            str(root / "zero-refusal.txt"),
+        )
+    )
     spawn(_phase, 2, two_rank)
     spawn(_phase, 1, one_rank)
     return root, cells, init
@@ -92,8 +95,10 @@ def test_every_pair_the_engines_accept_is_in_a_cell():
     assert not matrix.pairs_uncovered()
 
 
-def test_the_readme_carries_the_generated_table():
-    assert matrix.table() in (ROOT / "README.md").read_text(), "run python tests/matrix.py and paste its table"
+def test_the_docs_carry_the_generated_table():
+    assert matrix.table() in (ROOT / "docs" / "engines.md").read_text(), (
+        "run python tests/support/matrix.py and paste its table into docs/engines.md"
+    )
 
 
 @pytest.mark.slow

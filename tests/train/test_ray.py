@@ -11,9 +11,9 @@ import subprocess
 import mlflow
 import pytest
 import torch
+from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain
 
 from dtrain.runtime.environments import read_env
-from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain
 
 pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
 
@@ -23,8 +23,18 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def test_a_ray_worker_environment_is_read_as_ray():
-    env = read_env({"RAY_JOB_ID": "01000000", "RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                    "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "4000"})
+    env = read_env(
+        {
+            "RAY_JOB_ID": "01000000",
+            "RANK": "1",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "10.0.0.2",
+            "MASTER_PORT": "4000",
+        }
+    )
     assert (env.launcher, env.rank, env.world_size, env.local_rank, env.num_nodes) == ("ray", 1, 4, 1, 2)
     assert read_env({"RANK": "1", "WORLD_SIZE": "4"}).launcher == "env"  # Ray's marker missing: not Ray
 
@@ -48,12 +58,31 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
     in the same MLflow run and ends at the parameters of 2 torchrun ranks trained straight."""
     reference = tiny_runs("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
     out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([PY, str(ROOT / "examples" / "ray" / "train_on_ray.py"), CNN, *TINY_CNN, *DDP_BASELINE,
-                           "task=faulty:KillOnceCNN", "checkpoint.every_steps=5", f"output_dir={out}",
-                           "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=ray",
-                           "tracking.log_every=4", "--workers", "2", "--max-failures", "1"],
-                          cwd=tmp_path, env=env_for_cli(DTRAIN_TEST_KILL="1:13", **RAY_ENV), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            PY,
+            str(ROOT / "examples" / "ray" / "train_on_ray.py"),
+            CNN,
+            *TINY_CNN,
+            *DDP_BASELINE,
+            "task=faulty:KillOnceCNN",
+            "checkpoint.every_steps=5",
+            f"output_dir={out}",
+            "tracking.enabled=true",
+            f"tracking.uri={uri}",
+            "tracking.experiment=ray",
+            "tracking.log_every=4",
+            "--workers",
+            "2",
+            "--max-failures",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env_for_cli(DTRAIN_TEST_KILL="1:13", **RAY_ENV),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     check(proc)
     assert (out / ".killed-rank1").exists()  # the fault happened: rank 1 died before step 13
     assert "resumed at step 10" in proc.stdout + proc.stderr  # the new group continued from the newest checkpoint
@@ -74,13 +103,27 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
 @pytest.mark.slow
 def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_path):
     out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_dtrain(["train", CNN, *TINY_CNN, "task=faulty:KillOnceCNN", f"output_dir={out}", "tracking.enabled=true",
-                       f"tracking.uri={uri}", "tracking.experiment=ray", *RAY], cwd=tmp_path,
-                      DTRAIN_TEST_KILL="1:2", **RAY_ENV)
+    proc = run_dtrain(
+        [
+            "train",
+            CNN,
+            *TINY_CNN,
+            "task=faulty:KillOnceCNN",
+            f"output_dir={out}",
+            "tracking.enabled=true",
+            f"tracking.uri={uri}",
+            "tracking.experiment=ray",
+            *RAY,
+        ],
+        cwd=tmp_path,
+        DTRAIN_TEST_KILL="1:2",
+        **RAY_ENV,
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("dtrain: error: ray: the job failed after 0 restart(s) allowed (--ray-max-failures): "
-                           "worker 1: its process died"), last
+    assert last.startswith(
+        "dtrain: error: ray: the job failed after 0 restart(s) allowed (--ray-max-failures): worker 1: its process died"
+    ), last
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
     assert run.info.status != "RUNNING"  # rank 0 closed it as the group broke

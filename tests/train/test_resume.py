@@ -6,9 +6,9 @@ import shutil
 import mlflow
 import pytest
 import torch
+from helpers import ROOT, check, load_params, max_param_diff, run_dtrain
 
 from dtrain import checkpoint
-from helpers import ROOT, check, run_dtrain, load_params, max_param_diff
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 # Mid-epoch stop (22 steps per epoch at batch 64), augmentation and SyncBN on: the sampler
@@ -22,8 +22,19 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
 
     def run(name: str, *overrides: str, expect_ok: bool = True):
-        proc = run_dtrain(["train", RECIPE, *COMMON, f"output_dir={root / name}", f"tracking.uri={uri}",
-                       f"tracking.experiment={name}", *overrides], cwd=root, nproc=2)
+        proc = run_dtrain(
+            [
+                "train",
+                RECIPE,
+                *COMMON,
+                f"output_dir={root / name}",
+                f"tracking.uri={uri}",
+                f"tracking.experiment={name}",
+                *overrides,
+            ],
+            cwd=root,
+            nproc=2,
+        )
         return check(proc) if expect_ok else proc
 
     run("straight")
@@ -74,16 +85,30 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "checkpoints" / "step_00000005"
     (bad / "model").mkdir(parents=True)
     (bad / "trainer.pt").write_bytes(b"not a checkpoint")
-    proc = run_dtrain(["train", RECIPE, "tracking.enabled=false", f"resume={bad}", f"output_dir={tmp_path / 'out'}"],
-                  cwd=tmp_path)
+    proc = run_dtrain(
+        ["train", RECIPE, "tracking.enabled=false", f"resume={bad}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"dtrain: error: resume: cannot load {bad / 'trainer.pt'}"), proc.stderr
 
 
 def test_keep_last_checkpoints_and_atomic_layout(tmp_path):
-    check(run_dtrain(["train", RECIPE, "tracking.enabled=false", "train.max_steps=12", "checkpoint.every_steps=3",
-                  "checkpoint.keep=2", "data.global_batch_size=32", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path))
+    check(
+        run_dtrain(
+            [
+                "train",
+                RECIPE,
+                "tracking.enabled=false",
+                "train.max_steps=12",
+                "checkpoint.every_steps=3",
+                "checkpoint.keep=2",
+                "data.global_batch_size=32",
+                f"output_dir={tmp_path / 'out'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
     root = tmp_path / "out" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000009", "step_00000012"]
     assert (root / "latest").read_text().strip() == "step_00000012"
@@ -103,8 +128,18 @@ def test_an_optimizer_override_on_resume_is_refused_in_one_line(store, tmp_path)
     """`optim.lr` lives in the optimizer's and schedule's checkpointed state: it used to print
     the new peak LR and train on the checkpoint's (identical losses). Refused before training."""
     root, uri, run = store
-    proc = run_dtrain(["train", RECIPE, *COMMON, "tracking.enabled=false", f"resume={root / 'straight' / 'checkpoints'}",
-                       "optim.lr=0.02", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            RECIPE,
+            *COMMON,
+            "tracking.enabled=false",
+            f"resume={root / 'straight' / 'checkpoints'}",
+            "optim.lr=0.02",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("dtrain: error: resume: optim.lr=0.02: the checkpoint was trained with optim.lr=0.2"), line
@@ -117,8 +152,9 @@ def test_resuming_into_a_new_output_dir_is_a_new_run_linked_to_the_old(store):
     straight = json.loads((root / "straight" / "summary.json").read_text())["run_id"]
     client = mlflow.MlflowClient(uri)
     before = [m.step for m in client.get_metric_history(straight, "train/loss")]
-    run("continued", f"resume={root / 'straight' / 'checkpoints'}", "train.max_steps=44",
-        "tracking.experiment=straight")
+    run(
+        "continued", f"resume={root / 'straight' / 'checkpoints'}", "train.max_steps=44", "tracking.experiment=straight"
+    )
     runs = client.search_runs([client.get_experiment_by_name("straight").experiment_id])
     assert len(runs) == 2
     new = next(r for r in runs if r.info.run_id != straight)
@@ -134,12 +170,18 @@ def test_resuming_on_fewer_ranks_with_more_accumulation_continues_the_same_run(t
     samples). The checkpoint's data position is converted to the new micro-batches: a resume
     that kept it as written (planted: the checkpoint says it was already at accumulation 2)
     replays part of the epoch and parts visibly."""
-    mlp = ["task=helpers:MLPTask", "train.max_steps=20", "train.eval_every_steps=0", "tracking.enabled=false",
-           "checkpoint.every_steps=0"]
+    mlp = [
+        "task=helpers:MLPTask",
+        "train.max_steps=20",
+        "train.eval_every_steps=0",
+        "tracking.enabled=false",
+        "checkpoint.every_steps=0",
+    ]
 
     def run(name: str, *overrides: str, nproc: int = 2):
-        return check(run_dtrain(["train", RECIPE, *mlp, f"output_dir={tmp_path / name}", *overrides],
-                                cwd=tmp_path, nproc=nproc))
+        return check(
+            run_dtrain(["train", RECIPE, *mlp, f"output_dir={tmp_path / name}", *overrides], cwd=tmp_path, nproc=nproc)
+        )
 
     run("straight")
     run("moved", "train.stop_at_step=10")

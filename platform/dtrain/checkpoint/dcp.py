@@ -25,14 +25,27 @@ from torch.distributed.checkpoint.metadata import Metadata
 from dtrain.checkpoint.safeload import UnsafeFile, _Restricted
 
 _DCP_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
-      ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
 """What DCP's `.metadata` pickle references (read off torch 2.13's writer): dataclasses,
 an enum, torch.Size, a layout-by-name lookup and paths. None of them runs code when built."""
-
 
 
 class SafeReader(FileSystemReader):
@@ -68,8 +81,9 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeFile(f"a value of {read_item.dest_index.fqn} is not plain data: "
-                             f"{str(e).strip().splitlines()[0][:160]}") from None
+            raise UnsafeFile(
+                f"a value of {read_item.dest_index.fqn} is not plain data: {str(e).strip().splitlines()[0][:160]}"
+            ) from None
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes places it
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:

@@ -41,12 +41,19 @@ class _Restricted(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UnsafeFile(f"{self.what} references {module}.{name}, which is not part of its format "
-                         "(a crafted file: refused, nothing was run)")
+        raise UnsafeFile(
+            f"{self.what} references {module}.{name}, which is not part of its format "
+            "(a crafted file: refused, nothing was run)"
+        )
 
 
-_NUMPY_CLASSES = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+_NUMPY_CLASSES = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
 
 
 def load_numpy_pickle(path: Path) -> Any:
@@ -106,4 +113,3 @@ def is_own(folder: Path, output_dir: str) -> bool:
         return Path(folder).resolve().is_relative_to(Path(output_dir).resolve())
     except OSError:
         return False
-

@@ -32,11 +32,18 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map_only
 
-from dtrain.runtime import distributed
-from dtrain.errors import Failure, WorkFailed
-from dtrain.runtime.files import atomic_write, first_line
+from dtrain.errors import (
+    CheckpointError as CheckpointError,
+)
+from dtrain.errors import (
+    CheckpointWriteError as CheckpointWriteError,
+)
+from dtrain.errors import (
+    ResumeRefused as ResumeRefused,
+)
 from dtrain.protocols import Checkpointed
-from dtrain.errors import CheckpointError as CheckpointError, CheckpointWriteError as CheckpointWriteError, ResumeRefused as ResumeRefused
+from dtrain.runtime import distributed
+from dtrain.runtime.files import atomic_write, first_line
 
 log = logging.getLogger("dtrain")
 
@@ -48,6 +55,7 @@ TRAINER = "trainer.pt"
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically and durably (fsync before the rename)."""
+
     def write(tmp: Path) -> None:
         # Unbuffered: a full disk surfaces in torch's writer as the OSError that caused it
         # (torch reports it as a RuntimeError "unexpected pos", with the OSError as context).
@@ -89,8 +97,9 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> Any:
         raise CheckpointError(f"cannot load {path}: {first_line(e)}") from None
 
 
-def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int,
-         background: bool = False) -> Pending:
+def save(
+    root: Path, step: int, engines: dict[str, Any], client_state: dict[str, Any], keep: int, background: bool = False
+) -> Pending:
     """Collective: every rank calls it. Returns the checkpoint, to `finish()` (at once, or
     with `background` once the engines' writes, going on in threads, are wanted done).
 
@@ -125,8 +134,9 @@ def save(root: Path, step: int, engines: dict[str, Any], client_state: dict[str,
 class Pending:
     """A checkpoint being written: `finish` waits for its files, then publishes it."""
 
-    def __init__(self, root: Path, step: int, tmp: Path, final: Path, keep: int, futures: list[Future[Any]],
-                 error: str):
+    def __init__(
+        self, root: Path, step: int, tmp: Path, final: Path, keep: int, futures: list[Future[Any]], error: str
+    ):
         self.root, self.step, self.tmp, self.final, self.keep = root, step, tmp, final, keep
         self.futures, self.error = futures, error
         self.started = time.perf_counter()
@@ -154,8 +164,9 @@ class Pending:
                     error = io_error_line(e, self.root)
         error = distributed.first_error(error)
         if error:
-            raise CheckpointWriteError(f"checkpoint at step {self.step} not written: {error}; "
-                                       "the previous checkpoint stays the latest")
+            raise CheckpointWriteError(
+                f"checkpoint at step {self.step} not written: {error}; the previous checkpoint stays the latest"
+            )
         return self.final
 
     def settle(self, wait_s: float = 60.0) -> str:
@@ -219,8 +230,9 @@ def mark_best(root: Path, folder: Path) -> None:
     atomic_write(root / BEST, lambda p: p.write_text(folder.name + "\n"))
 
 
-def load(folder: Path, parts: Mapping[str, Checkpointed],
-         validate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def load(
+    folder: Path, parts: Mapping[str, Checkpointed], validate: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Restore every part (engine, EMA) from `folder` (after `validate(client state)`); returns
     the trainer's client state."""
     client: dict[str, Any] = load_file(folder / TRAINER)
@@ -233,7 +245,9 @@ def load(folder: Path, parts: Mapping[str, Checkpointed],
     return client
 
 
-def load_newest(root: Path, parts: Mapping[str, Checkpointed], validate: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any]]:
+def load_newest(
+    root: Path, parts: Mapping[str, Checkpointed], validate: Callable[[dict[str, Any]], None]
+) -> tuple[Path, dict[str, Any]]:
     """`resume=auto`: the newest checkpoint under `root` that loads on every rank.
 
     A broken one (truncated file, missing engine folder, another model) is skipped with a
@@ -263,7 +277,7 @@ def candidates(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, newest first (the one `latest` names leads). A
     folder moved aside by `_publish` counts while its new version is not in place."""
     done = [p for p in root.glob("step_*") if p.is_dir()]
-    done += [p for p in root.glob(".old-step_*") if p.is_dir() and not (root / p.name[len(".old-"):]).exists()]
+    done += [p for p in root.glob(".old-step_*") if p.is_dir() and not (root / p.name[len(".old-") :]).exists()]
     done.sort(key=lambda p: p.name.removeprefix(".old-"), reverse=True)
     pointed = named(root)
     if pointed:
@@ -315,9 +329,16 @@ def clear(root: Path) -> int:
 def rng_state() -> dict[str, Any]:
     """This rank's RNG streams as tensors and plain values (weights_only-loadable)."""
     np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -328,8 +349,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
 

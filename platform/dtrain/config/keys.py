@@ -36,8 +36,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -58,10 +63,16 @@ def keys(cfg: Any, prefix: str = "") -> list[Key]:
         if dataclasses.is_dataclass(value):
             out += keys(value, f"{prefix}{name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append(Key(f"{prefix}{name}", _type_name(hints[f.name]), to_dict_value(default), values[name],
-                       docs.get(f.name, "")))
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        out.append(
+            Key(
+                f"{prefix}{name}", _type_name(hints[f.name]), to_dict_value(default), values[name], docs.get(f.name, "")
+            )
+        )
     return out
 
 

@@ -19,11 +19,9 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from dtrain.config import redact
-from dtrain.config import Config
+from dtrain.config import Config, redact
 from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -206,6 +204,7 @@ def _number(value: Any) -> float | int | None:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Config -> plain nested dict (tuples as lists) for YAML and MLflow."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dtrain.errors import Failure
 from dtrain.errors import ConfigError as ConfigError  # (where users import it from)
-
 
 # --------------------------------------------------------------------------- sections
 
-OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb",
-                        "schedulefree_adamw", "schedulefree_sgd"]
+OptimizerName = Literal[
+    "sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "lars", "lamb", "schedulefree_adamw", "schedulefree_sgd"
+]
 
 
 @dataclass
@@ -108,8 +107,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     """Warmup stated in epochs (Goyal et al. use 5); when > 0 it sets warmup_steps from the
     run's steps per epoch, so runs of different global batch warm up over the same data."""
-    schedule: Literal["cosine", "cosine_restarts", "step", "multistep", "exponential", "linear", "constant",
-                      "plateau"] = "cosine"
+    schedule: Literal[
+        "cosine", "cosine_restarts", "step", "multistep", "exponential", "linear", "constant", "plateau"
+    ] = "cosine"
     """LR schedule after warmup, stepped once per optimizer step; `plateau` multiplies the LR by
     `optim.gamma` when `optim.plateau_metric` has not improved for `optim.plateau_patience` evaluations."""
     plateau_metric: str = "loss"
@@ -207,7 +207,6 @@ class CheckpointConfig:
     code, from anywhere.)"""
 
 
-
 @dataclass
 class CheckConfig:
     """Settings of `dtrain check` (they change nothing in training)."""
@@ -220,19 +219,12 @@ class CheckConfig:
     model's size, and printed."""
 
 
-
-
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
     """ZeRO stage 0-3 when `engine=deepspeed`."""
     config: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config keys, merged over the ones dtrain derives from the recipe."""
-
-
-
-
-
 
 
 @dataclass
@@ -290,8 +282,12 @@ class Config:
         non_negative(self.data, "data", "num_workers")
         require("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1, "must be in (0, 1)")
         if self.data.path and not Path(self.data.path).exists():
-            raise ConfigError("data.path", self.data.path, "no such file or folder" + (
-                "" if Path(self.data.path).is_absolute() else f" (looked in {Path.cwd()} and beside the recipe)"))
+            raise ConfigError(
+                "data.path",
+                self.data.path,
+                "no such file or folder"
+                + ("" if Path(self.data.path).is_absolute() else f" (looked in {Path.cwd()} and beside the recipe)"),
+            )
         non_negative(self.train, "train", "max_steps", "eval_every_steps", "stop_at_step")
         positive(self.train, "train", "epochs", "max_nonfinite_steps", "collective_timeout_s")
         validate_optim(self.optim, "optim")
@@ -302,8 +298,12 @@ class Config:
         positive(self.checkpoint, "checkpoint", "keep")
         positive(self.check, "check", "steps")
         non_negative(self.check, "check", "tolerance")
-        require("deepspeed.zero_stage", self.deepspeed.zero_stage, self.deepspeed.zero_stage in (0, 1, 2, 3),
-                "must be 0, 1, 2 or 3")
+        require(
+            "deepspeed.zero_stage",
+            self.deepspeed.zero_stage,
+            self.deepspeed.zero_stage in (0, 1, 2, 3),
+            "must be 0, 1, 2 or 3",
+        )
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             check: Any = getattr(section, "validate", None)
@@ -348,21 +348,42 @@ def validate_optim(o: OptimConfig, prefix: str) -> None:
     require(f"{prefix}.lr", o.lr, o.lr > 0, "must be > 0")
     positive(o, prefix, "step_size")
     non_negative(o, prefix, "base_batch_size")
-    non_negative(o, prefix, "warmup_steps", "warmup_epochs", "min_lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "momentum")
+    non_negative(
+        o,
+        prefix,
+        "warmup_steps",
+        "warmup_epochs",
+        "min_lr",
+        "weight_decay",
+        "clip_grad_norm",
+        "clip_grad_value",
+        "momentum",
+    )
     require(f"{prefix}.min_lr", o.min_lr, o.min_lr <= o.lr, f"must be <= {prefix}.lr ({o.lr})")
     require(f"{prefix}.gamma", o.gamma, 0 < o.gamma <= 1, "must be in (0, 1]")
     require(f"{prefix}.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "each beta must be in [0, 1)")
     require(f"{prefix}.eps", o.eps, o.eps > 0, "must be > 0")
-    require(f"{prefix}.milestones", o.milestones, o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
-           "must be increasing positive step counts")
-    require(f"{prefix}.nesterov", o.nesterov, not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
-           "needs optim.name=sgd or lars with momentum > 0")
+    require(
+        f"{prefix}.milestones",
+        o.milestones,
+        o.milestones == sorted(set(o.milestones)) and all(m > 0 for m in o.milestones),
+        "must be increasing positive step counts",
+    )
+    require(
+        f"{prefix}.nesterov",
+        o.nesterov,
+        not o.nesterov or (o.name in ("sgd", "lars") and o.momentum > 0),
+        "needs optim.name=sgd or lars with momentum > 0",
+    )
     require(f"{prefix}.trust_coefficient", o.trust_coefficient, o.trust_coefficient > 0, "must be > 0")
     non_negative(o, prefix, "restart_steps", "l1")
     positive(o, prefix, "plateau_patience")
-    require(f"{prefix}.schedule", o.schedule, not o.name.startswith("schedulefree") or o.schedule == "constant",
-           f"must be constant with {prefix}.name={o.name} (schedule-free optimizers replace the schedule; "
-           "warmup is kept)")
+    require(
+        f"{prefix}.schedule",
+        o.schedule,
+        not o.name.startswith("schedulefree") or o.schedule == "constant",
+        f"must be constant with {prefix}.name={o.name} (schedule-free optimizers replace the schedule; warmup is kept)",
+    )
     require(f"{prefix}.restart_mult", o.restart_mult, o.restart_mult >= 1, "must be >= 1")
 
 

@@ -18,9 +18,9 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from dtrain.checkpoint.safeload import UnsafeFile, load_numpy_pickle
 from dtrain.errors import ConfigError
 from dtrain.runtime.files import atomic_write
-from dtrain.checkpoint.safeload import UnsafeFile, load_numpy_pickle
 
 Array = npt.NDArray[Any]
 Split = tuple[Array, Array, Array, Array]  # x_train, y_train, x_test, y_test
@@ -52,8 +52,10 @@ def _to_datasets(xtr: Array, ytr: Array, xte: Array, yte: Array) -> tuple[Images
     test = torch.as_tensor(xte, dtype=torch.float32)
     mean = train.mean(dim=(0, 2, 3)).view(-1, 1, 1)
     std = train.std(dim=(0, 2, 3)).clamp(min=1e-6).view(-1, 1, 1)
-    return (Images(train, torch.as_tensor(ytr, dtype=torch.int64), mean, std),
-            Images(test, torch.as_tensor(yte, dtype=torch.int64), mean, std))
+    return (
+        Images(train, torch.as_tensor(ytr, dtype=torch.int64), mean, std),
+        Images(test, torch.as_tensor(yte, dtype=torch.int64), mean, std),
+    )
 
 
 def digits(test_fraction: float, normalize: bool = True) -> Pair:
@@ -62,8 +64,10 @@ def digits(test_fraction: float, normalize: bool = True) -> Pair:
     xtr, ytr, xte, yte = _digits_split(test_fraction)
     if normalize:
         return _to_datasets(xtr, ytr, xte, yte)
-    return (TensorDataset(torch.as_tensor(xtr * 2 - 1), torch.as_tensor(ytr, dtype=torch.int64)),
-            TensorDataset(torch.as_tensor(xte * 2 - 1), torch.as_tensor(yte, dtype=torch.int64)))
+    return (
+        TensorDataset(torch.as_tensor(xtr * 2 - 1), torch.as_tensor(ytr, dtype=torch.int64)),
+        TensorDataset(torch.as_tensor(xte * 2 - 1), torch.as_tensor(yte, dtype=torch.int64)),
+    )
 
 
 def _digits_split(test_fraction: float) -> Split:
@@ -94,6 +98,7 @@ def _save_npz(path: Path, split: Split) -> None:
 
 def cifar10(folder: Path) -> Pair:
     """CIFAR-10 in its python-pickle layout (data_batch_1..5, test_batch) from a local folder."""
+
     def read(names: list[str]) -> tuple[Array, Array]:
         xs, ys = [], []
         for n in names:
@@ -162,14 +167,19 @@ def _listing(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     for label, cls in enumerate(classes):
         found = [str(p) for p in sorted((root / cls).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not found:
-            raise ConfigError("data.path", str(root / cls), f"holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                              "every class folder needs some")
+            raise ConfigError(
+                "data.path",
+                str(root / cls),
+                f"holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); every class folder needs some",
+            )
         files += found
         labels += [label] * len(found)
     return files, labels
 
 
-def image_folder(folder: Path, size: int, test_fraction: float, lazy: bool = False) -> tuple[Dataset[Any], Dataset[Any]]:
+def image_folder(
+    folder: Path, size: int, test_fraction: float, lazy: bool = False
+) -> tuple[Dataset[Any], Dataset[Any]]:
     """`folder/<class>/*.png` (split off `test_fraction`, stratified, fixed) or
     `folder/{train,val}/<class>/*`. In memory: every image decoded once at start (small sets);
     `lazy`: `ImageFiles`, the same samples decoded on demand."""
@@ -196,8 +206,11 @@ def image_folder(folder: Path, size: int, test_fraction: float, lazy: bool = Fal
 def load_images(path: str, size: int, test_fraction: float, lazy: bool = False) -> tuple[Dataset[Any], Dataset[Any]]:
     """`data.path` dispatch: empty -> digits; CIFAR-10 pickle folder; image folder."""
     if lazy and (not path or (Path(path) / "test_batch").exists()):
-        raise ConfigError("data.decode", "lazy", "applies to image folders (data.path=a folder of class folders); "
-                                                 "digits and CIFAR-10 arrays load in memory")
+        raise ConfigError(
+            "data.decode",
+            "lazy",
+            "applies to image folders (data.path=a folder of class folders); digits and CIFAR-10 arrays load in memory",
+        )
     if not path:
         return digits(test_fraction)
     folder = Path(path)
@@ -205,5 +218,8 @@ def load_images(path: str, size: int, test_fraction: float, lazy: bool = False) 
         return cifar10(folder)
     if folder.is_dir():
         return image_folder(folder, size, test_fraction, lazy)
-    raise ConfigError("data.path", path, "expected a CIFAR-10 python folder (data_batch_*, test_batch) "
-                      "or an image folder with one sub-folder per class")
+    raise ConfigError(
+        "data.path",
+        path,
+        "expected a CIFAR-10 python folder (data_batch_*, test_batch) or an image folder with one sub-folder per class",
+    )

@@ -36,11 +36,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dtrain.config import Config
-from dtrain.errors import ConfigError
 from dtrain.data.seeding import Augment as Augment  # re-exported: tasks type their augmentation with it
 from dtrain.data.seeding import sample_generator as sample_generator
 from dtrain.data.seeding import seeded as seeded
 from dtrain.data.shards import TarShards
+from dtrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,11 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
         unit = world_size * a
         below, above = g // unit * unit, (g // unit + 1) * unit  # the nearest valid sizes
         ok = " or ".join(str(b) for b in (below, above) if b > 0)
-        raise ConfigError("data.global_batch_size", g,
-                          f"must be divisible by world size x data.grad_accum_steps = {world_size} x {a} "
-                          f"(the nearest: {ok})")
+        raise ConfigError(
+            "data.global_batch_size",
+            g,
+            f"must be divisible by world size x data.grad_accum_steps = {world_size} x {a} (the nearest: {ok})",
+        )
     return BatchPlan(g, g // (world_size * a), a, world_size)
 
 
@@ -88,7 +90,7 @@ class ResumableDistributedSampler(DistributedSampler[Any]):
         self.keyed = keyed
 
     def __iter__(self) -> Iterator[Any]:
-        indices = list(super().__iter__())[self.start_index:]
+        indices = list(super().__iter__())[self.start_index :]
         return iter([(self.epoch, i) for i in indices] if self.keyed else indices)
 
     def __len__(self) -> int:
@@ -112,15 +114,28 @@ class ExactShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_workers: int,
-                 pin_memory: bool, augment: Augment | None = None) -> DataLoader[Any]:
+def train_loader(
+    ds: Dataset[Any],
+    plan: BatchPlan,
+    rank: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    augment: Augment | None = None,
+) -> DataLoader[Any]:
     if isinstance(ds, TarShards):
         # A stream splits itself (rank, worker). Workers are not persistent: each epoch's
         # iterators must see the position set in this process (a persistent worker keeps the
         # copy of the dataset it started with).
         stream = ds.distribute(rank, plan.world_size, plan.per_rank, seed, augment)
-        return DataLoader(stream, batch_size=plan.per_rank, drop_last=True, num_workers=num_workers,
-                          pin_memory=pin_memory, multiprocessing_context=_workers(num_workers))
+        return DataLoader(
+            stream,
+            batch_size=plan.per_rank,
+            drop_last=True,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            multiprocessing_context=_workers(num_workers),
+        )
     if augment is not None:
         ds = Augmented(ds, augment, seed)
     sampler = ResumableDistributedSampler(ds, plan.world_size, rank, seed, keyed=augment is not None)
@@ -128,9 +143,17 @@ def train_loader(ds: Dataset[Any], plan: BatchPlan, rank: int, seed: int, num_wo
     # in an all-reduce the others never enter, and batch statistics stay world-size invariant.
     # The loader's own generator (for worker seeds) keeps iter(loader) from drawing on the
     # global RNG, whose state the checkpoint restores mid-epoch for exact resume.
-    return DataLoader(ds, batch_size=plan.per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      multiprocessing_context=_workers(num_workers), generator=torch.Generator().manual_seed(seed + rank))
+    return DataLoader(
+        ds,
+        batch_size=plan.per_rank,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=_workers(num_workers),
+        generator=torch.Generator().manual_seed(seed + rank),
+    )
 
 
 def set_position(loader: DataLoader[Any], epoch: int, start: int) -> None:
@@ -146,9 +169,14 @@ def set_position(loader: DataLoader[Any], epoch: int, start: int) -> None:
 
 def eval_loader(ds: Dataset[Any], batch_size: int, world_size: int, rank: int, num_workers: int) -> DataLoader[Any]:
     # Persistent: the evaluation set and its shard never change, so its workers start once.
-    return DataLoader(ds, batch_size=batch_size, sampler=ExactShardSampler(len(cast(Sized, ds)), world_size, rank),
-                      num_workers=num_workers, persistent_workers=num_workers > 0,
-                      multiprocessing_context=_workers(num_workers))
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=ExactShardSampler(len(cast(Sized, ds)), world_size, rank),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=_workers(num_workers),
+    )
 
 
 def start(loader: DataLoader[Any]) -> Iterator[Any]:
@@ -159,9 +187,12 @@ def start(loader: DataLoader[Any]) -> Iterator[Any]:
     except (AttributeError, TypeError, pickle.PicklingError) as e:
         if loader.num_workers == 0 or "pickle" not in str(e):
             raise
-        raise ConfigError("data.num_workers", loader.num_workers,
-                          f"the dataset cannot be sent to worker processes ({e}); make it picklable "
-                          "(module-level classes and functions, no lambdas or open handles) or use 0") from None
+        raise ConfigError(
+            "data.num_workers",
+            loader.num_workers,
+            f"the dataset cannot be sent to worker processes ({e}); make it picklable "
+            "(module-level classes and functions, no lambdas or open handles) or use 0",
+        ) from None
 
 
 def _workers(num_workers: int) -> Any:

@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-
 Augment = Callable[[Any, torch.Generator], Any]
 """A task's per-sample augmentation: (sample, the sample's generator) -> augmented sample.
 Picklable (a module-level function or a functools.partial of one): workers receive it."""

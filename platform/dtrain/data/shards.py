@@ -28,15 +28,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dtrain.errors import ConfigError
 from dtrain.data.seeding import sample_generator
+from dtrain.errors import ConfigError
 
 Sample = dict[str, bytes]
 """One sample as stored: extension -> bytes (`{"png": ..., "cls": b"3"}`)."""
 
 
-def write_shards(samples: Iterable[Sample], folder: str | os.PathLike[str], per_shard: int,
-                 prefix: str = "shard") -> list[Path]:
+def write_shards(
+    samples: Iterable[Sample], folder: str | os.PathLike[str], per_shard: int, prefix: str = "shard"
+) -> list[Path]:
     """Write `samples` into tar shards of `per_shard` samples: folder/shard-000000.tar, ..."""
     out, tar, n = Path(folder), None, 0
     files: list[Path] = []
@@ -98,7 +99,7 @@ def _samples(path: Path, wanted: Callable[[int], bool]) -> Iterator[tuple[int, S
             if wanted(index):
                 f = tar.extractfile(member)
                 assert f is not None
-                sample[member.name[len(k) + 1:]] = f.read()
+                sample[member.name[len(k) + 1 :]] = f.read()
         if key is not None and wanted(index):
             yield index, sample
 
@@ -118,8 +119,12 @@ def _count_keys(path: Path) -> int:
         raise ConfigError("shard", str(path), f"is truncated or damaged ({e}); copy or write it again") from None
     samples = sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
     if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
-        raise ConfigError("shard", str(path), f"is truncated (no end-of-archive marker after {samples} samples, "
-                          f"{end} of {path.stat().st_size} bytes read); copy or write it again")
+        raise ConfigError(
+            "shard",
+            str(path),
+            f"is truncated (no end-of-archive marker after {samples} samples, "
+            f"{end} of {path.stat().st_size} bytes read); copy or write it again",
+        )
     return samples
 
 
@@ -138,8 +143,14 @@ class TarShards(IterableDataset[Any]):
         self.epoch, self.start = 0, 0
         self.augment: Callable[[Any, torch.Generator], Any] | None = None
 
-    def distribute(self, rank: int, world: int, batch_size: int, seed: int,
-                   augment: Callable[[Any, torch.Generator], Any] | None = None) -> "TarShards":
+    def distribute(
+        self,
+        rank: int,
+        world: int,
+        batch_size: int,
+        seed: int,
+        augment: Callable[[Any, torch.Generator], Any] | None = None,
+    ) -> TarShards:
         """A copy that yields rank `rank` of `world`'s share, batched by `batch_size` per worker."""
         out = copy.copy(self)
         out.rank, out.world, out.batch_size, out.seed, out.augment = rank, world, batch_size, seed, augment

@@ -20,9 +20,8 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from dtrain.runtime import optional
-from dtrain.runtime import distributed
 from dtrain.errors import ConfigError
+from dtrain.runtime import distributed, optional
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
@@ -51,8 +50,11 @@ def open_splits(path: str, val_fraction: float, key: str = "data.path") -> tuple
                 tables = hf.load_from_disk(str(p))
                 held = next((s for s in ("validation", "test") if s in tables), None)
                 if "train" not in tables or held is None:
-                    raise ConfigError(key, path, f"has splits {sorted(tables)}: a save_to_disk folder needs train "
-                                      "and validation (or test)")
+                    raise ConfigError(
+                        key,
+                        path,
+                        f"has splits {sorted(tables)}: a save_to_disk folder needs train and validation (or test)",
+                    )
                 return tables["train"], tables[held]
             if (p / "dataset_info.json").is_file():
                 table = hf.load_from_disk(str(p))
@@ -60,8 +62,9 @@ def open_splits(path: str, val_fraction: float, key: str = "data.path") -> tuple
                 files = _files(p) if p.is_dir() else [p]
                 kinds = {BUILDERS.get(f.suffix) for f in files}
                 if not files or None in kinds or len(kinds) > 1:
-                    raise ConfigError(key, path, f"needs files of one kind: {', '.join(sorted(BUILDERS))} (or a "
-                                      "save_to_disk folder)")
+                    raise ConfigError(
+                        key, path, f"needs files of one kind: {', '.join(sorted(BUILDERS))} (or a save_to_disk folder)"
+                    )
                 table = hf.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
         except (OSError, ValueError) as e:  # unreadable or malformed files: the datasets library names them
             raise ConfigError(key, path, f"cannot be read as a table: {str(e).splitlines()[0][:300]}") from None

@@ -47,8 +47,11 @@ def text_files(inputs: Sequence[str | os.PathLike[str]], suffixes: set[str], key
         if item.is_file():
             files.append(item)
         elif item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix in suffixes and p.is_file()
-                            and "site-packages" not in p.relative_to(item).parts)
+            files += sorted(
+                p
+                for p in item.rglob("*")
+                if p.suffix in suffixes and p.is_file() and "site-packages" not in p.relative_to(item).parts
+            )
         else:
             raise ConfigError(key, str(item), "no such file or folder")
     return files
@@ -66,8 +69,14 @@ def _chunks(files: list[Path], max_chars: int) -> Iterator[str]:
             continue  # not UTF-8 text: skipped, as the in-memory reader does
 
 
-def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction: float = 0.1,
-            max_chars: int = 0, show_progress: bool = True, tokenizer: str = "") -> dict[str, Any]:
+def prepare(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: Path,
+    val_fraction: float = 0.1,
+    max_chars: int = 0,
+    show_progress: bool = True,
+    tokenizer: str = "",
+) -> dict[str, Any]:
     """Two streaming passes (count and collect the characters; encode and append), then the
     three files written atomically. Returns meta.json's content. `tokenizer`: a locally saved
     Hugging Face tokenizer (folder or tokenizer.json) encodes instead of the character
@@ -89,12 +98,45 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
     encode, size = _encoder(vocab, tokenizer)
     dtype = np.uint16 if size <= np.iinfo(np.uint16).max + 1 else np.uint32
     _make_folder(output)
+    _encode_splits(files, max_chars, split, total, encode, dtype, output, show_progress)
+    counts = {name: (output / name).stat().st_size // np.dtype(dtype).itemsize for name in ("train.bin", "val.bin")}
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": counts["train.bin"],
+        "val_tokens": counts["val.bin"],
+        "sources": [str(f) for f in files],
+    }
+    meta.update(
+        {"tokenizer": str(Path(tokenizer).resolve()), "vocab_size": size} if tokenizer else {"vocab": vocab.chars}
+    )
+    atomic_write(output / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+    return meta
+
+
+def _encode_splits(
+    files: list[Path],
+    max_chars: int,
+    split: int,
+    total: int,
+    encode: Any,
+    dtype: Any,
+    output: Path,
+    show_progress: bool,
+) -> None:
+    """The second pass: the text's ids into train.bin up to character `split`, the rest into
+    val.bin, written beside and renamed into place once whole."""
+    from tqdm import tqdm
+
     tmp = {name: output / f".{name}.tmp" for name in ("train.bin", "val.bin")}
     seen = 0
     try:
-        with tmp["train.bin"].open("wb") as train, tmp["val.bin"].open("wb") as val, \
-                tqdm(total=total, desc="prepare-text: encode", unit="char", unit_scale=True,
-                     disable=not show_progress) as bar:
+        with (
+            tmp["train.bin"].open("wb") as train,
+            tmp["val.bin"].open("wb") as val,
+            tqdm(
+                total=total, desc="prepare-text: encode", unit="char", unit_scale=True, disable=not show_progress
+            ) as bar,
+        ):
             for chunk in _chunks(files, max_chars):
                 cut = max(0, min(len(chunk), split - seen))  # the split falls between characters
                 for part, out in ((chunk[:cut], train), (chunk[cut:], val)):
@@ -108,12 +150,6 @@ def prepare(inputs: Sequence[str | os.PathLike[str]], output: Path, val_fraction
         raise
     for name, path in tmp.items():
         os.replace(path, output / name)
-    counts = {name: (output / name).stat().st_size // np.dtype(dtype).itemsize for name in ("train.bin", "val.bin")}
-    meta = {"dtype": np.dtype(dtype).name, "train_tokens": counts["train.bin"], "val_tokens": counts["val.bin"],
-            "sources": [str(f) for f in files]}
-    meta.update({"tokenizer": str(Path(tokenizer).resolve()), "vocab_size": size} if tokenizer else {"vocab": vocab.chars})
-    atomic_write(output / "meta.json", lambda p: p.write_text(json.dumps(meta)))
-    return meta
 
 
 def _make_folder(output: Path) -> None:
@@ -123,7 +159,7 @@ def _make_folder(output: Path) -> None:
         raise ConfigError("--output", str(output), f"cannot be created: {e.strerror or e}") from None
 
 
-def _encoder(vocab: "Vocab", tokenizer: str) -> tuple[Callable[[str], Iterable[int]], int]:
+def _encoder(vocab: Vocab, tokenizer: str) -> tuple[Callable[[str], Iterable[int]], int]:
     """(text -> ids, how many ids there are): the character vocabulary's, or the tokenizer's."""
     if not tokenizer:
         return (lambda text: (vocab.index[c] for c in text)), len(vocab)
@@ -153,8 +189,12 @@ def load(folder: str | os.PathLike[str], block: int, eval_blocks: int, vocab_siz
     path = Path(folder)
     for name in ("train.bin", "val.bin"):
         if not (path / name).is_file():
-            raise ConfigError("data.tokens", str(folder), f"has no {name} (write the folder with "
-                                                          "`dtrain prepare-text TEXT... --output DIR`, or nanoGPT's prepare.py)")
+            raise ConfigError(
+                "data.tokens",
+                str(folder),
+                f"has no {name} (write the folder with "
+                "`dtrain prepare-text TEXT... --output DIR`, or nanoGPT's prepare.py)",
+            )
     chars, dtype, unk = _vocabulary(path, vocab_size)
     if chars is None and not vocab_size and (path / "meta.json").is_file():  # ids of a tokenizer
         vocab_size = int(read_meta(path)["vocab_size"])
@@ -162,8 +202,11 @@ def load(folder: str | os.PathLike[str], block: int, eval_blocks: int, vocab_siz
     train = TokenBlocks(path / "train.bin", dtype, block)
     val = TokenBlocks(path / "val.bin", dtype, block, stride=block, limit=eval_blocks)
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError("data.tokens", str(folder), f"too few tokens ({train.n_tokens} train, {val.n_tokens} val) "
-                                                      f"for model.block_size={block}")
+        raise ConfigError(
+            "data.tokens",
+            str(folder),
+            f"too few tokens ({train.n_tokens} train, {val.n_tokens} val) for model.block_size={block}",
+        )
     return TokenData(train, val, size, chars, unk)
 
 
@@ -177,8 +220,11 @@ def _vocabulary(path: Path, vocab_size: int) -> tuple[list[str] | None, str, boo
         if meta.get("tokenizer") and meta.get("vocab_size"):  # `prepare-text --tokenizer`: ids only
             return None, str(meta["dtype"]), False
         if not meta.get("vocab") or meta["vocab"][0] != UNK:
-            raise ConfigError("data.tokens", str(path), "meta.json's vocab is not a character vocabulary "
-                                                        "written by `dtrain prepare-text`")
+            raise ConfigError(
+                "data.tokens",
+                str(path),
+                "meta.json's vocab is not a character vocabulary written by `dtrain prepare-text`",
+            )
         return list(meta["vocab"]), str(meta["dtype"]), True
     if (path / "meta.pkl").is_file():
         try:
@@ -186,14 +232,21 @@ def _vocabulary(path: Path, vocab_size: int) -> tuple[list[str] | None, str, boo
             itos = meta["itos"]
             chars = [str(itos[i]) for i in range(int(meta["vocab_size"]))]
         except (UnsafeFile, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            raise ConfigError("data.tokens", str(path), f"meta.pkl is not nanoGPT's character metadata "
-                                                        f"({{'vocab_size', 'itos', 'stoi'}}): {e}") from None
+            raise ConfigError(
+                "data.tokens",
+                str(path),
+                f"meta.pkl is not nanoGPT's character metadata ({{'vocab_size', 'itos', 'stoi'}}): {e}",
+            ) from None
         return chars, "uint16", False
     if vocab_size > 0:
         return None, "uint16", False
-    raise ConfigError("data.tokens", str(path), "has no meta.json (dtrain prepare-text) or meta.pkl (nanoGPT's "
-                                                "character datasets); for ids without either (GPT-2 BPE: 50257), "
-                                                "give data.vocab_size")
+    raise ConfigError(
+        "data.tokens",
+        str(path),
+        "has no meta.json (dtrain prepare-text) or meta.pkl (nanoGPT's "
+        "character datasets); for ids without either (GPT-2 BPE: 50257), "
+        "give data.vocab_size",
+    )
 
 
 def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -223,7 +276,7 @@ class TokenBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if self._data is None:
             self._data = np.memmap(self.path, dtype=self.dtype, mode="r")
         o = i * self.stride
-        chunk = torch.from_numpy(self._data[o:o + self.block + 1].astype(np.int64))
+        chunk = torch.from_numpy(self._data[o : o + self.block + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
 
@@ -237,19 +290,19 @@ class Vocab:
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def of(cls, data: TokenData) -> "Vocab":
+    def of(cls, data: TokenData) -> Vocab:
         """A token folder's vocabulary."""
         if data.chars is None:
             return cls.ids_only(data.vocab_size)
         return cls(data.chars[1:], unk=True) if data.unk else cls(data.chars, unk=False)
 
     @classmethod
-    def ids_only(cls, size: int) -> "Vocab":
+    def ids_only(cls, size: int) -> Vocab:
         """Ids whose text is unknown (BPE ids without metadata): each prints as <id>."""
         return cls([f"<{i}>" for i in range(size)], unk=False)
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls(sorted(set(text)))
 
     def encode(self, text: str) -> torch.Tensor:

@@ -26,18 +26,21 @@ from typing import Iterator
 
 import torch
 
-from dtrain.engines import blocks
-from dtrain.runtime import distributed
 from dtrain.config import Config
 from dtrain.data import BatchPlan
+from dtrain.engines import blocks
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.deepspeed import DeepSpeedEngine
-from dtrain.engines.precision import AmpPrecision
 from dtrain.engines.norm import convert_sync_batchnorm
+from dtrain.engines.precision import AmpPrecision
 from dtrain.protocols import Engine, ModelSpec
+from dtrain.runtime import distributed
 
-REGISTRY: dict[str, str] = {"ddp": "dtrain.engines.ddp:DDPEngine", "deepspeed": "dtrain.engines.deepspeed:DeepSpeedEngine",
-                            "fsdp": "dtrain.engines.fsdp:FSDPEngine"}
+REGISTRY: dict[str, str] = {
+    "ddp": "dtrain.engines.ddp:DDPEngine",
+    "deepspeed": "dtrain.engines.deepspeed:DeepSpeedEngine",
+    "fsdp": "dtrain.engines.fsdp:FSDPEngine",
+}
 """`engine=` name -> its class, imported when a job names it (`engine_class`): a DDP job
 never imports FSDP2's checkpoint machinery, nor DeepSpeed."""
 
@@ -62,8 +65,9 @@ def evaluation_weights(engines: dict[str, Engine]) -> Iterator[None]:
         yield
 
 
-def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: BatchPlan,
-                  total_steps: int) -> dict[str, Engine]:
+def build_engines(
+    cfg: Config, specs: dict[str, ModelSpec], device: torch.device, plan: BatchPlan, total_steps: int
+) -> dict[str, Engine]:
     """One engine per model; the DDP engines share one precision object (one GradScaler,
     updated once per iteration)."""
     cls = engine_class(cfg.engine)
@@ -75,6 +79,12 @@ def build_engines(cfg: Config, specs: dict[str, ModelSpec], device: torch.device
             module = convert_sync_batchnorm(module, device)
         steps = math.ceil(total_steps * spec.optimizer_steps_per_step)
         blocks.prepare(module, spec.blocks, cfg.model.activation_checkpointing, cfg.compile, name)
-        engines[name] = cls.build(dataclasses.replace(spec, module=module), cfg, device=device, plan=plan,
-                                           total_steps=steps, precision=precision)
+        engines[name] = cls.build(
+            dataclasses.replace(spec, module=module),
+            cfg,
+            device=device,
+            plan=plan,
+            total_steps=steps,
+            precision=precision,
+        )
     return engines

@@ -21,10 +21,15 @@ from dtrain.errors import ConfigError
 # Selective AC keeps what is expensive to recompute (matmuls, attention) and recomputes the
 # cheap, memory-heavy rest (norms, activations, dropout masks are replayed from the RNG state):
 # most of the memory saving of full AC for a fraction of its extra compute (torchtitan's "op" SAC).
-_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-         torch.ops.aten.convolution.default, torch.ops.aten._scaled_dot_product_flash_attention.default,
-         torch.ops.aten._scaled_dot_product_efficient_attention.default,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.convolution.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -46,14 +51,17 @@ def checkpoint_activations(block: nn.Module, mode: str) -> None:
     block.forward = functools.partial(checkpoint, forward, **kwargs)
 
 
-def prepare(module: nn.Module, blocks: list[nn.Module], activation_checkpointing: str, compile: bool,
-            what: str = "model") -> None:
+def prepare(
+    module: nn.Module, blocks: list[nn.Module], activation_checkpointing: str, compile: bool, what: str = "model"
+) -> None:
     """Apply the recipe's `model.activation_checkpointing` and `compile` to `module`, in place."""
     if activation_checkpointing != "none":
         if not blocks:
-            raise ConfigError("model.activation_checkpointing", activation_checkpointing,
-                              f"needs blocks to checkpoint, and the task names none for its {what} "
-                              "(ModelSpec.blocks); use none")
+            raise ConfigError(
+                "model.activation_checkpointing",
+                activation_checkpointing,
+                f"needs blocks to checkpoint, and the task names none for its {what} (ModelSpec.blocks); use none",
+            )
         for block in blocks:
             checkpoint_activations(block, activation_checkpointing)
     if compile:
@@ -61,4 +69,3 @@ def prepare(module: nn.Module, blocks: list[nn.Module], activation_checkpointing
         # communication with compute; a model without named blocks is compiled whole.
         for unit in blocks or [module]:
             unit.compile()
-

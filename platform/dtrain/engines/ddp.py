@@ -13,13 +13,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtrain import checkpoint
-from dtrain.runtime import distributed
-from dtrain.engines import optim
 from dtrain.config import Config, OptimConfig
 from dtrain.data import BatchPlan
+from dtrain.engines import optim
 from dtrain.engines.precision import AmpPrecision
-from dtrain.protocols import ModelSpec, Precision
 from dtrain.errors import CheckpointError
+from dtrain.protocols import ModelSpec, Precision
+from dtrain.runtime import distributed
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float, max_value: float) -> torch.Tensor:
@@ -79,11 +79,26 @@ class DDPEngine:
         return frozenset({"weights", "weights_in_place"})
 
     @classmethod
-    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
-              precision: AmpPrecision) -> DDPEngine:
+    def build(
+        cls,
+        spec: ModelSpec,
+        cfg: Config,
+        *,
+        device: torch.device,
+        plan: BatchPlan,
+        total_steps: int,
+        precision: AmpPrecision,
+    ) -> DDPEngine:
         """The registry's one constructor signature (`dtrain.engines.build_engines`)."""
-        return cls(spec.module, spec.optim, precision=precision, device=device, global_batch=plan.global_batch,
-                   total_steps=total_steps, broadcast_buffers=spec.broadcast_buffers)
+        return cls(
+            spec.module,
+            spec.optim,
+            precision=precision,
+            device=device,
+            global_batch=plan.global_batch,
+            total_steps=total_steps,
+            broadcast_buffers=spec.broadcast_buffers,
+        )
 
     @classmethod
     def read_weights(cls, folder: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
@@ -97,8 +112,17 @@ class DDPEngine:
         """Refuse (ResumeRefused) a checkpoint of `saved_world` ranks this engine cannot continue on
         `world`: none; a replica's state is whole on every rank."""
 
-    def __init__(self, module: nn.Module, o: OptimConfig, *, precision: AmpPrecision, device: torch.device,
-                 global_batch: int, total_steps: int, broadcast_buffers: bool = True):
+    def __init__(
+        self,
+        module: nn.Module,
+        o: OptimConfig,
+        *,
+        precision: AmpPrecision,
+        device: torch.device,
+        global_batch: int,
+        total_steps: int,
+        broadcast_buffers: bool = True,
+    ):
         self.device = device
         self.precision: Precision = precision
         self.module = module.to(device)
@@ -106,8 +130,12 @@ class DDPEngine:
         if distributed.world_size() > 1:
             # broadcast_buffers copies rank 0's buffers (e.g. BN running stats) to all ranks
             # before each forward; with synchronised BN they are already equal, so it is skipped.
-            self.model = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
-                             find_unused_parameters=False, **_buffer_sync_kwarg(broadcast_buffers))
+            self.model = DDP(
+                self.module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=False,
+                **_buffer_sync_kwarg(broadcast_buffers),
+            )
         self._optimize(o, global_batch, total_steps)
 
     def _optimize(self, o: OptimConfig, global_batch: int, total_steps: int) -> None:
@@ -173,8 +201,12 @@ class DDPEngine:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         try:

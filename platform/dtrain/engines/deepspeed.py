@@ -19,16 +19,15 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dtrain.runtime import distributed
-from dtrain.engines import optim
 from dtrain.checkpoint import safeload
-from dtrain.errors import CheckpointError, ResumeRefused
 from dtrain.config import Config, OptimConfig, optim_sections
-from dtrain.errors import ConfigError
 from dtrain.data import BatchPlan
+from dtrain.engines import optim
 from dtrain.engines.ddp import mismatch_line
 from dtrain.engines.precision import AmpPrecision
+from dtrain.errors import CheckpointError, ConfigError, ResumeRefused
 from dtrain.protocols import ModelSpec, Precision
+from dtrain.runtime import distributed
 
 TAG = "state"
 
@@ -58,8 +57,13 @@ def ds_config(cfg: Config, plan: BatchPlan, o: OptimConfig | None = None) -> dic
     if cfg.precision == "bf16":
         c["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
-        c["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                     "min_loss_scale": 1}
+        c["fp16"] = {
+            "enabled": True,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return deep_merge(c, cfg.deepspeed.config)
 
 
@@ -90,6 +94,24 @@ def grad_norm_of(module: nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False) if grads else torch.zeros(())
 
 
+_ZERO = "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens parameters into shards, "
+REFUSED = {
+    "fp16": "not with engine=deepspeed on a machine without a GPU (DeepSpeed's CPU accelerator has no fp16); use "
+    "bf16, or engine=ddp",
+    "async": "not with engine=deepspeed (DeepSpeed writes its own checkpoint); use engine=ddp or fsdp",
+    "gan": "a GAN's EMA of G needs whole parameters: use 0-2",
+    "clip_value": "not supported with engine=deepspeed (DeepSpeed clips by norm: use optim.clip_grad_norm)",
+    "schedulefree": "not with engine=deepspeed (its averaged weights need the optimizer's train/eval switch, which "
+    "DeepSpeed's wrapper hides); use engine=ddp",
+    "l1": "not supported with engine=deepspeed (DeepSpeed steps its own optimizer on gradients dtrain does not see); "
+    "use engine=ddp or fsdp",
+    "trust_ratio": _ZERO + "so a per-layer trust ratio would be taken over pieces of several layers; use engine=ddp or "
+    "fsdp, or deepspeed.zero_stage=0",
+    "adafactor": _ZERO + "which silently turns Adafactor's factored moments into full ones",
+}
+"""What this engine refuses in a recipe, and why (`DeepSpeedEngine.validate`)."""
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
     required = True
@@ -99,8 +121,12 @@ class DeepSpeedEngine:
         """The fp32 weights of a ZeRO checkpoint of any stage (DeepSpeed's `zero_to_fp32`),
         which unpickles: only with `trust`."""
         if not trust:
-            raise ConfigError("checkpoints", str(folder.parent), "are DeepSpeed checkpoints, which unpickle (a "
-                              "crafted file can run code): add --trust if the run is yours or your team's")
+            raise ConfigError(
+                "checkpoints",
+                str(folder.parent),
+                "are DeepSpeed checkpoints, which unpickle (a "
+                "crafted file can run code): add --trust if the run is yours or your team's",
+            )
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
@@ -109,8 +135,10 @@ class DeepSpeedEngine:
     @classmethod
     def check_resume(cls, saved_world: int, world: int) -> None:
         if saved_world != world:
-            raise ResumeRefused(f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: "
-                                f"ZeRO state is partitioned per rank, so resume on {saved_world} rank(s)")
+            raise ResumeRefused(
+                f"the checkpoint was written by {saved_world} DeepSpeed rank(s), this job has {world}: "
+                f"ZeRO state is partitioned per rank, so resume on {saved_world} rank(s)"
+            )
 
     @classmethod
     def capabilities(cls, cfg: Config) -> frozenset[str]:
@@ -120,40 +148,40 @@ class DeepSpeedEngine:
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
-        stage = cfg.deepspeed.zero_stage
-        if cfg.precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("precision", "fp16", "not with engine=deepspeed on a machine without a GPU (DeepSpeed's "
-                              "CPU accelerator has no fp16); use bf16, or engine=ddp")
+        stage, gpu = cfg.deepspeed.zero_stage, torch.cuda.is_available()
+        refused: list[tuple[str, Any, bool, str]] = [
+            ("precision", "fp16", cfg.precision == "fp16" and not gpu, REFUSED["fp16"]),
+            ("checkpoint.async", True, cfg.checkpoint.async_, REFUSED["async"]),
+            ("deepspeed.zero_stage", 3, getattr(cfg, "gan", None) is not None and stage == 3, REFUSED["gan"]),
+        ]
         for key, o in optim_sections(cfg):
-            if o.clip_grad_value > 0:
-                raise ConfigError(f"{key}.clip_grad_value", o.clip_grad_value, "not supported with engine=deepspeed "
-                                  "(DeepSpeed clips by norm: use optim.clip_grad_norm)")
-            if o.name.startswith("schedulefree"):
-                raise ConfigError(f"{key}.name", o.name, "not with engine=deepspeed (its averaged weights need the "
-                                  "optimizer's train/eval switch, which DeepSpeed's wrapper hides); use engine=ddp")
-            if o.l1 > 0:
-                raise ConfigError(f"{key}.l1", o.l1, "not supported with engine=deepspeed (DeepSpeed steps its own "
-                                  "optimizer on gradients dtrain does not see); use engine=ddp or fsdp")
-            if o.name in ("lars", "lamb") and stage > 0:
-                raise ConfigError(f"{key}.name", o.name, "not with ZeRO (deepspeed.zero_stage > 0): ZeRO flattens "
-                                  "parameters into shards, so a per-layer trust ratio would be taken over pieces "
-                                  "of several layers; use engine=ddp or fsdp, or deepspeed.zero_stage=0")
-            if o.name == "adafactor" and stage > 0:
-                raise ConfigError(f"{key}.name", "adafactor", "not with ZeRO (deepspeed.zero_stage > 0): ZeRO "
-                                  "flattens parameters, which silently turns Adafactor's factored moments into full ones")
-        if cfg.checkpoint.async_:
-            raise ConfigError("checkpoint.async", True, "not with engine=deepspeed (DeepSpeed writes its own "
-                              "checkpoint); use engine=ddp or fsdp")
-        if getattr(cfg, "gan", None) is not None and stage == 3:
-            raise ConfigError("deepspeed.zero_stage", 3, "a GAN's EMA of G needs whole parameters: use 0-2")
+            refused += [
+                (f"{key}.clip_grad_value", o.clip_grad_value, o.clip_grad_value > 0, REFUSED["clip_value"]),
+                (f"{key}.name", o.name, o.name.startswith("schedulefree"), REFUSED["schedulefree"]),
+                (f"{key}.l1", o.l1, o.l1 > 0, REFUSED["l1"]),
+                (f"{key}.name", o.name, o.name in ("lars", "lamb") and stage > 0, REFUSED["trust_ratio"]),
+                (f"{key}.name", o.name, o.name == "adafactor" and stage > 0, REFUSED["adafactor"]),
+            ]
+        for key, value, on, why in refused:
+            if on:
+                raise ConfigError(key, value, why)
 
     @classmethod
-    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
-              precision: AmpPrecision) -> DeepSpeedEngine:
+    def build(
+        cls,
+        spec: ModelSpec,
+        cfg: Config,
+        *,
+        device: torch.device,
+        plan: BatchPlan,
+        total_steps: int,
+        precision: AmpPrecision,
+    ) -> DeepSpeedEngine:
         return cls(spec.module, cfg, spec.optim, device=device, plan=plan, total_steps=total_steps)
 
-    def __init__(self, module: nn.Module, cfg: Config, o: OptimConfig, *, device: torch.device, plan: BatchPlan,
-                 total_steps: int):
+    def __init__(
+        self, module: nn.Module, cfg: Config, o: OptimConfig, *, device: torch.device, plan: BatchPlan, total_steps: int
+    ):
         """`precision` here only autocasts: DeepSpeed holds bf16/fp16 weights and scales fp16
         losses itself, and autocast casts the fp32 inputs to match."""
         prepare_cpu_ops(device)
@@ -167,8 +195,8 @@ class DeepSpeedEngine:
         optimizer, scheduler, self.lr_info = optim.build(module, o, plan.global_batch, total_steps)
         self.config = ds_config(cfg, plan, o)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-            dist_init_required=False)
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config, dist_init_required=False
+        )
         self.model = self.ds
         self.module = self.ds.module
         self._plain_optimizer = self.zero_stage == 0 and cfg.precision == "fp32"
@@ -234,9 +262,11 @@ class DeepSpeedEngine:
 
     def load(self, folder: Path) -> None:
         if not (self.trust or safeload.is_own(folder, self.output_dir)):
-            raise ResumeRefused(f"{folder} is not in this run's output_dir ({self.output_dir}): DeepSpeed unpickles "
-                                "its checkpoint files, which can run code a crafted file holds; if you trust "
-                                "where it came from, resume with checkpoint.trust=true")
+            raise ResumeRefused(
+                f"{folder} is not in this run's output_dir ({self.output_dir}): DeepSpeed unpickles "
+                "its checkpoint files, which can run code a crafted file holds; if you trust "
+                "where it came from, resume with checkpoint.trust=true"
+            )
         try:
             path, _ = self.ds.load_checkpoint(str(folder), tag=TAG)
         except Exception as e:  # a missing or foreign file: one line, not DeepSpeed's stack
@@ -252,5 +282,7 @@ class DeepSpeedEngine:
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
-                for k, v in self.module.state_dict().items()}
+        return {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+            for k, v in self.module.state_dict().items()
+        }

@@ -34,14 +34,13 @@ from torch.distributed.tensor import DTensor
 
 from dtrain import checkpoint
 from dtrain.checkpoint import dcp
-from dtrain.runtime import distributed
 from dtrain.config import Config, OptimConfig, optim_sections
-from dtrain.errors import ConfigError
 from dtrain.data import BatchPlan
 from dtrain.engines.ddp import DDPEngine
 from dtrain.engines.precision import DTYPES, AmpPrecision
+from dtrain.errors import CheckpointError, ConfigError
 from dtrain.protocols import ModelSpec
-from dtrain.errors import CheckpointError
+from dtrain.runtime import distributed
 
 EXTRA = "extra.pt"
 """Beside the DCP shards: the schedule's and the loss scaler's state (rank 0)."""
@@ -51,24 +50,33 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def shard(module: nn.Module, blocks: list[nn.Module], cfg: Config, mesh: Any,
-          offload: OffloadPolicy | None = None, keep_root: bool = True) -> None:
+def shard(
+    module: nn.Module,
+    blocks: list[nn.Module],
+    cfg: Config,
+    mesh: Any,
+    offload: OffloadPolicy | None = None,
+    keep_root: bool = True,
+) -> None:
     """`fully_shard` each block, then the root, in `cfg.precision` (a distillation teacher too).
     `keep_root=False`: the root's parameters are freed after forward as well (a model that
     never runs backward would otherwise hold them whole for good)."""
     f, offload = cfg.fsdp, offload or OffloadPolicy()
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None,
-                                  reduce_dtype=DTYPES[f.reduce_dtype])
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[cfg.precision] if cfg.precision != "fp32" else None, reduce_dtype=DTYPES[f.reduce_dtype]
+    )
     if cfg.precision != "fp32":
         # BatchNorm computes in fp32, as autocast runs it: a unit of its own gathers fp32
         # parameters, takes its input in fp32 and hands its output on in the compute dtype.
-        norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=DTYPES[f.reduce_dtype],
-                                           output_dtype=DTYPES[cfg.precision])
+        norm_policy = MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=DTYPES[f.reduce_dtype], output_dtype=DTYPES[cfg.precision]
+        )
         for norm in [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
             fully_shard(norm, mesh=mesh, mp_policy=norm_policy, offload_policy=offload)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=policy,
-                    offload_policy=offload)
+        fully_shard(
+            block, mesh=mesh, reshard_after_forward=f.reshard_after_forward, mp_policy=policy, offload_policy=offload
+        )
     # The root's parameters are gathered last in backward's order anyway: keeping them
     # unsharded after forward saves one all-gather per step (torchtitan does the same).
     fully_shard(module, mesh=mesh, reshard_after_forward=not keep_root, mp_policy=policy, offload_policy=offload)
@@ -80,16 +88,28 @@ class FSDPEngine(DDPEngine):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         if cfg.precision == "fp16":
-            raise ConfigError("precision", "fp16", "not supported with engine=fsdp (FSDP2 keeps fp32 master "
-                              "weights and computes in bf16 without loss scaling): use precision=bf16")
+            raise ConfigError(
+                "precision",
+                "fp16",
+                "not supported with engine=fsdp (FSDP2 keeps fp32 master "
+                "weights and computes in bf16 without loss scaling): use precision=bf16",
+            )
         for key, o in optim_sections(cfg):
             if o.name in ("lars", "lamb", "schedulefree_adamw", "schedulefree_sgd"):
-                raise ConfigError(f"{key}.name", o.name, "not with engine=fsdp (pytorch_optimizer's implementation "
-                                  "uses in-place ops that FSDP2's DTensor shards do not support); use engine=ddp")
+                raise ConfigError(
+                    f"{key}.name",
+                    o.name,
+                    "not with engine=fsdp (pytorch_optimizer's implementation "
+                    "uses in-place ops that FSDP2's DTensor shards do not support); use engine=ddp",
+                )
         if getattr(cfg, "gan", None) is not None:
-            raise ConfigError("engine", "fsdp", "not for a GAN: its gradient penalty differentiates through FSDP's "
-                              "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "
-                              "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)")
+            raise ConfigError(
+                "engine",
+                "fsdp",
+                "not for a GAN: its gradient penalty differentiates through FSDP's "
+                "gather/reshard of the critic (a double backward FSDP2 does not support), and its EMA "
+                "of G needs whole parameters; use ddp or deepspeed (zero_stage 0-2)",
+            )
 
     @classmethod
     def read_weights(cls, folder: Path, model: nn.Module, trust: bool) -> dict[str, torch.Tensor]:
@@ -103,13 +123,37 @@ class FSDPEngine(DDPEngine):
         return weights
 
     @classmethod
-    def build(cls, spec: ModelSpec, cfg: Config, *, device: torch.device, plan: BatchPlan, total_steps: int,
-              precision: AmpPrecision) -> FSDPEngine:
-        return cls(spec.module, spec.blocks, cfg, spec.optim, device=device, global_batch=plan.global_batch,
-                   total_steps=total_steps)
+    def build(
+        cls,
+        spec: ModelSpec,
+        cfg: Config,
+        *,
+        device: torch.device,
+        plan: BatchPlan,
+        total_steps: int,
+        precision: AmpPrecision,
+    ) -> FSDPEngine:
+        return cls(
+            spec.module,
+            spec.blocks,
+            cfg,
+            spec.optim,
+            device=device,
+            global_batch=plan.global_batch,
+            total_steps=total_steps,
+        )
 
-    def __init__(self, module: nn.Module, blocks: list[nn.Module], cfg: Config, o: OptimConfig, *,
-                 device: torch.device, global_batch: int, total_steps: int):
+    def __init__(
+        self,
+        module: nn.Module,
+        blocks: list[nn.Module],
+        cfg: Config,
+        o: OptimConfig,
+        *,
+        device: torch.device,
+        global_batch: int,
+        total_steps: int,
+    ):
         distributed.init_single_process_group(device)  # FSDP's device mesh needs a group even for one rank
         self.device = device
         # The policy casts parameters and inputs; an autocast on top would only cast again.
@@ -149,8 +193,9 @@ class FSDPEngine(DDPEngine):
         state = {"model": model_sd, "optimizer": optim_sd}
         folder.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
-            checkpoint.atomic_save({"scheduler": self.scheduler.state_dict(),
-                                    "scaler": self.precision.scaler.state_dict()}, folder / EXTRA)
+            checkpoint.atomic_save(
+                {"scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()}, folder / EXTRA
+            )
         if background:
             # The writer thread gathers the save plan with collectives of its own: on the training
             # group they could interleave with the step's and deadlock, so it gets a group of its own.

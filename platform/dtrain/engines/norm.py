@@ -50,7 +50,7 @@ def combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """Every rank's `local_stats`, stacked (world, 1 + 2C) -> the global (mean, biased
     variance, count) by Chan et al.'s parallel formula."""
     c = (stats.size(1) - 1) // 2
-    counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+    counts, means, m2s = stats[:, :1], stats[:, 1 : c + 1], stats[:, c + 1 :]
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     var = (m2s + counts * (means - mean) ** 2).sum(0) / total
@@ -101,8 +101,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         return converted
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
-        out = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
+        out = DistributedBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:  # the same Parameters (as torch's own conversion does): requires_grad kept
             out.weight, out.bias = module.weight, module.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):

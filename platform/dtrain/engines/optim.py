@@ -57,7 +57,7 @@ def lr_factor(o: OptimConfig, step: int, total_steps: int, peak_lr: float) -> fl
     if o.schedule == "multistep":
         return o.gamma ** sum(t >= m for m in o.milestones)
     if o.schedule == "exponential":
-        return o.gamma ** t
+        return o.gamma**t
     raise ValueError(f"unknown schedule {o.schedule!r}")
 
 
@@ -117,18 +117,23 @@ def large_batch_optimizer(groups: list[Any], o: OptimConfig, lr: float) -> torch
     split = []
     for g in groups:
         params = list(g["params"])
-        split += [{**g, "params": [p for p in params if p.ndim >= 2]},
-                  {**g, "params": [p for p in params if p.ndim < 2], "adam": True}]
+        split += [
+            {**g, "params": [p for p in params if p.ndim >= 2]},
+            {**g, "params": [p for p in params if p.ndim < 2], "adam": True},
+        ]
     return Lamb([g for g in split if g["params"]], lr=lr, betas=o.betas, eps=o.eps)
 
 
-def improvement(metrics: dict[str, float], key: str, metric: str, best: float, mode: str,
-                min_delta: float = 0.0) -> tuple[float, bool]:
+def improvement(
+    metrics: dict[str, float], key: str, metric: str, best: float, mode: str, min_delta: float = 0.0
+) -> tuple[float, bool]:
     """The watched eval `metric`'s value, and whether it beats `best` (nan: nothing yet) by more
     than `min_delta` in `mode` (min or max). Shared by the plateau schedule and early stopping;
     a metric the task does not report is a ConfigError naming the recipe `key`."""
     if metric not in metrics:
-        raise ConfigError(key, metric, f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}")
+        raise ConfigError(
+            key, metric, f"not an eval metric of this task; it reports {', '.join(sorted(metrics)) or 'none'}"
+        )
     value = metrics[metric]
     if math.isnan(value):  # a diverged evaluation is never the best one
         return value, False
@@ -145,8 +150,14 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
         self.o = o
         self.plateau: dict[str, float] = {"scale": 1.0, "best": float("nan"), "bad": 0.0}
         floor = o.min_lr / peak_lr if peak_lr > 0 else 0.0
-        super().__init__(opt, lambda step: max(floor, lr_factor(o, step, total_steps, peak_lr) * self.plateau["scale"])
-                         if o.schedule == "plateau" and step >= o.warmup_steps else lr_factor(o, step, total_steps, peak_lr))
+        super().__init__(
+            opt,
+            lambda step: (
+                max(floor, lr_factor(o, step, total_steps, peak_lr) * self.plateau["scale"])
+                if o.schedule == "plateau" and step >= o.warmup_steps
+                else lr_factor(o, step, total_steps, peak_lr)
+            ),
+        )
 
     def observe(self, metrics: dict[str, float]) -> bool:
         """One evaluation's metrics; True when the LR dropped (from the next step on)."""
@@ -177,14 +188,20 @@ def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int
     return Schedule(opt, o, total_steps, peak_lr)
 
 
-def build(model: nn.Module, o: OptimConfig, global_batch: int,
-          total_steps: int) -> tuple[torch.optim.Optimizer, Schedule, LRInfo]:
+def build(
+    model: nn.Module, o: OptimConfig, global_batch: int, total_steps: int
+) -> tuple[torch.optim.Optimizer, Schedule, LRInfo]:
     """(optimizer, scheduler, the LR it gets) for `model` under section `o`."""
     peak = scaled_lr(o, global_batch)
     # Fused kernels on CUDA (the elementwise math is the same as the for-loop's); off the GPU
     # torch's default implementation.
     fused = all(p.is_cuda for p in model.parameters())
     opt = build_optimizer(param_groups(model, o), o, peak, fused=fused)
-    info = LRInfo(peak=peak, base=o.lr, base_batch=o.base_batch_size or global_batch, rule=o.scale_rule,
-                  warmup_steps=o.warmup_steps)
+    info = LRInfo(
+        peak=peak,
+        base=o.lr,
+        base_batch=o.base_batch_size or global_batch,
+        rule=o.scale_rule,
+        warmup_steps=o.warmup_steps,
+    )
     return opt, build_scheduler(opt, o, total_steps, peak), info

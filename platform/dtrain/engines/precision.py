@@ -42,5 +42,5 @@ def set_fp32_matmuls(allow_tf32: bool, device: torch.device) -> str | None:
 
 
 def tf32_mode(allow_tf32: bool, capability: tuple[int, int]) -> str:
-    """"tf32" where asked and the GPU has TF32 (compute capability 8.0+), else "ieee"."""
+    """ "tf32" where asked and the GPU has TF32 (compute capability 8.0+), else "ieee"."""
     return "tf32" if allow_tf32 and capability >= (8, 0) else "ieee"

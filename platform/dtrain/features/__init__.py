@@ -15,14 +15,17 @@ from dtrain.errors import ConfigError
 from dtrain.protocols import Feature
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def registry() -> tuple[type[Feature], ...]:
     """Every feature class defined in this package, by `order` (then name)."""
     found: list[type[Feature]] = []
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        found += [v for v in vars(module).values()
-                  if isinstance(v, type) and issubclass(v, Feature) and v is not Feature and v.__module__ == module.__name__]
+        found += [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, Feature) and v is not Feature and v.__module__ == module.__name__
+        ]
     return tuple(sorted(found, key=lambda f: (f.order, f.__name__)))
 
 

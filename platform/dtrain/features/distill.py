@@ -52,13 +52,21 @@ class DistillConfig:
     """kind=features: `student.module=teacher.module` pairs, e.g. `layers.3=layers.3`."""
 
     def validate(self) -> None:
-        require("distill.teacher", self.teacher, not self.teacher or Path(self.teacher).exists(),
-                "no such run folder or weights file")
+        require(
+            "distill.teacher",
+            self.teacher,
+            not self.teacher or Path(self.teacher).exists(),
+            "no such run folder or weights file",
+        )
         require("distill.temperature", self.temperature, self.temperature > 0, "must be > 0")
         require("distill.alpha", self.alpha, 0 < self.alpha <= 1, "must be in (0, 1]")
-        require("distill.layers", self.layers, self.kind == "logits" or (bool(self.layers) and all(
-            x.count("=") == 1 and all(x.split("=")) for x in self.layers)), "needs `student.module=teacher.module` "
-                "pairs with distill.kind=features")
+        require(
+            "distill.layers",
+            self.layers,
+            self.kind == "logits"
+            or (bool(self.layers) and all(x.count("=") == 1 and all(x.split("=")) for x in self.layers)),
+            "needs `student.module=teacher.module` pairs with distill.kind=features",
+        )
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,7 +74,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     s = student.float().reshape(-1, student.size(-1)) / temperature
     t = teacher.float().reshape(-1, teacher.size(-1)) / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
-    return kl * temperature ** 2
+    return kl * temperature**2
 
 
 class Teacher:
@@ -81,11 +89,19 @@ class Teacher:
             try:
                 model.load_state_dict(safeload.load_weights(where))
             except Exception as e:  # another model's file, a checkpoint of another kind
-                raise ConfigError("distill.teacher", str(where), f"does not fit the student's architecture "
-                                  f"({str(e).splitlines()[0][:200]}); give a run folder for another architecture") from None
+                raise ConfigError(
+                    "distill.teacher",
+                    str(where),
+                    f"does not fit the student's architecture "
+                    f"({str(e).splitlines()[0][:200]}); give a run folder for another architecture",
+                ) from None
         if not hasattr(self.task, "outputs"):
-            raise ConfigError("distill.teacher", str(where), f"its task ({type(self.task).__name__}) has no outputs() "
-                              "to distill from: a task with one model and a loss (dtrain.tasks.Task)")
+            raise ConfigError(
+                "distill.teacher",
+                str(where),
+                f"its task ({type(self.task).__name__}) has no outputs() "
+                "to distill from: a task with one model and a loss (dtrain.tasks.Task)",
+            )
         model.requires_grad_(False)
         self.model = model.to(device).eval()
         if cfg.engine == "fsdp":
@@ -121,13 +137,18 @@ class Taps:
                     module = model.get_submodule(name)
                 except AttributeError:
                     names = sorted({n.split(".")[0] for n, _ in model.named_modules() if n})
-                    raise ConfigError("distill.layers", f"{s}={t}", f"the {'student' if side == 's' else 'teacher'} "
-                                      f"has no module {name!r} (its modules: {', '.join(names)})") from None
+                    raise ConfigError(
+                        "distill.layers",
+                        f"{s}={t}",
+                        f"the {'student' if side == 's' else 'teacher'} "
+                        f"has no module {name!r} (its modules: {', '.join(names)})",
+                    ) from None
                 module.register_forward_hook(self._keep(f"{side}{i}"))
 
     def _keep(self, key: str) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self.kept[key] = output[0] if isinstance(output, (tuple, list)) else output
+
         return hook
 
     def loss(self) -> torch.Tensor:
@@ -135,8 +156,12 @@ class Taps:
         for i, (s, t) in enumerate(self.pairs):
             a, b = self.kept.pop(f"s{i}"), self.kept.pop(f"t{i}")
             if a.shape != b.shape:
-                raise ConfigError("distill.layers", f"{s}={t}", f"outputs differ in shape: student "
-                                  f"{list(a.shape)}, teacher {list(b.shape)}; pair modules of equal output shape")
+                raise ConfigError(
+                    "distill.layers",
+                    f"{s}={t}",
+                    f"outputs differ in shape: student "
+                    f"{list(a.shape)}, teacher {list(b.shape)}; pair modules of equal output shape",
+                )
             terms.append(F.mse_loss(a.float(), b.float()))
         return torch.stack(terms).mean()
 
@@ -148,8 +173,12 @@ class Distiller:
         self.cfg = cfg.distill
         for hook in ("outputs", "output_loss"):
             if not hasattr(task, hook):
-                raise ConfigError("distill.teacher", self.cfg.teacher, f"the task {type(task).__name__} has no "
-                                  f"{hook}(): distillation needs a task with outputs() and output_loss() (dtrain.tasks.Task)")
+                raise ConfigError(
+                    "distill.teacher",
+                    self.cfg.teacher,
+                    f"the task {type(task).__name__} has no "
+                    f"{hook}(): distillation needs a task with outputs() and output_loss() (dtrain.tasks.Task)",
+                )
         self.teacher = Teacher(cfg, task, device)
         self.taps = Taps(self.cfg.layers, student, self.teacher.model) if self.cfg.kind == "features" else None
 
@@ -160,8 +189,12 @@ class Distiller:
             if self.taps is not None:
                 self.taps.loss()
         if self.cfg.kind == "logits" and s.shape != t.shape:
-            raise ConfigError("distill.teacher", self.cfg.teacher, f"its outputs {list(t.shape)} do not match the "
-                              f"student's {list(s.shape)} on one batch (another number of classes or vocabulary?)")
+            raise ConfigError(
+                "distill.teacher",
+                self.cfg.teacher,
+                f"its outputs {list(t.shape)} do not match the "
+                f"student's {list(s.shape)} on one batch (another number of classes or vocabulary?)",
+            )
 
     def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         """The soft term for the student's `outputs` on `batch` (the teacher runs here)."""
@@ -183,8 +216,10 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 class Distill(Feature):
     key, config_class, order, needs_outputs = "distill", DistillConfig, 50, True
-    requires = {"supervised": "distillation needs a task with one model and a loss (dtrain.Task); a GAN has two "
-                              "models and its own step"}
+    requires = {
+        "supervised": "distillation needs a task with one model and a loss (dtrain.Task); a GAN has two "
+        "models and its own step"
+    }
     matrix = {"distill": ("distill.teacher={init}", "distill.alpha=0.5")}
 
     @classmethod
@@ -208,17 +243,21 @@ class Distill(Feature):
         engine = run.engines["model"]
         self.distiller.check(run.task, engine.module, move(next(start(run.eval_loader)), run.device))
         teacher = self.distiller.teacher
-        self.teacher_eval = evaluate_model(teacher.model, teacher.task, run.eval_loader, run.device,
-                                           engine.precision.autocast)
+        self.teacher_eval = evaluate_model(
+            teacher.model, teacher.task, run.eval_loader, run.device, engine.precision.autocast
+        )
         run.log({f"teacher/{k}": v for k, v in self.teacher_eval.items()})
 
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in self.teacher_eval.items())
-        return (f"distill: teacher {self.cfg.teacher} ({type(self.distiller.teacher.model).__name__}; eval {shown}), "
-                f"{self.cfg.kind}, T {self.cfg.temperature:g}, alpha {self.cfg.alpha:g}")
+        return (
+            f"distill: teacher {self.cfg.teacher} ({type(self.distiller.teacher.model).__name__}; eval {shown}), "
+            f"{self.cfg.kind}, T {self.cfg.temperature:g}, alpha {self.cfg.alpha:g}"
+        )
 
-    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, loss: torch.Tensor, outputs: torch.Tensor | None, batch: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert outputs is not None
         soft = self.distiller.loss(outputs, batch)
         mixed = (1 - self.cfg.alpha) * loss + self.cfg.alpha * soft

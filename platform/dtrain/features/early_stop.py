@@ -45,8 +45,10 @@ class EarlyStopConfig:
 
 class EarlyStop(Feature):
     key, config_class, order = "early_stop", EarlyStopConfig, 20  # restores the best before others keep weights
-    matrix = {"early_stop": ("early_stop.metric=loss", "early_stop.patience=100", "train.eval_every_steps=2"),
-              "keep_best": ("checkpoint.keep_best=true", "train.eval_every_steps=2")}
+    matrix = {
+        "early_stop": ("early_stop.metric=loss", "early_stop.patience=100", "train.eval_every_steps=2"),
+        "keep_best": ("checkpoint.keep_best=true", "train.eval_every_steps=2"),
+    }
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
@@ -74,12 +76,14 @@ class EarlyStop(Feature):
     def setup(self, run: Run) -> None:
         names = run.metric_names()
         if self.metric not in names:
-            raise ConfigError(self.key_name, self.metric,
-                              f"not an eval metric of this task; it reports {', '.join(names) or 'none'}")
+            raise ConfigError(
+                self.key_name, self.metric, f"not an eval metric of this task; it reports {', '.join(names) or 'none'}"
+            )
 
     def after_eval(self, run: Run, metrics: dict[str, float]) -> None:
-        value, improved = improvement(metrics, self.key_name, self.metric, self.best_value, self.mode,
-                                      self.cfg.min_delta if self.stops else 0.0)
+        value, improved = improvement(
+            metrics, self.key_name, self.metric, self.best_value, self.mode, self.cfg.min_delta if self.stops else 0.0
+        )
         if improved:
             self.best_value, self.best_step, self.evals_since_best = value, run.step, 0
             self.best_checkpoint = str(run.checkpoint_folder(run.step).resolve())
@@ -87,34 +91,55 @@ class EarlyStop(Feature):
             return
         self.evals_since_best += 1
         if self.stops and self.evals_since_best >= self.cfg.patience:
-            run.stop(f"early_stop: {self.metric} has not improved on {self.best_value:.4g} (step {self.best_step}) "
-                     f"for {self.evals_since_best} evaluations")
+            run.stop(
+                f"early_stop: {self.metric} has not improved on {self.best_value:.4g} (step {self.best_step}) "
+                f"for {self.evals_since_best} evaluations"
+            )
 
     def end(self, run: Run, status: str) -> None:
         if status != "finished" or not self.stops or not self.cfg.restore_best or self.best_step == run.step:
             return
         best = Path(self.best_checkpoint) if self.best_checkpoint else None
         if best is None:
-            run.say(f"early_stop: no evaluation gave a finite {self.metric}; model.pt holds the weights of step "
-                    f"{run.step}")
+            run.say(
+                f"early_stop: no evaluation gave a finite {self.metric}; model.pt holds the weights of step {run.step}"
+            )
         elif run.load_weights(best):
-            run.say(f"early_stop: model.pt from step {self.best_step} ({self.metric} {self.best_value:.4g}) "
-                    f"of {best.parent}")
+            run.say(
+                f"early_stop: model.pt from step {self.best_step} ({self.metric} {self.best_value:.4g}) "
+                f"of {best.parent}"
+            )
         else:
-            run.say(f"early_stop: the best checkpoint (step {self.best_step}) is not there any more ({best}); "
-                    f"model.pt holds the weights of step {run.step}")
+            run.say(
+                f"early_stop: the best checkpoint (step {self.best_step}) is not there any more ({best}); "
+                f"model.pt holds the weights of step {run.step}"
+            )
 
     def summary(self, run: Run) -> dict[str, Any]:
-        out: dict[str, Any] = {"best": {"metric": self.metric, "value": self.best_value, "step": self.best_step,
-                                        "checkpoint": self.best_checkpoint}}
+        out: dict[str, Any] = {
+            "best": {
+                "metric": self.metric,
+                "value": self.best_value,
+                "step": self.best_step,
+                "checkpoint": self.best_checkpoint,
+            }
+        }
         if self.stops:
-            out["early_stop"] = {"metric": self.metric, "best_value": self.best_value, "best_step": self.best_step,
-                                 "stopped_early": self.evals_since_best >= self.cfg.patience}
+            out["early_stop"] = {
+                "metric": self.metric,
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "stopped_early": self.evals_since_best >= self.cfg.patience,
+            }
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
-                "best_checkpoint": self.best_checkpoint}
+        return {
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
+            "best_checkpoint": self.best_checkpoint,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_value, self.best_step = float(state["best_value"]), int(state["best_step"])

@@ -85,8 +85,10 @@ class Average:
         for sharded in (True, False):
             keys = [k for k, t in self.live.items() if distributed.is_sharded(t) == sharded]
             if keys:
-                live = [self.live[k].detach() if self.live[k].dtype == torch.float32 else self.live[k].detach().float()
-                        for k in keys]
+                live = [
+                    self.live[k].detach() if self.live[k].dtype == torch.float32 else self.live[k].detach().float()
+                    for k in keys
+                ]
                 rule([self.shadow[k] for k in keys], live, self.updates)
         self.updates += 1
 
@@ -134,8 +136,12 @@ class Average:
 
     def load(self, folder: Path, what: str) -> None:
         if not folder.exists():
-            log.warning("resume: %s has no %s/ (written before %s was on); the average starts from the loaded "
-                        "weights", folder.parent.name, folder.name, what)
+            log.warning(
+                "resume: %s has no %s/ (written before %s was on); the average starts from the loaded weights",
+                folder.parent.name,
+                folder.name,
+                what,
+            )
             self.shadow, self.updates = self.copy_of_live(), 0
             return
         from dtrain.checkpoint import dcp
@@ -176,8 +182,10 @@ def keep_average(run: Run, average: Average) -> None:
 
 class EMA(Feature):
     key, config_class, order, folder_state = "ema", EMAConfig, 40, True
-    requires = {"weights": "its module holds no whole parameters to average (ZeRO-3 partitions them); "
-                           "use deepspeed.zero_stage 0-2, or engine=ddp or fsdp"}
+    requires = {
+        "weights": "its module holds no whole parameters to average (ZeRO-3 partitions them); "
+        "use deepspeed.zero_stage 0-2, or engine=ddp or fsdp"
+    }
     matrix = {"ema": ("ema.decay=0.9",)}
 
     @classmethod

@@ -48,20 +48,23 @@ class EWCConfig:
     """Samples of the old task's training data the Fisher is averaged over (shared out over the ranks)."""
 
     def validate(self) -> None:
-        require("ewc.from", self.from_, not self.from_ or Path(self.from_).exists(), "no such run folder or weights file")
+        require(
+            "ewc.from", self.from_, not self.from_ or Path(self.from_).exists(), "no such run folder or weights file"
+        )
         require("ewc.lambda", self.lambda_, self.lambda_ >= 0, "must be >= 0")
         positive(self, "ewc", "samples")
 
 
-def fisher_diagonal(task: Any, model: nn.Module, dataset: Any, samples: int, seed: int,
-                    device: torch.device) -> dict[str, torch.Tensor]:
+def fisher_diagonal(
+    task: Any, model: nn.Module, dataset: Any, samples: int, seed: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Collective: the diagonal Fisher of `model` (eval mode) over `samples` of `dataset`."""
     n = min(samples, len(cast(Sized, dataset)))
     chosen = torch.randperm(len(cast(Sized, dataset)), generator=torch.Generator().manual_seed(seed))[:n]
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     model.eval()
-    for index in chosen[distributed.rank()::distributed.world_size()].tolist():
+    for index in chosen[distributed.rank() :: distributed.world_size()].tolist():
         batch = move(default_collate([dataset[index]]), device)
         logits = task.outputs(model, batch).float()
         logits = logits.reshape(-1, logits.size(-1))  # a sequence model: every position's distribution
@@ -88,15 +91,22 @@ class Anchor:
         self.lam, where = cfg.ewc.lambda_, cfg.ewc.from_
         _, old_task, old_model = open_run(where, key="ewc.from")
         if not hasattr(old_task, "outputs"):
-            raise ConfigError("ewc.from", where, f"its task ({type(old_task).__name__}) has no outputs() to take the "
-                              "Fisher information of: a task with one model and a loss (dtrain.Task)")
+            raise ConfigError(
+                "ewc.from",
+                where,
+                f"its task ({type(old_task).__name__}) has no outputs() to take the "
+                "Fisher information of: a task with one model and a loss (dtrain.Task)",
+            )
         train, _ = old_task.datasets()
         old_model = old_model.to(device)
         fisher = fisher_diagonal(old_task, old_model, train, cfg.ewc.samples, cfg.seed, device)
         anchor = {k: p.detach().float() for k, p in old_model.named_parameters()}
         self.terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        matched = [n for n, p in module.named_parameters()
-                   if n in fisher and tuple(p.shape) == tuple(fisher[n].shape) and p.requires_grad]
+        matched = [
+            n
+            for n, p in module.named_parameters()
+            if n in fisher and tuple(p.shape) == tuple(fisher[n].shape) and p.requires_grad
+        ]
         if not matched:
             raise ConfigError("ewc.from", where, "no parameter of this model matches the old run's by name and shape")
         self.fisher_mean = float(sum(fisher[n].sum() for n in matched) / sum(fisher[n].numel() for n in matched))
@@ -119,10 +129,11 @@ class Anchor:
 
 class EWC(Feature):
     key, config_class, order = "ewc", EWCConfig, 50
-    requires = {"supervised": "EWC needs a task with one model and a loss (dtrain.Task); a GAN has two models and "
-                              "its own step",
-                "weights_in_place": "its penalty reads the parameters the optimizer steps, and DeepSpeed keeps those "
-                                    "in flattened partitions of its own; use ddp or fsdp"}
+    requires = {
+        "supervised": "EWC needs a task with one model and a loss (dtrain.Task); a GAN has two models and its own step",
+        "weights_in_place": "its penalty reads the parameters the optimizer steps, and DeepSpeed keeps those "
+        "in flattened partitions of its own; use ddp or fsdp",
+    }
     matrix = {"ewc": ("ewc.from={run}", "ewc.samples=8")}
 
     @classmethod
@@ -147,8 +158,9 @@ class EWC(Feature):
     def describe(self) -> str:
         return self.anchor.describe() if self.anchor is not None else ""
 
-    def loss(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-             batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, loss: torch.Tensor, outputs: torch.Tensor | None, batch: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         assert self.anchor is not None
         penalty = self.anchor.penalty()
         # Sharded: each rank holds a part; the logged value is averaged over ranks, so x world.

@@ -58,14 +58,16 @@ def process_start() -> float:
     import time count as startup; else the time of this call."""
     try:
         fields_ = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
         return boot + int(fields_[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, StopIteration, ValueError, IndexError):
         return time.time()
 
 
 _process_counted = False
+
 
 @dataclass
 class Attempt:
@@ -131,11 +133,13 @@ class Totals:
 
     def line(self) -> str:
         failures = self.restart_s + self.lost_s + self.downtime_s
-        return (f"goodput {self.goodput:.1%} over {self.attempts} attempt{'s' * (self.attempts > 1)}: "
-                f"{self.productive_s:.1f}s of {self.wall_s:.1f}s wall in productive steps; "
-                f"failures {failures:.1f}s (restarts {self.restart_s:.1f}s, {self.lost_steps} steps redone "
-                f"{self.lost_s:.1f}s, downtime {self.downtime_s:.1f}s), startup {self.startup_s:.1f}s, "
-                f"checkpoints {self.checkpoint_s:.1f}s, evaluation {self.eval_s:.1f}s, other {self.other_s:.1f}s")
+        return (
+            f"goodput {self.goodput:.1%} over {self.attempts} attempt{'s' * (self.attempts > 1)}: "
+            f"{self.productive_s:.1f}s of {self.wall_s:.1f}s wall in productive steps; "
+            f"failures {failures:.1f}s (restarts {self.restart_s:.1f}s, {self.lost_steps} steps redone "
+            f"{self.lost_s:.1f}s, downtime {self.downtime_s:.1f}s), startup {self.startup_s:.1f}s, "
+            f"checkpoints {self.checkpoint_s:.1f}s, evaluation {self.eval_s:.1f}s, other {self.other_s:.1f}s"
+        )
 
 
 class Ledger:
@@ -165,8 +169,10 @@ class Ledger:
         if continues and self.path.exists():
             try:
                 known = {f.name for f in fields(Attempt)}
-                self.attempts = [Attempt(**{k: v for k, v in a.items() if k in known})
-                                 for a in json.loads(self.path.read_text())["attempts"]]
+                self.attempts = [
+                    Attempt(**{k: v for k, v in a.items() if k in known})
+                    for a in json.loads(self.path.read_text())["attempts"]
+                ]
             except (OSError, ValueError, KeyError, TypeError):
                 self.attempts = []  # unreadable: this attempt starts a new account
         if self.attempts:
@@ -231,14 +237,24 @@ class Ledger:
         wall = time.time() - everyone[0].started
         steps = sum(a.step_s for a in everyone)
         lost = sum(a.lost_s for a in self.attempts)
-        parts = dict(productive_s=steps - lost, startup_s=everyone[0].startup_s,
-                     restart_s=sum(a.startup_s for a in everyone[1:]), lost_s=lost,
-                     downtime_s=sum(a.downtime_s for a in self.attempts),
-                     checkpoint_s=sum(a.checkpoint_s for a in everyone), eval_s=sum(a.eval_s for a in everyone))
-        return Totals(wall_s=wall, **parts, other_s=wall - sum(parts.values()),
-                      checkpoint_write_s=sum(a.checkpoint_write_s for a in everyone), attempts=len(everyone),
-                      lost_steps=sum(a.lost_steps for a in self.attempts),
-                      goodput=parts["productive_s"] / wall if wall > 0 else 0.0)
+        parts = dict(
+            productive_s=steps - lost,
+            startup_s=everyone[0].startup_s,
+            restart_s=sum(a.startup_s for a in everyone[1:]),
+            lost_s=lost,
+            downtime_s=sum(a.downtime_s for a in self.attempts),
+            checkpoint_s=sum(a.checkpoint_s for a in everyone),
+            eval_s=sum(a.eval_s for a in everyone),
+        )
+        return Totals(
+            wall_s=wall,
+            **parts,
+            other_s=wall - sum(parts.values()),
+            checkpoint_write_s=sum(a.checkpoint_write_s for a in everyone),
+            attempts=len(everyone),
+            lost_steps=sum(a.lost_steps for a in self.attempts),
+            goodput=parts["productive_s"] / wall if wall > 0 else 0.0,
+        )
 
     def step_time(self) -> float:
         """Seconds per step: this attempt's so far, else the earlier attempts'."""
@@ -291,11 +307,14 @@ class Interval:
         return changed
 
     def describe(self, step_time_s: float, restart_s: float) -> str:
-        mtbf = f"{self.mtbf_s / 3600:g} h" + ("" if self.given else f" (checkpoint.mtbf_hours unset: {NODE_MTBF_HOURS:g} h "
-                                                              "per node / nodes)")
-        return (f"checkpoint.every_steps=auto: every {self.steps} steps ({self.steps * step_time_s:.1f}s; "
-                f"Young/Daly tau = sqrt(2 x {self.delta_s:.2f}s checkpoint x {mtbf} MTBF) = {self.tau():.1f}s); "
-                f"expected loss to checkpoints and failures {self.expected_loss(restart_s):.1%}")
+        mtbf = f"{self.mtbf_s / 3600:g} h" + (
+            "" if self.given else f" (checkpoint.mtbf_hours unset: {NODE_MTBF_HOURS:g} h per node / nodes)"
+        )
+        return (
+            f"checkpoint.every_steps=auto: every {self.steps} steps ({self.steps * step_time_s:.1f}s; "
+            f"Young/Daly tau = sqrt(2 x {self.delta_s:.2f}s checkpoint x {mtbf} MTBF) = {self.tau():.1f}s); "
+            f"expected loss to checkpoints and failures {self.expected_loss(restart_s):.1%}"
+        )
 
 
 class Goodput(Feature):
@@ -333,8 +352,11 @@ class Goodput(Feature):
             if self.auto is not None:
                 self._retune(run, run.clock.last_checkpoint_s)
             run.log(metrics(self.ledger.write()))
-        if self.auto is not None and run.step < run.total_steps and \
-                run.step - run.clock.last_checkpoint_step >= (self.auto.steps or FIRST_AFTER):
+        if (
+            self.auto is not None
+            and run.step < run.total_steps
+            and run.step - run.clock.last_checkpoint_step >= (self.auto.steps or FIRST_AFTER)
+        ):
             run.request_checkpoint()
 
     def end(self, run: Run, status: str) -> None:
@@ -374,5 +396,10 @@ class Goodput(Feature):
             return
         if self.auto.update(seconds, step_time, run.total_steps):
             run.say(self.auto.describe(step_time, self.ledger.restart_estimate()))
-        run.log({"checkpoint/every_steps": self.auto.steps, "checkpoint/delta_s": self.auto.delta_s,
-                 "checkpoint/tau_s": self.auto.tau()})
+        run.log(
+            {
+                "checkpoint/every_steps": self.auto.steps,
+                "checkpoint/delta_s": self.auto.delta_s,
+                "checkpoint/tau_s": self.auto.tau(),
+            }
+        )

@@ -31,6 +31,7 @@ from dtrain.protocols import Engine, Feature, Run, StepOutput
 
 log = logging.getLogger("dtrain")
 
+
 @dataclass
 class MonitorConfig:
     every: int = 0
@@ -110,8 +111,10 @@ class Monitor(Feature):
         (for the update ratio), and the engines hand over the gradients once final."""
         self.metrics = {}
         for name, engine in self.engines.items():
-            self.hooks += [m.register_forward_hook(self._activation_hook(self._prefix(name) + n, m))
-                           for n, m in watched_modules(engine.module).items()]
+            self.hooks += [
+                m.register_forward_hook(self._activation_hook(self._prefix(name) + n, m))
+                for n, m in watched_modules(engine.module).items()
+            ]
             self.before[name] = {n: p.detach().float().clone() for n, p in engine.full_params().items() if p.dim() >= 2}
             self.grads[name] = {}
             engine.on_gradients = self._grads_hook(engine, self.grads[name])
@@ -122,6 +125,7 @@ class Monitor(Feature):
         self.hooks = []
         for engine in self.engines.values():
             engine.on_gradients = None
+
     def _activation_hook(self, name: str, module: nn.Module) -> Any:
         def hook(m: nn.Module, args: Any, out: Any) -> None:
             # (an evaluation between arming and the step runs in eval mode: not the step's activations)
@@ -132,16 +136,19 @@ class Monitor(Feature):
             self.metrics[f"act_std/{name}"] = float(x.std())
             if isinstance(module, RECTIFIERS) or bool((x >= 0).all()):
                 self.metrics[f"dead_frac/{name}"] = float((x <= 0).all(dim=0).float().mean())
+
         return hook
 
     @staticmethod
     def _grads_hook(engine: Engine, into: dict[str, float]) -> Any:
         def hook() -> None:
             into.update({n: float(g.float().norm()) for n, g in engine.full_grads().items() if g.dim() >= 2})
+
         return hook
 
-    def _weights(self, prefix: str, engine: Engine, before: dict[str, torch.Tensor], grads: dict[str, float],
-                 step: int) -> None:
+    def _weights(
+        self, prefix: str, engine: Engine, before: dict[str, torch.Tensor], grads: dict[str, float], step: int
+    ) -> None:
         after = engine.full_params()
         ratios = {n: float((after[n].float() - w).norm() / w.norm().clamp(min=1e-12)) for n, w in before.items()}
         self.metrics |= {f"{prefix}grad_norm/{n}": v for n, v in grads.items()}
@@ -151,15 +158,28 @@ class Monitor(Feature):
         vanished = [n for n, v in grads.items() if v < self.cfg.vanish_below]
         total = math.sqrt(sum(v * v for v in grads.values()))
         if vanished:
-            log.warning("monitor: step %d: vanishing gradients in %d weight(s) (norm < %g), first %s", step,
-                        len(vanished), self.cfg.vanish_below, prefix + vanished[0])
+            log.warning(
+                "monitor: step %d: vanishing gradients in %d weight(s) (norm < %g), first %s",
+                step,
+                len(vanished),
+                self.cfg.vanish_below,
+                prefix + vanished[0],
+            )
         if total > self.cfg.explode_above:
-            log.warning("monitor: step %d: exploding gradients: global norm %.3g > monitor.explode_above=%g",
-                        step, total, self.cfg.explode_above)
+            log.warning(
+                "monitor: step %d: exploding gradients: global norm %.3g > monitor.explode_above=%g",
+                step,
+                total,
+                self.cfg.explode_above,
+            )
 
     def _batch_norms(self) -> None:
-        variances = [m.running_var for e in self.engines.values() for m in e.module.modules()
-                     if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_var is not None]
+        variances = [
+            m.running_var
+            for e in self.engines.values()
+            for m in e.module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_var is not None
+        ]
         if variances:
             collapsed = sum(float((v < COLLAPSED_VAR).float().mean()) > 0.5 for v in variances)
             self.metrics["bn_collapsed_frac"] = collapsed / len(variances)

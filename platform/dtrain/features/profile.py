@@ -75,9 +75,12 @@ class Profile(Feature):
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         c = self.cfg
         self.prof = torch.profiler.profile(
-            activities=activities, record_shapes=c.record_shapes, profile_memory=c.profile_memory,
+            activities=activities,
+            record_shapes=c.record_shapes,
+            profile_memory=c.profile_memory,
             schedule=torch.profiler.schedule(wait=c.wait, warmup=c.warmup, active=c.active, repeat=c.repeat),
-            on_trace_ready=self._ready)
+            on_trace_ready=self._ready,
+        )
 
     def setup(self, run: Run) -> None:
         if self.prof is None:
@@ -134,8 +137,8 @@ def breakdown(averages: Any, steps: int) -> dict[str, float]:
     comm = sync_bn = 0.0
     for e in averages:
         name = e.key.lower()
-        if e.key.startswith("dtrain.") and e.key[len("dtrain."):] in REGIONS:
-            out[f"{e.key[len('dtrain.'):]}_ms"] = e.cpu_time_total / 1e3 / steps
+        if e.key.startswith("dtrain.") and e.key[len("dtrain.") :] in REGIONS:
+            out[f"{e.key[len('dtrain.') :]}_ms"] = e.cpu_time_total / 1e3 / steps
         elif e.key in SYNC_BN:
             sync_bn += e.cpu_time_total / 1e3 / steps
         elif any(c in name for c in COLLECTIVES):
@@ -149,5 +152,8 @@ def breakdown(averages: Any, steps: int) -> dict[str, float]:
 
 def lines(found: dict[str, dict[str, float]]) -> list[str]:
     """Each profiled rank's breakdown, as the run's closing lines say it."""
-    return [f"profile, rank {rank} (mean ms of CPU time per recorded step; the parts overlap): "
-            + " ".join(f"{k.removesuffix('_ms')} {v:.3g}" for k, v in parts.items()) for rank, parts in found.items()]
+    return [
+        f"profile, rank {rank} (mean ms of CPU time per recorded step; the parts overlap): "
+        + " ".join(f"{k.removesuffix('_ms')} {v:.3g}" for k, v in parts.items())
+        for rank, parts in found.items()
+    ]

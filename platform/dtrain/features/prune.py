@@ -26,6 +26,7 @@ from dtrain.errors import ConfigError
 from dtrain.protocols import Feature, Run, StepOutput
 from dtrain.runtime import distributed
 
+
 @dataclass
 class PruneConfig:
     amount: float = 0.0
@@ -48,8 +49,12 @@ class PruneConfig:
         require("prune.amount", self.amount, 0 <= self.amount < 1, "must be in [0, 1) (0: off)")
         non_negative(self, "prune", "start_step", "end_step")
         positive(self, "prune", "every_steps")
-        require("prune.end_step", self.end_step, self.schedule == "once" or self.end_step == 0
-                or self.end_step > self.start_step, f"must be after prune.start_step ({self.start_step})")
+        require(
+            "prune.end_step",
+            self.end_step,
+            self.schedule == "once" or self.end_step == 0 or self.end_step > self.start_step,
+            f"must be after prune.start_step ({self.start_step})",
+        )
 
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -113,8 +118,10 @@ class Pruner:
             end = self.cfg.end_step or max(self.cfg.start_step + 1, self.total_steps // 2)
             done = min(1.0, (step - self.cfg.start_step) / (end - self.cfg.start_step))
             amount = self.cfg.amount if self.cfg.schedule == "once" else self.cfg.amount * (1 - (1 - done) ** 3)
-            return self._round(amount), (f"the checkpoint of step {step} was not pruned (prune.amount is new to it): "
-                                         f"pruned now to the schedule's {amount:.0%}")
+            return self._round(amount), (
+                f"the checkpoint of step {step} was not pruned (prune.amount is new to it): "
+                f"pruned now to the schedule's {amount:.0%}"
+            )
         return None, ""
 
     def after_step(self, step: int) -> float | None:
@@ -130,8 +137,10 @@ class Pruner:
         """Collective under FSDP2: a pruning round to `amount`; returns the sparsity reached."""
         whole = [w.detach().full_tensor() if distributed.is_sharded(w) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
         masks = masks_for(whole, amount, self.cfg.kind)
-        self.masks = [(distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
-                      for m, w in zip(masks, self.weights)]
+        self.masks = [
+            (distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
+            for m, w in zip(masks, self.weights)
+        ]
         self._apply()
         self.rounds += 1
         self.sparsity = self.measure()
@@ -155,11 +164,13 @@ class Pruner:
 
 class Prune(Feature):
     key, config_class, order = "prune", PruneConfig, 5  # before the averages see the weights
-    requires = {"supervised": "pruning needs a task with one model and a loss (dtrain.Task); a GAN has two models "
-                              "and its own step",
-                "weights_in_place": "it zeroes parameters in place, and DeepSpeed keeps the weights it steps in "
-                                    "flattened partitions of its own; use ddp or fsdp"}
-    matrix = {"prune": ("prune.amount=0.5", "prune.start_step=1")}
+    requires = {
+        "supervised": "pruning needs a task with one model and a loss (dtrain.Task); a GAN has two models "
+        "and its own step",
+        "weights_in_place": "it zeroes parameters in place, and DeepSpeed keeps the weights it steps in "
+        "flattened partitions of its own; use ddp or fsdp",
+    }
+    matrix = {"prune": ("prune.amount=0.5", "prune.start_step=2")}
 
     @classmethod
     def enabled(cls, cfg: Any) -> bool:
@@ -172,21 +183,28 @@ class Prune(Feature):
     @classmethod
     def check(cls, cfg: Any) -> None:
         if cfg.optim.name.startswith("schedulefree"):
-            raise ConfigError("prune.amount", cfg.prune.amount, f"not with optim.name={cfg.optim.name}: a schedule-free "
-                              "optimizer keeps its own copies of the weights and rebuilds the ones it trains at from them "
-                              "(its train/eval switch), which revives every pruned weight; use adamw or sgd")
+            raise ConfigError(
+                "prune.amount",
+                cfg.prune.amount,
+                f"not with optim.name={cfg.optim.name}: a schedule-free "
+                "optimizer keeps its own copies of the weights and rebuilds the ones it trains at from them "
+                "(its train/eval switch), which revives every pruned weight; use adamw or sgd",
+            )
         ema = getattr(cfg, "ema", None)
         if ema is not None and ema.decay and ema.save:
-            raise ConfigError("ema.save", True, "not with prune.amount: an average of the weights is not sparse "
-                              "(the EMA is still evaluated)")
+            raise ConfigError(
+                "ema.save",
+                True,
+                "not with prune.amount: an average of the weights is not sparse (the EMA is still evaluated)",
+            )
 
     def __init__(self, run: Run):
         self.cfg: PruneConfig = run.cfg.prune
         self.pruner = Pruner(self.cfg, run.engines["model"].module, run.total_steps)
 
     def describe(self) -> str:
-        c = self.cfg
-        return f"prune: {c.kind} to {c.amount:.0%} of {len(self.pruner.weights)} weights, {c.schedule} from step {c.start_step}"
+        c, n = self.cfg, len(self.pruner.weights)
+        return f"prune: {c.kind} to {c.amount:.0%} of {n} weights, {c.schedule} from step {c.start_step}"
 
     def setup(self, run: Run) -> None:
         sparsity, why = self.pruner.begin(run.step)

@@ -49,10 +49,12 @@ class SWAConfig:
 
 class SWA(Feature):
     key, config_class, order, folder_state = "swa", SWAConfig, 45, True
-    requires = {"weights": "its module holds no whole parameters to average (ZeRO-3 partitions them); "
-                           "use deepspeed.zero_stage 0-2, or engine=ddp or fsdp",
-                "supervised": "it feeds training batches to one model to compute its BatchNorm statistics (a GAN "
-                              "averages its generator itself: gan.ema_decay)"}
+    requires = {
+        "weights": "its module holds no whole parameters to average (ZeRO-3 partitions them); "
+        "use deepspeed.zero_stage 0-2, or engine=ddp or fsdp",
+        "supervised": "it feeds training batches to one model to compute its BatchNorm statistics (a GAN "
+        "averages its generator itself: gan.ema_decay)",
+    }
     matrix = {"swa": ("swa.start_step=1", "swa.bn_batches=2")}
 
     @classmethod
@@ -67,11 +69,17 @@ class SWA(Feature):
     def check(cls, cfg: Any) -> None:
         if not cfg.swa.save:
             return
-        for key, on in (("ema.save", getattr(getattr(cfg, "ema", None), "save", False) and cfg.ema.decay),
-                        ("prune.amount", getattr(getattr(cfg, "prune", None), "amount", 0))):
+        for key, on in (
+            ("ema.save", getattr(getattr(cfg, "ema", None), "save", False) and cfg.ema.decay),
+            ("prune.amount", getattr(getattr(cfg, "prune", None), "amount", 0)),
+        ):
             if on:
-                raise ConfigError("swa.save", True, f"not with {key}: model.pt holds one set of weights, and "
-                                  + ("the EMA's is the other" if key == "ema.save" else "an average is not sparse"))
+                raise ConfigError(
+                    "swa.save",
+                    True,
+                    f"not with {key}: model.pt holds one set of weights, and "
+                    + ("the EMA's is the other" if key == "ema.save" else "an average is not sparse"),
+                )
 
     def __init__(self, run: Run):
         self.cfg: SWAConfig = run.cfg.swa
@@ -79,8 +87,9 @@ class SWA(Feature):
         self.last: dict[str, float] = {}
 
     def describe(self) -> str:
-        return (f"swa: average of the weights every {self.cfg.every_steps} step(s) from step {self.cfg.start_step}"
-                + (", model.pt holds it" if self.cfg.save else ""))
+        return f"swa: average of the weights every {self.cfg.every_steps} step(s) from step {self.cfg.start_step}" + (
+            ", model.pt holds it" if self.cfg.save else ""
+        )
 
     def after_step(self, run: Run, out: StepOutput) -> None:
         c = self.cfg
@@ -98,8 +107,10 @@ class SWA(Feature):
             self._recompute_batch_norms(run)
         if self.cfg.save:
             keep_average(run, self.average)
-            run.say(f"swa: model.pt holds the average of {self.average.updates} steps' weights"
-                    + (f", BatchNorm statistics from {self.cfg.bn_batches} batches" if self.cfg.bn_batches else ""))
+            run.say(
+                f"swa: model.pt holds the average of {self.average.updates} steps' weights"
+                + (f", BatchNorm statistics from {self.cfg.bn_batches} batches" if self.cfg.bn_batches else "")
+            )
 
     @torch.no_grad()
     def _recompute_batch_norms(self, run: Run) -> None:
@@ -109,7 +120,9 @@ class SWA(Feature):
         with self.average.swapped():
             batches = islice(start(run.train_loader), self.cfg.bn_batches)
             for engine in run.engines.values():
-                inputs = (run.task.check_inputs({"model": engine.module}, move(b, run.device)).get("model") for b in batches)
+                inputs = (
+                    run.task.check_inputs({"model": engine.module}, move(b, run.device)).get("model") for b in batches
+                )
                 update_bn((x for x in inputs if x is not None), engine.module)
                 for buffer in engine.module.buffers():
                     if buffer.is_floating_point():

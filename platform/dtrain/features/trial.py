@@ -78,15 +78,19 @@ class Trial(Feature):
             # The search hands the storage URL over in the environment, where a password in it is
             # not in the process list or the trial's config (`trial.storage` holds it masked).
             storage = os.environ.get(STORAGE_ENV) or self.cfg.storage
-            study = optuna.load_study(study_name=self.cfg.study, storage=storage,
-                                      pruner=make_pruner(self.cfg.pruner, self.cfg.prune_startup))
+            study = optuna.load_study(
+                study_name=self.cfg.study, storage=storage, pruner=make_pruner(self.cfg.pruner, self.cfg.prune_startup)
+            )
             self.trial = optuna.trial.Trial(study, self.cfg.trial_id)
 
     def setup(self, run: Run) -> None:
         names = run.metric_names()
         if self.cfg.metric not in names:
-            raise ConfigError("trial.metric", self.cfg.metric,
-                              f"not an eval metric of this task; it reports {', '.join(names) or 'none'}")
+            raise ConfigError(
+                "trial.metric",
+                self.cfg.metric,
+                f"not an eval metric of this task; it reports {', '.join(names) or 'none'}",
+            )
 
     def after_eval(self, run: Run, metrics: dict[str, float]) -> None:
         """Report; every rank learns whether the study stops the trial (collective)."""

@@ -39,8 +39,11 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
     config and the averaged model's eval metrics."""
     runs = {f.resolve().parent.parent for f in folders}
     if len(runs) != 1:
-        raise ConfigError("checkpoints", " ".join(map(str, folders)), "must be checkpoints of one run "
-                          "(step_* folders under the same output_dir/checkpoints)")
+        raise ConfigError(
+            "checkpoints",
+            " ".join(map(str, folders)),
+            "must be checkpoints of one run (step_* folders under the same output_dir/checkpoints)",
+        )
     for f in folders:
         if not (f / checkpoint.TRAINER).exists():
             raise ConfigError("checkpoint", str(f), "is not a checkpoint folder (a step_* folder with trainer.pt)")
@@ -49,8 +52,12 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
     train_ds, eval_ds = task.datasets()
     specs = task.models()
     if list(specs) != ["model"]:
-        raise ConfigError("task", cfg.task, f"has {len(specs)} models; average takes a one-model task "
-                          "(a GAN averages its generator with gan.ema_decay)")
+        raise ConfigError(
+            "task",
+            cfg.task,
+            f"has {len(specs)} models; average takes a one-model task "
+            "(a GAN averages its generator with gan.ema_decay)",
+        )
     model = specs["model"].module
     engine = engines.engine_class(cfg.engine)  # each engine reads its own checkpoint format
     model.load_state_dict(uniform_average([engine.read_weights(f / "model", model, trust) for f in folders]))
@@ -66,8 +73,12 @@ def refresh_bn(model: nn.Module, train_ds: Any, cfg: Config, batches: int) -> No
     """BatchNorm running statistics recomputed for the weights `model` holds, on `batches`
     seeded training batches (nothing without BatchNorm, or with `batches` 0)."""
     if batches and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        loader = DataLoader(train_ds, batch_size=cfg.data.eval_batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.data.eval_batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         torch.optim.swa_utils.update_bn(first_batches(loader, batches), model)
 
 

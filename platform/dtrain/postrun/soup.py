@@ -32,12 +32,11 @@ import torch
 import torch.nn as nn
 
 from dtrain import checkpoint, engines, tracking
-from dtrain.postrun import average
-from dtrain.config import recipe
 from dtrain.checkpoint import safeload
-from dtrain.postrun.average import evaluate_model
-from dtrain.config import Config
+from dtrain.config import Config, recipe
 from dtrain.errors import ConfigError
+from dtrain.postrun import average
+from dtrain.postrun.average import evaluate_model
 from dtrain.runtime.files import atomic_write
 from dtrain.tasks import get_task
 from dtrain.train.config import load_config
@@ -60,8 +59,11 @@ def read(path: str | Path, trust: bool = False, overrides: Sequence[str] = ()) -
         model = task.inference_model()
         return Ingredient(str(p), cfg, engines.engine_class(cfg.engine).read_weights(p / "model", model, trust))
     if not (p / "config.yaml").is_file() or not safeload.weights_file(p).is_file():
-        raise ConfigError("run", str(p), "is neither a finished run's output_dir (config.yaml, model.safetensors) nor a "
-                                         "step_* checkpoint folder")
+        raise ConfigError(
+            "run",
+            str(p),
+            "is neither a finished run's output_dir (config.yaml, model.safetensors) nor a step_* checkpoint folder",
+        )
     cfg = load_config(p / "config.yaml", overrides, beside=trust)
     return Ingredient(str(p), cfg, safeload.load_weights(safeload.weights_file(p)))
 
@@ -86,8 +88,11 @@ class Bench:
         theirs = {k: tuple(v.shape) for k, v in ing.weights.items()}
         if theirs != self.keys:
             diff = sorted(set(theirs.items()) ^ set(self.keys.items()))[:3]
-            raise ConfigError("run", ing.name, f"has another architecture than the first ({diff}): soups and "
-                                               "interpolation need one architecture")
+            raise ConfigError(
+                "run",
+                ing.name,
+                f"has another architecture than the first ({diff}): soups and interpolation need one architecture",
+            )
 
     def score(self, weights: dict[str, torch.Tensor], refresh_bn: bool) -> dict[str, float]:
         self.model.load_state_dict(weights)
@@ -135,8 +140,9 @@ def line(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype) if a.is_floating_point() else a.clone()
 
 
-def soup(paths: list[str], method: str, output: Path, bn_batches: int, weights: Sequence[float] = (),
-         trust: bool = False) -> dict[str, Any]:
+def soup(
+    paths: list[str], method: str, output: Path, bn_batches: int, weights: Sequence[float] = (), trust: bool = False
+) -> dict[str, Any]:
     """Make the soup, write its run folder, return what soup.json holds."""
     if len(paths) < 2:
         raise ConfigError("runs", paths, "a soup needs 2 or more runs")
@@ -162,16 +168,28 @@ def soup(paths: list[str], method: str, output: Path, bn_batches: int, weights: 
     used = [k for k, w in enumerate(share) if w > 0]
     mixed = mix([ings[k].weights for k in used], [share[k] for k in used])
     metrics = bench.score(mixed, refresh_bn=len(used) > 1)
-    report = {"method": method, "metric": bench.metric, "soup": metrics,
-              "ingredients": [{"run": i.name, bench.metric: s, "weight": w / sum(share)}
-                              for i, s, w in zip(ings, scores, share)]}
+    report = {
+        "method": method,
+        "metric": bench.metric,
+        "soup": metrics,
+        "ingredients": [
+            {"run": i.name, bench.metric: s, "weight": w / sum(share)} for i, s, w in zip(ings, scores, share)
+        ],
+    }
     bench.save(output, report)
-    _track(bench.cfg, f"soup-{method}", {"method": method, "runs": len(ings), "kept": len(used)},
-           [(0, metrics)], [output / "soup.json"])
+    _track(
+        bench.cfg,
+        f"soup-{method}",
+        {"method": method, "runs": len(ings), "kept": len(used)},
+        [(0, metrics)],
+        [output / "soup.json"],
+    )
     return report
 
 
-def interpolate(a: str, b: str, alphas: list[float], output: Path, bn_batches: int, trust: bool = False) -> dict[str, Any]:
+def interpolate(
+    a: str, b: str, alphas: list[float], output: Path, bn_batches: int, trust: bool = False
+) -> dict[str, Any]:
     """Evaluate theta(alpha) along the line from run A to run B; write the curve (JSON, PNG)."""
     ia, ib = read(a, trust), read(b, trust)
     bench = Bench(ia, bn_batches)
@@ -183,16 +201,23 @@ def interpolate(a: str, b: str, alphas: list[float], output: Path, bn_batches: i
     m = bench.metric
     ends = (points[0][m], points[-1][m])
     # The barrier: how much worse the worst point is than the straight line between the ends.
-    gaps = [(ends[0] + (p["alpha"] - alphas[0]) / (alphas[-1] - alphas[0]) * (ends[1] - ends[0]) - p[m])
-            * (1 if bench.higher else -1) for p in points]
+    gaps = [
+        (ends[0] + (p["alpha"] - alphas[0]) / (alphas[-1] - alphas[0]) * (ends[1] - ends[0]) - p[m])
+        * (1 if bench.higher else -1)
+        for p in points
+    ]
     report = {"a": ia.name, "b": ib.name, "metric": m, "barrier": max(gaps), "points": points}
     output.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(output / "interpolation.json", lambda tmp: tmp.write_text(text))
     _plot(points, m, output / "interpolation.png", f"{Path(ia.name).name} -> {Path(ib.name).name}")
-    _track(bench.cfg, "interpolate", {"a": ia.name, "b": ib.name}, [(i, {k: v for k, v in p.items() if k != "alpha"})
-                                                                   for i, p in enumerate(points)],
-           [output / "interpolation.json", output / "interpolation.png"])
+    _track(
+        bench.cfg,
+        "interpolate",
+        {"a": ia.name, "b": ib.name},
+        [(i, {k: v for k, v in p.items() if k != "alpha"}) for i, p in enumerate(points)],
+        [output / "interpolation.json", output / "interpolation.png"],
+    )
     return report
 
 
@@ -224,8 +249,9 @@ def _plot(points: list[dict[str, float]], metric: str, path: Path, title: str) -
     plt.close(fig)
 
 
-def _track(cfg: Config, name: str, params: dict[str, Any], points: list[tuple[int, dict[str, float]]],
-           files: list[Path]) -> None:
+def _track(
+    cfg: Config, name: str, params: dict[str, Any], points: list[tuple[int, dict[str, float]]], files: list[Path]
+) -> None:
     """One MLflow run for the command, where the ingredients' runs are tracked."""
     cfg.tracking.run_name = name
     tracker = tracking.start(cfg, params, {"dtrain.kind": name.split("-")[0]}, None)

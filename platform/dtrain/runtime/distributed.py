@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain.runtime import environments
-from dtrain.runtime.environments import DistEnv as DistEnv, LaunchError as LaunchError  # re-exported
+from dtrain.runtime.environments import DistEnv as DistEnv  # re-exported
+from dtrain.runtime.environments import LaunchError as LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,38 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
         if _monitor is None:
             _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         return device
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.rank == 0
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and env.rank == 0
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
         # torchrun lends its agent's store to every attempt without clearing it, so a restarted
         # group can read the dead attempt's addresses and fail to connect (pytorch#135712).
-        log.warning("torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment "
-                    "(dtrain's launchers and images set it); without it a restarted group may fail to connect")
+        log.warning(
+            "torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment "
+            "(dtrain's launchers and images set it); without it a restarted group may fail to connect"
+        )
     backend = pick_backend(device.type, env.local_world_size, torch.cuda.device_count() if device.type == "cuda" else 0)
     if backend == "gloo" and device.type == "cuda" and env.rank == 0:
-        log.warning("%d ranks per node share %d GPU(s): NCCL refuses two ranks on one GPU, so the group is "
-                    "gloo (slow; for testing multi-rank CUDA code on one GPU)", env.local_world_size,
-                    torch.cuda.device_count())
-    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if backend == "nccl" else None)
+        log.warning(
+            "%d ranks per node share %d GPU(s): NCCL refuses two ranks on one GPU, so the group is "
+            "gloo (slow; for testing multi-rank CUDA code on one GPU)",
+            env.local_world_size,
+            torch.cuda.device_count(),
+        )
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
     # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
     _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return device
@@ -101,8 +119,16 @@ def is_peer_gone(e: BaseException) -> bool:
     """A collective failed because another rank's process went away (it failed or died)."""
     text = str(e).lower()
     return isinstance(e, (RuntimeError, ConnectionError)) and any(
-        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
-                            "remote process exited", "communicator was aborted", "socket closed"))
+        s in text
+        for s in (
+            "connection closed by peer",
+            "connection reset by peer",
+            "broken pipe",
+            "remote process exited",
+            "communicator was aborted",
+            "socket closed",
+        )
+    )
 
 
 def first_to_report(line: str, wait_s: float = 2.0) -> bool:
@@ -148,8 +174,9 @@ def init_single_process_group(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
 
 
 def shutdown(clean: bool = True) -> None:

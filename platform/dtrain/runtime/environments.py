@@ -14,7 +14,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from dtrain.errors import Failure
 from dtrain.errors import LaunchError as LaunchError
 
 
@@ -45,8 +44,16 @@ def _from_rank_env(env: Env, launcher: str) -> DistEnv:
     world = int(get("WORLD_SIZE", 1))
     local_world = int(get("LOCAL_WORLD_SIZE") or get("LOCAL_SIZE") or get("SLURM_NTASKS_PER_NODE") or world)
     nodes = int(get("GROUP_WORLD_SIZE") or get("CROSS_SIZE") or get("SLURM_NNODES") or max(1, world // local_world))
-    return DistEnv(int(get("RANK", 0)), world, int(get("LOCAL_RANK", 0)), local_world, nodes,
-                   get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", 29500)), launcher)
+    return DistEnv(
+        int(get("RANK", 0)),
+        world,
+        int(get("LOCAL_RANK", 0)),
+        local_world,
+        nodes,
+        get("MASTER_ADDR", "127.0.0.1"),
+        int(get("MASTER_PORT", 29500)),
+        launcher,
+    )
 
 
 class Accelerate:
@@ -124,12 +131,22 @@ class KubeflowPod:
         get = env.get
         nproc = get("PET_NPROC_PER_NODE", "1")
         if nproc not in ("1", "auto"):
-            raise LaunchError(f"PET_NPROC_PER_NODE={nproc}: a PyTorchJob with nprocPerNode > 1 must run "
-                              "`torchrun ... -m dtrain train ...` as its command (torchrun reads PET_*)")
+            raise LaunchError(
+                f"PET_NPROC_PER_NODE={nproc}: a PyTorchJob with nprocPerNode > 1 must run "
+                "`torchrun ... -m dtrain train ...` as its command (torchrun reads PET_*)"
+            )
         nodes = int(str(get("PET_NNODES")).split(":")[-1])
         rank = int(get("PET_NODE_RANK") or get("RANK", "0"))
-        return DistEnv(rank, nodes, 0, 1, nodes, get("MASTER_ADDR") or get("PET_MASTER_ADDR", "127.0.0.1"),
-                       int(get("MASTER_PORT") or get("PET_MASTER_PORT", "23456")), "kubeflow")
+        return DistEnv(
+            rank,
+            nodes,
+            0,
+            1,
+            nodes,
+            get("MASTER_ADDR") or get("PET_MASTER_ADDR", "127.0.0.1"),
+            int(get("MASTER_PORT") or get("PET_MASTER_PORT", "23456")),
+            "kubeflow",
+        )
 
 
 class Srun:
@@ -143,10 +160,16 @@ class Srun:
     def read(env: Env) -> DistEnv:
         get = env.get
         job = int(get("SLURM_JOB_ID", 0))
-        return DistEnv(int(get("SLURM_PROCID", 0)), int(get("SLURM_NTASKS", 1)), int(get("SLURM_LOCALID", 0)),
-                       int(get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]), int(get("SLURM_NNODES", 1)),
-                       get("MASTER_ADDR") or _slurm_head_node(env), int(get("MASTER_PORT") or 20000 + job % 20000),
-                       "slurm")
+        return DistEnv(
+            int(get("SLURM_PROCID", 0)),
+            int(get("SLURM_NTASKS", 1)),
+            int(get("SLURM_LOCALID", 0)),
+            int(get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            int(get("SLURM_NNODES", 1)),
+            get("MASTER_ADDR") or _slurm_head_node(env),
+            int(get("MASTER_PORT") or 20000 + job % 20000),
+            "slurm",
+        )
 
 
 def _slurm_head_node(env: Env) -> str:

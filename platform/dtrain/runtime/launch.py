@@ -8,19 +8,34 @@ import sys
 from typing import Sequence
 
 
-def torchrun_cmd(nproc: int, recipe: str, overrides: Sequence[str], max_restarts: int = 0,
-                 command: Sequence[str] = ("train",)) -> list[str]:
+def torchrun_cmd(
+    nproc: int, recipe: str, overrides: Sequence[str], max_restarts: int = 0, command: Sequence[str] = ("train",)
+) -> list[str]:
     """`dtrain train` (or another `command`) on `nproc` ranks of this machine under torchrun."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "dtrain", *command, recipe, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "dtrain",
+        *command,
+        recipe,
+        *overrides,
+    ]
 
 
 def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """`base` (this environment) for a torchrun agent, with restarts made safe (the agent's
     own store, lent to the workers by default, keeps a dead attempt's keys: pytorch#135712)
     and SIGUSR1, SLURM's preemption notice, forwarded to the workers like SIGTERM."""
-    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-            "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", **(os.environ if base is None else base)}
+    return {
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        **(os.environ if base is None else base),
+    }
 
 
 def exec_torchrun(nproc: int, recipe: str, overrides: Sequence[str], command: Sequence[str]) -> None:

@@ -40,7 +40,9 @@ def declare_torchvision_ops() -> None:
     except (OSError, RuntimeError, IndexError):
         for op in ("nms", "qnms"):
             if not torch._C._dispatch_has_kernel(f"torchvision::{op}"):
-                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+                torch.library.define(
+                    f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+                )
 
 
 def torchvision(key: str, value: object) -> ModuleType:

@@ -107,9 +107,11 @@ def step() -> Iterator[None]:
 
 
 def _give_up(signum: int) -> None:
-    sys.stderr.write(f"dtrain[rank {distributed.rank()}]: signal {signum} received, but this rank did not reach a step boundary "
-                     f"within train.collective_timeout_s={_grace_s:g}s (stuck in a step); exiting without a "
-                     "checkpoint\n")
+    sys.stderr.write(
+        f"dtrain[rank {distributed.rank()}]: signal {signum} received, but this rank did not reach a step boundary "
+        f"within train.collective_timeout_s={_grace_s:g}s (stuck in a step); exiting without a "
+        "checkpoint\n"
+    )
     sys.stderr.flush()
     os._exit(128 + signum)
 

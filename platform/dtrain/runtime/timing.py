@@ -27,8 +27,14 @@ def record_regions(on: bool) -> None:
     _recording = on
 
 
-def token_rates(tokens_per_sample: int, samples_per_s: float, flops_per_token: float, world_size: int,
-                device: torch.device, peak_tflops: float = 0.0) -> dict[str, float]:
+def token_rates(
+    tokens_per_sample: int,
+    samples_per_s: float,
+    flops_per_token: float,
+    world_size: int,
+    device: torch.device,
+    peak_tflops: float = 0.0,
+) -> dict[str, float]:
     """tokens/s of the job, and its MFU (model FLOPs utilisation: the FLOPs the model needs per
     second, per GPU, over the GPU's peak) where the peak is known."""
     if not tokens_per_sample:
@@ -41,8 +47,20 @@ def token_rates(tokens_per_sample: int, samples_per_s: float, flops_per_token: f
 
 
 # Peak dense bf16 TFLOP/s of one GPU, for MFU (`model.peak_tflops` overrides).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def gpu_peak_flops(device_name: str) -> float:

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from dtrain import data
-from dtrain.runtime import launch
 from dtrain.config import Config
-from dtrain.errors import ConfigError
-from dtrain.errors import Failure, WorkFailed
+from dtrain.errors import ConfigError, Failure, WorkFailed
+from dtrain.runtime import launch
 from dtrain.train.config import load_config
 
 
@@ -37,8 +36,9 @@ def sweep(recipe: str, overrides: Sequence[str], sizes: list[int], keep: str) ->
     base, run_ids = Path(cfg.output_dir), []
     for n in sizes:
         out = base / f"ws{n}"
-        cmd = launch.torchrun_cmd(n, recipe, [*overrides, *extra[n], f"output_dir={out}",
-                                              f"tracking.run_name={cfg.recipe}-{n}x"])
+        cmd = launch.torchrun_cmd(
+            n, recipe, [*overrides, *extra[n], f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"]
+        )
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
         if subprocess.run(cmd, env=launch.torchrun_env()).returncode != 0:  # nosec B603 # dtrain's own argv, no shell
             raise WorkFailed(f"sweep: the {n}-rank run failed (see above)")
@@ -65,9 +65,12 @@ def sweep_overrides(cfg: Config, n: int, base: int, keep: str) -> list[str]:
     out = [f"data.global_batch_size={per_rank * n * d.grad_accum_steps}"]
     if not cfg.optim.base_batch_size:  # the LR is stated for the recipe's batch: the rule scales from there
         out.append(f"optim.base_batch_size={d.global_batch_size}")
-    for key, steps in (("train.max_steps", cfg.train.max_steps), ("train.eval_every_steps", cfg.train.eval_every_steps),
-                       ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-                       ("optim.warmup_steps", cfg.optim.warmup_steps)):
+    for key, steps in (
+        ("train.max_steps", cfg.train.max_steps),
+        ("train.eval_every_steps", cfg.train.eval_every_steps),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+    ):
         if isinstance(steps, int) and steps:  # (checkpoint.every_steps=auto measures its own interval)
             out.append(f"{key}={max(1, round(steps * base / n))}")
     return out

@@ -26,9 +26,13 @@ log = logging.getLogger("dtrain")
 
 __all__ = ["BUILTIN", "Task", "ModelSpec", "StepOutput", "get_task", "load_config", "run_config"]
 
-BUILTIN = {"cnn": "dtrain.tasks.cnn:CNNTask", "transformer": "dtrain.tasks.transformer:TransformerTask",
-           "gan": "dtrain.tasks.gan:GANTask", "hf_causal_lm": "dtrain.tasks.hf:CausalLMTask",
-           "hf_sequence_classification": "dtrain.tasks.hf:SequenceClassificationTask"}
+BUILTIN = {
+    "cnn": "dtrain.tasks.cnn:CNNTask",
+    "transformer": "dtrain.tasks.transformer:TransformerTask",
+    "gan": "dtrain.tasks.gan:GANTask",
+    "hf_causal_lm": "dtrain.tasks.hf:CausalLMTask",
+    "hf_sequence_classification": "dtrain.tasks.hf:SequenceClassificationTask",
+}
 
 
 def get_task(name: str, search: Sequence[str | os.PathLike[str]] = ()) -> type[BaseTask]:
@@ -59,15 +63,18 @@ def _find_beside(top: str, search: Sequence[str | os.PathLike[str]]) -> None:
     if top in sys.modules or importlib.util.find_spec(top) is not None:
         return
     for folder in map(os.path.abspath, search):
-        if os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isfile(os.path.join(folder, top, "__init__.py")):
+        if os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isfile(
+            os.path.join(folder, top, "__init__.py")
+        ):
             if folder not in sys.path:
                 sys.path.append(folder)
                 log.info("task module %s imported from %s (added to the Python path)", top, folder)
             return
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), beside: bool = True, *,
-                sections: dict[str, type]) -> Config:
+def load_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), beside: bool = True, *, sections: dict[str, type]
+) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names,
     with `sections` composed in beside its own (the features': `dtrain.load_config` passes them).
 
@@ -92,7 +99,9 @@ def _search(path: str | os.PathLike[str], beside: bool) -> list[str]:
     return [os.getcwd(), *([os.path.dirname(os.path.abspath(path))] if beside else [])]
 
 
-def _read(path: str | os.PathLike[str], overrides: Sequence[str], beside: bool) -> tuple[dict[str, Any], type[BaseTask]]:
+def _read(
+    path: str | os.PathLike[str], overrides: Sequence[str], beside: bool
+) -> tuple[dict[str, Any], type[BaseTask]]:
     raw = recipe.read_raw(path, overrides)
     return raw, get_task(str(raw.get("task", Config.task)), search=_search(path, beside))
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dtrain import data
-from dtrain.data import images
 from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.data import images
 from dtrain.errors import ConfigError
 from dtrain.tasks import Task
 
@@ -77,8 +77,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, widths: list[int], blocks: int, dropout: float = 0.0):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             for j in range(blocks):
@@ -108,15 +109,16 @@ def _only(ds: Dataset[Any], labels: torch.Tensor) -> Dataset[Any]:
     return Subset(ds, torch.isin(torch.as_tensor(y), labels).nonzero().flatten().tolist())
 
 
-def random_shift(sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
-                 max_shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_shift(
+    sample: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, max_shift: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Translate one (C, H, W) image by up to `max_shift` pixels each way (zero padding), the
     offsets drawn from the sample's own generator (see `Task.augmentation`)."""
     x, y = sample
     s = max_shift
     dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
     h, w = x.shape[-2:]
-    return F.pad(x, (s, s, s, s))[..., dy:dy + h, dx:dx + w], y
+    return F.pad(x, (s, s, s, s))[..., dy : dy + h, dx : dx + w], y
 
 
 class CNNTask(Task):
@@ -148,8 +150,12 @@ class CNNTask(Task):
         return train, test
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "std": self.std, "classes": torch.tensor(self.num_classes),
-                "channels": torch.tensor(self.in_channels)}
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "classes": torch.tensor(self.num_classes),
+            "channels": torch.tensor(self.in_channels),
+        }
 
     def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
         self.mean, self.std = state["mean"], state["std"]
@@ -190,7 +196,9 @@ class CNNTask(Task):
         if not classes:
             return None
         if sorted(set(classes)) != sorted(classes) or not all(0 <= c < self.num_classes for c in classes):
-            raise ConfigError("data.classes", classes, f"must be distinct labels of the data, 0..{self.num_classes - 1}")
+            raise ConfigError(
+                "data.classes", classes, f"must be distinct labels of the data, 0..{self.num_classes - 1}"
+            )
         return torch.tensor(classes)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -211,10 +219,15 @@ class CNNTask(Task):
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
         logits, y = self.outputs(model, batch), self._targets(y)
-        return {"loss_sum": F.cross_entropy(logits.float(), y, reduction="sum"),
-                "correct": (logits.argmax(1) == y).sum(),
-                "count": torch.tensor(len(y), device=y.device)}
+        return {
+            "loss_sum": F.cross_entropy(logits.float(), y, reduction="sum"),
+            "correct": (logits.argmax(1) == y).sum(),
+            "count": torch.tensor(len(y), device=y.device),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
-                "samples": sums["count"]}
+        return {
+            "loss": sums["loss_sum"] / sums["count"],
+            "accuracy": sums["correct"] / sums["count"],
+            "samples": sums["count"],
+        }

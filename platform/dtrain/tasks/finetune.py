@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from dtrain.runtime import distributed
 from dtrain.checkpoint import safeload
 from dtrain.errors import ConfigError
+from dtrain.runtime import distributed
 
 
 def _short(names: Sequence[str], n: int = 6) -> str:
@@ -30,27 +30,35 @@ def init_from(model: nn.Module, path: str) -> str:
     wherever name and shape agree; returns the one-line report (also printed on rank 0)."""
     file = safeload.weights_file(Path(path)) if Path(path).is_dir() else Path(path)
     if not file.is_file():
-        raise ConfigError("model.init_from", path, "no such file: a model.safetensors or model.pt, or a run's "
-                                                   "output_dir holding one")
+        raise ConfigError(
+            "model.init_from", path, "no such file: a model.safetensors or model.pt, or a run's output_dir holding one"
+        )
     try:
         saved = safeload.load_weights(file)  # no code runs: safetensors, or torch.load(weights_only=True)
     except Exception as e:  # a checkpoint of another kind, a truncated file
-        raise ConfigError("model.init_from", path, f"cannot be read as a state_dict: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            "model.init_from", path, f"cannot be read as a state_dict: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
         raise ConfigError("model.init_from", path, "is not a plain state_dict (a model.pt of a dtrain run is)")
     own = model.state_dict()
     loaded = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     if not loaded:
-        raise ConfigError("model.init_from", path, f"no tensor matches the model by name and shape (file: "
-                                                   f"{_short(list(saved))}; model: {_short(list(own))})")
+        raise ConfigError(
+            "model.init_from",
+            path,
+            f"no tensor matches the model by name and shape (file: {_short(list(saved))}; model: {_short(list(own))})",
+        )
     model.load_state_dict(loaded, strict=False)
     reshaped = [f"{k} {list(saved[k].shape)}->{list(own[k].shape)}" for k in own if k in saved and k not in loaded]
     kept = [k for k in own if k not in saved]
     unused = [k for k in saved if k not in own]
-    report = (f"model.init_from={path}: loaded {len(loaded)} of {len(own)} tensors (weights only)"
-              + (f"; new shape, kept at init: {_short(reshaped)}" if reshaped else "")
-              + (f"; not in the file, kept at init: {_short(kept)}" if kept else "")
-              + (f"; in the file, unused: {_short(unused)}" if unused else ""))
+    report = (
+        f"model.init_from={path}: loaded {len(loaded)} of {len(own)} tensors (weights only)"
+        + (f"; new shape, kept at init: {_short(reshaped)}" if reshaped else "")
+        + (f"; not in the file, kept at init: {_short(kept)}" if kept else "")
+        + (f"; in the file, unused: {_short(unused)}" if unused else "")
+    )
     if distributed.is_main():
         print(report, flush=True)
     return report

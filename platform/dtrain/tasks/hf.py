@@ -32,13 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dtrain.runtime import optional
-from dtrain.data import tables
 from dtrain.checkpoint import safeload
-from dtrain.data import tokens
 from dtrain.config import Config, DataConfig, ModelConfig
+from dtrain.data import tables, tokens
 from dtrain.errors import ConfigError
 from dtrain.protocols import Engine
+from dtrain.runtime import optional
 from dtrain.tasks import Task
 from dtrain.tasks.transformer.config import TransformerOptimConfig
 
@@ -95,14 +94,25 @@ class HFConfig(Config):
         super().validate()
         m, d = self.model, self.data
         if not m.pretrained and not m.config.get("model_type"):
-            raise ConfigError("model.pretrained", "", "name a local save_pretrained folder, or give model.config.model_type "
-                              "(e.g. gpt2, llama) to build the architecture with random weights")
+            raise ConfigError(
+                "model.pretrained",
+                "",
+                "name a local save_pretrained folder, or give model.config.model_type "
+                "(e.g. gpt2, llama) to build the architecture with random weights",
+            )
         if m.pretrained and "model_type" in m.config:
-            raise ConfigError("model.config.model_type", m.config["model_type"], "comes from model.pretrained's "
-                              "config.json: leave it out, or leave model.pretrained empty")
+            raise ConfigError(
+                "model.config.model_type",
+                m.config["model_type"],
+                "comes from model.pretrained's config.json: leave it out, or leave model.pretrained empty",
+            )
         if not d.tokens and not d.path:
-            raise ConfigError("data.path", "", "needs a table (Parquet, JSON, Arrow, CSV, a save_to_disk folder) or "
-                              "data.tokens a token folder (dtrain prepare-text)")
+            raise ConfigError(
+                "data.path",
+                "",
+                "needs a table (Parquet, JSON, Arrow, CSV, a save_to_disk folder) or "
+                "data.tokens a token folder (dtrain prepare-text)",
+            )
 
 
 class TextRows:
@@ -144,7 +154,7 @@ class LabelledRows(TextRows):
     def __call__(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         ids = self.ids_of(row)
         x = torch.full((self.block,), self.pad, dtype=torch.int64)
-        x[:len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        x[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
         mask = (torch.arange(self.block) < len(ids)).long()
         return x, mask, torch.tensor(int(row[self.label]))
 
@@ -164,17 +174,25 @@ class HFTask(Task):
         """The model's transformers config: the pretrained folder's, changed by `model.config`,
         or one built from `model.config` alone. No cache: training never generates."""
         m = self.cfg.model
-        transformers = optional.transformers("model.pretrained" if m.pretrained else "model.config", m.pretrained or m.config)
+        transformers = optional.transformers(
+            "model.pretrained" if m.pretrained else "model.config", m.pretrained or m.config
+        )
         fields = dict(m.config)
         if m.pretrained:
             if not (Path(m.pretrained) / "config.json").is_file():
-                raise ConfigError("model.pretrained", m.pretrained, "has no config.json (a folder save_pretrained wrote)")
+                raise ConfigError(
+                    "model.pretrained", m.pretrained, "has no config.json (a folder save_pretrained wrote)"
+                )
             try:
-                config = transformers.AutoConfig.from_pretrained(m.pretrained, local_files_only=True,
-                                                                 trust_remote_code=False, **fields)
+                config = transformers.AutoConfig.from_pretrained(
+                    m.pretrained, local_files_only=True, trust_remote_code=False, **fields
+                )
             except (ValueError, OSError) as e:  # custom code it would have to run, a malformed config.json
-                raise ConfigError("model.pretrained", m.pretrained, f"cannot be loaded without running code or as it "
-                                  f"is: {str(e).splitlines()[0][:200]}") from None
+                raise ConfigError(
+                    "model.pretrained",
+                    m.pretrained,
+                    f"cannot be loaded without running code or as it is: {str(e).splitlines()[0][:200]}",
+                ) from None
         else:
             model_type = fields.pop("model_type")
             if self.vocab_size:
@@ -185,13 +203,20 @@ class HFTask(Task):
                 import difflib
 
                 close = difflib.get_close_matches(str(model_type), list(transformers.CONFIG_MAPPING.keys()), n=3)
-                raise ConfigError("model.config.model_type", model_type, "is not an architecture this transformers "
-                                  f"knows{' (close: ' + ', '.join(close) + ')' if close else ''}") from None
+                raise ConfigError(
+                    "model.config.model_type",
+                    model_type,
+                    "is not an architecture this transformers "
+                    f"knows{' (close: ' + ', '.join(close) + ')' if close else ''}",
+                ) from None
         config.use_cache = False
         self.extra_config(config)
         if self.vocab_size > config.vocab_size:
-            raise ConfigError("model.config.vocab_size", config.vocab_size,
-                              f"is smaller than the data's vocabulary ({self.vocab_size} ids)")
+            raise ConfigError(
+                "model.config.vocab_size",
+                config.vocab_size,
+                f"is smaller than the data's vocabulary ({self.vocab_size} ids)",
+            )
         return config
 
     def extra_config(self, config: Any) -> None:
@@ -206,14 +231,25 @@ class HFTask(Task):
 
             weights = list(Path(self.cfg.model.pretrained).glob("*.safetensors"))
             if not weights:
-                raise ConfigError("model.pretrained", self.cfg.model.pretrained, "has no *.safetensors weights (pickled "
-                                  "*.bin files are refused: loading them can run code)")
+                raise ConfigError(
+                    "model.pretrained",
+                    self.cfg.model.pretrained,
+                    "has no *.safetensors weights (pickled *.bin files are refused: loading them can run code)",
+                )
             try:
-                model: nn.Module = auto.from_pretrained(self.cfg.model.pretrained, config=config, local_files_only=True,
-                                                        use_safetensors=True, trust_remote_code=False)
+                model: nn.Module = auto.from_pretrained(
+                    self.cfg.model.pretrained,
+                    config=config,
+                    local_files_only=True,
+                    use_safetensors=True,
+                    trust_remote_code=False,
+                )
             except (ValueError, OSError, RuntimeError, SafetensorError) as e:  # truncated or mismatched weights
-                raise ConfigError("model.pretrained", self.cfg.model.pretrained,
-                                  f"its weights cannot be loaded: {str(e).splitlines()[0][:200]}") from None
+                raise ConfigError(
+                    "model.pretrained",
+                    self.cfg.model.pretrained,
+                    f"its weights cannot be loaded: {str(e).splitlines()[0][:200]}",
+                ) from None
         else:
             model = auto.from_config(config)
         self.model_ref = model
@@ -229,7 +265,9 @@ class HFTask(Task):
         found = [m for m in model.modules() if type(m).__name__ in names]
         if found:
             return found
-        lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList)]  # a model that lists none
+        lists: list[nn.ModuleList] = [
+            m for m in model.modules() if isinstance(m, nn.ModuleList)
+        ]  # a model that lists none
         longest = max(lists, key=lambda m: len(m), default=None)
         return list(longest) if longest is not None else []
 
@@ -259,8 +297,12 @@ class HFTask(Task):
         if d.ids_column not in train.column_names:
             tables.columns(train, {"data.text_column": d.text_column}, d.path)
             if not d.tokenizer:
-                raise ConfigError("data.tokenizer", "", f"is needed to tokenise column {d.text_column!r} of {d.path} "
-                                  f"(it has no {d.ids_column!r} column): a tokenizer saved locally")
+                raise ConfigError(
+                    "data.tokenizer",
+                    "",
+                    f"is needed to tokenise column {d.text_column!r} of {d.path} "
+                    f"(it has no {d.ids_column!r} column): a tokenizer saved locally",
+                )
         if d.tokenizer:
             self.tokenizer = optional.tokenizer(d.tokenizer)
             self.vocab_size = len(self.tokenizer)
@@ -303,8 +345,11 @@ class CausalLMTask(HFTask):
         if d.tokens:
             data = tokens.load(d.tokens, block, d.eval_blocks, d.vocab_size)
             self.vocab_size = data.vocab_size
-            named = d.tokenizer or (tokens.read_meta(d.tokens).get("tokenizer", "") if data.chars is None
-                                    and (Path(d.tokens) / "meta.json").is_file() else "")
+            named = d.tokenizer or (
+                tokens.read_meta(d.tokens).get("tokenizer", "")
+                if data.chars is None and (Path(d.tokens) / "meta.json").is_file()
+                else ""
+            )
             if named:  # the tokenizer that wrote the ids (prepare-text --tokenizer) goes into hf/ too
                 self.tokenizer = optional.tokenizer(named, "data.tokenizer" if d.tokenizer else "data.tokens")
             return data.train, data.val
@@ -318,9 +363,12 @@ class CausalLMTask(HFTask):
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         y = batch[1]
         logits = self.outputs(model, batch).float()
-        return {"nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
-                                           reduction="sum"),
-                "tokens": (y != IGNORE).sum()}
+        return {
+            "nll_sum": F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum"
+            ),
+            "tokens": (y != IGNORE).sum(),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         nats = sums["nll_sum"] / max(sums["tokens"], 1)
@@ -345,15 +393,18 @@ class SequenceClassificationTask(HFTask):
     def datasets(self) -> tuple[Dataset[Any], Dataset[Any]]:
         d = self.cfg.data
         if not d.path:
-            raise ConfigError("data.path", "", "hf_sequence_classification reads a table with a text and a label column")
+            raise ConfigError(
+                "data.path", "", "hf_sequence_classification reads a table with a text and a label column"
+            )
         train, val = self.open_table()
         tables.columns(train, {"data.label_column": d.label_column}, d.path)
         labels = train.unique(d.label_column)
         if not all(isinstance(v, int) for v in labels):
             raise ConfigError("data.label_column", d.label_column, "must hold integer class labels 0..C-1")
         self.num_labels = max(labels) + 1
-        rows = LabelledRows(self.cfg.model.block_size, d.text_column, d.ids_column, self.tokenizer, self.pad_id(),
-                            d.label_column)
+        rows = LabelledRows(
+            self.cfg.model.block_size, d.text_column, d.ids_column, self.tokenizer, self.pad_id(), d.label_column
+        )
         return tables.Rows(train, rows), tables.Rows(val, rows, limit=d.eval_blocks)
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -365,8 +416,11 @@ class SequenceClassificationTask(HFTask):
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         logits, y = self.outputs(model, batch).float(), batch[-1]
-        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"), "correct": (logits.argmax(-1) == y).sum(),
-                "count": torch.tensor(len(y))}
+        return {
+            "loss_sum": F.cross_entropy(logits, y, reduction="sum"),
+            "correct": (logits.argmax(-1) == y).sum(),
+            "count": torch.tensor(len(y)),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}

@@ -34,8 +34,12 @@ def open_run(run_dir: str | Path, trust: bool = False, key: str = "run") -> tupl
     except ConfigError as e:
         if e.key != "task" or "cannot import" not in e.expected:
             raise
-        raise ConfigError("task", e.value, f"{e.expected}; the task module is not in the run folder (its config.yaml "
-                          "never brings code): run from the module's folder, or put that folder on PYTHONPATH") from None
+        raise ConfigError(
+            "task",
+            e.value,
+            f"{e.expected}; the task module is not in the run folder (its config.yaml "
+            "never brings code): run from the module's folder, or put that folder on PYTHONPATH",
+        ) from None
     task = get_task(cfg.task)(cfg)
     if (run / safeload.PREPROCESSING).is_file():
         task.load_preprocessing(safeload.load_weights(run / safeload.PREPROCESSING))

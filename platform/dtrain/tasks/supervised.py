@@ -74,8 +74,14 @@ class Task(BaseTask):
         inputs, targets = batch[0], batch[-1]
         with torch.no_grad():
             out = model(inputs)
-        if (isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor) and not targets.is_floating_point()
-                and out.dim() >= 2 and out.shape[:-1] == targets.shape and out.shape[-1] > 1):
+        if (
+            isinstance(out, torch.Tensor)
+            and isinstance(targets, torch.Tensor)
+            and not targets.is_floating_point()
+            and out.dim() >= 2
+            and out.shape[:-1] == targets.shape
+            and out.shape[-1] > 1
+        ):
             return math.log(out.shape[-1])
         return None
 
@@ -94,11 +100,15 @@ class Task(BaseTask):
         if self.cfg.model.init_from:
             finetune.init_from(model, self.cfg.model.init_from)
         finetune.freeze(model, self.cfg.model.freeze)
-        return {"model": ModelSpec(model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn,
-                                   blocks=self.blocks(model))}
+        return {
+            "model": ModelSpec(
+                model, self.cfg.optim, broadcast_buffers=not self.cfg.model.sync_bn, blocks=self.blocks(model)
+            )
+        }
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any],
-                   terms: LossTerms | None = None) -> StepOutput:
+    def train_step(
+        self, engines: dict[str, Engine], micro_batches: list[Any], terms: LossTerms | None = None
+    ) -> StepOutput:
         return train_step(engines["model"], self, micro_batches, terms)
 
     def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -65,8 +66,13 @@ def open_client(uri: str) -> Any:
 def git_commit() -> str | None:
     for where in (Path.cwd(), Path(__file__).resolve().parent):
         try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,  # nosec B603 B607 # git, fixed argv
-                                 text=True, timeout=5)
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=where,
+                capture_output=True,  # nosec B603 B607 # git, fixed argv
+                text=True,
+                timeout=5,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if out.returncode == 0:
@@ -90,7 +96,7 @@ def experiment_id(client: Any, uri: str, name: str) -> str:
         return str(exp.experiment_id)
     artifact_location = None
     if uri.startswith("sqlite:///"):
-        artifact_location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        artifact_location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     try:
         return str(client.create_experiment(name, artifact_location=artifact_location))
     except Exception:
@@ -120,8 +126,16 @@ class MlflowTracker(NullTracker):
     uri: str
     experiment_id: str
 
-    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
-                 tags: dict[str, Any], run_id: str | None = None, system_metrics: bool = False):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, Any],
+        run_id: str | None = None,
+        system_metrics: bool = False,
+    ):
         """Create (or, with `run_id`, reopen) the run synchronously: its id goes into checkpoints."""
         _bound_http_retries()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its schema-migration chatter
@@ -148,8 +162,9 @@ class MlflowTracker(NullTracker):
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=bool(run_id),
-                                                     tracking_uri=uri)
+                self._monitor = SystemMetricsMonitor(
+                    self.run_id, sampling_interval=10, resume_logging=bool(run_id), tracking_uri=uri
+                )
                 self._monitor.start()
             except Exception as e:  # optional extra: never fatal
                 self._warn(f"system metrics off: {e}")
@@ -173,7 +188,7 @@ class MlflowTracker(NullTracker):
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
         return 0
 
     def links(self) -> str | None:
@@ -187,8 +202,11 @@ class MlflowTracker(NullTracker):
     def _warn(self, msg: str | BaseException) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("MLflow tracking at %s failed (training continues, later errors are not shown): %s",
-                        self.uri, first_line(msg) if isinstance(msg, BaseException) else str(msg)[:300])
+            log.warning(
+                "MLflow tracking at %s failed (training continues, later errors are not shown): %s",
+                self.uri,
+                first_line(msg) if isinstance(msg, BaseException) else str(msg)[:300],
+            )
 
     def _work(self) -> None:
         _lower_thread_priority()
@@ -204,8 +222,8 @@ class MlflowTracker(NullTracker):
                 pending.extend(item)
             due = time.monotonic() - last_flush >= FLUSH_EVERY_S or len(pending) >= MAX_METRICS_PER_BATCH - 100
             if pending and (due or not isinstance(item, list)):  # flush before any other call: keeps order
-                batch, pending = pending, []
-                self._run(lambda: self.client.log_batch(self.run_id, metrics=batch))
+                self._run(functools.partial(self.client.log_batch, self.run_id, metrics=pending))
+                pending = []
                 last_flush = time.monotonic()
             if item is None:
                 return
@@ -320,8 +338,15 @@ def start(cfg: Config, params: dict[str, Any], tags: dict[str, Any], run_id: str
         log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, down)
         return NullTracker()
     try:
-        return MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or tags.get("dtrain.run_label", ""),
-                             params, tags, run_id=run_id, system_metrics=cfg.tracking.system_metrics)
+        return MlflowTracker(
+            uri,
+            cfg.tracking.experiment,
+            cfg.tracking.run_name or tags.get("dtrain.run_label", ""),
+            params,
+            tags,
+            run_id=run_id,
+            system_metrics=cfg.tracking.system_metrics,
+        )
     except Exception as e:
         first = first_line(e)
         log.warning("MLflow tracking at %s unavailable, training without it: %s", uri, first)

@@ -18,8 +18,16 @@ from dtrain.train.state import TrainState
 class Checkpointer:
     """Knows where checkpoints live and when one is due; every rank calls it alike."""
 
-    def __init__(self, cfg: Config, task: BaseTask, state: TrainState, engines: dict[str, Engine],
-                 parts: dict[str, Checkpointed], feature_states: Callable[[], dict[str, Any]], clock: Clock):
+    def __init__(
+        self,
+        cfg: Config,
+        task: BaseTask,
+        state: TrainState,
+        engines: dict[str, Engine],
+        parts: dict[str, Checkpointed],
+        feature_states: Callable[[], dict[str, Any]],
+        clock: Clock,
+    ):
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.engines, self.parts = engines, parts
         """What a checkpoint holds beside the trainer's state: the engines and the features' folders."""
@@ -55,10 +63,16 @@ class Checkpointer:
         self.last_state = now
         for engine in self.engines.values():
             engine.sync_buffers()  # what is saved is rank 0's; every rank continues from the same
-        client = {"trainer": asdict(self.state), "rng": store.gather_rng_states(),
-                  "task": self.task.extra_state(), "recipe": self.recipe, "features": self.feature_states()}
-        self.pending = store.save(self.root, self.state.step, self.parts, client, self.keep,
-                                  background=self.background and not (wait or best))
+        client = {
+            "trainer": asdict(self.state),
+            "rng": store.gather_rng_states(),
+            "task": self.task.extra_state(),
+            "recipe": self.recipe,
+            "features": self.feature_states(),
+        }
+        self.pending = store.save(
+            self.root, self.state.step, self.parts, client, self.keep, background=self.background and not (wait or best)
+        )
         if wait or best or not self.background:
             self.finish()
         if best and distributed.is_main():

@@ -17,8 +17,9 @@ from dtrain.runtime import distributed
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, task: BaseTask, engines: dict[str, Engine], loader: DataLoader[Any],
-                 device: torch.device):
+    def __init__(
+        self, cfg: Config, task: BaseTask, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device
+    ):
         self.every = cfg.train.eval_every_steps
         self.task, self.engines, self.loader, self.device = task, engines, loader, device
         self.last: dict[str, float] = {}
@@ -45,8 +46,10 @@ class Evaluator:
         lines = []
         for name, engine in self.engines.items():  # optim.schedule=plateau: drop the LR on a plateau
             if engine.scheduler.observe(self.last):
-                lines.append(f"plateau: {'' if name == 'model' else name + ' '}lr scale "
-                             f"{engine.scheduler.plateau['scale']:.4g} after step {step}")
+                lines.append(
+                    f"plateau: {'' if name == 'model' else name + ' '}lr scale "
+                    f"{engine.scheduler.plateau['scale']:.4g} after step {step}"
+                )
         return self.last, lines
 
     def metric_names(self) -> list[str]:

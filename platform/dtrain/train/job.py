@@ -35,8 +35,13 @@ Body = Callable[[Config, DistEnv, torch.device], int]
 """A command's work on this rank, once the process group is up; returns the exit code."""
 
 
-def run_on_ranks(args: argparse.Namespace, command: Sequence[str], body: Body,
-                 validate: Callable[[], object] = lambda: None, relaunch: bool = True) -> NoReturn:
+def run_on_ranks(
+    args: argparse.Namespace,
+    command: Sequence[str],
+    body: Body,
+    validate: Callable[[], object] = lambda: None,
+    relaunch: bool = True,
+) -> NoReturn:
     env, cfg = prepare(args, command, validate, relaunch)
     device = join(env, cfg)
     code, clean = FAILED, False
@@ -55,8 +60,9 @@ def run_on_ranks(args: argparse.Namespace, command: Sequence[str], body: Body,
     sys.exit(code)
 
 
-def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable[[], object],
-            relaunch: bool = True) -> tuple[DistEnv, Config]:
+def prepare(
+    args: argparse.Namespace, command: Sequence[str], validate: Callable[[], object], relaunch: bool = True
+) -> tuple[DistEnv, Config]:
     """This rank's launch environment and validated recipe (and `validate()`), or one line and
     exit 2; with --nproc-per-node in a plain process (and `relaunch`), torchrun replaces this
     process to run `command` on N ranks."""
@@ -80,8 +86,11 @@ def prepare(args: argparse.Namespace, command: Sequence[str], validate: Callable
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(format="dtrain: %(message)s" if rank == 0 else f"dtrain[rank {rank}]: %(message)s",
-                        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(
+        format="dtrain: %(message)s" if rank == 0 else f"dtrain[rank {rank}]: %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stderr,
+    )
 
 
 def join(env: DistEnv, cfg: Config) -> torch.device:
@@ -89,8 +98,13 @@ def join(env: DistEnv, cfg: Config) -> torch.device:
     try:
         return distributed.init(env, cfg.train.collective_timeout_s)
     except Exception as e:  # rendezvous failures: name the endpoint, not a stack
-        fail(f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
-             f"of {env.world_size}: {first_line(e)}", FAILED, env.rank, every_rank=True)
+        fail(
+            f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
+            f"of {env.world_size}: {first_line(e)}",
+            FAILED,
+            env.rank,
+            every_rank=True,
+        )
 
 
 def explain(e: BaseException, cfg: Config) -> tuple[str | None, int]:
@@ -104,10 +118,15 @@ def explain(e: BaseException, cfg: Config) -> tuple[str | None, int]:
         return None, int(e.code or 0)
     if distributed.is_timeout(e):
         stuck = distributed.stuck_ranks()
-        who = (f"rank(s) {', '.join(map(str, stuck))} never joined it (hung or dead)" if stuck
-               else "the rank that stalled could not be determined")
-        return f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}s: " \
-               f"{who}", FAILED
+        who = (
+            f"rank(s) {', '.join(map(str, stuck))} never joined it (hung or dead)"
+            if stuck
+            else "the rank that stalled could not be determined"
+        )
+        return (
+            f"a collective waited longer than train.collective_timeout_s={cfg.train.collective_timeout_s:g}s: {who}",
+            FAILED,
+        )
     if distributed.is_peer_gone(e):
         return "", FAILED  # another rank failed first and said why (or died: torchrun names it)
     if isinstance(e, OSError):  # an unreadable file, a full disk: the path and the cause

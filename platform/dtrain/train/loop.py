@@ -73,8 +73,9 @@ class Terms:
         self.features = features
         self.needs_outputs = any(f.needs_outputs for f in features)
 
-    def __call__(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-                 batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, loss: torch.Tensor, outputs: torch.Tensor | None, batch: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logged: dict[str, torch.Tensor] = {}
         for feature in self.features:
             loss, more = feature.loss(loss, outputs, batch)
@@ -88,9 +89,15 @@ class Loop:
     def __init__(self, cfg: Config, parts: Parts, device: torch.device, state: TrainState, clock: Clock):
         self.cfg, self.task, self.engines, self.device = cfg, parts.task, parts.engines, device
         self.train_loader, self.eval_loader = parts.loader, parts.eval_loader
-        self.plan, self.micro, self.per_epoch, self.total_steps = parts.plan, parts.micro, parts.per_epoch, parts.total_steps
+        self.plan, self.micro, self.per_epoch, self.total_steps = (
+            parts.plan,
+            parts.micro,
+            parts.per_epoch,
+            parts.total_steps,
+        )
         self.global_batch, self.world_size = parts.plan.global_batch, parts.plan.world_size
         self.output_dir, self.parameters, self.state, self.clock = Path(cfg.output_dir), parts.parameters, state, clock
+        self.fp32_matmuls = parts.fp32_matmuls
         self.features: list[Feature] = []
         self.tracker: Tracker = NullTracker()
         self.progress = Progress(self.total_steps, distributed.is_main())
@@ -118,8 +125,15 @@ class Loop:
         losses = [f for f in self.features if type(f).loss is not Feature.loss]
         self.terms = Terms(losses) if losses else None
         self.parts: dict[str, Checkpointed] = {**self.engines, **{_name(f): f for f in self.features if f.folder_state}}
-        self.checkpointer = Checkpointer(self.cfg, self.task, self.state, self.engines, self.parts,
-                                         lambda: {_name(f): f.state_dict() for f in self.features}, self.clock)
+        self.checkpointer = Checkpointer(
+            self.cfg,
+            self.task,
+            self.state,
+            self.engines,
+            self.parts,
+            lambda: {_name(f): f.state_dict() for f in self.features},
+            self.clock,
+        )
 
     def load_feature_states(self, saved: dict[str, Any]) -> None:
         self.resumed = True
@@ -133,8 +147,11 @@ class Loop:
         self.steady_from = self.state.step + min(5, max(0, self.total_steps - self.state.step - 1))
         self.steady_t, self.steady_samples = 0.0, 0
         if self.cfg.optim.schedule == "plateau" and self.cfg.optim.plateau_metric not in self.metric_names():
-            raise ConfigError("optim.plateau_metric", self.cfg.optim.plateau_metric, "not an eval metric of this "
-                              f"task; it reports {', '.join(self.metric_names()) or 'none'}")
+            raise ConfigError(
+                "optim.plateau_metric",
+                self.cfg.optim.plateau_metric,
+                f"not an eval metric of this task; it reports {', '.join(self.metric_names()) or 'none'}",
+            )
         for f in self.features:
             f.setup(self)
 
@@ -203,8 +220,12 @@ class Loop:
     # ------------------------------------------------------------------ the loop
 
     def done(self) -> bool:
-        return (self.state.step >= self.total_steps or 0 < self.cfg.train.stop_at_step <= self.state.step
-                or self.preempted_by > 0 or self.stopping is not None)
+        return (
+            self.state.step >= self.total_steps
+            or 0 < self.cfg.train.stop_at_step <= self.state.step
+            or self.preempted_by > 0
+            or self.stopping is not None
+        )
 
     def run(self) -> Outcome:
         """Train until the run is done or stops; the features' `end`; how it ended."""
@@ -242,11 +263,15 @@ class Loop:
                     out = self.task.train_step(self.engines, batches, self.terms)
                 self._after_step(out)
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0
-                if not self.done() and preemption.requested(state.step):  # collective: all ranks stop after the same step
+                if not self.done() and preemption.requested(
+                    state.step
+                ):  # collective: all ranks stop after the same step
                     seconds = self._checkpoint(wait=True)
                     self.preempted_by = preemption.signal_number()
-                    self.say(f"preempted by signal {self.preempted_by} at step {state.step}: checkpoint written in "
-                             f"{seconds:.2f}s to {self.checkpointer.root}; resume=auto continues from step {state.step}")
+                    self.say(
+                        f"preempted by signal {self.preempted_by} at step {state.step}: checkpoint written in "
+                        f"{seconds:.2f}s to {self.checkpointer.root}; resume=auto continues from step {state.step}"
+                    )
                 if self.done():
                     break
             if state.batch_in_epoch == self.per_epoch * self.micro:  # the epoch ran out
@@ -276,8 +301,10 @@ class Loop:
             state.initial_loss = float(distributed.all_reduce_mean(out.loss.detach().clone().double()))
         self.bad_steps = 0 if out.stepped else self.bad_steps + 1
         if self.bad_steps >= self.cfg.train.max_nonfinite_steps:
-            raise TrainingError(f"gradient norm non-finite for {self.bad_steps} consecutive steps at step "
-                                f"{state.step} (lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)")
+            raise TrainingError(
+                f"gradient norm non-finite for {self.bad_steps} consecutive steps at step "
+                f"{state.step} (lower optim.lr, set optim.clip_grad_norm, or use precision=bf16)"
+            )
         if state.step == self.steady_from:  # (before a log resets the window)
             self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
             self.steady_samples = state.samples_seen
@@ -318,37 +345,62 @@ class Loop:
         means, rate, seconds = self.window.reduce()
         state.train_time_s += seconds
         metrics = {f"train/{k}": v for k, v in means.items()}
-        metrics.update({"train/lr": first.lr, "train/grad_norm": float(out.grad_norm), "train/samples_per_s": rate,
-                        "train/samples_seen": state.samples_seen,
-                        "train/epoch": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro)})
+        metrics.update(
+            {
+                "train/lr": first.lr,
+                "train/grad_norm": float(out.grad_norm),
+                "train/samples_per_s": rate,
+                "train/samples_seen": state.samples_seen,
+                "train/epoch": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
+            }
+        )
         scale = first.loss_scale()
         if scale is not None:  # fp16: the loss scale the scaler settled on
             metrics["train/loss_scale"] = scale
         metrics.update({f"train/{k}": v for k, v in self._token_rates(rate).items()})
         metrics.update(self.task.train_metrics(metrics))
         self.tracker.log_metrics(metrics, state.step)
-        self.progress.update(state.step, self.total_steps, metrics,
-                             (self.total_steps - state.step) * self.samples_per_step / max(rate, 1e-9))
+        self.progress.update(
+            state.step,
+            self.total_steps,
+            metrics,
+            (self.total_steps - state.step) * self.samples_per_step / max(rate, 1e-9),
+        )
         self.final_loss = metrics["train/loss"]
         self.window.reset()
 
     def _token_rates(self, samples_per_s: float) -> dict[str, float]:
         task = self.task
-        return timing.token_rates(task.tokens_per_sample(), samples_per_s,
-                                  task.flops_per_token() or 6.0 * self.parameters, self.plan.world_size,
-                                  self.device, self.cfg.model.peak_tflops)
+        return timing.token_rates(
+            task.tokens_per_sample(),
+            samples_per_s,
+            task.flops_per_token() or 6.0 * self.parameters,
+            self.plan.world_size,
+            self.device,
+            self.cfg.model.peak_tflops,
+        )
 
     def _summary(self) -> dict[str, Any]:
         state, plan, first = self.state, self.plan, next(iter(self.engines.values()))
         elapsed = state.train_time_s - self.steady_t
         throughput = (state.samples_seen - self.steady_samples) / elapsed if elapsed > 0 else None
         summary: dict[str, Any] = {
-            "steps": state.step, "samples_seen": state.samples_seen, "world_size": plan.world_size,
-            "global_batch_size": plan.global_batch, "per_rank_batch_size": plan.per_rank,
-            "grad_accum_steps": plan.accum, "lr": first.lr_info.peak, "scale_rule": first.lr_info.rule,
-            "engine": first.name, "precision": self.cfg.precision, "initial_loss": state.initial_loss,
-            "final_loss": self.final_loss, "eval": self.evaluator.last, "throughput": throughput,
-            **self._token_rates(throughput or 0.0), "train_time_s": state.train_time_s,
+            "steps": state.step,
+            "samples_seen": state.samples_seen,
+            "world_size": plan.world_size,
+            "global_batch_size": plan.global_batch,
+            "per_rank_batch_size": plan.per_rank,
+            "grad_accum_steps": plan.accum,
+            "lr": first.lr_info.peak,
+            "scale_rule": first.lr_info.rule,
+            "engine": first.name,
+            "precision": self.cfg.precision,
+            "initial_loss": state.initial_loss,
+            "final_loss": self.final_loss,
+            "eval": self.evaluator.last,
+            "throughput": throughput,
+            **self._token_rates(throughput or 0.0),
+            "train_time_s": state.train_time_s,
             "epochs": state.epoch + state.batch_in_epoch / (self.per_epoch * self.micro),
             "peak_memory_mb": report.peak_memory_mb(self.device),
         }

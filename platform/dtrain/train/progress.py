@@ -17,8 +17,12 @@ class Progress:
     def update(self, step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
         if not self.enabled:
             return
-        short = {"epoch": metrics["train/epoch"], "loss": metrics["train/loss"], "lr": metrics["train/lr"],
-                 "samples/s": metrics["train/samples_per_s"]}
+        short = {
+            "epoch": metrics["train/epoch"],
+            "loss": metrics["train/loss"],
+            "lr": metrics["train/lr"],
+            "samples/s": metrics["train/samples_per_s"],
+        }
         if self.tty:
             if self.bar is None:  # from the step this attempt resumed at
                 from tqdm import tqdm
@@ -27,9 +31,12 @@ class Progress:
             self.bar.n = step
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=True)
         else:
-            print(f"step {step}/{total} epoch {short['epoch']:.2f} loss {short['loss']:.4f} lr {short['lr']:.4g} "
-                  f"grad_norm {metrics['train/grad_norm']:.3g} samples/s {short['samples/s']:.1f} "
-                  f"eta {eta_s:.0f}s", flush=True)
+            print(
+                f"step {step}/{total} epoch {short['epoch']:.2f} loss {short['loss']:.4f} lr {short['lr']:.4g} "
+                f"grad_norm {metrics['train/grad_norm']:.3g} samples/s {short['samples/s']:.1f} "
+                f"eta {eta_s:.0f}s",
+                flush=True,
+            )
 
     def write(self, text: str) -> None:
         if not self.enabled:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dtrain import checkpoint, data, tracking
-from dtrain.runtime import optional
-from dtrain.runtime import distributed
-from dtrain.errors import ConfigError
-from dtrain.errors import WorkFailed, shown
+from dtrain.config import Config
+from dtrain.errors import ConfigError, WorkFailed, shown
+from dtrain.runtime import distributed, optional
+from dtrain.train import resume
 from dtrain.train.config import load_config, validate
 
 log = logging.getLogger("dtrain")
@@ -43,10 +43,19 @@ log = logging.getLogger("dtrain")
 def launch(args: argparse.Namespace) -> None:
     """`dtrain train --ray-workers N`: validate, run, and say in one line why a job failed."""
     if args.nproc_per_node:
-        raise ConfigError("--nproc-per-node", args.nproc_per_node, "is torchrun's; with --ray-workers Ray starts the "
-                          "ranks: leave it out")
-    job = trainer(args.recipe, args.overrides, args.ray_workers, max_failures=args.ray_max_failures,
-                  use_gpu=args.ray_gpu, address=args.ray_address)
+        raise ConfigError(
+            "--nproc-per-node",
+            args.nproc_per_node,
+            "is torchrun's; with --ray-workers Ray starts the ranks: leave it out",
+        )
+    job = trainer(
+        args.recipe,
+        args.overrides,
+        args.ray_workers,
+        max_failures=args.ray_max_failures,
+        use_gpu=args.ray_gpu,
+        address=args.ray_address,
+    )
     import ray
 
     try:
@@ -59,8 +68,10 @@ def launch(args: argparse.Namespace) -> None:
         ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))
         rank, cause = ranked[0] if ranked else (None, e.__cause__ or e)
         who = f"worker {rank}: " if rank is not None else ""
-        raise WorkFailed(f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
-                         f"(--ray-max-failures): {who}{_cause_line(cause)}") from None
+        raise WorkFailed(
+            f"ray: the job failed after {args.ray_max_failures} restart(s) allowed "
+            f"(--ray-max-failures): {who}{_cause_line(cause)}"
+        ) from None
     ray.shutdown()
 
 
@@ -79,8 +90,9 @@ def close_left_running(recipe: str, overrides: Sequence[str]) -> None:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None or "'" in out:
             return
-        for run in client.search_runs([experiment.experiment_id],
-                                      f"params.output_dir = '{out}' and attributes.status = 'RUNNING'"):
+        for run in client.search_runs(
+            [experiment.experiment_id], f"params.output_dir = '{out}' and attributes.status = 'RUNNING'"
+        ):
             client.set_terminated(run.info.run_id, "FAILED")
             log.info("ray: MLflow run %s marked FAILED (its workers were stopped before they could)", run.info.run_id)
     except Exception as e:  # a tracking outage must not hide the job's own error line
@@ -92,7 +104,7 @@ def _absolute(uri: str) -> str:
     working directory may not be this process's."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -123,25 +135,20 @@ def _cause_line(e: BaseException) -> str:
     return lines[-1][:300] if lines else type(e).__name__
 
 
-def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures: int = 0, use_gpu: bool = False,
-            address: str = "") -> Any:
+def trainer(
+    recipe: str,
+    overrides: Sequence[str],
+    workers: int,
+    *,
+    max_failures: int = 0,
+    use_gpu: bool = False,
+    address: str = "",
+) -> Any:
     """A `ray.train.torch.TorchTrainer` that runs the recipe on `workers` Ray workers, validated
     before Ray starts anything (a ConfigError otherwise); `.fit()` runs it. The Python API for a
     script of one's own (examples/ray), and what `dtrain train --ray-workers` runs."""
-    if workers < 1:
-        raise ConfigError("--ray-workers", workers, "must be 1 or more")
-    if max_failures < 0:
-        raise ConfigError("--ray-max-failures", max_failures, "must be 0 or more (-1 is not offered: a job that can "
-                          "never fail never ends)")
-    cfg = load_config(recipe, overrides)
-    data.plan_batches(cfg, workers)
-    validate(cfg)
+    cfg = _validated(recipe, overrides, workers, max_failures)
     out = Path(cfg.output_dir).resolve()
-    earlier = checkpoint.candidates(out / "checkpoints")
-    if earlier and not cfg.resume and not cfg.checkpoint.overwrite:  # what the first attempt would refuse, now
-        raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
-                          f"{earlier[0].name}); continue it with resume=auto, or start over with another "
-                          "output_dir or checkpoint.overwrite=true")
     job_id = uuid.uuid4().hex[:12]
     ray = optional.require("ray", "ray", "--ray-workers", workers)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -151,13 +158,36 @@ def trainer(recipe: str, overrides: Sequence[str], workers: int, *, max_failures
         ray.init(address=address or None)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"recipe": str(Path(recipe).resolve()), "job_id": job_id, "cwd": os.getcwd(),
-                           "overrides": [*overrides, f"output_dir={out}",
-                                         f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}"]},
+        train_loop_config={
+            "recipe": str(Path(recipe).resolve()),
+            "job_id": job_id,
+            "cwd": os.getcwd(),
+            "overrides": [
+                *overrides,
+                f"output_dir={out}",
+                f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}",
+            ],
+        },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
-        run_config=RunConfig(name=out.name, storage_path=str(out.parent),
-                             failure_config=FailureConfig(max_failures=max_failures)))
+        run_config=RunConfig(
+            name=out.name, storage_path=str(out.parent), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    )
+
+
+def _validated(recipe: str, overrides: Sequence[str], workers: int, max_failures: int) -> Config:
+    """The recipe, validated for `workers` ranks before Ray starts anything."""
+    if workers < 1:
+        raise ConfigError("--ray-workers", workers, "must be 1 or more")
+    if max_failures < 0:
+        raise ConfigError("--ray-max-failures", max_failures, "must be 0 or more (-1 is not offered: a job that "
+                          "can never fail never ends)")  # fmt: skip
+    cfg = load_config(recipe, overrides)
+    data.plan_batches(cfg, workers)
+    validate(cfg)
+    resume.refuse_fresh_start_over(cfg, checkpoint.candidates(Path(cfg.output_dir).resolve() / "checkpoints"))
+    return cfg
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -28,14 +28,26 @@ def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engine
         ds_version = "not installed"
     first = next(iter(engines.values()))
     tags = {
-        "dtrain.world_size": plan.world_size, "dtrain.nodes": env.num_nodes, "dtrain.backend": distributed.backend(),
-        "dtrain.launcher": env.launcher, "dtrain.engine": first.name, "dtrain.precision": cfg.precision,
-        "dtrain.global_batch": plan.global_batch, "dtrain.per_rank_batch": plan.per_rank,
-        "dtrain.grad_accum": plan.accum, "dtrain.scaled_lr": f"{first.lr_info.peak:.6g}",
-        "dtrain.scale_rule": first.lr_info.rule, "dtrain.host": distributed.hostname(), "dtrain.config.recipe": cfg.recipe,
-        "dtrain.task": cfg.task, "dtrain.version": dtrain.__version__, "dtrain.torch": torch.__version__,
-        "dtrain.deepspeed": ds_version, "dtrain.python": platform.python_version(),
-        "dtrain.device": str(first.device.type), "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
+        "dtrain.world_size": plan.world_size,
+        "dtrain.nodes": env.num_nodes,
+        "dtrain.backend": distributed.backend(),
+        "dtrain.launcher": env.launcher,
+        "dtrain.engine": first.name,
+        "dtrain.precision": cfg.precision,
+        "dtrain.global_batch": plan.global_batch,
+        "dtrain.per_rank_batch": plan.per_rank,
+        "dtrain.grad_accum": plan.accum,
+        "dtrain.scaled_lr": f"{first.lr_info.peak:.6g}",
+        "dtrain.scale_rule": first.lr_info.rule,
+        "dtrain.host": distributed.hostname(),
+        "dtrain.config.recipe": cfg.recipe,
+        "dtrain.task": cfg.task,
+        "dtrain.version": dtrain.__version__,
+        "dtrain.torch": torch.__version__,
+        "dtrain.deepspeed": ds_version,
+        "dtrain.python": platform.python_version(),
+        "dtrain.device": str(first.device.type),
+        "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
     }
     if len(engines) > 1:
         tags.update({f"dtrain.scaled_lr_{n}": f"{e.lr_info.peak:.6g}" for n, e in engines.items()})
@@ -59,23 +71,33 @@ def lr_warnings(engines: dict[str, Engine], plan: data.BatchPlan) -> list[str]:
     for name, e in engines.items():
         i, key = e.lr_info, "optim" if name == "model" else f"optim_{name[0]}"
         if i.base > 0 and not 0.5 <= i.peak / i.base <= 2:
-            out.append(f"warning: {key}.lr={i.base:g} is stated for a global batch of {i.base_batch} "
-                       f"({key}.base_batch_size); this run's {plan.global_batch} gets {i.peak:.3g} by the {i.rule} "
-                       f"rule. If {i.base:g} is meant for this batch, leave {key}.base_batch_size unset or set "
-                       f"{key}.scale_rule=none")
+            out.append(
+                f"warning: {key}.lr={i.base:g} is stated for a global batch of {i.base_batch} "
+                f"({key}.base_batch_size); this run's {plan.global_batch} gets {i.peak:.3g} by the {i.rule} "
+                f"rule. If {i.base:g} is meant for this batch, leave {key}.base_batch_size unset or set "
+                f"{key}.scale_rule=none"
+            )
     return out
 
 
-def describe(cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int,
-             fp32_matmuls: str | None = None) -> str:
+def describe(
+    cfg: Config, plan: data.BatchPlan, engines: dict[str, Engine], total_steps: int, fp32_matmuls: str | None = None
+) -> str:
     """The start line: world, batch split and the LR each optimizer really gets."""
     first = next(iter(engines.values()))
-    lrs = " | ".join(f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({_lr_origin(e.lr_info, plan)}, "
-                     f"{e.lr_info.warmup_steps} warmup steps)" for n, e in engines.items())
-    return (f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
-            f"{first.device.type}) | global batch {plan.global_batch} = {plan.world_size} rank{'s' if plan.world_size > 1 else ''} x {plan.per_rank} x "
-            f"{plan.accum} accum | {lrs} | {total_steps} steps"
-            + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "") + (" | compiled" if cfg.compile else ""))
+    lrs = " | ".join(
+        f"{'' if n == 'model' else n + ' '}peak lr {e.lr_info.peak:.6g} ({_lr_origin(e.lr_info, plan)}, "
+        f"{e.lr_info.warmup_steps} warmup steps)"
+        for n, e in engines.items()
+    )
+    ranks = f"{plan.world_size} rank{'s' * (plan.world_size > 1)}"
+    return (
+        f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
+        f"{first.device.type}) | global batch {plan.global_batch} = {ranks} x {plan.per_rank} x {plan.accum} accum "
+        f"| {lrs} | {total_steps} steps"
+        + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "")
+        + (" | compiled" if cfg.compile else "")
+    )
 
 
 # --------------------------------------------------------------------------- fit
@@ -93,8 +115,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def closing_line(cfg: Config, summary: dict[str, Any], out_dir: Path) -> str:
     """The run's last line: how it ended, where its outputs are, and how to look at it."""
     metrics = " ".join(f"{k} {v:.4g}" for k, v in (summary.get("eval") or {}).items() if k != "samples")
-    line = f"done: {summary['steps']} steps" + (f" | eval {metrics}" if metrics else "") + \
-        f" | {out_dir} (model.safetensors, summary.json)"
+    line = (
+        f"done: {summary['steps']} steps"
+        + (f" | eval {metrics}" if metrics else "")
+        + f" | {out_dir} (model.safetensors, summary.json)"
+    )
     if summary.get("run_id"):
         uri = tracking.resolve_uri(cfg.tracking.uri)
         line += f" | mlflow run {summary['run_id']}"

@@ -22,16 +22,22 @@ from dtrain.train.state import TrainState, seed_everything
 log = logging.getLogger("dtrain")
 
 
+def refuse_fresh_start_over(cfg: Config, found: list[Path]) -> None:
+    """A fresh start (no `resume`) in an output_dir that holds checkpoints (`found`, newest
+    first) is refused in one line unless `checkpoint.overwrite` says to start over: before
+    launch, and again on the ranks."""
+    if found and not cfg.resume and not cfg.checkpoint.overwrite:
+        raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
+                          f"{found[0].name}); continue it with resume=auto, or start over with another output_dir "
+                          "or checkpoint.overwrite=true")  # fmt: skip
+
+
 def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
     """A fresh start never deletes an earlier run's checkpoints unless told to."""
     found: list[Path] = distributed.broadcast_object(checkpoint.candidates(ckpt_root))  # rank 0's listing
     if cfg.resume or not found:
         return
-    if not cfg.checkpoint.overwrite:
-        raise ConfigError("output_dir", cfg.output_dir,
-                          f"holds checkpoints of an earlier run (newest {found[0].name}); "
-                          "continue it with resume=auto, or start over with another output_dir or "
-                          "checkpoint.overwrite=true")
+    refuse_fresh_start_over(cfg, found)
     distributed.barrier()  # every rank has looked before rank 0 removes them
     if distributed.is_main():
         removed = checkpoint.clear(ckpt_root)
@@ -39,8 +45,14 @@ def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
     distributed.barrier()
 
 
-def resume(cfg: Config, task: BaseTask, engines: dict[str, Engine], parts: dict[str, Checkpointed],
-           state: TrainState, ckpt_root: Path) -> tuple[Path, dict[str, Any]] | None:
+def resume(
+    cfg: Config,
+    task: BaseTask,
+    engines: dict[str, Engine],
+    parts: dict[str, Checkpointed],
+    state: TrainState,
+    ckpt_root: Path,
+) -> tuple[Path, dict[str, Any]] | None:
     """Load the checkpoint `resume` names into the engines, the features' folders (`parts`),
     the task and `state`; returns its folder and client state (the features' states are in
     it). Collective."""
@@ -49,9 +61,11 @@ def resume(cfg: Config, task: BaseTask, engines: dict[str, Engine], parts: dict[
     if cfg.resume == "auto":
         found, pointer = distributed.broadcast_object((checkpoint.candidates(ckpt_root), checkpoint.named(ckpt_root)))
         if not found and pointer:  # `latest` names a checkpoint that is gone: never start over silently
-            raise CheckpointError(f"resume=auto: {ckpt_root / checkpoint.LATEST} names {pointer}, which is missing, "
-                                  "and no other checkpoint is there; restore it, or start over with another "
-                                  "output_dir")
+            raise CheckpointError(
+                f"resume=auto: {ckpt_root / checkpoint.LATEST} names {pointer}, which is missing, "
+                "and no other checkpoint is there; restore it, or start over with another "
+                "output_dir"
+            )
         if not found:
             return None
     world = distributed.world_size()
@@ -63,7 +77,8 @@ def resume(cfg: Config, task: BaseTask, engines: dict[str, Engine], parts: dict[
             raise ResumeRefused(
                 f"data.global_batch_size={state.global_batch}: the checkpoint was trained with {saved.global_batch}, "
                 "the batch its schedule, data position and step count are in; resume with it (on fewer ranks, "
-                "raise data.grad_accum_steps to keep it)")
+                "raise data.grad_accum_steps to keep it)"
+            )
         if saved.grad_accum and saved.grad_accum != state.grad_accum:
             refuse_or_warn_accumulation(cfg, engines, saved.grad_accum, state.grad_accum)
         engine_class(cfg.engine).check_resume(saved_world, world)
@@ -90,14 +105,20 @@ def refuse_or_warn_accumulation(cfg: Config, engines: dict[str, Engine], saved: 
     if cfg.engine == "deepspeed":
         raise ResumeRefused(
             f"data.grad_accum_steps={now}: the DeepSpeed checkpoint was trained with {saved}; resume with it "
-            "(engine=ddp and engine=fsdp resume with another accumulation at the same global batch)")
+            "(engine=ddp and engine=fsdp resume with another accumulation at the same global batch)"
+        )
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for e in engines.values() for m in e.module.modules()):
-        log.warning("resume: data.grad_accum_steps %d -> %d at the same global batch: BatchNorm statistics are now "
-                    "over other micro-batches (close to the straight run, not equal to it)", saved, now)
+        log.warning(
+            "resume: data.grad_accum_steps %d -> %d at the same global batch: BatchNorm statistics are now "
+            "over other micro-batches (close to the straight run, not equal to it)",
+            saved,
+            now,
+        )
 
 
-def _continue(cfg: Config, task: BaseTask, state: TrainState, client: dict[str, Any], folder: Path,
-              ckpt_root: Path) -> None:
+def _continue(
+    cfg: Config, task: BaseTask, state: TrainState, client: dict[str, Any], folder: Path, ckpt_root: Path
+) -> None:
     """`state` and this rank's random streams from a loaded checkpoint's client state."""
     world, rank = distributed.world_size(), distributed.rank()
     saved = TrainState.saved(client["trainer"])
@@ -106,8 +127,11 @@ def _continue(cfg: Config, task: BaseTask, state: TrainState, client: dict[str, 
     if saved.grad_accum and saved.grad_accum != state.grad_accum:
         # The epoch's position in loader batches per rank: the same samples (the same global
         # steps) in the new accumulation's micro-batches.
-        state.batch_in_epoch = (saved.batch_in_epoch // task.micro_batches_per_step(saved.grad_accum)
-                                * task.micro_batches_per_step(state.grad_accum))
+        state.batch_in_epoch = (
+            saved.batch_in_epoch
+            // task.micro_batches_per_step(saved.grad_accum)
+            * task.micro_batches_per_step(state.grad_accum)
+        )
     if folder.parent.resolve() != ckpt_root.resolve():
         # Another output folder is another run: its own MLflow run, tagged with where it came from
         # (reopening the old one would mix two folders' histories and params).
@@ -115,8 +139,11 @@ def _continue(cfg: Config, task: BaseTask, state: TrainState, client: dict[str, 
     if len(client["rng"]) == world:
         checkpoint.set_rng_state(client["rng"][rank])
     else:  # another world size: fresh per-rank streams, derived from (seed, rank, step)
-        log.warning("resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams "
-                    "are re-derived", len(client["rng"]), world)
+        log.warning(
+            "resume: the checkpoint was written by %d rank(s), this job has %d; per-rank random streams are re-derived",
+            len(client["rng"]),
+            world,
+        )
         seed_everything(hash((cfg.seed, rank, state.step)) % 2**62)
 
 
@@ -143,13 +170,19 @@ def refuse_changed_optimizer(cfg: Config, saved_recipe: dict[str, Any]) -> None:
     from dtrain.config import recipe
 
     now = recipe.flatten(recipe.to_dict(cfg))
-    changed = [(k, v, saved_recipe[k]) for k, v in now.items()
-               if k.startswith("optim.") and k not in _APPLIED_EACH_STEP and k in saved_recipe
-               and str(v) != str(saved_recipe[k])]
+    changed = [
+        (k, v, saved_recipe[k])
+        for k, v in now.items()
+        if k.startswith("optim.")
+        and k not in _APPLIED_EACH_STEP
+        and k in saved_recipe
+        and str(v) != str(saved_recipe[k])
+    ]
     if changed:
         key, value, was = changed[0]
         more = f" (and {', '.join(k for k, _, _ in changed[1:])})" if changed[1:] else ""
         raise ResumeRefused(
             f"{key}={value}{more}: the checkpoint was trained with {key}={was}, and its optimizer and schedule "
             f"state would keep it; resume with {key}={was}, or start a new run from these weights with "
-            "model.init_from=<checkpoint run's output_dir>")
+            "model.init_from=<checkpoint run's output_dir>"
+        )

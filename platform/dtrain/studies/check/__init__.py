@@ -32,7 +32,11 @@ from typing import Callable
 import torch
 
 from dtrain import tracking
+from dtrain.config import Config
+from dtrain.config.recipe import flatten, to_dict
+from dtrain.errors import ConfigError
 from dtrain.runtime import distributed
+from dtrain.runtime.files import atomic_write, first_line
 from dtrain.studies.check import invariance
 from dtrain.studies.check.context import VERDICTS, Context, Result
 from dtrain.studies.check.data import check_data
@@ -45,10 +49,6 @@ from dtrain.studies.check.model import (
     check_input_independent,
     check_overfit_batch,
 )
-from dtrain.config import Config
-from dtrain.errors import ConfigError
-from dtrain.runtime.files import atomic_write, first_line
-from dtrain.config.recipe import flatten, to_dict
 
 __all__ = ["CHECKS", "NAMES", "Context", "Result", "run"]
 
@@ -78,8 +78,9 @@ def select(only: str) -> list[str]:
     if unknown or not asked:
         raise ConfigError("--only", only, f"names checks, comma-separated, of: {', '.join(NAMES)}")
     if "invariance" in asked and len(asked) > 1:
-        raise ConfigError("--only", only, "invariance runs the recipe at two world sizes: ask for it alone "
-                          "(--only invariance)")
+        raise ConfigError(
+            "--only", only, "invariance runs the recipe at two world sizes: ask for it alone (--only invariance)"
+        )
     if asked == ["invariance"]:
         return asked
     wanted = {"batch_independence" if x == "causal" else x for x in asked}
@@ -136,8 +137,9 @@ def exit_code(results: list[Result]) -> int:
     return 1 if any(r.verdict == "FAIL" for r in results) else 0
 
 
-def finish(cfg: Config, results: list[Result], out_dir: Path, extra: dict[str, object] | None = None,
-           notes: str = "") -> None:
+def finish(
+    cfg: Config, results: list[Result], out_dir: Path, extra: dict[str, object] | None = None, notes: str = ""
+) -> None:
     """Print the report (and `notes`), write check.json, log the MLflow run."""
     print(report(results) + (f"\n{notes}" if notes else ""), flush=True)
     write(results, out_dir, extra or {})
@@ -168,8 +170,12 @@ def log_to_mlflow(cfg: Config, results: list[Result], out_dir: Path) -> None:
     FAILED in the status column when a check failed; one metric per numeric result, one tag per
     verdict, check.json and the plots as artifacts."""
     failed = [r.name for r in results if r.verdict == "FAIL"]
-    tags = {"dtrain.kind": "check", "dtrain.config.recipe": cfg.recipe, "dtrain.task": cfg.task,
-            "dtrain.check_failed": bool(failed)}
+    tags = {
+        "dtrain.kind": "check",
+        "dtrain.config.recipe": cfg.recipe,
+        "dtrain.task": cfg.task,
+        "dtrain.check_failed": bool(failed),
+    }
     tags |= {f"check.{r.name}": r.verdict for r in results}
     cfg.tracking.experiment = f"{cfg.tracking.experiment}-checks"
     if cfg.tracking.run_name == "":

@@ -42,8 +42,13 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         value = self.value if self.value is None or math.isfinite(self.value) else str(self.value)
-        return {"name": self.name, "verdict": self.verdict, "value": value, "expected": self.expected,
-                "detail": self.detail}
+        return {
+            "name": self.name,
+            "verdict": self.verdict,
+            "value": value,
+            "expected": self.expected,
+            "detail": self.detail,
+        }
 
 
 @dataclass

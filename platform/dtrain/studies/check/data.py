@@ -38,8 +38,11 @@ def _labels(ds: Dataset[Any]) -> torch.Tensor | None:
         first = ds[0]
         if not isinstance(first, (tuple, list)) or len(first) < 2:
             return None
-        y = torch.as_tensor([int(ds[i][-1]) for i in range(min(len(cast(Sized, ds)), MAX_HASHED))]) \
-            if torch.as_tensor(first[-1]).dim() == 0 else None
+        y = (
+            torch.as_tensor([int(ds[i][-1]) for i in range(min(len(cast(Sized, ds)), MAX_HASHED))])
+            if torch.as_tensor(first[-1]).dim() == 0
+            else None
+        )
     if y is None or y.is_floating_point() or y.dim() != 1:
         return None
     return y
@@ -52,23 +55,35 @@ def _balance(ds: Dataset[Any]) -> Result:
     counts = torch.bincount(y - y.min())
     present = counts[counts > 0]
     ratio = float(present.max() / present.min())
-    detail = (f"{len(present)} classes in {len(y)} training samples, {int(present.min())} to "
-              f"{int(present.max())} per class")
+    detail = (
+        f"{len(present)} classes in {len(y)} training samples, {int(present.min())} to {int(present.max())} per class"
+    )
     missing = int((counts == 0).sum())
     if missing:
-        return Result("data/balance", "WARN", ratio, "every class present", detail + f"; {missing} label values "
-                      "between the smallest and largest never occur")
+        return Result(
+            "data/balance",
+            "WARN",
+            ratio,
+            "every class present",
+            detail + f"; {missing} label values between the smallest and largest never occur",
+        )
     if ratio > 10:
-        return Result("data/balance", "WARN", ratio, "largest / smallest class <= 10", detail + ": imbalanced "
-                      "(weight the loss or resample, and watch per-class metrics)")
+        return Result(
+            "data/balance",
+            "WARN",
+            ratio,
+            "largest / smallest class <= 10",
+            detail + ": imbalanced (weight the loss or resample, and watch per-class metrics)",
+        )
     return Result("data/balance", "PASS", ratio, "largest / smallest class <= 10", detail)
 
 
 def digest(x: Any) -> bytes:
     """A content hash of one input (bytes, dtype and shape): equal inputs, equal digests."""
     t = torch.as_tensor(x).contiguous()
-    return hashlib.blake2b(t.numpy().tobytes() + str(t.dtype).encode() + str(tuple(t.shape)).encode(),
-                           digest_size=16).digest()
+    return hashlib.blake2b(
+        t.numpy().tobytes() + str(t.dtype).encode() + str(tuple(t.shape)).encode(), digest_size=16
+    ).digest()
 
 
 def _duplicates(train: Dataset[Any], test: Dataset[Any]) -> Result:
@@ -81,8 +96,13 @@ def _duplicates(train: Dataset[Any], test: Dataset[Any]) -> Result:
     if dup == 0:
         return Result("data/duplicates", "PASS", share, want, detail)
     verdict = "WARN" if share < 0.01 else "FAIL"
-    return Result("data/duplicates", verdict, share, want, detail + ": the test score overstates how the model "
-                  "generalises (deduplicate before splitting)")
+    return Result(
+        "data/duplicates",
+        verdict,
+        share,
+        want,
+        detail + ": the test score overstates how the model generalises (deduplicate before splitting)",
+    )
 
 
 def _inputs(ctx: Context) -> list[Result]:
@@ -98,15 +118,24 @@ def _inputs(ctx: Context) -> list[Result]:
     per_channel = x.transpose(0, 1).flatten(1) if x.dim() == 4 else x.flatten().unsqueeze(0)
     means, stds = per_channel.mean(1), per_channel.std(1)
     picture = _picture(x, ctx.plot_path("data_batch.png")) if x.dim() == 4 and x.shape[1] in (1, 3) else ""
-    detail = (f"batch {tuple(x.shape)}: mean {_fmt(means)}, std {_fmt(stds)}, range [{float(x.min()):.3g}, "
-              f"{float(x.max()):.3g}]" + (f"; {picture}" if picture else ""))
+    detail = (
+        f"batch {tuple(x.shape)}: mean {_fmt(means)}, std {_fmt(stds)}, range [{float(x.min()):.3g}, "
+        f"{float(x.max()):.3g}]" + (f"; {picture}" if picture else "")
+    )
     worst = float(means.abs().max())
     want = "|mean| <= 1 and 0.1 <= std <= 10 per channel"
     if not bool(torch.isfinite(x).all()):
         return [Result("data/inputs", "FAIL", worst, want, detail + ": NaN or inf in the inputs")]
     if worst > 1 or float(stds.min()) < 0.1 or float(stds.max()) > 10:
-        return [Result("data/inputs", "WARN", worst, want, detail + ": not normalised (standardise the inputs "
-                       "with the training split's statistics)")]
+        return [
+            Result(
+                "data/inputs",
+                "WARN",
+                worst,
+                want,
+                detail + ": not normalised (standardise the inputs with the training split's statistics)",
+            )
+        ]
     return [Result("data/inputs", "PASS", worst, want, detail)]
 
 
@@ -134,7 +163,8 @@ def _tokens(ctx: Context, models: dict[str, nn.Module], x: torch.Tensor) -> Resu
         path = ctx.plot_path("data_batch.txt")
         path.write_text("\n\n---\n\n".join(str(ctx.task.describe_input(s)) for s in x[:4]))
     detail = f"token ids {lo} to {hi} in a batch {tuple(x.shape)}" + (
-        f"; first sample decoded: {text[:60]!r}... (check/data_batch.txt)" if text is not None else "")
+        f"; first sample decoded: {text[:60]!r}... (check/data_batch.txt)" if text is not None else ""
+    )
     want = f"ids in [0, {sizes[0]})" if sizes else "ids >= 0"
     if lo < 0 or (sizes and hi >= sizes[0]):
         return Result("data/inputs", "FAIL", hi, want, detail + ": ids outside the embedding table")
@@ -163,6 +193,6 @@ def _picture(x: torch.Tensor, path: Path) -> str:
     canvas = torch.ones(rows * (h + 1), cols * (w + 1), c)
     for i in range(n):
         r, k = divmod(i, cols)
-        canvas[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = imgs[i]
+        canvas[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = imgs[i]
     plt.imsave(path, canvas.squeeze(-1).numpy(), cmap="gray" if c == 1 else None)
     return f"picture check/{path.name}"

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dtrain.engines import build_engines
+from dtrain.protocols import Engine
 from dtrain.runtime import distributed
 from dtrain.studies.check.context import Context, Result, skip
 from dtrain.studies.check.data import digest, sample_input
-from dtrain.engines import build_engines
-from dtrain.protocols import Engine
 from dtrain.tasks import Task as SupervisedTask
 
 GRAD_RTOL = 1e-5
@@ -53,15 +53,25 @@ def same_samples(ctx: Context, world: int) -> Result:
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
     shared = len(set.intersection(*every))
-    overlap = sum(len(a & b) for i, a in enumerate(every) for b in every[i + 1:])
+    overlap = sum(len(a & b) for i, a in enumerate(every) for b in every[i + 1 :])
     detail = f"{world} ranks x {len(mine)} distinct inputs in the first step; {overlap} shared between ranks"
     want = "no input on two ranks"
     if shared == len(mine):
-        return Result("distributed/samples", "FAIL", overlap, want, detail + ": every rank trains on the same "
-                      "samples (the data is not sharded across ranks)")
+        return Result(
+            "distributed/samples",
+            "FAIL",
+            overlap,
+            want,
+            detail + ": every rank trains on the same samples (the data is not sharded across ranks)",
+        )
     if overlap:
-        return Result("distributed/samples", "WARN", overlap, want, detail + " (equal inputs at different "
-                      "indices: duplicated samples in the data?)")
+        return Result(
+            "distributed/samples",
+            "WARN",
+            overlap,
+            want,
+            detail + " (equal inputs at different indices: duplicated samples in the data?)",
+        )
     return Result("distributed/samples", "PASS", overlap, want, detail)
 
 
@@ -73,12 +83,23 @@ def same_params(built: str, wrapped: str, world: int) -> Result:
     differ = len(set(every_built)) - 1
     want = "identical on every rank"
     if len(set(every_wrapped)) > 1:
-        return Result("distributed/params", "FAIL", len(set(every_wrapped)) - 1, want,
-                      "ranks hold different parameters after the engines wrapped the models")
+        return Result(
+            "distributed/params",
+            "FAIL",
+            len(set(every_wrapped)) - 1,
+            want,
+            "ranks hold different parameters after the engines wrapped the models",
+        )
     if differ:
-        return Result("distributed/params", "WARN", differ, want, "the task builds different initial weights "
-                      "per rank (initialisation not seeded alike); the engine broadcast rank 0's, so training "
-                      "is consistent, but anything computed before wrapping is not")
+        return Result(
+            "distributed/params",
+            "WARN",
+            differ,
+            want,
+            "the task builds different initial weights "
+            "per rank (initialisation not seeded alike); the engine broadcast rank 0's, so training "
+            "is consistent, but anything computed before wrapping is not",
+        )
     return Result("distributed/params", "PASS", 0, want, "same digest on every rank, built and wrapped")
 
 
@@ -98,8 +119,12 @@ def mean_gradients(ctx: Context, engines: dict[str, Engine]) -> Result:
     torch.manual_seed(1000 + distributed.rank())
     for batch in batches:
         (task.loss(local, batch) / len(batches)).backward()
-    mean = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-                      for p in local.parameters()])
+    mean = torch.cat(
+        [
+            p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            for p in local.parameters()
+        ]
+    )
     dist.all_reduce(mean)
     mean /= distributed.world_size()
 
@@ -110,18 +135,31 @@ def mean_gradients(ctx: Context, engines: dict[str, Engine]) -> Result:
             engine.backward(task.loss(engine.model, batch), len(batches))
     reduced = _engine_grads(engine)
     err = float((reduced - mean).abs().max() / mean.abs().max().clamp(min=1e-30))
-    detail = (f"{ctx.cfg.engine} engine, {len(batches)} micro-batch(es) per rank, {mean.numel()} gradient "
-              f"elements; max |engine - mean of local| / max |mean| = {err:.2g}")
+    detail = (
+        f"{ctx.cfg.engine} engine, {len(batches)} micro-batch(es) per rank, {mean.numel()} gradient "
+        f"elements; max |engine - mean of local| / max |mean| = {err:.2g}"
+    )
     want = f"relative difference < {GRAD_RTOL:g}"
     if err < GRAD_RTOL:
         return Result("distributed/grads", "PASS", err, want, detail)
-    return Result("distributed/grads", "FAIL", err, want, detail + ": the engine's gradient is not the mean over "
-                  "ranks (a parameter outside the wrapped model, or gradients reduced twice / not at all)")
+    return Result(
+        "distributed/grads",
+        "FAIL",
+        err,
+        want,
+        detail + ": the engine's gradient is not the mean over "
+        "ranks (a parameter outside the wrapped model, or gradients reduced twice / not at all)",
+    )
 
 
 def _engine_grads(engine: Engine) -> torch.Tensor:
     """The full reduced gradient the engine holds after backward, in parameter order."""
     grads, params = engine.full_grads(), engine.full_params()  # whole tensors, gathered when sharded
-    return torch.cat([grads[n].flatten().float().to(engine.device) if n in grads
-                      else torch.zeros(params[n].numel(), device=engine.device)
-                      for n, _ in engine.module.named_parameters()])
+    return torch.cat(
+        [
+            grads[n].flatten().float().to(engine.device)
+            if n in grads
+            else torch.zeros(params[n].numel(), device=engine.device)
+            for n, _ in engine.module.named_parameters()
+        ]
+    )

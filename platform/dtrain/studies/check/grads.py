@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.autograd.gradcheck import GradcheckError
 from torch.func import functional_call
 
-from dtrain.studies.check.context import Context, Result
 from dtrain.engines.norm import combine, local_stats, make_norm
+from dtrain.studies.check.context import Context, Result
 from dtrain.tasks.gan.losses import grad_penalty_r1, grad_penalty_wgan_gp, input_gradients
 
 EXPECTED = "gradcheck passes (float64)"

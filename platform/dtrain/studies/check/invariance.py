@@ -27,11 +27,11 @@ from typing import Any, Sequence
 
 import torch
 
+from dtrain.config import Config
 from dtrain.runtime import launch
 from dtrain.studies.check.causes import Finding, diagnose
 from dtrain.studies.check.context import Result
 from dtrain.studies.check.trace import Record, for_tracing, record
-from dtrain.config import Config
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 TOLERANCE_ULPS = 256
@@ -71,19 +71,27 @@ def compare_samples(ref: Record, ranks: list[Record]) -> Finding:
     if union == Counter(ref["digests"]):
         return Finding("samples", 0.0)
     per_rank = [set(r["digests"]) for r in ranks]
-    shared = sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
+    shared = sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1 :])
     missing = sum((Counter(ref["digests"]) - union).values())
     idx_ref: Counter[int] = Counter(ref["indices"])
     idx_union: Counter[int] = Counter(i for r in ranks for i in r["indices"])
     stable = all(s for x in [ref, *ranks] for s in x["stable"])
-    return Finding("samples", float(missing), extra={"shared": shared, "missing": missing,
-                                                     "same_indices": idx_ref == idx_union and -1 not in idx_ref,
-                                                     "stable": stable})
+    return Finding(
+        "samples",
+        float(missing),
+        extra={
+            "shared": shared,
+            "missing": missing,
+            "same_indices": idx_ref == idx_union and -1 not in idx_ref,
+            "stable": stable,
+        },
+    )
 
 
 def compare_lr(ref: Record, ranks: list[Record]) -> Finding:
-    worst = max(((abs(r["lr"][m] - v) / max(abs(v), 1e-30), m) for r in ranks for m, v in ref["lr"].items()),
-                default=(0.0, ""))
+    worst = max(
+        ((abs(r["lr"][m] - v) / max(abs(v), 1e-30), m) for r in ranks for m, v in ref["lr"].items()), default=(0.0, "")
+    )
     return Finding("lr", worst[0], worst[1], {"ref": ref["lr"][worst[1]], "ranks": [r["lr"][worst[1]] for r in ranks]})
 
 
@@ -125,22 +133,37 @@ def compare_calls(ref: Record, ranks: list[Record], tol: float, kinds: dict[str,
             if any(j >= len(c[i]["outputs"]) or c[i]["outputs"][j][0] != name for c in calls):
                 break  # control flow differs from here on
             outs: list[torch.Tensor] = [c[i]["outputs"][j][1] for c in calls]
-            if ref_out.dim() == 0 or len(ref_out) != len(ref_call["input"]) or \
-                    any(o.shape[:1] != m.shape for o, m in zip(outs, maps)):
+            if (
+                ref_out.dim() == 0
+                or len(ref_out) != len(ref_call["input"])
+                or any(o.shape[:1] != m.shape for o, m in zip(outs, maps))
+            ):
                 continue  # not one row per sample: not comparable row by row
             value = rel(torch.cat(outs), torch.cat([ref_out[m] for m in maps]))
             drew = name in ref_call["drew"] or any(name in c[i]["drew"] for c in calls)
             rows.append((name, value, kinds.get(name, ""), drew))
         bad = [r for r in rows if r[1] > tol]
         if bad:
-            return Finding("forward", bad[0][1], bad[0][0], {"call": i, "model": ref_call["model"], "kind": bad[0][2],
-                                                             "drew": bad[0][3], "modules": rows, "inputs": False})
+            return Finding(
+                "forward",
+                bad[0][1],
+                bad[0][0],
+                {
+                    "call": i,
+                    "model": ref_call["model"],
+                    "kind": bad[0][2],
+                    "drew": bad[0][3],
+                    "modules": rows,
+                    "inputs": False,
+                },
+            )
         worst = max([worst, *(Finding("forward", r[1], r[0]) for r in rows)], key=lambda f: f.value)
     return worst
 
 
-def compare_tensors(part: str, ref: dict[str, dict[str, torch.Tensor]], other: dict[str, dict[str, torch.Tensor]],
-                    rank: int = 0) -> Finding:
+def compare_tensors(
+    part: str, ref: dict[str, dict[str, torch.Tensor]], other: dict[str, dict[str, torch.Tensor]], rank: int = 0
+) -> Finding:
     """Per model, |a - b| / |b| over all its tensors at once (a tensor whose entries cancel to
     near zero, e.g. a bias before a normalisation, is judged against the model's scale, not
     its own), naming the tensor that differs most; the largest over the models."""
@@ -159,8 +182,11 @@ def compare_tensors(part: str, ref: dict[str, dict[str, torch.Tensor]], other: d
 def compare_loss(ref: Record, ranks: list[Record]) -> Finding:
     """The loss the loop logs (the mean over ranks), and the task's other step metrics."""
     pairs = {"loss": (ref["loss"], sum(r["loss"] for r in ranks) / len(ranks))}
-    pairs |= {k: (v, sum(r["metrics"].get(k, math.nan) for r in ranks) / len(ranks))
-              for k, v in ref["metrics"].items() if "loss" in k}
+    pairs |= {
+        k: (v, sum(r["metrics"].get(k, math.nan) for r in ranks) / len(ranks))
+        for k, v in ref["metrics"].items()
+        if "loss" in k
+    }
     worst = max(((abs(b - a) / max(abs(a), 1e-30), k) for k, (a, b) in pairs.items()), default=(0.0, "loss"))
     return Finding("loss", worst[0], worst[1])
 
@@ -174,8 +200,10 @@ def compare_step(ref: Record, ranks: list[Record], tol: float, kinds: dict[str, 
         "loss": compare_loss(ref, ranks),
         "grads": compare_tensors("grads", ref["grads"], ranks[0]["grads"]),
         "params": compare_tensors("params", ref["params"], ranks[0]["params"]),
-        "buffers": max((compare_tensors("buffers", ref["buffers"], x["buffers"], r) for r, x in enumerate(ranks)),
-                       key=lambda f: f.value),
+        "buffers": max(
+            (compare_tensors("buffers", ref["buffers"], x["buffers"], r) for r, x in enumerate(ranks)),
+            key=lambda f: f.value,
+        ),
     }
 
 
@@ -198,35 +226,48 @@ def nondeterminism(a: Record, b: Record) -> Finding | None:
                 return Finding("determinism", value, name)
     for part in ("grads", "params"):
         if (f := compare_tensors(part, a[part], b[part])).value > 0:
-            return Finding("determinism", f.value, f"the backward pass ({f.where}'s {part})" if part == "grads"
-                           else f"the optimizer step ({f.where})")
+            return Finding(
+                "determinism",
+                f.value,
+                f"the backward pass ({f.where}'s {part})" if part == "grads" else f"the optimizer step ({f.where})",
+            )
     return None
 
 
 # ------------------------------------------------------------------ the check
 
 
-def run(cfg: Config, device: torch.device, recipe: str, overrides: Sequence[str], nproc: int) -> tuple[
-        list[Result], dict[str, Any]]:
+def run(
+    cfg: Config, device: torch.device, recipe: str, overrides: Sequence[str], nproc: int
+) -> tuple[list[Result], dict[str, Any]]:
     """Record at world size 1 (twice) here and at `nproc` under torchrun; compare; explain."""
     folder = Path(cfg.output_dir) / "check" / "invariance"
     t0 = time.perf_counter()
     ref = [record(for_tracing(cfg), device, cfg.check.steps) for _ in range(2)]
     t1 = time.perf_counter()
-    cmd = launch.torchrun_cmd(nproc, recipe, overrides, command=("check", "--only=invariance",
-                                                                 f"--trace-to={folder / f'world{nproc}'}"))
+    cmd = launch.torchrun_cmd(
+        nproc, recipe, overrides, command=("check", "--only=invariance", f"--trace-to={folder / f'world{nproc}'}")
+    )
     proc = subprocess.run(cmd, env=launch.torchrun_env(), check=False)  # nosec B603 # this interpreter, no shell
     t2 = time.perf_counter()
     timing = f"1 rank x2 {t1 - t0:.1f}s + {nproc} ranks {t2 - t1:.1f}s (with process start)"
     if proc.returncode != 0:
-        return [Result("invariance", "FAIL", None, "both runs finish",
-                       f"the {nproc}-rank run failed (exit code {proc.returncode}, its error above); {timing}")], {}
+        return [
+            Result(
+                "invariance",
+                "FAIL",
+                None,
+                "both runs finish",
+                f"the {nproc}-rank run failed (exit code {proc.returncode}, its error above); {timing}",
+            )
+        ], {}
     ranks = [torch.load(folder / f"world{nproc}" / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
     return compare(cfg, ref, ranks, nproc, timing)
 
 
-def compare(cfg: Config, ref: list[Record], ranks: list[Record], nproc: int, timing: str) -> tuple[
-        list[Result], dict[str, Any]]:
+def compare(
+    cfg: Config, ref: list[Record], ranks: list[Record], nproc: int, timing: str
+) -> tuple[list[Result], dict[str, Any]]:
     """Step by step until the first that differs: the results, and the details for check.json
     (the tolerance, that step, the divergence curves and its module table)."""
     tol = tolerance(cfg, ref[0]["parameters"])
@@ -241,20 +282,30 @@ def compare(cfg: Config, ref: list[Record], ranks: list[Record], nproc: int, tim
             first = t + 1
             break
     curves = divergence(ref[0], ranks[0])
-    why = "check.tolerance" if cfg.check.tolerance else \
-        f"{TOLERANCE_ULPS} x fp32 eps x sqrt(log2 of {ref[0]['parameters']:,} parameters)"
-    setting = (f"{len(ref[0]['steps'])} step(s), 1 rank x {cfg.data.global_batch_size} vs {nproc} ranks x "
-               f"{cfg.data.global_batch_size // nproc}, {cfg.engine}, fp32; tolerance {tol:.2g} ({why}); {timing}")
+    why = (
+        "check.tolerance"
+        if cfg.check.tolerance
+        else f"{TOLERANCE_ULPS} x fp32 eps x sqrt(log2 of {ref[0]['parameters']:,} parameters)"
+    )
+    setting = (
+        f"{len(ref[0]['steps'])} step(s), 1 rank x {cfg.data.global_batch_size} vs {nproc} ranks x "
+        f"{cfg.data.global_batch_size // nproc}, {cfg.engine}, fp32; tolerance {tol:.2g} ({why}); {timing}"
+    )
     results = [_headline(first, bad, noise, tol, seen, setting)]
     results += [_part(f, first, tol) for f in (*seen.values(), noise)]
     modules = bad["forward"].extra.get("modules", []) if "forward" in bad else []
-    details = {"tolerance": tol, "first_step": first, "curves": {k: list(map(_json, v)) for k, v in curves.items()},
-               "modules": [{"module": n, "rel": _json(v), "kind": k, "drew": d} for n, v, k, d in modules]}
+    details = {
+        "tolerance": tol,
+        "first_step": first,
+        "curves": {k: list(map(_json, v)) for k, v in curves.items()},
+        "modules": [{"module": n, "rel": _json(v), "kind": k, "drew": d} for n, v, k, d in modules],
+    }
     return results, details
 
 
-def _headline(first: int, bad: dict[str, Finding], noise: Finding, tol: float, seen: dict[str, Finding],
-              setting: str) -> Result:
+def _headline(
+    first: int, bad: dict[str, Finding], noise: Finding, tol: float, seen: dict[str, Finding], setting: str
+) -> Result:
     """PASS; WARN when the runs agree but an op is not deterministic; else WARN or FAIL with the
     first difference's cause (the non-determinism itself when it is that large)."""
     want = f"relative difference <= {tol:.2g} at every step"
@@ -262,16 +313,26 @@ def _headline(first: int, bad: dict[str, Finding], noise: Finding, tol: float, s
         largest = max(f.value for p, f in seen.items() if p != "samples")
         if noise.value:
             cause, fix = diagnose({}, noise)
-            return Result("invariance", "WARN", largest, want, f"the runs agree within the tolerance, but {cause} -> "
-                          f"fix: {fix}. ({setting})")
+            return Result(
+                "invariance",
+                "WARN",
+                largest,
+                want,
+                f"the runs agree within the tolerance, but {cause} -> fix: {fix}. ({setting})",
+            )
         return Result("invariance", "PASS", largest, want, f"the runs agree: {setting}")
     loud = noise if noise.value > tol else None
     cause, fix = diagnose(bad, loud)
     worst = loud or bad[next(p for p in PARTS if p in bad)]
     value = worst.value
     verdict = "FAIL" if value > FAIL_FACTOR * limit(worst.part, tol) or not math.isfinite(value) else "WARN"
-    return Result("invariance", verdict, value if math.isfinite(value) else None, want,
-                  f"first difference at step {first}: {cause} -> fix: {fix}. ({setting})")
+    return Result(
+        "invariance",
+        verdict,
+        value if math.isfinite(value) else None,
+        want,
+        f"first difference at step {first}: {cause} -> fix: {fix}. ({setting})",
+    )
 
 
 def _part(f: Finding, first: int, tol: float) -> Result:
@@ -279,19 +340,36 @@ def _part(f: Finding, first: int, tol: float) -> Result:
     name, at = f"invariance/{f.part}", f"step {first}" if first else "every step"
     value = f.value if math.isfinite(f.value) else None
     if f.part == "determinism" and 0 < f.value <= tol:
-        return Result(name, "WARN", value, "0 (two identical runs agree bit for bit)", f"differs: {f.where} (a "
-                      "non-deterministic op)")
+        return Result(
+            name,
+            "WARN",
+            value,
+            "0 (two identical runs agree bit for bit)",
+            f"differs: {f.where} (a non-deterministic op)",
+        )
     if f.part == "samples":
         if not f.value:
             return Result(name, "PASS", 0.0, "the same global batch", f"the same samples at {at}")
-        return Result(name, "FAIL", value, "the same global batch", f"{f.value:g} sample(s) of the 1-rank batch on no "
-                      f"rank at step {first}")
+        return Result(
+            name,
+            "FAIL",
+            value,
+            "the same global batch",
+            f"{f.value:g} sample(s) of the 1-rank batch on no rank at step {first}",
+        )
     most = limit(f.part, tol)
     if not f.value > most:
-        return Result(name, "PASS", value, f"<= {most:.2g}", f"agrees at {at}" + (f" (largest: {f.where})" if f.where
-                                                                                    and f.value else ""))
+        return Result(
+            name,
+            "PASS",
+            value,
+            f"<= {most:.2g}",
+            f"agrees at {at}" + (f" (largest: {f.where})" if f.where and f.value else ""),
+        )
     verdict = "FAIL" if value is None or f.value > FAIL_FACTOR * most else "WARN"
-    return Result(name, verdict, value, f"<= {most:.2g}", f"differs at step {first}" + (f": {f.where}" if f.where else ""))
+    return Result(
+        name, verdict, value, f"<= {most:.2g}", f"differs at step {first}" + (f": {f.where}" if f.where else "")
+    )
 
 
 def _json(x: float) -> float | None:
@@ -305,7 +383,7 @@ def module_table(details: dict[str, Any], rows: int = 8) -> str:
     if not modules:
         return ""
     first_bad = next(i for i, m in enumerate(modules) if m["rel"] is None or m["rel"] > tol)
-    shown = modules[max(0, first_bad - 2):first_bad + rows - 2]
+    shown = modules[max(0, first_bad - 2) : first_bad + rows - 2]
     width = max(len(m["module"]) for m in shown)
     lines = [f"step {details['first_step']}, module outputs (1 rank vs N, sample by sample; tolerance {tol:.2g}):"]
     for m in shown:
@@ -325,7 +403,7 @@ def divergence(ref: Record, rank0: Record) -> dict[str, list[float]]:
         for model, tensors in a["params"].items():
             for name, t in tensors.items():
                 parts = name.split(".")
-                key = ".".join([model, *parts[:2 if len(parts) > 2 and parts[1].isdigit() else 1]])
+                key = ".".join([model, *parts[: 2 if len(parts) > 2 and parts[1].isdigit() else 1]])
                 g = groups.setdefault(key, ([], []))
                 g[0].append(b["params"].get(model, {}).get(name, torch.zeros_like(t)).flatten())
                 g[1].append(t.flatten())
@@ -345,8 +423,9 @@ def plot(details: dict[str, Any], path: Path) -> None:
     for key, values in details["curves"].items():
         ax.plot(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", label=key)
     ax.axhline(details["tolerance"], color="k", linestyle="--", label="tolerance")
-    ax.set(yscale="log", xlabel="step", ylabel="|N ranks - 1 rank| / |1 rank| (parameters)",
-           title="world-size invariance")
+    ax.set(
+        yscale="log", xlabel="step", ylabel="|N ranks - 1 rank| / |1 rank| (parameters)", title="world-size invariance"
+    )
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
 from dtrain.engines import optim
 from dtrain.studies.check.context import Context, Result, no_dropout, skip
 from dtrain.tasks import Task as SupervisedTask
@@ -28,7 +27,7 @@ def lr_sweep(task: SupervisedTask, ctx: Context) -> tuple[list[float], list[floa
     smoothed: list[float] = []
     avg = 0.0
     for i, batch in enumerate(batches):
-        lr = START_LR * factor ** i
+        lr = START_LR * factor**i
         for group in opt.param_groups:
             group["lr"] = lr
         loss = task.loss(model, batch)
@@ -52,22 +51,40 @@ def check_lr_range(ctx: Context) -> list[Result]:
         return skip("lr_range", f"the {ctx.cfg.task} task has no single supervised loss")
     lrs, losses = lr_sweep(task, ctx)
     if len(losses) < 10:
-        return [Result("lr_range", "WARN", None, "-", f"the loss diverged after {len(losses)} steps, from "
-                       f"LR {START_LR:g}: check the data and the model first")]
+        return [
+            Result(
+                "lr_range",
+                "WARN",
+                None,
+                "-",
+                f"the loss diverged after {len(losses)} steps, from "
+                f"LR {START_LR:g}: check the data and the model first",
+            )
+        ]
     best = min(range(len(losses)), key=losses.__getitem__)
     suggested = lrs[best] / 10
     recipe = optim.scaled_lr(ctx.cfg.optim, ctx.plan.global_batch)
     diverged = next((lr for lr, loss in zip(lrs, losses) if loss > 4 * losses[best]), None)
     _plot(lrs, losses, suggested, recipe, ctx.plot_path("lr_range.png"))
     ratio = recipe / suggested
-    detail = (f"per-rank batch {ctx.plan.per_rank}; loss lowest at LR {lrs[best]:.3g}, "
-              + (f"diverged from {diverged:.3g}; " if diverged else "no divergence up to the sweep's end; ")
-              + f"suggested range {suggested / 10:.3g} to {suggested:.3g}; recipe's scaled LR {recipe:.3g} "
-              f"= {ratio:.2g} x the suggestion (plot check/lr_range.png)")
+    detail = (
+        f"per-rank batch {ctx.plan.per_rank}; loss lowest at LR {lrs[best]:.3g}, "
+        + (f"diverged from {diverged:.3g}; " if diverged else "no divergence up to the sweep's end; ")
+        + f"suggested range {suggested / 10:.3g} to {suggested:.3g}; recipe's scaled LR {recipe:.3g} "
+        f"= {ratio:.2g} x the suggestion (plot check/lr_range.png)"
+    )
     want = f"recipe LR within 0.03x to 3x of {suggested:.3g}"
     if diverged is not None and recipe >= diverged:
-        return [Result("lr_range", "WARN", ratio, want, detail + ": the recipe's LR is where the loss diverged "
-                       "(warmup may carry it, but lower optim.lr first if training is unstable)")]
+        return [
+            Result(
+                "lr_range",
+                "WARN",
+                ratio,
+                want,
+                detail + ": the recipe's LR is where the loss diverged "
+                "(warmup may carry it, but lower optim.lr first if training is unstable)",
+            )
+        ]
     verdict = "PASS" if 0.03 <= ratio <= 3 else "WARN"
     return [Result("lr_range", verdict, ratio, want, detail)]
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dtrain.studies.check.context import Context, Result, no_dropout, skip
 from dtrain.data import head
 from dtrain.runtime.files import first_line
+from dtrain.studies.check.context import Context, Result, no_dropout, skip
 from dtrain.tasks import Task as SupervisedTask
 
 OVERFIT_SAMPLES = 8
@@ -24,8 +24,9 @@ def _supervised(ctx: Context) -> SupervisedTask | None:
     return ctx.task if isinstance(ctx.task, SupervisedTask) else None
 
 
-def _fit(task: SupervisedTask, model: nn.Module, batches: list[Any], steps: int,
-         stop_below: float = 0.0) -> list[float]:
+def _fit(
+    task: SupervisedTask, model: nn.Module, batches: list[Any], steps: int, stop_below: float = 0.0
+) -> list[float]:
     """Adam on `batches` in turn; the loss of every step, up to one below `stop_below` x the first."""
     opt = torch.optim.Adam(model.parameters(), lr=FIT_LR)
     losses: list[float] = []
@@ -50,17 +51,40 @@ def check_init_loss(ctx: Context) -> list[Result]:
         loss = sum(float(task.loss(model, b)) for b in batches) / len(batches)
     expected = task.expected_init_loss(model, batches[0])
     if expected is None:
-        return [Result("init_loss", "SKIP", loss, "-", "the task declares no loss a correct init gives "
-                       "(Task.expected_init_loss returned None)")]
+        return [
+            Result(
+                "init_loss",
+                "SKIP",
+                loss,
+                "-",
+                "the task declares no loss a correct init gives (Task.expected_init_loss returned None)",
+            )
+        ]
     ratio = loss / expected
     want = f"{expected:.4g} (ln {round(math.exp(expected))}: a uniform guess)"
     detail = f"mean loss of {len(batches)} training batches at init = {ratio:.2f} x expected"
     if not math.isfinite(loss) or ratio > 1.6:
-        return [Result("init_loss", "FAIL", loss, want, detail + ": the outputs are far from uniform at init "
-                       "(a last layer with a large bias or weight scale?), or the loss is not the one named")]
+        return [
+            Result(
+                "init_loss",
+                "FAIL",
+                loss,
+                want,
+                detail + ": the outputs are far from uniform at init "
+                "(a last layer with a large bias or weight scale?), or the loss is not the one named",
+            )
+        ]
     if ratio < 0.6:
-        return [Result("init_loss", "FAIL", loss, want, detail + ": below chance before training (labels "
-                       "leaking into the inputs, or a loss that is not a mean over samples?)")]
+        return [
+            Result(
+                "init_loss",
+                "FAIL",
+                loss,
+                want,
+                detail + ": below chance before training (labels "
+                "leaking into the inputs, or a loss that is not a mean over samples?)",
+            )
+        ]
     verdict = "PASS" if 0.8 <= ratio <= 1.25 else "WARN"
     return [Result("init_loss", verdict, loss, want, detail)]
 
@@ -74,15 +98,24 @@ def check_overfit_batch(ctx: Context) -> list[Result]:
     losses = _fit(task, model, [batch], OVERFIT_MAX_STEPS, stop_below=0.02)
     first, last = losses[0], min(losses[-5:])
     ratio = last / first if first > 0 else float("nan")
-    detail = (f"{len(losses)} Adam steps (lr {FIT_LR:g}) on one batch of {OVERFIT_SAMPLES}: "
-              f"loss {first:.4g} -> {last:.4g}")
+    detail = (
+        f"{len(losses)} Adam steps (lr {FIT_LR:g}) on one batch of {OVERFIT_SAMPLES}: loss {first:.4g} -> {last:.4g}"
+    )
     want = "loss < 5% of the first (memorised)"
     if ratio < 0.05:
         return [Result("overfit_batch", "PASS", last, want, detail)]
     if ratio < 0.2:
         return [Result("overfit_batch", "WARN", last, want, detail + ": slow to memorise one batch")]
-    return [Result("overfit_batch", "FAIL", last, want, detail + ": cannot memorise one batch (the output "
-                   "ignores the input, the model is far too small, or the loss/labels are wired wrong)")]
+    return [
+        Result(
+            "overfit_batch",
+            "FAIL",
+            last,
+            want,
+            detail + ": cannot memorise one batch (the output "
+            "ignores the input, the model is far too small, or the loss/labels are wired wrong)",
+        )
+    ]
 
 
 def check_input_independent(ctx: Context) -> list[Result]:
@@ -98,13 +131,22 @@ def check_input_independent(ctx: Context) -> list[Result]:
         with torch.no_grad():  # training mode, as fitted: eval-mode statistics lag this early
             losses[kind] = sum(float(task.loss(model, b)) for b in fed) / len(fed)
     ratio = losses["real"] / losses["zeroed"]
-    detail = (f"{BASELINE_STEPS} Adam steps on {len(batches)} batches of {BASELINE_SAMPLES}: training loss "
-              f"{losses['real']:.4g} with the inputs, {losses['zeroed']:.4g} with them zeroed")
+    detail = (
+        f"{BASELINE_STEPS} Adam steps on {len(batches)} batches of {BASELINE_SAMPLES}: training loss "
+        f"{losses['real']:.4g} with the inputs, {losses['zeroed']:.4g} with them zeroed"
+    )
     want = "real < 0.9 x zeroed"
     if ratio < 0.9:
         return [Result("input_independent", "PASS", ratio, want, detail)]
-    return [Result("input_independent", "WARN", ratio, want, detail + ": the model does no better with its "
-                   "inputs than without them (it is not using them)")]
+    return [
+        Result(
+            "input_independent",
+            "WARN",
+            ratio,
+            want,
+            detail + ": the model does no better with its inputs than without them (it is not using them)",
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- dependencies by backprop
@@ -164,15 +206,27 @@ def check_batch_independence(ctx: Context) -> list[Result]:
         g = _input_gradient(model, x, 1).abs().flatten(1).amax(1)
         own, others = float(g[1]), float(torch.cat([g[:1], g[2:]]).max())
         norms = _mixes_batch(model)
-        detail = (f"eval mode ({', '.join(norms)} use running statistics; in training they mix the batch by "
-                  f"design); " if norms else "eval mode; ") + f"|d out[1] / d in[1]| = {own:.3g}"
+        detail = (
+            f"eval mode ({', '.join(norms)} use running statistics; in training they mix the batch by design); "
+            if norms
+            else "eval mode; "
+        ) + f"|d out[1] / d in[1]| = {own:.3g}"
         want = "0 for every other sample"
         if own == 0:
-            results.append(Result(label, "WARN", others, want, detail + ": the output does not depend on its "
-                                  "own input either"))
+            results.append(
+                Result(label, "WARN", others, want, detail + ": the output does not depend on its own input either")
+            )
         elif others > 1e-6 * own:
-            results.append(Result(label, "FAIL", others, want, detail + ": sample 1's output depends on other "
-                                  "samples' inputs (a view/reshape or reduction across the batch dimension?)"))
+            results.append(
+                Result(
+                    label,
+                    "FAIL",
+                    others,
+                    want,
+                    detail + ": sample 1's output depends on other "
+                    "samples' inputs (a view/reshape or reduction across the batch dimension?)",
+                )
+            )
         else:
             results.append(Result(label, "PASS", others, want, detail))
     if ctx.task.causal:
@@ -187,14 +241,24 @@ def _causal(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> Re
     try:
         g = _input_gradient(models[name].eval(), x[:2], (0, t)).abs()[0].flatten(1).amax(1)  # per position
     except IndexError as e:  # fewer outputs than positions: nothing to look at, which is not a leak
-        return Result("causal", "SKIP", None, "0 for every later position",
-                      f"the output has no position {t} of {x.shape[1]} ({first_line(e)}): the check needs one "
-                      "output per input position (a forward that returns only the last position's logits, as "
-                      "nanoGPT's does without targets, cannot be checked)")
-    past, future = float(g[:t + 1].max()), float(g[t + 1:].max())
+        return Result(
+            "causal",
+            "SKIP",
+            None,
+            "0 for every later position",
+            f"the output has no position {t} of {x.shape[1]} ({first_line(e)}): the check needs one "
+            "output per input position (a forward that returns only the last position's logits, as "
+            "nanoGPT's does without targets, cannot be checked)",
+        )
+    past, future = float(g[: t + 1].max()), float(g[t + 1 :].max())
     detail = f"|d out[t={t}] / d in[<=t]| = {past:.3g}"
     if future > 1e-6 * past:
-        first_leak = int((g[t + 1:] > 1e-6 * past).nonzero()[0]) + t + 1
-        return Result("causal", "FAIL", future, "0 for every later position",
-                      detail + f": position {t} sees position {first_leak} (the causal mask leaks the future)")
+        first_leak = int((g[t + 1 :] > 1e-6 * past).nonzero()[0]) + t + 1
+        return Result(
+            "causal",
+            "FAIL",
+            future,
+            "0 for every later position",
+            detail + f": position {t} sees position {first_leak} (the causal mask leaks the future)",
+        )
     return Result("causal", "PASS", future, "0 for every later position", detail)

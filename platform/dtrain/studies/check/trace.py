@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from dtrain import data
-from dtrain.runtime import distributed
 from dtrain.config import Config
-from dtrain.runtime.files import atomic_write
 from dtrain.engines.norm import DistributedBatchNorm
 from dtrain.protocols import Engine
+from dtrain.runtime import distributed
+from dtrain.runtime.files import atomic_write
 from dtrain.train.fit import build
 
 Record = dict[str, Any]
@@ -124,8 +124,9 @@ class Recorder:
     def _enter(self, model: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.active and self._depth == 0:
             x = _first_tensor((args, kwargs))
-            self.calls.append({"model": model, "input": _cpu(x) if x is not None else torch.zeros(0),
-                               "outputs": [], "drew": []})
+            self.calls.append(
+                {"model": model, "input": _cpu(x) if x is not None else torch.zeros(0), "outputs": [], "drew": []}
+            )
         self._depth += 1
 
     def _leave(self, model: str, module: nn.Module, args: Any, out: Any) -> None:
@@ -173,19 +174,29 @@ def record(cfg: Config, device: torch.device, steps: int) -> Record:
         recorder.active = recorder.grads_on = False
         full = {m: e.full_params() for m, e in parts.engines.items()}  # a collective under sharding: every rank
         params = {m: {n: _cpu(p) for n, p in ps.items()} for m, ps in full.items()} if distributed.is_main() else {}
-        out.append({
-            "indices": [_index(k) for k in keys],
-            "digests": [d for b in batches for d in sample_digests(b)],
-            "loss": float(result.loss), "metrics": {k: float(v) for k, v in result.metrics.items()},
-            "lr": {m: float(e.lr) for m, e in parts.engines.items()},
-            "calls": recorder.calls, "grads": recorder.grads,
-            "params": params,
-            "buffers": {m: {n: _cpu(b) for n, b in e.module.named_buffers()} for m, e in parts.engines.items()},
-        })
+        out.append(
+            {
+                "indices": [_index(k) for k in keys],
+                "digests": [d for b in batches for d in sample_digests(b)],
+                "loss": float(result.loss),
+                "metrics": {k: float(v) for k, v in result.metrics.items()},
+                "lr": {m: float(e.lr) for m, e in parts.engines.items()},
+                "calls": recorder.calls,
+                "grads": recorder.grads,
+                "params": params,
+                "buffers": {m: {n: _cpu(b) for n, b in e.module.named_buffers()} for m, e in parts.engines.items()},
+            }
+        )
     for done, (keys, _) in zip(out, sampled):
         done["stable"] = [_rereads_alike(parts.loader, k) for k in keys]
-    return {"world": distributed.world_size(), "rank": distributed.rank(), "engine": cfg.engine,
-            "kinds": recorder.kinds, "steps": out, "parameters": parts.parameters}
+    return {
+        "world": distributed.world_size(),
+        "rank": distributed.rank(),
+        "engine": cfg.engine,
+        "kinds": recorder.kinds,
+        "steps": out,
+        "parameters": parts.parameters,
+    }
 
 
 def _steps(loader: DataLoader[Any], micro: int, per_epoch: int, steps: int) -> Iterator[tuple[list[Any], list[Any]]]:

@@ -13,8 +13,8 @@ recipe with the best values) and Optuna's plots, which the parent run also holds
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -25,17 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtrain import tracking
-from dtrain.config import recipe
-from dtrain.config import redact
-from dtrain.runtime.launch import torchrun_cmd, torchrun_env
-from dtrain.config import Config
+from dtrain.config import Config, recipe, redact
 from dtrain.errors import ConfigError
-from dtrain.errors import Failure, WorkFailed
-from dtrain.runtime.files import atomic_write, first_line
-from dtrain.studies.search.space import Param, load_space, overrides, suggest
+from dtrain.errors import TooManyFailures as TooManyFailures
+from dtrain.errors import TrialRefused as TrialRefused
 from dtrain.features.trial import STORAGE_ENV
+from dtrain.runtime.files import atomic_write, first_line
+from dtrain.runtime.launch import torchrun_cmd, torchrun_env
+from dtrain.studies.search.space import Param, load_space, overrides, suggest
 from dtrain.train.config import load_config
-from dtrain.errors import TooManyFailures as TooManyFailures, TrialRefused as TrialRefused
 
 log = logging.getLogger("dtrain")
 FINISHED = ("COMPLETE", "PRUNED")
@@ -74,7 +72,7 @@ class TrialFailed(RuntimeError):
 def default_storage(cfg: Config) -> str:
     """A SQLite file beside the MLflow store when that is SQLite, else in the launch directory."""
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    folder = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else Path.cwd()
+    folder = Path(uri[len("sqlite:///") :]).resolve().parent if uri.startswith("sqlite:///") else Path.cwd()
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
@@ -99,13 +97,17 @@ def open_study(a: SearchArgs, cfg: Config, params: list[Param]) -> tuple[Any, bo
     storage = rdb_storage(a.storage)
     sampler, pruner = make_sampler(a.sampler, params, cfg.seed), make_pruner(a.pruner, a.prune_startup)
     try:
-        return optuna.create_study(storage=storage, study_name=a.study, direction=a.direction, sampler=sampler,
-                                   pruner=pruner), True
+        return optuna.create_study(
+            storage=storage, study_name=a.study, direction=a.direction, sampler=sampler, pruner=pruner
+        ), True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=a.study, storage=storage, sampler=sampler, pruner=pruner)
         if study.direction.name.lower() != a.direction:
-            raise ConfigError("--direction", a.direction, f"study {a.study!r} in {a.storage} is to "
-                              f"{study.direction.name.lower()}; use that, or another --study") from None
+            raise ConfigError(
+                "--direction",
+                a.direction,
+                f"study {a.study!r} in {a.storage} is to {study.direction.name.lower()}; use that, or another --study",
+            ) from None
         return study, False
 
 
@@ -120,8 +122,12 @@ def rdb_storage(url: str) -> Any:
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=10, grace_period=60,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=10,
+                    grace_period=60,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
         except Exception as e:
             if attempt == 4:
                 raise ConfigError("--storage", url, f"cannot open it: {first_line(e)}") from None
@@ -153,11 +159,24 @@ def _create_parent(a: SearchArgs, cfg: Config, study: Any, uri: str) -> str:
         raise ConnectionError(down)
     client = tracking.open_client(uri)
     exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)
-    run = client.create_run(exp_id, run_name=f"{a.study}", tags={"dtrain.kind": "search", "dtrain.study": a.study,
-                                                                "dtrain.config.recipe": cfg.recipe})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in
-                                              {"metric": a.metric, "direction": a.direction, "sampler": a.sampler,
-                                               "pruner": a.pruner, "trials": a.trials}.items()])
+    run = client.create_run(
+        exp_id,
+        run_name=f"{a.study}",
+        tags={"dtrain.kind": "search", "dtrain.study": a.study, "dtrain.config.recipe": cfg.recipe},
+    )
+    client.log_batch(
+        run.info.run_id,
+        params=[
+            mlflow.entities.Param(k, str(v))
+            for k, v in {
+                "metric": a.metric,
+                "direction": a.direction,
+                "sampler": a.sampler,
+                "pruner": a.pruner,
+                "trials": a.trials,
+            }.items()
+        ],
+    )
     study.set_user_attr("mlflow_parent_run", run.info.run_id)
     return str(study.user_attrs["mlflow_parent_run"])
 
@@ -172,16 +191,18 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
         aside = out.with_name(f"{out.name}.earlier-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
         log.warning("search: %s held an earlier trial's output; moved to %s", out, aside.name)
-    extra = [*overrides(values), f"output_dir={out}", "checkpoint.overwrite=true",
-             f"tracking.run_name={a.study}-trial-{trial.number}", f"tracking.parent_run_id={parent}",
-             f"trial.storage={redact.url(a.storage)}", f"trial.study={a.study}", f"trial.trial_id={trial._trial_id}",
-             f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}",
-             f"trial.prune_startup={a.prune_startup}", f"trial.prune_warmup={a.prune_warmup}"]
+    extra = [*overrides(values), *trial_keys(a, trial, out, parent)]
     args = [*a.overrides, *extra]
-    cmd = (torchrun_cmd(a.nproc_per_node, a.recipe, args) if a.nproc_per_node
-           else [sys.executable, "-m", "dtrain", "train", a.recipe, *args])
-    proc = subprocess.Popen(cmd, env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}),  # nosec B603 # dtrain's argv
-                            start_new_session=True)
+    cmd = (
+        torchrun_cmd(a.nproc_per_node, a.recipe, args)
+        if a.nproc_per_node
+        else [sys.executable, "-m", "dtrain", "train", a.recipe, *args]
+    )
+    proc = subprocess.Popen(
+        cmd,
+        env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}),  # nosec B603 # dtrain's argv
+        start_new_session=True,
+    )
     try:
         code = proc.wait()
     except BaseException:  # the search is stopped: so is its trial (and every process it started)
@@ -190,12 +211,23 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     if (out / "pruned.json").exists():
         raise optuna.TrialPruned(json.loads((out / "pruned.json").read_text())["pruned_at_step"])
     if code == 2:  # the CLI's exit code for bad input, said in the trial's own line above
-        raise TrialRefused(f"search: trial {trial.number} refused the recipe (its error line is above); "
-                           "no trial would run: fix the recipe, the space or --metric")
+        raise TrialRefused(
+            f"search: trial {trial.number} refused the recipe (its error line is above); "
+            "no trial would run: fix the recipe, the space or --metric"
+        )
     if code != 0:
         raise TrialFailed(f"trial {trial.number} exited with {code} (see its output above)")
     summary = json.loads((out / "summary.json").read_text())
     return float(summary["eval"][metric_name(a.metric)])
+
+
+def trial_keys(a: SearchArgs, trial: Any, out: Path, parent: str) -> list[str]:
+    """The overrides that make a run a trial of the study (the storage's password masked: the
+    trial reads the real URL from its environment)."""
+    return [f"output_dir={out}", "checkpoint.overwrite=true", f"tracking.run_name={a.study}-trial-{trial.number}",
+            f"tracking.parent_run_id={parent}", f"trial.storage={redact.url(a.storage)}", f"trial.study={a.study}",
+            f"trial.trial_id={trial._trial_id}", f"trial.metric={metric_name(a.metric)}", f"trial.pruner={a.pruner}",
+            f"trial.prune_startup={a.prune_startup}", f"trial.prune_warmup={a.prune_warmup}"]  # fmt: skip
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
@@ -251,8 +283,10 @@ def search(a: SearchArgs) -> dict[str, Any]:
             study.stop()
 
     if redact.has_password(a.storage):
-        log.warning("search: the --storage URL holds a password, which the process list shows; put it in "
-                    "PGPASSWORD or ~/.pgpass instead (psycopg reads both)")
+        log.warning(
+            "search: the --storage URL holds a password, which the process list shows; put it in "
+            "PGPASSWORD or ~/.pgpass instead (psycopg reads both)"
+        )
     if sum(t.state.name in FINISHED for t in study.trials) < a.trials:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # its failed-trial warning carries a traceback;
         study.optimize(objective, callbacks=[on_done], catch=(TrialFailed,))  # progress_line says it in one line
@@ -260,8 +294,10 @@ def search(a: SearchArgs) -> dict[str, Any]:
     for line in edge_warnings(params, summary["best"]):
         print(line, flush=True)
     if len(failures) >= a.max_failures:
-        raise TooManyFailures(f"search: {len(failures)} trials failed (--max-failures={a.max_failures}); the last: "
-                              f"{failures[-1]}; see {a.output} and the trials' output above")
+        raise TooManyFailures(
+            f"search: {len(failures)} trials failed (--max-failures={a.max_failures}); the last: "
+            f"{failures[-1]}; see {a.output} and the trials' output above"
+        )
     return summary
 
 
@@ -277,8 +313,10 @@ def edge_warnings(params: list[Param], best: dict[str, Any] | None) -> list[str]
         where = (scale(value) - scale(p.low)) / (scale(p.high) - scale(p.low))
         if not 0.05 <= where <= 0.95:
             edge = "low" if where < 0.05 else "high"
-            out.append(f"search: warning: the best {p.key}={value:.4g} lies at the {edge} edge of its range "
-                       f"[{p.low:g}, {p.high:g}]; the optimum may be beyond it: widen the range and search again")
+            out.append(
+                f"search: warning: the best {p.key}={value:.4g} lies at the {edge} edge of its range "
+                f"[{p.low:g}, {p.high:g}]; the optimum may be beyond it: widen the range and search again"
+            )
     return out
 
 
@@ -286,19 +324,38 @@ def progress_line(study: Any, trial: Any) -> str:
     """One line per finished trial: value (or pruned / failed), values, best so far."""
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = f"best {study.best_value:.4g} (trial {study.best_trial.number})" if done else "no complete trial yet"
-    what = (f"{trial.value:.4g}" if trial.state.name == "COMPLETE"
-            else trial.user_attrs.get("failure", "failed") if trial.state.name == "FAIL" else trial.state.name.lower())
+    what = (
+        f"{trial.value:.4g}"
+        if trial.state.name == "COMPLETE"
+        else trial.user_attrs.get("failure", "failed")
+        if trial.state.name == "FAIL"
+        else trial.state.name.lower()
+    )
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     return f"search: trial {trial.number}: {what} | {shown} | {best}"
 
 
 def write_outputs(a: SearchArgs, cfg: Config, study: Any, parent: str) -> dict[str, Any]:
     """search.json, best.yaml and the plots in the output folder; the same on the parent run."""
-    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
-               "intermediate": {str(k): v for k, v in t.intermediate_values.items()}} for t in study.trials]
+    trials = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "params": t.params,
+            "value": t.value,
+            "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+        }
+        for t in study.trials
+    ]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    summary: dict[str, Any] = {"study": a.study, "storage": redact.url(a.storage), "metric": a.metric, "direction": a.direction,
-                               "trials": trials, "best": None}
+    summary: dict[str, Any] = {
+        "study": a.study,
+        "storage": redact.url(a.storage),
+        "metric": a.metric,
+        "direction": a.direction,
+        "trials": trials,
+        "best": None,
+    }
     files = [a.output / "search.json"]
     if complete:
         best = study.best_trial
@@ -366,4 +423,3 @@ def wait_for_parent(study: Any, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while "mlflow_parent_run" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
-

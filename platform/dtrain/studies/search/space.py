@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from dtrain.config import Config
-from dtrain.errors import ConfigError
 from dtrain.config.recipe import apply_override, build, to_dict
+from dtrain.errors import ConfigError
 
 TYPES = ("float", "int", "categorical")
 
@@ -42,8 +42,7 @@ class Param:
         if self.type == "float":
             return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.key, self.choices)
 
     def grid(self) -> list[Any]:
@@ -87,10 +86,19 @@ def _param(key: str, spec: Any) -> Param:
         raise ConfigError(where, spec, f"expected {{type: {'|'.join(TYPES)}, ...}}")
     known = {"type", "low", "high", "log", "step", "choices", "when"}
     if set(spec) - known:
-        raise ConfigError(where, spec, f"unknown field(s) {', '.join(sorted(set(spec) - known))}; "
-                          f"valid: {', '.join(sorted(known))}")
-    p = Param(key, spec["type"], spec.get("low", 0.0), spec.get("high", 0.0), bool(spec.get("log", False)),
-              spec.get("step"), list(spec.get("choices", [])), dict(spec.get("when", {})))
+        raise ConfigError(
+            where, spec, f"unknown field(s) {', '.join(sorted(set(spec) - known))}; valid: {', '.join(sorted(known))}"
+        )
+    p = Param(
+        key,
+        spec["type"],
+        spec.get("low", 0.0),
+        spec.get("high", 0.0),
+        bool(spec.get("log", False)),
+        spec.get("step"),
+        list(spec.get("choices", [])),
+        dict(spec.get("when", {})),
+    )
     if p.type == "categorical" and not p.choices:
         raise ConfigError(where, spec, "a categorical key needs a non-empty `choices` list")
     if p.type != "categorical" and not p.low <= p.high:

@@ -38,16 +38,29 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dtrain.data import images
+from dtrain.protocols import BaseTask, Engine, LossTerms, ModelSpec, StepOutput
 from dtrain.runtime import distributed
 from dtrain.tasks.gan import quality
-from dtrain.protocols import BaseTask, Engine, LossTerms, ModelSpec, StepOutput
 from dtrain.tasks.gan.config import GANConfig, GanDataConfig, GanModelConfig, GanSection
 from dtrain.tasks.gan.losses import d_loss, g_loss, grad_penalty_r1, grad_penalty_wgan_gp, input_gradients
 from dtrain.tasks.gan.networks import MLP, DCDiscriminator, DCGenerator
 
-__all__ = ["GANConfig", "GanDataConfig", "GanModelConfig", "GanSection", "GANTask", "MLP", "DCGenerator",
-           "DCDiscriminator", "d_loss", "g_loss", "grad_penalty_r1", "grad_penalty_wgan_gp", "input_gradients",
-           "noise_seed"]
+__all__ = [
+    "GANConfig",
+    "GanDataConfig",
+    "GanModelConfig",
+    "GanSection",
+    "GANTask",
+    "MLP",
+    "DCGenerator",
+    "DCDiscriminator",
+    "d_loss",
+    "g_loss",
+    "grad_penalty_r1",
+    "grad_penalty_wgan_gp",
+    "input_gradients",
+    "noise_seed",
+]
 
 
 def noise_seed(seed: int, stream: int, step: int) -> int:
@@ -89,7 +102,10 @@ class GANTask(BaseTask):
         gen: nn.Module
         disc: nn.Module
         if self.cfg.data.dataset == "digits":
-            gen, disc = DCGenerator(m.z_dim, m.channels, m.spectral_norm_g), DCDiscriminator(m.channels, m.spectral_norm_d)
+            gen, disc = (
+                DCGenerator(m.z_dim, m.channels, m.spectral_norm_g),
+                DCDiscriminator(m.channels, m.spectral_norm_d),
+            )
         else:
             gen = MLP(m.z_dim, 2, m.hidden_g, m.layers_g, nn.ReLU(), m.spectral_norm_g)
             disc = MLP(2, 1, m.hidden_d, m.layers_d, nn.LeakyReLU(0.2), m.spectral_norm_d)
@@ -100,8 +116,12 @@ class GANTask(BaseTask):
             # G's BatchNorm buffers differ per rank unless synchronised: then DDP broadcasts them.
             "g": ModelSpec(gen, self.cfg.optim_g, 1, broadcast_buffers=not m.sync_bn),
             # D's only buffers are spectral norm's u/v: deterministic from equal weights.
-            "d": ModelSpec(disc, self.cfg.optim_d, gan.n_critic * (1 + (1 / gan.penalty_every if lazy else 0)),
-                           broadcast_buffers=False),
+            "d": ModelSpec(
+                disc,
+                self.cfg.optim_d,
+                gan.n_critic * (1 + (1 / gan.penalty_every if lazy else 0)),
+                broadcast_buffers=False,
+            ),
         }
 
     def inference_model(self) -> nn.Module:
@@ -118,8 +138,9 @@ class GANTask(BaseTask):
     def micro_batches_per_step(self, accum: int) -> int:
         return self.cfg.gan.n_critic  # each critic update takes a fresh batch of reals
 
-    def _noise(self, stream: int, step: int, n_local: int, device: torch.device, *shape: int,
-               uniform: bool = False) -> torch.Tensor:
+    def _noise(
+        self, stream: int, step: int, n_local: int, device: torch.device, *shape: int, uniform: bool = False
+    ) -> torch.Tensor:
         """This rank's slice of a global-batch draw seeded by (seed, stream, step)."""
         world, rank = distributed.world_size(), distributed.rank()
         rng = torch.Generator().manual_seed(noise_seed(self.cfg.seed, stream, step))
@@ -128,8 +149,9 @@ class GANTask(BaseTask):
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, engines: dict[str, Engine], micro_batches: list[Any],
-                   terms: LossTerms | None = None) -> StepOutput:
+    def train_step(
+        self, engines: dict[str, Engine], micro_batches: list[Any], terms: LossTerms | None = None
+    ) -> StepOutput:
         G, D = engines["g"], engines["d"]
         stats: dict[str, torch.Tensor] = {}
 
@@ -139,8 +161,11 @@ class GANTask(BaseTask):
             norm_d, ok = self._critic_step(G, D, real, stats)
             d_ok &= ok
             last = i == len(micro_batches) - 1
-            lazy_now = self.cfg.gan.penalty != "none" and 1 < self.cfg.gan.penalty_every and \
-                self.d_steps % self.cfg.gan.penalty_every == 0
+            lazy_now = (
+                self.cfg.gan.penalty != "none"
+                and 1 < self.cfg.gan.penalty_every
+                and self.d_steps % self.cfg.gan.penalty_every == 0
+            )
             # GradScaler unscales an optimizer once per update(): the critic's next step (its
             # penalty step, or the next critic update) needs one in between. The iteration's
             # last update comes after G's step.
@@ -169,8 +194,9 @@ class GANTask(BaseTask):
         # train/loss is the critic's (the loop's loss); train/d_loss and train/g_loss name both.
         return StepOutput(loss=stats["d_loss"], grad_norm=norm_d, stepped=d_ok and g_ok, metrics=stats)
 
-    def _critic_step(self, G: Engine, D: Engine, real: torch.Tensor,
-                     stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    def _critic_step(
+        self, G: Engine, D: Engine, real: torch.Tensor, stats: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
         """One critic update on reals and G's fakes (+ the penalty when not lazy)."""
         gan, n = self.cfg.gan, len(real)
         self.d_steps += 1
@@ -183,21 +209,25 @@ class GANTask(BaseTask):
             parts.append((eps * real.detach() + (1 - eps) * fake).requires_grad_(True))
         with D.precision.autocast():
             out = D.model(torch.cat(parts)).float().flatten()  # one forward: DDP wants one per backward
-            loss = d_loss(gan.loss, out[:n], out[n:2 * n])
+            loss = d_loss(gan.loss, out[:n], out[n : 2 * n])
         stats["d_loss"] = loss.detach()
         if eager_penalty:
-            x, o = (parts[0], out[:n]) if gan.penalty == "r1" else (parts[2], out[2 * n:])
+            x, o = (parts[0], out[:n]) if gan.penalty == "r1" else (parts[2], out[2 * n :])
             with D.precision.autocast():
                 grads = input_gradients(o, x, G.precision.scaler)
-                pen = (grad_penalty_r1(grads) * gan.penalty_weight / 2 if gan.penalty == "r1"
-                       else grad_penalty_wgan_gp(grads) * gan.penalty_weight)
+                pen = (
+                    grad_penalty_r1(grads) * gan.penalty_weight / 2
+                    if gan.penalty == "r1"
+                    else grad_penalty_wgan_gp(grads) * gan.penalty_weight
+                )
             loss = loss + pen
             stats["penalty"] = pen.detach()
         D.backward(loss, 1)
         return D.step()
 
-    def _lazy_penalty_step(self, D: Engine, real: torch.Tensor, scaler: torch.amp.GradScaler,
-                           stats: dict[str, torch.Tensor]) -> bool:
+    def _lazy_penalty_step(
+        self, D: Engine, real: torch.Tensor, scaler: torch.amp.GradScaler, stats: dict[str, torch.Tensor]
+    ) -> bool:
         """A penalty-only critic update (StyleGAN2's lazy R1), weighted by the interval."""
         gan = self.cfg.gan
         x = real.requires_grad_(True)
@@ -260,8 +290,7 @@ class GANTask(BaseTask):
         g.train(was)
         return out
 
-    def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any],
-                 device: torch.device) -> dict[str, float]:
+    def evaluate(self, engines: dict[str, Engine], loader: DataLoader[Any], device: torch.device) -> dict[str, float]:
         # Every rank holds the same G-EMA and uses the same noise: the same numbers, no collective.
         fake = self.samples(engines, self.cfg.gan.eval_samples)
         if self.cfg.data.dataset == "digits":

@@ -9,7 +9,6 @@ from dtrain.config import Config, DataConfig, ModelConfig, OptimConfig, validate
 from dtrain.errors import ConfigError
 
 
-
 @dataclass
 class GanDataConfig(DataConfig):
     dataset: Literal["ring", "grid", "digits"] = "ring"
@@ -63,8 +62,7 @@ class GanSection:
 
 
 def _adam(lr: float) -> OptimConfig:
-    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), scale_rule="sqrt",
-                       schedule="constant", warmup_steps=0)
+    return OptimConfig(name="adam", lr=lr, betas=(0.0, 0.9), scale_rule="sqrt", schedule="constant", warmup_steps=0)
 
 
 @dataclass
@@ -94,12 +92,19 @@ class GANConfig(Config):
         if self.gan.standing_stats_batches < 0:
             raise ConfigError("gan.standing_stats_batches", self.gan.standing_stats_batches, "must be >= 0")
         if self.model.init != "default":
-            raise ConfigError("model.init", self.model.init, "the GAN initialises its networks itself (DCGAN's "
-                              "N(0, 0.02), spectral norm's own parametrisation); use default")
+            raise ConfigError(
+                "model.init",
+                self.model.init,
+                "the GAN initialises its networks itself (DCGAN's "
+                "N(0, 0.02), spectral norm's own parametrisation); use default",
+            )
         ema = getattr(self, "ema", None)  # (the feature's section, composed in beside the task's)
         if ema is not None and ema.decay:
-            raise ConfigError("ema.decay", ema.decay, "not for a GAN: it averages its generator itself "
-                              "(gan.ema_decay)")
+            raise ConfigError("ema.decay", ema.decay, "not for a GAN: it averages its generator itself (gan.ema_decay)")
         if self.compile and self.gan.penalty != "none":
-            raise ConfigError("compile", True, f"not with gan.penalty={self.gan.penalty}: the penalty's double backward "
-                              "(create_graph=True) is not supported by torch.compile; use gan.penalty=none or compile=false")
+            raise ConfigError(
+                "compile",
+                True,
+                f"not with gan.penalty={self.gan.penalty}: the penalty's double backward "
+                "(create_graph=True) is not supported by torch.compile; use gan.penalty=none or compile=false",
+            )

@@ -34,10 +34,17 @@ class DCGenerator(nn.Module):
         super().__init__()
         self.fc = _sn(nn.Linear(z_dim, 4 * ch * 2 * 2), sn)
         self.net = nn.Sequential(
-            nn.BatchNorm2d(4 * ch), nn.ReLU(),
-            _sn(nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1), sn), nn.BatchNorm2d(2 * ch), nn.ReLU(),
-            _sn(nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), sn), nn.BatchNorm2d(ch), nn.ReLU(),
-            _sn(nn.Conv2d(ch, 1, 3, 1, 1), sn), nn.Tanh())
+            nn.BatchNorm2d(4 * ch),
+            nn.ReLU(),
+            _sn(nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1), sn),
+            nn.BatchNorm2d(2 * ch),
+            nn.ReLU(),
+            _sn(nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), sn),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(),
+            _sn(nn.Conv2d(ch, 1, 3, 1, 1), sn),
+            nn.Tanh(),
+        )
         self.ch = ch
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -52,10 +59,15 @@ class DCDiscriminator(nn.Module):
         super().__init__()
         act = nn.LeakyReLU(0.2)
         self.net = nn.Sequential(
-            _sn(nn.Conv2d(1, ch, 3, 1, 1), sn), act,
-            _sn(nn.Conv2d(ch, 2 * ch, 4, 2, 1), sn), act,
-            _sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), sn), act,
-            nn.Flatten(), _sn(nn.Linear(4 * ch * 2 * 2, 1), sn))
+            _sn(nn.Conv2d(1, ch, 3, 1, 1), sn),
+            act,
+            _sn(nn.Conv2d(ch, 2 * ch, 4, 2, 1), sn),
+            act,
+            _sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1), sn),
+            act,
+            nn.Flatten(),
+            _sn(nn.Linear(4 * ch * 2 * 2, 1), sn),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.net(x)

@@ -99,9 +99,17 @@ class DigitsClassifier(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
-                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 32),
-                                  nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(64 * 16, 32),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(32, 10)
         self.register_buffer("scale", torch.ones(()))
 
@@ -185,9 +193,14 @@ def image_metrics(classifier: DigitsClassifier, real: torch.Tensor, fake: torch.
     precision, recall = precision_recall(fr, ff)
     density, coverage = density_coverage(fr, ff)
     classes = classifier.head(ff).argmax(1)
-    return {"frechet": frechet_distance(fr.double().numpy(), ff.double().numpy()), "precision": precision,
-            "recall": recall, "density": density, "coverage": coverage,
-            "class_coverage": float(torch.unique(classes).numel() / 10)}
+    return {
+        "frechet": frechet_distance(fr.double().numpy(), ff.double().numpy()),
+        "precision": precision,
+        "recall": recall,
+        "density": density,
+        "coverage": coverage,
+        "class_coverage": float(torch.unique(classes).numel() / 10),
+    }
 
 
 def image_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
@@ -202,5 +215,5 @@ def image_grid(images: torch.Tensor, path: Path, nrow: int = 10) -> None:
     canvas = torch.ones(rows * (h + 1), nrow * (w + 1))
     for i in range(n):
         r, c = divmod(i, nrow)
-        canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = imgs[i, 0]
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = imgs[i, 0]
     plt.imsave(path, canvas.numpy(), cmap="gray", vmin=0, vmax=1)

@@ -8,7 +8,6 @@ A training sample is the block starting at a given offset: DistributedSampler sh
 the offsets and gives every rank different ones, so no two ranks see the same block in a step.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -23,8 +22,8 @@ from torch.utils.data import Dataset
 
 from dtrain.checkpoint import safeload
 from dtrain.data import tokens
-from dtrain.errors import ResumeRefused
-from dtrain.errors import ConfigError
+from dtrain.data.tokens import Vocab as Vocab
+from dtrain.errors import ConfigError, ResumeRefused
 from dtrain.protocols import Engine
 from dtrain.tasks import Task
 from dtrain.tasks.transformer.config import TextDataConfig as TextDataConfig
@@ -36,7 +35,6 @@ from dtrain.tasks.transformer.data import default_corpus as default_corpus
 from dtrain.tasks.transformer.data import read_text as read_text
 from dtrain.tasks.transformer.model import Attention as Attention
 from dtrain.tasks.transformer.model import CharTransformer as CharTransformer
-from dtrain.data.tokens import Vocab as Vocab
 
 
 class TransformerTask(Task):
@@ -53,8 +51,11 @@ class TransformerTask(Task):
         text = read_text(Path(d.path) if d.path else default_corpus(), d.max_chars)
         split = int(len(text) * (1 - d.val_fraction))
         if split < m.block_size + 2 or len(text) - split < m.block_size + 2:
-            raise ConfigError("data.path", d.path or str(default_corpus()),
-                              f"too little text ({len(text)} characters) for model.block_size={m.block_size}")
+            raise ConfigError(
+                "data.path",
+                d.path or str(default_corpus()),
+                f"too little text ({len(text)} characters) for model.block_size={m.block_size}",
+            )
         self.vocab = Vocab.from_text(text[:split])
         train, val = self.vocab.encode(text[:split]), self.vocab.encode(text[split:])
         self.chars = len(text)
@@ -70,14 +71,17 @@ class TransformerTask(Task):
 
     def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         y = batch[1]
-        return F.cross_entropy(outputs.float().view(-1, outputs.size(-1)), y.view(-1),
-                               label_smoothing=self.cfg.model.label_smoothing)
+        return F.cross_entropy(
+            outputs.float().view(-1, outputs.size(-1)), y.view(-1), label_smoothing=self.cfg.model.label_smoothing
+        )
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x).float()
-        return {"nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"),
-                "tokens": torch.tensor(y.numel(), device=y.device)}
+        return {
+            "nll_sum": F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum"),
+            "tokens": torch.tensor(y.numel(), device=y.device),
+        }
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         nats = sums["nll_sum"] / sums["tokens"]
@@ -100,19 +104,27 @@ class TransformerTask(Task):
         vocabulary differs would silently map characters to other rows."""
         saved = state.get("vocab")
         if saved is not None and list(saved) != list(self.vocab.chars):
-            raise ResumeRefused(f"data.path={self.cfg.data.path or str(default_corpus())!r}: its vocabulary "
-                                f"({len(self.vocab.chars)} characters) differs from the checkpoint's ({len(saved)}); "
-                                "resume on the text the run was trained on")
+            raise ResumeRefused(
+                f"data.path={self.cfg.data.path or str(default_corpus())!r}: its vocabulary "
+                f"({len(self.vocab.chars)} characters) differs from the checkpoint's ({len(saved)}); "
+                "resume on the text the run was trained on"
+            )
 
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
-        return {"vocab_size": len(self.vocab), "corpus_chars": self.chars,
-                "init_loss_expected": math.log(len(self.vocab)), "parameters": self.model_ref.n_params}
+        return {
+            "vocab_size": len(self.vocab),
+            "corpus_chars": self.chars,
+            "init_loss_expected": math.log(len(self.vocab)),
+            "parameters": self.model_ref.n_params,
+        }
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
         if any(len(c) != 1 for c in self.vocab.chars):  # BPE ids: only their count
             return {"vocab_size": torch.tensor(len(self.vocab))}
-        return {"vocab": torch.tensor([ord(c) for c in self.vocab.chars], dtype=torch.int32),
-                "unk": torch.tensor(self.vocab.unk)}
+        return {
+            "vocab": torch.tensor([ord(c) for c in self.vocab.chars], dtype=torch.int32),
+            "unk": torch.tensor(self.vocab.unk),
+        }
 
     def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
         if "vocab_size" in state:
@@ -132,8 +144,7 @@ class TransformerTask(Task):
     def describe_input(self, x: torch.Tensor) -> str | None:
         return self.vocab.decode(x.tolist())
 
-    def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int,
-                      seed: int) -> str:
+    def generate_text(self, run_dir: Path, prompt: str, tokens: int, temperature: float, top_k: int, seed: int) -> str:
         """`dtrain sample`: continue `prompt` with the run's weights (model.safetensors, else
         model.pt) and its vocabulary (preprocessing.safetensors; vocab.json of older runs)."""
         weights = safeload.weights_file(run_dir)

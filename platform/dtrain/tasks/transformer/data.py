@@ -46,5 +46,5 @@ class Blocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         o = i * self.stride
-        chunk = self.tokens[o:o + self.block + 1]
+        chunk = self.tokens[o : o + self.block + 1]
         return chunk[:-1], chunk[1:]

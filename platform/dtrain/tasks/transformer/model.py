@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from dtrain.engines.norm import make_norm
 from dtrain.tasks.transformer.config import TransformerModelConfig
 
+
 # Dense bf16 peak FLOP/s of known GPUs (model FLOPs utilisation); `train.peak_tflops` overrides.
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs of channels (RoFormer) of x: (B, H, T, D)."""
@@ -43,8 +44,12 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = make_norm(m.norm, m.n_embd), make_norm(m.norm, m.n_embd)
         self.attn = Attention(m)
-        self.mlp = nn.Sequential(nn.Linear(m.n_embd, 4 * m.n_embd, bias=False), nn.GELU(),
-                                 nn.Linear(4 * m.n_embd, m.n_embd, bias=False), nn.Dropout(m.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(m.n_embd, 4 * m.n_embd, bias=False),
+            nn.GELU(),
+            nn.Linear(4 * m.n_embd, m.n_embd, bias=False),
+            nn.Dropout(m.dropout),
+        )
         self.drop = nn.Dropout(m.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -108,7 +113,7 @@ class CharTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
         for _ in range(new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :] / max(temperature, 1e-6)
+            logits = self(idx[:, -self.cfg.block_size :])[:, -1, :] / max(temperature, 1e-6)
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

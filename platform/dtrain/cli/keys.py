@@ -1,0 +1,22 @@
+"""`dtrain keys RECIPE [--changed]`: every key of the recipe's task and features, with the value the
+recipe gives it, its type, its default and what it does (`dtrain.config.keys`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add(sub: Any) -> None:
+    k = sub.add_parser("keys", help="every key of a recipe's task: value, type, default, what it does")
+    k.add_argument("recipe")
+    k.add_argument("overrides", nargs="*")
+    k.add_argument("--changed", action="store_true", help="only the keys the recipe sets to a non-default value")
+    k.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from dtrain.config import keys
+    from dtrain.train.config import load_config
+
+    print(keys.render(keys.keys(load_config(args.recipe, args.overrides)), changed_only=args.changed))
