@@ -227,7 +227,8 @@ def test_a_gan_refuses_distillation_in_one_line(tmp_path):
         proc.stderr.strip()
         .splitlines()[-1]
         .endswith(
-            f"distill.teacher='{tmp_path}': not for a GAN (two models, its own step): a task with one model and a loss"
+            f"distill.teacher='{tmp_path}': not with the task gan: distillation needs a task with one model and a loss "
+            "(dtrain.Task); a GAN has two models and its own step"
         )
     )
 

@@ -90,7 +90,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     # One per finished trial (the killed one has one too if it got as far as starting its run).
     assert len(children) in (6, 7) and parent.info.status == "FINISHED"
     assert {r.info.run_name for r in children} >= {f"cnn_digits-search-trial-{t['number']}" for t in finished(summary)}
-    pruned = [r for r in children if "dtrain.pruned_at_step" in r.data.tags]
+    pruned = [r for r in children if "dtrain.halted_at_step" in r.data.tags]
     assert pruned and all(r.info.status == "KILLED" for r in pruned)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search.json", "best.yaml"}
     assert parent.data.metrics["best_value"] == pytest.approx(summary["best"]["value"])

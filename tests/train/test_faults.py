@@ -292,7 +292,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(three_checkpo
 def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, tmp_path):
     out = _copy(three_checkpoints, tmp_path / "out")
     for folder in (out / "checkpoints").glob("step_*"):
-        (folder / "fit.pt").write_bytes(b"truncated")
+        (folder / "trainer.pt").write_bytes(b"truncated")
     proc = run_dtrain(
         ["train", RECIPE, *FAULTY, "tracking.enabled=false", "resume=auto", f"output_dir={out}"], cwd=tmp_path
     )
@@ -300,7 +300,7 @@ def test_no_loadable_checkpoint_is_one_line_naming_the_file(three_checkpoints, t
     line = one_line(proc)
     assert (
         line.startswith("dtrain: error: resume=auto: no checkpoint in")
-        and str(out / "checkpoints" / "step_00000012" / "fit.pt") in line
+        and str(out / "checkpoints" / "step_00000012" / "trainer.pt") in line
     ), line
 
 
