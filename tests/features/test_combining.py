@@ -178,13 +178,13 @@ def test_the_ewc_penalty_equals_the_formula():
 def test_magnitude_pruning_reaches_exactly_the_amount_and_structured_prunes_whole_channels():
     torch.manual_seed(0)
     ws = [torch.randn(8, 4, 3, 3), torch.randn(10, 8)]
-    masks = prune.masks_for(ws, 0.3, "magnitude")
+    masks = prune.masks_for(ws, 0.3, "magnitude", [0, 0])
     total = sum(w.numel() for w in ws)
     assert sum(int((m == 0).sum()) for m in masks) == round(0.3 * total)
     kept = torch.cat([w[m.bool()].abs() for w, m in zip(ws, masks)])
     gone = torch.cat([w[~m.bool()].abs() for w, m in zip(ws, masks)])
     assert gone.max() <= kept.min()  # one global threshold
-    channels = prune.masks_for(ws, 0.5, "structured")
+    channels = prune.masks_for(ws, 0.5, "structured", [0, 0])
     for m in channels:
         rows = m.flatten(1).sum(1)
         assert set(rows.tolist()) <= {0.0, float(m[0].numel())} and int((rows == 0).sum()) == round(0.5 * len(m))

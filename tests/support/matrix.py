@@ -72,7 +72,10 @@ def _features() -> dict[str, list[str]]:
 
 
 FEATURES = {**CORE, **_features()}
-EVENTS = {"stopped, resumed": [], "resumed on 1 rank": [], "resumed with an override": ["data.num_workers=1"]}
+ONE_RANK = "resumed on 1 rank, 2x accumulation"
+EVENTS = {"stopped, resumed": [], ONE_RANK: [], "resumed with an override": ["data.num_workers=1"]}
+"""How a cell's run continues after step 2. On 1 rank the global batch is kept by twice the
+cell's accumulation (`Cell.resume_overrides`)."""
 FACTORS = {
     "engine": list(ENGINES),
     "precision": list(PRECISIONS),
@@ -100,6 +103,12 @@ class Cell:
         for f in self.features:
             out += [o.format(init=init, run=run) for o in FEATURES[f]]
         return out
+
+    def resume_overrides(self) -> list[str]:
+        """The event's own overrides (1 rank: twice the accumulation, the same global batch)."""
+        if self.event != ONE_RANK:
+            return EVENTS[self.event]
+        return [f"data.grad_accum_steps={4 if 'accumulation' in self.features else 2}"]
 
     def describe(self) -> str:
         return " ".join([self.engine, self.precision, self.optimizer, *self.features, f"| {self.event}"])
@@ -143,7 +152,7 @@ def _refusal(values: frozenset[tuple[str, object]]) -> str:
         validate(cfg)
     except ConfigError as e:
         return str(e)
-    if v.get("event") == "resumed on 1 rank" and cfg.engine == "deepspeed":  # refused when it resumes
+    if v.get("event") == ONE_RANK and cfg.engine == "deepspeed":  # refused when it resumes
         return (
             "resume: the checkpoint was written by 2 DeepSpeed rank(s), this job has 1: ZeRO state is "
             "partitioned per rank, so resume on 2 rank(s)"

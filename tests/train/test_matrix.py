@@ -59,8 +59,8 @@ def results(tmp_path_factory):
         base = [*c.overrides(str(init), str(anchor)), f"output_dir={root / c.name}"]
         two_rank.append(([*c.overrides(str(init), str(anchor)), f"output_dir={root / (c.name + '-straight')}"], ""))
         two_rank.append(([*base, f"train.stop_at_step={matrix.STOP_AT}"], ""))
-        resume = ([*base, "resume=auto", *matrix.EVENTS[c.event]], "")
-        (one_rank if c.event == "resumed on 1 rank" else two_rank).append(resume)
+        resume = ([*base, "resume=auto", *c.resume_overrides()], "")
+        (one_rank if c.event == matrix.ONE_RANK else two_rank).append(resume)
     # What the check guards against: cell 0 resumed with another data order (seed) must differ.
     broken = root / "broken"
     two_rank.append(([*cells[0].overrides(), f"output_dir={broken}", f"train.stop_at_step={matrix.STOP_AT}"], ""))
@@ -108,7 +108,7 @@ def test_every_cell_resumes_to_the_straight_runs_state(results):
     for c in cells:
         straight = load_params(root / f"{c.name}-straight" / "model.pt")
         diff = max_param_diff(straight, load_params(root / c.name / "model.pt"), buffers=True)
-        tol = TOLERANCE[c.precision] if c.event == "resumed on 1 rank" else TOLERANCE["same"]
+        tol = TOLERANCE[c.precision] if c.event == matrix.ONE_RANK else TOLERANCE["same"]
         report.append((c.name, c.describe(), diff, tol))
     bad = [r for r in report if not r[2] <= r[3]]
     assert not bad, "\n".join(f"{n} {d}: {diff:.3g} > {tol:g}" for n, d, diff, tol in bad)
@@ -131,5 +131,5 @@ def test_the_check_sees_a_resume_that_went_wrong(results):
 @pytest.mark.slow
 def test_a_zero_checkpoint_on_another_world_size_is_refused_in_one_line(results):
     root, _, _ = results
-    line = matrix.refusal({"engine": "zero0", "event": "resumed on 1 rank"})
+    line = matrix.refusal({"engine": "zero0", "event": matrix.ONE_RANK})
     assert (root / "zero-refusal.txt").read_text() == line

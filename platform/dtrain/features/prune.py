@@ -1,7 +1,10 @@
 """Pruning (`prune.*`): set a fraction of the weights to zero and keep them there while the
 rest fine-tune, so the run ends with a sparse plain `model.pt`.
 
-Which weights: every Conv and Linear weight. `torch.nn.utils.prune` chooses them, on whole
+Which weights: every weight of a linear map (`prunable`: a module's `weight` of 2 or more
+dimensions, so Linear and Conv layers, and layers of other libraries of that kind such as
+`transformers`' Conv1D), except an embedding's (and a head tied to it) and frozen ones (`model.freeze`);
+the start line names what was chosen and what was left out. `torch.nn.utils.prune` chooses them, on whole
 copies of those weights (gathered under FSDP2): `magnitude` is `global_unstructured` with L1
 (one threshold over all of them: exactly round(amount x count) zeros), `structured` is
 `ln_structured` over each layer's output channels (L2). The masks are then applied to the
@@ -57,7 +60,31 @@ class PruneConfig:
         )
 
 
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def prunable(module: nn.Module) -> tuple[list[tuple[str, nn.Parameter, int]], dict[str, str]]:
+    """([(name, weight, its output dimension)] of every weight of a linear map, {name: why not}
+    for the weight matrices left out). A layer's kind is read off the layer, not a list of
+    classes: a `weight` of 2 or more dimensions; its outputs along dim 0, or dim 1 where the
+    layer multiplies x @ W (transformers' Conv1D, whose `nf` is its output width)."""
+    embedded = {id(m.weight) for m in module.modules() if isinstance(m, EMBEDDINGS)}
+    chosen: list[tuple[str, nn.Parameter, int]] = []
+    left: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() < 2 or id(w) in seen:
+            continue
+        seen.add(id(w))
+        key = f"{name}.weight" if name else "weight"
+        if id(w) in embedded:
+            left[key] = "an embedding" if isinstance(m, EMBEDDINGS) else "tied to an embedding"
+        elif not w.requires_grad:
+            left[key] = "frozen"
+        else:
+            chosen.append((key, w, 1 if getattr(m, "nf", None) == w.shape[1] else 0))
+    return chosen, left
 
 
 class _Holder(nn.Module):
@@ -68,14 +95,15 @@ class _Holder(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
 
 
-def masks_for(weights: list[torch.Tensor], amount: float, kind: str) -> list[torch.Tensor]:
-    """The keep-masks (1 kept, 0 pruned) `torch.nn.utils.prune` chooses for whole `weights`."""
+def masks_for(weights: list[torch.Tensor], amount: float, kind: str, out_dims: list[int]) -> list[torch.Tensor]:
+    """The keep-masks (1 kept, 0 pruned) `torch.nn.utils.prune` chooses for whole `weights`
+    (`structured`: whole outputs, along each weight's `out_dims`)."""
     holders = [_Holder(w.detach().float().cpu().clone()) for w in weights]
     if kind == "magnitude":
         prune.global_unstructured([(h, "weight") for h in holders], pruning_method=prune.L1Unstructured, amount=amount)
     else:
-        for h in holders:
-            prune.ln_structured(h, "weight", amount=amount, n=2, dim=0)
+        for h, dim in zip(holders, out_dims):
+            prune.ln_structured(h, "weight", amount=amount, n=2, dim=dim)
     return [cast(torch.Tensor, h.weight_mask) for h in holders]
 
 
@@ -96,7 +124,10 @@ class Pruner:
 
     def __init__(self, cfg: PruneConfig, module: nn.Module, total_steps: int):
         self.cfg, self.total_steps = cfg, total_steps
-        self.weights = [m.weight for m in module.modules() if isinstance(m, PRUNABLE)]
+        chosen, self.left_out = prunable(module)
+        self.names = [name for name, _, _ in chosen]
+        self.weights: list[torch.Tensor] = [w for _, w, _ in chosen]
+        self.out_dims = [dim for _, _, dim in chosen]
         self.masks: list[torch.Tensor] | None = None
         self.sparsity = 0.0
         self.rounds = 0
@@ -136,7 +167,7 @@ class Pruner:
     def _round(self, amount: float) -> float:
         """Collective under FSDP2: a pruning round to `amount`; returns the sparsity reached."""
         whole = [w.detach().full_tensor() if distributed.is_sharded(w) else w.detach() for w in self.weights]  # type: ignore[attr-defined]
-        masks = masks_for(whole, amount, self.cfg.kind)
+        masks = masks_for(whole, amount, self.cfg.kind, self.out_dims)
         self.masks = [
             (distributed.shard_like(m.to(w.device), w) if distributed.is_sharded(w) else m.to(w.device)).to(w.dtype)
             for m, w in zip(masks, self.weights)
@@ -203,8 +234,11 @@ class Prune(Feature):
         self.pruner = Pruner(self.cfg, run.engines["model"].module, run.total_steps)
 
     def describe(self) -> str:
-        c, n = self.cfg, len(self.pruner.weights)
-        return f"prune: {c.kind} to {c.amount:.0%} of {n} weights, {c.schedule} from step {c.start_step}"
+        c, names, left = self.cfg, self.pruner.names, self.pruner.left_out
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        kept = "; not pruned: " + ", ".join(f"{k} ({why})" for k, why in list(left.items())[:4]) if left else ""
+        return (f"prune: {c.kind} to {c.amount:.0%} of {len(names)} weight matrices ({shown}), {c.schedule} from step "
+                f"{c.start_step}{kept}")
 
     def setup(self, run: Run) -> None:
         sparsity, why = self.pruner.begin(run.step)
