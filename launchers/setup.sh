@@ -50,7 +50,9 @@ fi
 if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   # DeepSpeed JIT-compiles its CPU comm op on first use; build it now, once, so that ranks
   # never race to compile it (dtrain also lets local rank 0 build first at run time).
-  DS_ACCELERATOR=cpu "$VPY" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
+  # With .venv/bin first on PATH, as in an activated venv (and in every rank the tests start):
+  # the extension is built by the ninja there, and a build by another ninja would be redone.
+  PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu "$VPY" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
     >/dev/null 2>&1 && echo "setup: DeepSpeed CPU comm op built" || echo "setup: DeepSpeed CPU comm op not built (built at first use)"
 fi
 echo "setup: $("$VPY" -m dtrain --version), torch $("$VPY" -c 'import torch; print(torch.__version__)'), in .venv/"

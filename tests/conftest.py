@@ -22,6 +22,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Ranks share 2 cores in CI: one intra-op thread per process avoids oversubscription.
     # Set before any test starts, for this process and every rank it launches.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The interpreter's console scripts first, as in an activated venv and in every command the
+    # tests run: DeepSpeed's JIT-built op is then built and found by the same ninja everywhere
+    # (another ninja's build log reads as stale and rebuilds it, ~20 s each time).
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 # The longest module fixtures and tests, started first: under `-n 2` the suite's last minutes

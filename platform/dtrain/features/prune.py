@@ -237,8 +237,10 @@ class Prune(Feature):
         c, names, left = self.cfg, self.pruner.names, self.pruner.left_out
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         kept = "; not pruned: " + ", ".join(f"{k} ({why})" for k, why in list(left.items())[:4]) if left else ""
-        return (f"prune: {c.kind} to {c.amount:.0%} of {len(names)} weight matrices ({shown}), {c.schedule} from step "
-                f"{c.start_step}{kept}")
+        return (
+            f"prune: {c.kind} to {c.amount:.0%} of {len(names)} weight matrices ({shown}), {c.schedule} from step "
+            f"{c.start_step}{kept}"
+        )
 
     def setup(self, run: Run) -> None:
         sparsity, why = self.pruner.begin(run.step)
