@@ -6,8 +6,14 @@ import pytest
 from helpers import ROOT, check, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
-SHORT = ["train.max_steps=20", "train.eval_every_steps=0", "checkpoint.every_steps=0", "tracking.log_every=10",
-         "model.widths=[16,32]", "model.blocks_per_stage=1"]  # a small ResNet: what is measured is per layer
+SHORT = [
+    "train.max_steps=20",
+    "train.eval_every_steps=0",
+    "checkpoint.every_steps=0",
+    "tracking.log_every=10",
+    "model.widths=[16,32]",
+    "model.blocks_per_stage=1",
+]  # a small ResNet: what is measured is per layer
 
 
 def monitored(tmp_path, *overrides, nproc=0, name="run"):

@@ -26,6 +26,8 @@ COMMON = [
     "checkpoint.every_steps=0",
     "tracking.log_every=5",
     "tracking.experiment=parity",
+    "model.widths=[16,32]",  # a smaller ResNet converges alike, 3x sooner
+    "model.blocks_per_stage=1",
 ]
 
 
