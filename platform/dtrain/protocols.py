@@ -344,6 +344,10 @@ class Run(Protocol):
     """This rank's training loader (its position is the loop's: iterate a fresh `iter()`)."""
     eval_loader: DataLoader[Any]
     clock: Clock
+    settled_from: int
+    """The first step whose weights are of the kind the run makes: a feature that changes the
+    model's kind (pruning, until its last round) raises it in setup; no evaluation before it
+    is a run's best."""
 
     @property
     def step(self) -> int:

@@ -24,6 +24,23 @@ FAULTY = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "tr
 
 
 @pytest.mark.slow
+def test_a_best_that_moves_to_the_newest_leaves_no_stray_checkpoint_behind(tmp_path):
+    """checkpoint.keep=1 with keep_best: step 4 was the best; step 8 is written and becomes the
+    best. The rotation at step 8's publication kept step 4 (the best then); marking step 8 best
+    rotates again, so step 4 goes (it was left behind, beside step 8)."""
+    from dtrain.checkpoint import store
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 8):
+        (root / f".tmp-step_{step:08d}").mkdir(parents=True)
+        store._publish(root, root / f".tmp-step_{step:08d}", root / f"step_{step:08d}", keep=1)
+        if step == 4:
+            store.mark_best(root, root / "step_00000004", keep=1)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000008"]
+    store.mark_best(root, root / "step_00000008", keep=1)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000008"]
+
+
 def test_error_while_a_background_write_is_in_flight_publishes_it(tmp_path):
     """Async checkpoint at step 4, inputs NaN from step 5, abort after 1 non-finite step: the
     step-4 write was still unpublished when the error came (it stayed `.tmp-step_4` and

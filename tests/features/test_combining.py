@@ -175,6 +175,25 @@ def test_the_ewc_penalty_equals_the_formula():
     assert ewc.penalty([(theta, fisher, anchor)], 3.0).item() == pytest.approx(2.25)
 
 
+def test_distillation_on_padded_rows_counts_only_the_text():
+    """A causal LM's padded positions (targets -100) are not the text: the soft term is the mean
+    over the positions that are, whatever the two models say at the padding."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    targets = torch.tensor([[1, 2, 3, -100, -100], [4, 5, -100, -100, -100]])
+    from dtrain.tasks.hf import CausalLMTask
+
+    mask = CausalLMTask.output_mask(CausalLMTask.__new__(CausalLMTask), (None, targets))
+    masked = distill.kd_loss(student, teacher, 2.0, mask)
+    keep = mask.reshape(-1)
+    alone = distill.kd_loss(student.reshape(-1, 7)[keep], teacher.reshape(-1, 7)[keep], 2.0)
+    assert masked == pytest.approx(alone.item()) and int(keep.sum()) == 5
+    scrambled = teacher.clone()
+    scrambled[~mask] = 100.0  # the padding's logits, anything at all
+    assert distill.kd_loss(student, scrambled, 2.0, mask) == pytest.approx(masked.item())
+    assert abs(distill.kd_loss(student, scrambled, 2.0).item() - masked.item()) > 1e-2  # what the mask prevents
+
+
 def test_magnitude_pruning_reaches_exactly_the_amount_and_structured_prunes_whole_channels():
     torch.manual_seed(0)
     ws = [torch.randn(8, 4, 3, 3), torch.randn(10, 8)]

@@ -62,6 +62,27 @@ def test_stops_after_patience_evaluations_without_an_improvement_beyond_min_delt
         watching("early_stop.metric=acc")
 
 
+def test_before_the_model_is_settled_no_evaluation_is_the_best():
+    """Pruning raises `run.settled_from` to its last round: a dense model's evaluation before it
+    is another kind of model than the run makes, and model.pt came from it (sparsity 0)."""
+    stop, run = watching("early_stop.metric=loss", "early_stop.patience=2")
+    run.settled_from = 6
+    seen = evaluations(stop, run, [(2, {"loss": 0.1}), (4, {"loss": 0.2}), (6, {"loss": 0.9}), (8, {"loss": 0.8})])
+    assert [i for i, _ in seen] == [False, False, True, True] and stop.best_step == 8
+    # The check can fail: unsettled, step 2's is the best the run restores.
+    stop, run = watching("early_stop.metric=loss", "early_stop.patience=2")
+    evaluations(stop, run, [(2, {"loss": 0.1}), (4, {"loss": 0.2}), (6, {"loss": 0.9})])
+    assert stop.best_step == 2
+
+
+def test_with_no_finite_evaluation_there_is_no_best_to_restore_and_it_says_so():
+    stop, run = watching("early_stop.metric=loss", "early_stop.patience=2")
+    evaluations(stop, run, [(2, {"loss": float("nan")}), (4, {"loss": float("nan")})])
+    stop.end(run, "finished")
+    assert run.lines == ["early_stop: no evaluation gave a finite loss; model.pt holds the weights of step 4"]
+    assert "best checkpoint (step 0)" not in " ".join(run.lines)
+
+
 def test_a_planted_curve_stops_at_the_right_step_and_model_pt_is_the_best(tmp_path):
     """score per evaluation (every 2 steps): 0.1, 0.5, 0.45, 0.48 -> best at step 4, two
     evaluations without improvement, stop after step 8; checkpoint.keep=1 would have rotated

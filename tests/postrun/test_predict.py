@@ -36,6 +36,20 @@ def test_raw_images_give_the_runs_own_held_out_accuracy(cnn_run):
     assert abs(unnormalised - accuracy) > 0.02, (unnormalised, accuracy)
 
 
+def test_a_run_trained_from_a_folder_predicts_once_the_folder_is_gone(tmp_path):
+    """The run folder is enough: the training data's folder (`data.path`) moved away, the run
+    still loads and predicts (its config was validated against the data, and refused)."""
+    from helpers import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", classes=2, per_class=20, size=12)
+    out = tmp_path / "run"
+    check(run_dtrain(["train", CNN, *TINY_CNN, "train.max_steps=2", f"data.path={folder}", "model.image_size=12",
+                      "data.global_batch_size=16", f"output_dir={out}"], cwd=tmp_path))  # fmt: skip
+    folder.rename(tmp_path / "elsewhere")
+    probabilities = dtrain.load(out)(torch.rand(3, 3, 12, 12))  # (N, C, H, W) in [0, 1]
+    assert probabilities.shape == (3, 2)
+
+
 def test_predict_writes_the_same_probabilities_and_refuses_bad_input_in_one_line(cnn_run, tmp_path):
     _, _, x, _ = images._digits_split(0.2)
     np.save(tmp_path / "digits.npy", x[:50])

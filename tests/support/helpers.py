@@ -261,7 +261,7 @@ class FakeRun:
         from dtrain.protocols import Clock
 
         self.cfg, self.engines, self.global_batch, self.task = cfg, engines or {}, global_batch, task
-        self.world_size, self.total_steps, self.step, self.resumed = 1, 100, 0, False
+        self.world_size, self.total_steps, self.step, self.resumed, self.settled_from = 1, 100, 0, False, 0
         self.output_dir, self.clock, self.device = Path(cfg.output_dir), Clock(), torch.device("cpu")
         self.names, self.lines, self.logged, self.asked, self.stopped = list(metrics), [], [], [], None
 

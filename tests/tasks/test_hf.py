@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 
 from dtrain.checkpoint import safeload
@@ -223,6 +224,24 @@ def test_a_saved_model_fine_tunes_as_a_classifier_from_its_folder(runs):
     assert (tuned[body] - pretrained[body]).abs().max() < (pretrained[body]).abs().max()
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(str(runs / "classifier" / "hf"))
     assert classifier.config.num_labels == 2
+
+
+@pytest.mark.slow
+def test_a_finished_run_predicts_without_the_folder_it_was_fine_tuned_from(runs, tmp_path):
+    """The run folder is enough: a classifier fine-tuned from `model.pretrained` is built from its
+    own saved config, not that folder's (here moved away; it was read again, and refused)."""
+    import shutil
+
+    import dtrain
+
+    moved = tmp_path / "classifier"
+    shutil.copytree(runs / "classifier", moved, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (moved / "config.yaml").read_text()
+    pretrained = yaml.safe_load(text)["model"]["pretrained"]
+    (moved / "config.yaml").write_text(text.replace(pretrained, str(tmp_path / "moved-away")))
+    predictor = dtrain.load(moved)
+    probabilities = predictor(torch.randint(0, predictor.task.vocab_size, (3, 16)))
+    assert probabilities.shape == (3, 2) and torch.allclose(probabilities.sum(-1), torch.ones(3))
 
 
 # ------------------------------------------------------------------ bad input, one line

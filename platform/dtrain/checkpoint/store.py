@@ -219,15 +219,22 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
     os.replace(tmp, final)  # a directory rename is atomic on POSIX file systems
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     shutil.rmtree(aside, ignore_errors=True)
+    rotate(root, keep)
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Rank 0: remove all but the `keep` newest checkpoints and the one `best` names."""
     best = (root / BEST).read_text().strip() if (root / BEST).exists() else ""
     for old in sorted(root.glob("step_*"))[:-keep]:
         if old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def mark_best(root: Path, folder: Path) -> None:
-    """Rank 0: point `best` at a published checkpoint (which rotation then never removes)."""
+def mark_best(root: Path, folder: Path, keep: int) -> None:
+    """Rank 0: point `best` at a published checkpoint (which rotation then never removes), and
+    rotate again: the checkpoint that was the best is an old one like any other now."""
     atomic_write(root / BEST, lambda p: p.write_text(folder.name + "\n"))
+    rotate(root, keep)
 
 
 def load(

@@ -8,6 +8,7 @@ from dtrain.data.loaders import BatchPlan as BatchPlan
 from dtrain.data.loaders import ExactShardSampler as ExactShardSampler
 from dtrain.data.loaders import ResumableDistributedSampler as ResumableDistributedSampler
 from dtrain.data.loaders import batch_len as batch_len
+from dtrain.data.loaders import close as close
 from dtrain.data.loaders import eval_loader as eval_loader
 from dtrain.data.loaders import head as head
 from dtrain.data.loaders import move as move

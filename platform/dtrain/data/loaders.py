@@ -195,6 +195,15 @@ def start(loader: DataLoader[Any]) -> Iterator[Any]:
         ) from None
 
 
+def close(loader: DataLoader[Any]) -> None:
+    """Stop the persistent workers of a loader now (a run that ends mid-epoch would otherwise
+    leave them to a garbage collection, which waits for each to stop, 5 s a loader)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def _workers(num_workers: int) -> Any:
     """Where worker processes start from (see the module's docstring): None without workers."""
     if num_workers == 0:

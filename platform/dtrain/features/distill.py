@@ -69,10 +69,16 @@ class DistillConfig:
         )
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher_T || student_T), averaged over the samples (rows of the flattened logits)."""
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), averaged over the samples (rows of the flattened logits);
+    with `mask`, over the rows it keeps (a sequence model's positions that are not padding)."""
     s = student.float().reshape(-1, student.size(-1)) / temperature
     t = teacher.float().reshape(-1, teacher.size(-1)) / temperature
+    if mask is not None:
+        keep = mask.reshape(-1).to(s.device)
+        s, t = s[keep], t[keep]
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
     return kl * temperature**2
 
@@ -179,7 +185,7 @@ class Distiller:
                     f"the task {type(task).__name__} has no "
                     f"{hook}(): distillation needs a task with outputs() and output_loss() (dtrain.tasks.Task)",
                 )
-        self.teacher = Teacher(cfg, task, device)
+        self.task, self.teacher = task, Teacher(cfg, task, device)
         self.taps = Taps(self.cfg.layers, student, self.teacher.model) if self.cfg.kind == "features" else None
 
     def check(self, task: Any, student: nn.Module, batch: Any) -> None:
@@ -201,7 +207,7 @@ class Distiller:
         teacher = self.teacher.outputs(batch)
         if self.taps is not None:
             return self.taps.loss()
-        return kd_loss(outputs, teacher, self.cfg.temperature)
+        return kd_loss(outputs, teacher, self.cfg.temperature, self.task.output_mask(batch))
 
 
 @contextlib.contextmanager

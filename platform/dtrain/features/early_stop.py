@@ -81,6 +81,8 @@ class EarlyStop(Feature):
             )
 
     def after_eval(self, run: Run, metrics: dict[str, float]) -> None:
+        if run.step < run.settled_from:  # another kind of model than the run makes (not pruned yet)
+            return
         value, improved = improvement(
             metrics, self.key_name, self.metric, self.best_value, self.mode, self.cfg.min_delta if self.stops else 0.0
         )

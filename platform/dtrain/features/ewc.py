@@ -67,7 +67,9 @@ def fisher_diagonal(
     for index in chosen[distributed.rank() :: distributed.world_size()].tolist():
         batch = move(default_collate([dataset[index]]), device)
         logits = task.outputs(model, batch).float()
-        logits = logits.reshape(-1, logits.size(-1))  # a sequence model: every position's distribution
+        logits = logits.reshape(-1, logits.size(-1))  # a sequence model: every position's distribution,
+        if (mask := getattr(task, "output_mask", lambda b: None)(batch)) is not None:  # but padding's
+            logits = logits[mask.reshape(-1).to(logits.device)]
         probs = F.softmax(logits.detach(), dim=-1).cpu()
         y = torch.multinomial(probs, 1, generator=sample_generator(seed, 0, index)).to(device)
         log_p = F.log_softmax(logits, dim=-1).gather(1, y).sum()

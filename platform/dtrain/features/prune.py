@@ -243,6 +243,9 @@ class Prune(Feature):
         )
 
     def setup(self, run: Run) -> None:
+        c = self.cfg
+        last = c.start_step if c.schedule == "once" else c.end_step or max(c.start_step + 1, run.total_steps // 2)
+        run.settled_from = max(run.settled_from, last)  # no best from before the model is pruned
         sparsity, why = self.pruner.begin(run.step)
         if why:
             run.say(f"prune: {why}")

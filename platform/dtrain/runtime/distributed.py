@@ -291,35 +291,48 @@ def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     return t
 
 
-class LaggedAny:
-    """Whether a flag is set on any rank, asked at one step boundary and answered at the next:
-    `start(flag)` launches the all-reduce on the side group without waiting, `read()` (at the
-    next boundary, on every rank alike) waits for it, long done by then, and says. So no step
-    waits on the slowest rank for a question that is almost always "no". One process: no lag."""
+class LaggedMax:
+    """The largest of a few integers over the ranks, asked at one step boundary and answered at
+    a later one: `start(values)` launches the all-reduce on the side group without waiting,
+    `read()` (at a later boundary, on every rank alike) waits for it, long done by then, and
+    says. So no step waits on the slowest rank for a question that is almost always "no".
+    One process: no lag."""
 
     def __init__(self) -> None:
         self._work: tuple[Any, torch.Tensor] | None = None
-        self._local: bool | None = None
+        self._local: list[int] | None = None
 
-    def start(self, flag: bool) -> None:
+    def start(self, values: list[int]) -> None:
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            self._local = flag
+            self._local = values
             return
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+        t = torch.tensor(values, dtype=torch.int64)
         self._work = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=side_group(), async_op=True), t)
 
-    def read(self) -> bool | None:
+    def read(self) -> list[int] | None:
         """The answer to the last `start` (None: none asked since the last read)."""
         local, self._local = self._local, None
         if self._work is None:
             return local
         (work, t), self._work = self._work, None
         work.wait()
-        return bool(t.item())
+        return [int(v) for v in t.tolist()]
 
     def drain(self) -> None:
         """Every rank alike: complete what is in flight and forget its answer."""
         self.read()
+
+
+class LaggedAny(LaggedMax):
+    """Whether a flag is set on any rank (`LaggedMax` of one value)."""
+
+    def start(self, flag: bool) -> None:  # type: ignore[override]
+        super().start([int(flag)])
+
+    def read(self) -> bool | None:  # type: ignore[override]
+        """The answer to the last `start` (None: none asked since the last read)."""
+        answer = super().read()
+        return None if answer is None else bool(answer[0])
 
 
 def side_group() -> Any:

@@ -7,12 +7,14 @@ its workers. The handler only records the signal: the loop asks `requested(step)
 step, the ranks agree, and every rank checkpoints after the same step and exits.
 
 The agreement is one tiny all-reduce on the side gloo group (a GPU stream is never
-synchronised for it), started at one boundary without waiting and read at the next: by then
-it has long completed, so no step waits on the slowest rank for it (a blocking one cost 7 %
-of a 14 ms step with 2 ranks). Even starting one costs ~0.3 ms, so after the first steps the
-ranks ask only every k steps, k set once from rank 0's step time (`pace`: about every
-`POLL_S`). Every rank reads the same result after the same step, so they still stop
-together, at most ~2 x `POLL_S` after the signal.
+synchronised for it), started at one boundary without waiting and read at the next ask: by
+then it has long completed, so no step waits on the slowest rank for it (a blocking one cost
+7 % of a 14 ms step with 2 ranks). Even starting one costs ~0.3 ms, so the ranks ask every k
+steps, about every `POLL_S` seconds: each answer also carries rank 0's k for the time the last
+k steps took (evaluations and checkpoints included), and every rank reads the same answer after
+the same step, so they ask, and stop, together. After a step that evaluated or checkpointed
+(every rank alike) they ask at once. A signal is acted on at most ~2 x `POLL_S` plus a step
+(and the evaluation or checkpoint in it) after it came.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Iterator
 
 from dtrain.runtime import distributed
@@ -34,12 +37,18 @@ _in_step = False
 _holding = False
 _grace_s = 0.0
 _deadline: threading.Timer | None = None
-_agreeing = distributed.LaggedAny()
-"""The stop flag's agreement, started at one boundary and read at the next."""
+_agreeing = distributed.LaggedMax()
+"""The stop flag's agreement ([any signal, rank 0's next k]), started at one ask and read at the next."""
 POLL_S = 0.1
 """About how often (seconds) the ranks ask one another whether a stop signal came."""
+MAX_EVERY = 50
+"""At most this many steps between two asks: steps that slow down by themselves (not an
+evaluation or a checkpoint, after which the ranks ask at once) stretch one interval of k steps."""
 _every = 1
-"""Ask at the boundaries of steps that are multiples of this (`pace`)."""
+"""Steps from one ask to the next (agreed: every rank reads it from the same answer)."""
+_next_ask = 0
+_last_ask = (0, 0.0)
+"""(step, monotonic time) of the last ask (rank 0's clock sets the cadence)."""
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -135,34 +144,34 @@ def install() -> None:
 def at_step_boundaries(grace_s: float = 0.0) -> Iterator[None]:
     """Inside: a stop signal is only recorded, and acted on after the step (`requested`). A
     rank that has not reached the next boundary `grace_s` after the signal exits (0: waits)."""
-    global _in_loop, _grace_s, _agreeing, _every
-    _in_loop, _grace_s, _agreeing, _every = True, grace_s, distributed.LaggedAny(), 1  # none left from an earlier run
+    global _in_loop, _grace_s, _agreeing, _every, _next_ask, _last_ask
+    _in_loop, _grace_s, _agreeing = True, grace_s, distributed.LaggedMax()  # none left from an earlier run
+    _every, _next_ask, _last_ask = 1, 0, (0, time.monotonic())
     try:
         yield
     finally:
         _in_loop = False
 
 
-def pace(step_time_s: float) -> None:
-    """Collective, once the step time is known: from now on ask every k steps, k from rank 0's
-    step time so that the ranks ask about every `POLL_S` (every rank must use the same k)."""
-    global _every
-    k = max(1, min(1000, int(POLL_S / step_time_s))) if step_time_s > 0 else 1
-    _every = int(distributed.broadcast_object(k))
-
-
-def requested(step: int) -> bool:
+def requested(step: int, slow: bool = False) -> bool:
     """Collective: True on every rank, after the same step, when any rank had received a stop
-    signal by the previous time they asked (on one process: by this step's end)."""
+    signal by the previous ask (on one process: by this step's end). `slow`: this step also
+    evaluated or checkpointed (on every rank alike), so the ranks ask now."""
+    global _every, _next_ask, _last_ask
     _cancel_deadline()  # at a boundary: the checkpoint may take what it takes
     if distributed.world_size() == 1:
         return bool(_received)
-    if step % _every:
+    if step < _next_ask and not slow:
         return False
-    stop = bool(_agreeing.read())
-    if not stop:
-        _agreeing.start(bool(_received))
-    return stop
+    answer = _agreeing.read()
+    if answer is not None and answer[0]:
+        return True
+    _every = answer[1] if answer else 1
+    now, (last_step, last_t) = time.monotonic(), _last_ask
+    pace = max(1, min(MAX_EVERY, int(POLL_S * (step - last_step) / max(now - last_t, 1e-6)))) if step > last_step else 1
+    _agreeing.start([int(bool(_received)), pace if distributed.is_main() else 0])
+    _next_ask, _last_ask = step + _every, (step, now)
+    return False
 
 
 def settle() -> None:

@@ -22,10 +22,11 @@ safetensors and the tokenizer beside it, so `from_pretrained` loads it unchanged
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -255,9 +256,18 @@ class HFTask(Task):
         self.model_ref = model
         return model
 
+    saved_config: dict[str, Any] | None = None
+    """The model's config as the run saved it (`load_preprocessing`): a finished run's model is
+    built from its own folder, not from `model.pretrained`, which may be gone."""
+
     def inference_model(self) -> nn.Module:
         transformers = optional.transformers("model.config", self.cfg.model.config)
-        model: nn.Module = getattr(transformers, self.auto_class).from_config(self.hf_config())
+        if self.saved_config is not None:
+            fields = dict(self.saved_config)
+            config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        else:
+            config = self.hf_config()
+        model: nn.Module = getattr(transformers, self.auto_class).from_config(config)
         return model
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -315,10 +325,17 @@ class HFTask(Task):
     # ------------------------------------------------------------------ outputs
 
     def preprocessing(self) -> dict[str, torch.Tensor]:
-        return {"vocab_size": torch.tensor(self.vocab_size)}
+        """The vocabulary's size, and the model's config as JSON bytes (safetensors holds tensors)."""
+        config = json.dumps(cast(Any, self.model_ref).config.to_dict()).encode()
+        return {
+            "vocab_size": torch.tensor(self.vocab_size),
+            "config_json": torch.tensor(list(config), dtype=torch.uint8),
+        }
 
     def load_preprocessing(self, state: dict[str, torch.Tensor]) -> None:
         self.vocab_size = int(state["vocab_size"])
+        if "config_json" in state:
+            self.saved_config = json.loads(bytes(state["config_json"].tolist()).decode())
 
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
         return {"parameters": sum(p.numel() for p in self.model_ref.parameters()), "vocab_size": self.vocab_size}
@@ -359,6 +376,10 @@ class CausalLMTask(HFTask):
 
     def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         return F.cross_entropy(outputs.float().view(-1, outputs.size(-1)), batch[1].view(-1), ignore_index=IGNORE)
+
+    def output_mask(self, batch: Any) -> torch.Tensor | None:
+        mask: torch.Tensor = batch[1] != IGNORE  # a padded row's padding positions are not the text
+        return mask
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         y = batch[1]

@@ -50,6 +50,11 @@ class Task(BaseTask):
         out: torch.Tensor = model(batch[0])
         return out
 
+    def output_mask(self, batch: Any) -> torch.Tensor | None:
+        """Which rows of the flattened `outputs` are real samples (a sequence model's positions
+        that are not padding): distillation and EWC's Fisher read only those. None: all."""
+        return None
+
     def output_loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         """The task's loss given `outputs(model, batch)` (implement it, or `loss`)."""
         raise NotImplementedError

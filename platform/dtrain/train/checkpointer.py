@@ -76,7 +76,7 @@ class Checkpointer:
         if wait or best or not self.background:
             self.finish()
         if best and distributed.is_main():
-            store.mark_best(self.root, self.folder(self.state.step))
+            store.mark_best(self.root, self.folder(self.state.step), self.keep)
         seconds = time.perf_counter() - t0
         c = self.clock
         c.checkpoint_s, c.checkpoints, c.last_checkpoint_s = c.checkpoint_s + seconds, c.checkpoints + 1, seconds

@@ -129,6 +129,8 @@ def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
             if said:  # a background write in flight
                 loop.say(said)
         loop.progress.close()
+        for loader in (loop.train_loader, loop.eval_loader):
+            data.close(loader)
         tracker.finish(status)
         if links:  # again at the end, where a user looks when the job is done
             print(links, flush=True)

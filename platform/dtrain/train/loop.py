@@ -117,6 +117,9 @@ class Loop:
         self.held: tuple[list[str], list[dict[str, float]]] | None = ([], [])
         """Lines and metrics of the features' setup, held until the start line is out."""
         self.resumed = False
+        self.settled_from = 0
+        self.slow = False
+        """This step also evaluated or checkpointed (on every rank alike)."""
 
     def add_features(self, features: list[type[Feature]]) -> None:
         """Build the recipe's features (before resume: what it loads must exist), and the
@@ -263,9 +266,9 @@ class Loop:
                     out = self.task.train_step(self.engines, batches, self.terms)
                 self._after_step(out)
                 self.first_step_s = self.first_step_s or time.perf_counter() - t0
-                if not self.done() and preemption.requested(
-                    state.step
-                ):  # collective: all ranks stop after the same step
+                # Collective: every rank stops after the same step (asking at once after a slow one).
+                slow, self.slow = self.slow, False
+                if not self.done() and preemption.requested(state.step, slow):
                     seconds = self._checkpoint(wait=True)
                     self.preempted_by = preemption.signal_number()
                     self.say(
@@ -308,7 +311,6 @@ class Loop:
         if state.step == self.steady_from:  # (before a log resets the window)
             self.steady_t = state.train_time_s + (time.perf_counter() - self.window.t0)
             self.steady_samples = state.samples_seen
-            preemption.pace((time.perf_counter() - self.window.t0) / self.window.steps)  # collective, once
         if self.window.due(state.step, self.total_steps):
             self._log(out)
         if self.evaluator.due_after_step(state.step):
@@ -329,6 +331,7 @@ class Loop:
         seconds = time.perf_counter() - t0
         self.window.pause(seconds)
         self.clock.eval_s += seconds
+        self.slow = True
         if self.asked == "best":
             self._checkpoint(wait=True)
 
@@ -338,6 +341,7 @@ class Loop:
         best, self.asked = self.asked == "best", ""
         seconds = self.checkpointer.save(wait, best)
         self.window.pause(seconds)
+        self.slow = True
         return seconds
 
     def _log(self, out: StepOutput) -> None:
