@@ -223,7 +223,9 @@ def table() -> str:
                 if value in EVENTS
                 else value
             )
+            # paths relative to the repository, so the table reads the same in every clone
             why = refusal({"engine": engine, key: True if value in FEATURES else value})
+            why = why.replace(f"{ROOT}/", "")
             if why:
                 reasons.setdefault(why, len(reasons) + 1)
                 cols.append(f"refused ({reasons[why]})")
