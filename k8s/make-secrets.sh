@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Write the credentials kustomization.yaml turns into the Secrets `mlflow-db` and `mlflow-auth`:
-# k8s/secrets/mlflow-db.env and k8s/secrets/mlflow-auth.env, generated passwords, mode 0600,
+# Write the credentials kustomization.yaml turns into the Secrets `mlflow-db`, `mlflow-admin`
+# (MLflow's admin: people's, read by the server alone) and `mlflow-auth` (the training jobs'
+# own MLflow user, not an admin): k8s/secrets/*.env, generated passwords, mode 0600,
 # git-ignored. An existing file is kept (re-running never rotates a live password by surprise:
 # to rotate, change the value here and in the database, then kubectl apply -k again).
 #
@@ -21,7 +22,18 @@ flask-secret=$(gen)
 ENV
   echo "make-secrets: wrote $DIR/mlflow-db.env"
 fi
+if [ ! -e "$DIR/mlflow-admin.env" ]; then
+  if grep -qx 'MLFLOW_TRACKING_USERNAME=admin' "$DIR/mlflow-auth.env" 2>/dev/null; then
+    # An older layout gave the pods the admin: it stays the admin (its password is live), and
+    # the pods get a user of their own below.
+    sed 's/^MLFLOW_TRACKING_/MLFLOW_ADMIN_/' "$DIR/mlflow-auth.env" >"$DIR/mlflow-admin.env"
+    rm "$DIR/mlflow-auth.env"
+  else
+    printf 'MLFLOW_ADMIN_USERNAME=admin\nMLFLOW_ADMIN_PASSWORD=%s\n' "$(gen)" >"$DIR/mlflow-admin.env"
+  fi
+  echo "make-secrets: wrote $DIR/mlflow-admin.env"
+fi
 if [ ! -e "$DIR/mlflow-auth.env" ]; then
-  printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' "$(gen)" >"$DIR/mlflow-auth.env"
+  printf 'MLFLOW_TRACKING_USERNAME=dtrain-jobs\nMLFLOW_TRACKING_PASSWORD=%s\n' "$(gen)" >"$DIR/mlflow-auth.env"
   echo "make-secrets: wrote $DIR/mlflow-auth.env"
 fi

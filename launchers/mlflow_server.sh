@@ -13,11 +13,15 @@
 # The data stays in DIR: running the command again reopens the same runs.
 # Needs psycopg for --postgres: pip install -e ".[postgres]".
 #
+# DIR and everything in it is private to the user who runs this (0700 / 0600): HTTP's
+# credentials guard nothing against a local user who can read mlflow.db. Without --auth the
+# server itself is open to every user of the host (said when it starts).
 # Credentials (generated on first start, kept in DIR/secrets/, mode 0700, never on a command
 # line or in a log): PostgreSQL asks every connection for a password (scram-sha-256); MLflow
 # uses a `mlflow` role that owns its database and nothing else. With --auth (always when
-# --host is not a loopback address) MLflow's basic-auth app asks every request for a user;
-# jobs read MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from their environment.
+# --host is not a loopback address) MLflow's basic-auth app asks every request for a user:
+# jobs are `dtrain`, a user that writes to the experiments it creates and administers nothing
+# (docker/mlflow_job_user.py), read from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,7 +36,7 @@ while [ $# -gt 0 ]; do
     --host) HOST=$2; shift ;;
     --workers) WORKERS=$2; shift ;;
     --auth) AUTH=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "mlflow_server.sh: unknown option $1 (valid: --postgres, --auth, --dir DIR, --port N, --host H, --workers N)" >&2; exit 2 ;;
   esac
   shift
@@ -42,8 +46,12 @@ if ! "$PY" -c "import mlflow" 2>/dev/null; then
   echo "mlflow_server.sh: $PY cannot import mlflow (run bash launchers/setup.sh, or set PYTHON=...)" >&2; exit 2
 fi
 case "$HOST" in 127.*|localhost|::1) ;; *) AUTH=1 ;; esac  # reachable by others: never without credentials
+# The store is its user's: every param, metric and artifact of every run is in its files
+# (mlflow.db, artifacts/, server.log), which HTTP's credentials do not guard.
+umask 077
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+chmod -R go-rwx "$DIR"
 SECRETS=$DIR/secrets
 (umask 077 && mkdir -p "$SECRETS") && chmod 700 "$SECRETS"
 # secret NAME: the content of DIR/secrets/NAME, generated (0600) the first time.
@@ -69,6 +77,7 @@ if [ "$BACKEND" = postgres ]; then
   AS=()
   if [ "$(id -u)" = 0 ]; then  # initdb refuses root: the cluster belongs to `postgres`
     AS=(runuser -u postgres --)
+    chmod 711 "$DIR"  # postgres passes through to its own 0700 folder; no one else lists or reads DIR
     mkdir -p "$PGDATA_DIR" && chown postgres "$PGDATA_DIR" && chmod 700 "$PGDATA_DIR"
     "${AS[@]}" test -w "$PGDATA_DIR" || { echo "mlflow_server.sh: user postgres cannot write $PGDATA_DIR (a parent directory is private); pick --dir elsewhere" >&2; exit 2; }
   fi
@@ -124,6 +133,9 @@ if [ -n "$AUTH" ]; then
   MLFLOW_AUTH_ADMIN_PASSWORD=$(secret mlflow-admin.password)
   MLFLOW_FLASK_SERVER_SECRET_KEY=$(secret flask-secret.key)  # CSRF tokens: the same for every worker
   export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+  # Jobs get a user of their own, not the admin: they write to the experiments they create.
+  MLFLOW_AUTH_DATABASE_URI="sqlite:///$SECRETS/basic_auth.db" MLFLOW_JOB_USERNAME=dtrain \
+    MLFLOW_JOB_PASSWORD=$(secret mlflow-job.password) "$PY" "$ROOT/docker/mlflow_job_user.py" >/dev/null 2> >(grep -v "INFO" >&2)
   APP=(--app-name basic-auth)
 fi
 # No MLflow job runners (dtrain does not use them): less load next to training on a small machine.
@@ -135,7 +147,8 @@ for _ in $(seq 120); do
   if "$PY" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$PORT/health" 2>/dev/null; then
     echo "mlflow_server.sh: MLflow $("$PY" -c 'import mlflow; print(mlflow.__version__)') on $BACKEND ($WORKERS workers), data in $DIR"
     echo "export MLFLOW_TRACKING_URI=http://$URL_HOST:$PORT"
-    [ -n "$AUTH" ] && echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\$(cat $SECRETS/mlflow-admin.password)"
+    [ -n "$AUTH" ] && echo "export MLFLOW_TRACKING_USERNAME=dtrain MLFLOW_TRACKING_PASSWORD=\$(cat $SECRETS/mlflow-job.password)  # jobs; people: admin, $SECRETS/mlflow-admin.password"
+    [ -z "$AUTH" ] && echo "mlflow_server.sh: no --auth: every user of this host can read and write these runs over http://127.0.0.1:$PORT (the files in $DIR are yours alone)"
     echo "runs table: http://$URL_HOST:$PORT/#/experiments  (pick an experiment, then its Runs tab)"
     wait "$SERVER_PID"
     exit $?

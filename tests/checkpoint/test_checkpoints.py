@@ -215,7 +215,7 @@ def test_a_crafted_dcp_metadata_is_refused_and_runs_nothing(fsdp_ema_run, tmp_pa
         nproc=2,
     )
     assert not marker.exists(), "the crafted pickle ran"
-    assert proc.returncode == 0 and "references posix.system" in proc.stderr
+    assert proc.returncode == 0 and "references posix.system" in proc.stderr and "Traceback" not in proc.stderr
     assert "resumed at step 4" in proc.stdout
     # The guard is what stops it: torch's own reader runs the payload.
     from torch.distributed.checkpoint import FileSystemReader
@@ -223,6 +223,25 @@ def test_a_crafted_dcp_metadata_is_refused_and_runs_nothing(fsdp_ema_run, tmp_pa
     with pytest.raises(AttributeError):  # os.system's exit code is no Metadata: after it ran
         FileSystemReader(out / "checkpoints" / "step_00000008" / part.split("/")[0]).read_metadata()
     assert marker.exists()
+
+
+def test_a_crafted_metadata_file_is_one_line_without_torchs_tracebacks(tmp_path, caplog):
+    """DCP's loader logs an unreadable `.metadata` with its traceback twice before it raises
+    (25 lines before dtrain's one); dtrain's load keeps the line alone."""
+    import logging
+
+    from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+
+    marker = tmp_path / "pwned"
+    state_dict_saver.save({"x": torch.zeros(2)}, checkpoint_id=tmp_path / "ck", no_dist=True)
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(RuntimeError, match="references posix.system"):
+        dcp.dcp_load({"x": torch.zeros(2)}, tmp_path / "ck", no_dist=True)
+    assert not marker.exists() and not [r for r in caplog.records if r.exc_info]
+    with pytest.raises(BaseException):  # noqa: B017 (DCP's own loader, with dtrain's safe reader: the tracebacks)
+        state_dict_loader.load({"x": torch.zeros(2)}, storage_reader=dcp.SafeReader(tmp_path / "ck"), no_dist=True)
+    assert len([r for r in caplog.records if r.exc_info]) == 2 and not marker.exists()
 
 
 def test_crafted_bytes_inside_a_shard_are_refused(tmp_path):

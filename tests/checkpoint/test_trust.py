@@ -57,36 +57,73 @@ def test_a_deepspeed_checkpoint_from_elsewhere_loads_only_when_trusted(tmp_path)
     assert marker.exists()  # what the refusal prevented
 
 
-def _run_folder_with_a_module(tmp_path, marker):
-    """A run folder as someone could hand it over: config.yaml naming a task module it carries."""
+def _run_folder_with_a_module(tmp_path, marker, task="evil:Task"):
+    """A run folder as someone could hand it over: config.yaml naming a task module it carries,
+    a model.safetensors and a finished checkpoint."""
     run = tmp_path / "received-run"
-    run.mkdir()
-    (run / "config.yaml").write_text("task: evil:Task\n")
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"task: {task}\n")
     (run / "evil.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
         "from dtrain.tasks.transformer import TransformerTask as Task\n"
     )
+    safeload.save_weights({"w": torch.zeros(1)}, run / "model.safetensors")
+    checkpoint.atomic_save({}, run / "checkpoints" / "step_00000001" / checkpoint.TRAINER)
     return run
 
 
-@pytest.mark.parametrize("command", ["sample", "average"])
-@pytest.mark.slow
-def test_a_run_folder_does_not_bring_code(tmp_path, command):
+def _command(name, run, tmp_path):
+    return {
+        "sample": ["sample", str(run)],
+        "average": ["average", str(run / "checkpoints" / "step_00000001"), "--output", str(tmp_path / "a.safetensors")],
+        "predict": ["predict", str(run), "x.npy", "--output", str(tmp_path / "y.npy")],
+        "evaluate": ["evaluate", str(run)],
+    }[name]
+
+
+@pytest.mark.parametrize("command", ["sample", "average", "predict", "evaluate"])
+def test_a_run_folder_does_not_bring_code_even_from_inside_it(tmp_path, monkeypatch, capsys, command):
+    """A run folder's config.yaml may name a task dtrain ships; its own module (or any other) is
+    imported only with --trust, wherever dtrain runs from: from inside the folder, the working
+    directory holds the module (the search for a recipe's task module looks there)."""
+    from dtrain.cli.parser import main
+
     marker = tmp_path / "pwned"
     run = _run_folder_with_a_module(tmp_path, marker)
-    target = [str(run)]
-    if command == "average":
-        step = run / "checkpoints" / "step_00000001"
-        step.mkdir(parents=True)
-        checkpoint.atomic_save({}, step / checkpoint.TRAINER)
-        target = [str(step), "--output", str(tmp_path / "avg.safetensors")]
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    proc = run_dtrain([command, *target], cwd=cwd)
+    monkeypatch.chdir(run)
+    with pytest.raises(SystemExit) as e:
+        main(_command(command, run, tmp_path))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and not marker.exists() and "evil" not in sys.modules, line
+    assert "is not a task dtrain ships" in line and "--trust" in line, line
+
+
+def test_a_run_folder_names_no_installed_module_either(tmp_path, monkeypatch, capsys):
+    """`task: this:X`: importing the standard library's `this` prints the Zen of Python; any
+    installed module's import runs its code."""
+    from dtrain.cli.parser import main
+
+    run = _run_folder_with_a_module(tmp_path, tmp_path / "pwned", task="this:X")
+    sys.modules.pop("this", None)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run)])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "this" not in sys.modules and "Beautiful" not in out.out + out.err
+    assert "task='this:X': is not a task dtrain ships" in out.err.strip().splitlines()[-1], out.err
+
+
+@pytest.mark.slow
+def test_python_m_dtrain_from_inside_a_run_folder_imports_its_module_only_with_trust(tmp_path):
+    """The same from a shell: `python -m dtrain` puts the working directory first on the Python
+    path, so from inside the folder its module is importable; it is refused all the same, and
+    imported with --trust (what the refusal prevents)."""
+    marker = tmp_path / "pwned"
+    run = _run_folder_with_a_module(tmp_path, marker)
+    proc = run_dtrain(_command("predict", run, tmp_path), cwd=run)
     assert proc.returncode == 2 and not marker.exists(), proc.stderr[-2000:]
-    assert "cannot import evil:Task" in proc.stderr.strip().splitlines()[-1]
-    run_dtrain([command, *target, "--trust"], cwd=cwd)
-    assert marker.exists()  # with --trust the run's own module is imported (what the default prevents)
+    assert "is not a task dtrain ships" in proc.stderr.strip().splitlines()[-1]
+    run_dtrain([*_command("predict", run, tmp_path), "--trust"], cwd=run)
+    assert marker.exists()
 
 
 def test_only_the_folder_a_task_module_is_found_in_joins_the_python_path(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ schemas, closed the same way, plus the CEL rules they state and the Torch plugin
 import copy
 import json
 import re
+import runpy
 import subprocess
 from pathlib import Path
 
@@ -25,8 +26,24 @@ CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
 CUSTOM_KINDS = {"PyTorchJob", "Kustomization", "TrainJob", "ClusterTrainingRuntime"}
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as Kubernetes should read it, not as it does: a key given twice in one mapping is an
+    error (kubectl, PyYAML and kustomize all keep the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"keys given twice: {twice}", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_all(text: str) -> list[dict]:
+    return [d for d in yaml.load_all(text, Loader=StrictLoader) if d]
+
+
 def documents() -> list[tuple[str, dict]]:
-    return [(p.name, d) for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    return [(p.name, d) for p in sorted(K8S.glob("*.yaml")) for d in load_all(p.read_text())]
 
 
 def closed(schema: dict) -> dict:
@@ -106,6 +123,27 @@ def runtime_pod(doc: dict) -> dict:
     return job["template"]["spec"]["template"]
 
 
+def pod_templates(docs: list[tuple[str, dict]] | None = None) -> dict[str, dict]:
+    """Every pod template in the manifests, by `Kind/name/index`."""
+    pods = {}
+    for _, doc in documents() if docs is None else docs:
+        templates = (
+            [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
+            if doc["kind"] == "PyTorchJob"
+            else [runtime_pod(doc)]
+            if doc["kind"] == "ClusterTrainingRuntime"
+            else [doc["spec"]["template"]]
+            if doc["kind"] in ("Job", "Deployment", "StatefulSet")
+            else []
+        )
+        for i, t in enumerate(templates):
+            pods[f"{doc['kind']}/{doc['metadata']['name']}/{i}"] = t
+    return pods
+
+
+TRAINING = ("PyTorchJob", "Job", "ClusterTrainingRuntime")
+
+
 def webhook_errors(job: dict) -> list[str]:
     """The training operator's admission rules for PyTorchJob (what the CRD schema cannot say)."""
     errors = []
@@ -165,33 +203,76 @@ def test_validation_catches_mistakes():
 
 
 def test_pods_run_non_root_with_shm_and_shared_runs_volume():
-    for name, doc in documents():
-        if doc["kind"] not in ("PyTorchJob", "Job", "Deployment", "StatefulSet", "ClusterTrainingRuntime"):
-            continue
-        pods = (
-            [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
-            if doc["kind"] == "PyTorchJob"
-            else [runtime_pod(doc)]
-            if doc["kind"] == "ClusterTrainingRuntime"
-            else [doc["spec"]["template"]]
-        )
-        for pod in pods:
-            spec = pod["spec"]
-            assert spec["securityContext"]["runAsNonRoot"] is True, name
-            for c in spec["containers"] + spec.get("initContainers", []):
-                assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
-                # The runtime's node container gets its resources from the TrainJob (resourcesPerNode).
-                assert doc["kind"] == "ClusterTrainingRuntime" or (
-                    c["resources"]["requests"] and c["resources"]["limits"]
-                ), (name, c["name"])
-            if doc["kind"] in ("PyTorchJob", "Job", "ClusterTrainingRuntime"):
-                vols = {v["name"]: v for v in spec["volumes"]}
-                assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
-                assert vols["runs"]["persistentVolumeClaim"]["claimName"] == "dtrain-runs"
+    for name, pod in pod_templates().items():
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        for c in spec["containers"] + spec.get("initContainers", []):
+            # The runtime's node container gets its resources from the TrainJob (resourcesPerNode).
+            assert name.startswith("ClusterTrainingRuntime") or (
+                c["resources"]["requests"] and c["resources"]["limits"]
+            ), (name, c["name"])
+        if name.startswith(TRAINING):
+            vols = {v["name"]: v for v in spec["volumes"]}
+            assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+            assert vols["runs"]["persistentVolumeClaim"]["claimName"] == "dtrain-runs"
+
+
+def hardening_errors(name: str, pod: dict) -> list[str]:
+    """What the namespace's Pod Security `restricted` level refuses, and more: a pod that holds a
+    service-account token, a container that can write its own image's files."""
+    spec, errors = pod["spec"], []
+    if spec.get("automountServiceAccountToken") is not False:
+        errors.append(f"{name}: mounts a service-account token")
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        errors.append(f"{name}: shares a host namespace")
+    if any("hostPath" in v for v in spec.get("volumes", [])):
+        errors.append(f"{name}: mounts a host path")
+    if spec["securityContext"].get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        errors.append(f"{name}: no RuntimeDefault seccomp profile")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc, where = c.get("securityContext", {}), f"{name}/{c['name']}"
+        if sc.get("allowPrivilegeEscalation") is not False or sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            errors.append(f"{where}: may escalate or keeps capabilities")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            errors.append(f"{where}: writable root file system")
+        if any("hostPort" in port for port in c.get("ports", [])):
+            errors.append(f"{where}: a host port")
+    return errors
+
+
+def test_pods_are_hardened_and_the_namespace_enforces_restricted():
+    """Every pod: no service-account token, a read-only root file system (scratch on emptyDir),
+    no privilege; the namespace refuses pods below Pod Security's `restricted` level."""
+    pods = pod_templates()
+    assert len(pods) == 7
+    assert [e for name, pod in pods.items() for e in hardening_errors(name, pod)] == []
+    (ns,) = [d for _, d in documents() if d["kind"] == "Namespace"]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, pod in pods.items():
+        if name.startswith(TRAINING):  # caches and torchrun's files: writable, on emptyDir
+            mounts = {m["mountPath"] for c in pod["spec"]["containers"] for m in c["volumeMounts"]}
+            assert {"/tmp", "/home/dtrain", "/dev/shm"} <= mounts, name
+    # What the checker catches: each guard lifted on a copy of one pod.
+    pod = copy.deepcopy(pods["Job/dtrain-indexed/0"])
+    del pod["spec"]["automountServiceAccountToken"]
+    pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    pod["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert len(hardening_errors("pod", pod)) == 3
+
+
+def test_every_manifest_parses_strictly():
+    """A key given twice (k8s/kustomization.yaml once held two `secretGenerator`s and an
+    `images:` whose value was a comment's tail; kubectl renders such a file without a word)."""
+    for p in K8S.glob("*.yaml"):
+        assert load_all(p.read_text()), p
+    garbled = "secretGenerator:\n  - name: a\nimages: and the recipe first)\nsecretGenerator:\n  - name: a\n"
+    assert yaml.safe_load(garbled)["images"] == "and the recipe first)"  # what a lenient reader makes of it
+    with pytest.raises(yaml.constructor.ConstructorError, match="given twice"):
+        load_all(garbled)
 
 
 def test_kustomization_lists_existing_files_and_recipe_is_in_sync():
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (kust,) = load_all((K8S / "kustomization.yaml").read_text())
     for res in kust["resources"]:
         assert (K8S / res).exists(), res
     cm = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "dtrain-recipe")
@@ -416,7 +497,7 @@ def test_no_secret_value_is_in_the_manifests():
     `kubectl apply -k`; the Secrets are generated from git-ignored files instead."""
     assert not [name for name, d in documents() if d["kind"] == "Secret"]
     assert not [p.name for p in K8S.glob("*.yaml") if "change-me" in p.read_text()]
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (kust,) = load_all((K8S / "kustomization.yaml").read_text())
     for gen in kust["secretGenerator"]:
         for env_file in gen["envs"]:
             ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / env_file)], cwd=ROOT)
@@ -435,7 +516,7 @@ def built(tmp_path_factory):
     subprocess.run(["bash", str(tmp / "make-secrets.sh")], check=True, capture_output=True)
     out = subprocess.run(["kubectl", "kustomize", str(tmp)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return tmp, [d for d in yaml.safe_load_all(out.stdout) if d]
+    return tmp, load_all(out.stdout)
 
 
 def test_the_kustomization_builds_with_generated_secrets_every_reference_resolves(built):
@@ -452,55 +533,111 @@ def test_the_kustomization_builds_with_generated_secrets_every_reference_resolve
 
 
 def _pods_by_labels() -> dict[str, dict]:
-    pods = {}
-    for _, doc in documents():
-        templates = (
-            [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
-            if doc["kind"] == "PyTorchJob"
-            else [runtime_pod(doc)]
-            if doc["kind"] == "ClusterTrainingRuntime"
-            else [doc["spec"]["template"]]
-            if doc["kind"] in ("Job", "Deployment", "StatefulSet")
-            else []
-        )
-        for i, t in enumerate(templates):
-            pods[f"{doc['kind']}/{doc['metadata']['name']}/{i}"] = t.get("metadata", {}).get("labels", {})
-    return pods
+    return {name: t.get("metadata", {}).get("labels", {}) for name, t in pod_templates().items()}
 
 
-def _admitted(policy: dict, pods: dict[str, dict]) -> tuple[set[str], set[str]]:
-    """(pods the policy protects, pods it lets in) by label selectors."""
-
-    def match(sel, labels):
-        return all(labels.get(k) == v for k, v in sel["matchLabels"].items())
-
-    protected = {p for p, labels in pods.items() if match(policy["spec"]["podSelector"], labels)}
-    allowed = {
-        p
-        for p, labels in pods.items()
-        for rule in policy["spec"]["ingress"]
-        for src in rule["from"]
-        if match(src["podSelector"], labels)
-    }
-    return protected, allowed
+OUTSIDE = {"dns": {"k8s-app": "kube-dns"}, "internet": None}
+"""Endpoints beyond the namespace's pods: the cluster's DNS (in kube-system), everything else."""
 
 
-def test_only_training_pods_reach_mlflow_and_only_mlflow_reaches_postgresql():
+def _peers(rule_peers: list[dict] | None, pods: dict[str, dict]) -> set[str]:
+    """The endpoints a rule's `from` / `to` list names (none given: every endpoint)."""
+    if rule_peers is None:
+        return {*pods, *OUTSIDE}
+    found = set()
+    for peer in rule_peers:
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        if "namespaceSelector" in peer:  # another namespace: here only kube-system's DNS is named
+            found |= {e for e, el in OUTSIDE.items() if el and all(el.get(k) == v for k, v in labels.items())}
+        elif "ipBlock" in peer:
+            found.add("internet")
+        else:
+            found |= {p for p, pl in pods.items() if all(pl.get(k) == v for k, v in labels.items())}
+    return found
+
+
+def reachable(policies: list[dict], pods: dict[str, dict]) -> set[tuple[str, str]]:
+    """(source, destination) pairs Kubernetes lets connect under `policies`: a destination that a
+    policy selects for Ingress takes only what one of their rules admits, and a source selected
+    for Egress sends only where one of their rules allows (ports aside)."""
+
+    def allowed(direction: str, endpoint: str) -> set[str] | None:
+        selecting = [
+            p
+            for p in policies
+            if direction.capitalize() in p["spec"]["policyTypes"]
+            and endpoint in _peers([{"podSelector": p["spec"]["podSelector"]}], pods)
+        ]
+        if not selecting:
+            return None  # not isolated
+        key = "from" if direction == "ingress" else "to"
+        return {e for p in selecting for rule in p["spec"].get(direction, []) for e in _peers(rule.get(key), pods)}
+
+    endpoints = [*pods, *OUTSIDE]
+    pairs = set()
+    for src in endpoints:
+        out = allowed("egress", src)
+        for dst in endpoints:
+            into = allowed("ingress", dst)
+            if src == dst or not {src, dst} & pods.keys():  # (between two outside endpoints: no policy here applies)
+                continue
+            if (out is None or dst in out) and (into is None or src in into):
+                pairs.add((src, dst))
+    return pairs
+
+
+def test_the_namespace_denies_by_default_and_allows_only_the_jobs_paths():
+    """Training pods reach each other and MLflow, MLflow reaches PostgreSQL, every pod the DNS;
+    nothing else: no pod reaches the internet, nothing outside reaches a pod."""
     pods = _pods_by_labels()
-    policies = {d["metadata"]["name"]: d for _, d in documents() if d["kind"] == "NetworkPolicy"}
-    protected, allowed = _admitted(policies["mlflow"], pods)
-    training = {p for p in pods if p.split("/")[0] in ("PyTorchJob", "Job", "ClusterTrainingRuntime")}
-    assert protected == {"Deployment/mlflow/0"} and allowed == training and len(training) == 5
-    protected, allowed = _admitted(policies["mlflow-postgres"], pods)
-    assert protected == {"StatefulSet/mlflow-postgres/0"} and allowed == {"Deployment/mlflow/0"}
+    policies = [d for _, d in documents() if d["kind"] == "NetworkPolicy"]
+    training = {p for p in pods if p.startswith(TRAINING)}
+    mlflow, postgres = "Deployment/mlflow/0", "StatefulSet/mlflow-postgres/0"
+    assert len(training) == 5
+    expected = ({(a, b) for a in training for b in training if a != b} | {(t, mlflow) for t in training}
+                | {(mlflow, postgres)} | {(p, "dns") for p in pods})  # fmt: skip
+    assert reachable(policies, pods) == expected
     # What the label does: a training pod without it is not let in.
-    pods["Job/dtrain-indexed/0"] = {}
-    assert "Job/dtrain-indexed/0" not in _admitted(policies["mlflow"], pods)[1]
+    assert ("Job/dtrain-indexed/0", mlflow) not in reachable(policies, {**pods, "Job/dtrain-indexed/0": {}})
+    # What default-deny does: a pod no other policy names (one added later) is closed to the outside.
+    more = {**pods, "Deployment/notebook/0": {}}
+    assert ("internet", "Deployment/notebook/0") not in reachable(policies, more)
+    lenient = [p for p in policies if p["metadata"]["name"] != "default-deny"]
+    assert ("internet", "Deployment/notebook/0") in reachable(lenient, more)
 
 
-def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres):
+def test_training_pods_hold_the_job_user_never_the_admin(built):
+    """The pods get the `mlflow-auth` Secret (the jobs' own MLflow user); the admin's Secret is
+    read by the MLflow server alone, and make-secrets.sh never names the job user `admin`."""
+    tmp, docs = built
+    for name, pod in pod_templates([("", d) for d in docs]).items():
+        refs = set(re.findall(r"name: (mlflow-(?:admin|auth)\S*)", yaml.safe_dump(pod)))
+        assert "mlflow-admin" not in str(refs) or name == "Deployment/mlflow/0", (name, refs)
+        if name.startswith(TRAINING):
+            assert refs == {"mlflow-auth"}, (name, refs)
+    auth = dict(line.split("=", 1) for line in (tmp / "secrets" / "mlflow-auth.env").read_text().splitlines())
+    admin = dict(line.split("=", 1) for line in (tmp / "secrets" / "mlflow-admin.env").read_text().splitlines())
+    assert auth["MLFLOW_TRACKING_USERNAME"] != admin["MLFLOW_ADMIN_USERNAME"] == "admin"
+    assert auth["MLFLOW_TRACKING_PASSWORD"] != admin["MLFLOW_ADMIN_PASSWORD"]
+
+
+def test_make_secrets_moves_an_admin_the_pods_held_to_the_server(tmp_path):
+    """An older layout gave the pods the admin (mlflow-auth.env): its live password stays the
+    admin's, in mlflow-admin.env, and the pods get a user of their own."""
+    (tmp_path / "mlflow-auth.env").write_text("MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=live-pw-1\n")
+    subprocess.run(["bash", str(K8S / "make-secrets.sh"), str(tmp_path)], check=True, capture_output=True)
+    assert (
+        tmp_path / "mlflow-admin.env"
+    ).read_text() == "MLFLOW_ADMIN_USERNAME=admin\nMLFLOW_ADMIN_PASSWORD=live-pw-1\n"
+    assert "MLFLOW_TRACKING_USERNAME=dtrain-jobs" in (tmp_path / "mlflow-auth.env").read_text()
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.env")} == {"0o600"}
+
+
+def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres, monkeypatch):
     """The script the PostgreSQL pod runs on its first start, run on a real server: `mlflow`
-    owns its two databases and is no superuser (the image made POSTGRES_USER one)."""
+    owns its two databases and is no superuser (the image made POSTGRES_USER one). Then the
+    MLflow pod's schema step (docker/mlflow_job_user.py) makes the jobs' user, no admin, and
+    refuses to turn the admin into it."""
     import psycopg
 
     cm = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-postgres-init")
@@ -533,3 +670,21 @@ def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres):
         stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'mlflow'").fetchone()[0]
     assert role == (False, False, False, True) and owners == [("mlflow", "mlflow"), ("mlflow_auth", "mlflow")]
     assert stored.startswith("SCRAM-SHA-256$")  # the password from the environment, stored hashed
+
+    # The schema step then makes the jobs' MLflow user in `mlflow_auth`, as the `mlflow` role.
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    auth_uri = f"postgresql+psycopg://mlflow:pw-from-env@127.0.0.1:{port}/mlflow_auth"
+    monkeypatch.setenv("MLFLOW_AUTH_DATABASE_URI", auth_uri)
+    monkeypatch.setenv("MLFLOW_JOB_USERNAME", "dtrain-jobs")
+    for password in ("job-password-1", "job-password-2"):  # a restart with a rotated Secret sets the new one
+        monkeypatch.setenv("MLFLOW_JOB_PASSWORD", password)
+        runpy.run_path(str(ROOT / "docker" / "mlflow_job_user.py"), run_name="__main__")
+    store = SqlAlchemyStore()
+    store.init_db(auth_uri)
+    assert store.authenticate_user("dtrain-jobs", "job-password-2") and not store.get_user("dtrain-jobs").is_admin
+    store.create_user("admin", "admin-password-1", is_admin=True)
+    monkeypatch.setenv("MLFLOW_JOB_USERNAME", "admin")
+    with pytest.raises(SystemExit, match="is an admin"):
+        runpy.run_path(str(ROOT / "docker" / "mlflow_job_user.py"), run_name="__main__")
+    assert store.get_user("admin").is_admin

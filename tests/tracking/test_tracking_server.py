@@ -197,16 +197,25 @@ def test_the_local_postgresql_asks_every_user_for_a_password(pg_server):
 
 @pytest.mark.slow
 def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
-    """`--auth` (always on beyond loopback): MLflow's basic-auth app. A job with the admin's
-    credentials in its environment is tracked; one without them trains untracked, with a warning."""
+    """`--auth` (always on beyond loopback): MLflow's basic-auth app. A job with the job user's
+    credentials in its environment, or in the tracking URI's `user:password@` form, is tracked
+    (the password then shows up nowhere); one without them trains untracked, with a warning.
+    The job user writes to its own experiments only: it cannot write to the admin's experiment
+    or create a user. The store's files are the server user's alone: `nobody` reads none."""
     import urllib.error
     import urllib.request
 
-    server = tracking_load.start_server("sqlite", tmp_path / "server", 1, 120, "--auth")
+    import mlflow
+
+    shared = Path(tempfile.mkdtemp(prefix="dtrain-mlflow-auth-"))
+    os.chmod(shared, 0o755)  # a folder every local user may enter: the store's own modes must guard it
+    server = tracking_load.start_server("sqlite", shared / "server", 1, 120, "--auth")
     try:
-        launcher_log = (tmp_path / "server-launcher.log").read_text()
-        password = (tmp_path / "server" / "secrets" / "mlflow-admin.password").read_text().strip()
-        assert "MLFLOW_TRACKING_PASSWORD=$(cat " in launcher_log and password not in launcher_log
+        launcher_log = (shared / "server-launcher.log").read_text()
+        secrets = shared / "server" / "secrets"
+        admin, job_pw = ((secrets / f"mlflow-{who}.password").read_text().strip() for who in ("admin", "job"))
+        assert "MLFLOW_TRACKING_USERNAME=dtrain MLFLOW_TRACKING_PASSWORD=$(cat " in launcher_log
+        assert admin not in launcher_log and job_pw not in launcher_log
         request = urllib.request.Request(
             f"{server.uri}/api/2.0/mlflow/experiments/create",
             method="POST",
@@ -216,18 +225,44 @@ def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 401
+        creds = {"MLFLOW_TRACKING_USERNAME": "dtrain", "MLFLOW_TRACKING_PASSWORD": job_pw}
         job = tracking_load.job_cmd(1, server.uri, "auth", "with", tmp_path / "with", 2)
-        creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
         ok = subprocess.run(job, cwd=tmp_path, env=env_for_cli(**creds), capture_output=True, text=True, timeout=300)
         assert ok.returncode == 0 and "MLflow tracking" not in ok.stderr, ok.stderr[-2000:]
+        in_uri = server.uri.replace("http://", f"http://dtrain:{job_pw}@")
+        job = tracking_load.job_cmd(1, in_uri, "auth", "in-uri", tmp_path / "in-uri", 2)
+        ok = subprocess.run(job, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
+        assert ok.returncode == 0 and "MLflow tracking" not in ok.stderr, ok.stderr[-2000:]
+        assert job_pw not in ok.stdout + ok.stderr
+        assert not [p for p in (tmp_path / "in-uri").rglob("*") if p.is_file() and job_pw.encode() in p.read_bytes()]
         job = tracking_load.job_cmd(1, server.uri, "auth", "without", tmp_path / "without", 2)
         anon = subprocess.run(job, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
         assert anon.returncode == 0 and "training without it" in anon.stderr, anon.stderr[-2000:]
-        import mlflow
 
-        os.environ.update(creds)  # (restored after the test)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin)  # (restored after)
         client = mlflow.MlflowClient(server.uri)
         runs = client.search_runs([client.get_experiment_by_name("auth").experiment_id])
-        assert [(r.info.run_name, r.info.status) for r in runs] == [("with", "FINISHED")]
+        assert sorted((r.info.run_name, r.info.status) for r in runs) == [("in-uri", "FINISHED"), ("with", "FINISHED")]
+        params = next(r for r in runs if r.info.run_name == "in-uri").data.params
+        assert params["tracking.uri"].startswith("http://dtrain:***@") and job_pw not in str(params)
+        admins = client.create_experiment("admins-own")
+        os.environ.update(creds)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="PERMISSION_DENIED|403"):
+            client.create_run(admins)
+        with pytest.raises(Exception, match="PERMISSION_DENIED|403|ermission"):
+            from mlflow.server import get_app_client
+
+            get_app_client("basic-auth", tracking_uri=server.uri).create_user("intruder", "Intruder-pw-123")
+        assert client.create_run(client.create_experiment("jobs-own")).info.status == "RUNNING"
+
+        for folder in (shared / "server", tmp_path / "with"):  # the store, and a run's own folder
+            modes: dict[bool, set[str]] = {True: set(), False: set()}
+            for p in [folder, *folder.rglob("*")]:
+                modes[p.is_dir()].add(oct(p.stat().st_mode & 0o777))
+            assert modes == {True: {"0o700"}, False: {"0o600"}}, (folder, modes)
+        peek = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(shared / "server" / "mlflow.db")],
+                              capture_output=True)  # fmt: skip
+        assert peek.returncode != 0 and b"Permission denied" in peek.stderr, peek.stderr
     finally:
         server.stop()
+        shutil.rmtree(shared, ignore_errors=True)

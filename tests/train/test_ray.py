@@ -6,7 +6,11 @@ same MLflow run."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -58,6 +62,7 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
     in the same MLflow run and ends at the parameters of 2 torchrun ranks trained straight."""
     reference = tiny_runs("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
     out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    tmp = tempfile.mkdtemp(prefix="r")  # short: Ray's sockets live below it
     proc = subprocess.run(
         [
             PY,
@@ -78,7 +83,7 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
             "1",
         ],
         cwd=tmp_path,
-        env=env_for_cli(DTRAIN_TEST_KILL="1:13", **RAY_ENV),
+        env=env_for_cli(DTRAIN_TEST_KILL="1:13", HOME=str(tmp_path), TMPDIR=tmp, **RAY_ENV),
         capture_output=True,
         text=True,
         timeout=600,
@@ -98,6 +103,12 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
     # What the bound tells apart: 20 steps moved the weights far beyond it from where they began.
     assert max_param_diff(ray_params, _initial_cnn()) > 1e-2
     assert not list(out.glob(".ray-*"))  # the job's marker is gone once it finished
+    # The local instance was the job's own: Ray's token authentication, a token in no file, its
+    # session folder inside a private one.
+    (private,) = Path(tmp).glob("dtrain-ray-*")
+    assert oct(private.stat().st_mode & 0o777) == "0o700" and os.listdir(private) == ["ray"]
+    shutil.rmtree(tmp)
+    assert not (tmp_path / ".ray").exists()
 
 
 @pytest.mark.slow
@@ -120,6 +131,7 @@ def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_p
         **RAY_ENV,
     )
     assert proc.returncode == 1
+    assert "ray: a local instance of this job's own (token authentication, its files in " in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
         "dtrain: error: ray: the job failed after 0 restart(s) allowed (--ray-max-failures): worker 1: its process died"

@@ -10,6 +10,7 @@ DCP's own metadata classes, and a planner that loads non-tensor values with
 from __future__ import annotations
 
 import io
+import logging
 import pickle  # nosec B403 # only its UnpicklingError: the metadata goes through safeload's restricted Unpickler
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,23 @@ def dcp_load(state: dict[str, Any], folder: Path, no_dist: bool = False) -> None
     """`state_dict_loader.load` of `folder` into `state` (in place), with nothing unpickled
     beyond DCP's own metadata classes and plain values. Any failure (a crafted file, a
     truncated shard, another model's keys) is an Exception whose `first_cause` is one line."""
+    root, quiet = logging.getLogger(), _QuietFallback()
+    root.addFilter(quiet)
     try:
         state_dict_loader.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:  # a BaseException: an `except Exception` would let it through
         raise RuntimeError(first_cause(e)) from None
+    finally:
+        root.removeFilter(quiet)
+
+
+class _QuietFallback(logging.Filter):
+    """DCP's loader logs a metadata file it cannot read with its traceback, twice (through the
+    root logger: once for the global file, once for the rank-local fallback), then raises: what
+    it raises becomes the one line a refused file gets, without the tracebacks before it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.pathname.endswith("state_dict_loader.py"))
 
 
 def first_cause(e: BaseException) -> str:

@@ -20,7 +20,8 @@ def add(sub: Any) -> None:
         help="training batches to recompute BatchNorm statistics on (0: keep the averaged ones)",
     )
     trust_option(
-        a, "the run folder is yours: import a task module found in it, and read DeepSpeed checkpoints (which unpickle)"
+        a,
+        "the run folders are yours: import the task module their config.yaml names, read DeepSpeed checkpoints",
     )
     a.set_defaults(handler=run)
 

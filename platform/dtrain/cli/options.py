@@ -39,7 +39,7 @@ def compare_options(c: argparse.ArgumentParser) -> None:
 
 
 def trust_option(
-    p: argparse.ArgumentParser, what: str = "the run folder is yours: import a task module found in it"
+    p: argparse.ArgumentParser, what: str = "the run folder is yours: import the task module its config.yaml names"
 ) -> None:
     p.add_argument("--trust", action="store_true", help=what)
 
@@ -53,7 +53,9 @@ def mixing_options(p: argparse.ArgumentParser, output: str) -> None:
         default=100,
         help="training batches to recompute BatchNorm statistics on for a mixed model (0: mix them too)",
     )
-    trust_option(p, "the run folders are yours: import a task module found in them, read DeepSpeed checkpoints")
+    trust_option(
+        p, "the run folders are yours: import the task module their config.yaml names, read DeepSpeed checkpoints"
+    )
 
 
 def floats(key: str, text: str) -> list[float]:

@@ -13,6 +13,7 @@ recipe, override or launch environment, 1 when the work fails (`dtrain.errors`).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import dtrain
@@ -31,7 +32,9 @@ from dtrain.cli import (
     sweep,
     train,
 )
+from dtrain.config import redact
 from dtrain.errors import Failure, shown
+from dtrain.runtime import files
 
 COMMANDS = (
     train,
@@ -72,10 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    for override in getattr(args, "overrides", []):
+        redact.text(override)  # a password an override holds is masked wherever it turns up
+    logging.basicConfig(format="dtrain: %(message)s", level=logging.INFO, stream=sys.stderr)
+    redact.redact_logs()
+    files.keep_private()  # what a command writes is its user's (a run's `private: false` relaxes it)
     try:
         # @record writes an unexpected exception of this rank to torchrun's error file, so the
         # agent's failure summary shows the failing rank's traceback rather than "exitcode 1".
         record(args.handler)(args)
     except Failure as e:
-        print(shown(str(e)), file=sys.stderr, flush=True)
+        print(shown(redact.text(str(e))), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> None:
     from dtrain.train.config import load_config
 
     out = Path(args.run)
-    cfg = load_config(out / "config.yaml", beside=args.trust)
+    cfg = load_config(out / "config.yaml", trust=args.trust)
     task = get_task(cfg.task)(cfg)
     generate = getattr(task, "generate_text", None)  # optional: only a task that generates text has it
     if generate is None:

@@ -259,6 +259,10 @@ class Config:
     compile (reported as compile_s in summary.json, not in the throughput)."""
     output_dir: str = ""
     """Where checkpoints, config.yaml, summary.json and model.pt go. Empty: runs/<recipe>."""
+    private: bool = True
+    """What the run writes (its folder, checkpoints, a local MLflow store, prepared data) is
+    readable by its user alone: folders 0700, files 0600 (the umask's group and other bits set).
+    False: the user's umask decides (e.g. `umask 002` for a group's shared folder)."""
     resume: str = ""
     """Empty: fresh start. `auto`: newest checkpoint in output_dir. Or a checkpoint path."""
     recipe: str = ""

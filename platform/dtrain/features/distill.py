@@ -30,7 +30,7 @@ from dtrain.config.schema import require
 from dtrain.errors import ConfigError
 from dtrain.protocols import Feature, Run
 from dtrain.runtime import distributed
-from dtrain.tasks.runs import open_run
+from dtrain.tasks.runs import FOREIGN_TASK, open_run
 from dtrain.tasks.supervised import evaluate_model
 
 
@@ -89,7 +89,7 @@ class Teacher:
     def __init__(self, cfg: Any, student_task: Any, device: torch.device):
         where = Path(cfg.distill.teacher)
         if where.is_dir():  # a run: its own task and architecture
-            _, self.task, model = open_run(where, key="distill.teacher")
+            _, self.task, model = open_run(where, key="distill.teacher", allowed={cfg.task}, hint=FOREIGN_TASK)
         else:  # weights of the student's architecture
             self.task, model = student_task, student_task.inference_model()
             try:

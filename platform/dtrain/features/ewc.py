@@ -32,7 +32,7 @@ from dtrain.data import move, sample_generator
 from dtrain.errors import ConfigError
 from dtrain.protocols import Feature, Run
 from dtrain.runtime import distributed
-from dtrain.tasks.runs import open_run
+from dtrain.tasks.runs import FOREIGN_TASK, open_run
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Anchor:
 
     def __init__(self, cfg: Any, module: nn.Module, device: torch.device):
         self.lam, where = cfg.ewc.lambda_, cfg.ewc.from_
-        _, old_task, old_model = open_run(where, key="ewc.from")
+        _, old_task, old_model = open_run(where, key="ewc.from", allowed={cfg.task}, hint=FOREIGN_TASK)
         if not hasattr(old_task, "outputs"):
             raise ConfigError(
                 "ewc.from",

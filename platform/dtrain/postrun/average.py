@@ -47,7 +47,7 @@ def average(folders: list[Path], output: Path, bn_batches: int, trust: bool = Fa
     for f in folders:
         if not (f / checkpoint.TRAINER).exists():
             raise ConfigError("checkpoint", str(f), "is not a checkpoint folder (a step_* folder with trainer.pt)")
-    cfg = load_config(runs.pop() / "config.yaml", ["tracking.enabled=false"], beside=trust)
+    cfg = load_config(runs.pop() / "config.yaml", ["tracking.enabled=false"], trust=trust)
     task = get_task(cfg.task)(cfg)
     train_ds, eval_ds = task.datasets()
     specs = task.models()

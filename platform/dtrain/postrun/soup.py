@@ -53,7 +53,7 @@ def read(path: str | Path, trust: bool = False, overrides: Sequence[str] = ()) -
     """A run's final weights (output_dir) or a checkpoint's (step_* folder), with the run's config."""
     p = Path(path)
     if (p / checkpoint.TRAINER).is_file():  # step_X of output_dir/checkpoints
-        cfg = load_config(p.parent.parent / "config.yaml", overrides, beside=trust)
+        cfg = load_config(p.parent.parent / "config.yaml", overrides, trust=trust)
         task = get_task(cfg.task)(cfg)
         task.datasets()  # the model's shape may depend on the data (classes, vocabulary)
         model = task.inference_model()
@@ -64,7 +64,7 @@ def read(path: str | Path, trust: bool = False, overrides: Sequence[str] = ()) -
             str(p),
             "is neither a finished run's output_dir (config.yaml, model.safetensors) nor a step_* checkpoint folder",
         )
-    cfg = load_config(p / "config.yaml", overrides, beside=trust)
+    cfg = load_config(p / "config.yaml", overrides, trust=trust)
     return Ingredient(str(p), cfg, safeload.load_weights(safeload.weights_file(p)))
 
 

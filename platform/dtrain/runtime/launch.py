@@ -38,10 +38,12 @@ def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def exec_torchrun(nproc: int, recipe: str, overrides: Sequence[str], command: Sequence[str]) -> None:
-    """Replace this process with a torchrun agent running `command` on `nproc` ranks. Called
-    once the recipe was validated in this one process, so bad input never reaches torchrun
-    (whose agent would add its own failure report)."""
+def exec_torchrun(
+    nproc: int, recipe: str, overrides: Sequence[str], command: Sequence[str], env: dict[str, str] | None = None
+) -> None:
+    """Replace this process with a torchrun agent running `command` on `nproc` ranks, with `env`
+    added to its environment. Called once the recipe was validated in this one process, so bad
+    input never reaches torchrun (whose agent would add its own failure report)."""
     sys.stdout.flush()
     cmd = torchrun_cmd(nproc, recipe, overrides, command=command)
-    os.execve(sys.executable, cmd, torchrun_env())  # nosec B606 # this interpreter running torchrun, no shell
+    os.execve(sys.executable, cmd, {**torchrun_env(), **(env or {})})  # nosec B606 # this interpreter running torchrun, no shell

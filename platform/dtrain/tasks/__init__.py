@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Any, Sequence, cast
+from typing import Any, Collection, Sequence, cast
 
 from dtrain.config import Config, recipe
 from dtrain.config.schema import compose
@@ -73,37 +73,68 @@ def _find_beside(top: str, search: Sequence[str | os.PathLike[str]]) -> None:
 
 
 def load_config(
-    path: str | os.PathLike[str], overrides: Sequence[str] = (), beside: bool = True, *, sections: dict[str, type]
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    trust: bool = True,
+    *,
+    sections: dict[str, type],
+    allowed: Collection[str] = (),
 ) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config of the task the recipe names,
     with `sections` composed in beside its own (the features': `dtrain.load_config` passes them).
 
-    A task module is looked for on the Python path, then in the working directory, then
-    (`beside`) in the recipe's folder. A run's config.yaml is read with `beside=False`: a run
-    folder from elsewhere must not bring code with it."""
-    raw, task = _read(path, overrides, beside)
-    _data_beside(raw, _search(path, beside))
+    A recipe is the user's own (`trust`): its task module is looked for on the Python path,
+    then in the working directory, then in the recipe's folder. A run folder's config.yaml is
+    read with `trust=False` unless the user says the run is theirs: it may name only a task
+    dtrain ships, or one of `allowed` (`refuse_run_task`), and no folder is searched."""
+    raw, task = _read(path, overrides, trust, allowed)
+    _data_beside(raw, _search(path, trust))
     return recipe.build(compose(task.config_class, sections), raw)
 
 
-def run_config(path: str | os.PathLike[str], beside: bool = False) -> Config:
+def run_config(
+    path: str | os.PathLike[str], trust: bool = False, allowed: Collection[str] = (), hint: str = ""
+) -> Config:
     """A finished run's config.yaml as its task's config alone, for its model (`dtrain.tasks.runs`):
     sections the task does not know (the features', or a newer version's) are left out, and
-    nothing is checked but names and types (its data may be gone)."""
-    raw, task = _read(path, (), beside)
+    nothing is checked but names and types (its data may be gone). Read as `load_config` reads
+    a run folder: untrusted unless `trust`."""
+    raw, task = _read(path, (), trust, allowed, hint or TRUST_HINT)
     known = {recipe.key_of(f.name) for f in dataclasses.fields(task.config_class)}
     return recipe.build(task.config_class, {k: v for k, v in raw.items() if k in known}, validate=False)
 
 
-def _search(path: str | os.PathLike[str], beside: bool) -> list[str]:
-    return [os.getcwd(), *([os.path.dirname(os.path.abspath(path))] if beside else [])]
+def _search(path: str | os.PathLike[str], trust: bool) -> list[str]:
+    return [os.getcwd(), os.path.dirname(os.path.abspath(path))] if trust else []
 
 
 def _read(
-    path: str | os.PathLike[str], overrides: Sequence[str], beside: bool
+    path: str | os.PathLike[str],
+    overrides: Sequence[str],
+    trust: bool,
+    allowed: Collection[str] = (),
+    hint: str = "",
 ) -> tuple[dict[str, Any], type[BaseTask]]:
     raw = recipe.read_raw(path, overrides)
-    return raw, get_task(str(raw.get("task", Config.task)), search=_search(path, beside))
+    name = str(raw.get("task", Config.task))
+    if not trust:
+        refuse_run_task(name, path, allowed, hint or TRUST_HINT)
+    return raw, get_task(name, search=_search(path, trust))
+
+
+TRUST_HINT = "if the run is yours, add --trust (in Python: trust=True) to import its task"
+
+
+def refuse_run_task(
+    name: str, path: str | os.PathLike[str], allowed: Collection[str] = (), hint: str = TRUST_HINT
+) -> None:
+    """A run folder from elsewhere imports nothing: its config.yaml may name a task dtrain ships
+    (or one of `allowed`, already imported for the caller's own recipe); any other name (its
+    own task module, or any installed module, whose import would run code) is refused."""
+    if name in BUILTIN or name in allowed:
+        return
+    raise ConfigError("task", name, f"is not a task dtrain ships, and {path} is in a run folder, which imports "
+                      f"no code on its own: {hint}")  # fmt: skip
 
 
 def _data_beside(raw: dict[str, Any], search: Sequence[str]) -> None:

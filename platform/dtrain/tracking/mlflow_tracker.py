@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from dtrain.config import Config
+from dtrain.config import Config, redact
 from dtrain.runtime.files import first_line
 
 log = logging.getLogger("dtrain")
@@ -307,6 +307,19 @@ def _sigterm_deferred() -> Iterator[None]:
 PROBE_TIMEOUT_S = 5.0
 
 
+def credentials(uri: str) -> str:
+    """`uri` without its user:password, which go where MLflow reads them instead (its
+    `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, unless set already): the
+    server's basic auth then works for every request, and the URI shown or logged holds none."""
+    bare, user, password = redact.split(uri)
+    if user or password:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    if os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        redact.register(os.environ["MLFLOW_TRACKING_PASSWORD"])
+    return bare
+
+
 def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """For a tracking server (http/https): None when it answers within `timeout_s`, else why
     not. The other ranks wait for rank 0 at start, so an unreachable or silent host must cost
@@ -330,7 +343,7 @@ def start(cfg: Config, params: dict[str, Any], tags: dict[str, Any], run_id: str
     """Rank 0: an MlflowTracker, or a NullTracker with one warning if the store is unusable."""
     if not cfg.tracking.enabled:
         return NullTracker()
-    uri = resolve_uri(cfg.tracking.uri)
+    uri = credentials(resolve_uri(cfg.tracking.uri))
     if cfg.tracking.parent_run_id:  # MLflow shows it nested under that run
         tags = {**tags, "mlflow.parentRunId": cfg.tracking.parent_run_id}
     down = probe(uri)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dtrain.checkpoint import store
-from dtrain.config import Config, recipe
+from dtrain.config import Config, recipe, redact
 from dtrain.protocols import BaseTask, Checkpointed, Clock, Engine
 from dtrain.runtime import distributed
 from dtrain.train.state import TrainState
@@ -39,7 +39,7 @@ class Checkpointer:
         self.pending: store.Pending | None = None
         self.unfinished = distributed.LaggedAny()
         """Whether any rank's background write is still going, asked at one step, read at the next."""
-        self.recipe = {k: str(v) for k, v in recipe.flatten(recipe.to_dict(cfg)).items()}
+        self.recipe = {k: redact.text(str(v)) for k, v in recipe.flatten(recipe.to_dict(cfg)).items()}
         """The recipe as strings (weights_only-loadable), for what a resume may not change."""
         self.last_state = ""
         """The trainer state the last checkpoint holds (its repr: nan equals nan)."""

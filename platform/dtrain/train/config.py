@@ -11,11 +11,12 @@ from dtrain.config import Config
 from dtrain.engines import engine_class
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), beside: bool = True) -> Config:
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = (), trust: bool = True) -> Config:
     """Recipe YAML + `a.b=c` overrides -> the validated config (names checked, values typed and
     in range). A task module is looked for on the Python path, then in the working directory,
-    then (`beside`) in the recipe's folder."""
-    return tasks.load_config(path, overrides, beside, sections=features.sections())
+    then in the recipe's folder. A run folder's config.yaml is loaded with `trust=False` unless
+    the run is the user's: then it may name only a task dtrain ships."""
+    return tasks.load_config(path, overrides, trust, sections=features.sections())
 
 
 def validate(cfg: Config) -> None:

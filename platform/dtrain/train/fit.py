@@ -22,7 +22,7 @@ from dtrain.engines import build_engines, evaluation_weights
 from dtrain.engines.precision import set_fp32_matmuls
 from dtrain.errors import ConfigError
 from dtrain.protocols import BaseTask, Clock, Engine, Tracker
-from dtrain.runtime import distributed, preemption
+from dtrain.runtime import distributed, files, preemption
 from dtrain.tasks import get_task
 from dtrain.train import config as job_config
 from dtrain.train import report, resume
@@ -90,7 +90,7 @@ def start_tracking(
         # What differs between a 1-rank and an N-rank run of one recipe: params, so MLflow's
         # compare view shows them side by side (tags are not compared there).
         params |= {"world_size": plan.world_size, "per_rank_batch_size": plan.per_rank}
-        tags = report.run_tags(cfg, env, plan, engines)
+        tags = redact.tree(report.run_tags(cfg, env, plan, engines))
         if state.resumed_from_run:  # resumed into a new output_dir: a new run, linked to the old one
             tags["dtrain.resumed_from_run"] = state.resumed_from_run
         tracker = tracking.start(cfg, params, tags, run_id=state.run_id or None)
@@ -101,6 +101,7 @@ def start_tracking(
 
 def fit(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Outcome:
     """Train `cfg` on this rank (the process group is already up) and say how it ended."""
+    files.keep_private(cfg.private)
     loop, resumed_from = prepare(cfg, device)
     status, links, outcome = "FAILED", None, None
     tracker: Tracker = tracking.NullTracker()

@@ -23,11 +23,10 @@ from typing import Callable, NoReturn, Sequence
 import torch
 
 from dtrain import data
-from dtrain.config import Config
+from dtrain.config import Config, redact
 from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
-from dtrain.runtime import distributed, launch, preemption
+from dtrain.runtime import distributed, files, launch, preemption
 from dtrain.runtime.environments import DistEnv
-from dtrain.runtime.files import first_line
 from dtrain.train.config import load_config
 from dtrain.train.config import validate as validate_job
 
@@ -71,7 +70,8 @@ def prepare(
         env = distributed.read_env()
         rank = env.rank
         setup_logging(rank)
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = load_config(args.recipe, [*args.overrides, *redact.private_overrides()])
+        files.keep_private(cfg.private)  # before anything is written, and for the ranks torchrun starts
         if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
             # torchrun restarted the workers after a failure: continue, do not start over.
             cfg.resume = "auto"
@@ -81,7 +81,8 @@ def prepare(
     except Failure as e:
         fail(str(e), e.exit_code, rank)
     if relaunch and args.nproc_per_node and env.launcher == "single":
-        launch.exec_torchrun(args.nproc_per_node, args.recipe, args.overrides, command)
+        public, private = redact.portable(list(args.overrides))  # a password never on a command line
+        launch.exec_torchrun(args.nproc_per_node, args.recipe, public, command, private)
     return env, cfg
 
 
@@ -91,6 +92,7 @@ def setup_logging(rank: int) -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         stream=sys.stderr,
     )
+    redact.redact_logs()
 
 
 def join(env: DistEnv, cfg: Config) -> torch.device:
@@ -100,7 +102,7 @@ def join(env: DistEnv, cfg: Config) -> torch.device:
     except Exception as e:  # rendezvous failures: name the endpoint, not a stack
         fail(
             f"cannot join the process group at {env.master_addr}:{env.master_port} as rank {env.rank} "
-            f"of {env.world_size}: {first_line(e)}",
+            f"of {env.world_size}: {files.first_line(e)}",
             FAILED,
             env.rank,
             every_rank=True,
@@ -138,9 +140,9 @@ def report(line: str, code: int, rank: int) -> NoReturn:
     """Print this rank's error unless rank 0 reports the same one (deterministic errors hit
     every rank alike: one line, not one per rank), then exit with `code`."""
     if line and distributed.first_to_report(line):
-        print(shown(line, rank), file=sys.stderr, flush=True)
+        print(shown(redact.text(line), rank), file=sys.stderr, flush=True)
     if line:
-        to_torchrun(shown(line, rank))
+        to_torchrun(shown(redact.text(line), rank))
     sys.exit(code)
 
 
@@ -159,6 +161,6 @@ def to_torchrun(line: str) -> None:
 def fail(msg: str, code: int = BAD_INPUT, rank: int = 0, every_rank: bool = False) -> NoReturn:
     """One line, from rank 0 only when every rank hits the same (deterministic) problem."""
     if rank == 0 or every_rank:
-        print(shown(msg, rank), file=sys.stderr, flush=True)
-    to_torchrun(shown(msg, rank))
+        print(shown(redact.text(msg), rank), file=sys.stderr, flush=True)
+    to_torchrun(shown(redact.text(msg), rank))
     sys.exit(code)

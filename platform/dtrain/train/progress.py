@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from dtrain.config import redact
+
 
 class Progress:
     """Other ranks construct it with enabled=False and stay quiet."""
@@ -41,6 +43,7 @@ class Progress:
     def write(self, text: str) -> None:
         if not self.enabled:
             return
+        text = redact.text(text)
         if self.bar is not None:
             self.bar.write(text)
         else:

@@ -23,15 +23,18 @@ anything when output_dir holds another run's checkpoints, as every dtrain start 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
+import secrets
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 from dtrain import checkpoint, data, tracking
-from dtrain.config import Config
+from dtrain.config import Config, redact
 from dtrain.errors import ConfigError, WorkFailed, shown
 from dtrain.runtime import distributed, optional
 from dtrain.train import resume
@@ -154,26 +157,57 @@ def trainer(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    public = _workers_overrides(
+        [*overrides, f"output_dir={out}", f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}"],
+        remote=bool(address) or ray.is_initialized(),
+    )
     if not ray.is_initialized():
-        ray.init(address=address or None)
+        ray.init(address=address) if address else local_instance(ray)
     return TorchTrainer(
         train_loop,
         train_loop_config={
             "recipe": str(Path(recipe).resolve()),
             "job_id": job_id,
             "cwd": os.getcwd(),
-            "overrides": [
-                *overrides,
-                f"output_dir={out}",
-                f"tracking.uri={_absolute(tracking.resolve_uri(cfg.tracking.uri))}",
-            ],
-        },
+            "overrides": public,
+        },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.train.collective_timeout_s)),
         run_config=RunConfig(
             name=out.name, storage_path=str(out.parent), failure_config=FailureConfig(max_failures=max_failures)
         ),
     )
+
+
+def _workers_overrides(overrides: list[str], remote: bool) -> list[str]:
+    """The overrides that travel in the job's config (Ray keeps it, shows it): those holding a
+    password go in this process's environment instead, which a local instance's workers start
+    with; a cluster elsewhere gets none (one line: it needs MLflow's variables of its own)."""
+    public, private = redact.portable(overrides)
+    if private and remote:
+        key, _, value = next(o for o in overrides if redact.has_password(o)).partition("=")
+        raise ConfigError(key, redact.text(value), "holds a password, which would travel with the Ray job's config: "
+                          "give the cluster MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")  # fmt: skip
+    os.environ.update(private)
+    return public
+
+
+def local_instance(ray: Any) -> None:
+    """A Ray instance of this job's own, which no one else joins: token authentication on (Ray's
+    own, `RAY_AUTH_MODE=token`, with a fresh token in this process's environment, never in a
+    file) and its session folder inside a folder private to the user (Ray makes its own 0777).
+    A token the user set (`RAY_AUTH_TOKEN`, `RAY_AUTH_MODE`) is kept."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
+    redact.register(os.environ["RAY_AUTH_TOKEN"])
+    # Ray read its config when imported: have it read the mode and token again, as its own
+    # `ray.init()` does when it turns authentication on.
+    raylet: Any = importlib.import_module("ray._raylet")  # compiled: no type stubs
+    raylet.Config.initialize("")
+    raylet.AuthenticationTokenLoader.instance().reset_cache()
+    private = tempfile.mkdtemp(prefix="dtrain-ray-")  # 0700
+    log.info("ray: a local instance of this job's own (token authentication, its files in %s)", private)
+    ray.init(include_dashboard=False, _temp_dir=os.path.join(private, "ray"))
 
 
 def _validated(recipe: str, overrides: Sequence[str], workers: int, max_failures: int) -> Config:
@@ -200,7 +234,7 @@ def train_loop(config: dict[str, Any]) -> None:
         os.chdir(config["cwd"])
     env = distributed.read_env()
     job.setup_logging(env.rank)
-    cfg = load_config(config["recipe"], config["overrides"])
+    cfg = load_config(config["recipe"], [*config["overrides"], *redact.private_overrides()])
     data.plan_batches(cfg, env.world_size)
     device = distributed.init(env, cfg.train.collective_timeout_s)
     marker = Path(cfg.output_dir) / f".ray-{config['job_id']}"

@@ -192,7 +192,7 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
         out.rename(aside)
         log.warning("search: %s held an earlier trial's output; moved to %s", out, aside.name)
     extra = [*overrides(values), *trial_keys(a, trial, out, parent)]
-    args = [*a.overrides, *extra]
+    args, private = redact.portable([*a.overrides, *extra])  # a password never on a trial's command line
     cmd = (
         torchrun_cmd(a.nproc_per_node, a.recipe, args)
         if a.nproc_per_node
@@ -200,7 +200,7 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     )
     proc = subprocess.Popen(
         cmd,
-        env=torchrun_env({**os.environ, STORAGE_ENV: a.storage}),  # nosec B603 # dtrain's argv
+        env=torchrun_env({**os.environ, STORAGE_ENV: a.storage, **private}),  # nosec B603 # dtrain's argv
         start_new_session=True,
     )
     try:
