@@ -15,7 +15,9 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # Preemption: torchrun forwards SIGUSR1 (SLURM's --signal) to the workers too, which then
 # checkpoint after the current step and exit.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# dtrain's rendezvous backend: c10d, its store listening on the endpoint's address alone (torch's
+# own listens on every interface of the host that serves it).
 exec torchrun --nnodes "$NNODES" --nproc_per_node "${NPROC_PER_NODE:-gpu}" \
-  --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-dtrain}" \
+  --rdzv_backend dtrain --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-dtrain}" \
   --max_restarts "${MAX_RESTARTS:-3}" \
   -m dtrain train "$recipe" "$@"

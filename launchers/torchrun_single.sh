@@ -14,4 +14,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # Preemption: torchrun forwards SIGUSR1 (SLURM's --signal) to the workers too, which then
 # checkpoint after the current step and exit.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-exec torchrun --standalone --nproc_per_node "$NPROC" -m dtrain train "$recipe" "$@"
+# dtrain's rendezvous (torchrun's --standalone, but on loopback): nothing of the job listens
+# where another host, or this one's network address, reaches it.
+exec torchrun --nnodes 1 --nproc_per_node "$NPROC" \
+  --rdzv_backend dtrain --rdzv_endpoint 127.0.0.1:0 --local_addr 127.0.0.1 -m dtrain train "$recipe" "$@"

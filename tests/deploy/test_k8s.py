@@ -532,8 +532,20 @@ def test_the_kustomization_builds_with_generated_secrets_every_reference_resolve
     assert not [p for p in K8S.rglob("*") if p.is_file() and any(v in p.read_text() for v in values if len(v) > 20)]
 
 
+JOBSET = "jobset.sigs.k8s.io/jobset-name"
+"""The label JobSet gives each pod of a TrainJob (the TrainJob's name)."""
+
+
 def _pods_by_labels() -> dict[str, dict]:
-    return {name: t.get("metadata", {}).get("labels", {}) for name, t in pod_templates().items()}
+    pods = {name: dict(t.get("metadata", {}).get("labels", {})) for name, t in pod_templates().items()}
+    trainjob = next(d for _, d in documents() if d["kind"] == "TrainJob")
+    pods["ClusterTrainingRuntime/dtrain/0"][JOBSET] = trainjob["metadata"]["name"]  # as JobSet labels them
+    return pods
+
+
+def _job(labels: dict) -> tuple[str, str] | None:
+    """The label that names a pod's job, and its value."""
+    return next(((k, labels[k]) for k in ("dtrain.io/job", JOBSET) if k in labels), None)
 
 
 OUTSIDE = {"dns": {"k8s-app": "kube-dns"}, "internet": None}
@@ -587,16 +599,38 @@ def reachable(policies: list[dict], pods: dict[str, dict]) -> set[tuple[str, str
 
 
 def test_the_namespace_denies_by_default_and_allows_only_the_jobs_paths():
-    """Training pods reach each other and MLflow, MLflow reaches PostgreSQL, every pod the DNS;
-    nothing else: no pod reaches the internet, nothing outside reaches a pod."""
+    """A job's pods reach each other (only those of the same job) and MLflow, MLflow reaches
+    PostgreSQL, every pod the DNS; nothing else: no pod reaches the internet, nothing outside
+    reaches a pod."""
     pods = _pods_by_labels()
     policies = [d for _, d in documents() if d["kind"] == "NetworkPolicy"]
     training = {p for p in pods if p.startswith(TRAINING)}
     mlflow, postgres = "Deployment/mlflow/0", "StatefulSet/mlflow-postgres/0"
-    assert len(training) == 5
-    expected = ({(a, b) for a in training for b in training if a != b} | {(t, mlflow) for t in training}
-                | {(mlflow, postgres)} | {(p, "dns") for p in pods})  # fmt: skip
+    assert len(training) == 5 and all(_job(pods[t]) for t in training)
+    peers = {(a, b) for a in training for b in training if a != b and _job(pods[a]) == _job(pods[b])}
+    assert peers == {("PyTorchJob/dtrain-transformer/0", "PyTorchJob/dtrain-transformer/1"),
+                     ("PyTorchJob/dtrain-transformer/1", "PyTorchJob/dtrain-transformer/0")}  # fmt: skip
+    expected = peers | {(t, mlflow) for t in training} | {(mlflow, postgres)} | {(p, "dns") for p in pods}
     assert reachable(policies, pods) == expected
+
+    # A second pod of the Indexed Job reaches the first (its rendezvous); a pod of another job
+    # in the namespace, even one whose own policies let it send anywhere, does not.
+    def policy(name: str, job: str, direction: str) -> dict:
+        rule = {"from" if direction == "Ingress" else "to": [{"podSelector": {}}]}
+        return {"kind": "NetworkPolicy", "metadata": {"name": name},
+                "spec": {"podSelector": {"matchLabels": {"dtrain.io/job": job}}, "policyTypes": [direction],
+                         direction.lower(): [rule]}}  # fmt: skip
+
+    indexed = pods["Job/dtrain-indexed/0"]
+    more = {**pods, "Job/dtrain-indexed/1": indexed, "Job/other/0": {**indexed, "dtrain.io/job": "other"}}
+    sends_anywhere = policy("other-egress", "other", "Egress")
+    paths = reachable([*policies, sends_anywhere], more)
+    assert ("Job/dtrain-indexed/1", "Job/dtrain-indexed/0") in paths
+    assert ("Job/other/0", "Job/dtrain-indexed/0") not in paths
+    # What the job's own policy does: with one letting any pod of the namespace in (as when all
+    # training pods shared one policy), the other job's pod reaches the rendezvous.
+    lifted = [*policies, sends_anywhere, policy("open", "dtrain-indexed", "Ingress")]
+    assert ("Job/other/0", "Job/dtrain-indexed/0") in reachable(lifted, more)
     # What the label does: a training pod without it is not let in.
     assert ("Job/dtrain-indexed/0", mlflow) not in reachable(policies, {**pods, "Job/dtrain-indexed/0": {}})
     # What default-deny does: a pod no other policy names (one added later) is closed to the outside.

@@ -15,7 +15,7 @@ def add(sub: Any) -> None:
         "train",
         run,
         "train a recipe (1 process, or under torchrun / deepspeed / accelerate / srun, or as a Ray Train job)",
-        "validate, then run N ranks on this machine via torchrun --standalone",
+        "validate, then run N ranks on this machine via torchrun (its stores on loopback)",
     )
     t.add_argument(
         "--ray-workers",

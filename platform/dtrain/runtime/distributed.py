@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from dtrain.runtime import environments
+from dtrain.runtime import environments, rendezvous
 from dtrain.runtime.environments import DistEnv as DistEnv  # re-exported
 from dtrain.runtime.environments import LaunchError as LaunchError
 
@@ -83,10 +83,13 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
             env.local_world_size,
             torch.cuda.device_count(),
         )
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend,
-        init_method="env://",
-        timeout=datetime.timedelta(seconds=timeout_s),
+        store=_group_store(env, timeout),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
         device_id=device if backend == "nccl" else None,
     )
     # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
@@ -95,6 +98,19 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
 
 
 _monitor = None
+
+
+def _group_store(env: DistEnv, timeout: datetime.timedelta) -> rendezvous.TCPStore:
+    """The process group's store, which rank 0 serves on one address: loopback when every rank
+    is on this host (and gloo's connections with it), else the address `MASTER_ADDR` names.
+    torch's `env://` would listen on every interface. A store torchrun's agent lends is joined."""
+    host, local = env.master_addr, rendezvous.is_local_only(env.world_size, env.local_world_size)
+    if local:
+        host = "127.0.0.1"
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    serves = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    return rendezvous.store(host, env.master_port, serves, timeout, across_hosts=not local, world_size=env.world_size)
 
 
 def is_timeout(e: BaseException) -> bool:

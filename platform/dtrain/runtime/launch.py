@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from typing import Sequence
 
 
@@ -16,7 +17,13 @@ def torchrun_cmd(
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        # torchrun's --standalone, with its store on loopback: nothing of the job is reachable
+        # from another host (dtrain.runtime.rendezvous).
+        "--nnodes=1",
+        "--rdzv-backend=dtrain",
+        "--rdzv-endpoint=127.0.0.1:0",
+        f"--rdzv-id={uuid.uuid4().hex}",
+        "--local-addr=127.0.0.1",
         f"--nproc_per_node={nproc}",
         f"--max-restarts={max_restarts}",
         "-m",
