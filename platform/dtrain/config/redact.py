@@ -74,9 +74,10 @@ def url(s: str) -> str:
 
 
 def has_password(s: str) -> bool:
-    """A URL in `s` holds a password, or a query parameter names a secret."""
-    return any((p := _userinfo(m["rest"])) is not None and bool(p[1]) for m in _URL.finditer(s)) or bool(
-        _QUERY.search(s)
+    """A URL in `s` holds a password, or a query parameter names a secret (one masked already,
+    `***`, is none)."""
+    return any((p := _userinfo(m["rest"])) is not None and p[1] not in ("", MASK) for m in _URL.finditer(s)) or any(
+        q["value"] != MASK for q in _QUERY.finditer(s)
     )
 
 
