@@ -4,6 +4,7 @@ with a line naming it."""
 
 import json
 import signal
+import socket
 import subprocess
 import time
 
@@ -88,6 +89,6 @@ def test_hung_rank_ends_the_job_with_its_name(tmp_path):
     ours = [line for line in stderr.splitlines() if line.startswith("dtrain: error:")]
     assert ours == [
         "dtrain: error: a collective waited longer than train.collective_timeout_s=8s: "
-        "rank(s) 1 never joined it (hung or dead)"
+        f"rank(s) 1 (host {socket.gethostname()}) never joined it (hung or dead)"
     ], stderr[-3000:]
     assert time.time() - t0 < 120

@@ -4,6 +4,7 @@ of 1 host x 2 ranks over a rendezvous bound to the cluster's address."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import textwrap
 import time
@@ -138,3 +139,103 @@ def test_two_hosts_of_one_rank_train_to_one_host_of_two_ranks(tmp_path, tiny_run
     # Every socket of the job, sampled while it ran, on its host's address: none on 0.0.0.0 / ::.
     assert listened == {h.name: {h.addr} for h in hosts}, listened
     assert max_param_diff(load_params(out / "model.pt"), load_params(reference / "model.pt"), buffers=True) <= 1e-6
+
+
+def _two_host_job(hosts: list[Host], tmp_path, *overrides: str, restarts: int = 0) -> list[subprocess.Popen[str]]:
+    """`torchrun --nnodes 2` of 1 rank on each host (dtrain's rendezvous on the first), its output
+    in `<host>.log`."""
+    env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
+    return [
+        h.popen(
+            [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=dtrain",
+                f"--rdzv-endpoint={hosts[0].name}:29400",
+                f"--rdzv-id={tmp_path.name}",
+                f"--max-restarts={restarts}",
+                "-m",
+                "dtrain",
+                "train",
+                CNN,
+                *TINY_CNN,
+                *overrides,
+            ],  # fmt: skip
+            stdout=(tmp_path / f"{h.name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+        for h in hosts
+    ]
+
+
+def _wait_for(path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"{text!r} never appeared in {path}: {path.read_text()[-2000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_rank_frozen_on_another_host_ends_the_job_naming_its_rank_and_host(tmp_path):
+    """Host b's processes SIGSTOPped mid-run (its sockets open and silent): rank 0 on host a
+    gives up after train.collective_timeout_s and says which rank and host stopped answering,
+    within the stated bound (timeout 8 s + the 10 s it gives the monitored barrier + exit)."""
+    with Hosts(2) as hosts:
+        a, b = hosts
+        procs = _two_host_job(hosts, tmp_path, "train.max_steps=100000", "tracking.log_every=1",
+                              "train.collective_timeout_s=8", f"output_dir={tmp_path / 'out'}")  # fmt: skip
+        log_a = tmp_path / f"{a.name}.log"
+        _wait_for(log_a, "\nstep ")  # rank 0 (host a: the rendezvous orders hosts by name) trains
+        b.freeze()
+        frozen = time.monotonic()
+        procs[0].wait(timeout=120)
+        took = time.monotonic() - frozen
+    lines = [line for line in log_a.read_text().splitlines() if line.startswith("dtrain: error:")]
+    assert lines == [
+        "dtrain: error: a collective waited longer than train.collective_timeout_s=8s: "
+        f"rank(s) 1 (host {b.name}) never joined it (hung or dead)"
+    ], log_a.read_text()[-3000:]
+    print(f"host b frozen: host a's agent ended {took:.1f}s later")
+    assert procs[0].returncode != 0 and took < 40, took
+
+
+@pytest.mark.slow
+def test_a_host_whose_link_is_cut_rejoins_and_the_job_resumes_in_the_same_mlflow_run(tmp_path):
+    """Host b's link cut after step 10's checkpoint (no FIN, no RST): rank 0 on host a notices
+    within train.collective_timeout_s; once the link is back, the agents restart the group, which
+    resumes from step 10 and finishes in the same MLflow run, every step's metrics there."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    with Hosts(2) as hosts:
+        a, b = hosts
+        procs = _two_host_job(
+            hosts, tmp_path, "train.max_steps=40", "checkpoint.every_steps=10", "train.collective_timeout_s=8",
+            "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_every=1", f"output_dir={out}",
+            "task=faulty:SlowCNN", restarts=1,
+        )  # fmt: skip
+        log_a = tmp_path / f"{a.name}.log"
+        _wait_for(log_a, "\nstep 12/")  # past step 10's checkpoint
+        b.cut()
+        cut = time.monotonic()
+        _wait_for(log_a, "collective_timeout_s=8s", timeout=60)
+        noticed = time.monotonic() - cut
+        b.restore()
+        for p in procs:
+            p.wait(timeout=300)
+    text = log_a.read_text()
+    print(f"link cut: host a noticed in {noticed:.1f}s")
+    assert [p.returncode for p in procs] == [0, 0], text[-3000:]
+    assert noticed < 30 and "resumed at step 10" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(1, 41)), steps

@@ -144,3 +144,12 @@ class KillOnceCNN(CNNTask):
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().train_step(engines, micro_batches, terms)
+
+
+class SlowCNN(CNNTask):
+    """The CNN recipe's own task, each step 0.2 s longer: a run a test can act on mid-way
+    (cut a host's link between two checkpoints) whatever the machine's speed."""
+
+    def train_step(self, engines, micro_batches, terms=None):
+        time.sleep(0.2)
+        return super().train_step(engines, micro_batches, terms)

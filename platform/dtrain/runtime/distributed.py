@@ -84,9 +84,12 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
             torch.cuda.device_count(),
         )
     timeout = datetime.timedelta(seconds=timeout_s)
+    global _store
+    store = _store = _group_store(env, timeout)
+    store.set(f"dtrain/host/{env.rank}", socket.gethostname())  # for naming a rank that stops answering
     dist.init_process_group(
         backend,
-        store=_group_store(env, timeout),
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
@@ -98,6 +101,7 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
 
 
 _monitor = None
+_store: Any = None  # the group's store (rank 0 serves it): who runs where
 
 
 def _group_store(env: DistEnv, timeout: datetime.timedelta) -> rendezvous.TCPStore:
@@ -181,6 +185,20 @@ def stuck_ranks(wait_s: float = 10.0) -> list[int] | None:
         return [int(r) for r in match.group(1).replace(" ", "").split(",") if r] if match else None
 
 
+def named(ranks: list[int]) -> str:
+    """`1 (host b), 3 (host c)`: ranks with the host each runs on, as they said when they joined
+    (a rank that never said: the rank alone)."""
+
+    def host(rank: int) -> str:
+        key = f"dtrain/host/{rank}"
+        try:
+            return f" (host {_store.get(key).decode()})" if _store is not None and _store.check([key]) else ""
+        except Exception:  # the store is rank 0's: gone with it
+            return ""
+
+    return ", ".join(f"{r}{host(r)}" for r in ranks)
+
+
 def init_single_process_group(device: torch.device) -> None:
     """A 1-rank group on a free loopback port, for libraries that insist on one (DeepSpeed)."""
     if dist.is_initialized():
@@ -200,7 +218,7 @@ def shutdown(clean: bool = True) -> None:
     and then for every rank to have torn its group down before any exits: a gloo rank whose
     peer's process closes its connections while it still holds them can abort (SIGABRT).
     After an error the peers may be gone, so no waiting is attempted."""
-    global _monitor
+    global _monitor, _store
     if dist.is_initialized():
         store = dist.distributed_c10d._get_default_store() if clean else None
         world = dist.get_world_size()
@@ -215,6 +233,7 @@ def shutdown(clean: bool = True) -> None:
         if store is not None and world > 1:
             exit_barrier(store, world)
     _monitor = None
+    _store = None
 
 
 def exit_barrier(store: Any, world: int, key: str = "dtrain/exited", timeout_s: float = 30.0) -> None:

@@ -121,7 +121,7 @@ def explain(e: BaseException, cfg: Config) -> tuple[str | None, int]:
     if distributed.is_timeout(e):
         stuck = distributed.stuck_ranks()
         who = (
-            f"rank(s) {', '.join(map(str, stuck))} never joined it (hung or dead)"
+            f"rank(s) {distributed.named(stuck)} never joined it (hung or dead)"
             if stuck
             else "the rank that stalled could not be determined"
         )
