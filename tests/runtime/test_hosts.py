@@ -239,3 +239,75 @@ def test_a_host_whose_link_is_cut_rejoins_and_the_job_resumes_in_the_same_mlflow
     assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(set(steps)) == list(range(1, 41)), steps
+
+
+@pytest.mark.slow
+def test_an_elastic_job_goes_on_alone_when_a_host_is_cut_and_takes_it_back_when_it_returns(tmp_path):
+    """`--nnodes 1:2`: host b's link cut after step 10's checkpoint; host a goes on alone from
+    step 10 with the global batch kept (1 rank x 64 instead of 2 x 32), and when the link is back
+    the agents grow the group to 2 again, which resumes where host a got to. One MLflow run, 80
+    steps of 64 samples."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    with Hosts(2) as hosts:
+        a, b = hosts
+        env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
+        procs = [
+            h.popen(
+                [
+                    PY,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=1:2",
+                    "--nproc-per-node=1",
+                    "--rdzv-backend=dtrain",
+                    f"--rdzv-endpoint={a.name}:29400",
+                    "--rdzv-id=elastic",
+                    "--max-restarts=3",
+                    # a lost agent is let go after 3 missed 2 s keep-alives; a round closes 2 s after its last join
+                    "--rdzv-conf=last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=3",
+                    "-m",
+                    "dtrain",
+                    "train",
+                    CNN,
+                    *TINY_CNN,
+                    "train.max_steps=80",
+                    "checkpoint.every_steps=10",
+                    "train.collective_timeout_s=8",
+                    "tracking.enabled=true",
+                    f"tracking.uri={uri}",
+                    "tracking.log_every=1",
+                    f"output_dir={out}",
+                    "task=faulty:SlowCNN",
+                ],  # fmt: skip
+                stdout=(tmp_path / f"{h.name}.log").open("w"),
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp_path,
+            )
+            for h in hosts
+        ]
+        log_a = tmp_path / f"{a.name}.log"
+        _wait_for(log_a, "\nstep 12/")
+        b.cut()
+        cut = time.monotonic()
+        _wait_for(log_a, "resumed at step 10", timeout=90)
+        alone = time.monotonic() - cut
+        time.sleep(5)  # host a trains alone a while
+        b.restore()
+        for p in procs:
+            p.wait(timeout=300)
+    text = log_a.read_text()
+    print(f"link cut: host a trained alone {alone:.1f}s later")
+    assert [p.returncode for p in procs] == [0, 0], text[-3000:]
+    starts = [line for line in text.splitlines() if line.startswith("dtrain: cnn_digits |")]
+    assert len(starts) == 3 and "ddp x1" in starts[1] and "1 rank x 64 x 1 accum" in starts[1], starts
+    assert "resumed at step 10 " in starts[1] and "ddp x2" in starts[2] and "resumed at step" in starts[2], starts
+    assert alone < 60, alone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 80 and summary["samples_seen"] == 80 * 64
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
