@@ -5,6 +5,7 @@ of 1 host x 2 ranks over a rendezvous bound to the cluster's address."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import textwrap
 import time
@@ -233,6 +234,11 @@ def test_a_host_whose_link_is_cut_rejoins_and_the_job_resumes_in_the_same_mlflow
     print(f"link cut: host a noticed in {noticed:.1f}s")
     assert [p.returncode for p in procs] == [0, 0], text[-3000:]
     assert noticed < 30 and "resumed at step 10" in text, text[-3000:]
+    # The goodput account: 2 attempts, the wait for the lost host as downtime (at least the
+    # collective timeout), the steps after the checkpoint as redone.
+    (goodput,) = re.findall(r"^goodput .* over 2 attempts: .*$", text, re.M)
+    downtime, redone = re.search(r"(\d+) steps redone [\d.]+s, downtime ([\d.]+)s", goodput).group(2, 1)
+    assert float(downtime) >= 8 and int(redone) >= 2, goodput
     summary = json.loads((out / "summary.json").read_text())
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
