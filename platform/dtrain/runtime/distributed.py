@@ -84,12 +84,9 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
             torch.cuda.device_count(),
         )
     timeout = datetime.timedelta(seconds=timeout_s)
-    global _store
-    store = _store = _group_store(env, timeout)
-    store.set(f"dtrain/host/{env.rank}", socket.gethostname())  # for naming a rank that stops answering
     dist.init_process_group(
         backend,
-        store=store,
+        store=_group_store(env, timeout),
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
@@ -114,7 +111,11 @@ def _group_store(env: DistEnv, timeout: datetime.timedelta) -> rendezvous.TCPSto
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     serves = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    return rendezvous.store(host, env.master_port, serves, timeout, across_hosts=not local, world_size=env.world_size)
+    global _store
+    store = rendezvous.store(host, env.master_port, serves, timeout, across_hosts=not local, world_size=env.world_size)
+    store.set(f"dtrain/host/{env.rank}", socket.gethostname())  # for naming a rank that stops answering
+    _store = store
+    return store
 
 
 def is_timeout(e: BaseException) -> bool:
