@@ -92,6 +92,28 @@ def test_a_single_host_run_leaves_nothing_another_host_can_reach(tmp_path):
         assert _exposed(a, c) == []
 
 
+def _two_host_job(
+    hosts: list[Host], tmp_path, *overrides: str, restarts: int = 0, nnodes: str = "2", rdzv_conf: str = ""
+) -> list[subprocess.Popen[str]]:
+    """`torchrun --nnodes NNODES` of 1 rank on each host (dtrain's rendezvous on the first, gloo on
+    the hosts' eth0), the CNN recipe with `overrides`, each host's output in `<host>.log`."""
+    env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
+    conf = [f"--rdzv-conf={rdzv_conf}"] if rdzv_conf else []
+    torchrun = [PY, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1", "--rdzv-backend=dtrain",
+                f"--rdzv-endpoint={hosts[0].name}:29400", f"--rdzv-id={tmp_path.name}", f"--max-restarts={restarts}",
+                *conf]  # fmt: skip
+    return [
+        h.popen(
+            [*torchrun, "-m", "dtrain", "train", CNN, *TINY_CNN, *overrides],
+            stdout=(tmp_path / f"{h.name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+        for h in hosts
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_hosts_of_one_rank_train_to_one_host_of_two_ranks(tmp_path, tiny_runs, engine):
@@ -100,36 +122,10 @@ def test_two_hosts_of_one_rank_train_to_one_host_of_two_ranks(tmp_path, tiny_run
     alone, none on every interface."""
     overrides = [*DDP_BASELINE] if engine == "ddp" else ["engine=fsdp", "fsdp.offload=true", "ema.decay=0.9"]
     reference = tiny_runs(f"cnn-{engine}", *overrides, recipe=CNN, base=TINY_CNN)
-    env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
     out = tmp_path / "run"
     with Hosts(2) as hosts:
         logs = [tmp_path / f"{h.name}.log" for h in hosts]
-        procs = [
-            h.popen(
-                [
-                    PY,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes=2",
-                    "--nproc-per-node=1",
-                    "--rdzv-backend=dtrain",
-                    f"--rdzv-endpoint={hosts[0].name}:29400",
-                    "--rdzv-id=parity",
-                    "-m",
-                    "dtrain",
-                    "train",
-                    CNN,
-                    *TINY_CNN,
-                    *overrides,
-                    f"output_dir={out}",
-                ],  # fmt: skip
-                stdout=log.open("w"),
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=tmp_path,
-            )
-            for h, log in zip(hosts, logs)
-        ]
+        procs = _two_host_job(hosts, tmp_path, *overrides, f"output_dir={out}")
         listened: dict[str, set[str]] = {h.name: set() for h in hosts}
         deadline = time.monotonic() + 300
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -140,38 +136,6 @@ def test_two_hosts_of_one_rank_train_to_one_host_of_two_ranks(tmp_path, tiny_run
     # Every socket of the job, sampled while it ran, on its host's address: none on 0.0.0.0 / ::.
     assert listened == {h.name: {h.addr} for h in hosts}, listened
     assert max_param_diff(load_params(out / "model.pt"), load_params(reference / "model.pt"), buffers=True) <= 1e-6
-
-
-def _two_host_job(hosts: list[Host], tmp_path, *overrides: str, restarts: int = 0) -> list[subprocess.Popen[str]]:
-    """`torchrun --nnodes 2` of 1 rank on each host (dtrain's rendezvous on the first), its output
-    in `<host>.log`."""
-    env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
-    return [
-        h.popen(
-            [
-                PY,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                "--rdzv-backend=dtrain",
-                f"--rdzv-endpoint={hosts[0].name}:29400",
-                f"--rdzv-id={tmp_path.name}",
-                f"--max-restarts={restarts}",
-                "-m",
-                "dtrain",
-                "train",
-                CNN,
-                *TINY_CNN,
-                *overrides,
-            ],  # fmt: skip
-            stdout=(tmp_path / f"{h.name}.log").open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=tmp_path,
-        )
-        for h in hosts
-    ]
 
 
 def _wait_for(path, text: str, timeout: float = 120) -> None:
@@ -259,42 +223,13 @@ def test_an_elastic_job_goes_on_alone_when_a_host_is_cut_and_takes_it_back_when_
     out = tmp_path / "out"
     with Hosts(2) as hosts:
         a, b = hosts
-        env = env_for_cli(GLOO_SOCKET_IFNAME="eth0")
-        procs = [
-            h.popen(
-                [
-                    PY,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes=1:2",
-                    "--nproc-per-node=1",
-                    "--rdzv-backend=dtrain",
-                    f"--rdzv-endpoint={a.name}:29400",
-                    "--rdzv-id=elastic",
-                    "--max-restarts=3",
-                    # a lost agent is let go after 3 missed 2 s keep-alives; a round closes 2 s after its last join
-                    "--rdzv-conf=last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=3",
-                    "-m",
-                    "dtrain",
-                    "train",
-                    CNN,
-                    *TINY_CNN,
-                    "train.max_steps=80",
-                    "checkpoint.every_steps=10",
-                    "train.collective_timeout_s=8",
-                    "tracking.enabled=true",
-                    f"tracking.uri={uri}",
-                    "tracking.log_every=1",
-                    f"output_dir={out}",
-                    "task=faulty:SlowCNN",
-                ],  # fmt: skip
-                stdout=(tmp_path / f"{h.name}.log").open("w"),
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=tmp_path,
-            )
-            for h in hosts
-        ]
+        procs = _two_host_job(
+            hosts, tmp_path, "train.max_steps=80", "checkpoint.every_steps=10", "train.collective_timeout_s=8",
+            "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_every=1", f"output_dir={out}",
+            "task=faulty:SlowCNN", restarts=3, nnodes="1:2",
+            # a lost agent is let go after 3 missed 2 s keep-alives; a round closes 2 s after its last join
+            rdzv_conf="last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=3",
+        )  # fmt: skip
         log_a = tmp_path / f"{a.name}.log"
         _wait_for(log_a, "\nstep 12/")
         b.cut()
