@@ -50,12 +50,11 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
     device = pick_device(env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    global _monitor
     if env.world_size == 1:
         return device
-    if dist.is_initialized():  # made by the launcher (Ray Train): keep it, add the side group
+    if dist.is_initialized():  # made by the launcher (Ray Train): keep it, add the side groups
         if _monitor is None:
-            _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            _side_groups(timeout_s)
         return device
     os.environ.update(
         RANK=str(env.rank),
@@ -92,12 +91,23 @@ def init(env: DistEnv, timeout_s: float = 1800) -> torch.device:
         timeout=timeout,
         device_id=device if backend == "nccl" else None,
     )
-    # A side gloo group for naming stuck ranks after a timeout: the main group may be wedged.
-    _monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _side_groups(timeout_s)
     return device
 
 
+def _side_groups(timeout_s: float) -> None:
+    """Two gloo groups beside the main one: `_side` for small CPU collectives (a lagged
+    maximum, an agreement), `_monitor` for naming stuck ranks after a timeout. The monitor has
+    a group of its own: a side collective left waiting on a dead rank would queue the
+    monitored barrier behind it, and the stuck rank could not be named."""
+    global _monitor, _side
+    timeout = datetime.timedelta(seconds=timeout_s)
+    _side = dist.new_group(backend="gloo", timeout=timeout)
+    _monitor = dist.new_group(backend="gloo", timeout=timeout)
+
+
 _monitor = None
+_side = None
 _store: Any = None  # the group's store (rank 0 serves it): who runs where
 
 
@@ -219,7 +229,7 @@ def shutdown(clean: bool = True) -> None:
     and then for every rank to have torn its group down before any exits: a gloo rank whose
     peer's process closes its connections while it still holds them can abort (SIGABRT).
     After an error the peers may be gone, so no waiting is attempted."""
-    global _monitor, _store
+    global _monitor, _side, _store
     if dist.is_initialized():
         store = dist.distributed_c10d._get_default_store() if clean else None
         world = dist.get_world_size()
@@ -233,7 +243,7 @@ def shutdown(clean: bool = True) -> None:
         dist.destroy_process_group()
         if store is not None and world > 1:
             exit_barrier(store, world)
-    _monitor = None
+    _monitor = _side = None
     _store = None
 
 
@@ -374,7 +384,7 @@ class LaggedAny(LaggedMax):
 def side_group() -> Any:
     """The side gloo group (CPU tensors, never a GPU stream), or the default group where
     there is none (a gloo-only test group)."""
-    return _monitor
+    return _side
 
 
 def agree(ok: bool) -> bool:
