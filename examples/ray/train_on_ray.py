@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts Ray may make")
     p.add_argument("--address", default="", help="a running Ray cluster (auto); default: start one here")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # options before, among or after the overrides, as the docstring shows
     trainer = ray_job.trainer(
         args.recipe, args.overrides, args.workers, max_failures=args.max_failures, address=args.address
     )

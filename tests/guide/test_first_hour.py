@@ -4,6 +4,7 @@ day needs (train on 1 and 2 ranks, check (and a planted bug it catches), compare
 predict), each answering as the guide and the README say."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -34,11 +35,18 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     keys = check(run_dtrain(["keys", recipe], cwd=work)).stdout
     assert "model.hidden = 64" in keys and "Width of the two hidden layers." in keys
 
-    # Train on 1 and on 2 ranks; the last line says where the run went and how to see it.
-    one = check(run_dtrain(["train", recipe, *tracked, "output_dir=runs/one"], cwd=work))
+    # Train on 1 and on 2 ranks; the last line says where the run went and how to see it. With
+    # OMP_NUM_THREADS unset, as a new user has it, the host's cores are shared out alike: all of
+    # them to 1 process, half to each of 2 ranks (torchrun alone would give each rank 1).
+    cores, fresh = len(os.sched_getaffinity(0)), {"OMP_NUM_THREADS": ""}
+    one = check(run_dtrain(["train", recipe, *tracked, "output_dir=runs/one"], cwd=work, **fresh))
     assert one.stdout.strip().splitlines()[-1].startswith("done: 330 steps | eval rmse ")
     assert f"mlflow ui --backend-store-uri {uri}" in one.stdout
-    two = check(run_dtrain(["train", recipe, *tracked, "output_dir=runs/two", "--nproc-per-node", "2"], cwd=work))
+    assert f"ddp x1 (none, cpu, fp32, {cores} thread" in one.stdout, one.stdout
+    two = check(
+        run_dtrain(["train", recipe, *tracked, "output_dir=runs/two", "--nproc-per-node", "2"], cwd=work, **fresh)
+    )
+    assert f"ddp x2 (gloo, cpu, fp32, {max(1, cores // 2)} thread" in two.stdout, two.stdout
     s = json.loads((work / "runs" / "two" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["eval"]["r2"] >= 0.3, s["eval"]  # the guide: 0.34 (linear regression 0.33)
     assert "rmse" in two.stdout

@@ -1,5 +1,7 @@
 """The rank bootstrap reads every launcher's environment into the same DistEnv."""
 
+import os
+
 import pytest
 
 from dtrain.errors import LaunchError
@@ -129,3 +131,18 @@ def test_backend_is_nccl_with_a_gpu_per_rank_and_gloo_when_ranks_share_one():
     assert pick_backend("cuda", 8, 8) == "nccl" and pick_backend("cuda", 1, 1) == "nccl"
     assert pick_backend("cuda", 2, 1) == "gloo"  # two ranks on one GPU: NCCL would refuse
     assert pick_backend("cpu", 2, 0) == "gloo"
+
+
+def test_each_rank_dtrain_starts_gets_its_share_of_the_cores(monkeypatch):
+    """1 process gets every core this process may use, N ranks a 1/N share each (at least 1);
+    a user's OMP_NUM_THREADS wins. torchrun's own default would be 1 per rank on any host."""
+    from dtrain.runtime import launch
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.threads_per_rank(1) == cores and launch.threads_per_rank(cores * 4) == 1
+    assert launch.torchrun_env(nproc=2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert launch.rank_threads(2) == max(1, cores // 2)
+    assert "OMP_NUM_THREADS" not in launch.torchrun_env()  # no ranks named: torchrun decides
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch.torchrun_env(nproc=2)["OMP_NUM_THREADS"] == "3" and launch.rank_threads(2) == 3

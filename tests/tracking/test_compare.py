@@ -90,9 +90,11 @@ def test_linear_rule_keeps_parity_and_no_scaling_shows_a_gap(parity):
     assert runs[ids["1x32"]]["samples"] == 30 * (1437 // 32) * 32
     for r in runs.values():
         assert r["wall_time_s"] > 0 and r["samples_per_s"] > 0 and r["final_train_loss"] > 0
-    # The stdout table names every run with its world size, batch and LR.
+    # The stdout table names every run with its world size, threads per rank, batch and LR.
     for name in ids:
         assert name in proc.stdout
+    assert "threads" in proc.stdout.splitlines()[0] or any(" threads " in line for line in proc.stdout.splitlines())
+    assert all(r["threads"] == 1 for r in report["runs"])  # the tests' OMP_NUM_THREADS=1, on 1 and 2 ranks
     assert (root / "cmp" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Plot and JSON are also in MLflow, on a comparison run that compare itself ignores.

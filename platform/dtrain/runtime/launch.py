@@ -34,15 +34,37 @@ def torchrun_cmd(
     ]
 
 
-def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def threads_per_rank(nproc: int) -> int:
+    """Intra-op threads for each of `nproc` ranks on this host: the cores this process may use,
+    shared out. A lone process gets them all, as torch gives it by default; torchrun's own
+    default for several ranks is 1 whatever the host, so 1 process and 2 ranks on 2 cores ran
+    with 2 and 1+1 threads but 2 ranks on 16 cores with 1+1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, nproc))
+
+
+def rank_threads(nproc: int) -> int:
+    """The threads each of `nproc` ranks dtrain starts here runs with: `OMP_NUM_THREADS` where
+    the user set it, else `threads_per_rank`."""
+    return int(os.environ.get("OMP_NUM_THREADS") or threads_per_rank(nproc))
+
+
+def torchrun_env(base: dict[str, str] | None = None, nproc: int = 0) -> dict[str, str]:
     """`base` (this environment) for a torchrun agent, with restarts made safe (the agent's
     own store, lent to the workers by default, keeps a dead attempt's keys: pytorch#135712)
-    and SIGUSR1, SLURM's preemption notice, forwarded to the workers like SIGTERM."""
-    return {
+    and SIGUSR1, SLURM's preemption notice, forwarded to the workers like SIGTERM. With
+    `nproc`, each rank gets `threads_per_rank(nproc)` threads unless `OMP_NUM_THREADS` is set."""
+    env = {
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         **(os.environ if base is None else base),
     }
+    if nproc and not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
+    return env
 
 
 def exec_torchrun(
@@ -53,4 +75,4 @@ def exec_torchrun(
     input never reaches torchrun (whose agent would add its own failure report)."""
     sys.stdout.flush()
     cmd = torchrun_cmd(nproc, recipe, overrides, command=command)
-    os.execve(sys.executable, cmd, {**torchrun_env(), **(env or {})})  # nosec B606 # this interpreter running torchrun, no shell
+    os.execve(sys.executable, cmd, {**torchrun_env(nproc=nproc), **(env or {})})  # nosec B606 # this interpreter running torchrun, no shell

@@ -40,7 +40,7 @@ def sweep(recipe: str, overrides: Sequence[str], sizes: list[int], keep: str) ->
             n, recipe, [*overrides, *extra[n], f"output_dir={out}", f"tracking.run_name={cfg.recipe}-{n}x"]
         )
         print(f"sweep: {n} rank(s) -> {out}", flush=True)
-        if subprocess.run(cmd, env=launch.torchrun_env()).returncode != 0:  # nosec B603 # dtrain's own argv, no shell
+        if subprocess.run(cmd, env=launch.torchrun_env(nproc=n)).returncode != 0:  # nosec B603 # dtrain's own argv, no shell
             raise WorkFailed(f"sweep: the {n}-rank run failed (see above)")
         run_ids.append(json.loads((out / "summary.json").read_text()).get("run_id"))
     if not all(run_ids):

@@ -45,6 +45,8 @@ class RunInfo:
     time_to_target_s: float | None = None
     curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict, repr=False)
     """metric -> [(samples seen, seconds since start, value)]"""
+    threads: int | None = None
+    """Intra-op threads per rank (CPU): speeds of 1 and N ranks compare only at equal threads."""
 
 
 def _history(client: MlflowClient, run: Run, key: str, global_batch: int) -> list[tuple[int, float, float]]:
@@ -96,6 +98,7 @@ def _info(client: MlflowClient, run: Any, metric: str) -> RunInfo | None:
         final_train_loss=loss[-1][2] if loss else math.nan, final_metric=evals[-1][2] if evals else math.nan,
         start_time_ms=run.info.start_time, output_dir=run.data.params.get("output_dir", ""),
         curves={"train/loss": loss, metric: evals},
+        threads=int(tags["dtrain.threads"]) if "dtrain.threads" in tags else None,
     )  # fmt: skip
 
 
@@ -151,6 +154,7 @@ def table(runs: list[RunInfo], metric: str) -> str:
     cols = [
         "run",
         "world",
+        "threads",
         "global batch",
         "scaled lr",
         "steps",
@@ -165,6 +169,7 @@ def table(runs: list[RunInfo], metric: str) -> str:
         [
             r.run_name or r.run_id[:8],
             r.world_size,
+            "-" if r.threads is None else r.threads,
             r.global_batch,
             f"{r.scaled_lr:.4g}",
             r.steps,

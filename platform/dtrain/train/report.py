@@ -47,6 +47,7 @@ def run_tags(cfg: Config, env: distributed.DistEnv, plan: data.BatchPlan, engine
         "dtrain.deepspeed": ds_version,
         "dtrain.python": platform.python_version(),
         "dtrain.device": str(first.device.type),
+        "dtrain.threads": torch.get_num_threads(),
         "dtrain.run_label": f"{cfg.recipe}-{plan.world_size}x",
     }
     if len(engines) > 1:
@@ -91,9 +92,12 @@ def describe(
         for n, e in engines.items()
     )
     ranks = f"{plan.world_size} rank{'s' * (plan.world_size > 1)}"
+    n = torch.get_num_threads()  # a CPU rank's speed depends on it: 1 process and N ranks are compared by it
+    threads = f", {n} thread{'s' * (n > 1)}" if first.device.type == "cpu" else ""
     return (
         f"dtrain: {cfg.recipe} | task {cfg.task} | {first.name} x{plan.world_size} ({distributed.backend()}, "
-        f"{first.device.type}) | global batch {plan.global_batch} = {ranks} x {plan.per_rank} x {plan.accum} accum "
+        f"{first.device.type}, {cfg.precision}{threads}) | global batch {plan.global_batch} = {ranks} x "
+        f"{plan.per_rank} x {plan.accum} accum "
         f"| {lrs} | {total_steps} steps"
         + (f" | fp32 matmuls {fp32_matmuls}" if fp32_matmuls else "")
         + (" | compiled" if cfg.compile else "")

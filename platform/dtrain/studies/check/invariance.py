@@ -251,12 +251,19 @@ def run(
     """Record at world size 1 (twice) here and at `nproc` under torchrun; compare; explain."""
     folder = Path(cfg.output_dir) / "check" / "invariance"
     t0 = time.perf_counter()
-    ref = [record(for_tracing(cfg), device, cfg.check.steps) for _ in range(2)]
+    # The reference with the threads each rank gets: a reduction split over another number of
+    # threads rounds differently, which would read as a difference between world sizes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(launch.rank_threads(nproc))
+    try:
+        ref = [record(for_tracing(cfg), device, cfg.check.steps) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
     t1 = time.perf_counter()
     cmd = launch.torchrun_cmd(
         nproc, recipe, overrides, command=("check", "--only=invariance", f"--trace-to={folder / f'world{nproc}'}")
     )
-    proc = subprocess.run(cmd, env=launch.torchrun_env(), check=False)  # nosec B603 # this interpreter, no shell
+    proc = subprocess.run(cmd, env=launch.torchrun_env(nproc=nproc), check=False)  # nosec B603 # this interpreter, no shell
     t2 = time.perf_counter()
     timing = f"1 rank x2 {t1 - t0:.1f}s + {nproc} ranks {t2 - t1:.1f}s (with process start)"
     if proc.returncode != 0:

@@ -200,7 +200,7 @@ def run_trial(a: SearchArgs, cfg: Config, trial: Any, values: dict[str, Any], pa
     )
     proc = subprocess.Popen(
         cmd,
-        env=torchrun_env({**os.environ, STORAGE_ENV: a.storage, **private}),  # nosec B603 # dtrain's argv
+        env=torchrun_env({**os.environ, STORAGE_ENV: a.storage, **private}, nproc=a.nproc_per_node),  # nosec B603 # dtrain's argv
         start_new_session=True,
     )
     try:
