@@ -35,19 +35,20 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     keys = check(run_dtrain(["keys", recipe], cwd=work)).stdout
     assert "model.hidden = 64" in keys and "Width of the two hidden layers." in keys
 
-    # Train on 1 and on 2 ranks; the last line says where the run went and how to see it. With
+    # Train on 1 and on 2 ranks, as the README's first day writes it (no output_dir: the second
+    # run finds the first in the recipe's runs/tabular and takes runs/tabular-2); the last line says where the
+    # run went and how to see it. With
     # OMP_NUM_THREADS unset, as a new user has it, the host's cores are shared out alike: all of
     # them to 1 process, half to each of 2 ranks (torchrun alone would give each rank 1).
-    cores, fresh = len(os.sched_getaffinity(0)), {"OMP_NUM_THREADS": ""}
-    one = check(run_dtrain(["train", recipe, *tracked, "output_dir=runs/one"], cwd=work, **fresh))
+    cores, fresh = len(os.sched_getaffinity(0)), {"OMP_NUM_THREADS": None}
+    one = check(run_dtrain(["train", recipe, *tracked], cwd=work, **fresh))
     assert one.stdout.strip().splitlines()[-1].startswith("done: 330 steps | eval rmse ")
     assert f"mlflow ui --backend-store-uri {uri}" in one.stdout
     assert f"ddp x1 (none, cpu, fp32, {cores} thread" in one.stdout, one.stdout
-    two = check(
-        run_dtrain(["train", recipe, *tracked, "output_dir=runs/two", "--nproc-per-node", "2"], cwd=work, **fresh)
-    )
+    two = check(run_dtrain(["train", recipe, *tracked, "--nproc-per-node", "2"], cwd=work, **fresh))
+    assert "runs/tabular holds an earlier run; this one writes to runs/tabular-2" in two.stderr, two.stderr
     assert f"ddp x2 (gloo, cpu, fp32, {max(1, cores // 2)} thread" in two.stdout, two.stdout
-    s = json.loads((work / "runs" / "two" / "summary.json").read_text())
+    s = json.loads((work / "runs" / "tabular-2" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["eval"]["r2"] >= 0.3, s["eval"]  # the guide: 0.34 (linear regression 0.33)
     assert "rmse" in two.stdout
 
@@ -121,7 +122,7 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     x, y = load_diabetes(return_X_y=True)
     _, xte, _, yte = train_test_split(x, y, test_size=0.2, random_state=0)
     np.save(work / "features.npy", xte.astype(np.float32))
-    predict = ["predict", "runs/two", "features.npy", "--output", "pred.npy"]
+    predict = ["predict", "runs/tabular-2", "features.npy", "--output", "pred.npy"]
     refused = run_dtrain(predict, cwd=work, PYTHONPATH=str(task))
     assert refused.returncode == 2 and "add --trust" in refused.stderr  # a run folder names no module of its own
     check(run_dtrain([*predict, "--trust"], cwd=work, PYTHONPATH=str(task)))

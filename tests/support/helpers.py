@@ -107,7 +107,7 @@ STRICT_WARNINGS = ",".join(
 )
 
 
-def env_for_cli(**extra: str) -> dict[str, str]:
+def env_for_cli(**extra: str | None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -118,7 +118,11 @@ def env_for_cli(**extra: str) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(PY).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = STRICT_WARNINGS
-    env.update(extra)
+    for key, value in extra.items():  # None: left out, as on a machine where it is not set
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 

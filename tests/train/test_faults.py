@@ -81,6 +81,9 @@ def test_rerun_never_deletes_checkpoints(tmp_path):
         "or checkpoint.overwrite=true"
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # On 2 ranks: the same line, from the one process that would start torchrun, before it does.
+    ranks = run_dtrain([*args, "--nproc-per-node", "2"], cwd=tmp_path)
+    assert ranks.returncode == 2 and ranks.stderr.strip() == one_line(again), ranks.stderr
     proc = check(run_dtrain([*args, "resume=auto", "train.max_steps=9"], cwd=tmp_path))
     assert "resumed at step 6" in proc.stdout
     proc = check(run_dtrain([*args, "checkpoint.overwrite=true"], cwd=tmp_path))  # starting over, on purpose

@@ -199,3 +199,25 @@ def test_resuming_on_fewer_ranks_with_more_accumulation_continues_the_same_run(t
     torch.save(state, ckpt)
     run("kept", "resume=auto", "data.grad_accum_steps=2", nproc=0)
     assert max_param_diff(straight, load_params(tmp_path / "kept" / "model.pt")) > 1e-4
+
+
+def test_a_default_folder_holding_an_earlier_run_gives_way_to_the_next_and_resume_finds_the_newest(
+    tmp_path, monkeypatch
+):
+    """`dtrain train recipe.yaml` twice (the README's first day: 1 process, then 2 ranks): the
+    second run goes to runs/<recipe>-2 instead of meeting the first one's checkpoints;
+    `resume=auto` continues the newest folder with checkpoints; a folder the user names stays."""
+    from dtrain.train.config import load_config
+    from dtrain.train.resume import default_folder
+
+    monkeypatch.chdir(tmp_path)
+    fresh, auto = load_config(RECIPE), load_config(RECIPE, ["resume=auto"])
+    assert fresh.output_dir == "runs/cnn_digits" and default_folder(fresh) == "runs/cnn_digits"
+    (tmp_path / "runs" / "cnn_digits" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    assert default_folder(fresh) == "runs/cnn_digits-2" and default_folder(auto) == "runs/cnn_digits"
+    (tmp_path / "runs" / "cnn_digits-2").mkdir()
+    (tmp_path / "runs" / "cnn_digits-2" / "summary.json").write_text("{}")  # finished, no checkpoints
+    assert default_folder(fresh) == "runs/cnn_digits-3" and default_folder(auto) == "runs/cnn_digits"
+    (tmp_path / "runs" / "cnn_digits-10" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    assert default_folder(auto) == "runs/cnn_digits-10"  # by number, not by name
+    assert default_folder(load_config(RECIPE, ["checkpoint.overwrite=true"])) == "runs/cnn_digits"

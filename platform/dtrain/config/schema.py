@@ -258,7 +258,11 @@ class Config:
     """`torch.compile` the model, block by block where the task names blocks. The first steps
     compile (reported as compile_s in summary.json, not in the throughput)."""
     output_dir: str = ""
-    """Where checkpoints, config.yaml, summary.json and model.pt go. Empty: runs/<recipe>."""
+    """Where checkpoints, config.yaml, summary.json and model.pt go. Empty: runs/<recipe>. Under
+    `dtrain train`, when this folder holds an earlier run, a fresh start goes to the first free
+    `<folder>-2`, `-3`, ... (`resume=auto`: the newest of them with checkpoints), unless the
+    command line names output_dir: such a folder is kept, and an earlier run's checkpoints in it
+    are refused unless `resume` or `checkpoint.overwrite` says what to do."""
     private: bool = True
     """What the run writes (its folder, checkpoints, a local MLflow store, prepared data) is
     readable by its user alone: folders 0700, files 0600 (the umask's group and other bits set).

@@ -5,6 +5,7 @@ continue (another global batch, ZeRO state on another world size)."""
 
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,39 @@ def refuse_fresh_start_over(cfg: Config, found: list[Path]) -> None:
         raise ConfigError("output_dir", cfg.output_dir, f"holds checkpoints of an earlier run (newest "
                           f"{found[0].name}); continue it with resume=auto, or start over with another output_dir "
                           "or checkpoint.overwrite=true")  # fmt: skip
+
+
+def default_folder(cfg: Config) -> str:
+    """Where a run started by `dtrain train` writes when its command line names no output_dir
+    (the recipe's, or `runs/<recipe>`). A fresh start takes the first of that folder, `<folder>-2`,
+    `-3`, ... that holds no earlier run, so a second `dtrain train recipe.yaml` (on another world
+    size, say) never meets the first one's checkpoints or overwrites its model; `resume=auto`
+    continues the newest of them that holds checkpoints. An output_dir named on the command line
+    is kept as it is (and an earlier run in it refused, `refuse_fresh_start_over`)."""
+    base = Path(cfg.output_dir)
+    if cfg.resume == "auto":
+        held = [f for f in _numbered(base) if checkpoint.candidates(f / "checkpoints")]
+        return str(held[-1]) if held else cfg.output_dir
+    if cfg.resume or cfg.checkpoint.overwrite:
+        return cfg.output_dir
+    folder, n = base, 1
+    while _holds_run(folder):
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return str(folder)
+
+
+def _numbered(base: Path) -> list[Path]:
+    """`base`, `base-2`, `base-3`, ... as they exist, oldest first."""
+    suffixes = (p.name[len(base.name) + 1 :] for p in base.parent.glob(f"{glob.escape(base.name)}-*") if p.is_dir())
+    numbers = sorted(int(s) for s in suffixes if s.isdigit() and int(s) >= 2)
+    return ([base] if base.is_dir() else []) + [base.with_name(f"{base.name}-{n}") for n in numbers]
+
+
+def _holds_run(folder: Path) -> bool:
+    return bool(checkpoint.candidates(folder / "checkpoints")) or any(
+        (folder / name).exists() for name in ("summary.json", "model.pt", "model.safetensors")
+    )
 
 
 def refuse_to_overwrite(cfg: Config, ckpt_root: Path) -> None:
