@@ -607,3 +607,30 @@ def test_transformer_resume_on_other_text_is_one_line(tmp_path):
     proc = run_dtrain([*common, f"data.path={text_b}", "train.max_steps=6", "resume=auto"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "its vocabulary" in one_line(proc) and "differs from the checkpoint's" in one_line(proc)
+
+
+@pytest.mark.slow
+def test_under_nproc_per_node_dtrains_line_is_the_last_printed_when_a_rank_fails_or_the_job_is_stopped(tmp_path):
+    """`dtrain train --nproc-per-node 2` is the torchrun agent itself: after a rank's bug, and
+    after SIGTERM to the job, dtrain's own line ends the output, not torchrun's failure report
+    (`ChildFailedError`) or its `SignalException` traceback; the exit codes stay torchrun's."""
+    args = ["train", RECIPE, *FAULTY, "tracking.enabled=false", "tracking.log_every=1", "--nproc-per-node", "2"]
+    failed = run_dtrain(
+        [*args, "model.fault=raise:1:3", "train.max_steps=10", f"output_dir={tmp_path / 'a'}"], tmp_path
+    )
+    assert failed.returncode == 1 and "ChildFailedError" not in failed.stderr, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: rank 1 failed: RuntimeError: boom in user code on rank 1 at step 3 (its traceback is above)"
+    )
+    job = subprocess.Popen(
+        [PY, "-m", "dtrain", *args, "train.max_steps=100000", f"output_dir={tmp_path / 'b'}"],
+        cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=_read_lines, args=(job.stdout, lines), daemon=True).start()
+    _wait_for(lines, "step 3/", job)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143 and "SignalException" not in err and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dtrain: stopped by SIGTERM; continue with resume=auto"), err
+    assert any(line.startswith("preempted by signal 15 at step") for line in lines), lines[-5:]

@@ -4,9 +4,10 @@ environment the agent needs. Used by `--nproc-per-node`, the sweep and the searc
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def torchrun_cmd(
@@ -67,12 +68,44 @@ def torchrun_env(base: dict[str, str] | None = None, nproc: int = 0) -> dict[str
     return env
 
 
-def exec_torchrun(
+def run_torchrun(
     nproc: int, recipe: str, overrides: Sequence[str], command: Sequence[str], env: dict[str, str] | None = None
-) -> None:
-    """Replace this process with a torchrun agent running `command` on `nproc` ranks, with `env`
-    added to its environment. Called once the recipe was validated in this one process, so bad
-    input never reaches torchrun (whose agent would add its own failure report)."""
+) -> int:
+    """Be the torchrun agent of `command` on `nproc` ranks, with `env` added to this process's
+    environment; the exit code. Called once the recipe was validated in this one process, so bad
+    input never reaches torchrun. The agent runs here rather than replacing this process so
+    that dtrain's line, not torchrun's failure report and its traceback, is the last thing
+    printed, whatever the outcome: a rank's error (the line it wrote to its error file), a rank
+    killed, or the job stopped by a signal."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     sys.stdout.flush()
-    cmd = torchrun_cmd(nproc, recipe, overrides, command=command)
-    os.execve(sys.executable, cmd, {**torchrun_env(nproc=nproc), **(env or {})})  # nosec B606 # this interpreter running torchrun, no shell
+    os.environ.update({**torchrun_env(nproc=nproc), **(env or {})})
+    args = torchrun.parse_args(torchrun_cmd(nproc, recipe, overrides, command=command)[3:])  # after `-m torchrun`
+    try:
+        torchrun.run(args)
+        return 0
+    except SignalException as e:  # the agent was told to stop: it passed the signal on to the ranks
+        sig = signal.Signals(e.sigval)
+        print(f"dtrain: stopped by {sig.name}; continue with resume=auto (the ranks' lines above name the step "
+              "of their last checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
+        return 128 + sig.value
+    except ChildFailedError as e:
+        line, code = failure_line(*e.get_first_failure())
+        print(line, file=sys.stderr, flush=True)
+        return code
+
+
+def failure_line(rank: int, failure: Any) -> tuple[str, int]:
+    """The closing line and exit code for the rank that failed first (torchrun's `ProcessFailure`:
+    its error file's message, or its exit code)."""
+    message, code = failure.message, failure.exitcode
+    if code < 0:  # killed by a signal
+        return f"dtrain: error: rank {rank} was killed by {signal.Signals(-code).name}", 128 - code
+    text = str(message.get("message", "")) if isinstance(message, dict) else ""
+    if text.startswith("dtrain"):  # dtrain's own line, which the rank wrote to its error file
+        return text, code or 1
+    first = text.strip().splitlines()[-1] if text.strip() else f"exit code {code}"
+    return f"dtrain: error: rank {rank} failed: {first} (its traceback is above)", code or 1

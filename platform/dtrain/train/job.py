@@ -65,8 +65,8 @@ def prepare(
     args: argparse.Namespace, command: Sequence[str], validate: Callable[[], object], relaunch: bool = True
 ) -> tuple[DistEnv, Config]:
     """This rank's launch environment and validated recipe (and `validate()`), or one line and
-    exit 2; with --nproc-per-node in a plain process (and `relaunch`), torchrun replaces this
-    process to run `command` on N ranks."""
+    exit 2; with --nproc-per-node in a plain process (and `relaunch`), this process becomes the
+    torchrun agent of `command` on N ranks and exits with the job."""
     rank = 0
     try:
         env = distributed.read_env()
@@ -80,13 +80,13 @@ def prepare(
         data.plan_batches(cfg, args.nproc_per_node or env.world_size)
         validate_job(cfg)  # every refused combination, before torchrun starts any rank
         validate()
-        moved = command[0] == "train" and env.launcher == "single" and _place(args, cfg)
+        moved = tuple(command[:1]) == ("train",) and env.launcher == "single" and _place(args, cfg)
     except Failure as e:
         fail(str(e), e.exit_code, rank)
     if relaunch and args.nproc_per_node and env.launcher == "single":
         # a password never on a command line; the folder chosen here, the same for every rank
         public, private = redact.portable([*args.overrides, *([f"output_dir={cfg.output_dir}"] if moved else [])])
-        launch.exec_torchrun(args.nproc_per_node, args.recipe, public, command, private)
+        sys.exit(launch.run_torchrun(args.nproc_per_node, args.recipe, public, command, private))
     return env, cfg
 
 
