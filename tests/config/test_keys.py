@@ -25,6 +25,12 @@ def test_the_listing_shows_the_recipes_values_and_the_defaults(tmp_path):
     out = proc.stdout
     assert "optim.lr = 0.2   [float]   (default 0.1)\n    Peak learning rate" in out
     assert "checkpoint.async = True   [bool]   (default False)" in out  # the keyword field, by its key
-    assert "engine = " not in out  # --changed: only what the recipe changes
+    assert "compile = " not in out  # --changed: only what the recipe sets or changes
+    # A key the recipe states at its default value stays in the listing, and says so.
+    assert "engine = 'ddp'   [ddp|deepspeed|fsdp]   (set, equal to the default)" in out  # the recipe's `engine: ddp`
+    stated = check(
+        run_dtrain(["keys", str(ROOT / "recipes" / "cnn_digits.yaml"), "compile=false", "--changed"], cwd=tmp_path)
+    ).stdout
+    assert "compile = False   [bool]   (set, equal to the default)" in stated
     full = check(run_dtrain(["keys", str(ROOT / "recipes" / "cnn_digits.yaml")], cwd=tmp_path)).stdout
     assert "engine = 'ddp'   [ddp|deepspeed|fsdp]" in full and "model.zero_init_residual = True" in full

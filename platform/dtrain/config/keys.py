@@ -80,13 +80,28 @@ def to_dict_value(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def render(rows: list[Key], changed_only: bool = False) -> str:
-    """One block per key: `key = value  (type, default D)` and its docstring, indented."""
+def set_paths(raw: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a raw recipe (with its overrides) sets, down to its leaves."""
+    out: set[str] = set()
+    for name, value in raw.items():
+        path = f"{prefix}{name}"
+        out |= set_paths(value, f"{path}.") if isinstance(value, dict) and value else {path}
+    return out
+
+
+def render(rows: list[Key], changed_only: bool = False, given: set[str] | frozenset[str] = frozenset()) -> str:
+    """One block per key: `key = value  (type, default D)` and its docstring, indented. A key
+    in `given` (the recipe sets it) at its default value says so, and `changed_only` keeps it:
+    a value the recipe states stays visible when a default moves to meet it."""
     lines = []
     for k in rows:
-        if changed_only and k.value == k.default:
+        stated = k.key in given or any(g.startswith(k.key + ".") for g in given)
+        if changed_only and k.value == k.default and not stated:
             continue
-        mark = "" if k.value == k.default else f"   (default {k.default!r})"
+        if k.value != k.default:
+            mark = f"   (default {k.default!r})"
+        else:
+            mark = "   (set, equal to the default)" if stated else ""
         lines.append(f"{k.key} = {k.value!r}   [{k.type}]{mark}")
         if k.doc:
             lines += ["    " + line for line in textwrap.wrap(k.doc, 96)]
