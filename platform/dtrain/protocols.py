@@ -261,6 +261,10 @@ class BaseTask:
         """A fresh module that model.pt's state_dict loads into (after `load_preprocessing`)."""
         raise NotImplementedError
 
+    def from_run(self, folder: Path) -> None:
+        """The finished run's folder, given after `load_preprocessing` when the task predicts:
+        for what inference reads from it besides (a tokenizer the run saved). Files only: no code."""
+
     def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         """Outputs for raw inputs, as a user holds them: the datasets' preprocessing applied
         first, the task's output form after (class probabilities, target units). Default: the

@@ -18,6 +18,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -26,6 +27,7 @@ from helpers import check, max_param_diff, run_dtrain, spawn, trained_once
 from dtrain.checkpoint import safeload
 from dtrain.config import ConfigError
 from dtrain.data import tokens
+from dtrain.postrun.predict import predict_file
 from dtrain.runtime import optional
 from dtrain.tasks import get_task
 from dtrain.train.config import load_config
@@ -242,6 +244,19 @@ def test_a_finished_run_predicts_without_the_folder_it_was_fine_tuned_from(runs,
     predictor = dtrain.load(moved)
     probabilities = predictor(torch.randint(0, predictor.task.vocab_size, (3, 16)))
     assert probabilities.shape == (3, 2) and torch.allclose(probabilities.sum(-1), torch.ones(3))
+    # Raw text, tokenised by the tokenizer the run saved in hf/: one vocabulary per label.
+    texts = ["alpha beta gamma alpha beta", "delta omega sigma delta omega"]
+    assert predictor(texts).argmax(-1).tolist() == [0, 1] and predictor(texts[0]).shape == (1, 2)
+    np.save(tmp_path / "texts.npy", np.array(texts))  # `dtrain predict` takes an array of strings alike
+    predict_file(moved, tmp_path / "texts.npy", tmp_path / "classes.npy", batch_size=1)
+    assert np.load(tmp_path / "classes.npy").argmax(-1).tolist() == [0, 1]
+    # A causal LM: the next token's probabilities after the text.
+    following = dtrain.load(runs / "gpt2")("def decode(self, s):")
+    assert following.shape == (1, predictor_vocab(runs / "gpt2")) and torch.allclose(following.sum(-1), torch.ones(1))
+
+
+def predictor_vocab(run: Path) -> int:
+    return int(json.loads((run / "hf" / "config.json").read_text())["vocab_size"])
 
 
 # ------------------------------------------------------------------ bad input, one line

@@ -56,7 +56,13 @@ def predict_file(run_dir: str | Path, inputs: Path, output: Path, batch_size: in
     if x.ndim == 0 or len(x) == 0:
         raise ConfigError("inputs", str(inputs), "holds no samples: an array (N, ...) with N >= 1")
     try:
-        out = torch.cat([predictor(torch.from_numpy(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+        text = x.dtype.kind in "US"  # an array of strings: texts, for a task that reads text
+        out = torch.cat(
+            [
+                predictor([str(t) for t in x[i : i + batch_size]] if text else torch.from_numpy(x[i : i + batch_size]))
+                for i in range(0, len(x), batch_size)
+            ]
+        )
     except (RuntimeError, ValueError, TypeError) as e:  # a shape or dtype the model does not take
         raise ConfigError(
             "inputs", f"{inputs} {x.dtype}{list(x.shape)}", f"the model cannot take these: {str(e)[:300]}"

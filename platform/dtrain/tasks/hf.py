@@ -286,10 +286,42 @@ class HFTask(Task):
         return logits
 
     def predict(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        """Probabilities for token ids (N, T): of the next token after each position (causal
-        LM), or of each class (classifier; no padding assumed)."""
+        """Text (a string or a list of them), tokenised by the tokenizer the run saved in hf/:
+        for each text the probabilities of the next token after it (causal LM, (N, vocab)) or of
+        each class (classifier, (N, classes)). Token ids (N, T): of the next token after each
+        position ((N, T, vocab)), or of each class (no padding assumed)."""
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs)):
+            return torch.cat([self._predict_text(model, t) for t in ([inputs] if isinstance(inputs, str) else inputs)])
         ids = torch.as_tensor(inputs, dtype=torch.int64)
         return F.softmax(self.outputs(model, (ids, torch.ones_like(ids))).float(), dim=-1)
+
+    run_folder: Path | None = None
+
+    def from_run(self, folder: Path) -> None:
+        self.run_folder = folder
+
+    def _predict_text(self, model: nn.Module, text: str) -> torch.Tensor:
+        """One text: cut to model.block_size tokens as training cut its rows (a causal LM keeps
+        the last ones: the context of the next token), one at a time (no padding)."""
+        ids = self._text_tokenizer()(text)["input_ids"]
+        if not ids:
+            raise ConfigError("inputs", repr(text), "a text of at least one token")
+        block = self.cfg.model.block_size
+        ids = ids[-block:] if self.auto_class == "AutoModelForCausalLM" else ids[:block]
+        x = torch.tensor([ids], dtype=torch.int64)
+        probabilities = F.softmax(self.outputs(model, (x, torch.ones_like(x))).float(), dim=-1)
+        return probabilities[:, -1] if probabilities.dim() == 3 else probabilities
+
+    def _text_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            folder = self.run_folder / "hf" if self.run_folder is not None else None
+            if folder is None or not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+                raise ConfigError(
+                    "inputs", "text", f"{folder or 'this run'} holds no tokenizer (the run had no data.tokenizer): "
+                    "give token ids (N, T) instead"
+                )  # fmt: skip
+            self.tokenizer = optional.tokenizer(str(folder), key="run")
+        return self.tokenizer
 
     def expected_init_loss(self, model: nn.Module, batch: Any) -> float | None:
         with torch.no_grad():

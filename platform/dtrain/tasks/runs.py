@@ -47,6 +47,7 @@ def open_run(
     task = get_task(cfg.task)(cfg)
     if (run / safeload.PREPROCESSING).is_file():
         task.load_preprocessing(safeload.load_weights(run / safeload.PREPROCESSING))
+    task.from_run(run)
     model = task.inference_model()
     try:
         model.load_state_dict(safeload.load_weights(run / "model.safetensors"))
