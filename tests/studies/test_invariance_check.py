@@ -99,6 +99,7 @@ PLANTED = {
     "GlobalDropout": ([], "forward", "model.2", "draws from the global RNG", "sample_generator"),
     "GlobalAugmentation": ([], "samples", "", "the same indices give different samples", "sample_generator"),
     "IgnoresSamplerIndex": ([], "samples", "", "not split across ranks", "index it is given"),
+    "RoundedPerRank": ([], "samples", "", "differ by rounding only", "the same way everywhere"),
     "PaddedTokens": ([], "loss", "", "mean per rank over unequal counts", "reduce by sums"),
     "RankZeroBuffer": ([], "buffers", "model.2.calls", "differs on rank 1", "all-reduced values"),
     "NondeterministicScatter": ([], "determinism", "model.0", "non-deterministic op", "use_deterministic_algorithms"),

@@ -89,6 +89,13 @@ def _samples_cause(f: Finding) -> tuple[str, str]:
             "draw per sample from the generator dtrain passes to the task's augmentation "
             "(data.sample_generator(seed, epoch, index)), or wrap library transforms in data.seeded(generator)",
         )
+    if f.extra.get("rounding") is not None:
+        return (
+            f"the same indices give samples that differ by rounding only ({f.extra['missing']} of them, at most "
+            f"{f.extra['rounding']:.1e} relative): the data is computed another way on the ranks (a float "
+            "reduction over another thread count or batch, e.g. normalising with x.mean()), not other data",
+            "compute it the same way everywhere: once for the whole dataset, in float64, or before training",
+        )
     return (
         f"the same indices give different samples ({f.extra['missing']} differ) though each reads back alike: "
         "the dataset differs between ranks (built or sharded per rank)",

@@ -81,16 +81,37 @@ def compare_samples(ref: Record, ranks: list[Record]) -> Finding:
     idx_ref: Counter[int] = Counter(ref["indices"])
     idx_union: Counter[int] = Counter(i for r in ranks for i in r["indices"])
     stable = all(s for x in [ref, *ranks] for s in x["stable"])
+    same_indices = idx_ref == idx_union and -1 not in idx_ref
     return Finding(
         "samples",
         float(missing),
         extra={
             "shared": shared,
             "missing": missing,
-            "same_indices": idx_ref == idx_union and -1 not in idx_ref,
+            "same_indices": same_indices,
             "stable": stable,
+            "rounding": rounding_only(ref, ranks) if same_indices else None,
         },
     )
+
+
+ROUNDING = 1e-5
+"""Relative size below which samples that differ bit for bit differ by rounding only."""
+
+
+def rounding_only(ref: Record, ranks: list[Record]) -> float | None:
+    """The largest relative difference between the same index's sample on the ranks and in the
+    1-rank batch, when every difference is of rounding size (None when one is larger, or the
+    records carry no sums)."""
+    if "sums" not in ref:
+        return None
+    by_index = dict(zip(ref["indices"], ref["sums"]))
+    worst = 0.0
+    for r in ranks:
+        for index, (total, size) in zip(r["indices"], r.get("sums", [])):
+            ref_total, ref_size = by_index.get(index, (total, size))
+            worst = max(worst, abs(total - ref_total) / max(ref_size, size, 1e-30))
+    return worst if worst < ROUNDING else None
 
 
 def compare_lr(ref: Record, ranks: list[Record]) -> Finding:

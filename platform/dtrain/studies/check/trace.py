@@ -5,7 +5,8 @@ loader, the engines) and stepped through the task's own `train_step`, so what is
 what training does; only fp32, no compile and no loader workers are imposed (see `for_tracing`).
 Per step, on this rank:
 
-- `indices`, `digests`: each sample's dataset index (from the sampler) and content hash;
+- `indices`, `digests`, `sums`: each sample's dataset index (from the sampler), content hash and
+  float64 sums (of its values, of their magnitudes);
 - `loss`, `metrics`, `lr`: the step's loss (this rank's), its other metrics, each model's LR;
 - `calls` (the first step): every forward of a model (its root module): the input, and each
   submodule's output in completion order (children before their parent), with the modules that
@@ -72,6 +73,21 @@ def sample_digests(batch: Any) -> list[str]:
             h.update(t[i].detach().cpu().contiguous().numpy().tobytes())
         out.append(h.hexdigest())
     return out
+
+
+def sample_sums(batch: Any) -> list[tuple[float, float]]:
+    """Per sample of a collated batch: the float64 sum of its floating-point values and of their
+    magnitudes. Two samples whose digests differ but whose sums agree to rounding differ by
+    rounding: the data computed another way (another thread count, another batch), not other data."""
+    n = data.batch_len(batch)
+    parts = [t for t in _tensors(batch) if t.dim() > 0 and len(t) == n and t.is_floating_point()]
+    return [
+        (
+            sum(float(t[i].detach().double().sum()) for t in parts),
+            sum(float(t[i].detach().double().abs().sum()) for t in parts),
+        )
+        for i in range(n)
+    ]
 
 
 def _tensors(x: Any) -> Iterator[torch.Tensor]:
@@ -178,6 +194,7 @@ def record(cfg: Config, device: torch.device, steps: int) -> Record:
             {
                 "indices": [_index(k) for k in keys],
                 "digests": [d for b in batches for d in sample_digests(b)],
+                "sums": [v for b in batches for v in sample_sums(b)],
                 "loss": float(result.loss),
                 "metrics": {k: float(v) for k, v in result.metrics.items()},
                 "lr": {m: float(e.lr) for m, e in parts.engines.items()},
