@@ -40,11 +40,18 @@ fi
 pip_install -e ".[test,hf,ray]"
 
 # torchvision (the `vision` extra, examples/image_folder): the release made for this torch
-# (torch 2.X pairs with torchvision 0.(X+15)), pinned so that pip never swaps torch for it.
+# (torch 2.X pairs with torchvision 0.(X+15)), pinned so that pip never swaps torch for it. It
+# stays only where a plain interpreter imports it: PyPI's torchvision is a CUDA build, which
+# beside a CPU-only torch fails to import (`operator torchvision::nms does not exist`) and
+# takes `from transformers import AutoModel...` down with it in the user's own scripts.
 if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" 2>/dev/null; then
   TV=$("$VPY" -c "import torch; major, minor = torch.__version__.split('.')[:2]; print(f'0.{int(minor) + 15}.*')")
   pip_install "torchvision==$TV" "torch==$("$VPY" -c 'import torch; print(torch.__version__)')" \
     && echo "setup: torchvision $TV installed" || echo "setup: torchvision $TV not installed (the image-folder example test skips)"
+fi
+if ! "$VPY" -c "import torchvision" >/dev/null 2>&1 && "$VPY" -m pip show -q torchvision >/dev/null 2>&1; then
+  "$VPY" -m pip uninstall -y -q torchvision >/dev/null
+  echo "setup: torchvision removed: this build does not import beside this torch (a CUDA wheel beside the CPU torch); the image-folder example test skips"
 fi
 
 if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

@@ -101,7 +101,10 @@ def test_image_folder_example_trains_a_torchvision_model_from_lazy_files(tmp_pat
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:
-        pytest.skip('torchvision is not installed (pip install -e ".[vision]"; launchers/setup.sh installs it)')
+        pytest.skip(
+            'torchvision is not installed (pip install -e ".[vision]"; launchers/setup.sh keeps it only where '
+            "it imports beside this torch: PyPI's CUDA build does not beside a CPU-only torch)"
+        )
     images = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=40)
     check(run_example("image_folder", tmp_path, f"data.path={images}"))
     s = json.loads((tmp_path / "image_folder" / "summary.json").read_text())

@@ -215,6 +215,13 @@ def test_the_trained_model_leaves_as_a_save_pretrained_folder_that_from_pretrain
         assert not torch.equal(
             model(ids).logits, transformers.AutoModelForCausalLM.from_config(model.config)(ids).logits
         )
+    # The documented line, in a plain interpreter of this environment (nothing of dtrain's imported
+    # first): transformers' model classes import there (set-up leaves no torchvision that cannot).
+    import subprocess
+
+    line = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(folder)!r})"
+    plain = subprocess.run([sys.executable, "-c", line], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
 
 
 @pytest.mark.slow
