@@ -70,6 +70,33 @@ def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_attempt_lost_before_its_first_checkpoint_leaves_one_run_for_the_job(tmp_path):
+    """Rank 1 SIGKILLed at step 3, before any checkpoint: the restarted attempt starts over, in
+    the MLflow run the first attempt opened (`.mlflow_run.json` names it for this rendezvous id).
+    The record of another job (another id) is not followed: its run stays as it was."""
+    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    args = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "model.fault=kill:1:3",
+            "train.max_steps=6", "checkpoint.every_steps=100", "tracking.log_every=1", f"tracking.uri={uri}",
+            "tracking.experiment=attempts", f"output_dir={out}"]  # fmt: skip
+    agent = torchrun(args, tmp_path)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0 and stdout.count("dtrain: ") >= 2, stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("attempts").experiment_id
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FINISHED" and run.data.tags["dtrain.resumed"] == "true"
+    assert json.loads((out / "summary.json").read_text())["run_id"] == run.info.run_id
+    assert not (out / ".mlflow_run.json").exists()  # finished: the next job opens its own
+    # Broken on purpose: a record left by another job in a fresh folder is not this job's.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".mlflow_run.json").write_text(json.dumps({"job": "another-job", "run_id": run.info.run_id}))
+    args = [a for a in args if not a.startswith(("model.fault", "output_dir"))] + [f"output_dir={fresh}"]
+    assert torchrun(args, tmp_path, restarts=0).wait(timeout=300) == 0
+    assert len(client.search_runs([exp])) == 2
+
+
+@pytest.mark.slow
 def test_hung_rank_ends_the_job_with_its_name(tmp_path):
     t0 = time.time()
     agent = torchrun(

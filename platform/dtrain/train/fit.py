@@ -93,8 +93,11 @@ def start_tracking(
         tags = redact.tree(report.run_tags(cfg, env, plan, engines))
         if state.resumed_from_run:  # resumed into a new output_dir: a new run, linked to the old one
             tags["dtrain.resumed_from_run"] = state.resumed_from_run
-        tracker = tracking.start(cfg, params, tags, run_id=state.run_id or None)
+        out_dir = Path(cfg.output_dir)
+        run_id = state.run_id or ("" if state.resumed_from_run else resume.earlier_attempt_run(out_dir))
+        tracker = tracking.start(cfg, params, tags, run_id=run_id or None)
         state.run_id = tracker.run_id or state.run_id
+        resume.record_attempt_run(out_dir, state.run_id)
     state.run_id = distributed.broadcast_object(state.run_id)
     return tracker
 
@@ -168,6 +171,7 @@ def conclude(cfg: Config, loop: Loop, outcome: Outcome, tracker: Tracker) -> str
         if distributed.is_main():
             outcome.summary["run_id"] = loop.state.run_id
             write_outputs(cfg, loop.task, loop.engines, weights, outcome.summary, out_dir, tracker)
+            (out_dir / resume.ATTEMPT_RUN).unlink(missing_ok=True)  # finished: a later job opens its own run
         loop.say(report.closing_line(cfg, outcome.summary, out_dir))
         return "FINISHED"
     if outcome.status == "halted":

@@ -6,7 +6,9 @@ continue (another global batch, ZeRO state on another world size)."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from dtrain.config import Config
 from dtrain.engines import engine_class
 from dtrain.errors import CheckpointError, ConfigError, ResumeRefused
 from dtrain.protocols import BaseTask, Checkpointed, Engine
-from dtrain.runtime import distributed
+from dtrain.runtime import distributed, files
 from dtrain.train.state import TrainState, seed_everything
 
 log = logging.getLogger("dtrain")
@@ -58,6 +60,32 @@ def _numbered(base: Path) -> list[Path]:
     suffixes = (p.name[len(base.name) + 1 :] for p in base.parent.glob(f"{glob.escape(base.name)}-*") if p.is_dir())
     numbers = sorted(int(s) for s in suffixes if s.isdigit() and int(s) >= 2)
     return ([base] if base.is_dir() else []) + [base.with_name(f"{base.name}-{n}") for n in numbers]
+
+
+# The MLflow run this torchrun job opened in output_dir, kept until the run finishes.
+ATTEMPT_RUN = ".mlflow_run.json"
+
+
+def earlier_attempt_run(out_dir: Path) -> str:
+    """The MLflow run an earlier attempt of this same torchrun job (same rendezvous id) opened in
+    `out_dir` and left before its first checkpoint, "" if none. An elastic agent restarts its
+    ranks when a host joins or leaves, so an attempt can end between opening its run and writing
+    a checkpoint; the next attempt continues that run, and the job stays one run. torchrun's
+    default id "none" names no job: such attempts are not matched."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    try:
+        saved = json.loads((out_dir / ATTEMPT_RUN).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(saved.get("run_id", "")) if job != "none" and saved.get("job") == job else ""
+
+
+def record_attempt_run(out_dir: Path, run_id: str) -> None:
+    """Rank 0, once the run is open: which run this job's later attempts continue."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id and job != "none":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(out_dir / ATTEMPT_RUN, lambda p: p.write_text(json.dumps({"job": job, "run_id": run_id})))
 
 
 def _holds_run(folder: Path) -> bool:
