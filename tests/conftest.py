@@ -36,6 +36,13 @@ LONGEST_FIRST = ("test_matrix.py", "test_compare.py", "test_first_hour.py", "tes
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest as collected
+    # The tests of a module that shares a module-scoped fixture (a run, a server, a trained
+    # matrix) go to one worker under `--dist loadgroup`: otherwise both workers may build it.
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d[-1].scope for d in defs.name2fixturedefs.values() if d} if defs else set()
+        if scopes & {"module", "class"}:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(autouse=True)

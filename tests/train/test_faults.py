@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import psutil
 import pytest
 import torch
 from helpers import (
@@ -622,19 +623,30 @@ def test_under_nproc_per_node_dtrains_line_is_the_last_printed_when_a_rank_fails
     assert failed.stderr.strip().splitlines()[-1] == (
         "dtrain: error: rank 1 failed: RuntimeError: boom in user code on rank 1 at step 3 (its traceback is above)"
     )
-    job = subprocess.Popen(
-        [PY, "-m", "dtrain", *args, "train.max_steps=100000", f"output_dir={tmp_path / 'b'}"],
-        cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # SIGTERM to the job (torchrun's agent passes it on), then to one rank only (a rank's own stop).
+    # The same last line either way (a rank's exit 143 used to read "failed: exit code 143").
+    for folder, to_rank in (("b", False), ("c", True)):
+        err, lines = _stopped(tmp_path, [*args, "train.max_steps=100000", f"output_dir={tmp_path / folder}"], to_rank)
+        assert err.strip().splitlines()[-1].startswith("dtrain: stopped by SIGTERM; continue with resume=auto"), err
+        assert any(line.startswith("preempted by signal 15 at step") for line in lines), lines[-5:]
+
+
+def _stopped(tmp_path, args: list[str], to_rank: bool) -> tuple[str, list[str]]:
+    """`dtrain *args` until step 3, then SIGTERM to it or to its rank 1: its stderr and stdout's lines."""
+    job = subprocess.Popen([PY, "-m", "dtrain", *args], cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=_read_lines, args=(job.stdout, lines), daemon=True)
     reader.start()
     _wait_for(lines, "step 3/", job)
-    job.send_signal(signal.SIGTERM)
+    if to_rank:
+        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(job.pid).children()}
+        ranks[1].send_signal(signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
     assert job.stderr is not None
     err = job.stderr.read()  # to the end; stdout stays the reader thread's alone (no line split between two readers)
     job.wait(timeout=120)
     reader.join(timeout=30)
     assert job.returncode == 143 and "SignalException" not in err and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("dtrain: stopped by SIGTERM; continue with resume=auto"), err
-    assert any(line.startswith("preempted by signal 15 at step") for line in lines), lines[-5:]
+    return err, lines

@@ -89,8 +89,7 @@ def run_torchrun(
         return 0
     except SignalException as e:  # the agent was told to stop: it passed the signal on to the ranks
         sig = signal.Signals(e.sigval)
-        print(f"dtrain: stopped by {sig.name}; continue with resume=auto (the ranks' lines above name the step "
-              "of their last checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
+        print(stopped_line(sig), file=sys.stderr, flush=True)
         return 128 + sig.value
     except ChildFailedError as e:
         line, code = failure_line(*e.get_first_failure())
@@ -98,13 +97,23 @@ def run_torchrun(
         return code
 
 
+def stopped_line(sig: signal.Signals) -> str:
+    """The last line of a job stopped by `sig`, sent to the agent or to a rank: the same line."""
+    return (f"dtrain: stopped by {sig.name}; continue with resume=auto (the ranks' lines above name the step "
+            "of their last checkpoint)")  # fmt: skip
+
+
 def failure_line(rank: int, failure: Any) -> tuple[str, int]:
     """The closing line and exit code for the rank that failed first (torchrun's `ProcessFailure`:
     its error file's message, or its exit code)."""
+    from dtrain.runtime import preemption
+
     message, code = failure.message, failure.exitcode
     if code < 0:  # killed by a signal
         return f"dtrain: error: rank {rank} was killed by {signal.Signals(-code).name}", 128 - code
     text = str(message.get("message", "")) if isinstance(message, dict) else ""
+    if not text and code - 128 in {s.value for s in preemption.SIGNALS}:  # dtrain's stop: checkpoint, 128 + sig
+        return stopped_line(signal.Signals(code - 128)), code
     if text.startswith("dtrain"):  # dtrain's own line, which the rank wrote to its error file
         return text, code or 1
     first = text.strip().splitlines()[-1] if text.strip() else f"exit code {code}"
