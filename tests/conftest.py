@@ -4,9 +4,10 @@ process group are restored after every test, and a real `mlflow server` is one f
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 import torch.distributed as dist
@@ -30,19 +31,44 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The longest module fixtures and tests, started first: under `-n 2` the suite's last minutes
 # are then short tests on both workers, not one 4-minute fixture on one while the other idles.
-LONGEST_FIRST = ("test_matrix.py", "test_compare.py", "test_first_hour.py", "test_search.py", "test_launchers.py")
+LONGEST_FIRST = (
+    "test_matrix.py",
+    "test_compare.py",
+    "test_first_hour.py",
+    "test_search.py",
+    "test_faults.py",
+    "test_launchers.py",
+    "test_resume.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     order = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest as collected
-    # The tests of a module that shares a module-scoped fixture (a run, a server, a trained
-    # matrix) go to one worker under `--dist loadgroup`: otherwise both workers may build it.
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d[-1].scope for d in defs.name2fixturedefs.values() if d} if defs else set()
-        if scopes & {"module", "class"}:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+# Modules whose tests share a module- or class-scoped fixture (a trained matrix, runs, a server).
+SHARED = {
+    str(path.relative_to(Path(__file__).parents[1]))
+    for path in Path(__file__).parent.rglob("test_*.py")
+    if re.search(r"@pytest\.fixture\(scope=\"(module|class)\"", path.read_text())
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's `load` scheduling, except that the tests of a module in SHARED go to one worker
+    (as a unit): under `load` both workers could build its fixture. (`--dist loadgroup` would
+    say it with marks, but xdist 3.8 cannot rename nodes under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
+
+    class Shared(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED else nodeid
+
+    return Shared(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -109,10 +109,7 @@ PLANTED = {
 def _planted_config(root, task):
     from dtrain.train.config import load_config
 
-    recipe = CNN
-    if task == "PaddedTokens":  # not an image task: a recipe of its own
-        recipe = root / "tokens.yaml"
-        recipe.write_text("task: planted:PaddedTokens\ndata: {global_batch_size: 32}\noptim: {name: adamw, lr: 0.01}\n")
+    recipe = root / "tokens.yaml" if task == "PaddedTokens" else CNN  # not an image task: a recipe of its own
     return load_config(
         str(recipe), [f"task=planted:{task}", "tracking.enabled=false", f"output_dir={root / task}", *PLANTED[task][0]]
     )
@@ -139,6 +136,10 @@ def planted(tmp_path_factory):
     from helpers import spawn
 
     root = tmp_path_factory.mktemp("planted")
+    # Written once, before the ranks start (each rank writing it raced another's read).
+    (root / "tokens.yaml").write_text(
+        "task: planted:PaddedTokens\ndata: {global_batch_size: 32}\noptim: {name: adamw, lr: 0.01}\n"
+    )
     spawn(_record_planted, 1, root)
     spawn(_record_planted, 2, root)
     load = lambda name: torch.load(root / name, weights_only=True)  # noqa: E731
