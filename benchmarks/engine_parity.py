@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from helpers import LM, TINY_LM, max_param_diff, run_dtrain  # noqa: E402  (the runs the tests compare)
 
 

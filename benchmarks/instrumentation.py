@@ -22,7 +22,7 @@ import torch
 from dtrain.runtime.timing import region
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from helpers import run_dtrain  # noqa: E402  (the tests' launcher)
 
 COMMON = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 from helpers import max_param_diff, run_dtrain  # noqa: E402  (the tests' launcher: the CLI's torchrun builder)
 
 COMMON = [

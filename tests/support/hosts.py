@@ -6,6 +6,7 @@ by a bridge, so that a multi-node run crosses real network stacks instead of one
         proc = a.popen(["torchrun", ...])   # a process on host a (its hostname is a.name)
         a.cut()                              # its link down: no FIN, no RST, packets just stop
         a.restore(); a.freeze(); a.thaw(); a.kill()
+        a.throttle(0.2)                      # its processes get a fifth of a core: a slow host
 
 Each host resolves every host's name through its own /etc/hosts (`ip netns exec` mounts
 /etc/netns/NS/hosts over it) and gets its hostname from a UTS namespace of its own, which
@@ -14,6 +15,7 @@ torchrun's c10d needs to recognise the host that serves the rendezvous. Needs ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +23,8 @@ import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
+
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
 
 
 def _ip(*args: str, ns: str | None = None) -> None:
@@ -36,6 +40,7 @@ class Host:
     def __init__(self, ns: str, name: str, addr: str, link: str) -> None:
         self.ns, self.name, self.addr, self.link = ns, name, addr, link
         self.procs: list[subprocess.Popen[str]] = []
+        self.cgroup: Path | None = None
 
     def command(self, args: Sequence[str]) -> list[str]:
         """`args` run on this host: its network namespace and a UTS namespace named after it."""
@@ -81,6 +86,29 @@ class Host:
     def kill(self) -> None:
         """The whole host gone at once (SIGKILL to every process on it)."""
         self._signal(signal.SIGKILL)
+
+    def throttle(self, share: float) -> None:
+        """Its processes (and those they start) get `share` of one core: the CFS quota of a CPU
+        cgroup of their own, so they run in bursts and wait in between, as on a host with a
+        noisy neighbour. Needs a writable cgroup v1 `cpu` hierarchy (`Hosts.throttling()`)."""
+        group = CPU_CGROUP / f"dtrain-{self.ns}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text(str(int(share * 100000)))
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                (group / "cgroup.procs").write_text(str(pid))
+        self.cgroup = group
+
+    def unthrottle(self) -> None:
+        if self.cgroup is None:
+            return
+        for pid in (self.cgroup / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (CPU_CGROUP / "cgroup.procs").write_text(pid)
+        with contextlib.suppress(OSError):
+            self.cgroup.rmdir()
+        self.cgroup = None
 
     def listening(self) -> list[tuple[str, int]]:
         """(address, port) of every TCP socket listening on this host."""
@@ -131,6 +159,13 @@ class Hosts:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True)
         return ""
 
+    @staticmethod
+    def throttling() -> str:
+        """'' where `Host.throttle` works here, else why not."""
+        if not (CPU_CGROUP / "cpu.cfs_quota_us").exists() or not os.access(CPU_CGROUP, os.W_OK):
+            return f"no writable cgroup v1 cpu hierarchy at {CPU_CGROUP} (a host's CPU cannot be throttled)"
+        return ""
+
     def __enter__(self) -> list[Host]:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("link", "set", self.bridge, "up")
@@ -151,6 +186,7 @@ class Hosts:
     def __exit__(self, *exc: object) -> None:
         for h in self.hosts:
             h.thaw()
+            h.unthrottle()
             h.kill()
             for proc in h.procs:
                 try:
