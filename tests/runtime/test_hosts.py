@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import shutil
 import subprocess
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from helpers import CNN, DDP_BASELINE, PY, TINY_CNN, env_for_cli, load_params, max_param_diff
@@ -295,3 +299,63 @@ def test_an_elastic_job_goes_on_alone_when_a_host_is_cut_and_takes_it_back_when_
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
     assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_ray_job_across_hosts_resumes_in_the_same_run_when_the_worker_host_is_cut(tmp_path):
+    """A Ray cluster of two hosts (its head on host a, a node on host b, 1 CPU each: one worker
+    per host, token authentication on), `dtrain train --ray-workers 2 --ray-address` from host a.
+    Host b's link cut after step 10's checkpoint: Ray's health check notices (1 s heartbeats, 5
+    missed) and Ray Train restarts the group, which waits for 2 workers; host b back (its Ray node,
+    which the cluster had marked dead, started again as a node manager would), the group
+    resumes at step 10 and finishes the 40 steps in the same MLflow run."""
+    pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
+    import mlflow
+
+    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    ray, short = str(Path(PY).parent / "ray"), Path(tempfile.mkdtemp(prefix="r"))  # Ray's sockets: short paths
+    env = env_for_cli(GLOO_SOCKET_IFNAME="eth0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                      RAY_AUTH_TOKEN=secrets.token_urlsafe(32), RAY_health_check_period_ms="1000",
+                      RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="5")  # fmt: skip
+    with Hosts(2) as hosts:
+        a, b = hosts
+        head = f"{a.addr}:6379"
+
+        def node(host: Host, *args: str) -> subprocess.Popen[str]:
+            log = (tmp_path / f"ray-{host.name}.log").open("a")
+            cmd = [ray, "start", "--block", f"--node-ip-address={host.addr}", "--num-cpus=1", *args,
+                   f"--temp-dir={short / host.name}"]  # fmt: skip
+            return host.popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        node(a, "--head", "--port=6379", "--include-dashboard=false", "--disable-usage-stats")
+        time.sleep(3)  # the head's services up before the node dials it
+        first = node(b, f"--address={head}")
+        job_log = tmp_path / "job.log"
+        job = a.popen(
+            [PY, "-m", "dtrain", "train", CNN, *TINY_CNN, "--ray-workers", "2", "--ray-address", head,
+             "--ray-max-failures", "1", "task=faulty:SlowCNN", "train.max_steps=40", "checkpoint.every_steps=10",
+             "tracking.enabled=true", f"tracking.uri={uri}", "tracking.log_every=1", f"output_dir={out}"],
+            env=env, cwd=tmp_path, stdout=job_log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        _wait_for(job_log, "step 12/", timeout=180)
+        b.cut()
+        cut = time.monotonic()
+        _wait_for(job_log, "health check failed", timeout=60)
+        noticed = time.monotonic() - cut
+        b.restore()
+        first.wait(timeout=60)  # told it was marked dead, its node manager exits
+        node(b, f"--address={head}")
+        assert job.wait(timeout=300) == 0, job_log.read_text()[-3000:]
+        shutil.rmtree(short, ignore_errors=True)
+    text = job_log.read_text()
+    print(f"link cut: Ray noticed {noticed:.1f}s later")
+    assert noticed < 30, noticed
+    placed = re.findall(r"\(ip=([\d.]+), pid=\d+\) world_rank=(\d)", text)
+    assert {ip for ip, _ in placed[:2]} == {a.addr, b.addr}, placed  # one worker on each host
+    assert "ray: a restarted attempt; continuing from step_00000010" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 40 and summary["samples_seen"] == 40 * 64
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn_digits").experiment_id])
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["dtrain.launcher"] == "ray" and run.data.tags["dtrain.resumed"] == "true"
