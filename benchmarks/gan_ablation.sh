@@ -7,7 +7,7 @@ out=${OUT:-runs/ablation}
 export OMP_NUM_THREADS=1
 row() {
   name=$1; shift
-  torchrun --standalone --nproc_per_node 2 -m dtrain train "$recipe" tracking.experiment=gan_ablation \
+  dtrain train "$recipe" --nproc-per-node 2 tracking.experiment=gan_ablation \
     tracking.run_name="$name" output_dir="$out/$name" "$@" >/dev/null 2>&1 || { echo "{\"row\": \"$name\", \"failed\": true}"; return; }
   python -c "import json,sys; s=json.load(open('$out/$name/summary.json')); print(json.dumps({'row': '$name', 'args': sys.argv[1:], **s['eval'], 'train_time_s': round(s['train_time_s'])}))" "$@"
 }

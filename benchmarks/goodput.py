@@ -41,6 +41,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from dtrain.runtime.launch import torchrun_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "transformer_charlm.yaml")
 # A 7M-parameter Transformer with AdamW: an 85 MB checkpoint, steps of ~0.1 s on 2 CPU ranks.
@@ -71,12 +73,7 @@ def run(
 ) -> dict:
     """One job; SIGKILLs a random worker at each of `kills` (seconds after launch)."""
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        f"--max-restarts={restarts}",
+        *torchrun_launcher(2, restarts),
         "-m",
         "dtrain",
         "train",

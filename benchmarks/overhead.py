@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from dtrain.runtime.launch import torchrun_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -29,7 +31,7 @@ PY = sys.executable
 def launch(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
         return [PY, *args]
-    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [*torchrun_launcher(nproc), *args]
 
 
 def run(cmd: list[str], cwd: Path, **extra: str) -> str:

@@ -2,7 +2,8 @@
 plain DDP loop (same model, data, sampler, optimizer, schedule, clipping), no dtrain.
 
     python benchmarks/plain_loop.py --steps 300 --batch 64
-    torchrun --standalone --nproc_per_node 2 benchmarks/plain_loop.py --steps 300 --batch 64
+    torchrun --nnodes 1 --rdzv-backend dtrain --rdzv-endpoint 127.0.0.1:0 --local-addr 127.0.0.1 \
+        --nproc_per_node 2 benchmarks/plain_loop.py --steps 300 --batch 64   (loopback only)
 """
 
 import argparse

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtrain.runtime.launch import torchrun_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "cnn_digits.yaml"
 PY = sys.executable
@@ -85,7 +87,7 @@ def start_server(backend: str, root: Path, workers: int = 2, timeout_s: float = 
 
 
 def job_cmd(nproc: int, uri: str, experiment: str, name: str, out: Path, steps: int, *extra: str) -> list[str]:
-    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PY]
+    launcher = torchrun_launcher(nproc) if nproc > 1 else [PY]
     return [
         *launcher,
         "-m",

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dtrain.runtime.launch import torchrun_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "transformer_charlm.yaml"
 PY = sys.executable
@@ -98,11 +100,7 @@ def plain(cwd: Path, steps: int) -> float:
 def dtrain(nproc: int, steps: int, cwd: Path, *overrides: str) -> dict:
     out = cwd / f"run-{nproc}-{'-'.join(overrides) or 'ddp'}"
     args = ["-m", "dtrain", "train", str(RECIPE), *COMMON, f"train.max_steps={steps}", f"output_dir={out}", *overrides]
-    cmd = (
-        [PY, *args]
-        if nproc == 1
-        else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    )
+    cmd = [PY, *args] if nproc == 1 else [*torchrun_launcher(nproc), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // nproc)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:

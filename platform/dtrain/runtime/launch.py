@@ -14,12 +14,17 @@ def torchrun_cmd(
     nproc: int, recipe: str, overrides: Sequence[str], max_restarts: int = 0, command: Sequence[str] = ("train",)
 ) -> list[str]:
     """`dtrain train` (or another `command`) on `nproc` ranks of this machine under torchrun."""
+    return [*torchrun_launcher(nproc, max_restarts), "-m", "dtrain", *command, recipe, *overrides]
+
+
+def torchrun_launcher(nproc: int, max_restarts: int = 0) -> list[str]:
+    """torchrun on `nproc` ranks of this machine, before the script or `-m module` it starts:
+    torchrun's --standalone, with its store on loopback (dtrain.runtime.rendezvous), so nothing
+    of the job is reachable from another host (`--standalone` listens on every interface)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        # torchrun's --standalone, with its store on loopback: nothing of the job is reachable
-        # from another host (dtrain.runtime.rendezvous).
         "--nnodes=1",
         "--rdzv-backend=dtrain",
         "--rdzv-endpoint=127.0.0.1:0",
@@ -27,11 +32,6 @@ def torchrun_cmd(
         "--local-addr=127.0.0.1",
         f"--nproc_per_node={nproc}",
         f"--max-restarts={max_restarts}",
-        "-m",
-        "dtrain",
-        *command,
-        recipe,
-        *overrides,
     ]
 
 
