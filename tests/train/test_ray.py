@@ -53,6 +53,13 @@ def test_bad_ray_options_are_refused_before_ray_starts(tmp_path):
     proc = run_dtrain(["train", CNN, f"output_dir={tmp_path / 'earlier'}", *RAY], cwd=tmp_path)
     assert proc.returncode == 2 and "holds checkpoints of an earlier run (newest step_00000010)" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr  # refused before Ray started anything
+    for address, words in (("nonsense", "Invalid address format"), ("127.0.0.1:1", "nothing answers there")):
+        proc = run_dtrain(["train", CNN, *RAY, "--ray-address", address, f"output_dir={tmp_path}/o"], cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"dtrain: error: --ray-address='{address}': "), (
+            proc.stderr
+        )
+        assert words in proc.stderr
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import importlib
 import logging
 import os
 import secrets
+import socket
 import sys
 import tempfile
 import uuid
@@ -36,7 +37,7 @@ from typing import Any, Sequence
 from dtrain import checkpoint, data, tracking
 from dtrain.config import Config, redact
 from dtrain.errors import ConfigError, WorkFailed, shown
-from dtrain.runtime import distributed, optional
+from dtrain.runtime import distributed, files, optional
 from dtrain.train import resume
 from dtrain.train.config import load_config, validate
 
@@ -162,7 +163,7 @@ def trainer(
         remote=bool(address) or ray.is_initialized(),
     )
     if not ray.is_initialized():
-        ray.init(address=address) if address else local_instance(ray)
+        join(ray, address) if address else local_instance(ray)
     return TorchTrainer(
         train_loop,
         train_loop_config={
@@ -190,6 +191,25 @@ def _workers_overrides(overrides: list[str], remote: bool) -> list[str]:
                           "give the cluster MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")  # fmt: skip
     os.environ.update(private)
     return public
+
+
+def join(ray: Any, address: str) -> None:
+    """Join the Ray cluster at `address`, or one line naming it (a bad address, nobody there:
+    a 5 s probe first, as Ray itself waits minutes for a head that is not there)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise ConfigError("--ray-address", address, f"nothing answers there ({e.strerror or e}); give the "
+                              "head's host:port (`ray start --head` prints it), or auto on a node of the "
+                              "cluster") from None  # fmt: skip
+    try:
+        ray.init(address=address)
+    except Exception as e:
+        raise ConfigError("--ray-address", address, f"no Ray cluster joined there ({files.first_line(e)}); give "
+                          "its head's host:port (`ray start --head` prints it), or auto on a node of the "
+                          "cluster") from None  # fmt: skip
 
 
 def local_instance(ray: Any) -> None:
