@@ -12,7 +12,9 @@ output_dir must be on storage every node reaches: it is the Ray run's storage pa
 from __future__ import annotations
 
 import argparse
+import sys
 
+from dtrain.errors import Failure
 from dtrain.train import ray_job
 
 
@@ -24,9 +26,13 @@ def main() -> None:
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts Ray may make")
     p.add_argument("--address", default="", help="a running Ray cluster (auto); default: start one here")
     args = p.parse_intermixed_args()  # options before, among or after the overrides, as the docstring shows
-    trainer = ray_job.trainer(
-        args.recipe, args.overrides, args.workers, max_failures=args.max_failures, address=args.address
-    )
+    try:
+        trainer = ray_job.trainer(
+            args.recipe, args.overrides, args.workers, max_failures=args.max_failures, address=args.address
+        )
+    except Failure as e:  # bad input (a key, --address): one line and exit 2, as dtrain's own commands do
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     try:
         result = trainer.fit()  # raises if the job still fails after --max-failures restarts
     except Exception:
