@@ -60,6 +60,11 @@ def test_bad_ray_options_are_refused_before_ray_starts(tmp_path):
             proc.stderr
         )
         assert words in proc.stderr
+    # No output_dir on the command line: the recipe's folder holds a run, so this one takes the
+    # next free folder, said before Ray is asked for anything (here a head that is not there).
+    (tmp_path / "runs" / "cnn_digits" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    proc = run_dtrain(["train", CNN, *RAY, "--ray-address", "127.0.0.1:1"], cwd=tmp_path)
+    assert "runs/cnn_digits holds an earlier run; this one writes to runs/cnn_digits-2" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

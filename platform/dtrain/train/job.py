@@ -22,11 +22,12 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 
-from dtrain import checkpoint, data
+from dtrain import data
 from dtrain.config import Config, redact
 from dtrain.errors import BAD_INPUT, FAILED, Failure, shown
 from dtrain.runtime import distributed, files, launch, preemption
 from dtrain.runtime.environments import DistEnv
+from dtrain.train import resume
 from dtrain.train.config import load_config
 from dtrain.train.config import validate as validate_job
 
@@ -80,7 +81,7 @@ def prepare(
         data.plan_batches(cfg, args.nproc_per_node or env.world_size)
         validate_job(cfg)  # every refused combination, before torchrun starts any rank
         validate()
-        moved = tuple(command[:1]) == ("train",) and env.launcher == "single" and _place(args, cfg)
+        moved = tuple(command[:1]) == ("train",) and env.launcher == "single" and resume.place(cfg, args.overrides)
     except Failure as e:
         fail(str(e), e.exit_code, rank)
     if relaunch and args.nproc_per_node and env.launcher == "single":
@@ -88,28 +89,6 @@ def prepare(
         public, private = redact.portable([*args.overrides, *([f"output_dir={cfg.output_dir}"] if moved else [])])
         sys.exit(launch.run_torchrun(args.nproc_per_node, args.recipe, public, command, private))
     return env, cfg
-
-
-def _place(args: argparse.Namespace, cfg: Config) -> bool:
-    """The run's folder, settled in this one process before any rank starts: unless the command
-    line names it (`output_dir=...`), the recipe's folder or, when that holds an earlier run,
-    the next free `<folder>-N` (`resume.default_folder`); a folder named on the command line
-    that holds an earlier run's checkpoints is refused here, not on the ranks. True when the
-    run goes elsewhere than `cfg.output_dir` said."""
-    from dtrain.train import resume
-
-    if not any(o.partition("=")[0].strip() == "output_dir" for o in args.overrides):
-        folder = resume.default_folder(cfg)
-        if folder != cfg.output_dir:
-            if cfg.resume:
-                log.warning("resume=auto: continuing %s, the newest of %s-N", folder, cfg.output_dir)
-            else:
-                log.warning("%s holds an earlier run; this one writes to %s", cfg.output_dir, folder)
-            cfg.output_dir = folder
-            return True
-    if not cfg.resume:
-        resume.refuse_fresh_start_over(cfg, checkpoint.candidates(Path(cfg.output_dir) / "checkpoints"))
-    return False
 
 
 def setup_logging(rank: int) -> None:

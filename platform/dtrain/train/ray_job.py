@@ -52,9 +52,13 @@ def launch(args: argparse.Namespace) -> None:
             args.nproc_per_node,
             "is torchrun's; with --ray-workers Ray starts the ranks: leave it out",
         )
+    overrides = list(args.overrides)
+    cfg = load_config(args.recipe, overrides)
+    if resume.place(cfg, overrides):  # the recipe's folder holds an earlier run: the next free one
+        overrides.append(f"output_dir={cfg.output_dir}")
     job = trainer(
         args.recipe,
-        args.overrides,
+        overrides,
         args.ray_workers,
         max_failures=args.ray_max_failures,
         use_gpu=args.ray_gpu,
@@ -66,7 +70,7 @@ def launch(args: argparse.Namespace) -> None:
         job.fit()
     except Exception as e:  # Ray's TrainingFailedError and kin: the first worker's cause, one line
         ray.shutdown()  # before the line: Ray's log threads would otherwise print after it
-        close_left_running(args.recipe, args.overrides)
+        close_left_running(args.recipe, overrides)
         failures = getattr(e, "worker_failures", None) or {}
         # The worker that failed first, not the ones whose collectives broke because it went away.
         ranked = sorted(failures.items(), key=lambda kv: (distributed.is_peer_gone(kv[1]), kv[0]))

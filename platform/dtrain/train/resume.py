@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -53,6 +53,26 @@ def default_folder(cfg: Config) -> str:
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
     return str(folder)
+
+
+def place(cfg: Config, overrides: Sequence[str]) -> bool:
+    """The run's folder, settled in the one process that starts the job, before any rank: unless
+    the command line names it (`output_dir=...` in `overrides`), the recipe's folder or, when
+    that holds an earlier run, the next free `<folder>-N` (`default_folder`), set in `cfg`; a
+    folder named on the command line that holds an earlier run's checkpoints is refused here,
+    not on the ranks. True when the run goes elsewhere than `cfg.output_dir` said."""
+    if not any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
+        folder = default_folder(cfg)
+        if folder != cfg.output_dir:
+            if cfg.resume:
+                log.warning("resume=auto: continuing %s, the newest of %s-N", folder, cfg.output_dir)
+            else:
+                log.warning("%s holds an earlier run; this one writes to %s", cfg.output_dir, folder)
+            cfg.output_dir = folder
+            return True
+    if not cfg.resume:
+        refuse_fresh_start_over(cfg, checkpoint.candidates(Path(cfg.output_dir) / "checkpoints"))
+    return False
 
 
 def _numbered(base: Path) -> list[Path]:
