@@ -53,9 +53,28 @@ def test_python_deps_are_pinned_and_context_is_small():
     for line in (ROOT / "docker" / "Dockerfile.mlflow").read_text().splitlines():
         if line.startswith("RUN pip install"):
             assert all("==" in w for w in line.split()[4:]), line
-    for req in ("requirements.txt", "requirements-cpu.txt"):
+    for req in ("requirements.txt", "requirements-cpu.txt", "requirements-hf.txt", "requirements-ray.txt"):
         for line in (ROOT / "docker" / req).read_text().splitlines():
             if line and not line.startswith(("#", "--")):
                 assert "==" in line, line
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "mlflow.db"} <= set(ignored)
+
+
+def test_the_images_extras_pin_what_the_package_extras_name():
+    """`--build-arg EXTRAS="hf ray"` installs docker/requirements-<extra>.txt: each pins every
+    package its pyproject extra names, and the Dockerfiles install them."""
+    import re
+
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("hf", "ray"):
+        pinned = {re.split(r"[\[=]", line)[0].lower() for line in (ROOT / "docker" / f"requirements-{extra}.txt")
+                  .read_text().splitlines() if line and not line.startswith("#")}  # fmt: skip
+        assert {re.split(r"[\[<>=]", spec)[0].lower() for spec in extras[extra]} == pinned, extra
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        assert (
+            'pip install --no-cache-dir -r "docker/requirements-$extra.txt"'
+            in (ROOT / "docker" / dockerfile).read_text()
+        )

@@ -11,14 +11,16 @@ import copy
 import json
 import re
 import runpy
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import ROOT, env_for_cli, free_port, load_params, max_param_diff
+from helpers import ROOT, env_for_cli, free_port, load_params, max_param_diff, run_dtrain
 
 K8S = ROOT / "k8s"
 SCHEMAS = Path(__file__).resolve().parents[1] / "support" / "schemas"
@@ -722,3 +724,82 @@ def test_the_database_init_script_makes_mlflow_a_plain_owner(postgres, monkeypat
     with pytest.raises(SystemExit, match="is an admin"):
         runpy.run_path(str(ROOT / "docker" / "mlflow_job_user.py"), run_name="__main__")
     assert store.get_user("admin").is_admin
+
+
+def test_a_task_folder_of_ones_own_packs_into_an_overlay_that_builds_validates_and_loads(tmp_path):
+    """`dtrain pack examples/tabular`: `kubectl kustomize` builds the overlay; the TrainJob
+    validates against the Trainer v2 CRD (closed: a misspelt field fails) on the `dtrain`
+    runtime, mounts the folder's ConfigMap where the runtime's pods have a container `node` in a
+    Job `node`; and the ConfigMap's files, laid out as the volume's items say, are a folder in
+    which the recipe (and its own task module) loads and validates, as in the pod."""
+    from dtrain.train.config import load_config, validate
+
+    out = tmp_path / "overlay"
+    image = "registry.example.com/dtrain:cpu"
+    args = ["pack", str(ROOT / "examples" / "tabular"), "--name", "tabular", "--image", image,
+            "--nodes", "2", "--procs-per-node", "2", "--output", str(out), "train.epochs=2"]  # fmt: skip
+    proc = run_dtrain(args, cwd=tmp_path)
+    assert proc.returncode == 0 and f"into {out}/: kubectl apply -k {out}/" in proc.stdout, proc.stderr
+    built = subprocess.run(["kubectl", "kustomize", str(out)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    docs = {d["kind"]: d for d in load_all(built.stdout)}
+    assert sorted(docs) == ["ConfigMap", "NetworkPolicy", "TrainJob"]
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {"dtrain"}
+    job, config_map = docs["TrainJob"], docs["ConfigMap"]
+    validator = trainer_validators()["TrainJob"]
+    errors = [e.message for e in validator.iter_errors(job)]
+    assert not errors and not trainer_rule_errors(job), errors
+    typo = copy.deepcopy(job)  # what the validation guards against: a field misspelt deep in the patch
+    typo["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["templat"] = {}
+    assert any("templat" in e.message for e in validator.iter_errors(typo))
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (
+        2,
+        2,
+        "registry.example.com/dtrain:cpu",
+    )
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    assert env == {
+        "RECIPE": "/etc/dtrain-task/recipe.yaml",
+        "PYTHONPATH": "/etc/dtrain-task",
+        "EXTRA_ARGS": "train.epochs=2",
+    }
+    runtime = next(d for _, d in documents() if d["kind"] == "ClusterTrainingRuntime")
+    assert job["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    (patch,) = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = patch["template"]["spec"]["template"]["spec"]
+    assert patch["name"] == runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["name"]
+    assert pod["containers"][0]["name"] in {c["name"] for c in runtime_pod(runtime)["spec"]["containers"]}
+    (volume,) = pod["volumes"]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": volume["name"], "mountPath": "/etc/dtrain-task", "readOnly": True}
+    ]
+    assert docs["NetworkPolicy"]["spec"]["podSelector"] == {
+        "matchLabels": {"jobset.sigs.k8s.io/jobset-name": "tabular"}
+    }
+    # The pod's view of the task folder.
+    mounted = tmp_path / "etc" / "dtrain-task"
+    for item in volume["configMap"]["items"]:
+        (mounted / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (mounted / item["path"]).write_text(config_map["data"][item["key"]])
+    assert sorted(p.name for p in mounted.iterdir()) == ["recipe.yaml", "tabular_task.py"]
+    sys.path.insert(0, str(mounted))
+    try:
+        cfg = load_config(str(mounted / "recipe.yaml"), env["EXTRA_ARGS"].split())
+        validate(cfg)
+    finally:
+        sys.path.remove(str(mounted))
+    assert cfg.train.epochs == 2 and cfg.model.hidden == 64  # the task's own config (its module imported)
+
+
+def test_pack_refuses_in_one_line_what_would_fail_in_the_pod(tmp_path):
+    folder = tmp_path / "task"
+    shutil.copytree(ROOT / "examples" / "tabular", folder)
+    bad = run_dtrain(["pack", str(folder), "--output", str(tmp_path / "o"), "optim.lr=fast"], cwd=tmp_path)
+    assert bad.returncode == 2 and "optim.lr" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+    (folder / "table.csv").write_bytes(b"0" * 2_000_000)
+    big = run_dtrain(["pack", str(folder), "--output", str(tmp_path / "o")], cwd=tmp_path)
+    assert big.returncode == 2 and "the biggest table.csv, 1.9 MiB" in big.stderr and "runs volume" in big.stderr
+    assert len(big.stderr.strip().splitlines()) == 1, big.stderr

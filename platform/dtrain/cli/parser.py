@@ -24,6 +24,7 @@ from dtrain.cli import (
     evaluate,
     interpolate,
     keys,
+    pack,
     predict,
     prepare_text,
     sample,
@@ -50,6 +51,7 @@ COMMANDS = (
     prepare_text,
     predict,
     sample,
+    pack,
 )
 
 
