@@ -40,35 +40,34 @@ SETTINGS = {
 }
 
 
-def throughput(root: Path, name: str, setting: list[str]) -> float:
+def throughput(root: Path, name: str, setting: list[str], common: list[str] = COMMON, nproc: int = 0) -> float:
+    """samples/s (summary.json's steady state) of the digits CNN with `common` and `setting`."""
     out = root / name
-    proc = run_dtrain(
-        [
-            "train",
-            str(ROOT / "recipes" / "cnn_digits.yaml"),
-            *COMMON,
-            *setting,
-            f"output_dir={out}",
-            "checkpoint.overwrite=true",
-        ],
-        cwd=root,
-    )
+    recipe = str(ROOT / "recipes" / "cnn_digits.yaml")
+    args = ["train", recipe, *common, *setting, f"output_dir={out}", "checkpoint.overwrite=true"]
+    proc = run_dtrain(args, cwd=root, nproc=nproc)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     return float(json.loads((out / "summary.json").read_text())["throughput"])
+
+
+def side_by_side(
+    settings: dict[str, list[str]], repeats: int, common: list[str] = COMMON, nproc: int = 0
+) -> dict[str, list[float]]:
+    """Each setting's samples/s, `repeats` times, interleaved: the machine's drift hits all alike."""
+    rates: dict[str, list[float]] = {k: [] for k in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for n, (label, setting) in enumerate(settings.items()):
+                rates[label].append(throughput(Path(tmp), f"{i}-{n}", setting, common, nproc))
+    return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            for label, setting in SETTINGS.items():
-                rates[label].append(
-                    throughput(Path(tmp), f"{i}-{len(rates[label])}-{label.replace(' ', '_')}", setting)
-                )
+    rates = side_by_side(SETTINGS, args.repeats)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"commit {commit.stdout.strip()}, torch {torch.__version__}, {args.repeats} repeats, median samples/s")
     base = statistics.median(rates["off"])

@@ -9,21 +9,14 @@ one reading of the thread's counters (`dtrain.features.stragglers.thread_times`)
 """
 
 import argparse
-import json
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from instrumentation import ROOT, side_by_side  # the same interleaved runs, on 2 ranks here
 
 from dtrain.features.stragglers import thread_times
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "support"))
-from helpers import run_dtrain  # noqa: E402  (the tests' launcher)
 
 COMMON = [
     "tracking.enabled=false",
@@ -39,24 +32,11 @@ SETTINGS = {
 }
 
 
-def throughput(root: Path, name: str, setting: list[str]) -> float:
-    out = root / name
-    recipe = str(ROOT / "recipes" / "cnn_digits.yaml")
-    proc = run_dtrain(["train", recipe, *COMMON, *setting, f"output_dir={out}"], cwd=root, nproc=2)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
-    return float(json.loads((out / "summary.json").read_text())["throughput"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {k: [] for k in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.repeats):
-            for n, (label, setting) in enumerate(SETTINGS.items()):
-                rates[label].append(throughput(Path(tmp), f"{i}-{n}", setting))
+    rates = side_by_side(SETTINGS, args.repeats, COMMON, nproc=2)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"commit {commit.stdout.strip()}, torch {torch.__version__}, 2 ranks, {args.repeats} repeats, median")
     base = statistics.median(rates["off"])

@@ -73,14 +73,14 @@ class Stragglers(Feature):
     def __init__(self, run: Run):
         self.cfg: StragglersConfig = run.cfg.stragglers
         self.world = run.world_size
-        self.mark = thread_times() if self.world > 1 else None
+        self.mark: tuple[int, int] | None = None  # the counters at the window's start; None: off
         self.steps, self.windows = 0, 0
         self.answer = distributed.LaggedMax()
         self.named, self.streak = -1, (-1, 0)  # (rank, comparisons in a row it stood out)
         self.found: list[dict[str, Any]] = []
 
     def setup(self, run: Run) -> None:
-        self.mark = thread_times() if self.mark is not None else None  # the steps' own, from here
+        self.mark = thread_times() if self.world > 1 else None  # the steps' own, from here
 
     def after_step(self, run: Run, out: StepOutput) -> None:
         if self.mark is None:
