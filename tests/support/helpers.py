@@ -58,7 +58,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _own_forkserver() -> None:
+    """A forked rank starts its own multiprocessing fork server for loader workers: the one it
+    inherits belongs to the test process (its socket and liveness pipe are the parent's)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver = forkserver.ForkServer()
+    for name in ("ensure_running", "get_inherited_fds", "connect_to_new_process", "set_forkserver_preload"):
+        setattr(forkserver, name, getattr(server, name))
+
+
 def _entry(rank: int, world: int, store: str, fn, args) -> None:
+    _own_forkserver()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # A file store, not a TCP port: no port to race for between tests.
@@ -69,11 +80,16 @@ def _entry(rank: int, world: int, store: str, fn, args) -> None:
 
 def spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` real processes joined by a gloo process group.
-    An assertion failing in any rank fails the caller."""
+    An assertion failing in any rank fails the caller. The ranks are forked from the test
+    process, which has imported torch and dtrain already (a spawned rank imports them again:
+    2-3 s of CPU each); each runs on one intra-op thread, as a DataLoader worker forked after
+    the parent used its own threads does."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True)
+        mp.start_processes(
+            _entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True, start_method="fork"
+        )
 
 
 def trained_once(tmp_path_factory, name: str, train) -> Path:
