@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from warm import run as run_warm
 
 from dtrain.config import Config
 from dtrain.runtime.distributed import shutdown
@@ -142,14 +143,20 @@ def env_for_cli(**extra: str | None) -> dict[str, str]:
     return env
 
 
-def run_dtrain(args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`dtrain ARGS` as one process, or `dtrain train|check` under torchrun with `nproc` ranks on
-    loopback, built by the same function as `dtrain train --nproc-per-node` (same environment)."""
+def run_dtrain(
+    args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, warm: bool = True, **env
+) -> subprocess.CompletedProcess:
+    """`dtrain ARGS` as one process, or `dtrain train|check` on `nproc` ranks on loopback, with
+    the environment `dtrain train --nproc-per-node` gives torchrun. `warm`: forked from the
+    worker's warm interpreters (`warm.py`: the ranks torchrun would start, without its agent);
+    else fresh interpreters, the ranks under torchrun, for the tests of the launch itself."""
     if nproc:
         assert args[0] in ("train", "check"), args
         cmd, run_env = torchrun_cmd(nproc, args[1], args[2:], command=args[:1]), torchrun_env(env_for_cli(**env))
     else:
         cmd, run_env = [PY, "-m", "dtrain", *args], env_for_cli(**env)
+    if warm:
+        return run_warm(args, cwd, run_env, nproc=nproc, timeout=timeout)
     return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
 
 
