@@ -172,7 +172,7 @@ def test_bad_input_under_raw_torchrun(tmp_path):
     """Under a bare torchrun every rank refuses before training; only rank 0 prints our line,
     and the agent's failure report, the last thing printed, names it as the root cause (the
     rank's error file) instead of torchrun's own "To enable traceback see" line."""
-    proc = run_dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2)
+    proc = run_dtrain(["train", RECIPE, "optim.lr=-1"], cwd=tmp_path, nproc=2, warm=False)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("dtrain:") or line.startswith("dtrain[")]
     assert ours == ["dtrain: error: optim.lr=-1.0: must be > 0"], proc.stderr

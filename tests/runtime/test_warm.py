@@ -31,7 +31,7 @@ def _started(tmp_path, name, nproc, cold: bool) -> dict[str, dict]:
 def differences(cold: dict[str, dict], hot: dict[str, dict]) -> list[str]:
     """What a warm rank sees that the same rank under torchrun does not (or the other way)."""
     found = [] if cold.keys() == hot.keys() else [f"ranks {sorted(cold)} vs {sorted(hot)}"]
-    for rank in cold.keys() & hot.keys():
+    for rank in sorted(cold.keys() & hot.keys()):
         a, b = cold[rank], hot[rank]
         for key in sorted(a["env"].keys() | b["env"].keys()):
             if key in PER_JOB and key in a["env"] and key in b["env"]:
