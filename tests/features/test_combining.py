@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CNN, LM, TINY_LM, check, max_param_diff, run_dtrain, spawn, trained_once
+from helpers import CNN, LM, TINY_LM, check, max_param_diff, mlflow_store, run_dtrain, spawn, trained_once
 
 from dtrain.checkpoint import safeload
 from dtrain.features import distill, ewc, prune
@@ -264,7 +264,7 @@ def test_a_distilled_student_beats_the_same_student_trained_alone(runs):
     # MLflow holds the teacher's metric beside the student's, and the two terms of the loss.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    client = MlflowClient(mlflow_store(root))
     run_id = summary(taught)["run_id"]
     logged = client.get_run(run_id).data.metrics
     assert logged["teacher/accuracy"] == pytest.approx(t) and "eval/accuracy" in logged
@@ -440,7 +440,7 @@ def test_interpolation_ends_are_the_runs_tracked_in_mlflow_and_another_architect
     assert soup.line(weights(a)["fc.weight"], weights(b)["fc.weight"], 1.0).equal(weights(b)["fc.weight"])
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{runs.root}/mlflow.db")
+    client = MlflowClient(mlflow_store(runs.root))
     found = client.search_runs(
         client.get_run(summary(a)["run_id"]).info.experiment_id, "tags.`dtrain.kind` = 'interpolate'"
     )

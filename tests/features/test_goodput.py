@@ -8,7 +8,7 @@ import subprocess
 
 import mlflow
 import pytest
-from helpers import ROOT, check, env_for_cli, run_dtrain, torchrun_cmd, torchrun_env
+from helpers import ROOT, check, env_for_cli, mlflow_store, run_dtrain, torchrun_cmd, torchrun_env
 
 from dtrain.config import ConfigError
 from dtrain.features import goodput
@@ -94,7 +94,7 @@ def test_auto_sets_the_interval_from_the_measured_checkpoint_time_and_follows_it
 
 @pytest.mark.slow
 def test_the_parts_add_up_over_a_sigkill_restart_and_count_the_redone_steps(tmp_path):
-    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    uri, out = mlflow_store(tmp_path), tmp_path / "out"
     # Under FSDP2 with checkpoints written in the background: δ is the copy, the account the same.
     overrides = [
         *FAULTY,

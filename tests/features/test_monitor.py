@@ -3,7 +3,7 @@ exploding gradients; nothing logged (and nothing hooked) when off."""
 
 import mlflow
 import pytest
-from helpers import ROOT, check, run_dtrain
+from helpers import ROOT, check, mlflow_store, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 SHORT = [
@@ -17,7 +17,7 @@ SHORT = [
 
 
 def monitored(tmp_path, *overrides, nproc=0, name="run"):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = run_dtrain(
         [
             "train",

@@ -6,14 +6,14 @@ import json
 import mlflow
 import pytest
 import torch
-from helpers import ROOT, check, run_dtrain
+from helpers import ROOT, check, mlflow_store, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
 @pytest.mark.slow
 def test_only_the_chosen_rank_profiles_and_the_trace_loads(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     out = tmp_path / "out"
     proc = check(
         run_dtrain(
@@ -66,7 +66,7 @@ def test_any_task_that_counts_tokens_gets_tokens_per_second_and_mfu(tmp_path):
     """`Task.tokens_per_sample` alone gives tokens/s in MLflow and summary.json, and MFU from the
     6 x parameters estimate when the peak is known (stated here: a CPU has no table entry).
     A task that counts no tokens gets neither."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     common = [
         "train.max_steps=6",
         "train.eval_every_steps=0",

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import ROOT, check, run_dtrain
+from helpers import ROOT, check, mlflow_store, run_dtrain
 
 GUIDE = ROOT / "docs" / "guide.md"
 
@@ -28,7 +28,7 @@ def test_a_new_user_walks_from_the_guide_to_a_tracked_checked_compared_searched_
     work.mkdir()
     (task / "tabular_task.py").write_text(guide_code("tabular_task.py", "python"))
     (task / "recipe.yaml").write_text(guide_code("recipe.yaml", "yaml"))
-    recipe, uri = "../mytask/recipe.yaml", f"sqlite:///{tmp_path}/mlflow.db"
+    recipe, uri = "../mytask/recipe.yaml", mlflow_store(tmp_path)
     tracked = [f"tracking.uri={uri}"]
 
     # What the recipe sets and every key the task has, documented (the module found beside it).

@@ -11,7 +11,7 @@ import time
 import mlflow
 import psutil
 import pytest
-from helpers import ROOT, env_for_cli, torchrun_cmd, torchrun_env
+from helpers import ROOT, env_for_cli, mlflow_store, torchrun_cmd, torchrun_env
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
@@ -35,7 +35,7 @@ def workers(agent: subprocess.Popen) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_and_resumes_into_the_same_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     out = tmp_path / "out"
     agent = torchrun(
         [
@@ -74,7 +74,7 @@ def test_an_attempt_lost_before_its_first_checkpoint_leaves_one_run_for_the_job(
     """Rank 1 SIGKILLed at step 3, before any checkpoint: the restarted attempt starts over, in
     the MLflow run the first attempt opened (`.mlflow_run.json` names it for this rendezvous id).
     The record of another job (another id) is not followed: its run stays as it was."""
-    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    uri, out = mlflow_store(tmp_path), tmp_path / "out"
     args = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "model.fault=kill:1:3",
             "train.max_steps=6", "checkpoint.every_steps=100", "tracking.log_every=1", f"tracking.uri={uri}",
             "tracking.experiment=attempts", f"output_dir={out}"]  # fmt: skip

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CNN, DDP_BASELINE, PY, TINY_CNN, env_for_cli, load_params, max_param_diff
+from helpers import CNN, DDP_BASELINE, PY, TINY_CNN, env_for_cli, load_params, max_param_diff, mlflow_store
 from hosts import Host, Hosts
 
 pytestmark = pytest.mark.skipif(bool(Hosts.available()), reason=Hosts.available() or "hosts available")
@@ -159,7 +159,7 @@ def test_a_slow_host_is_named_as_the_straggler(tmp_path):
     above the threshold; before the throttle, nobody was named."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     with Hosts(2) as hosts:
         a, b = hosts
         procs = _two_host_job(
@@ -219,7 +219,7 @@ def test_a_host_whose_link_is_cut_rejoins_and_the_job_resumes_in_the_same_mlflow
     resumes from step 10 and finishes in the same MLflow run, every step's metrics there."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     out = tmp_path / "out"
     with Hosts(2) as hosts:
         a, b = hosts
@@ -263,7 +263,7 @@ def test_an_elastic_job_goes_on_alone_when_a_host_is_cut_and_takes_it_back_when_
     steps of 64 samples."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     out = tmp_path / "out"
     with Hosts(2) as hosts:
         a, b = hosts
@@ -312,7 +312,7 @@ def test_a_ray_job_across_hosts_resumes_in_the_same_run_when_the_worker_host_is_
     pytest.importorskip("ray.train.torch", reason='Ray Train is not installed (pip install -e ".[ray]")')
     import mlflow
 
-    uri, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "out"
+    uri, out = mlflow_store(tmp_path), tmp_path / "out"
     ray, short = str(Path(PY).parent / "ray"), Path(tempfile.mkdtemp(prefix="r"))  # Ray's sockets: short paths
     env = env_for_cli(GLOO_SOCKET_IFNAME="eth0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                       RAY_AUTH_TOKEN=secrets.token_urlsafe(32), RAY_health_check_period_ms="1000",

@@ -51,13 +51,13 @@ def test_a_warm_rank_sees_what_a_rank_under_torchrun_sees(tmp_path, nproc, monke
     assert len(hot) == max(nproc, 1) and differences(cold, hot) == []
     if nproc:  # each rank its own interpreter's hash seed, as separate processes have
         assert cold["rank0"]["hash"] != cold["rank1"]["hash"] and hot["rank0"]["hash"] != hot["rank1"]["hash"]
-        # What the comparison guards against: a variable torchrun sets, left out.
+        # What the comparison guards against: a variable torchrun sets, left out. (The next job's
+        # rank 0 is another interpreter: a resumed run's rank 0 hashes unlike the run it resumes.)
         real = warm._worker_env
         monkeypatch.setattr(warm, "_worker_env", lambda *a: {k: v for k, v in real(*a).items() if k != "GROUP_RANK"})
-        assert differences(cold, _started(tmp_path, "broken", nproc, cold=False)) == [
-            "rank0 $GROUP_RANK: '0' vs None",
-            "rank1 $GROUP_RANK: '0' vs None",
-        ]
+        broken = _started(tmp_path, "broken", nproc, cold=False)
+        assert differences(cold, broken) == ["rank0 $GROUP_RANK: '0' vs None", "rank1 $GROUP_RANK: '0' vs None"]
+        assert broken["rank0"]["hash"] != hot["rank0"]["hash"]
 
 
 def test_a_failing_warm_rank_ends_the_job_as_under_torchrun(tmp_path):

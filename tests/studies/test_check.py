@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import ROOT, run_dtrain, spawn
+from helpers import ROOT, mlflow_store, run_dtrain, spawn
 
 from dtrain.engines import build_engines
 from dtrain.studies import check
@@ -39,7 +39,7 @@ def verdicts(results):
 
 @pytest.mark.slow
 def test_the_cnn_recipe_passes_every_check_and_is_tracked(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = run_dtrain(["check", CNN, f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {c["name"]: c for c in json.loads((tmp_path / "out" / "check.json").read_text())["checks"]}
@@ -148,7 +148,7 @@ def test_a_model_with_only_the_last_positions_output_skips_the_causal_check_sayi
 
 
 def test_a_split_with_duplicated_samples(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc, results = dtrain_check(
         tmp_path, CNN, "task=planted:DuplicatedSplit", "--only=data", "tracking.enabled=true", f"tracking.uri={uri}"
     )

@@ -8,7 +8,7 @@ import json
 
 import mlflow
 import pytest
-from helpers import ROOT, run_dtrain
+from helpers import ROOT, mlflow_store, run_dtrain
 
 CNN = str(ROOT / "recipes" / "cnn_digits.yaml")
 LM = str(ROOT / "recipes" / "transformer_charlm.yaml")
@@ -49,7 +49,7 @@ def passes(proc, results):
 
 
 def test_the_cnn_recipe_agrees_at_two_ranks_and_says_what_it_compared(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc, results, report = invariance(tmp_path, CNN, f"tracking.uri={uri}", tracking=True)
     passes(proc, results)
     head = results["invariance"]

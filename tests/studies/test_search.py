@@ -10,7 +10,7 @@ import time
 import mlflow
 import optuna
 import pytest
-from helpers import PY, ROOT, env_for_cli, run_dtrain
+from helpers import PY, ROOT, env_for_cli, mlflow_store, run_dtrain
 
 from dtrain.train.config import load_config
 
@@ -29,7 +29,7 @@ optim.warmup_steps: {type: categorical, choices: [0, 5]}
 
 
 def search_cmd(tmp_path, *args, uri=None):
-    uri = uri or f"sqlite:///{tmp_path}/mlflow.db"
+    uri = uri or mlflow_store(tmp_path)
     return [
         PY,
         "-m",
@@ -83,7 +83,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     assert best.optim.lr == summary["best"]["params"]["optim.lr"]
     assert (tmp_path / "out" / "history.png").exists()
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient(mlflow_store(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("dtrain.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

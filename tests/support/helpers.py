@@ -6,13 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from warm import call as call_warm
 from warm import run as run_warm
 
 from dtrain.config import Config
@@ -59,18 +60,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _own_forkserver() -> None:
-    """A forked rank starts its own multiprocessing fork server for loader workers: the one it
-    inherits belongs to the test process (its socket and liveness pipe are the parent's)."""
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver = forkserver.ForkServer()
-    for name in ("ensure_running", "get_inherited_fds", "connect_to_new_process", "set_forkserver_preload"):
-        setattr(forkserver, name, getattr(server, name))
-
-
 def _entry(rank: int, world: int, store: str, fn, args) -> None:
-    _own_forkserver()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # A file store, not a TCP port: no port to race for between tests.
@@ -81,16 +71,13 @@ def _entry(rank: int, world: int, store: str, fn, args) -> None:
 
 def spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) in `world` real processes joined by a gloo process group.
-    An assertion failing in any rank fails the caller. The ranks are forked from the test
-    process, which has imported torch and dtrain already (a spawned rank imports them again:
-    2-3 s of CPU each); each runs on one intra-op thread, as a DataLoader worker forked after
-    the parent used its own threads does."""
-    import tempfile
-
+    An assertion failing in any rank fails the caller. The ranks start as
+    `torch.multiprocessing.spawn` starts them (this process's environment and path, a
+    function of an importable module), from the worker's warm interpreters (`warm.py`): a
+    fresh one would import torch and dtrain again, 2-3 s of CPU each."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(
-            _entry, args=(world, os.path.join(tmp, "store"), fn, args), nprocs=world, join=True, start_method="fork"
-        )
+        store = os.path.join(tmp, "store")
+        call_warm(_entry, [(rank, world, store, fn, args) for rank in range(world)])
 
 
 def trained_once(tmp_path_factory, name: str, train) -> Path:
@@ -107,6 +94,29 @@ def trained_once(tmp_path_factory, name: str, train) -> Path:
             train(root)
             (root / "trained").touch()
     return root
+
+
+def mlflow_store(folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of a SQLite MLflow store `folder/name`: a copy of one made once per test session,
+    unless it is there already. MLflow makes a new store's tables by running its schema
+    migrations, ~2 s of CPU in each process that opens a new one."""
+    import shutil
+
+    from filelock import FileLock
+
+    from dtrain.tracking.mlflow_tracker import open_client
+
+    db = Path(folder) / name
+    if not db.exists():
+        session = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+        template = Path(tempfile.gettempdir()) / f"dtrain-mlflow-template-{session}.db"
+        with FileLock(f"{template}.lock"):
+            if not template.exists():
+                made = template.with_suffix(".new")
+                open_client(f"sqlite:///{made}").search_experiments()
+                made.rename(template)
+        shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
 
 
 def _dtrain_modules() -> list[str]:

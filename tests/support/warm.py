@@ -9,8 +9,10 @@ one *zygote* per local rank, started once with the environment every test comman
 what torchrun would have started: the environment torchrun gives a worker (`RANK`,
 `MASTER_PORT`, `TORCHELASTIC_RUN_ID`, ...; `tests/runtime/test_warm.py` compares the two), the
 test's environment, working directory, `sys.path` and `-W` filters, then `python -m dtrain
-ARGS`. One zygote per rank keeps what differs between real processes different: each has its
-own hash seed (str hashes, set order), as torchrun's ranks do.
+ARGS`. Separate zygotes keep what differs between real processes different: each has its own
+hash seed (str hashes, set order). The ranks of a job come from different zygotes, and the next
+job starts one zygote further on, so rank 0 of a resumed run hashes unlike the run it resumes,
+as under torchrun.
 
 What the ranks do not get is torchrun's agent: no restarts, no signal forwarding, no failure
 summary. This runner stands in for the agent like `torch.multiprocessing.spawn` would: ranks
@@ -22,9 +24,12 @@ the launch itself (the launchers, faults, elastic jobs, hosts, preemption, `dtra
 from __future__ import annotations
 
 import atexit
+import base64
 import gc
+import itertools
 import json
 import os
+import pickle
 import runpy
 import signal
 import socket
@@ -113,7 +118,8 @@ def _watch(conn: socket.socket, job: dict, fds: list[int], script_dir: str, base
 
 
 def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
-    """Become `python -m dtrain ARGS` started in `job`'s directory with `job`'s environment."""
+    """Become `python -m MODULE ARGS` started in `job`'s directory with `job`'s environment
+    (or a process that calls a function, as `torch.multiprocessing.spawn` starts one)."""
     code: int = 1
     try:
         os.setpgid(0, 0)  # its own group, as a rank under torchrun: a kill reaches its loader workers
@@ -132,9 +138,14 @@ def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
             import torch
 
             torch.set_num_threads(int(job["env"]["OMP_NUM_THREADS"]))
-        sys.argv[:] = ["-m", *job["args"]]
         try:
-            runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+            if "call" in job:  # a function, with the caller's path (as multiprocessing's spawn gives)
+                sys.path[:] = job["path"]
+                fn, args = pickle.loads(base64.b64decode(job["call"]))  # nosec B301 # the test's own function
+                fn(*args)
+            else:
+                sys.argv[:] = ["-m", *job["args"]]
+                runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -157,6 +168,10 @@ def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
 
 _zygotes: dict[int, tuple[subprocess.Popen, str]] = {}
 _lock = threading.Lock()
+_jobs = itertools.count()
+POOL = 3
+"""Zygotes a pytest worker keeps (more when a job has more ranks): one more than the 2 ranks of
+most jobs, so that consecutive jobs give rank 0 different interpreters."""
 
 
 def _zygote(index: int, env: dict[str, str]) -> str:
@@ -222,10 +237,9 @@ def _worker_env(env: dict[str, str], rank: int, nproc: int, port: int, run_id: s
     }
 
 
-def _start(index: int, module: str, args: list[str], cwd: Path, env: dict[str, str], out: int, err: int):
+def _start(index: int, job: dict, out: int, err: int):
     conn = socket.socket(socket.AF_UNIX)
-    conn.connect(_zygote(index, env))
-    job = {"module": module, "args": args, "cwd": str(cwd), "env": env}
+    conn.connect(_zygote(index, job["env"]))
     with open(os.devnull) as null:
         socket.send_fds(conn, [json.dumps(job).encode()], [null.fileno(), out, err])
     reader = conn.makefile("r")
@@ -239,21 +253,43 @@ def run(
     """`python -m MODULE ARGS` (nproc 0), or on `nproc` ranks as torchrun would start them."""
     from helpers import free_port
 
-    ranks = max(nproc, 1)
     port, run_id = free_port(), uuid.uuid4().hex
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as errors:
-        started = []
-        for rank in range(ranks):
-            rank_env = _worker_env(env, rank, nproc, port, run_id, errors) if nproc else env
+    with tempfile.TemporaryDirectory() as errors:
+        jobs = []
+        for rank in range(max(nproc, 1)):
             if nproc:
                 os.makedirs(os.path.join(errors, str(rank)))
-            started.append(_start(rank, module, args, cwd, rank_env, out.fileno(), err.fileno()))
+            rank_env = _worker_env(env, rank, nproc, port, run_id, errors) if nproc else env
+            jobs.append({"module": module, "args": args, "cwd": str(cwd), "env": rank_env})
+        codes, stdout, stderr = _run_jobs(jobs, timeout, args)
+    code = codes[0] if not nproc else (0 if all(c == 0 for c in codes) else 1)
+    return subprocess.CompletedProcess([module, *args], code, stdout, stderr)
+
+
+def call(fn, per_rank: list[tuple], timeout: float = 600) -> None:
+    """fn(*per_rank[i]) in one warm process per rank, with this process's environment, working
+    directory and path; their output is printed here, and a rank that failed fails the caller."""
+    here = {"cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path)}
+    jobs = [{**here, "call": base64.b64encode(pickle.dumps((fn, args))).decode()} for args in per_rank]
+    codes, stdout, stderr = _run_jobs(jobs, timeout, [fn.__qualname__])
+    sys.stdout.write(stdout)
+    sys.stderr.write(stderr)
+    if any(codes):
+        raise AssertionError(f"{fn.__qualname__}: ranks exited with {codes}:\n{stderr[-6000:]}")
+
+
+def _run_jobs(jobs: list[dict], timeout: float, args: list[str]) -> tuple[list[int], str, str]:
+    """Each job's rank started from a zygote of its own; their exit codes and joint output."""
+    first = next(_jobs)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = []
+        for rank, job in enumerate(jobs):
+            zygote = (first + rank) % max(POOL, len(jobs) + 1)
+            started.append(_start(zygote, job, out.fileno(), err.fileno()))
         codes = _join(started, timeout, args)
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    code = codes[0] if not nproc else (0 if all(c == 0 for c in codes) else 1)
-    return subprocess.CompletedProcess([module, *args], code, stdout, stderr)
+        return codes, out.read().decode(errors="replace"), err.read().decode(errors="replace")
 
 
 def _join(started: list, timeout: float, args: list[str]) -> list[int]:

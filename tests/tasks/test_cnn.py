@@ -5,7 +5,7 @@ import json
 import mlflow
 import pytest
 import torch
-from helpers import ROOT, check, run_dtrain
+from helpers import ROOT, check, mlflow_store, run_dtrain
 
 from dtrain.data.images import digits
 from dtrain.tasks.cnn import ResNet
@@ -13,7 +13,7 @@ from dtrain.tasks.cnn import ResNet
 
 @pytest.mark.slow
 def test_default_recipe_two_ranks(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = check(
         run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"], cwd=tmp_path, nproc=2)
     )

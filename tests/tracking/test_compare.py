@@ -9,7 +9,7 @@ import json
 
 import mlflow
 import pytest
-from helpers import ROOT, check, run_dtrain
+from helpers import ROOT, check, mlflow_store, run_dtrain
 
 from dtrain.studies.sweep import sweep_overrides
 from dtrain.train.config import load_config
@@ -34,7 +34,7 @@ COMMON = [
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = mlflow_store(root)
     ids = {}
     for name, nproc, extra in [
         ("1x32", 0, ["data.global_batch_size=32"]),
@@ -133,7 +133,7 @@ def test_sweep_world_sizes_one_two_four_keeping_the_per_rank_batch(tmp_path):
     batch and the linear-rule LR grow 4-fold while the steps shrink (the same samples). 4 ranks
     on a 2-core machine: slow, but it must work, and under FSDP2 as under DDP (the parity runs
     above): sharded on 2 and 4 ranks, one unit of everything on 1."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = check(
         run_dtrain(
             [

@@ -9,7 +9,7 @@ import time
 
 import mlflow
 import pytest
-from helpers import PY, ROOT, check, env_for_cli, run_dtrain
+from helpers import PY, ROOT, check, env_for_cli, mlflow_store, run_dtrain
 
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 SMALL = ["model.widths=[16]", "model.blocks_per_stage=1", "data.augment=false"]  # the recipe's CNN, a quarter of it
@@ -48,7 +48,7 @@ def test_two_ranks_into_a_real_mlflow_server(mlflow_server, tmp_path):
 
 
 def test_the_last_line_says_where_the_run_is_and_how_to_see_it(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = check(
         run_dtrain(
             ["train", RECIPE, "train.max_steps=2", f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}"],
@@ -204,7 +204,7 @@ def test_store_dying_mid_run_warns_once_and_training_finishes(mlflow_server, tmp
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = _start(
         [
             "train.max_steps=100000",
@@ -225,7 +225,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path):
 
 @pytest.mark.slow
 def test_training_failure_marks_the_run_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     # An absurd LR with no clipping blows the weights up: the gradient becomes non-finite.
     proc = run_dtrain(
         [
@@ -254,7 +254,7 @@ def test_sigterm_during_the_last_flush_does_not_lose_it(tmp_path):
     flushes its last metrics: the flush and the final status still land, then the signal."""
     from dtrain.tracking import MlflowTracker
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     tracker = MlflowTracker(uri, "sigterm", "r", params={}, tags={})
     real = tracker.client.log_batch
 
@@ -287,7 +287,7 @@ def test_a_stop_signal_while_the_run_is_being_opened_ends_it_killed(tmp_path, mo
     from dtrain.runtime import preemption
     from dtrain.runtime.preemption import SignalInterrupt
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     real = mlflow.MlflowClient.log_batch
 
     def log_batch(self, *args, **kwargs):

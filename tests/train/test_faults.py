@@ -26,6 +26,7 @@ from helpers import (
     env_for_cli,
     load_params,
     max_param_diff,
+    mlflow_store,
     run_dtrain,
     spawn,
     torchrun_cmd,
@@ -109,7 +110,7 @@ def _wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: floa
 @pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_and_resumes_there(tmp_path):
     """Preempted at step >= 60 of 160 with checkpoint.every_steps=200: resume at that step, not 0."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     args = [
         RECIPE,
         *FAULTY,
@@ -343,7 +344,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(small_disk,
     last, at step 12) waits for it: the same line, the same state on disk. (Step 7: a
     background checkpoint is published after the step its ranks agreed it was written, the
     step-4 one after step 6.)"""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"  # the tracking store is on another disk
+    uri = mlflow_store(tmp_path)  # the tracking store is on another disk
     out = small_disk / "out"
     args = [
         "train",
@@ -523,10 +524,7 @@ def test_deepspeed_zero0_fp32_reports_the_gradient_norm(tmp_path):
     spawn(_zero0_and_ddp, 2, str(tmp_path))
     s = json.loads((tmp_path / "ds" / "summary.json").read_text())
     norms = [
-        m.value
-        for m in mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
-            s["run_id"], "train/grad_norm"
-        )
+        m.value for m in mlflow.MlflowClient(mlflow_store(tmp_path)).get_metric_history(s["run_id"], "train/grad_norm")
     ]
     assert s["steps"] == 10 and len(norms) == 5 and all(0 < n < 1e3 for n in norms), norms
     assert max_param_diff(load_params(tmp_path / "ds" / "model.pt"), load_params(tmp_path / "ddp" / "model.pt")) < 1e-5

@@ -15,7 +15,19 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import CNN, DDP_BASELINE, PY, ROOT, TINY_CNN, check, env_for_cli, load_params, max_param_diff, run_dtrain
+from helpers import (
+    CNN,
+    DDP_BASELINE,
+    PY,
+    ROOT,
+    TINY_CNN,
+    check,
+    env_for_cli,
+    load_params,
+    max_param_diff,
+    mlflow_store,
+    run_dtrain,
+)
 
 from dtrain.runtime.environments import read_env
 
@@ -73,7 +85,7 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
     step 13; Ray restarts the group, which resumes at step 10's checkpoint, finishes the 20 steps
     in the same MLflow run and ends at the parameters of 2 torchrun ranks trained straight."""
     reference = tiny_runs("cnn-ddp", *DDP_BASELINE, recipe=CNN, base=TINY_CNN)
-    out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    out, uri = tmp_path / "ray", mlflow_store(tmp_path)
     tmp = tempfile.mkdtemp(prefix="r")  # short: Ray's sockets live below it
     proc = subprocess.run(
         [
@@ -125,7 +137,7 @@ def test_ray_workers_train_the_cnn_as_torchrun_ranks_do_and_a_killed_worker_resu
 
 @pytest.mark.slow
 def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_path):
-    out, uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    out, uri = tmp_path / "ray", mlflow_store(tmp_path)
     proc = run_dtrain(
         [
             "train",
@@ -156,7 +168,7 @@ def test_a_ray_job_out_of_restarts_ends_in_one_line_naming_the_dead_worker(tmp_p
 def test_a_run_its_stopped_workers_left_running_is_closed_by_the_launching_process(tmp_path):
     from dtrain.train.ray_job import close_left_running
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("ray")
     ours, other = (client.create_run(experiment) for _ in range(2))

@@ -6,7 +6,7 @@ import shutil
 import mlflow
 import pytest
 import torch
-from helpers import ROOT, check, load_params, max_param_diff, run_dtrain
+from helpers import ROOT, check, load_params, max_param_diff, mlflow_store, run_dtrain
 
 from dtrain import checkpoint
 
@@ -19,7 +19,7 @@ COMMON = ["train.max_steps=40", "tracking.log_every=10", "train.eval_every_steps
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = mlflow_store(root)
 
     def run(name: str, *overrides: str, expect_ok: bool = True):
         proc = run_dtrain(
