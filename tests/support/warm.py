@@ -70,7 +70,6 @@ PRELOAD = (
 def _serve(path: str, parent: int) -> None:
     for name in PRELOAD:
         __import__(name)
-    script_dir = sys.path[0]
     base_path = [p for p in sys.path[1:] if p not in os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     filters = list(warnings.filters)
     gc.collect()
@@ -85,10 +84,13 @@ def _serve(path: str, parent: int) -> None:
             conn, _ = server.accept()
         except TimeoutError:
             continue
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        conn.settimeout(None)
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        while chunk := conn.recv(1 << 16):  # the rest of the job, up to the client's half-close
+            msg += chunk
         if os.fork() == 0:
             server.close()
-            _watch(conn, json.loads(msg), fds, script_dir, base_path, filters)
+            _watch(conn, json.loads(msg.lstrip(b"\0")), fds, base_path, filters)
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -102,7 +104,7 @@ def _reap() -> None:
         pass
 
 
-def _watch(conn: socket.socket, job: dict, fds: list[int], script_dir: str, base_path: list, filters: list) -> None:
+def _watch(conn: socket.socket, job: dict, fds: list[int], base_path: list, filters: list) -> None:
     """Between zygote and rank: forks the rank, tells the client its pid, then its exit status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pid = os.fork()
@@ -241,7 +243,9 @@ def _start(index: int, job: dict, out: int, err: int):
     conn = socket.socket(socket.AF_UNIX)
     conn.connect(_zygote(index, job["env"]))
     with open(os.devnull) as null:
-        socket.send_fds(conn, [json.dumps(job).encode()], [null.fileno(), out, err])
+        socket.send_fds(conn, [b"\0"], [null.fileno(), out, err])  # the rank's stdin, stdout, stderr
+    conn.sendall(json.dumps(job).encode())
+    conn.shutdown(socket.SHUT_WR)  # the job's end; the answers come back on the same socket
     reader = conn.makefile("r")
     pid = json.loads(reader.readline())["pid"]
     return conn, reader, pid
