@@ -28,6 +28,7 @@ import base64
 import gc
 import itertools
 import json
+import multiprocessing
 import os
 import pickle
 import runpy
@@ -141,8 +142,9 @@ def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
 
             torch.set_num_threads(int(job["env"]["OMP_NUM_THREADS"]))
         try:
-            if "call" in job:  # a function, with the caller's path (as multiprocessing's spawn gives)
+            if "call" in job:  # a function, with the caller's path and authkey, as spawn gives them
                 sys.path[:] = job["path"]
+                multiprocessing.current_process().authkey = base64.b64decode(job["authkey"])  # its Manager's proxies
                 fn, args = pickle.loads(base64.b64decode(job["call"]))  # nosec B301 # the test's own function
                 fn(*args)
             else:
@@ -273,7 +275,8 @@ def run(
 def call(fn, per_rank: list[tuple], timeout: float = 600) -> None:
     """fn(*per_rank[i]) in one warm process per rank, with this process's environment, working
     directory and path; their output is printed here, and a rank that failed fails the caller."""
-    here = {"cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path)}
+    authkey = base64.b64encode(multiprocessing.current_process().authkey).decode()
+    here = {"cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path), "authkey": authkey}
     jobs = [{**here, "call": base64.b64encode(pickle.dumps((fn, args))).decode()} for args in per_rank]
     codes, stdout, stderr = _run_jobs(jobs, timeout, [fn.__qualname__])
     sys.stdout.write(stdout)
