@@ -4,8 +4,8 @@ imported torch, dtrain and MLflow once, instead of interpreters that import them
 A rank's start-up is most of a short test job's cost on a small machine: ~3.5 s of CPU to
 import torch, `torch._dynamo` (the optimizer imports it) and dtrain, 2 s more for MLflow on
 rank 0, ~2 s for torchrun's agent; the training itself is often less. Each pytest worker keeps
-one *zygote* per local rank, started once with the environment every test command gets
-(`helpers.env_for_cli`). A command on N ranks asks zygote i to fork rank i, which then becomes
+a few *zygotes* (`POOL`), each started once with the environment every test command gets
+(`helpers.env_for_cli`). A command on N ranks asks N of them to fork a rank each, which becomes
 what torchrun would have started: the environment torchrun gives a worker (`RANK`,
 `MASTER_PORT`, `TORCHELASTIC_RUN_ID`, ...; `tests/runtime/test_warm.py` compares the two), the
 test's environment, working directory, `sys.path` and `-W` filters, then `python -m dtrain
@@ -18,7 +18,7 @@ What the ranks do not get is torchrun's agent: no restarts, no signal forwarding
 summary. This runner stands in for the agent like `torch.multiprocessing.spawn` would: ranks
 started together, the first to fail ends the others, exit 1 if any rank failed. The tests of
 the launch itself (the launchers, faults, elastic jobs, hosts, preemption, `dtrain train
---nproc-per-node`) run torchrun: `helpers.run_dtrain(..., launcher="torchrun")`.
+--nproc-per-node`) run torchrun: `helpers.run_dtrain(..., warm=False)` or their own command lines.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import pickle
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,8 +77,9 @@ def _serve(path: str, parent: int) -> None:
     gc.collect()
     gc.freeze()  # a forked rank's collections then leave the zygote's objects (and their pages) alone
     server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
+    server.bind(f"{path}.new")
     server.listen(64)
+    os.rename(f"{path}.new", path)  # the path appears once it takes connections: what the client waits for
     server.settimeout(1.0)
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
     while os.getppid() == parent:  # the pytest worker gone: so is its zygote
@@ -133,7 +135,8 @@ def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
         os.environ.clear()
         os.environ.update(job["env"])
         user_path = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-        sys.path[:] = [os.getcwd(), *user_path, *base_path]
+        # A function gets its caller's path, as spawn gives it; a module, what `python -m` makes.
+        sys.path[:] = job.get("path") or [os.getcwd(), *user_path, *base_path]
         warnings.filters[:] = filters
         sys.warnoptions[:] = [w for w in job["env"].get("PYTHONWARNINGS", "").split(",") if w]
         warnings._processoptions(sys.warnoptions)  # type: ignore[attr-defined]  # what startup does with -W
@@ -142,8 +145,7 @@ def _rank(job: dict, fds: list[int], base_path: list, filters: list) -> None:
 
             torch.set_num_threads(int(job["env"]["OMP_NUM_THREADS"]))
         try:
-            if "call" in job:  # a function, with the caller's path and authkey, as spawn gives them
-                sys.path[:] = job["path"]
+            if "call" in job:  # a function, with the caller's authkey, as spawn gives it
                 multiprocessing.current_process().authkey = base64.b64decode(job["authkey"])  # its Manager's proxies
                 fn, args = pickle.loads(base64.b64decode(job["call"]))  # nosec B301 # the test's own function
                 fn(*args)
@@ -210,8 +212,9 @@ def _zygote(index: int, env: dict[str, str]) -> str:
 
 @atexit.register
 def _stop() -> None:
-    for proc, _ in _zygotes.values():
+    for proc, path in _zygotes.values():
         proc.kill()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def _worker_env(env: dict[str, str], rank: int, nproc: int, port: int, run_id: str, errors: str) -> dict[str, str]:
