@@ -302,22 +302,29 @@ def _run_jobs(jobs: list[dict], timeout: float, args: list[str]) -> tuple[list[i
         return codes, out.read().decode(errors="replace"), err.read().decode(errors="replace")
 
 
+MONITOR_INTERVAL = 0.1
+"""How often the ranks are looked at, as torchrun's agent does (`--monitor-interval`'s default):
+a rank that exits with an error a moment before another prints its own line leaves it that long."""
+
+
 def _join(started: list, timeout: float, args: list[str]) -> list[int]:
     """Each rank's exit status; the first rank to fail ends the others (SIGTERM, then SIGKILL
     after 30 s, as torchrun's agent does), and so does the timeout."""
     codes: dict[int, int] = {}
     deadline = time.monotonic() + timeout
+    all_done = threading.Event()
 
     def wait(i: int, reader) -> None:
         line = reader.readline()
         codes[i] = json.loads(line)["status"] if line else -signal.SIGKILL
+        if len(codes) == len(started):
+            all_done.set()
 
     threads = [threading.Thread(target=wait, args=(i, r), daemon=True) for i, (_, r, _) in enumerate(started)]
     for t in threads:
         t.start()
     ended_at = None
-    while any(t.is_alive() for t in threads):
-        time.sleep(0.02)
+    while not all_done.wait(MONITOR_INTERVAL):  # a job that ends well returns at once
         failed = any(c != 0 for c in codes.values())
         late = time.monotonic() > deadline
         if (failed or late) and ended_at is None:
