@@ -97,7 +97,7 @@ def start_tracking(
         run_id = state.run_id or ("" if state.resumed_from_run else resume.earlier_attempt_run(out_dir))
         tracker = tracking.start(cfg, params, tags, run_id=run_id or None)
         state.run_id = tracker.run_id or state.run_id
-        resume.record_attempt_run(out_dir, state.run_id)
+        resume.mark_job(out_dir, state.run_id)
     state.run_id = distributed.broadcast_object(state.run_id)
     return tracker
 
@@ -171,7 +171,7 @@ def conclude(cfg: Config, loop: Loop, outcome: Outcome, tracker: Tracker) -> str
         if distributed.is_main():
             outcome.summary["run_id"] = loop.state.run_id
             write_outputs(cfg, loop.task, loop.engines, weights, outcome.summary, out_dir, tracker)
-            (out_dir / resume.ATTEMPT_RUN).unlink(missing_ok=True)  # finished: a later job opens its own run
+            (out_dir / resume.JOB_MARK).unlink(missing_ok=True)  # finished: a later job opens its own run
         loop.say(report.closing_line(cfg, outcome.summary, out_dir))
         return "FINISHED"
     if outcome.status == "halted":

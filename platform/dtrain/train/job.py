@@ -75,8 +75,9 @@ def prepare(
         setup_logging(rank)
         cfg = load_config(args.recipe, [*args.overrides, *redact.private_overrides()])
         files.keep_private(cfg.private)  # before anything is written, and for the ranks torchrun starts
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not cfg.resume:
-            # torchrun restarted the workers after a failure: continue, do not start over.
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+        if not cfg.resume and (restarted or resume.continues_this_job(Path(cfg.output_dir))):
+            # torchrun restarted this job's workers: continue, do not start over.
             cfg.resume = "auto"
         data.plan_batches(cfg, args.nproc_per_node or env.world_size)
         validate_job(cfg)  # every refused combination, before torchrun starts any rank

@@ -82,30 +82,43 @@ def _numbered(base: Path) -> list[Path]:
     return ([base] if base.is_dir() else []) + [base.with_name(f"{base.name}-{n}") for n in numbers]
 
 
-# The MLflow run this torchrun job opened in output_dir, kept until the run finishes.
-ATTEMPT_RUN = ".mlflow_run.json"
+# This torchrun job's mark in output_dir (its rendezvous id and MLflow run), kept until it finishes.
+JOB_MARK = ".torchrun_job.json"
+
+
+def _this_jobs_mark(out_dir: Path) -> dict[str, Any] | None:
+    """What an earlier attempt of this same torchrun job (same rendezvous id) left in `out_dir`,
+    None if none. torchrun's default id "none" names no job: such attempts are not matched."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    try:
+        saved = json.loads((out_dir / JOB_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if job != "none" and isinstance(saved, dict) and saved.get("job") == job else None
+
+
+def continues_this_job(out_dir: Path) -> bool:
+    """True when an earlier attempt of this torchrun job started in `out_dir` and did not finish:
+    this attempt continues it (`resume=auto`). torchrun counts a restart after a failure
+    (TORCHELASTIC_RESTART_COUNT) but not one after a host joins or returns, which restarts every
+    rank as attempt 0 again; nor does a pod restarted by its controller count one."""
+    return _this_jobs_mark(out_dir) is not None
 
 
 def earlier_attempt_run(out_dir: Path) -> str:
-    """The MLflow run an earlier attempt of this same torchrun job (same rendezvous id) opened in
-    `out_dir` and left before its first checkpoint, "" if none. An elastic agent restarts its
-    ranks when a host joins or leaves, so an attempt can end between opening its run and writing
-    a checkpoint; the next attempt continues that run, and the job stays one run. torchrun's
-    default id "none" names no job: such attempts are not matched."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    try:
-        saved = json.loads((out_dir / ATTEMPT_RUN).read_text())
-    except (OSError, ValueError):
-        return ""
-    return str(saved.get("run_id", "")) if job != "none" and saved.get("job") == job else ""
+    """The MLflow run an earlier attempt of this same torchrun job opened in `out_dir`, "" if
+    none: an attempt can end between opening its run and writing a checkpoint; the next attempt
+    continues that run, and the job stays one run."""
+    return str((_this_jobs_mark(out_dir) or {}).get("run_id", ""))
 
 
-def record_attempt_run(out_dir: Path, run_id: str) -> None:
-    """Rank 0, once the run is open: which run this job's later attempts continue."""
+def mark_job(out_dir: Path, run_id: str) -> None:
+    """Rank 0, before the first checkpoint: this job's id (and MLflow run, if any), which its
+    later attempts continue."""
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if run_id and job != "none":
+    if job != "none":
         out_dir.mkdir(parents=True, exist_ok=True)
-        files.atomic_write(out_dir / ATTEMPT_RUN, lambda p: p.write_text(json.dumps({"job": job, "run_id": run_id})))
+        files.atomic_write(out_dir / JOB_MARK, lambda p: p.write_text(json.dumps({"job": job, "run_id": run_id})))
 
 
 def _holds_run(folder: Path) -> bool:
