@@ -16,14 +16,10 @@ from helpers import ROOT, env_for_cli, mlflow_store, torchrun_cmd, torchrun_env
 RECIPE = str(ROOT / "recipes" / "cnn_digits.yaml")
 
 
-def torchrun(args: list[str], cwd, restarts: int = 1, job: str = "") -> subprocess.Popen:
-    """The command and environment `dtrain train --nproc-per-node 2` runs, with restarts (and
-    the rendezvous id `job` in place of a fresh one)."""
-    cmd = torchrun_cmd(2, RECIPE, args, max_restarts=restarts)
-    if job:
-        cmd = [f"--rdzv-id={job}" if a.startswith("--rdzv-id=") else a for a in cmd]
+def torchrun(args: list[str], cwd, restarts: int = 1) -> subprocess.Popen:
+    """The command and environment `dtrain train --nproc-per-node 2` runs, with restarts."""
     return subprocess.Popen(
-        cmd,
+        torchrun_cmd(2, RECIPE, args, max_restarts=restarts),
         cwd=cwd,
         env=torchrun_env(env_for_cli()),
         stdout=subprocess.PIPE,
@@ -98,31 +94,6 @@ def test_an_attempt_lost_before_its_first_checkpoint_leaves_one_run_for_the_job(
     args = [a for a in args if not a.startswith(("model.fault", "output_dir"))] + [f"output_dir={fresh}"]
     assert torchrun(args, tmp_path, restarts=0).wait(timeout=300) == 0
     assert len(client.search_runs([exp])) == 2
-
-
-@pytest.mark.slow
-def test_an_attempt_torchrun_counts_as_the_first_continues_its_job(tmp_path):
-    """A job SIGKILLed after step 4's checkpoint, with no restart left, started again under the
-    same rendezvous id: torchrun's attempt count is 0 again, as when an agent restarts its ranks
-    because a host joined or returned, or a controller restarts the pod. It continues the job
-    from step 4, in the same MLflow run. Broken on purpose: under another id it is another job,
-    refused in one line, the checkpoints untouched."""
-    uri, out = mlflow_store(tmp_path), tmp_path / "out"
-    args = ["task=faulty:FaultyTask", "model.hidden=32", "data.augment=false", "model.fault=kill:1:6",
-            "train.max_steps=8", "checkpoint.every_steps=4", "tracking.log_every=1", f"tracking.uri={uri}",
-            "tracking.experiment=again", f"output_dir={out}"]  # fmt: skip
-    assert torchrun(args, tmp_path, restarts=0, job="job-a").wait(timeout=300) != 0
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    other = torchrun(args, tmp_path, restarts=0, job="job-b")
-    stdout, stderr = other.communicate(timeout=300)
-    assert other.returncode != 0 and "holds checkpoints of an earlier run" in stderr, stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
-    again = torchrun(args, tmp_path, restarts=0, job="job-a")
-    stdout, stderr = again.communicate(timeout=300)
-    assert again.returncode == 0 and "resumed at step 4" in stdout + stderr, stderr[-3000:]
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
-    assert run.info.status == "FINISHED" and json.loads((out / "summary.json").read_text())["steps"] == 8
 
 
 @pytest.mark.slow

@@ -154,19 +154,21 @@ def env_for_cli(**extra: str | None) -> dict[str, str]:
 
 
 def run_dtrain(
-    args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, warm: bool = True, **env
+    args: list[str], cwd: Path, nproc: int = 0, timeout: int = 600, warm: bool = True, job: str = "", **env
 ) -> subprocess.CompletedProcess:
     """`dtrain ARGS` as one process, or `dtrain train|check` on `nproc` ranks on loopback, with
-    the environment `dtrain train --nproc-per-node` gives torchrun. `warm`: forked from the
-    worker's warm interpreters (`warm.py`: the ranks torchrun would start, without its agent);
-    else fresh interpreters, the ranks under torchrun, for the tests of the launch itself."""
+    the environment `dtrain train --nproc-per-node` gives torchrun (and the rendezvous id `job`
+    in place of a fresh one). `warm`: forked from the worker's warm interpreters (`warm.py`: the
+    ranks torchrun would start, without its agent); else fresh interpreters, the ranks under
+    torchrun, for the tests of the launch itself."""
     if nproc:
         assert args[0] in ("train", "check"), args
         cmd, run_env = torchrun_cmd(nproc, args[1], args[2:], command=args[:1]), torchrun_env(env_for_cli(**env))
+        cmd = [f"--rdzv-id={job}" if job and a.startswith("--rdzv-id=") else a for a in cmd]
     else:
         cmd, run_env = [PY, "-m", "dtrain", *args], env_for_cli(**env)
     if warm:
-        return run_warm(args, cwd, run_env, nproc=nproc, timeout=timeout)
+        return run_warm(args, cwd, run_env, nproc=nproc, timeout=timeout, job=job)
     return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=timeout)
 
 

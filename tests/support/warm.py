@@ -257,12 +257,19 @@ def _start(index: int, job: dict, out: int, err: int):
 
 
 def run(
-    args: list[str], cwd: Path, env: dict[str, str], nproc: int = 0, timeout: float = 600, module: str = "dtrain"
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    nproc: int = 0,
+    timeout: float = 600,
+    module: str = "dtrain",
+    job: str = "",
 ) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` (nproc 0), or on `nproc` ranks as torchrun would start them."""
+    """`python -m MODULE ARGS` (nproc 0), or on `nproc` ranks as torchrun would start them (the
+    rendezvous id `job`, else a fresh one, as `dtrain train --nproc-per-node` gives)."""
     from helpers import free_port
 
-    port, run_id = free_port(), uuid.uuid4().hex
+    port, run_id = free_port(), job or uuid.uuid4().hex
     with tempfile.TemporaryDirectory() as errors:
         jobs = []
         for rank in range(max(nproc, 1)):
@@ -271,8 +278,21 @@ def run(
             rank_env = _worker_env(env, rank, nproc, port, run_id, errors) if nproc else env
             jobs.append({"module": module, "args": args, "cwd": str(cwd), "env": rank_env})
         codes, stdout, stderr = _run_jobs(jobs, timeout, args)
+        stderr += "".join(_failure_summary(errors, rank) for rank, c in enumerate(codes) if nproc and c != 0)
     code = codes[0] if not nproc else (0 if all(c == 0 for c in codes) else 1)
     return subprocess.CompletedProcess([module, *args], code, stdout, stderr)
+
+
+def _failure_summary(errors: str, rank: int) -> str:
+    """What torchrun's agent prints of a failed rank: the message its error file holds (dtrain's
+    line or `@record`'s traceback), so that a line the rank wrote there is seen even when another
+    rank's failure ended it before it printed."""
+    try:
+        message = json.loads(Path(errors, str(rank), "error.json").read_text())["message"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    text = message.get("message", "") if isinstance(message, dict) else str(message)
+    return f"[rank {rank}] error: {text}\n" if text else ""
 
 
 def call(fn, per_rank: list[tuple], timeout: float = 600) -> None:

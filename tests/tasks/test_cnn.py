@@ -1,4 +1,6 @@
-"""The default CNN recipe, end to end on 2 torchrun ranks, as the Quick start runs it."""
+"""The default CNN recipe, end to end on 2 torchrun ranks, as the Quick start runs it, for 10 of
+its 30 epochs: what the recipe reaches in full (98.9 %, docs/guarantees.md) is printed by the
+command in its header, `dtrain train recipes/cnn_digits.yaml --nproc-per-node 2`."""
 
 import json
 
@@ -10,21 +12,22 @@ from helpers import ROOT, check, mlflow_store, run_dtrain
 from dtrain.data.images import digits
 from dtrain.tasks.cnn import ResNet
 
+EPOCHS = 10
+
 
 @pytest.mark.slow
 def test_default_recipe_two_ranks(tmp_path):
     uri = mlflow_store(tmp_path)
-    proc = check(
-        run_dtrain(["train", str(ROOT / "recipes" / "cnn_digits.yaml"), f"tracking.uri={uri}"], cwd=tmp_path, nproc=2)
-    )
+    recipe = str(ROOT / "recipes" / "cnn_digits.yaml")
+    proc = check(run_dtrain(["train", recipe, f"train.epochs={EPOCHS}", f"tracking.uri={uri}"], cwd=tmp_path, nproc=2))
     out = tmp_path / "runs" / "cnn_digits"
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["global_batch_size"] == 64 and s["per_rank_batch_size"] == 32
-    assert s["steps"] == 30 * (1437 // 64) and s["samples_seen"] == s["steps"] * 64
+    assert s["steps"] == EPOCHS * (1437 // 64) and s["samples_seen"] == s["steps"] * 64
     assert s["lr"] == 0.2 * 64 / 256  # the linear rule
     assert 2.0 < s["initial_loss"] < 2.6  # ~ln(10) at init
-    assert s["final_loss"] < 0.1 and s["throughput"] > 0
-    assert s["eval"]["accuracy"] >= 0.98 and s["eval"]["samples"] == 360
+    assert s["final_loss"] < 0.5 and s["throughput"] > 0
+    assert s["eval"]["accuracy"] >= 0.93 and s["eval"]["samples"] == 360  # 95.6 % here; 98.9 % after 30 epochs
     assert "peak lr 0.05 (linear rule from 0.2 @ 256, 50 warmup steps)" in proc.stdout
     assert (out / "config.yaml").exists()
 

@@ -201,6 +201,29 @@ def test_resuming_on_fewer_ranks_with_more_accumulation_continues_the_same_run(t
     assert max_param_diff(straight, load_params(tmp_path / "kept" / "model.pt")) > 1e-4
 
 
+@pytest.mark.slow
+def test_an_attempt_torchrun_counts_as_the_first_continues_its_job(tmp_path):
+    """A job whose rank 1 is SIGKILLed after step 4's checkpoint, with no restart left, started
+    again under the same rendezvous id: torchrun's attempt count is 0 again, as when an agent
+    restarts its ranks because a host joined or returned, or a controller restarts the pod. It
+    continues the job from step 4, in the same MLflow run. Broken on purpose: under another id it
+    is another job, refused in one line, the checkpoints untouched."""
+    uri, out = mlflow_store(tmp_path), tmp_path / "out"
+    args = ["train", RECIPE, "task=faulty:FaultyTask", "model.hidden=32", "data.augment=false",
+            "model.fault=kill:1:6", "train.max_steps=8", "checkpoint.every_steps=4", "tracking.log_every=1",
+            f"tracking.uri={uri}", "tracking.experiment=again", f"output_dir={out}"]  # fmt: skip
+    assert run_dtrain(args, tmp_path, nproc=2, job="job-a").returncode != 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    other = run_dtrain(args, tmp_path, nproc=2, job="job-b")
+    assert other.returncode != 0 and "holds checkpoints of an earlier run" in other.stderr, other.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    again = check(run_dtrain(args, tmp_path, nproc=2, job="job-a"))
+    assert "resumed at step 4" in again.stdout + again.stderr
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
+    assert run.info.status == "FINISHED" and json.loads((out / "summary.json").read_text())["steps"] == 8
+
+
 def test_a_default_folder_holding_an_earlier_run_gives_way_to_the_next_and_resume_finds_the_newest(
     tmp_path, monkeypatch
 ):
