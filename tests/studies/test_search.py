@@ -22,8 +22,8 @@ SHORT = [
     "data.augment=false",
     "checkpoint.every_steps=0",
 ]
-# 2 good learning rates and an obviously bad one, each with and without warmup: a grid of 6.
-GRID = """optim.lr: {type: categorical, choices: [0.8, 0.4, 1.0e-6]}
+# A good learning rate and an obviously bad one, each with and without warmup: a grid of 4.
+GRID = """optim.lr: {type: categorical, choices: [0.8, 1.0e-6]}
 optim.warmup_steps: {type: categorical, choices: [0, 5]}
 """
 
@@ -54,7 +54,8 @@ def finished(summary):
 @pytest.mark.slow
 def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     (tmp_path / "space.yaml").write_text(GRID)
-    cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "6", "--prune-startup", "2")
+    # Seed 5 orders the grid good, good, bad, bad: the first trial sets the bar the bad ones miss.
+    cmd = search_cmd(tmp_path, "--sampler", "grid", "--trials", "4", "--prune-startup", "1", "seed=5")
     first = subprocess.Popen(
         cmd, cwd=tmp_path, env=env_for_cli(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -71,7 +72,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "search.json").read_text())
     states = [t["state"] for t in summary["trials"]]
-    assert len(finished(summary)) == 6 and states.count("FAIL") == 1, states  # the killed trial
+    assert len(finished(summary)) == 4 and states.count("FAIL") == 1, states  # the killed trial
     assert "PRUNED" in states and len(states) == len({t["number"] for t in summary["trials"]})
     assert all(
         t["params"]["optim.lr"] > 1e-3
@@ -88,7 +89,7 @@ def test_a_grid_search_prunes_survives_a_kill_and_tracks_every_trial(tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("dtrain.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     # One per finished trial (the killed one has one too if it got as far as starting its run).
-    assert len(children) in (6, 7) and parent.info.status == "FINISHED"
+    assert len(children) in (4, 5) and parent.info.status == "FINISHED"
     assert {r.info.run_name for r in children} >= {f"cnn_digits-search-trial-{t['number']}" for t in finished(summary)}
     pruned = [r for r in children if "dtrain.halted_at_step" in r.data.tags]
     assert pruned and all(r.info.status == "KILLED" for r in pruned)
@@ -193,7 +194,7 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
     cmd = search_cmd(
         tmp_path,
         "--trials",
-        "4",
+        "3",
         "--storage",
         storage,
         "--study",
@@ -227,7 +228,7 @@ def test_two_workers_share_a_study_of_two_rank_trials_on_postgresql(tmp_path, po
     assert all(w.returncode == 0 for w in workers), [e[-2000:] for _, e in outs]
     study = optuna.load_study(study_name="shared", storage=postgres)
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in study.trials) >= 4
+    assert len(numbers) == len(set(numbers)) and sum(t.state.name == "COMPLETE" for t in study.trials) >= 3
     # Each worker ran some of them (one line per trial it finished), and no trial folder twice.
     ran = [out.count("search: trial") for out, _ in outs]
     assert all(n >= 1 for n in ran), ran

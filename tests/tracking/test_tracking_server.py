@@ -15,9 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import ROOT, check, env_for_cli, run_dtrain
-
-from dtrain.runtime.launch import torchrun_env
+from helpers import ROOT, check, run_dtrain
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tracking_load
@@ -39,10 +37,18 @@ def pg_server(postgres):
 @pytest.fixture(scope="module")
 def concurrent_jobs(pg_server, tmp_path_factory):
     """Four 2-rank jobs started together, each logging every step into the PostgreSQL-backed server."""
+    from concurrent.futures import ThreadPoolExecutor
+
     tmp = tmp_path_factory.mktemp("load")
     cmds = [tracking_load.job_cmd(2, pg_server.uri, EXPERIMENT, f"job{i}", tmp / f"job{i}", STEPS) for i in range(JOBS)]
-    _, results = tracking_load.run_jobs(cmds, tmp, torchrun_env(env_for_cli()))
+    with ThreadPoolExecutor(JOBS) as pool:  # at once, as `benchmarks/tracking_load.py` starts them
+        results = list(pool.map(lambda cmd: job(cmd, tmp, nproc=2), cmds))
     return tmp, results
+
+
+def job(cmd: list[str], cwd: Path, nproc: int = 0, **env: str) -> subprocess.CompletedProcess:
+    """The benchmark's job command (`tracking_load.job_cmd`), on warm ranks."""
+    return run_dtrain(cmd[cmd.index("dtrain") + 1 :], cwd, nproc=nproc, **env)
 
 
 @pytest.mark.slow
@@ -119,16 +125,7 @@ def render(url: str, *flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_runs_table_and_compare_view_show_one_and_two_rank_runs(pg_server, concurrent_jobs, tmp_path):
     tmp, _ = concurrent_jobs
-    check(
-        subprocess.run(
-            tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS),
-            cwd=tmp_path,
-            env=env_for_cli(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    )
+    check(job(tracking_load.job_cmd(1, pg_server.uri, EXPERIMENT, "one-rank", tmp_path / "one", STEPS), tmp_path))
     (job0,) = tracking_load.audit(pg_server.uri, EXPERIMENT, names={"job0"})
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     exp_id = _experiment_id(pg_server.uri)
@@ -226,17 +223,17 @@ def test_an_mlflow_server_with_auth_takes_runs_only_with_credentials(tmp_path):
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 401
         creds = {"MLFLOW_TRACKING_USERNAME": "dtrain", "MLFLOW_TRACKING_PASSWORD": job_pw}
-        job = tracking_load.job_cmd(1, server.uri, "auth", "with", tmp_path / "with", 2)
-        ok = subprocess.run(job, cwd=tmp_path, env=env_for_cli(**creds), capture_output=True, text=True, timeout=300)
+        cmd = tracking_load.job_cmd(1, server.uri, "auth", "with", tmp_path / "with", 2)
+        ok = job(cmd, tmp_path, **creds)
         assert ok.returncode == 0 and "MLflow tracking" not in ok.stderr, ok.stderr[-2000:]
         in_uri = server.uri.replace("http://", f"http://dtrain:{job_pw}@")
-        job = tracking_load.job_cmd(1, in_uri, "auth", "in-uri", tmp_path / "in-uri", 2)
-        ok = subprocess.run(job, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
+        cmd = tracking_load.job_cmd(1, in_uri, "auth", "in-uri", tmp_path / "in-uri", 2)
+        ok = job(cmd, tmp_path)
         assert ok.returncode == 0 and "MLflow tracking" not in ok.stderr, ok.stderr[-2000:]
         assert job_pw not in ok.stdout + ok.stderr
         assert not [p for p in (tmp_path / "in-uri").rglob("*") if p.is_file() and job_pw.encode() in p.read_bytes()]
-        job = tracking_load.job_cmd(1, server.uri, "auth", "without", tmp_path / "without", 2)
-        anon = subprocess.run(job, cwd=tmp_path, env=env_for_cli(), capture_output=True, text=True, timeout=300)
+        cmd = tracking_load.job_cmd(1, server.uri, "auth", "without", tmp_path / "without", 2)
+        anon = job(cmd, tmp_path)
         assert anon.returncode == 0 and "training without it" in anon.stderr, anon.stderr[-2000:]
 
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin)  # (restored after)
