@@ -66,9 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `dtrain` reads it, or argparse's one line and exit 2."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (`train r.yaml --nproc-per-node 2 optim.lr=0.1`).
@@ -77,6 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    args = parse(argv)
     for override in getattr(args, "overrides", []):
         redact.text(override)  # a password an override holds is masked wherever it turns up
     logging.basicConfig(format="dtrain: %(message)s", level=logging.INFO, stream=sys.stderr)
