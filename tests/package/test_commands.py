@@ -57,8 +57,11 @@ def documented() -> list[tuple[str, str]]:
     return [(str(p.relative_to(ROOT)), line) for p in SOURCES for line in _lines(p)]
 
 
-def _recipe(source: str, path: str) -> Path | None:
-    """The file a documented recipe path names: beside an example's own files, else from the
+DOCUMENTED = documented()
+
+
+def _file(source: str, path: str) -> Path | None:
+    """The file a documented path (a recipe, a script) names: beside an example's own files, else from the
     repository's root (a user's own `recipe.yaml` in the guides is not here)."""
     for base in (ROOT / source).parent, ROOT:
         if (base / path).is_file():
@@ -68,12 +71,12 @@ def _recipe(source: str, path: str) -> Path | None:
 
 def test_the_docs_print_commands():
     """What the collection guards against: finding nothing (a changed code-fence style)."""
-    found = documented()
+    found = DOCUMENTED
     assert len(found) >= 40 and sum(line.startswith("dtrain train") for _, line in found) >= 10, found
 
 
-DTRAIN = [x for x in documented() if x[1].startswith("dtrain ")]
-SCRIPTS = [x for x in documented() if x[1].startswith("python ")]
+DTRAIN = [x for x in DOCUMENTED if x[1].startswith("dtrain ")]
+SCRIPTS = [x for x in DOCUMENTED if x[1].startswith("python ")]
 
 
 @pytest.mark.parametrize("source,line", DTRAIN, ids=[f"{s}:{i}" for i, (s, _) in enumerate(DTRAIN)])
@@ -85,7 +88,7 @@ def test_a_documented_dtrain_command_parses_and_its_recipe_loads(source, line):
         pytest.skip("holds a placeholder")
     argv = shlex.split(line, comments=True)[1:]
     args = parse(argv)  # exits 2 with argparse's line on a command dtrain would not take
-    recipe = _recipe(source, args.recipe) if getattr(args, "recipe", None) else None
+    recipe = _file(source, args.recipe) if getattr(args, "recipe", None) else None
     if recipe is None:
         return
     refused = [key for override, key in REFUSED.items() if override in args.overrides]
@@ -134,7 +137,7 @@ def test_a_documented_example_command_parses(source, line):
     argv = shlex.split(line, comments=True)[1:]
     if PLACEHOLDER.search(line) or not argv[0].endswith(".py"):
         pytest.skip("holds a placeholder, or is not a script of this repository")
-    script = _recipe(source, argv[0])
+    script = _file(source, argv[0])
     assert script is not None, f"{source}: `{line}`: no such script"
     _parsed_by_its_script(script, argv[1:])
 

@@ -86,15 +86,24 @@ def _numbered(base: Path) -> list[Path]:
 JOB_MARK = ".torchrun_job.json"
 
 
+def _job_id() -> str:
+    """This torchrun job's rendezvous id; "" for torchrun's default id "none", which names no
+    job, and outside torchrun."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return "" if job == "none" else job
+
+
 def _this_jobs_mark(out_dir: Path) -> dict[str, Any] | None:
     """What an earlier attempt of this same torchrun job (same rendezvous id) left in `out_dir`,
-    None if none. torchrun's default id "none" names no job: such attempts are not matched."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    None if none."""
+    job = _job_id()
+    if not job:
+        return None
     try:
         saved = json.loads((out_dir / JOB_MARK).read_text())
     except (OSError, ValueError):
         return None
-    return saved if job != "none" and isinstance(saved, dict) and saved.get("job") == job else None
+    return saved if isinstance(saved, dict) and saved.get("job") == job else None
 
 
 def continues_this_job(out_dir: Path) -> bool:
@@ -115,8 +124,8 @@ def earlier_attempt_run(out_dir: Path) -> str:
 def mark_job(out_dir: Path, run_id: str) -> None:
     """Rank 0, before the first checkpoint: this job's id (and MLflow run, if any), which its
     later attempts continue."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if job != "none":
+    job = _job_id()
+    if job:
         out_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(out_dir / JOB_MARK, lambda p: p.write_text(json.dumps({"job": job, "run_id": run_id})))
 
